@@ -1,0 +1,1 @@
+"""Shared, gRPC-agnostic building blocks of the recommendation platform."""

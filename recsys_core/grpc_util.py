@@ -1,0 +1,225 @@
+"""What every server and client of the platform shares: status mapping,
+health and reflection, graceful shutdown, deadlines on outbound calls."""
+from __future__ import annotations
+
+import functools
+import logging
+import signal
+import threading
+import time
+from concurrent import futures
+from typing import Callable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from recsys_core import errors
+
+log = logging.getLogger(__name__)
+
+_STATUS_OF_ERROR = {
+    errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.NotFound: grpc.StatusCode.NOT_FOUND,
+    errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
+    errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+}
+
+# A downstream service's answer that the caller should hear unchanged: the
+# request was wrong or named something missing, or the platform is degraded.
+_PASSED_THROUGH = {
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+}
+
+# Messages are capped so a hostile request cannot make a server buffer
+# gigabytes; 64 MiB fits a SearchItems reply with embeddings for k=500.
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 30_000),
+]
+
+
+def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
+    """The status and message a servicer should answer for `exc`, or None when
+    the failure is ours (a bug) and must become INTERNAL with its traceback logged."""
+    for error_type, code in _STATUS_OF_ERROR.items():
+        if isinstance(exc, error_type):
+            return code, str(exc)
+    if isinstance(exc, grpc.RpcError) and isinstance(exc, grpc.Call):
+        code = exc.code()
+        if code in _PASSED_THROUGH:
+            return code, exc.details() or code.name
+    return None
+
+
+def handle_errors(method: Callable) -> Callable:
+    """Maps a servicer method's exceptions to gRPC statuses: the one place it happens."""
+
+    @functools.wraps(method)
+    def wrapper(self, request, context):
+        try:
+            return method(self, request, context)
+        except Exception as exc:  # noqa: BLE001 - every failure gets a status
+            mapped = status_for(exc)
+            if mapped is None:
+                log.exception("internal error in %s", method.__qualname__)
+                context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method.__name__}; see server log")
+            context.abort(*mapped)
+
+    return wrapper
+
+
+class Deadline:
+    """The caller's remaining time, handed out to each outbound call so that
+    no downstream call outlives the request that caused it."""
+
+    def __init__(self, context: grpc.ServicerContext | None, default: float):
+        remaining = context.time_remaining() if context is not None else None
+        budget = default if remaining is None else min(default, remaining)
+        self.expires = time.monotonic() + budget
+
+    def left(self) -> float:
+        remaining = self.expires - time.monotonic()
+        if remaining <= 0:
+            raise errors.DeadlineExceeded("the request's deadline ran out before a downstream call")
+        return remaining
+
+
+def insecure_channel(target: str) -> grpc.Channel:
+    return grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+
+
+class ServingHealth:
+    """Standard grpc.health.v1 service, NOT_SERVING until the owner says ready."""
+
+    def __init__(self, server: grpc.Server, service_names: list[str]):
+        self.servicer = health.HealthServicer(experimental_non_blocking=True)
+        self.service_names = ["", *service_names]
+        health_pb2_grpc.add_HealthServicer_to_server(self.servicer, server)
+        self.set_serving(False)
+
+    def set_serving(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in self.service_names:
+            self.servicer.set(name, status)
+
+    def shutdown(self) -> None:
+        self.servicer.enter_graceful_shutdown()
+
+
+class Readiness:
+    """Loads a service's model, index or store in the background while the
+    server already answers health checks (NOT_SERVING), then flips to SERVING.
+
+    Domain calls made before that get UNAVAILABLE rather than a half-loaded answer.
+    """
+
+    def __init__(self, serving: ServingHealth, name: str):
+        self.serving = serving
+        self.name = name
+        self.ready = threading.Event()
+        self.failed = threading.Event()
+        self.error: BaseException | None = None
+
+    def start(self, load: Callable[[], None]) -> threading.Thread:
+        def run():
+            try:
+                load()
+            except BaseException as exc:  # noqa: BLE001 - reported through `failed`
+                log.exception("%s failed to load", self.name)
+                self.error = exc
+                self.failed.set()
+                return
+            self.ready.set()
+            self.serving.set_serving(True)
+            log.info("%s ready", self.name)
+
+        thread = threading.Thread(target=run, name=f"{self.name}-load", daemon=True)
+        thread.start()
+        return thread
+
+    def require(self) -> None:
+        if not self.ready.is_set():
+            raise errors.Unavailable(f"{self.name} is still loading; retry shortly")
+
+
+class ManagedServer:
+    """A grpc.Server with its health reporting and background loading: what
+    `create_server` of every service returns beside the bound port."""
+
+    def __init__(self, server: grpc.Server, serving: ServingHealth, name: str):
+        self.grpc_server = server
+        self.serving = serving
+        self.readiness = Readiness(serving, name)
+
+    def add(self, register: Callable, servicer) -> None:
+        register(servicer, self.grpc_server)
+
+    def start(self) -> None:
+        self.grpc_server.start()
+
+    def stop(self, grace: float | None) -> threading.Event:
+        """Drain: NOT_SERVING first, then refuse new calls and let in-flight ones finish."""
+        self.serving.shutdown()
+        return self.grpc_server.stop(grace)
+
+    def run_until_terminated(self, grace_seconds: float) -> int:
+        """Serve until SIGTERM or SIGINT, then drain: health turns NOT_SERVING
+        so balancers stop sending, new calls are refused, in-flight calls get
+        `grace_seconds` to finish. Returns the exit code: 1 when loading failed."""
+        stop_requested = threading.Event()
+
+        def request_stop(signum, _frame):
+            log.info("signal %s: draining for up to %.1fs", signal.Signals(signum).name, grace_seconds)
+            stop_requested.set()
+
+        signal.signal(signal.SIGTERM, request_stop)
+        signal.signal(signal.SIGINT, request_stop)
+        while not stop_requested.wait(0.2):
+            if self.readiness.failed.is_set():
+                log.error("stopping: %s could not load: %s", self.readiness.name, self.readiness.error)
+                self.stop(0).wait()
+                return 1
+        self.stop(grace_seconds).wait()
+        log.info("stopped")
+        return 0
+
+
+def build_server(address: str, workers: int, full_service_names: list[str], name: str) -> tuple[ManagedServer, int]:
+    """A server with health and reflection registered and `address` bound.
+
+    Callers add their servicers, start loading, then start it. Raises if the
+    port cannot be bound.
+    """
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name),
+        options=CHANNEL_OPTIONS,
+        # Beyond this many queued calls the server answers RESOURCE_EXHAUSTED
+        # at once instead of letting latency grow without bound.
+        maximum_concurrent_rpcs=workers * 16,
+    )
+    serving = ServingHealth(server, full_service_names)
+    reflection.enable_server_reflection(
+        [*full_service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+        server,
+    )
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"could not bind {address}")
+    return ManagedServer(server, serving, name), port
+
+
+def setup_logging(service: str) -> None:
+    logging.basicConfig(
+        level=logging.INFO,
+        format=f"%(asctime)s {service} %(levelname)s %(name)s: %(message)s",
+    )

@@ -1,0 +1,116 @@
+"""All services as local processes: what `recsys serve` and the benchmarks run."""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from recsys_core import paths
+
+log = logging.getLogger(__name__)
+SERVICES = ("embedding", "profile", "ranking", "gateway")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_until_serving(address: str, timeout: float, process: subprocess.Popen | None = None) -> None:
+    """Poll standard health until SERVING; fail early if the process died."""
+    give_up = time.monotonic() + timeout
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            if process is not None and process.poll() is not None:
+                raise RuntimeError(f"the service at {address} exited with code {process.returncode} while starting")
+            try:
+                reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > give_up:
+                raise TimeoutError(f"the service at {address} was not SERVING after {timeout:.0f}s")
+            time.sleep(0.3)
+
+
+@dataclass
+class LocalStack:
+    data_dir: Path = paths.BUNDLED_DATA_DIR
+    gateway_port: int = 50051
+    state_dir: Path = paths.REPO_ROOT / "var"
+    extra_env: dict[str, str] = field(default_factory=dict)
+    processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+    addresses: dict[str, str] = field(default_factory=dict)
+
+    def environment(self) -> dict[str, str]:
+        ports = {"gateway": self.gateway_port, **{name: free_port() for name in ("embedding", "profile", "ranking")}}
+        self.addresses = {name: f"127.0.0.1:{port}" for name, port in ports.items()}
+        # Each data set gets its own store, so switching --data never mixes events.
+        store = self.state_dir / f"profile-{Path(self.data_dir).resolve().name}.sqlite3"
+        env = dict(os.environ)
+        env.update({
+            "PYTHONUNBUFFERED": "1",
+            "HF_HUB_OFFLINE": "1",
+            "EMBEDDING_ADDRESS": self.addresses["embedding"],
+            "EMBEDDING_DATA_DIR": str(self.data_dir),
+            "PROFILE_ADDRESS": self.addresses["profile"],
+            "PROFILE_DATA_DIR": str(self.data_dir),
+            "PROFILE_STORE_PATH": str(store),
+            "PROFILE_EMBEDDING_ADDRESS": self.addresses["embedding"],
+            "RANKING_ADDRESS": self.addresses["ranking"],
+            "GATEWAY_ADDRESS": self.addresses["gateway"],
+            "GATEWAY_PROFILE_ADDRESS": self.addresses["profile"],
+            "GATEWAY_EMBEDDING_ADDRESS": self.addresses["embedding"],
+            "GATEWAY_RANKING_ADDRESS": self.addresses["ranking"],
+        })
+        env.update(self.extra_env)
+        return env
+
+    def start(self, timeout: float = 1800.0) -> None:
+        env = self.environment()
+        for name in SERVICES:
+            self.processes[name] = subprocess.Popen(
+                [sys.executable, "-m", f"services.{name}.server"], env=env, cwd=paths.REPO_ROOT
+            )
+        try:
+            for name in SERVICES:
+                wait_until_serving(self.addresses[name], timeout, self.processes[name])
+        except BaseException:
+            self.stop()
+            raise
+
+    def pids(self) -> dict[str, int]:
+        return {name: process.pid for name, process in self.processes.items()}
+
+    def stop(self, grace: float = 15.0) -> None:
+        # The gateway first, so no new work reaches the others while they drain.
+        for name in reversed(SERVICES):
+            process = self.processes.get(name)
+            if process is not None and process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for process in self.processes.values():
+            try:
+                process.wait(max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+    def __enter__(self) -> "LocalStack":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

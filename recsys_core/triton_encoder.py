@@ -1,0 +1,127 @@
+"""The text encoder served by Triton, behind the same `Encoder` protocol as the
+in-process OnnxEncoder.
+
+Triton tokenises and runs the model (model_repo/text_encoder/1/model.py); this
+client only sends strings and reads vectors back over gRPC.
+"""
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+
+from recsys_core import errors, paths
+from recsys_core.encoder import EMBEDDING
+
+TEXT = "TEXT"
+DEFAULT_TIMEOUT = 10.0
+
+_UNAVAILABLE = {"StatusCode.UNAVAILABLE"}
+_DEADLINE = {"StatusCode.DEADLINE_EXCEEDED"}
+
+
+def _translate(exc: Exception, url: str) -> Exception:
+    """Our domain error for a transport failure; anything else (a bad config,
+    a model error) is returned unchanged so it surfaces as a bug."""
+    status = exc.status() if hasattr(exc, "status") else None
+    if status in _UNAVAILABLE:
+        return errors.Unavailable(f"Triton at {url} unavailable: {exc.message()}")
+    if status in _DEADLINE:
+        return errors.DeadlineExceeded(f"Triton at {url} did not answer in time: {exc.message()}")
+    return exc
+
+
+class TritonEncoder:
+    """Encodes through a Triton server at `url` ("host:grpc_port").
+
+    The model version is resolved once, at construction, and every request is
+    pinned to it: the fingerprint names that version, so a newer version
+    loaded later can never leak differently-trained vectors under it.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        model_name: str = paths.TEXT_ENCODER_MODEL,
+        *,
+        version: int | str | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+    ):
+        import tritonclient.grpc as grpcclient
+        from tritonclient.utils import InferenceServerException
+
+        self.url = url
+        self.model_name = model_name
+        self.timeout = timeout
+        self._grpcclient = grpcclient
+        self._server_error = InferenceServerException
+        # One long-lived channel: gRPC multiplexes calls and reconnects on its own.
+        self._client = grpcclient.InferenceServerClient(url)
+        try:
+            metadata = self._client.get_model_metadata(model_name, as_json=True, client_timeout=timeout)
+            self.version = str(version) if version is not None else max(metadata["versions"], key=int)
+            config = self._client.get_model_config(
+                model_name, self.version, as_json=True, client_timeout=timeout
+            )["config"]
+        except InferenceServerException as exc:
+            self._client.close()
+            raise _translate(exc, url) from exc
+        # The client chunks to the server's limit: Triton rejects a request
+        # whose batch exceeds max_batch_size rather than splitting it.
+        self.max_batch_size = int(config.get("max_batch_size") or 0) or 1
+        output = next((o for o in config["output"] if o["name"] == EMBEDDING), None)
+        if output is None:
+            self._client.close()
+            raise ValueError(f"model {model_name} at {url} has no {EMBEDDING} output")
+        self.dimension = int(output["dims"][-1])
+        self.fingerprint = f"triton:{model_name}:{self.version}"
+        self._closed = threading.Event()
+
+    def encode(self, texts: list[str], timeout: float | None = None) -> np.ndarray:
+        """Unit-length float32 embeddings, one row per text. `timeout` (seconds,
+        default the constructor's) bounds the whole call, across chunks."""
+        if not texts:
+            return np.zeros((0, self.dimension), dtype=np.float32)
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        out = np.empty((len(texts), self.dimension), dtype=np.float32)
+        for start in range(0, len(texts), self.max_batch_size):
+            chunk = texts[start : start + self.max_batch_size]
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise errors.DeadlineExceeded(f"encoding {len(texts)} texts via Triton at {self.url} timed out")
+            out[start : start + len(chunk)] = self._infer(chunk, remaining)
+        return out
+
+    def _infer(self, texts: list[str], timeout: float) -> np.ndarray:
+        data = np.array([t.encode("utf-8") for t in texts], dtype=np.object_).reshape(-1, 1)
+        tensor = self._grpcclient.InferInput(TEXT, list(data.shape), "BYTES")
+        tensor.set_data_from_numpy(data)
+        try:
+            result = self._client.infer(
+                self.model_name,
+                [tensor],
+                model_version=self.version,
+                outputs=[self._grpcclient.InferRequestedOutput(EMBEDDING)],
+                client_timeout=timeout,
+            )
+        except self._server_error as exc:
+            raise _translate(exc, self.url) from exc
+        vectors = result.as_numpy(EMBEDDING)
+        if vectors is None or vectors.shape != (len(texts), self.dimension):
+            raise RuntimeError(
+                f"Triton at {self.url} returned {None if vectors is None else vectors.shape} "
+                f"for {len(texts)} texts"
+            )
+        return vectors
+
+    def close(self) -> None:
+        if not self._closed.is_set():
+            self._closed.set()
+            self._client.close()
+
+    def __enter__(self) -> "TritonEncoder":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()

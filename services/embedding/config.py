@@ -1,0 +1,54 @@
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from recsys_core import paths
+from recsys_core.envconfig import EnvReader
+
+ENCODER_BACKENDS = ("onnx", "triton")
+
+
+@dataclass(frozen=True)
+class EmbeddingConfig:
+    address: str = "127.0.0.1:50052"
+    workers: int = 8
+    grace_seconds: float = 10.0
+    # Catalogue loaded at start; empty means start with an empty catalogue.
+    data_dir: str = str(paths.BUNDLED_DATA_DIR)
+    model_repo: str = str(paths.MODEL_REPO)
+    encoder: str = "onnx"
+    triton_url: str = "127.0.0.1:8001"
+    encoder_threads: int = 0
+    cache_dir: str = str(paths.cache_dir())
+    max_texts_per_request: int = 256
+    max_text_chars: int = 4096
+    max_k: int = 1000
+    # Force FAISS onto CPU even where GPUs exist (None: use them when present).
+    use_gpu: bool | None = None
+
+    @classmethod
+    def from_env(cls, environ=None) -> "EmbeddingConfig":
+        env = EnvReader("EMBEDDING_", environ)
+        gpu = env.str("USE_GPU", "auto")
+        if gpu not in ("auto", "true", "false"):
+            raise ValueError(f"EMBEDDING_USE_GPU={gpu!r} must be auto, true or false")
+        return cls(
+            address=env.str("ADDRESS", cls.address),
+            workers=env.int("WORKERS", cls.workers, minimum=1, maximum=256),
+            grace_seconds=env.float("GRACE_SECONDS", cls.grace_seconds, minimum=0),
+            data_dir=env.str("DATA_DIR", cls.data_dir),
+            model_repo=env.str("MODEL_REPO", cls.model_repo),
+            encoder=env.choice("ENCODER", cls.encoder, ENCODER_BACKENDS),
+            triton_url=env.str("TRITON_URL", cls.triton_url),
+            encoder_threads=env.int("ENCODER_THREADS", cls.encoder_threads, minimum=0),
+            cache_dir=env.str("CACHE_DIR", str(paths.cache_dir())),
+            max_texts_per_request=env.int("MAX_TEXTS_PER_REQUEST", cls.max_texts_per_request, minimum=1),
+            max_text_chars=env.int("MAX_TEXT_CHARS", cls.max_text_chars, minimum=1),
+            max_k=env.int("MAX_K", cls.max_k, minimum=1),
+            use_gpu=None if gpu == "auto" else gpu == "true",
+        )
+
+    @property
+    def data_path(self) -> Path | None:
+        return Path(self.data_dir) if self.data_dir else None

@@ -1,0 +1,94 @@
+"""gRPC face of the catalogue: parse, call the domain, build the reply."""
+from __future__ import annotations
+
+import grpc
+
+from recsys.common.v1 import common_pb2
+from recsys.embedding.v1 import embedding_pb2, embedding_pb2_grpc
+from recsys_core.grpc_util import Readiness, handle_errors, Deadline
+from recsys_core.messages import stack, to_vector
+from services.embedding.catalogue import Catalogue, ItemRecord
+from services.embedding.config import EmbeddingConfig
+
+ENCODER_CALL_SECONDS = 30.0
+
+
+def item_message(record: ItemRecord) -> common_pb2.Item:
+    return common_pb2.Item(item_id=record.item_id, category=record.category, title=record.title, text=record.text)
+
+
+class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
+    def __init__(self, readiness: Readiness, config: EmbeddingConfig):
+        self.readiness = readiness
+        self.config = config
+        self._catalogue: Catalogue | None = None
+
+    def attach(self, catalogue: Catalogue) -> None:
+        self._catalogue = catalogue
+
+    @property
+    def catalogue(self) -> Catalogue:
+        self.readiness.require()
+        return self._catalogue
+
+    @handle_errors
+    def EmbedTexts(self, request, context):
+        vectors = self.catalogue.embed_texts(
+            list(request.texts),
+            max_texts=self.config.max_texts_per_request,
+            max_chars=self.config.max_text_chars,
+            timeout=Deadline(context, ENCODER_CALL_SECONDS).left(),
+        )
+        return embedding_pb2.EmbedTextsResponse(
+            vectors=[to_vector(v) for v in vectors], dimension=self.catalogue.dimension
+        )
+
+    @handle_errors
+    def SearchItems(self, request, context):
+        queries = self.catalogue.check_vectors(stack(request.vectors))
+        results = self.catalogue.search(
+            queries, request.k, self.config.max_k, list(request.categories), list(request.exclude_item_ids)
+        )
+        response = embedding_pb2.SearchItemsResponse()
+        for hits in results:
+            result = response.results.add()
+            if request.include_items and hits:
+                ids = [item_id for item_id, _ in hits]
+                records = self.catalogue.get(ids)
+                embeddings = self.catalogue.embeddings(ids)
+                for (item_id, score), record, embedding in zip(hits, records, embeddings):
+                    result.hits.add(item_id=item_id, score=score, item=item_message(record), embedding=to_vector(embedding))
+            else:
+                for item_id, score in hits:
+                    result.hits.add(item_id=item_id, score=score)
+        return response
+
+    @handle_errors
+    def UpsertItems(self, request, context):
+        records = [
+            ItemRecord(item_id=i.item_id, category=i.category, title=i.title or i.text[:120], text=i.text or i.title)
+            for i in request.items
+        ]
+        inserted, updated = self.catalogue.upsert(records)
+        return embedding_pb2.UpsertItemsResponse(inserted=inserted, updated=updated)
+
+    @handle_errors
+    def GetItems(self, request, context):
+        records = self.catalogue.get(list(request.item_ids), skip_missing=request.skip_missing)
+        response = embedding_pb2.GetItemsResponse()
+        embeddings = self.catalogue.embeddings([r.item_id for r in records]) if request.include_embeddings else None
+        for position, record in enumerate(records):
+            entry = response.items.add(item=item_message(record))
+            if embeddings is not None:
+                entry.embedding.CopyFrom(to_vector(embeddings[position]))
+        return response
+
+    @handle_errors
+    def ListCategories(self, request, context):
+        return embedding_pb2.ListCategoriesResponse(
+            categories=[
+                embedding_pb2.CategoryInfo(name=name, items=count)
+                for name, count in sorted(self.catalogue.categories().items())
+            ],
+            dimension=self.catalogue.dimension,
+        )

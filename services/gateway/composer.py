@@ -1,0 +1,256 @@
+"""Composes profile, embedding and ranking calls into recommendations.
+
+Every outbound call carries a deadline cut from what the caller has left.
+Calls that do not depend on each other run concurrently (futures).
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+
+from recsys.embedding.v1 import embedding_pb2, embedding_pb2_grpc
+from recsys.profile.v1 import profile_pb2, profile_pb2_grpc
+from recsys.ranking.v1 import ranking_pb2, ranking_pb2_grpc
+from recsys_core.errors import NotFound, Unavailable
+from recsys_core.grpc_util import Deadline, insecure_channel
+from recsys_core.messages import from_vector, has_values, to_vector
+from services.gateway import requests as rq
+from services.gateway.config import GatewayConfig
+
+log = logging.getLogger(__name__)
+
+PERSONALISED, COLD_START, FALLBACK = "personalised", "cold_start", "fallback"
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    item_id: str
+    category: str
+    title: str
+    score: float
+    reason: str
+
+
+def is_unavailable(error: grpc.RpcError) -> bool:
+    return isinstance(error, grpc.Call) and error.code() == grpc.StatusCode.UNAVAILABLE
+
+
+class Composer:
+    def __init__(self, config: GatewayConfig):
+        self.config = config
+        self._channels = [
+            insecure_channel(config.profile_address),
+            insecure_channel(config.embedding_address),
+            insecure_channel(config.ranking_address),
+        ]
+        self.profile = profile_pb2_grpc.ProfileServiceStub(self._channels[0])
+        self.embedding = embedding_pb2_grpc.EmbeddingServiceStub(self._channels[1])
+        self.ranking = ranking_pb2_grpc.RankingServiceStub(self._channels[2])
+        self._categories: frozenset[str] = frozenset()
+        self._categories_fetched = 0.0
+        self._categories_lock = threading.Lock()
+
+    def close(self) -> None:
+        for channel in self._channels:
+            channel.close()
+
+    # -- catalogue categories, cached -----------------------------------------
+
+    def refresh_categories(self, timeout: float) -> frozenset[str]:
+        reply = self.embedding.ListCategories(embedding_pb2.ListCategoriesRequest(), timeout=timeout)
+        with self._categories_lock:
+            self._categories = frozenset(c.name for c in reply.categories)
+            self._categories_fetched = time.monotonic()
+        return self._categories
+
+    def known_categories(self, deadline: Deadline) -> frozenset[str]:
+        if time.monotonic() - self._categories_fetched > self.config.categories_refresh_seconds:
+            try:
+                return self.refresh_categories(min(deadline.left(), 1.0))
+            except grpc.RpcError as error:
+                log.warning("could not refresh categories, keeping the cached list: %s", error)
+        return self._categories
+
+    # -- helpers -----------------------------------------------------------------
+
+    def _items(self, item_ids: list[str], deadline: Deadline, embeddings: bool) -> dict[str, embedding_pb2.ItemWithEmbedding]:
+        if not item_ids:
+            return {}
+        reply = self.embedding.GetItems(
+            embedding_pb2.GetItemsRequest(item_ids=item_ids, include_embeddings=embeddings, skip_missing=True),
+            timeout=deadline.left(),
+        )
+        return {entry.item.item_id: entry for entry in reply.items}
+
+    def _popular(self, k: int, categories: list[str], exclude: list[str], deadline: Deadline, with_titles: bool):
+        reply = self.profile.GetPopularItems(
+            profile_pb2.GetPopularItemsRequest(k=k, categories=categories, exclude_item_ids=exclude),
+            timeout=deadline.left(),
+        )
+        if not reply.items:
+            return []
+        top = reply.items[0].events or 1
+        titles = {}
+        if with_titles:
+            titles = {i: e.item.title for i, e in self._items([p.item_id for p in reply.items], deadline, False).items()}
+        return [
+            Recommendation(p.item_id, p.category, titles.get(p.item_id, ""), p.events / top, rq.popular_reason(p.category))
+            for p in reply.items
+        ]
+
+    # -- public operations ----------------------------------------------------
+
+    def recommend(
+        self, user_id: str, k: int, categories: list[str], exclude_seen: bool, context_ids: list[str], deadline: Deadline
+    ) -> tuple[list[Recommendation], str]:
+        rq.check_user_id(user_id)
+        rq.check_k(k)
+        context_ids = rq.check_context(context_ids, self.config.max_context_items)
+        categories = rq.check_categories(categories, self.known_categories(deadline))
+
+        profile_call = self.profile.GetProfile.future(
+            profile_pb2.GetProfileRequest(user_id=user_id, history_limit=max(self.config.explain_history, 1)),
+            timeout=deadline.left(),
+        )
+        try:
+            context_items = self._items(context_ids, deadline, embeddings=True)
+        except grpc.RpcError as error:
+            if not is_unavailable(error):
+                raise
+            return self._fallback(k, categories, context_ids, deadline)
+        for position, item_id in enumerate(context_ids):
+            if item_id not in context_items:
+                raise NotFound(f"context_item_ids[{position}]: no item {item_id!r} in the catalogue")
+        profile = profile_call.result()
+
+        queries = []
+        for vector in (profile.long_term_interest, profile.short_term_interest):
+            if has_values(vector):
+                queries.append(vector)
+        context_vector = None
+        if context_items:
+            mixed = np.mean([from_vector(e.embedding) for e in context_items.values()], axis=0)
+            context_vector = to_vector(mixed / max(float(np.linalg.norm(mixed)), 1e-6))
+            queries.append(context_vector)
+        if not queries:
+            return self._popular(k, categories, context_ids, deadline, with_titles=True), COLD_START
+
+        exclude = list(context_ids)
+        if exclude_seen:
+            exclude += list(profile.seen_item_ids)
+        pool = min(max(self.config.min_candidates, 3 * k), self.config.max_candidates)
+        try:
+            search = self.embedding.SearchItems(
+                embedding_pb2.SearchItemsRequest(
+                    vectors=queries, k=pool, categories=categories, exclude_item_ids=exclude, include_items=True
+                ),
+                timeout=deadline.left(),
+            )
+        except grpc.RpcError as error:
+            if not is_unavailable(error):
+                raise
+            return self._fallback(k, categories, exclude, deadline)
+        hits: dict[str, embedding_pb2.SearchHit] = {}
+        for result in search.results:
+            for hit in result.hits:
+                if hit.item_id not in hits or hit.score > hits[hit.item_id].score:
+                    hits[hit.item_id] = hit
+        if not hits:
+            return self._popular(k, categories, exclude, deadline, with_titles=True), COLD_START
+        candidate_ids = list(hits)
+
+        history = list(profile.recent_history[: self.config.explain_history])
+        popularity_call = self.profile.GetItemPopularity.future(
+            profile_pb2.GetItemPopularityRequest(item_ids=candidate_ids), timeout=deadline.left()
+        )
+        history_items = self._items(list(dict.fromkeys(h.item_id for h in history)), deadline, embeddings=True)
+        popularity = popularity_call.result()
+
+        ranked = self._rank(profile, context_vector, history, history_items, hits, candidate_ids, popularity, k, deadline)
+        if ranked is None:
+            # Ranking is down: retrieval similarity alone still orders well.
+            ordered = sorted(hits.values(), key=lambda h: -h.score)[:k]
+            return [
+                Recommendation(h.item_id, h.item.category, h.item.title, h.score, "close to your recent interests")
+                for h in ordered
+            ], FALLBACK
+
+        event_of = {h.item_id: h for h in history}
+        recommendations = []
+        for scored in ranked:
+            hit = hits[scored.item_id]
+            because = history_items.get(scored.because_item_id)
+            if because is not None:
+                reason = rq.because_reason(event_of[scored.because_item_id].type, because.item.title)
+            elif context_items:
+                reason = rq.similar_reason(next(iter(context_items.values())).item.title)
+            else:
+                reason = "matches your interests"
+            recommendations.append(Recommendation(hit.item_id, hit.item.category, hit.item.title, scored.score, reason))
+        return recommendations, PERSONALISED
+
+    def _rank(self, profile, context_vector, history, history_items, hits, candidate_ids, popularity, k, deadline):
+        user = ranking_pb2.UserFeatures(
+            long_term_interest=profile.long_term_interest,
+            short_term_interest=profile.short_term_interest,
+            recent_items=[
+                ranking_pb2.HistoryItem(item_id=h.item_id, embedding=history_items[h.item_id].embedding)
+                for h in history
+                if h.item_id in history_items
+            ],
+        )
+        if context_vector is not None:
+            user.context_interest.CopyFrom(context_vector)
+        candidates = [
+            ranking_pb2.Candidate(
+                item_id=item_id,
+                embedding=hits[item_id].embedding,
+                popularity=count,
+                max_popularity=popularity.max_events,
+            )
+            for item_id, count in zip(candidate_ids, popularity.events)
+        ]
+        try:
+            reply = self.ranking.Rank(
+                ranking_pb2.RankRequest(user=user, candidates=candidates, k=k), timeout=deadline.left()
+            )
+        except grpc.RpcError as error:
+            if not is_unavailable(error):
+                raise
+            log.warning("ranking unavailable, answering in retrieval order")
+            return None
+        return reply.candidates
+
+    def _fallback(self, k, categories, exclude, deadline):
+        """The embedding service is down: popular items from the profile
+        service, without titles, beat an error for a storefront."""
+        log.warning("embedding service unavailable, answering with popular items")
+        try:
+            return self._popular(k, categories, exclude, deadline, with_titles=False), FALLBACK
+        except grpc.RpcError as error:
+            if is_unavailable(error):
+                raise Unavailable("the profile and embedding services are both unavailable") from error
+            raise
+
+    def similar_items(self, item_id: str, k: int, categories: list[str], deadline: Deadline) -> list[Recommendation]:
+        rq.check_item_id(item_id, "item_id")
+        rq.check_k(k)
+        categories = rq.check_categories(categories, self.known_categories(deadline))
+        anchor = self._items([item_id], deadline, embeddings=True).get(item_id)
+        if anchor is None:
+            raise NotFound(f"item_id: no item {item_id!r} in the catalogue")
+        search = self.embedding.SearchItems(
+            embedding_pb2.SearchItemsRequest(
+                vectors=[anchor.embedding], k=k, categories=categories, exclude_item_ids=[item_id], include_items=True
+            ),
+            timeout=deadline.left(),
+        )
+        reason = rq.similar_reason(anchor.item.title)
+        return [
+            Recommendation(h.item_id, h.item.category, h.item.title, h.score, reason) for h in search.results[0].hits
+        ]

@@ -1,0 +1,45 @@
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from recsys_core.envconfig import EnvReader
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    address: str = "127.0.0.1:50051"
+    workers: int = 16
+    grace_seconds: float = 10.0
+    profile_address: str = "127.0.0.1:50053"
+    embedding_address: str = "127.0.0.1:50052"
+    ranking_address: str = "127.0.0.1:50054"
+    # Budget for a whole request when the caller set no deadline.
+    request_timeout_seconds: float = 5.0
+    # Candidates retrieved per query vector: at least this many, or 3k.
+    min_candidates: int = 100
+    max_candidates: int = 1500
+    # Recent history items that can explain a recommendation.
+    explain_history: int = 20
+    max_context_items: int = 50
+    # How long to wait at start for the embedding service's catalogue.
+    startup_timeout_seconds: float = 900.0
+    categories_refresh_seconds: float = 30.0
+
+    @classmethod
+    def from_env(cls, environ=None) -> "GatewayConfig":
+        env = EnvReader("GATEWAY_", environ)
+        return cls(
+            address=env.str("ADDRESS", cls.address),
+            workers=env.int("WORKERS", cls.workers, minimum=1, maximum=256),
+            grace_seconds=env.float("GRACE_SECONDS", cls.grace_seconds, minimum=0),
+            profile_address=env.str("PROFILE_ADDRESS", cls.profile_address),
+            embedding_address=env.str("EMBEDDING_ADDRESS", cls.embedding_address),
+            ranking_address=env.str("RANKING_ADDRESS", cls.ranking_address),
+            request_timeout_seconds=env.float("REQUEST_TIMEOUT_SECONDS", cls.request_timeout_seconds, minimum=0.01),
+            min_candidates=env.int("MIN_CANDIDATES", cls.min_candidates, minimum=1),
+            max_candidates=env.int("MAX_CANDIDATES", cls.max_candidates, minimum=1),
+            explain_history=env.int("EXPLAIN_HISTORY", cls.explain_history, minimum=0),
+            max_context_items=env.int("MAX_CONTEXT_ITEMS", cls.max_context_items, minimum=0),
+            startup_timeout_seconds=env.float("STARTUP_TIMEOUT_SECONDS", cls.startup_timeout_seconds, minimum=1),
+            categories_refresh_seconds=env.float("CATEGORIES_REFRESH_SECONDS", cls.categories_refresh_seconds, minimum=0),
+        )

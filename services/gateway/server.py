@@ -1,0 +1,56 @@
+"""Gateway: the platform's public API, composing the other services."""
+from __future__ import annotations
+
+import logging
+import sys
+import time
+
+import grpc
+
+from recsys.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from recsys_core.grpc_util import ManagedServer, build_server, setup_logging
+from services.gateway.composer import Composer
+from services.gateway.config import GatewayConfig
+from services.gateway.servicer import GatewayServicer
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name
+
+
+def wait_for_catalogue(composer: Composer, config: GatewayConfig) -> None:
+    """Ready once the embedding service answers with its categories; it may
+    still be encoding the catalogue when the gateway starts."""
+    give_up = time.monotonic() + config.startup_timeout_seconds
+    while True:
+        try:
+            categories = composer.refresh_categories(timeout=2.0)
+            log.info("catalogue categories: %s", ", ".join(sorted(categories)))
+            return
+        except grpc.RpcError as error:
+            if time.monotonic() > give_up:
+                raise TimeoutError(
+                    f"embedding service at {config.embedding_address} not ready after "
+                    f"{config.startup_timeout_seconds:.0f}s: {error.details() if isinstance(error, grpc.Call) else error}"
+                ) from error
+            time.sleep(0.5)
+
+
+def create_server(config: GatewayConfig) -> tuple[ManagedServer, int]:
+    server, port = build_server(config.address, config.workers, [SERVICE_NAME], "gateway")
+    composer = Composer(config)
+    server.add(gateway_pb2_grpc.add_GatewayServiceServicer_to_server, GatewayServicer(server.readiness, composer, config))
+    server.readiness.start(lambda: wait_for_catalogue(composer, config))
+    return server, port
+
+
+def main() -> int:
+    setup_logging("gateway")
+    config = GatewayConfig.from_env()
+    server, port = create_server(config)
+    server.start()
+    log.info("listening on port %d", port)
+    return server.run_until_terminated(config.grace_seconds)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

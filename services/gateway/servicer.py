@@ -1,0 +1,51 @@
+"""gRPC face of the gateway: parse, call the composer, build the reply."""
+from __future__ import annotations
+
+from recsys.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from recsys_core.grpc_util import Deadline, Readiness, handle_errors
+from services.gateway.composer import COLD_START, FALLBACK, PERSONALISED, Composer, Recommendation
+from services.gateway.config import GatewayConfig
+
+PATHS = {
+    PERSONALISED: gateway_pb2.RECOMMENDATION_PATH_PERSONALISED,
+    COLD_START: gateway_pb2.RECOMMENDATION_PATH_COLD_START,
+    FALLBACK: gateway_pb2.RECOMMENDATION_PATH_FALLBACK,
+}
+
+
+def item_messages(recommendations: list[Recommendation]) -> list[gateway_pb2.RecommendedItem]:
+    return [
+        gateway_pb2.RecommendedItem(item_id=r.item_id, category=r.category, title=r.title, score=r.score, reason=r.reason)
+        for r in recommendations
+    ]
+
+
+class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
+    def __init__(self, readiness: Readiness, composer: Composer, config: GatewayConfig):
+        self.readiness = readiness
+        self.composer = composer
+        self.config = config
+
+    @handle_errors
+    def Recommend(self, request, context):
+        self.readiness.require()
+        recommendations, path = self.composer.recommend(
+            user_id=request.user_id,
+            k=request.k,
+            categories=list(request.categories),
+            exclude_seen=request.exclude_seen if request.HasField("exclude_seen") else True,
+            context_ids=list(request.context_item_ids),
+            deadline=Deadline(context, self.config.request_timeout_seconds),
+        )
+        return gateway_pb2.RecommendResponse(items=item_messages(recommendations), path=PATHS[path])
+
+    @handle_errors
+    def SimilarItems(self, request, context):
+        self.readiness.require()
+        recommendations = self.composer.similar_items(
+            item_id=request.item_id,
+            k=request.k,
+            categories=list(request.categories),
+            deadline=Deadline(context, self.config.request_timeout_seconds),
+        )
+        return gateway_pb2.SimilarItemsResponse(items=item_messages(recommendations))

@@ -1,0 +1,35 @@
+"""The profile service's view of the embedding service."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from recsys.embedding.v1 import embedding_pb2, embedding_pb2_grpc
+from recsys_core.grpc_util import insecure_channel
+from recsys_core.messages import from_vector
+
+# One GetItems call stays well under the message size limit.
+LOOKUP_BATCH = 2000
+
+
+class EmbeddingServiceLookup:
+    def __init__(self, address: str):
+        self.channel = insecure_channel(address)
+        self.stub = embedding_pb2_grpc.EmbeddingServiceStub(self.channel)
+
+    def lookup(self, item_ids: Sequence[str], timeout: float) -> dict[str, tuple[str, np.ndarray]]:
+        found = {}
+        for start in range(0, len(item_ids), LOOKUP_BATCH):
+            reply = self.stub.GetItems(
+                embedding_pb2.GetItemsRequest(
+                    item_ids=item_ids[start : start + LOOKUP_BATCH], include_embeddings=True, skip_missing=True
+                ),
+                timeout=timeout,
+            )
+            for entry in reply.items:
+                found[entry.item.item_id] = (entry.item.category, from_vector(entry.embedding))
+        return found
+
+    def close(self) -> None:
+        self.channel.close()

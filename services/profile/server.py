@@ -1,0 +1,88 @@
+"""Profile service: shoppers' events, interest vectors and item popularity."""
+from __future__ import annotations
+
+import hashlib
+import logging
+import sys
+from pathlib import Path
+
+from recsys.profile.v1 import profile_pb2, profile_pb2_grpc
+from recsys_core import data
+from recsys_core.grpc_util import ManagedServer, build_server, setup_logging
+from services.profile.catalogue_client import EmbeddingServiceLookup
+from services.profile.config import ProfileConfig
+from services.profile.profiles import ProfileBook
+from services.profile.servicer import ProfileServicer
+from services.profile.store import PURCHASE, RATING, SQLiteEventStore, StoredEvent
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = profile_pb2.DESCRIPTOR.services_by_name["ProfileService"].full_name
+
+
+def data_marker(data_dir: Path) -> str:
+    """Identifies a data set's content, so a restart does not load it twice."""
+    digest = hashlib.sha256((data_dir / data.INTERACTIONS_FILE).read_bytes()).hexdigest()[:16]
+    return f"{data.INTERACTIONS_FILE}:{digest}"
+
+
+def load_dataset_events(store: SQLiteEventStore, data_dir: Path) -> None:
+    """The benchmark events are reviews of bought items: purchases, or
+    ratings where the set carries a star rating (Office)."""
+    marker = data_marker(data_dir)
+    if store.meta(f"loaded:{marker}") is not None:
+        log.info("events of %s already in the store", data_dir)
+        return
+    events = data.chronological(data.load_interactions(data_dir))
+    rows = (
+        StoredEvent(
+            user_id=row.user_id,
+            item_id=row.item_id,
+            category=row.category,
+            type=RATING if row.rating == row.rating else PURCHASE,
+            ts=None if row.timestamp != row.timestamp else int(row.timestamp),
+            rating=None if row.rating != row.rating else float(row.rating),
+        )
+        for row in events.itertuples(index=False)
+    )
+    store.bulk_load(rows, total=len(events), marker=marker)
+    log.info("loaded %d events from %s", len(events), data_dir)
+
+
+def load_book(config: ProfileConfig) -> ProfileBook:
+    store = SQLiteEventStore(config.store_path)
+    if config.data_path is not None:
+        load_dataset_events(store, config.data_path)
+    book = ProfileBook(
+        store,
+        EmbeddingServiceLookup(config.embedding_address),
+        long_term_decay=config.long_term_decay,
+        short_term_decay=config.short_term_decay,
+        interest_window=config.interest_window,
+        max_events_per_request=config.max_events_per_request,
+        profile_cache_size=config.profile_cache_size,
+    )
+    log.info("store %s holds %d events", config.store_path, store.count())
+    return book
+
+
+def create_server(config: ProfileConfig) -> tuple[ManagedServer, int]:
+    """Bound, not yet started; the store loads in the background and health
+    turns SERVING once it is in."""
+    server, port = build_server(config.address, config.workers, [SERVICE_NAME], "profile")
+    servicer = ProfileServicer(server.readiness, config)
+    server.add(profile_pb2_grpc.add_ProfileServiceServicer_to_server, servicer)
+    server.readiness.start(lambda: servicer.attach(load_book(config)))
+    return server, port
+
+
+def main() -> int:
+    setup_logging("profile")
+    config = ProfileConfig.from_env()
+    server, port = create_server(config)
+    server.start()
+    log.info("listening on port %d", port)
+    return server.run_until_terminated(config.grace_seconds)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,85 @@
+"""gRPC face of the profile book: parse, call the domain, build the reply."""
+from __future__ import annotations
+
+from recsys.profile.v1 import profile_pb2, profile_pb2_grpc
+from recsys_core.grpc_util import Readiness, handle_errors, Deadline
+from recsys_core.messages import to_vector
+from services.profile.config import ProfileConfig
+from services.profile.profiles import DEFAULT_HISTORY, MAX_HISTORY, IncomingEvent, ProfileBook
+from recsys_core.errors import InvalidArgument
+
+
+class ProfileServicer(profile_pb2_grpc.ProfileServiceServicer):
+    def __init__(self, readiness: Readiness, config: ProfileConfig):
+        self.readiness = readiness
+        self.config = config
+        self._book: ProfileBook | None = None
+
+    def attach(self, book: ProfileBook) -> None:
+        self._book = book
+
+    @property
+    def book(self) -> ProfileBook:
+        self.readiness.require()
+        return self._book
+
+    def _timeout(self, context) -> float:
+        return Deadline(context, self.config.embedding_timeout_seconds).left()
+
+    @handle_errors
+    def IngestEvents(self, request, context):
+        events = [
+            IncomingEvent(
+                user_id=e.user_id,
+                item_id=e.item_id,
+                type=int(e.type),
+                timestamp=e.timestamp,
+                rating=e.rating,
+                review_text=e.review_text,
+                idempotency_key=e.idempotency_key,
+            )
+            for e in request.events
+        ]
+        accepted, duplicates = self.book.ingest(events, self._timeout(context))
+        return profile_pb2.IngestEventsResponse(accepted=accepted, duplicates=duplicates)
+
+    @handle_errors
+    def GetProfile(self, request, context):
+        limit = request.history_limit or DEFAULT_HISTORY
+        if not 0 < limit <= MAX_HISTORY:
+            raise InvalidArgument("history_limit", f"must be between 0 and {MAX_HISTORY}")
+        profile = self.book.profile(request.user_id, self._timeout(context))
+        reply = profile_pb2.GetProfileResponse(
+            user_id=profile.user_id,
+            known=profile.known,
+            event_count=profile.event_count,
+            seen_item_ids=profile.seen_item_ids,
+            categories=[
+                profile_pb2.CategoryCount(category=c, events=n) for c, n in sorted(profile.categories.items())
+            ],
+        )
+        if profile.long_term is not None:
+            reply.long_term_interest.CopyFrom(to_vector(profile.long_term))
+        if profile.short_term is not None:
+            reply.short_term_interest.CopyFrom(to_vector(profile.short_term))
+        for event in profile.recent[:limit]:
+            reply.recent_history.add(
+                item_id=event.item_id,
+                category=event.category,
+                type=event.type,
+                timestamp=event.ts or 0,
+                rating=event.rating or 0.0,
+            )
+        return reply
+
+    @handle_errors
+    def GetPopularItems(self, request, context):
+        top = self.book.popular(request.k, list(request.categories), list(request.exclude_item_ids))
+        return profile_pb2.GetPopularItemsResponse(
+            items=[profile_pb2.PopularItem(item_id=i, category=c, events=n) for i, c, n in top]
+        )
+
+    @handle_errors
+    def GetItemPopularity(self, request, context):
+        counts, max_count = self.book.item_popularity(list(request.item_ids))
+        return profile_pb2.GetItemPopularityResponse(events=counts, max_events=max_count)

@@ -1,0 +1,155 @@
+"""Durable event storage: SQLite in WAL mode.
+
+An IngestEvents call is acknowledged only after its transaction has committed
+with synchronous=FULL, so an acknowledged event survives a crash of the
+process or the machine.
+"""
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+# Event types, numbered as recsys.common.v1.EventType (this module stays gRPC-free).
+VIEW, PURCHASE, RATING, REVIEW = 1, 2, 3, 4
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    user_id TEXT NOT NULL,
+    item_id TEXT NOT NULL,
+    category TEXT NOT NULL,
+    type INTEGER NOT NULL,
+    ts INTEGER,
+    rating REAL,
+    review TEXT,
+    idempotency_key TEXT UNIQUE
+);
+CREATE INDEX IF NOT EXISTS events_by_user ON events (user_id, id);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+
+@dataclass(frozen=True)
+class StoredEvent:
+    user_id: str
+    item_id: str
+    category: str
+    type: int
+    ts: int | None
+    rating: float | None = None
+    review: str | None = None
+    idempotency_key: str | None = None
+
+
+class SQLiteEventStore:
+    def __init__(self, path: Path | str):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._write_lock = threading.Lock()
+        self._local = threading.local()
+        self._writer = self._connect()
+        self._writer.executescript(SCHEMA)
+
+    def _connect(self) -> sqlite3.Connection:
+        connection = sqlite3.connect(self.path, timeout=30, check_same_thread=False, isolation_level=None)
+        connection.execute("PRAGMA journal_mode=WAL")
+        connection.execute("PRAGMA synchronous=FULL")
+        return connection
+
+    def _reader(self) -> sqlite3.Connection:
+        # One connection per thread: WAL lets readers run beside the writer.
+        connection = getattr(self._local, "connection", None)
+        if connection is None:
+            connection = self._connect()
+            self._local.connection = connection
+        return connection
+
+    def append(self, events: Sequence[StoredEvent]) -> list[bool]:
+        """Store events in one transaction. Returns, per event, whether it was
+        new (False: its idempotency key was stored before)."""
+        stored = []
+        with self._write_lock:
+            cursor = self._writer.cursor()
+            cursor.execute("BEGIN IMMEDIATE")
+            try:
+                for event in events:
+                    cursor.execute(
+                        "INSERT OR IGNORE INTO events (user_id, item_id, category, type, ts, rating, review, idempotency_key)"
+                        " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                        (event.user_id, event.item_id, event.category, event.type, event.ts,
+                         event.rating, event.review, event.idempotency_key),
+                    )
+                    stored.append(cursor.rowcount == 1)
+                cursor.execute("COMMIT")
+            except BaseException:
+                cursor.execute("ROLLBACK")
+                raise
+        return stored
+
+    def bulk_load(self, events: Iterable[StoredEvent], total: int, marker: str, show_progress: bool = True) -> bool:
+        """Load a data set once: does nothing when `marker` was loaded before."""
+        if self.meta(f"loaded:{marker}") is not None:
+            return False
+        with self._write_lock:
+            cursor = self._writer.cursor()
+            cursor.execute("BEGIN IMMEDIATE")
+            try:
+                rows = (
+                    (e.user_id, e.item_id, e.category, e.type, e.ts, e.rating, e.review, e.idempotency_key)
+                    for e in tqdm(events, total=total, desc="loading events", unit="event", disable=not show_progress)
+                )
+                cursor.executemany(
+                    "INSERT OR IGNORE INTO events (user_id, item_id, category, type, ts, rating, review, idempotency_key)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    rows,
+                )
+                cursor.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (f"loaded:{marker}", str(total)))
+                cursor.execute("COMMIT")
+            except BaseException:
+                cursor.execute("ROLLBACK")
+                raise
+        return True
+
+    def meta(self, key: str) -> str | None:
+        row = self._reader().execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else row[0]
+
+    def user_events(self, user_id: str, limit: int | None = None) -> list[StoredEvent]:
+        """The shopper's events, oldest first; with `limit`, only the most recent ones."""
+        query = "SELECT user_id, item_id, category, type, ts, rating FROM events WHERE user_id = ? ORDER BY id DESC"
+        params: tuple = (user_id,)
+        if limit is not None:
+            query += " LIMIT ?"
+            params = (user_id, limit)
+        rows = self._reader().execute(query, params).fetchall()
+        return [StoredEvent(*row) for row in reversed(rows)]
+
+    def user_summary(self, user_id: str) -> tuple[int, dict[str, int], list[str]]:
+        """(event count, events per category, every item seen)."""
+        connection = self._reader()
+        per_category = dict(
+            connection.execute(
+                "SELECT category, COUNT(*) FROM events WHERE user_id = ? GROUP BY category", (user_id,)
+            ).fetchall()
+        )
+        seen = [row[0] for row in connection.execute(
+            "SELECT item_id FROM events WHERE user_id = ? GROUP BY item_id ORDER BY MAX(id) DESC", (user_id,)
+        )]
+        return sum(per_category.values()), per_category, seen
+
+    def item_counts(self) -> list[tuple[str, str, int]]:
+        """(item_id, category, events) for every item with events."""
+        return self._reader().execute(
+            "SELECT item_id, category, COUNT(*) FROM events GROUP BY item_id, category"
+        ).fetchall()
+
+    def count(self) -> int:
+        return self._reader().execute("SELECT COUNT(*) FROM events").fetchone()[0]
+
+    def close(self) -> None:
+        self._writer.close()

@@ -1,0 +1,34 @@
+"""Ranking service: scores candidates for a shopper. Stateless."""
+from __future__ import annotations
+
+import logging
+import sys
+
+from recsys.ranking.v1 import ranking_pb2, ranking_pb2_grpc
+from recsys_core.grpc_util import ManagedServer, build_server, setup_logging
+from services.ranking.config import RankingConfig
+from services.ranking.servicer import RankingServicer
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = ranking_pb2.DESCRIPTOR.services_by_name["RankingService"].full_name
+
+
+def create_server(config: RankingConfig) -> tuple[ManagedServer, int]:
+    server, port = build_server(config.address, config.workers, [SERVICE_NAME], "ranking")
+    server.add(ranking_pb2_grpc.add_RankingServiceServicer_to_server, RankingServicer(config))
+    # Nothing to load: ready as soon as it is built.
+    server.readiness.start(lambda: None)
+    return server, port
+
+
+def main() -> int:
+    setup_logging("ranking")
+    config = RankingConfig.from_env()
+    server, port = create_server(config)
+    server.start()
+    log.info("listening on port %d", port)
+    return server.run_until_terminated(config.grace_seconds)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""gRPC face of the scorer: parse, call the domain, build the reply."""
+from __future__ import annotations
+
+import numpy as np
+
+from recsys.ranking.v1 import ranking_pb2, ranking_pb2_grpc
+from recsys_core.errors import InvalidArgument
+from recsys_core.grpc_util import handle_errors
+from recsys_core.messages import from_vector, has_values
+from services.ranking.config import RankingConfig
+from services.ranking.scoring import UserVectors, Weights, rank
+
+
+def optional_vector(vector) -> np.ndarray | None:
+    return from_vector(vector) if has_values(vector) else None
+
+
+class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
+    def __init__(self, config: RankingConfig):
+        self.config = config
+        self.weights = Weights(
+            long_term=config.long_term_weight,
+            short_term=config.short_term_weight,
+            context=config.context_weight,
+            popularity=config.popularity_weight,
+        )
+
+    @handle_errors
+    def Rank(self, request, context):
+        if not request.candidates:
+            return ranking_pb2.RankResponse()
+        if len(request.candidates) > self.config.max_candidates:
+            raise InvalidArgument(
+                "candidates", f"at most {self.config.max_candidates} candidates, got {len(request.candidates)}"
+            )
+        if request.k < 0:
+            raise InvalidArgument("k", "must not be negative")
+        dimension = len(request.candidates[0].embedding.values)
+        if dimension == 0:
+            raise InvalidArgument("candidates[0].embedding", "is empty")
+        for position, candidate in enumerate(request.candidates):
+            if len(candidate.embedding.values) != dimension:
+                raise InvalidArgument(f"candidates[{position}].embedding", f"must have {dimension} values")
+        candidates = np.asarray([c.embedding.values for c in request.candidates], dtype=np.float32)
+        history_items = [h for h in request.user.recent_items if has_values(h.embedding)]
+        user = UserVectors(
+            long_term=optional_vector(request.user.long_term_interest),
+            short_term=optional_vector(request.user.short_term_interest),
+            context=optional_vector(request.user.context_interest),
+            history=np.asarray([h.embedding.values for h in history_items], dtype=np.float32) if history_items else None,
+        )
+        ranked = rank(
+            user,
+            candidates,
+            np.asarray([c.popularity for c in request.candidates], dtype=np.float32),
+            np.asarray([c.max_popularity for c in request.candidates], dtype=np.float32),
+            self.weights,
+            request.k,
+        )
+        reply = ranking_pb2.RankResponse()
+        for position, score, because in zip(ranked.order, ranked.scores, ranked.because):
+            reply.candidates.add(
+                item_id=request.candidates[position].item_id,
+                score=float(score),
+                because_item_id=history_items[because].item_id if because >= 0 else "",
+            )
+        return reply
