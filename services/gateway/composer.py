@@ -171,7 +171,7 @@ class Composer:
         history_items = self._items(list(dict.fromkeys(h.item_id for h in history)), deadline, embeddings=True)
         popularity = popularity_call.result()
 
-        ranked = self._rank(profile, context_vector, history, history_items, hits, candidate_ids, popularity, k, deadline)
+        ranked = self._rank(profile, context_vector, context_items, history, history_items, hits, candidate_ids, popularity, k, deadline)
         if ranked is None:
             # Ranking is down: retrieval similarity alone still orders well.
             ordered = sorted(hits.values(), key=lambda h: -h.score)[:k]
@@ -180,25 +180,29 @@ class Composer:
                 for h in ordered
             ], FALLBACK
 
-        event_of = {h.item_id: h for h in history}
+        event_of = {h.item_id: h for h in reversed(history)}  # the latest event wins
         recommendations = []
         for scored in ranked:
             hit = hits[scored.item_id]
-            because = history_items.get(scored.because_item_id)
-            if because is not None:
-                reason = rq.because_reason(event_of[scored.because_item_id].type, because.item.title)
-            elif context_items:
-                reason = rq.similar_reason(next(iter(context_items.values())).item.title)
+            because = scored.because_item_id
+            if because in context_items:
+                reason = rq.similar_reason(context_items[because].item.title)
+            elif because in history_items:
+                reason = rq.because_reason(event_of[because].type, history_items[because].item.title)
             else:
                 reason = "matches your interests"
             recommendations.append(Recommendation(hit.item_id, hit.item.category, hit.item.title, scored.score, reason))
         return recommendations, PERSONALISED
 
-    def _rank(self, profile, context_vector, history, history_items, hits, candidate_ids, popularity, k, deadline):
+    def _rank(self, profile, context_vector, context_items, history, history_items, hits, candidate_ids, popularity, k, deadline):
         user = ranking_pb2.UserFeatures(
             long_term_interest=profile.long_term_interest,
             short_term_interest=profile.short_term_interest,
+            # Items being looked at can explain a recommendation too.
             recent_items=[
+                ranking_pb2.HistoryItem(item_id=item_id, embedding=entry.embedding)
+                for item_id, entry in context_items.items()
+            ] + [
                 ranking_pb2.HistoryItem(item_id=h.item_id, embedding=history_items[h.item_id].embedding)
                 for h in history
                 if h.item_id in history_items

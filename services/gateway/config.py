@@ -17,7 +17,8 @@ class GatewayConfig:
     request_timeout_seconds: float = 5.0
     # Candidates retrieved per query vector: at least this many, or 3k.
     min_candidates: int = 100
-    max_candidates: int = 1500
+    # The embedding service answers at most EMBEDDING_MAX_K (1000) per query.
+    max_candidates: int = 1000
     # Recent history items that can explain a recommendation.
     explain_history: int = 20
     max_context_items: int = 50

@@ -12,7 +12,8 @@ class RankingConfig:
     grace_seconds: float = 10.0
     long_term_weight: float = 0.5
     short_term_weight: float = 0.3
-    context_weight: float = 0.6
+    # A shopper on a product page wants that page's neighbourhood first.
+    context_weight: float = 1.2
     popularity_weight: float = 0.1
     max_candidates: int = 5000
 

@@ -1,0 +1,266 @@
+"""Each service over its own real channel: health, reflection, status codes."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from recsys.common.v1 import common_pb2
+from recsys.embedding.v1 import embedding_pb2, embedding_pb2_grpc
+from recsys.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from recsys.profile.v1 import profile_pb2, profile_pb2_grpc
+from recsys.ranking.v1 import ranking_pb2, ranking_pb2_grpc
+from recsys_core import paths
+from recsys_core.localstack import free_port, wait_until_serving
+
+pytestmark = pytest.mark.integration
+
+SERVICE_NAMES = {
+    "embedding": "recsys.embedding.v1.EmbeddingService",
+    "profile": "recsys.profile.v1.ProfileService",
+    "ranking": "recsys.ranking.v1.RankingService",
+    "gateway": "recsys.gateway.v1.GatewayService",
+}
+
+
+def status_of(call) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.RpcError) as caught:
+        call()
+    return caught.value.code(), caught.value.details()
+
+
+@pytest.mark.parametrize("name", sorted(SERVICE_NAMES))
+def test_every_service_reports_health_and_offers_reflection(stack, name):
+    with stack.channel(name) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ("", SERVICE_NAMES[name]):
+            reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+        replies = reflection.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5)
+        listed = {s.name for reply in replies for s in reply.list_services_response.service}
+        assert {SERVICE_NAMES[name], "grpc.health.v1.Health"} <= listed
+
+
+def test_a_service_is_not_serving_until_loaded(exported_encoder, tmp_path):
+    """The profile service waits on a store load; until then health says
+    NOT_SERVING and domain calls are UNAVAILABLE, not half answers."""
+    from services.profile.config import ProfileConfig
+    from services.profile.server import create_server
+
+    gate = threading.Event()
+    import services.profile.server as profile_server
+
+    original = profile_server.load_book
+
+    def slow_load(config):
+        gate.wait(10)
+        return original(config)
+
+    profile_server.load_book = slow_load
+    try:
+        server, port = create_server(
+            ProfileConfig(address="127.0.0.1:0", store_path=str(tmp_path / "s.sqlite3"), data_dir="",
+                          embedding_address=f"127.0.0.1:{free_port()}")
+        )
+        server.start()
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            assert health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == health_pb2.HealthCheckResponse.NOT_SERVING
+            stub = profile_pb2_grpc.ProfileServiceStub(channel)
+            code, _ = status_of(lambda: stub.GetProfile(profile_pb2.GetProfileRequest(user_id="u"), timeout=5))
+            assert code == grpc.StatusCode.UNAVAILABLE
+            gate.set()
+            assert server.readiness.ready.wait(10)
+            assert health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == health_pb2.HealthCheckResponse.SERVING
+        server.stop(None)
+    finally:
+        profile_server.load_book = original
+        gate.set()
+
+
+# -- embedding service ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def embedding(stack):
+    with stack.channel("embedding") as channel:
+        yield embedding_pb2_grpc.EmbeddingServiceStub(channel)
+
+
+def test_embed_texts_gives_unit_vectors_that_find_the_item(embedding, dataset):
+    row = dataset.items[dataset.items.category == "Beauty"].iloc[0]
+    reply = embedding.EmbedTexts(embedding_pb2.EmbedTextsRequest(texts=[row.text, "a red toy fire truck"]), timeout=30)
+    assert reply.dimension == 384
+    vectors = np.asarray([v.values for v in reply.vectors])
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-4)
+    found = embedding.SearchItems(embedding_pb2.SearchItemsRequest(vectors=[reply.vectors[0]], k=1), timeout=10)
+    assert found.results[0].hits[0].item_id == row.item_id
+    assert found.results[0].hits[0].score == pytest.approx(1.0, abs=1e-3)
+
+
+def test_embedding_bad_input(embedding):
+    cases = [
+        (lambda: embedding.EmbedTexts(embedding_pb2.EmbedTextsRequest(texts=[]), timeout=5), "texts"),
+        (lambda: embedding.EmbedTexts(embedding_pb2.EmbedTextsRequest(texts=["ok", "  "]), timeout=5), "texts[1]"),
+        (lambda: embedding.SearchItems(embedding_pb2.SearchItemsRequest(
+            vectors=[common_pb2.Vector(values=[0.1] * 3)], k=5), timeout=5), "vectors[0]"),
+        (lambda: embedding.SearchItems(embedding_pb2.SearchItemsRequest(
+            vectors=[common_pb2.Vector(values=[0.1] * 384)], k=0), timeout=5), "k"),
+        (lambda: embedding.SearchItems(embedding_pb2.SearchItemsRequest(
+            vectors=[common_pb2.Vector(values=[0.1] * 384)], k=3, categories=["Garden"]), timeout=5), "categories"),
+        (lambda: embedding.UpsertItems(embedding_pb2.UpsertItemsRequest(
+            items=[common_pb2.Item(item_id="", category="Beauty", title="x")]), timeout=5), "items[0].item_id"),
+    ]
+    for call, field in cases:
+        code, details = status_of(call)
+        assert code == grpc.StatusCode.INVALID_ARGUMENT, details
+        assert details.startswith(field + ":"), details
+    code, details = status_of(lambda: embedding.GetItems(embedding_pb2.GetItemsRequest(item_ids=["nope"]), timeout=5))
+    assert code == grpc.StatusCode.NOT_FOUND
+
+
+def test_upserted_items_are_searchable_and_can_move_category(embedding):
+    item = common_pb2.Item(item_id="TEST-UPSERT-1", category="Garden_Test", title="Stainless steel garden trowel")
+    reply = embedding.UpsertItems(embedding_pb2.UpsertItemsRequest(items=[item]), timeout=30)
+    assert (reply.inserted, reply.updated) == (1, 0)
+    query = embedding.EmbedTexts(embedding_pb2.EmbedTextsRequest(texts=["garden trowel"]), timeout=30).vectors[0]
+    hits = embedding.SearchItems(
+        embedding_pb2.SearchItemsRequest(vectors=[query], k=1, categories=["Garden_Test"]), timeout=5
+    ).results[0].hits
+    assert hits[0].item_id == "TEST-UPSERT-1"
+    moved = common_pb2.Item(item_id="TEST-UPSERT-1", category="Tools_Test", title="Stainless steel garden trowel")
+    reply = embedding.UpsertItems(embedding_pb2.UpsertItemsRequest(items=[moved]), timeout=30)
+    assert (reply.inserted, reply.updated) == (0, 1)
+    categories = {c.name: c.items for c in embedding.ListCategories(embedding_pb2.ListCategoriesRequest(), timeout=5).categories}
+    assert categories["Tools_Test"] == 1 and categories["Garden_Test"] == 0
+
+
+# -- profile service -----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def profile(stack):
+    with stack.channel("profile") as channel:
+        yield profile_pb2_grpc.ProfileServiceStub(channel)
+
+
+def test_profile_of_a_real_shopper(profile, dataset):
+    shopper = dataset.interactions.user_id.iloc[0]
+    expected = dataset.interactions[dataset.interactions.user_id == shopper]
+    reply = profile.GetProfile(profile_pb2.GetProfileRequest(user_id=shopper), timeout=5)
+    assert reply.known and reply.event_count == len(expected)
+    assert set(reply.seen_item_ids) == set(expected.item_id)
+    assert len(reply.long_term_interest.values) == 384 and len(reply.short_term_interest.values) == 384
+    from recsys_core.data import chronological
+
+    assert reply.recent_history[0].item_id == chronological(expected).item_id.iloc[-1]
+
+
+def test_ingest_is_idempotent_by_key_and_all_or_nothing(profile, dataset):
+    item_id = dataset.items.item_id.iloc[3]
+    event = common_pb2.Event(user_id="ingest-user", item_id=item_id, type=common_pb2.EVENT_TYPE_VIEW, idempotency_key="k-1")
+    first = profile.IngestEvents(profile_pb2.IngestEventsRequest(events=[event]), timeout=5)
+    again = profile.IngestEvents(profile_pb2.IngestEventsRequest(events=[event]), timeout=5)
+    assert (first.accepted, first.duplicates) == (1, 0)
+    assert (again.accepted, again.duplicates) == (0, 1)
+
+    good = common_pb2.Event(user_id="ingest-user", item_id=item_id, type=common_pb2.EVENT_TYPE_PURCHASE)
+    unknown = common_pb2.Event(user_id="ingest-user", item_id="NO-SUCH", type=common_pb2.EVENT_TYPE_PURCHASE)
+    code, details = status_of(lambda: profile.IngestEvents(profile_pb2.IngestEventsRequest(events=[good, unknown]), timeout=5))
+    assert code == grpc.StatusCode.NOT_FOUND and details.startswith("events[1].item_id")
+    reply = profile.GetProfile(profile_pb2.GetProfileRequest(user_id="ingest-user"), timeout=5)
+    assert reply.event_count == 1, "a refused batch stores nothing"
+
+
+@pytest.mark.parametrize(
+    "event, field",
+    [
+        (dict(user_id="", item_id="B", type=2), "events[0].user_id"),
+        (dict(user_id="u", item_id="B", type=0), "events[0].type"),
+        (dict(user_id="u", item_id="B", type=3, rating=0), "events[0].rating"),
+        (dict(user_id="u", item_id="B", type=3, rating=9), "events[0].rating"),
+        (dict(user_id="u", item_id="B", type=2, timestamp=-5), "events[0].timestamp"),
+    ],
+)
+def test_bad_events_are_invalid_argument(profile, event, field):
+    code, details = status_of(lambda: profile.IngestEvents(
+        profile_pb2.IngestEventsRequest(events=[common_pb2.Event(**event)]), timeout=5))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert details.startswith(field + ":")
+
+
+def test_empty_ingest_and_bad_profile_requests(profile):
+    code, details = status_of(lambda: profile.IngestEvents(profile_pb2.IngestEventsRequest(), timeout=5))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith("events:")
+    code, details = status_of(lambda: profile.GetProfile(profile_pb2.GetProfileRequest(user_id=""), timeout=5))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith("user_id:")
+
+
+# -- ranking service -----------------------------------------------------------
+
+
+def test_rank_orders_by_interest_and_explains(stack):
+    with stack.channel("ranking") as channel:
+        stub = ranking_pb2_grpc.RankingServiceStub(channel)
+        near, far = np.eye(4, dtype=np.float32)[:2]
+        user = ranking_pb2.UserFeatures(
+            long_term_interest=common_pb2.Vector(values=near),
+            recent_items=[ranking_pb2.HistoryItem(item_id="h", embedding=common_pb2.Vector(values=near))],
+        )
+        candidates = [
+            ranking_pb2.Candidate(item_id="far", embedding=common_pb2.Vector(values=far), popularity=100, max_popularity=100),
+            ranking_pb2.Candidate(item_id="near", embedding=common_pb2.Vector(values=near), popularity=1, max_popularity=100),
+        ]
+        reply = stub.Rank(ranking_pb2.RankRequest(user=user, candidates=candidates, k=2), timeout=5)
+        assert [c.item_id for c in reply.candidates] == ["near", "far"]
+        assert reply.candidates[0].because_item_id == "h"
+        bad = [ranking_pb2.Candidate(item_id="x", embedding=common_pb2.Vector(values=[1.0, 0.0]))]
+        code, details = status_of(lambda: stub.Rank(ranking_pb2.RankRequest(user=user, candidates=bad), timeout=5))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith("user.long_term_interest")
+
+
+# -- graceful shutdown -----------------------------------------------------------
+
+
+def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(stack, dataset):
+    """A real gateway process gets SIGTERM while requests are in flight: those
+    complete with answers, later ones are refused, the process exits 0."""
+    port = free_port()
+    env = dict(os.environ, GATEWAY_ADDRESS=f"127.0.0.1:{port}", GATEWAY_PROFILE_ADDRESS=stack.profile,
+               GATEWAY_EMBEDDING_ADDRESS=stack.embedding, GATEWAY_RANKING_ADDRESS=stack.ranking,
+               GATEWAY_GRACE_SECONDS="20", GATEWAY_WORKERS="4")
+    process = subprocess.Popen([sys.executable, "-m", "services.gateway.server"], env=env, cwd=paths.REPO_ROOT)
+    try:
+        wait_until_serving(f"127.0.0.1:{port}", 60, process)
+        shoppers = dataset.interactions.user_id.unique()[:48]
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        stub = gateway_pb2_grpc.GatewayServiceStub(channel)
+        # Large k makes each request take long enough that many are still
+        # being worked on when the signal lands.
+        calls = [stub.Recommend.future(gateway_pb2.RecommendRequest(user_id=u, k=500), timeout=60) for u in shoppers]
+        time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        finished_after_signal = 0
+        for call in calls:
+            reply = call.result()
+            assert len(reply.items) == 500
+            finished_after_signal += time.monotonic() > signalled
+        assert finished_after_signal > 0, "no request was in flight at the signal: the test proved nothing"
+        assert process.wait(30) == 0
+        code, _ = status_of(lambda: stub.Recommend(gateway_pb2.RecommendRequest(user_id="u", k=1), timeout=2))
+        assert code == grpc.StatusCode.UNAVAILABLE
+        channel.close()
+    finally:
+        if process.poll() is None:
+            process.kill()
