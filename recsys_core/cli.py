@@ -54,18 +54,22 @@ def cmd_serve(args) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s recsys %(message)s")
     data_dir = Path(args.data).resolve()
-    stack = LocalStack(data_dir=data_dir, gateway_port=args.port)
+    stack = LocalStack(data_dir=data_dir, gateway_port=args.port, encoder=args.encoder)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    print(f"starting profile, embedding, ranking and gateway services on {data_dir} ...", flush=True)
+    where = "a local Triton Inference Server" if args.encoder == "triton" else "onnxruntime in the embedding service"
+    print(f"starting the encoder on {where}, then profile, embedding, ranking and gateway on {data_dir} ...",
+          flush=True)
     try:
         stack.start()
-    except (RuntimeError, TimeoutError) as error:
+    except (RuntimeError, TimeoutError, OSError) as error:
         print(f"recsys serve: {error}", file=sys.stderr)
         return 1
     gateway = stack.addresses["gateway"]
     print(f"\nall services SERVING; gateway at {gateway}", flush=True)
+    if stack.triton is not None:
+        print(f"Triton gRPC at {stack.triton.grpc_url}, metrics at {stack.triton.metrics_url}", flush=True)
     if not args.no_example:
         shopper = example_shopper(data_dir)
         print(f"\nrecommendations for shopper {shopper} (recsys recommend {shopper}):")
@@ -118,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--data", default=str(paths.BUNDLED_DATA_DIR),
                        help="directory in the amazon-2014 schema (default: the bundled subset)")
     serve.add_argument("--port", type=int, default=50051, help="gateway port")
+    serve.add_argument("--encoder", choices=("triton", "onnx"), default="triton",
+                       help="where the text encoder runs (default: a local Triton server)")
     serve.add_argument("--no-example", action="store_true", help="skip the example recommendations")
     serve.set_defaults(run=cmd_serve)
 

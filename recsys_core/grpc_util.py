@@ -112,6 +112,13 @@ class ServingHealth:
         for name in self.service_names:
             self.servicer.set(name, status)
 
+    def set_component(self, name: str, serving: bool) -> None:
+        """A named part's own health entry (e.g. a remote model), beside the service's."""
+        self.servicer.set(
+            name,
+            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING,
+        )
+
     def shutdown(self) -> None:
         self.servicer.enter_graceful_shutdown()
 
@@ -160,6 +167,8 @@ class ManagedServer:
         self.grpc_server = server
         self.serving = serving
         self.readiness = Readiness(serving, name)
+        # Set when the server begins to stop; background loops watch it.
+        self.stopping = threading.Event()
 
     def add(self, register: Callable, servicer) -> None:
         register(servicer, self.grpc_server)
@@ -169,6 +178,7 @@ class ManagedServer:
 
     def stop(self, grace: float | None) -> threading.Event:
         """Drain: NOT_SERVING first, then refuse new calls and let in-flight ones finish."""
+        self.stopping.set()
         self.serving.shutdown()
         return self.grpc_server.stop(grace)
 

@@ -50,13 +50,17 @@ class LocalStack:
     data_dir: Path = paths.BUNDLED_DATA_DIR
     gateway_port: int = 50051
     state_dir: Path = paths.REPO_ROOT / "var"
+    # "triton": the encoder on a local Triton server; "onnx": in the embedding service.
+    encoder: str = "triton"
+    model_repo: Path = paths.MODEL_REPO
     extra_env: dict[str, str] = field(default_factory=dict)
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
     addresses: dict[str, str] = field(default_factory=dict)
+    triton: object | None = None
 
     def environment(self) -> dict[str, str]:
         ports = {"gateway": self.gateway_port, **{name: free_port() for name in ("embedding", "profile", "ranking")}}
-        self.addresses = {name: f"127.0.0.1:{port}" for name, port in ports.items()}
+        self.addresses.update({name: f"127.0.0.1:{port}" for name, port in ports.items()})
         # Each data set gets its own store, so switching --data never mixes events.
         store = self.state_dir / f"profile-{Path(self.data_dir).resolve().name}.sqlite3"
         env = dict(os.environ)
@@ -75,10 +79,21 @@ class LocalStack:
             "GATEWAY_EMBEDDING_ADDRESS": self.addresses["embedding"],
             "GATEWAY_RANKING_ADDRESS": self.addresses["ranking"],
         })
+        env["EMBEDDING_ENCODER"] = self.encoder
+        env["EMBEDDING_MODEL_REPO"] = str(self.model_repo)
+        if self.triton is not None:
+            env["EMBEDDING_TRITON_URL"] = self.triton.grpc_url
         env.update(self.extra_env)
         return env
 
     def start(self, timeout: float = 1800.0) -> None:
+        if self.encoder == "triton":
+            from recsys_core.triton import TritonServer
+
+            log.info("starting Triton Inference Server on %s", self.model_repo)
+            self.triton = TritonServer(self.model_repo, log_path=Path(self.state_dir) / "triton.log").start()
+            self.addresses["triton"] = self.triton.grpc_url
+            log.info("Triton ready at %s (log %s)", self.triton.grpc_url, self.triton.log_path)
         env = self.environment()
         for name in SERVICES:
             self.processes[name] = subprocess.Popen(
@@ -92,7 +107,10 @@ class LocalStack:
             raise
 
     def pids(self) -> dict[str, int]:
-        return {name: process.pid for name, process in self.processes.items()}
+        pids = {name: process.pid for name, process in self.processes.items()}
+        if self.triton is not None and self.triton.pid is not None:
+            pids["triton"] = self.triton.pid
+        return pids
 
     def stop(self, grace: float = 15.0) -> None:
         # The gateway first, so no new work reaches the others while they drain.
@@ -107,6 +125,9 @@ class LocalStack:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+        # Last: the embedding service may still be draining calls that need it.
+        if self.triton is not None:
+            self.triton.stop()
 
     def __enter__(self) -> "LocalStack":
         self.start()

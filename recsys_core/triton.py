@@ -34,12 +34,34 @@ from typing import Sequence
 
 from recsys_core import paths
 
+if sys.platform == "linux":
+    import ctypes
+
+    # Loaded before any fork: the child must not load libraries.
+    _libc = ctypes.CDLL(None, use_errno=True)
+else:
+    _libc = None
+
 log = logging.getLogger(__name__)
 
 HOST = "127.0.0.1"
 STUB_NAME = "triton_python_backend_stub"
 PYTHON_BACKEND_LIB = "libtriton_python.so"
 PYTHON_BACKEND_UTILS = "triton_python_backend_utils.py"
+
+
+# Triton 2.51 never finishes loading (and HTTP never comes up) when a Python
+# stub dies before initialize(), e.g. model.py missing; only the log says so.
+_HANG_MARKERS = ("Failed to preinitialize Python stub",)
+
+
+def _die_with_parent() -> None:
+    # Runs in the child between fork and exec. If our process is killed
+    # outright (SIGKILL, `timeout`), nothing would stop a server in its own
+    # session; the kernel sends it SIGTERM instead. Linux only; note it fires
+    # when the *thread* that started the server exits.
+    if _libc is not None:
+        _libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 class TritonStartError(RuntimeError):
@@ -142,15 +164,16 @@ class TritonServer:
         *,
         log_path: Path | str | None = None,
         models: Sequence[str] = (paths.TEXT_ENCODER_MODEL,),
-        startup_timeout: float = 120.0,
+        startup_timeout: float = 60.0,
         extra_args: Sequence[str] = (),
     ):
         self.repo = Path(repo).resolve()
         self.models = tuple(models)
         self.startup_timeout = startup_timeout
         self.extra_args = tuple(extra_args)
-        self._workdir = Path(tempfile.mkdtemp(prefix="recsys-triton-"))
-        self.log_path = Path(log_path) if log_path else self._workdir / "tritonserver.log"
+        # Default: a log in the scratch folder start() creates.
+        self.log_path: Path | None = Path(log_path) if log_path else None
+        self._workdir: Path | None = None
         self._process: subprocess.Popen | None = None
         self._log_file = None
         self.http_port = self.grpc_port = self.metrics_port = 0
@@ -174,7 +197,7 @@ class TritonServer:
     def is_running(self) -> bool:
         return self._process is not None and self._process.poll() is None
 
-    def command(self) -> list[str]:
+    def _command(self) -> list[str]:
         backend_dir = prepare_backend_dir(self._workdir / "backends")
         return [
             str(tritonserver_dist() / "bin" / "tritonserver"),
@@ -202,7 +225,10 @@ class TritonServer:
         if not self.repo.is_dir():
             raise TritonStartError(f"model repository {self.repo} does not exist")
         self.http_port, self.grpc_port, self.metrics_port = _free_ports(3)
-        command = self.command()
+        self._workdir = Path(tempfile.mkdtemp(prefix="recsys-triton-"))
+        if self.log_path is None:
+            self.log_path = self._workdir / "tritonserver.log"
+        command = self._command()
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log_file = open(self.log_path, "ab")
         started = time.monotonic()
@@ -215,6 +241,7 @@ class TritonServer:
             # Its own session: a terminal's Ctrl-C reaches only us, and we shut
             # the server down in order; a kill of the group also takes the stubs.
             start_new_session=True,
+            preexec_fn=_die_with_parent,
         )
         log.info("tritonserver pid %d starting, log %s", self._process.pid, self.log_path)
         try:
@@ -231,6 +258,9 @@ class TritonServer:
             code = self._process.poll()
             if code is not None:
                 raise TritonStartError(f"tritonserver exited with code {code} during startup:\n{self.log_tail()}")
+            log_text = self.log_tail(lines=200)
+            if any(marker in log_text for marker in _HANG_MARKERS):
+                raise TritonStartError(f"a Python model failed before initialize():\n{self.log_tail()}")
             pending = [m for m in pending if not self._http_ok(f"/v2/models/{m}/ready")]
             if not pending and self._http_ok("/v2/health/ready"):
                 return
@@ -251,7 +281,7 @@ class TritonServer:
     def log_tail(self, lines: int = 40) -> str:
         try:
             text = self.log_path.read_text(errors="replace")
-        except OSError:
+        except (OSError, AttributeError):
             return "(no server log)"
         return "\n".join(text.splitlines()[-lines:])
 
@@ -279,10 +309,12 @@ class TritonServer:
             self._log_file.close()
             self._log_file = None
         # A default log lives in the scratch folder and is kept for post-mortems.
-        if self._workdir in self.log_path.parents:
-            shutil.rmtree(self._workdir / "backends", ignore_errors=True)
-        else:
-            shutil.rmtree(self._workdir, ignore_errors=True)
+        if self._workdir is not None:
+            if self._workdir in self.log_path.parents:
+                shutil.rmtree(self._workdir / "backends", ignore_errors=True)
+            else:
+                shutil.rmtree(self._workdir, ignore_errors=True)
+            self._workdir = None
         return code
 
     def __enter__(self) -> "TritonServer":
@@ -296,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m recsys_core.triton", description=__doc__.split("\n\n")[0])
     parser.add_argument("--repo", type=Path, default=paths.MODEL_REPO, help="model repository")
     parser.add_argument("--log-file", type=Path, help="server log (default: a temp file)")
-    parser.add_argument("--startup-timeout", type=float, default=120.0)
+    parser.add_argument("--startup-timeout", type=float, default=60.0)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 

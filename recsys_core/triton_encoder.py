@@ -6,7 +6,6 @@ client only sends strings and reads vectors back over gRPC.
 """
 from __future__ import annotations
 
-import threading
 import time
 
 import numpy as np
@@ -16,6 +15,10 @@ from recsys_core.encoder import EMBEDDING
 
 TEXT = "TEXT"
 DEFAULT_TIMEOUT = 10.0
+# A restarting Triton or a dropped connection is retried a few times with a
+# short backoff, always within the caller's budget; a Triton that stays down
+# is reported as UNAVAILABLE within a fraction of a second, never a hang.
+RETRY_BACKOFF_SECONDS = (0.05, 0.15)
 
 _UNAVAILABLE = {"StatusCode.UNAVAILABLE"}
 _DEADLINE = {"StatusCode.DEADLINE_EXCEEDED"}
@@ -76,7 +79,6 @@ class TritonEncoder:
             raise ValueError(f"model {model_name} at {url} has no {EMBEDDING} output")
         self.dimension = int(output["dims"][-1])
         self.fingerprint = f"triton:{model_name}:{self.version}"
-        self._closed = threading.Event()
 
     def encode(self, texts: list[str], timeout: float | None = None) -> np.ndarray:
         """Unit-length float32 embeddings, one row per text. `timeout` (seconds,
@@ -93,20 +95,38 @@ class TritonEncoder:
             out[start : start + len(chunk)] = self._infer(chunk, remaining)
         return out
 
+    def is_ready(self, timeout: float = 1.0) -> bool:
+        """Whether Triton serves our model version now."""
+        try:
+            return bool(self._client.is_model_ready(self.model_name, self.version, client_timeout=timeout))
+        except self._server_error:
+            return False
+
     def _infer(self, texts: list[str], timeout: float) -> np.ndarray:
         data = np.array([t.encode("utf-8") for t in texts], dtype=np.object_).reshape(-1, 1)
         tensor = self._grpcclient.InferInput(TEXT, list(data.shape), "BYTES")
         tensor.set_data_from_numpy(data)
-        try:
-            result = self._client.infer(
-                self.model_name,
-                [tensor],
-                model_version=self.version,
-                outputs=[self._grpcclient.InferRequestedOutput(EMBEDDING)],
-                client_timeout=timeout,
-            )
-        except self._server_error as exc:
-            raise _translate(exc, self.url) from exc
+        deadline = time.monotonic() + timeout
+        for attempt in range(len(RETRY_BACKOFF_SECONDS) + 1):
+            try:
+                result = self._client.infer(
+                    self.model_name,
+                    [tensor],
+                    model_version=self.version,
+                    outputs=[self._grpcclient.InferRequestedOutput(EMBEDDING)],
+                    client_timeout=max(deadline - time.monotonic(), 0.001),
+                )
+                break
+            except self._server_error as exc:
+                error = _translate(exc, self.url)
+                retry_in = RETRY_BACKOFF_SECONDS[attempt] if attempt < len(RETRY_BACKOFF_SECONDS) else None
+                if (
+                    not isinstance(error, errors.Unavailable)
+                    or retry_in is None
+                    or time.monotonic() + retry_in >= deadline
+                ):
+                    raise error from exc
+                time.sleep(retry_in)
         vectors = result.as_numpy(EMBEDDING)
         if vectors is None or vectors.shape != (len(texts), self.dimension):
             raise RuntimeError(
@@ -116,9 +136,7 @@ class TritonEncoder:
         return vectors
 
     def close(self) -> None:
-        if not self._closed.is_set():
-            self._closed.set()
-            self._client.close()
+        self._client.close()
 
     def __enter__(self) -> "TritonEncoder":
         return self

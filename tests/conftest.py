@@ -30,6 +30,16 @@ def exported_encoder():
 
 
 @pytest.fixture(scope="session")
+def triton_server(exported_encoder, tmp_path_factory):
+    """A real Triton Inference Server on the repo's model repository, shared
+    by the session. Tests that stop a Triton start their own."""
+    from recsys_core.triton import TritonServer
+
+    with TritonServer(paths.MODEL_REPO, log_path=tmp_path_factory.mktemp("triton") / "server.log") as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
 def dataset():
     return data.Dataset.load(paths.BUNDLED_DATA_DIR)
 
@@ -55,9 +65,9 @@ class Stack:
 
 
 @pytest.fixture(scope="session")
-def stack(exported_encoder, tmp_path_factory):
-    """All four services on the bundled data, as `recsys serve` runs them,
-    but in this process so tests can also reach their objects."""
+def stack(triton_server, tmp_path_factory):
+    """All four services on the bundled data with the encoder on Triton, as
+    `recsys serve` runs them, but in this process so tests can reach their objects."""
     from services.embedding.config import EmbeddingConfig
     from services.embedding.server import create_server as create_embedding
     from services.gateway.config import GatewayConfig
@@ -68,7 +78,9 @@ def stack(exported_encoder, tmp_path_factory):
     from services.ranking.server import create_server as create_ranking
 
     servers = {}
-    servers["embedding"], embedding = start(create_embedding(EmbeddingConfig(address="127.0.0.1:0")))
+    servers["embedding"], embedding = start(create_embedding(
+        EmbeddingConfig(address="127.0.0.1:0", encoder="triton", triton_url=triton_server.grpc_url)
+    ))
     servers["ranking"], ranking = start(create_ranking(RankingConfig(address="127.0.0.1:0")))
     store = tmp_path_factory.mktemp("profile") / "events.sqlite3"
     servers["profile"], profile = start(

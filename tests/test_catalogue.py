@@ -4,7 +4,8 @@ import pytest
 
 from recsys_core.encoder import OnnxEncoder
 from recsys_core.errors import InvalidArgument, NotFound
-from services.embedding.catalogue import Catalogue, EmbeddingCache, ItemRecord
+from recsys_core.embedding_cache import EmbeddingCache
+from services.embedding.catalogue import Catalogue, ItemRecord
 
 
 class CountingEncoder:

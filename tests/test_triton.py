@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from recsys_core import errors, export, paths
+from recsys_core import errors, paths
 from recsys_core.encoder import EMBEDDING, OnnxEncoder, latest_version_dir
 from recsys_core.triton import TritonServer
 from recsys_core.triton_encoder import TEXT, TritonEncoder
@@ -40,11 +40,8 @@ TITLES = [
 
 
 @pytest.fixture(scope="session")
-def version_dir():
-    # A fresh clone has no weights (they are git-ignored build artifacts);
-    # export is a no-op when they exist.
-    assert export.main([]) == 0
-    return latest_version_dir()
+def version_dir(exported_encoder):
+    return exported_encoder
 
 
 @pytest.fixture(scope="session")
@@ -53,9 +50,8 @@ def local_encoder(version_dir):
 
 
 @pytest.fixture(scope="session")
-def server(version_dir, tmp_path_factory):
-    with TritonServer(paths.MODEL_REPO, log_path=tmp_path_factory.mktemp("triton") / "server.log") as server:
-        yield server
+def server(triton_server):
+    return triton_server
 
 
 @pytest.fixture(scope="session")
@@ -175,3 +171,62 @@ def test_unavailable_after_server_stops(version_dir, tmp_path):
     with pytest.raises(errors.Unavailable):
         TritonEncoder(server.grpc_url, timeout=5)
     encoder.close()
+
+
+def test_triton_down_embed_texts_unavailable_fast_while_recommendations_go_on(stack, tmp_path, dataset):
+    """Stop the Triton behind an embedding service mid-run: EmbedTexts answers
+    UNAVAILABLE at once, its `text_encoder` health entry turns NOT_SERVING, and
+    recommendations for known shoppers keep coming from the index."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from recsys.embedding.v1 import embedding_pb2, embedding_pb2_grpc
+    from recsys.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+    from services.embedding.config import EmbeddingConfig
+    from services.embedding.server import create_server as create_embedding
+    from services.gateway.config import GatewayConfig
+    from services.gateway.server import create_server as create_gateway
+    from tests.conftest import start
+
+    triton = TritonServer(paths.MODEL_REPO, log_path=tmp_path / "server.log").start()
+    embedding_server, embedding = start(create_embedding(
+        EmbeddingConfig(address="127.0.0.1:0", encoder="triton", triton_url=triton.grpc_url)
+    ))
+    gateway_server, gateway = start(create_gateway(GatewayConfig(
+        address="127.0.0.1:0", profile_address=stack.profile, embedding_address=embedding,
+        ranking_address=stack.ranking,
+    )))
+    shopper = dataset.interactions.user_id.iloc[0]
+    try:
+        with grpc.insecure_channel(embedding) as channel, grpc.insecure_channel(gateway) as gateway_channel:
+            stub = embedding_pb2_grpc.EmbeddingServiceStub(channel)
+            health = health_pb2_grpc.HealthStub(channel)
+            recommend = gateway_pb2_grpc.GatewayServiceStub(gateway_channel).Recommend
+            request = embedding_pb2.EmbedTextsRequest(texts=["wooden train set"])
+            assert len(stub.EmbedTexts(request, timeout=10).vectors) == 1
+
+            assert triton.stop() == 0
+            started = time.monotonic()
+            with pytest.raises(grpc.RpcError) as caught:
+                stub.EmbedTexts(request, timeout=10)
+            assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert time.monotonic() - started < 2, "no hang while Triton is down"
+
+            reply = recommend(gateway_pb2.RecommendRequest(user_id=shopper, k=10), timeout=10)
+            assert reply.path == gateway_pb2.RECOMMENDATION_PATH_PERSONALISED and len(reply.items) == 10
+
+            give_up = time.monotonic() + 10
+            while health.Check(health_pb2.HealthCheckRequest(service="text_encoder"), timeout=5).status \
+                    != health_pb2.HealthCheckResponse.NOT_SERVING:
+                assert time.monotonic() < give_up, "the text_encoder health entry never followed Triton"
+                time.sleep(0.2)
+            assert health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == health_pb2.HealthCheckResponse.SERVING
+            started = time.monotonic()
+            with pytest.raises(grpc.RpcError) as caught:
+                stub.EmbedTexts(request, timeout=10)
+            assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert time.monotonic() - started < 0.5, "known-down encoder fails at once"
+    finally:
+        gateway_server.stop(None)
+        embedding_server.stop(None)
+        triton.stop()

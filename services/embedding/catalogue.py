@@ -1,26 +1,20 @@
 """The item catalogue and its embedding index: the embedding service's domain."""
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
-
+from recsys_core.embedding_cache import EmbeddingCache, encode_cached
 from recsys_core.encoder import Encoder
-from recsys_core.errors import InvalidArgument, NotFound
+from recsys_core.errors import InvalidArgument, NotFound, Unavailable
 from recsys_core.vector_index import VectorIndex
 
 log = logging.getLogger(__name__)
 
 MAX_ID_CHARS = 128
-MAX_ITEMS_PER_REQUEST = 10_000
-# Encoding in chunks lets a long start-up show progress and save partial work.
-ENCODE_CHUNK = 512
 
 
 @dataclass(frozen=True)
@@ -31,45 +25,6 @@ class ItemRecord:
     text: str
 
 
-def text_digest(text: str) -> str:
-    return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
-
-
-class EmbeddingCache:
-    """Item embeddings on disk, keyed by encoder fingerprint and item text, so a
-    restart re-encodes only what changed. One .npz per fingerprint."""
-
-    def __init__(self, cache_dir: Path | None, fingerprint: str):
-        self.path = None if cache_dir is None else Path(cache_dir) / "embeddings" / f"{fingerprint}.npz"
-        self._lock = threading.Lock()
-        self.vectors: dict[str, tuple[str, np.ndarray]] = {}
-        if self.path is not None and self.path.is_file():
-            with np.load(self.path, allow_pickle=False) as stored:
-                for key, digest, vector in zip(stored["keys"], stored["digests"], stored["vectors"]):
-                    self.vectors[str(key)] = (str(digest), vector)
-
-    def lookup(self, key: str, digest: str) -> np.ndarray | None:
-        hit = self.vectors.get(key)
-        return hit[1] if hit is not None and hit[0] == digest else None
-
-    def store(self, keys: Sequence[str], digests: Sequence[str], vectors: np.ndarray) -> None:
-        with self._lock:
-            for key, digest, vector in zip(keys, digests, vectors):
-                self.vectors[key] = (digest, vector)
-
-    def save(self) -> None:
-        if self.path is None or not self.vectors:
-            return
-        with self._lock:
-            keys = list(self.vectors)
-            digests = [self.vectors[k][0] for k in keys]
-            vectors = np.stack([self.vectors[k][1] for k in keys])
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp.npz")
-        np.savez(tmp, keys=np.asarray(keys), digests=np.asarray(digests), vectors=vectors)
-        tmp.replace(self.path)
-
-
 class Catalogue:
     def __init__(self, encoder: Encoder, cache: EmbeddingCache, use_gpu: bool | None = None):
         self.encoder = encoder
@@ -77,6 +32,9 @@ class Catalogue:
         self.index = VectorIndex(encoder.dimension, use_gpu=use_gpu)
         self._items: dict[str, ItemRecord] = {}
         self._write_lock = threading.Lock()
+        # A remote encoder known to be down fails calls at once instead of
+        # letting each one wait out its retries.
+        self.encoder_ready = True
 
     def __len__(self) -> int:
         return len(self._items)
@@ -113,8 +71,6 @@ class Catalogue:
     def upsert(self, records: Sequence[ItemRecord], show_progress: bool = False) -> tuple[int, int]:
         """Encode and index items; unchanged texts come from the cache. Every
         record is validated before anything is written, so a bad batch changes nothing."""
-        if len(records) > MAX_ITEMS_PER_REQUEST and not show_progress:
-            raise InvalidArgument("items", f"at most {MAX_ITEMS_PER_REQUEST} items per request, got {len(records)}")
         for position, record in enumerate(records):
             if not record.item_id or len(record.item_id) > MAX_ID_CHARS:
                 raise InvalidArgument(f"items[{position}].item_id", f"must be 1..{MAX_ID_CHARS} characters")
@@ -125,25 +81,7 @@ class Catalogue:
         # Later duplicates in one batch win, as a sequence of upserts would.
         records = list({r.item_id: r for r in records}.values())
         texts = [r.text.strip() or r.title.strip() for r in records]
-        digests = [text_digest(t) for t in texts]
-        vectors = np.zeros((len(records), self.dimension), dtype=np.float32)
-        missing = []
-        for position, (record, digest) in enumerate(zip(records, digests)):
-            cached = self.cache.lookup(record.item_id, digest)
-            if cached is None:
-                missing.append(position)
-            else:
-                vectors[position] = cached
-        if missing:
-            progress = tqdm(total=len(missing), desc="embedding items", unit="item", disable=not show_progress)
-            for start in range(0, len(missing), ENCODE_CHUNK):
-                chunk = missing[start : start + ENCODE_CHUNK]
-                encoded = self.encoder.encode([texts[p] for p in chunk])
-                vectors[chunk] = encoded
-                self.cache.store([records[p].item_id for p in chunk], [digests[p] for p in chunk], encoded)
-                progress.update(len(chunk))
-            progress.close()
-            self.cache.save()
+        vectors = encode_cached(self.encoder, self.cache, [r.item_id for r in records], texts, show_progress)
         with self._write_lock:
             inserted, updated = self.index.upsert(
                 [r.item_id for r in records], [r.category for r in records], vectors
@@ -176,6 +114,8 @@ class Catalogue:
                 raise InvalidArgument(f"texts[{position}]", "is empty")
             if len(text) > max_chars:
                 raise InvalidArgument(f"texts[{position}]", f"is {len(text)} characters, the limit is {max_chars}")
+        if not self.encoder_ready:
+            raise Unavailable("the text encoder is not ready; item search keeps working")
         return self.encoder.encode(list(texts), timeout=timeout)
 
     def search(

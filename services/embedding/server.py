@@ -1,15 +1,18 @@
 """Embedding service: text encoder, item catalogue and FAISS index."""
 from __future__ import annotations
 
+import json
 import logging
 import sys
+import threading
 from pathlib import Path
 
 from recsys.embedding.v1 import embedding_pb2, embedding_pb2_grpc
 from recsys_core import data
-from recsys_core.encoder import Encoder, OnnxEncoder, latest_version_dir
-from recsys_core.grpc_util import ManagedServer, build_server, setup_logging
-from services.embedding.catalogue import Catalogue, EmbeddingCache, records_from_frame
+from recsys_core.encoder import METADATA_FILE, Encoder, OnnxEncoder, latest_version_dir
+from recsys_core.grpc_util import ManagedServer, ServingHealth, build_server, setup_logging
+from recsys_core.embedding_cache import EmbeddingCache
+from services.embedding.catalogue import Catalogue, records_from_frame
 from services.embedding.config import EmbeddingConfig
 from services.embedding.servicer import EmbeddingServicer
 
@@ -17,12 +20,40 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = embedding_pb2.DESCRIPTOR.services_by_name["EmbeddingService"].full_name
 
 
+ENCODER_HEALTH_NAME = "text_encoder"
+ENCODER_POLL_SECONDS = 1.0
+
+
 def load_encoder(config: EmbeddingConfig) -> Encoder:
     if config.encoder == "triton":
         from recsys_core.triton_encoder import TritonEncoder
 
-        return TritonEncoder(config.triton_url)
+        encoder = TritonEncoder(config.triton_url)
+        # Where the served weights are also on this disk, their fingerprint
+        # lets Triton share cached item vectors with the in-process encoder
+        # (the two give the same vectors: tests/test_triton.py).
+        local = Path(config.model_repo) / encoder.model_name / str(encoder.version) / METADATA_FILE
+        if local.is_file():
+            encoder.fingerprint = json.loads(local.read_text())["fingerprint"]
+        return encoder
     return OnnxEncoder(latest_version_dir(repo=Path(config.model_repo)), threads=config.encoder_threads)
+
+
+def watch_encoder(catalogue: Catalogue, serving: ServingHealth, stop: threading.Event) -> None:
+    """Follow a remote encoder's readiness in the `text_encoder` health entry.
+
+    The service itself stays SERVING while Triton is down: its index still
+    answers SearchItems, GetItems and so every recommendation for known shoppers.
+    """
+    is_ready = getattr(catalogue.encoder, "is_ready", None)
+    while True:
+        ready = True if is_ready is None else is_ready(ENCODER_POLL_SECONDS)
+        if ready != catalogue.encoder_ready:
+            log.warning("text encoder %s", "ready again" if ready else "NOT ready: EmbedTexts answers UNAVAILABLE")
+        catalogue.encoder_ready = ready
+        serving.set_component(ENCODER_HEALTH_NAME, ready)
+        if is_ready is None or stop.wait(ENCODER_POLL_SECONDS):
+            return
 
 
 def load_catalogue(config: EmbeddingConfig, show_progress: bool = True) -> Catalogue:
@@ -43,7 +74,16 @@ def create_server(config: EmbeddingConfig) -> tuple[ManagedServer, int]:
     server, port = build_server(config.address, config.workers, [SERVICE_NAME], "embedding")
     servicer = EmbeddingServicer(server.readiness, config)
     server.add(embedding_pb2_grpc.add_EmbeddingServiceServicer_to_server, servicer)
-    server.readiness.start(lambda: servicer.attach(load_catalogue(config)))
+    server.serving.set_component(ENCODER_HEALTH_NAME, False)
+
+    def load() -> None:
+        catalogue = load_catalogue(config)
+        servicer.attach(catalogue)
+        threading.Thread(
+            target=watch_encoder, args=(catalogue, server.serving, server.stopping), name="encoder-watch", daemon=True
+        ).start()
+
+    server.readiness.start(load)
     return server, port
 
 

@@ -5,12 +5,14 @@ import grpc
 
 from recsys.common.v1 import common_pb2
 from recsys.embedding.v1 import embedding_pb2, embedding_pb2_grpc
+from recsys_core.errors import InvalidArgument
 from recsys_core.grpc_util import Readiness, handle_errors, Deadline
 from recsys_core.messages import stack, to_vector
 from services.embedding.catalogue import Catalogue, ItemRecord
 from services.embedding.config import EmbeddingConfig
 
 ENCODER_CALL_SECONDS = 30.0
+MAX_ITEMS_PER_UPSERT = 10_000
 
 
 def item_message(record: ItemRecord) -> common_pb2.Item:
@@ -65,6 +67,8 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
 
     @handle_errors
     def UpsertItems(self, request, context):
+        if len(request.items) > MAX_ITEMS_PER_UPSERT:
+            raise InvalidArgument("items", f"at most {MAX_ITEMS_PER_UPSERT} items per request, got {len(request.items)}")
         records = [
             ItemRecord(item_id=i.item_id, category=i.category, title=i.title or i.text[:120], text=i.text or i.title)
             for i in request.items

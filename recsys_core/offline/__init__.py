@@ -1,0 +1,1 @@
+"""Offline evaluation and training on the published benchmark protocol."""
