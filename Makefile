@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 PROTOS := $(shell find protos -name '*.proto')
 GENERATED := recsys/.generated
-ENCODER := model_repo/text_encoder/1/model.onnx
+ENCODER := model_repo/text_encoder/1/encoder.json
 export HF_HUB_OFFLINE := 1
 
 .PHONY: setup run test protos export bench clean

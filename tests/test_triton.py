@@ -45,8 +45,21 @@ def version_dir(exported_encoder):
 
 
 @pytest.fixture(scope="session")
-def local_encoder(version_dir):
-    return OnnxEncoder(version_dir)
+def local_encoder(version_dir, encoder):
+    # The same weights Triton serves (its config's precision).
+    return OnnxEncoder(version_dir, precision=encoder.precision)
+
+
+# int8 scales activations per batch, so a text's vector shifts slightly with
+# what it is batched with (cosine above 0.99); same-batch results are identical.
+CROSS_BATCH_COSINE = 0.98
+
+
+def assert_same_rows(served: np.ndarray, local: np.ndarray) -> None:
+    """Row i of `served` is the text of row i of `local`: close to it, and
+    closer to it than to any other row."""
+    assert cosines(served, local).min() >= CROSS_BATCH_COSINE
+    assert (np.argmax(served @ local.T, axis=1) == np.arange(len(local))).all()
 
 
 @pytest.fixture(scope="session")
@@ -106,6 +119,7 @@ def test_config_matches_onnx_model(version_dir):
 def test_embeddings_match_in_process_encoder(encoder, local_encoder, version_dir):
     assert encoder.dimension == local_encoder.dimension
     assert encoder.fingerprint == f"triton:{paths.TEXT_ENCODER_MODEL}:{version_dir.name}"
+    assert encoder.precision == "int8", "the CPU model config serves int8"
     served = encoder.encode(TITLES)
     local = local_encoder.encode(TITLES)
     assert served.shape == (len(TITLES), local_encoder.dimension)
@@ -114,14 +128,13 @@ def test_embeddings_match_in_process_encoder(encoder, local_encoder, version_dir
     assert cosines(served, local).min() >= 0.999
 
 
-def test_batch_larger_than_max_batch_size(encoder, local_encoder):
-    # Short titles only: the point is chunking and row order, not long inputs.
-    texts = [f"{title} - variant {i}" for i, title in enumerate(TITLES[:18] * 8)]
+def test_batch_larger_than_max_batch_size(encoder, local_encoder, dataset):
+    texts = list(dict.fromkeys(t for t in dataset.items.title if t))[:150]
     assert len(texts) > encoder.max_batch_size * 2
     served = encoder.encode(texts)
     assert served.shape == (len(texts), encoder.dimension)
     # Rows must come back in request order across chunks.
-    assert cosines(served, local_encoder.encode(texts)).min() >= 0.999
+    assert_same_rows(served, local_encoder.encode(texts))
 
 
 def test_concurrent_requests_are_split_back_correctly(encoder, local_encoder):
@@ -142,7 +155,8 @@ def test_concurrent_requests_are_split_back_correctly(encoder, local_encoder):
     for t in threads:
         t.join(30)
     for got, want in zip(results, expected):
-        assert got is not None and cosines(got, want).min() >= 0.999
+        assert got is not None
+        assert_same_rows(got, want)
 
 
 def test_empty_input(encoder):

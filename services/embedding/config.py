@@ -4,6 +4,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from recsys_core import paths
+from recsys_core.encoder import DEFAULT_PRECISION, PRECISIONS
 from recsys_core.envconfig import EnvReader
 
 ENCODER_BACKENDS = ("onnx", "triton")
@@ -20,6 +21,8 @@ class EmbeddingConfig:
     encoder: str = "onnx"
     triton_url: str = "127.0.0.1:8001"
     encoder_threads: int = 0
+    # In-process encoder only; Triton's precision is a model config parameter.
+    precision: str = DEFAULT_PRECISION
     cache_dir: str = str(paths.cache_dir())
     max_texts_per_request: int = 256
     max_text_chars: int = 4096
@@ -42,6 +45,7 @@ class EmbeddingConfig:
             encoder=env.choice("ENCODER", cls.encoder, ENCODER_BACKENDS),
             triton_url=env.str("TRITON_URL", cls.triton_url),
             encoder_threads=env.int("ENCODER_THREADS", cls.encoder_threads, minimum=0),
+            precision=env.choice("ENCODER_PRECISION", cls.precision, PRECISIONS),
             cache_dir=env.str("CACHE_DIR", str(paths.cache_dir())),
             max_texts_per_request=env.int("MAX_TEXTS_PER_REQUEST", cls.max_texts_per_request, minimum=1),
             max_text_chars=env.int("MAX_TEXT_CHARS", cls.max_text_chars, minimum=1),

@@ -1,7 +1,6 @@
 """Embedding service: text encoder, item catalogue and FAISS index."""
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import threading
@@ -9,7 +8,7 @@ from pathlib import Path
 
 from recsys.embedding.v1 import embedding_pb2, embedding_pb2_grpc
 from recsys_core import data
-from recsys_core.encoder import METADATA_FILE, Encoder, OnnxEncoder, latest_version_dir
+from recsys_core.encoder import METADATA_FILE, Encoder, OnnxEncoder, latest_version_dir, weights
 from recsys_core.grpc_util import ManagedServer, ServingHealth, build_server, setup_logging
 from recsys_core.embedding_cache import EmbeddingCache
 from services.embedding.catalogue import Catalogue, records_from_frame
@@ -32,11 +31,13 @@ def load_encoder(config: EmbeddingConfig) -> Encoder:
         # Where the served weights are also on this disk, their fingerprint
         # lets Triton share cached item vectors with the in-process encoder
         # (the two give the same vectors: tests/test_triton.py).
-        local = Path(config.model_repo) / encoder.model_name / str(encoder.version) / METADATA_FILE
-        if local.is_file():
-            encoder.fingerprint = json.loads(local.read_text())["fingerprint"]
+        local = Path(config.model_repo) / encoder.model_name / str(encoder.version)
+        if (local / METADATA_FILE).is_file():
+            _, encoder.fingerprint, _ = weights(local, encoder.precision)
         return encoder
-    return OnnxEncoder(latest_version_dir(repo=Path(config.model_repo)), threads=config.encoder_threads)
+    return OnnxEncoder(
+        latest_version_dir(repo=Path(config.model_repo)), threads=config.encoder_threads, precision=config.precision
+    )
 
 
 def watch_encoder(catalogue: Catalogue, serving: ServingHealth, stop: threading.Event) -> None:

@@ -30,16 +30,18 @@ class TritonPythonModel:
 
         output = pb_utils.get_output_config_by_name(config, enc.EMBEDDING)
         self.dimension = int(output["dims"][-1])
-        metadata = json.loads((version_dir / enc.METADATA_FILE).read_text())
-        if int(metadata["dimension"]) != self.dimension:
+        parameters = config.get("parameters", {})
+        precision = parameters.get("precision", {}).get("string_value") or enc.DEFAULT_PRECISION
+        weights_file, _, dimension = enc.weights(version_dir, precision)
+        if dimension != self.dimension:
             # Fail the load rather than serve vectors the config misdescribes.
             raise ValueError(
                 f"config.pbtxt declares {enc.EMBEDDING} dims {self.dimension} but "
-                f"{version_dir / enc.METADATA_FILE} says {metadata['dimension']}"
+                f"{version_dir / enc.METADATA_FILE} says {dimension}"
             )
 
         options = ort.SessionOptions()
-        threads = int(config.get("parameters", {}).get("intra_op_threads", {}).get("string_value") or 0)
+        threads = int(parameters.get("intra_op_threads", {}).get("string_value") or 0)
         if threads:
             options.intra_op_num_threads = threads
         providers = ["CPUExecutionProvider"]
@@ -48,7 +50,7 @@ class TritonPythonModel:
         if args["model_instance_kind"] == "GPU" and "CUDAExecutionProvider" in ort.get_available_providers():
             device = int(args["model_instance_device_id"])
             providers.insert(0, ("CUDAExecutionProvider", {"device_id": device}))
-        self.session = ort.InferenceSession(str(version_dir / enc.WEIGHTS_FILE), options, providers=providers)
+        self.session = ort.InferenceSession(str(weights_file), options, providers=providers)
         self.tokenizer = enc.load_tokenizer(version_dir)
 
     def execute(self, requests):
