@@ -19,9 +19,10 @@ $(INSTALLED): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.lock
-	# compat mode puts the checkout itself on sys.path, so the generated
-	# recsys/ package is importable without reinstalling after each protoc run.
-	$(PY) -m pip install --quiet --no-deps -e . --config-settings editable_mode=compat
+	$(PY) -m pip install --quiet --no-deps -e .
+	# The checkout itself goes on sys.path, so the generated recsys/ package is
+	# importable without reinstalling after each protoc run.
+	echo "$(CURDIR)" > "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/recsys-checkout.pth"
 	touch $@
 
 # Generated code never enters git: it is rebuilt from protos/ here.

@@ -14,6 +14,9 @@ from recsys_core.encoder import Encoder
 
 # Encoding in chunks lets a long start-up show progress and save partial work.
 ENCODE_CHUNK = 512
+# A catalogue load is batch work: a chunk may wait behind other load on a
+# busy machine, which must not fail the start the way an interactive call would.
+CHUNK_TIMEOUT_SECONDS = 600.0
 
 
 def text_digest(text: str) -> str:
@@ -72,7 +75,7 @@ def encode_cached(
         progress = tqdm(total=len(missing), desc="embedding items", unit="item", disable=not show_progress)
         for start in range(0, len(missing), ENCODE_CHUNK):
             chunk = missing[start : start + ENCODE_CHUNK]
-            encoded = encoder.encode([texts[p] for p in chunk])
+            encoded = encoder.encode([texts[p] for p in chunk], timeout=CHUNK_TIMEOUT_SECONDS)
             vectors[chunk] = encoded
             cache.store([keys[p] for p in chunk], [digests[p] for p in chunk], encoded)
             progress.update(len(chunk))

@@ -20,6 +20,7 @@ from recsys.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from recsys.profile.v1 import profile_pb2, profile_pb2_grpc
 from recsys.ranking.v1 import ranking_pb2, ranking_pb2_grpc
 from recsys_core import paths
+from recsys_core.messages import dimension, from_vector, to_vector
 from recsys_core.localstack import free_port, wait_until_serving
 
 pytestmark = pytest.mark.integration
@@ -101,7 +102,7 @@ def test_embed_texts_gives_unit_vectors_that_find_the_item(embedding, dataset):
     row = dataset.items[dataset.items.category == "Beauty"].iloc[0]
     reply = embedding.EmbedTexts(embedding_pb2.EmbedTextsRequest(texts=[row.text, "a red toy fire truck"]), timeout=30)
     assert reply.dimension == 384
-    vectors = np.asarray([v.values for v in reply.vectors])
+    vectors = np.stack([from_vector(v) for v in reply.vectors])
     assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-4)
     found = embedding.SearchItems(embedding_pb2.SearchItemsRequest(vectors=[reply.vectors[0]], k=1), timeout=10)
     assert found.results[0].hits[0].item_id == row.item_id
@@ -114,11 +115,11 @@ def test_embedding_bad_input(embedding):
         (lambda: embedding.EmbedTexts(embedding_pb2.EmbedTextsRequest(texts=[]), timeout=5), "texts"),
         (lambda: embedding.EmbedTexts(embedding_pb2.EmbedTextsRequest(texts=["ok", "  "]), timeout=5), "texts[1]"),
         (lambda: embedding.SearchItems(embedding_pb2.SearchItemsRequest(
-            vectors=[common_pb2.Vector(values=[0.1] * 3)], k=5), timeout=5), "vectors[0]"),
+            vectors=[to_vector(np.full(3, 0.1))], k=5), timeout=5), "vectors[0]"),
         (lambda: embedding.SearchItems(embedding_pb2.SearchItemsRequest(
-            vectors=[common_pb2.Vector(values=[0.1] * 384)], k=0), timeout=5), "k"),
+            vectors=[to_vector(np.full(384, 0.1))], k=0), timeout=5), "k"),
         (lambda: embedding.SearchItems(embedding_pb2.SearchItemsRequest(
-            vectors=[common_pb2.Vector(values=[0.1] * 384)], k=3, categories=["Garden"]), timeout=5), "categories"),
+            vectors=[to_vector(np.full(384, 0.1))], k=3, categories=["Garden"]), timeout=5), "categories"),
         (lambda: embedding.UpsertItems(embedding_pb2.UpsertItemsRequest(
             items=[common_pb2.Item(item_id="", category="Beauty", title="x")]), timeout=5), "items[0].item_id"),
     ]
@@ -161,7 +162,7 @@ def test_profile_of_a_real_shopper(profile, dataset):
     reply = profile.GetProfile(profile_pb2.GetProfileRequest(user_id=shopper), timeout=5)
     assert reply.known and reply.event_count == len(expected)
     assert set(reply.seen_item_ids) == set(expected.item_id)
-    assert len(reply.long_term_interest.values) == 384 and len(reply.short_term_interest.values) == 384
+    assert dimension(reply.long_term_interest) == 384 and dimension(reply.short_term_interest) == 384
     from recsys_core.data import chronological
 
     assert reply.recent_history[0].item_id == chronological(expected).item_id.iloc[-1]
@@ -215,17 +216,17 @@ def test_rank_orders_by_interest_and_explains(stack):
         stub = ranking_pb2_grpc.RankingServiceStub(channel)
         near, far = np.eye(4, dtype=np.float32)[:2]
         user = ranking_pb2.UserFeatures(
-            long_term_interest=common_pb2.Vector(values=near),
-            recent_items=[ranking_pb2.HistoryItem(item_id="h", embedding=common_pb2.Vector(values=near))],
+            long_term_interest=to_vector(near),
+            recent_items=[ranking_pb2.HistoryItem(item_id="h", embedding=to_vector(near))],
         )
         candidates = [
-            ranking_pb2.Candidate(item_id="far", embedding=common_pb2.Vector(values=far), popularity=100, max_popularity=100),
-            ranking_pb2.Candidate(item_id="near", embedding=common_pb2.Vector(values=near), popularity=1, max_popularity=100),
+            ranking_pb2.Candidate(item_id="far", embedding=to_vector(far), popularity=100, max_popularity=100),
+            ranking_pb2.Candidate(item_id="near", embedding=to_vector(near), popularity=1, max_popularity=100),
         ]
         reply = stub.Rank(ranking_pb2.RankRequest(user=user, candidates=candidates, k=2), timeout=5)
         assert [c.item_id for c in reply.candidates] == ["near", "far"]
         assert reply.candidates[0].because_item_id == "h"
-        bad = [ranking_pb2.Candidate(item_id="x", embedding=common_pb2.Vector(values=[1.0, 0.0]))]
+        bad = [ranking_pb2.Candidate(item_id="x", embedding=to_vector(np.array([1.0, 0.0])))]
         code, details = status_of(lambda: stub.Rank(ranking_pb2.RankRequest(user=user, candidates=bad), timeout=5))
         assert code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith("user.long_term_interest")
 

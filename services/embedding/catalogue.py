@@ -55,13 +55,13 @@ class Catalogue:
                 raise InvalidArgument(field, f"unknown category {name!r}; known: {', '.join(sorted(known))}")
         return list(dict.fromkeys(categories))
 
-    def check_vectors(self, vectors: Sequence[Sequence[float]], field: str = "vectors") -> np.ndarray:
+    def check_vectors(self, vectors: list[np.ndarray], field: str = "vectors") -> np.ndarray:
         if not vectors:
             raise InvalidArgument(field, "at least one query vector is required")
         for position, vector in enumerate(vectors):
             if len(vector) != self.dimension:
                 raise InvalidArgument(f"{field}[{position}]", f"has {len(vector)} values, expected {self.dimension}")
-        matrix = np.asarray(vectors, dtype=np.float32)
+        matrix = np.stack(vectors).astype(np.float32, copy=False)
         if not np.isfinite(matrix).all():
             raise InvalidArgument(field, "values must be finite")
         return matrix

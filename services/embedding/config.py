@@ -27,6 +27,9 @@ class EmbeddingConfig:
     max_texts_per_request: int = 256
     max_text_chars: int = 4096
     max_k: int = 1000
+    # FAISS threads per search: concurrent requests already use the cores,
+    # and OpenMP teams per small search cost more than they save.
+    faiss_threads: int = 1
     # Force FAISS onto CPU even where GPUs exist (None: use them when present).
     use_gpu: bool | None = None
 
@@ -50,6 +53,7 @@ class EmbeddingConfig:
             max_texts_per_request=env.int("MAX_TEXTS_PER_REQUEST", cls.max_texts_per_request, minimum=1),
             max_text_chars=env.int("MAX_TEXT_CHARS", cls.max_text_chars, minimum=1),
             max_k=env.int("MAX_K", cls.max_k, minimum=1),
+            faiss_threads=env.int("FAISS_THREADS", cls.faiss_threads, minimum=1),
             use_gpu=None if gpu == "auto" else gpu == "true",
         )
 

@@ -6,6 +6,8 @@ import sys
 import threading
 from pathlib import Path
 
+import faiss
+
 from recsys.embedding.v1 import embedding_pb2, embedding_pb2_grpc
 from recsys_core import data
 from recsys_core.encoder import METADATA_FILE, Encoder, OnnxEncoder, latest_version_dir, weights
@@ -58,6 +60,7 @@ def watch_encoder(catalogue: Catalogue, serving: ServingHealth, stop: threading.
 
 
 def load_catalogue(config: EmbeddingConfig, show_progress: bool = True) -> Catalogue:
+    faiss.omp_set_num_threads(config.faiss_threads)
     encoder = load_encoder(config)
     cache = EmbeddingCache(Path(config.cache_dir) if config.cache_dir else None, encoder.fingerprint)
     catalogue = Catalogue(encoder, cache, use_gpu=config.use_gpu)

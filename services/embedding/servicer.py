@@ -7,7 +7,7 @@ from recsys.common.v1 import common_pb2
 from recsys.embedding.v1 import embedding_pb2, embedding_pb2_grpc
 from recsys_core.errors import InvalidArgument
 from recsys_core.grpc_util import Readiness, handle_errors, Deadline
-from recsys_core.messages import stack, to_vector
+from recsys_core.messages import from_vector, to_vector
 from services.embedding.catalogue import Catalogue, ItemRecord
 from services.embedding.config import EmbeddingConfig
 
@@ -15,8 +15,10 @@ ENCODER_CALL_SECONDS = 30.0
 MAX_ITEMS_PER_UPSERT = 10_000
 
 
-def item_message(record: ItemRecord) -> common_pb2.Item:
-    return common_pb2.Item(item_id=record.item_id, category=record.category, title=record.title, text=record.text)
+def item_message(record: ItemRecord, with_text: bool = True) -> common_pb2.Item:
+    return common_pb2.Item(
+        item_id=record.item_id, category=record.category, title=record.title, text=record.text if with_text else ""
+    )
 
 
 class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
@@ -47,7 +49,9 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
 
     @handle_errors
     def SearchItems(self, request, context):
-        queries = self.catalogue.check_vectors(stack(request.vectors))
+        queries = self.catalogue.check_vectors(
+            [from_vector(v, f"vectors[{i}]") for i, v in enumerate(request.vectors)]
+        )
         results = self.catalogue.search(
             queries, request.k, self.config.max_k, list(request.categories), list(request.exclude_item_ids)
         )
@@ -59,7 +63,14 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
                 records = self.catalogue.get(ids)
                 embeddings = self.catalogue.embeddings(ids)
                 for (item_id, score), record, embedding in zip(hits, records, embeddings):
-                    result.hits.add(item_id=item_id, score=score, item=item_message(record), embedding=to_vector(embedding))
+                    result.hits.add(
+                        item_id=item_id,
+                        score=score,
+                        # Hits carry what a result list shows; long texts would
+                        # multiply the reply's size (GetItems has them).
+                        item=item_message(record, with_text=False),
+                        embedding=to_vector(embedding),
+                    )
             else:
                 for item_id, score in hits:
                     result.hits.add(item_id=item_id, score=score)

@@ -16,7 +16,7 @@ class GatewayConfig:
     # Budget for a whole request when the caller set no deadline.
     request_timeout_seconds: float = 5.0
     # Candidates retrieved per query vector: at least this many, or 3k.
-    min_candidates: int = 100
+    min_candidates: int = 50
     # The embedding service answers at most EMBEDDING_MAX_K (1000) per query.
     max_candidates: int = 1000
     # Recent history items that can explain a recommendation.

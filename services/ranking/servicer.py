@@ -6,13 +6,13 @@ import numpy as np
 from recsys.ranking.v1 import ranking_pb2, ranking_pb2_grpc
 from recsys_core.errors import InvalidArgument
 from recsys_core.grpc_util import handle_errors
-from recsys_core.messages import from_vector, has_values
+from recsys_core.messages import from_vector, has_values, stack
 from services.ranking.config import RankingConfig
 from services.ranking.scoring import UserVectors, Weights, rank
 
 
-def optional_vector(vector) -> np.ndarray | None:
-    return from_vector(vector) if has_values(vector) else None
+def optional_vector(vector, field: str) -> np.ndarray | None:
+    return from_vector(vector, field) if has_values(vector) else None
 
 
 class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
@@ -35,19 +35,15 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
             )
         if request.k < 0:
             raise InvalidArgument("k", "must not be negative")
-        dimension = len(request.candidates[0].embedding.values)
-        if dimension == 0:
+        candidates = stack([c.embedding for c in request.candidates], "candidates.embedding")
+        if candidates.shape[1] == 0:
             raise InvalidArgument("candidates[0].embedding", "is empty")
-        for position, candidate in enumerate(request.candidates):
-            if len(candidate.embedding.values) != dimension:
-                raise InvalidArgument(f"candidates[{position}].embedding", f"must have {dimension} values")
-        candidates = np.asarray([c.embedding.values for c in request.candidates], dtype=np.float32)
         history_items = [h for h in request.user.recent_items if has_values(h.embedding)]
         user = UserVectors(
-            long_term=optional_vector(request.user.long_term_interest),
-            short_term=optional_vector(request.user.short_term_interest),
-            context=optional_vector(request.user.context_interest),
-            history=np.asarray([h.embedding.values for h in history_items], dtype=np.float32) if history_items else None,
+            long_term=optional_vector(request.user.long_term_interest, "user.long_term_interest"),
+            short_term=optional_vector(request.user.short_term_interest, "user.short_term_interest"),
+            context=optional_vector(request.user.context_interest, "user.context_interest"),
+            history=stack([h.embedding for h in history_items], "user.recent_items.embedding") if history_items else None,
         )
         ranked = rank(
             user,

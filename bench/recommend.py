@@ -1,0 +1,593 @@
+"""Recommend latency, throughput and memory of the whole local stack, against
+a bare Python gRPC echo server as the ceiling.
+
+    python bench/recommend.py [--data DIR] [--requests N] [--concurrency 1,4,16]
+                              [--seconds S] [--json OUT]
+
+All four services run as real processes (recsys_core.localstack.LocalStack),
+with the local Triton server when the stack's encoder runs there, on a free
+gateway port and with their state in a temporary directory. The echo
+server runs in its own process too (this script with --echo-server PORT), so
+neither side shares the benchmark client's GIL.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import string
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+ECHO_SERVICE = "bench.v1.EchoService"
+ECHO_METHOD = f"/{ECHO_SERVICE}/Echo"
+SEED = 20140101
+WARMUP_REQUESTS = 20
+CALL_TIMEOUT_SECONDS = 10.0
+CATEGORY_SHARE = 0.20
+COLD_START_SHARE = 0.10
+K = 10
+MEMORY_TARGET_MIB = 2048
+
+
+def _identity(payload: bytes) -> bytes:
+    return payload
+
+
+# --------------------------------------------------------------------- echo server
+
+
+def serve_echo(port: int, workers: int) -> int:
+    """The ceiling: what a bare grpc.server with the gateway's worker count
+    answers when the handler does nothing but return the request bytes."""
+    from recsys_core.grpc_util import CHANNEL_OPTIONS
+
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="echo"),
+        options=CHANNEL_OPTIONS,
+        maximum_concurrent_rpcs=workers * 16,  # as build_server does for every service
+    )
+    handler = grpc.unary_unary_rpc_method_handler(
+        lambda request, _context: request, request_deserializer=_identity, response_serializer=_identity
+    )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(ECHO_SERVICE, {"Echo": handler}),))
+    if server.add_insecure_port(f"127.0.0.1:{port}") == 0:
+        print(f"echo server: could not bind 127.0.0.1:{port}", file=sys.stderr)
+        return 1
+    server.start()
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    parent = os.getppid()
+    # Bounded by the parent: if the benchmark dies without stopping us, so do we.
+    while not stop.wait(0.5):
+        if os.getppid() != parent:
+            break
+    server.stop(0).wait(5)
+    return 0
+
+
+class EchoProcess:
+    def __init__(self, workers: int):
+        from recsys_core.localstack import free_port
+
+        self.workers = workers
+        self.address = f"127.0.0.1:{free_port()}"
+        self.process: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 30.0) -> None:
+        port = self.address.rsplit(":", 1)[1]
+        self.process = subprocess.Popen(
+            [sys.executable, str(Path(__file__).resolve()), "--echo-server", port, "--workers", str(self.workers)],
+            cwd=REPO_ROOT,
+        )
+        give_up = time.monotonic() + timeout
+        with grpc.insecure_channel(self.address) as channel:
+            echo = channel.unary_unary(ECHO_METHOD, request_serializer=_identity, response_deserializer=_identity)
+            while True:
+                if self.process.poll() is not None:
+                    raise RuntimeError(f"the echo server exited with code {self.process.returncode} while starting")
+                try:
+                    if echo(b"ping", timeout=1.0) == b"ping":
+                        return
+                except grpc.RpcError:
+                    pass
+                if time.monotonic() > give_up:
+                    raise TimeoutError(f"the echo server at {self.address} did not answer within {timeout:.0f}s")
+                time.sleep(0.2)
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+# --------------------------------------------------------------------- requests
+
+
+def make_requests(interactions, count: int, rng: random.Random) -> list:
+    """Realistic varied Recommend requests: real shoppers of the data set,
+    k=10, ~20% restricted to one random category, ~10% unknown shoppers."""
+    from recsys.gateway.v1 import gateway_pb2
+
+    shoppers = sorted(interactions["user_id"].unique())
+    known = set(shoppers)
+    categories = sorted(interactions["category"].dropna().unique())
+    alphabet = string.ascii_uppercase + string.digits
+    requests = []
+    for _ in range(count):
+        if rng.random() < COLD_START_SHARE:
+            user_id = "A" + "".join(rng.choices(alphabet, k=13))  # the data set's id shape
+            while user_id in known:
+                user_id = "A" + "".join(rng.choices(alphabet, k=13))
+        else:
+            user_id = rng.choice(shoppers)
+        wanted = [rng.choice(categories)] if rng.random() < CATEGORY_SHARE else []
+        requests.append(gateway_pb2.RecommendRequest(user_id=user_id, k=K, categories=wanted))
+    return requests
+
+
+# --------------------------------------------------------------------- the loop
+
+
+def percentile(sorted_values: list[float], q: float) -> float | None:
+    if not sorted_values:
+        return None
+    position = (len(sorted_values) - 1) * q / 100
+    low = int(position)
+    high = min(low + 1, len(sorted_values) - 1)
+    return sorted_values[low] + (sorted_values[high] - sorted_values[low]) * (position - low)
+
+
+def closed_loop(call, payloads: list, concurrency: int, max_requests: int, max_seconds: float,
+                abort: threading.Event, on_reply=None) -> dict:
+    """`concurrency` threads, each making blocking calls back to back, until
+    `max_requests` calls were issued or `max_seconds` passed, whichever first.
+    Every call has a deadline, so the loop ends at most CALL_TIMEOUT_SECONDS late."""
+    lock = threading.Lock()
+    issued = 0
+    latencies: list[float] = []
+    errors: Counter = Counter()
+    # The clock starts once every client thread exists, so that thread start-up
+    # does not count against short loops (the echo loop may last a fraction of a second).
+    ready = threading.Barrier(concurrency + 1)
+    started = deadline = 0.0
+
+    def worker():
+        nonlocal issued
+        try:
+            ready.wait(30)
+        except threading.BrokenBarrierError:
+            return
+        while not abort.is_set():
+            with lock:
+                if issued >= max_requests or time.perf_counter() >= deadline:
+                    return
+                index = issued
+                issued += 1
+            begin = time.perf_counter()
+            try:
+                reply = call(payloads[index % len(payloads)], timeout=CALL_TIMEOUT_SECONDS)
+            except grpc.RpcError as error:
+                code = error.code() if isinstance(error, grpc.Call) else None
+                with lock:
+                    errors[code.name if code is not None else type(error).__name__] += 1
+                continue
+            except Exception as error:  # noqa: BLE001 - counted, the loop goes on
+                with lock:
+                    errors[type(error).__name__] += 1
+                continue
+            elapsed = time.perf_counter() - begin
+            with lock:
+                latencies.append(elapsed)
+                if on_reply is not None:
+                    on_reply(reply)
+
+    threads = [threading.Thread(target=worker, name=f"client-{i}", daemon=True) for i in range(concurrency)]
+    for thread in threads:
+        thread.start()
+    started = time.perf_counter()
+    deadline = started + max_seconds
+    ready.wait(30)
+    join_until = deadline + CALL_TIMEOUT_SECONDS + 5
+    for thread in threads:
+        # Short joins keep Ctrl-C responsive; the bound keeps the loop finite.
+        while thread.is_alive() and time.perf_counter() < join_until:
+            thread.join(0.2)
+    wall = time.perf_counter() - started
+    latencies.sort()
+    ms = [value * 1000 for value in latencies]
+    return {
+        "issued": issued,
+        "ok": len(latencies),
+        "errors": dict(errors),
+        "error_count": sum(errors.values()),
+        "seconds": round(wall, 3),
+        "stopped_by": "requests" if issued >= max_requests else "time",
+        "p50_ms": _round(percentile(ms, 50)),
+        "p99_ms": _round(percentile(ms, 99)),
+        "mean_ms": _round(sum(ms) / len(ms)) if ms else None,
+        "throughput_rps": round(len(latencies) / wall, 2) if wall > 0 else 0.0,
+    }
+
+
+def _round(value: float | None, digits: int = 3) -> float | None:
+    return None if value is None else round(value, digits)
+
+
+# --------------------------------------------------------------------- start-up progress
+
+
+class StartupProgress:
+    """Prints which services are up while LocalStack.start() waits for them in turn."""
+
+    LABELS = {"SERVING": "ready", "NOT_SERVING": "loading"}
+
+    def __init__(self, stack):
+        self.stack = stack
+        self.stop_event = threading.Event()
+        self.thread = threading.Thread(target=self.run, name="startup-progress", daemon=True)
+        self.started = time.monotonic()
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop_event.set()
+        self.thread.join(5)
+
+    def status(self, channels: dict, name: str) -> str:
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        if name == "triton":
+            # LocalStack sets .triton once the server has its models ready.
+            triton = getattr(self.stack, "triton", None)
+            if triton is None:
+                return "starting"
+            return "ready" if triton.is_running() else "exited"
+        address = self.stack.addresses.get(name)
+        if address is None:
+            return "starting"
+        process = self.stack.processes.get(name)
+        if process is not None and process.poll() is not None:
+            return f"exited({process.returncode})"
+        if name not in channels:
+            channels[name] = grpc.insecure_channel(address)
+        try:
+            reply = health_pb2_grpc.HealthStub(channels[name]).Check(health_pb2.HealthCheckRequest(), timeout=0.5)
+        except grpc.RpcError:
+            return "starting"
+        return self.LABELS.get(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status), "starting")
+
+    def run(self) -> None:
+        from recsys_core.localstack import SERVICES
+
+        names = (["triton"] if getattr(self.stack, "encoder", "onnx") == "triton" else []) + list(SERVICES)
+        channels: dict = {}
+        last_line, last_print = None, 0.0
+        try:
+            while not self.stop_event.wait(3.0):
+                line = ", ".join(f"{name} {self.status(channels, name)}" for name in names)
+                now = time.monotonic()
+                # On every change, and every 30 s while nothing changes.
+                if line != last_line or now - last_print >= 30:
+                    print(f"  [{now - self.started:5.0f}s] {line}", flush=True)
+                    last_line, last_print = line, now
+        finally:
+            for channel in channels.values():
+                channel.close()
+
+
+def ensure_running(stack, echo: EchoProcess) -> None:
+    """A service that died mid-run would turn every later figure into errors: stop instead."""
+    processes = {**stack.processes, "echo server": echo.process}
+    for name, process in processes.items():
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"the {name} process exited with code {process.returncode} during the benchmark")
+    triton = getattr(stack, "triton", None)
+    if triton is not None and not triton.is_running():
+        raise RuntimeError("the Triton server exited during the benchmark")
+
+
+# --------------------------------------------------------------------- memory
+
+
+def resident_mib(pid: int) -> float | None:
+    """RSS of the process and any children it started, in MiB."""
+    import psutil
+
+    try:
+        process = psutil.Process(pid)
+        total = process.memory_info().rss
+        for child in process.children(recursive=True):
+            try:
+                total += child.memory_info().rss
+            except psutil.Error:
+                pass
+    except psutil.Error:
+        return None
+    return total / 2**20
+
+
+def peak_resident_mib(pid: int) -> float | None:
+    """Highest RSS each process (and child) ever had (Linux VmHWM), summed, in
+    MiB: what a first start that encodes the catalogue needed at most."""
+    import psutil
+
+    def hwm(one: int) -> int | None:
+        try:
+            for line in Path(f"/proc/{one}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+        except (OSError, ValueError):
+            return None
+        return None
+
+    try:
+        pids = [pid, *(child.pid for child in psutil.Process(pid).children(recursive=True))]
+    except psutil.Error:
+        return None
+    peaks = [hwm(one) for one in pids]
+    if peaks[0] is None:
+        return None
+    return sum(p for p in peaks if p is not None) / 2**20
+
+
+# --------------------------------------------------------------------- report
+
+
+def fmt(value: float | None, width: int, digits: int = 1) -> str:
+    return f"{'-':>{width}}" if value is None else f"{value:>{width}.{digits}f}"
+
+
+def print_level(level: dict, max_requests: int, max_seconds: float) -> None:
+    print(f"\nconcurrency {level['concurrency']}  (closed loop: {max_requests} requests or {max_seconds:g} s, "
+          f"after {WARMUP_REQUESTS} warm-up)")
+    print(f"  {'':<10} {'p50 ms':>8} {'p99 ms':>8} {'req/s':>9} {'ok':>6} {'secs':>6}  errors")
+    for name in ("recommend", "echo"):
+        result = level[name]
+        errors = ", ".join(f"{code} {n}" for code, n in sorted(result["errors"].items())) or "0"
+        print(f"  {name:<10} {fmt(result['p50_ms'], 8, 2)} {fmt(result['p99_ms'], 8, 2)} "
+              f"{fmt(result['throughput_rps'], 9)} {result['ok']:>6} {result['seconds']:>6.1f}  {errors}")
+    paths = ", ".join(f"{p} {n}" for p, n in sorted(level["recommend"].get("paths", {}).items()))
+    ratio = level["throughput_ratio"]
+    print(f"  recommend / echo throughput: {fmt(ratio, 0, 3).strip()}   (recommend paths: {paths or '-'})")
+
+
+def describe_data(data_dir: Path, interactions, items_count: int | None) -> dict:
+    from recsys_core import paths
+
+    resolved = data_dir.resolve()
+    if resolved == paths.shared_data_dir().resolve():
+        label = "amazon-2014 (full set)"
+    elif resolved == paths.BUNDLED_DATA_DIR.resolve():
+        label = "bundled subset (data/)"
+    else:
+        label = resolved.name
+    return {
+        "path": str(resolved),
+        "label": label,
+        "full_amazon_2014": resolved == paths.shared_data_dir().resolve(),
+        "items": items_count,
+        "shoppers": int(interactions["user_id"].nunique()),
+        "events": int(len(interactions)),
+    }
+
+
+def count_items(data_dir: Path) -> int | None:
+    import pandas as pd
+
+    from recsys_core.data import ITEMS_FILE
+
+    try:
+        return int(pd.read_csv(data_dir / ITEMS_FILE, usecols=["item_id"], dtype=str)["item_id"].nunique())
+    except Exception:  # noqa: BLE001 - only for the report
+        return None
+
+
+# --------------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    from recsys_core import paths
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", default=str(paths.BUNDLED_DATA_DIR),
+                        help="data directory in the amazon-2014 schema (default: the bundled data/)")
+    parser.add_argument("--requests", type=int, default=400, help="requests per loop (default 400)")
+    parser.add_argument("--concurrency", default="1,4,16", help="comma-separated client thread counts")
+    parser.add_argument("--seconds", type=float, default=20.0, help="time bound per loop (default 20)")
+    parser.add_argument("--json", help="also write every figure to this file")
+    parser.add_argument("--encoder", choices=("triton", "onnx"),
+                        help="where the text encoder runs: a local Triton server or onnxruntime inside the "
+                             "embedding service (default: LocalStack's default)")
+    parser.add_argument("--echo-server", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    parser.add_argument("--workers", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.echo_server is None:
+        try:
+            args.levels = [int(c) for c in args.concurrency.split(",") if c.strip()]
+        except ValueError:
+            parser.error("--concurrency takes comma-separated integers, e.g. 1,4,16")
+        if not args.levels or min(args.levels) < 1:
+            parser.error("--concurrency needs at least one level, each >= 1")
+        if args.requests < 1 or args.seconds <= 0:
+            parser.error("--requests and --seconds must be positive")
+    return args
+
+
+def run(args) -> int:
+    from recsys.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+    from recsys_core.data import load_interactions
+    from recsys_core.grpc_util import CHANNEL_OPTIONS
+    from recsys_core.localstack import LocalStack, free_port
+    from services.gateway.config import GatewayConfig
+
+    data_dir = Path(args.data).expanduser().resolve()
+    interactions = load_interactions(data_dir)
+    data = describe_data(data_dir, interactions, count_items(data_dir))
+    print(f"data: {data['label']} at {data['path']}: {data['items']} items, "
+          f"{data['shoppers']} shoppers, {data['events']} events", flush=True)
+
+    rng = random.Random(SEED)
+    requests = make_requests(interactions, args.requests, rng)
+    warmup = make_requests(interactions, WARMUP_REQUESTS, rng)
+    del interactions
+    payloads = [r.SerializeToString() for r in requests]
+    warmup_payloads = [r.SerializeToString() for r in warmup]
+    mean_request_bytes = sum(map(len, payloads)) / len(payloads)
+    workers = GatewayConfig.from_env().workers
+
+    abort = threading.Event()
+    state = tempfile.TemporaryDirectory(prefix="recsys-bench-")
+    stack_options = {"encoder": args.encoder} if args.encoder else {}
+    stack = LocalStack(data_dir=data_dir, gateway_port=free_port(), state_dir=Path(state.name), **stack_options)
+    encoder = getattr(stack, "encoder", "onnx")
+    echo = EchoProcess(workers)
+    channels: list[grpc.Channel] = []
+    try:
+        print(f"starting {'triton, ' if encoder == 'triton' else ''}embedding, profile, ranking and gateway "
+              f"(encoder: {encoder}) on {data_dir.name}/ (state in {state.name}); "
+              f"a new catalogue is encoded once, then cached ...", flush=True)
+        started = time.monotonic()
+        with StartupProgress(stack):
+            stack.start()
+        startup_seconds = round(time.monotonic() - started, 1)
+        print(f"all services SERVING after {startup_seconds:.0f}s; gateway at {stack.addresses['gateway']}",
+              flush=True)
+        echo.start()
+        print(f"echo server ({workers} workers, like the gateway) at {echo.address}", flush=True)
+
+        gateway_channel = grpc.insecure_channel(stack.addresses["gateway"], options=CHANNEL_OPTIONS)
+        echo_channel = grpc.insecure_channel(echo.address, options=CHANNEL_OPTIONS)
+        channels += [gateway_channel, echo_channel]
+        recommend_stub = gateway_pb2_grpc.GatewayServiceStub(gateway_channel)
+        echo_call = echo_channel.unary_unary(ECHO_METHOD, request_serializer=_identity, response_deserializer=_identity)
+
+        levels = []
+        for concurrency in args.levels:
+            level = {"concurrency": concurrency}
+            paths_seen: Counter = Counter()
+            reply_bytes: list[int] = []
+
+            def count_path(reply):
+                paths_seen[gateway_pb2.RecommendationPath.Name(reply.path).removeprefix("RECOMMENDATION_PATH_").lower()] += 1
+                reply_bytes.append(reply.ByteSize())
+
+            ensure_running(stack, echo)
+            closed_loop(recommend_stub.Recommend, warmup, concurrency, WARMUP_REQUESTS, args.seconds, abort)
+            level["recommend"] = closed_loop(recommend_stub.Recommend, requests, concurrency, args.requests,
+                                             args.seconds, abort, on_reply=count_path)
+            level["recommend"]["paths"] = dict(paths_seen)
+            level["recommend"]["mean_reply_bytes"] = _round(sum(reply_bytes) / len(reply_bytes), 1) if reply_bytes else None
+            ensure_running(stack, echo)
+            closed_loop(echo_call, warmup_payloads, concurrency, WARMUP_REQUESTS, args.seconds, abort)
+            level["echo"] = closed_loop(echo_call, payloads, concurrency, args.requests, args.seconds, abort)
+            echo_rps = level["echo"]["throughput_rps"]
+            level["throughput_ratio"] = (
+                _round(level["recommend"]["throughput_rps"] / echo_rps, 4) if echo_rps else None
+            )
+            levels.append(level)
+            print_level(level, args.requests, args.seconds)
+
+        ensure_running(stack, echo)
+        memory = {name: resident_mib(pid) for name, pid in stack.pids().items()}
+        peaks = {name: peak_resident_mib(pid) for name, pid in stack.pids().items()}
+        total = sum(v for v in memory.values() if v is not None)
+        peak_total = sum(v for v in peaks.values() if v is not None)
+        echo_mib = resident_mib(echo.process.pid) if echo.process is not None else None
+        met = total < MEMORY_TARGET_MIB
+        print(f"\nresident memory (RSS) after the runs, encoder: {encoder}, data set: {data['label']} "
+              f"({data['items']} items, {data['shoppers']} shoppers, {data['events']} events)")
+        print(f"  {'':<10} {'RSS MiB':>8} {'peak MiB':>9}")
+        for name, mib in sorted(memory.items(), key=lambda kv: -(kv[1] or 0)):
+            note = " with its Python backend stub" if name == "triton" else ""
+            print(f"  {name:<10} {fmt(mib, 8)} {fmt(peaks[name], 9)}  (pid {stack.pids()[name]}{note})")
+        print(f"  {'total':<10} {total:>8.1f} {peak_total:>9.1f}")
+        print(f"  {'(echo':<10} {fmt(echo_mib, 8)}            not in the total)")
+        verdict = "met" if met else "NOT met"
+        print(f"target: all services together under 2 GiB with the full amazon-2014 data loaded: {verdict}, "
+              f"{total:.0f} of {MEMORY_TARGET_MIB} MiB; data set loaded: {data['label']}")
+        if not data["full_amazon_2014"]:
+            print("  (the target is for the full set; this run says little about it: "
+                  "rerun with --data ../shared/data/amazon-2014)")
+
+        report = {
+            "data": data,
+            "settings": {
+                "requests": args.requests, "seconds": args.seconds, "concurrency": args.levels,
+                "warmup_requests": WARMUP_REQUESTS, "k": K, "seed": SEED,
+                "category_share": CATEGORY_SHARE, "cold_start_share": COLD_START_SHARE,
+                "call_timeout_seconds": CALL_TIMEOUT_SECONDS, "gateway_workers": workers, "echo_workers": workers,
+                "mean_request_bytes": round(mean_request_bytes, 1),
+                "encoder": encoder,
+            },
+            "startup_seconds": startup_seconds,
+            "levels": levels,
+            "memory_mib": {name: _round(mib, 1) for name, mib in memory.items()},
+            "memory_total_mib": round(total, 1),
+            "peak_memory_mib": {name: _round(mib, 1) for name, mib in peaks.items()},
+            "peak_memory_total_mib": round(peak_total, 1),
+            "echo_memory_mib": _round(echo_mib, 1),
+            "memory_target_mib": MEMORY_TARGET_MIB,
+            "memory_target_met": met,
+            "memory_target_applies": data["full_amazon_2014"],
+        }
+        if args.json:
+            out = Path(args.json)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(report, indent=2) + "\n")
+            print(f"figures written to {out}")
+        return 0
+    finally:
+        abort.set()
+        for channel in channels:
+            channel.close()
+        echo.stop()
+        stack.stop()
+        state.cleanup()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.echo_server is not None:
+        return serve_echo(args.echo_server, args.workers or 16)
+    from recsys_core.data import DataError
+
+    def terminate(signum, _frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGTERM, terminate)
+    try:
+        return run(args)
+    except KeyboardInterrupt:
+        print("\ninterrupted; everything stopped", file=sys.stderr)
+        return 130
+    except (RuntimeError, TimeoutError, OSError, DataError) as error:
+        print(f"bench/recommend.py: {error}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

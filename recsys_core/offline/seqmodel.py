@@ -1,0 +1,217 @@
+"""Self-attentive sequential recommenders, trained with full softmax.
+
+One model serves two roles:
+- SASRec (Kang & McAuley, 2018), item-ID embeddings only: the strong ID baseline.
+- Our text model: each item is represented by a projection of its text
+  embedding (the fine-tuned MiniLM), plus, for items seen in training, a
+  learned ID embedding. Text lets the user tower transfer to categories it was
+  never trained on (ids off); ids add memorised detail for warm items.
+
+The user tower is a causal transformer over the history's item vectors with
+learned positions, so the shopper's vector follows their recent interests.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from recsys_core.offline.protocol import CategorySplit, evaluate
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SeqConfig:
+    dim: int = 64
+    layers: int = 2
+    heads: int = 2
+    dropout: float = 0.5
+    max_len: int = 50
+    use_ids: bool = True
+    use_text: bool = False
+    temperature: float = 1.0
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    batch_size: int = 256
+    max_epochs: int = 200
+    patience: int = 5  # evaluations without validation NDCG@10 improving
+    eval_every: int = 2
+    max_minutes: float = 60.0
+    seed: int = 42
+
+
+class ItemTower(nn.Module):
+    def __init__(self, num_items: int, config: SeqConfig, text: torch.Tensor | None):
+        super().__init__()
+        self.config = config
+        self.ids = nn.Embedding(num_items, config.dim) if config.use_ids else None
+        if self.ids is not None:
+            nn.init.normal_(self.ids.weight, std=0.02 if config.use_text else 1.0 / math.sqrt(config.dim))
+        if config.use_text:
+            if text is None:
+                raise ValueError("a text model needs item text embeddings")
+            self.register_buffer("text", text.float(), persistent=False)
+            self.project = nn.Sequential(nn.Linear(text.shape[1], config.dim), nn.LayerNorm(config.dim))
+        else:
+            self.text = None
+            self.project = None
+
+    def all_items(self) -> torch.Tensor:
+        parts = []
+        if self.project is not None:
+            parts.append(self.project(self.text))
+        if self.ids is not None:
+            parts.append(self.ids.weight)
+        return sum(parts)
+
+
+class UserTower(nn.Module):
+    def __init__(self, config: SeqConfig):
+        super().__init__()
+        self.positions = nn.Embedding(config.max_len, config.dim)
+        self.dropout = nn.Dropout(config.dropout)
+        layer = nn.TransformerEncoderLayer(
+            config.dim, config.heads, dim_feedforward=config.dim * 4 if config.use_text else config.dim,
+            dropout=config.dropout, batch_first=True, norm_first=True, activation="gelu",
+        )
+        self.encoder = nn.TransformerEncoder(layer, config.layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(config.dim)
+        self.heads = config.heads
+
+    def forward(self, item_vectors: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
+        """item_vectors [B, L, D], left-padded; padding [B, L] True where empty."""
+        length = item_vectors.shape[1]
+        positions = self.positions(torch.arange(length, device=item_vectors.device))
+        hidden = self.dropout(item_vectors * math.sqrt(item_vectors.shape[-1]) + positions)
+        future = torch.triu(torch.ones(length, length, dtype=torch.bool, device=item_vectors.device), diagonal=1)
+        # Blocked: the future, and padding keys. A padded query may still see
+        # itself: a row with every key blocked turns NaN, and NaN leaks into
+        # real rows through the attention product even at weight zero.
+        itself = torch.eye(length, dtype=torch.bool, device=item_vectors.device)
+        blocked = future | (padding.unsqueeze(1) & ~itself)
+        blocked = blocked.repeat_interleave(self.heads, dim=0)
+        hidden = self.encoder(hidden, mask=blocked)
+        return self.norm(hidden * ~padding.unsqueeze(-1))
+
+
+class SequentialRecommender(nn.Module):
+    def __init__(self, num_items: int, config: SeqConfig, text: torch.Tensor | None = None):
+        super().__init__()
+        self.config = config
+        self.items = ItemTower(num_items, config, text)
+        self.user = UserTower(config)
+
+    def encode_users(self, histories: Sequence[np.ndarray], item_matrix: torch.Tensor) -> torch.Tensor:
+        batch, padding = left_pad(histories, self.config.max_len)
+        vectors = item_matrix[batch.clamp(min=0)] * (~padding).unsqueeze(-1)
+        return self.user(vectors, padding)[:, -1]
+
+
+def left_pad(histories: Sequence[np.ndarray], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    batch = torch.full((len(histories), max_len), -1, dtype=torch.long)
+    for row, history in enumerate(histories):
+        tail = history[-max_len:]
+        if len(tail):
+            batch[row, -len(tail):] = torch.as_tensor(tail)
+    return batch, batch < 0
+
+
+def training_examples(sequences: Sequence[np.ndarray], max_len: int) -> list[np.ndarray]:
+    """Every training sequence of at least two items, cut into windows of
+    max_len + 1 so long histories train on all their positions."""
+    examples = []
+    for sequence in sequences:
+        if len(sequence) < 2:
+            continue
+        for end in range(len(sequence), 1, -max_len):
+            examples.append(sequence[max(0, end - max_len - 1) : end])
+    return examples
+
+
+@dataclass
+class TrainResult:
+    best_valid: dict
+    epochs: int
+    seconds: float
+    losses: list[float]
+    valid_history: list[tuple[int, float]]
+
+
+def fit(model: SequentialRecommender, split: CategorySplit, config: SeqConfig, progress: bool = True) -> TrainResult:
+    """Full-softmax next-item training on every position, early stopping on
+    validation NDCG@10; the best weights are restored."""
+    torch.manual_seed(config.seed)
+    rng = np.random.default_rng(config.seed)
+    examples = training_examples(split.training_sequences(), config.max_len)
+    optimiser = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    best, best_state, since_best = -1.0, None, 0
+    losses, valid_history = [], []
+    started = time.monotonic()
+    epoch = 0
+    for epoch in range(1, config.max_epochs + 1):
+        model.train()
+        order = rng.permutation(len(examples))
+        total, count = 0.0, 0
+        bar = tqdm(range(0, len(order), config.batch_size), desc=f"epoch {epoch}", disable=not progress, leave=False)
+        for start in bar:
+            chunk = [examples[i] for i in order[start : start + config.batch_size]]
+            inputs, _ = left_pad([c[:-1] for c in chunk], config.max_len)
+            targets, _ = left_pad([c[1:] for c in chunk], config.max_len)
+            item_matrix = model.items.all_items()
+            padding = inputs < 0
+            hidden = model.user(item_matrix[inputs.clamp(min=0)] * (~padding).unsqueeze(-1), padding)
+            valid = targets >= 0
+            logits = hidden[valid] @ item_matrix.T / config.temperature
+            loss = nn.functional.cross_entropy(logits, targets[valid])
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+            total += float(loss) * int(valid.sum())
+            count += int(valid.sum())
+            bar.set_postfix(loss=f"{total / count:.3f}")
+        losses.append(total / max(count, 1))
+        out_of_time = (time.monotonic() - started) / 60 > config.max_minutes
+        if epoch % config.eval_every == 0 or out_of_time or epoch == config.max_epochs:
+            metrics = evaluate(scorer(model), split, "valid")
+            valid_history.append((epoch, metrics["ndcg@10"]))
+            log.info("epoch %d loss %.4f valid ndcg@10 %.4f recall@10 %.4f", epoch, losses[-1],
+                     metrics["ndcg@10"], metrics["recall@10"])
+            if metrics["ndcg@10"] > best:
+                best, best_state, since_best, best_metrics = metrics["ndcg@10"], copy.deepcopy(model.state_dict()), 0, metrics
+            else:
+                since_best += 1
+            if since_best >= config.patience:
+                break
+        if out_of_time:
+            log.warning("stopping at the %.0f-minute budget", config.max_minutes)
+            break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    return TrainResult(best_valid=best_metrics, epochs=epoch, seconds=time.monotonic() - started,
+                       losses=losses, valid_history=valid_history)
+
+
+def scorer(model: SequentialRecommender):
+    """Scores every item of the model's catalogue for a batch of histories."""
+
+    def score(histories: Sequence[np.ndarray]) -> np.ndarray:
+        model.eval()
+        with torch.no_grad():
+            item_matrix = model.items.all_items()
+            users = model.encode_users(histories, item_matrix)
+            return (users @ item_matrix.T).numpy()
+
+    return score
+
+
+def describe(config: SeqConfig) -> dict:
+    return asdict(config)

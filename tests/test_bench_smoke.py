@@ -1,0 +1,43 @@
+"""bench/recommend.py end to end, small: the whole stack and the echo server
+as real processes on the bundled data, a few requests per level."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from recsys_core import paths
+
+pytestmark = pytest.mark.integration
+
+BENCH = paths.REPO_ROOT / "bench" / "recommend.py"
+SERVICES = {"embedding", "profile", "ranking", "gateway"}
+
+
+def test_bench_runs_both_targets_at_each_level_and_measures_every_service(tmp_path, exported_encoder):
+    out = tmp_path / "bench.json"
+    run = subprocess.run(
+        [sys.executable, str(BENCH), "--requests", "30", "--concurrency", "1,2", "--seconds", "10", "--json", str(out)],
+        cwd=paths.REPO_ROOT, capture_output=True, text=True, timeout=240,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    report = json.loads(out.read_text())
+
+    assert report["data"]["path"] == str(paths.BUNDLED_DATA_DIR.resolve())
+    levels = {level["concurrency"]: level for level in report["levels"]}
+    assert set(levels) == {1, 2}
+    for level in levels.values():
+        assert level["recommend"]["throughput_rps"] > 0
+        assert level["echo"]["throughput_rps"] > 0
+        assert level["recommend"]["error_count"] == 0, level["recommend"]["errors"]
+        assert level["recommend"]["errors"] == {}
+        assert level["recommend"]["ok"] == 30
+        assert level["throughput_ratio"] > 0
+
+    # The four services, and Triton when the stack's encoder runs there.
+    assert SERVICES <= set(report["memory_mib"]) <= SERVICES | {"triton"}
+    for name, mib in report["memory_mib"].items():
+        assert mib > 0, name
+    assert report["memory_total_mib"] > 0
