@@ -70,6 +70,10 @@ def cmd_serve(args) -> int:
     print(f"\nall services SERVING; gateway at {gateway}", flush=True)
     if stack.triton is not None:
         print(f"Triton gRPC at {stack.triton.grpc_url}, metrics at {stack.triton.metrics_url}", flush=True)
+    print("Prometheus metrics: " + ", ".join(
+        f"{name.removesuffix('-metrics')} http://{address}/metrics"
+        for name, address in stack.addresses.items() if name.endswith("-metrics") and name != "triton-metrics"
+    ), flush=True)
     if not args.no_example:
         shopper = example_shopper(data_dir)
         print(f"\nrecommendations for shopper {shopper} (recsys recommend {shopper}):")
@@ -108,10 +112,21 @@ def cmd_recommend(args) -> int:
     return 0
 
 
-def cmd_export(args) -> int:
-    from recsys_core import export
+DELEGATED = {
+    "export": "export the encoder to model_repo/ (fp32 and int8 ONNX)",
+    "evaluate": "offline evaluation on the published benchmark protocol",
+    "train": "train our sequence model on shopping data",
+}
 
-    return export.main(args.rest)
+
+def run_delegated(name: str, rest: list[str]) -> int:
+    if name == "export":
+        from recsys_core import export
+
+        return export.main(rest)
+    from recsys_core.offline import commands
+
+    return {"evaluate": commands.evaluate_main, "train": commands.train_main}[name](rest)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -135,9 +150,13 @@ def main(argv: list[str] | None = None) -> int:
     recommend.add_argument("--json", action="store_true")
     recommend.set_defaults(run=cmd_recommend)
 
-    export = commands.add_parser("export", help="export the encoder to model_repo/", add_help=False)
-    export.add_argument("rest", nargs=argparse.REMAINDER)
-    export.set_defaults(run=cmd_export)
+    # These parse their own arguments (see `recsys NAME --help`).
+    for name, helptext in DELEGATED.items():
+        commands.add_parser(name, help=helptext, add_help=False)
+
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in DELEGATED:
+        return run_delegated(argv[0], argv[1:])
 
     args = parser.parse_args(argv)
     return args.run(args)

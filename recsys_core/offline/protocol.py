@@ -44,17 +44,59 @@ class CategorySplit:
         return [s[:-2] for s in self.sequences]
 
 
-def category_split(interactions: pd.DataFrame, items: pd.DataFrame, category: str, min_events: int = 3) -> CategorySplit:
-    events = interactions[interactions.category == category].sort_values(["user_id", "seq"], kind="stable")
-    item_ids = sorted(set(items.loc[items.category == category, "item_id"]) | set(events.item_id))
+def category_split(interactions: pd.DataFrame, items: pd.DataFrame, category: str | Sequence[str],
+                   min_events: int = 3) -> CategorySplit:
+    """The benchmark split of one category, or of several at once (one item
+    space, one sequence per shopper and category) for multi-category training."""
+    categories = [category] if isinstance(category, str) else list(category)
+    events = interactions[interactions.category.isin(categories)].sort_values(
+        ["user_id", "category", "seq"], kind="stable")
+    item_ids = sorted(set(items.loc[items.category.isin(categories), "item_id"]) | set(events.item_id))
     index_of = {item_id: position for position, item_id in enumerate(item_ids)}
     users, sequences = [], []
-    for user_id, group in events.groupby("user_id", sort=True):
+    for (user_id, _), group in events.groupby(["user_id", "category"], sort=True):
         if len(group) < min_events:
             continue
         users.append(user_id)
         sequences.append(np.asarray([index_of[i] for i in group.item_id], dtype=np.int64))
-    return CategorySplit(category=category, item_ids=item_ids, users=users, sequences=sequences)
+    return CategorySplit(category="+".join(categories), item_ids=item_ids, users=users, sequences=sequences)
+
+
+@dataclass(frozen=True)
+class CrossCategoryTask:
+    """Shoppers active in both categories: their whole history in `source`
+    is the input, their held-out (last) item in `target` is what to find,
+    ranked among every item of `target` only."""
+    source: str
+    target: str
+    split: CategorySplit  # items: source's then target's; each sequence ends with the target item
+    candidates: np.ndarray  # bool over items: True for the target category's items
+
+    def inputs(self) -> list[np.ndarray]:
+        return self.split.inputs("test")
+
+    def targets(self) -> np.ndarray:
+        return self.split.targets("test")
+
+
+def cross_category_task(interactions: pd.DataFrame, items: pd.DataFrame, source: str, target: str) -> CrossCategoryTask:
+    both = set(interactions.loc[interactions.category == source, "user_id"]) & set(
+        interactions.loc[interactions.category == target, "user_id"])
+    events = interactions[interactions.user_id.isin(both)]
+    source_items = sorted(set(items.loc[items.category == source, "item_id"]) | set(events.loc[events.category == source, "item_id"]))
+    target_items = sorted(set(items.loc[items.category == target, "item_id"]) | set(events.loc[events.category == target, "item_id"]) - set(source_items))
+    item_ids = source_items + target_items
+    index_of = {item_id: position for position, item_id in enumerate(item_ids)}
+    users, sequences = [], []
+    for user_id, group in events.sort_values(["user_id", "seq"], kind="stable").groupby("user_id", sort=True):
+        history = group[group.category == source].item_id
+        held_out = group[group.category == target].item_id.iloc[-1]
+        users.append(user_id)
+        sequences.append(np.asarray([index_of[i] for i in history] + [index_of[held_out]], dtype=np.int64))
+    candidates = np.zeros(len(item_ids), dtype=bool)
+    candidates[len(source_items):] = True
+    split = CategorySplit(category=f"{source}->{target}", item_ids=item_ids, users=users, sequences=sequences)
+    return CrossCategoryTask(source=source, target=target, split=split, candidates=candidates)
 
 
 # Scores [n_users, n_items] for a batch of input histories (item indices).
@@ -62,13 +104,16 @@ Scorer = Callable[[Sequence[np.ndarray]], np.ndarray]
 
 
 def target_ranks(scorer: Scorer, histories: Sequence[np.ndarray], targets: np.ndarray, batch: int = 512,
-                 progress: str | None = None) -> np.ndarray:
-    """0-based rank of each target among all items not in its history; ties
-    count against the target, so a constant scorer cannot look good."""
+                 progress: str | None = None, candidates: np.ndarray | None = None) -> np.ndarray:
+    """0-based rank of each target among all items not in its history (and,
+    given `candidates`, among those only); ties count against the target, so
+    a constant scorer cannot look good."""
     ranks = np.empty(len(targets), dtype=np.int64)
     for start in tqdm(range(0, len(targets), batch), desc=progress, disable=progress is None, unit="batch"):
         chunk = slice(start, start + batch)
         scores = np.asarray(scorer(histories[chunk]), dtype=np.float64).copy()
+        if candidates is not None:
+            scores[:, ~candidates] = -np.inf
         for row, history in enumerate(histories[chunk]):
             target = targets[start + row]
             removed = history[history != target]
@@ -92,3 +137,9 @@ def metrics_from_ranks(ranks: np.ndarray) -> dict[str, float]:
 
 def evaluate(scorer: Scorer, split: CategorySplit, stage: str = "test", progress: str | None = None) -> dict[str, float]:
     return metrics_from_ranks(target_ranks(scorer, split.inputs(stage), split.targets(stage), progress=progress))
+
+
+def evaluate_cross(scorer: Scorer, task: CrossCategoryTask, progress: str | None = None) -> dict[str, float]:
+    return metrics_from_ranks(
+        target_ranks(scorer, task.inputs(), task.targets(), progress=progress, candidates=task.candidates)
+    )

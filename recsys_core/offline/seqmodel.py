@@ -90,7 +90,10 @@ class UserTower(nn.Module):
     def forward(self, item_vectors: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
         """item_vectors [B, L, D], left-padded; padding [B, L] True where empty."""
         length = item_vectors.shape[1]
-        positions = self.positions(torch.arange(length, device=item_vectors.device))
+        # Positions count back from the latest item, so a batch padded only
+        # to its own longest history means the same as one padded to max_len.
+        start = self.positions.num_embeddings - length
+        positions = self.positions(torch.arange(start, start + length, device=item_vectors.device))
         hidden = self.dropout(item_vectors * math.sqrt(item_vectors.shape[-1]) + positions)
         future = torch.triu(torch.ones(length, length, dtype=torch.bool, device=item_vectors.device), diagonal=1)
         # Blocked: the future, and padding keys. A padded query may still see
@@ -111,12 +114,17 @@ class SequentialRecommender(nn.Module):
         self.user = UserTower(config)
 
     def encode_users(self, histories: Sequence[np.ndarray], item_matrix: torch.Tensor) -> torch.Tensor:
-        batch, padding = left_pad(histories, self.config.max_len)
+        batch, padding = left_pad(histories, self.config.max_len, shortest=True)
         vectors = item_matrix[batch.clamp(min=0)] * (~padding).unsqueeze(-1)
         return self.user(vectors, padding)[:, -1]
 
 
-def left_pad(histories: Sequence[np.ndarray], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(histories: Sequence[np.ndarray], max_len: int, shortest: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, L] item indices, -1 where empty, latest item last. L is max_len, or
+    with `shortest` only as long as the longest history needs (much of a
+    benchmark's histories are a handful of items: padding is wasted work)."""
+    if shortest:
+        max_len = max(1, min(max_len, max((len(h) for h in histories), default=1)))
     batch = torch.full((len(histories), max_len), -1, dtype=torch.long)
     for row, history in enumerate(histories):
         tail = history[-max_len:]
@@ -135,6 +143,15 @@ def training_examples(sequences: Sequence[np.ndarray], max_len: int) -> list[np.
         for end in range(len(sequence), 1, -max_len):
             examples.append(sequence[max(0, end - max_len - 1) : end])
     return examples
+
+
+def length_batches(examples: Sequence[np.ndarray], batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Batches of examples of similar length, in random order: each batch pads
+    only to its own longest example. Ties are shuffled so batches differ per epoch."""
+    lengths = np.asarray([len(e) for e in examples])
+    order = np.lexsort((rng.random(len(examples)), lengths))
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    return [batches[i] for i in rng.permutation(len(batches))]
 
 
 @dataclass
@@ -159,13 +176,13 @@ def fit(model: SequentialRecommender, split: CategorySplit, config: SeqConfig, p
     epoch = 0
     for epoch in range(1, config.max_epochs + 1):
         model.train()
-        order = rng.permutation(len(examples))
         total, count = 0.0, 0
-        bar = tqdm(range(0, len(order), config.batch_size), desc=f"epoch {epoch}", disable=not progress, leave=False)
-        for start in bar:
-            chunk = [examples[i] for i in order[start : start + config.batch_size]]
-            inputs, _ = left_pad([c[:-1] for c in chunk], config.max_len)
-            targets, _ = left_pad([c[1:] for c in chunk], config.max_len)
+        batches = length_batches(examples, config.batch_size, rng)
+        bar = tqdm(batches, desc=f"epoch {epoch}", disable=not progress, leave=False)
+        for batch in bar:
+            chunk = [examples[i] for i in batch]
+            inputs, _ = left_pad([c[:-1] for c in chunk], config.max_len, shortest=True)
+            targets, _ = left_pad([c[1:] for c in chunk], config.max_len, shortest=True)
             item_matrix = model.items.all_items()
             padding = inputs < 0
             hidden = model.user(item_matrix[inputs.clamp(min=0)] * (~padding).unsqueeze(-1), padding)
@@ -175,7 +192,7 @@ def fit(model: SequentialRecommender, split: CategorySplit, config: SeqConfig, p
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
-            total += float(loss) * int(valid.sum())
+            total += loss.item() * int(valid.sum())
             count += int(valid.sum())
             bar.set_postfix(loss=f"{total / count:.3f}")
         losses.append(total / max(count, 1))

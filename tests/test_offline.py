@@ -1,0 +1,73 @@
+"""The benchmark protocol, the baselines and a small real training run."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from recsys_core import paths
+from recsys_core.offline import baselines, protocol
+
+
+@pytest.fixture(scope="module")
+def beauty(dataset):
+    return protocol.category_split(dataset.interactions, dataset.items, "Beauty")
+
+
+def test_split_holds_out_the_last_two_events_by_seq(dataset, beauty):
+    user = beauty.users[0]
+    events = dataset.interactions[(dataset.interactions.user_id == user) & (dataset.interactions.category == "Beauty")]
+    ordered = events.sort_values("seq").item_id.tolist()
+    assert beauty.item_ids[beauty.targets("test")[0]] == ordered[-1]
+    assert beauty.item_ids[beauty.targets("valid")[0]] == ordered[-2]
+    assert [beauty.item_ids[i] for i in beauty.inputs("test")[0]] == ordered[:-1]
+    assert [beauty.item_ids[i] for i in beauty.training_sequences()[0]] == ordered[:-2]
+
+
+def test_ranks_leave_history_out_and_count_ties_against_the_target():
+    histories = [np.array([0, 1]), np.array([2])]
+    scores = np.array([[9.0, 8.0, 1.0, 0.5], [5.0, 5.0, 5.0, 5.0]])
+    ranks = protocol.target_ranks(lambda h: scores[: len(h)], histories, np.array([2, 3]))
+    assert list(ranks) == [0, 2], "history items 0 and 1 do not count; a tie of three ranks the target last"
+    metrics = protocol.metrics_from_ranks(np.array([0, 10, 30]))
+    assert metrics["recall@10"] == pytest.approx(1 / 3) and metrics["recall@20"] == pytest.approx(2 / 3)
+    assert metrics["ndcg@10"] == pytest.approx(1 / 3)
+
+
+def test_baselines_order_on_the_bundled_subset(beauty, dataset, exported_encoder):
+    from recsys_core.offline.items import default_encoder, split_item_vectors
+
+    popularity = protocol.evaluate(baselines.popularity_scorer(beauty), beauty)
+    cooccurrence = protocol.evaluate(baselines.cooccurrence_scorer(beauty), beauty)
+    zero_shot = protocol.evaluate(
+        baselines.zero_shot_scorer(beauty, split_item_vectors(beauty, dataset.items, default_encoder(), False)), beauty
+    )
+    assert zero_shot["recall@10"] > popularity["recall@10"]
+    assert cooccurrence["recall@10"] >= popularity["recall@10"]
+
+
+def test_cross_category_task_ranks_only_the_target_category(dataset):
+    task = protocol.cross_category_task(dataset.interactions, dataset.items, "Beauty", "Toys_and_Games")
+    assert len(task.split.users) > 50
+    assert all(task.candidates[t] for t in task.targets())
+    assert not any(task.candidates[i] for history in task.inputs() for i in history)
+
+
+def test_training_lowers_the_loss_and_beats_popularity(tmp_path, beauty, dataset, exported_encoder):
+    """CI's training smoke run: a few epochs of our model on the bundled Beauty."""
+    from recsys_core.offline import commands
+
+    out = tmp_path / "model"
+    assert commands.train_main(["--data", str(paths.BUNDLED_DATA_DIR), "--categories", "Beauty",
+                                "--out", str(out), "--max-epochs", "8", "--max-minutes", "2"]) == 0
+    saved = json.loads((out / "model.json").read_text())
+    assert saved["losses"][-1] < saved["losses"][0]
+    from recsys_core.offline import seqmodel, textmodel
+    from recsys_core.offline.items import default_encoder
+
+    model = textmodel.load(out, beauty, textmodel.text_tensor(beauty, dataset.items, default_encoder()))
+    ours = protocol.evaluate(seqmodel.scorer(model), beauty)
+    popularity = protocol.evaluate(baselines.popularity_scorer(beauty), beauty)
+    assert ours["ndcg@10"] > popularity["ndcg@10"]
+    assert ours["recall@10"] > popularity["recall@10"]
