@@ -6,6 +6,9 @@ client only sends strings and reads vectors back over gRPC.
 """
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import threading
 import time
 
 import numpy as np
@@ -51,35 +54,54 @@ class TritonEncoder:
         version: int | str | None = None,
         timeout: float = DEFAULT_TIMEOUT,
     ):
-        import tritonclient.grpc as grpcclient
+        import tritonclient.grpc.aio as aioclient
         from tritonclient.utils import InferenceServerException
 
         self.url = url
         self.model_name = model_name
         self.timeout = timeout
-        self._grpcclient = grpcclient
+        self._client_module = aioclient
         self._server_error = InferenceServerException
-        # One long-lived channel: gRPC multiplexes calls and reconnects on its own.
-        self._client = grpcclient.InferenceServerClient(url)
+        # The asyncio client on a loop of its own: the gRPC server's worker
+        # threads hand it their calls, which then share one channel without
+        # tying up a thread each while Triton works.
+        self._loop = asyncio.new_event_loop()
+        self._loop_thread = threading.Thread(target=self._loop.run_forever, name="triton-client", daemon=True)
+        self._loop_thread.start()
+        self._client = self._call(self._connect(url), timeout)
         try:
-            metadata = self._client.get_model_metadata(model_name, as_json=True, client_timeout=timeout)
+            metadata = self._call(self._client.get_model_metadata(model_name, as_json=True, client_timeout=timeout), timeout)
             self.version = str(version) if version is not None else max(metadata["versions"], key=int)
-            config = self._client.get_model_config(
+            config = self._call(self._client.get_model_config(
                 model_name, self.version, as_json=True, client_timeout=timeout
-            )["config"]
+            ), timeout)["config"]
         except InferenceServerException as exc:
-            self._client.close()
+            self.close()
             raise _translate(exc, url) from exc
         # The client chunks to the server's limit: Triton rejects a request
         # whose batch exceeds max_batch_size rather than splitting it.
         self.max_batch_size = int(config.get("max_batch_size") or 0) or 1
         output = next((o for o in config["output"] if o["name"] == EMBEDDING), None)
         if output is None:
-            self._client.close()
+            self.close()
             raise ValueError(f"model {model_name} at {url} has no {EMBEDDING} output")
         self.dimension = int(output["dims"][-1])
         self.precision = config.get("parameters", {}).get("precision", {}).get("string_value") or "int8"
         self.fingerprint = f"triton:{model_name}:{self.version}"
+
+    async def _connect(self, url: str):
+        # The aio client binds to the loop it is created on.
+        return self._client_module.InferenceServerClient(url)
+
+    def _call(self, coroutine, timeout: float):
+        """Run a client coroutine on the client's loop and wait for it; the
+        wait is bounded a little beyond the call's own deadline."""
+        future = asyncio.run_coroutine_threadsafe(coroutine, self._loop)
+        try:
+            return future.result(timeout + 1.0)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise errors.DeadlineExceeded(f"Triton at {self.url} did not answer in {timeout:.1f}s") from None
 
     def encode(self, texts: list[str], timeout: float | None = None) -> np.ndarray:
         """Unit-length float32 embeddings, one row per text. `timeout` (seconds,
@@ -99,24 +121,27 @@ class TritonEncoder:
     def is_ready(self, timeout: float = 1.0) -> bool:
         """Whether Triton serves our model version now."""
         try:
-            return bool(self._client.is_model_ready(self.model_name, self.version, client_timeout=timeout))
+            return bool(self._call(
+                self._client.is_model_ready(self.model_name, self.version, client_timeout=timeout), timeout
+            ))
         except self._server_error:
             return False
 
     def _infer(self, texts: list[str], timeout: float) -> np.ndarray:
         data = np.array([t.encode("utf-8") for t in texts], dtype=np.object_).reshape(-1, 1)
-        tensor = self._grpcclient.InferInput(TEXT, list(data.shape), "BYTES")
+        tensor = self._client_module.InferInput(TEXT, list(data.shape), "BYTES")
         tensor.set_data_from_numpy(data)
         deadline = time.monotonic() + timeout
         for attempt in range(len(RETRY_BACKOFF_SECONDS) + 1):
             try:
-                result = self._client.infer(
+                budget = max(deadline - time.monotonic(), 0.001)
+                result = self._call(self._client.infer(
                     self.model_name,
                     [tensor],
                     model_version=self.version,
-                    outputs=[self._grpcclient.InferRequestedOutput(EMBEDDING)],
-                    client_timeout=max(deadline - time.monotonic(), 0.001),
-                )
+                    outputs=[self._client_module.InferRequestedOutput(EMBEDDING)],
+                    client_timeout=budget,
+                ), budget)
                 break
             except self._server_error as exc:
                 error = _translate(exc, self.url)
@@ -137,7 +162,14 @@ class TritonEncoder:
         return vectors
 
     def close(self) -> None:
-        self._client.close()
+        if self._loop.is_closed():
+            return
+        client = getattr(self, "_client", None)
+        if client is not None:
+            asyncio.run_coroutine_threadsafe(client.close(), self._loop).result(5)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._loop_thread.join(5)
+        self._loop.close()
 
     def __enter__(self) -> "TritonEncoder":
         return self
