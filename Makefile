@@ -1,6 +1,8 @@
 # The two commands of the README:
 #   make run   - set up, then serve all services on the bundled data and show recommendations
 #   make test  - set up, then run the test suite
+# and the load test (a few minutes; reports in reports/, see loadtest/README.md):
+#   make loadtest [LOADTEST_ARGS="--rates 50,100,200 --seconds 20"]
 SHELL := /bin/bash
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
@@ -11,9 +13,30 @@ GENERATED := recsys/.generated
 ENCODER := model_repo/text_encoder/1/encoder.json
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup run test protos export bench clean
+.PHONY: setup run test protos export bench loadtest clean redis-server
 
-setup: $(INSTALLED) $(GENERATED) $(ENCODER)
+setup: $(INSTALLED) $(GENERATED) $(ENCODER) redis-server
+
+# The tests run the profile service's Redis event store against a real
+# redis-server, which they start themselves on a free loopback port (never as
+# a system service). Installed from Debian's packages when missing: CI runs as
+# root; elsewhere through sudo. RUNLEVEL=1 keeps the package from starting a
+# system-wide server. RECSYS_REDIS_SERVER may name another binary instead.
+# Without one, setup only warns: `make run` does not need it, and the tests
+# skip the Redis store (under CI, where CI is set, they fail instead).
+redis-server:
+	@if [ -z "$$RECSYS_REDIS_SERVER" ] && ! command -v redis-server >/dev/null; then \
+		echo "installing redis-server (apt-get)"; \
+		sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		log=$$(mktemp); \
+		if ! { $$sudo apt-get update -qq && $$sudo env DEBIAN_FRONTEND=noninteractive RUNLEVEL=1 \
+				apt-get install -y -qq --no-install-recommends redis-server; } >"$$log" 2>&1; then \
+			cat "$$log" >&2; \
+			echo "WARNING: could not install redis-server: the Redis store's tests will be skipped (they fail under CI)." >&2; \
+			echo "Install it (apt-get install redis-server) or set RECSYS_REDIS_SERVER to a redis-server binary." >&2; \
+		fi; \
+		rm -f "$$log"; \
+	fi
 
 $(INSTALLED): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +70,13 @@ test: setup
 
 bench: setup
 	$(PY) bench/recommend.py
+
+# ghz into .tools/bin (once, from the Go module proxy), the request data from
+# data/, then bounded ghz runs against the local stack and the echo ceiling.
+loadtest: setup
+	bash scripts/install_ghz.sh
+	$(PY) loadtest/make_data.py
+	$(PY) loadtest/run.py $(LOADTEST_ARGS)
 
 clean:
 	rm -rf recsys .cache var reports

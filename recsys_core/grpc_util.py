@@ -1,5 +1,5 @@
 """What every server and client of the platform shares: status mapping,
-health and reflection, graceful shutdown, deadlines on outbound calls."""
+health and reflection, metrics, graceful shutdown, deadlines on outbound calls."""
 from __future__ import annotations
 
 import functools
@@ -12,9 +12,11 @@ from typing import Callable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from google.protobuf import descriptor_pool
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from recsys_core import errors
+from recsys_core.metrics import ServerMetrics, listen_host
 
 log = logging.getLogger(__name__)
 
@@ -159,16 +161,48 @@ class Readiness:
             raise errors.Unavailable(f"{self.name} is still loading; retry shortly")
 
 
-class ManagedServer:
-    """A grpc.Server with its health reporting and background loading: what
-    `create_server` of every service returns beside the bound port."""
+class ReflectionServicer(reflection.ReflectionServicer):
+    """Server reflection that also answers a method's name with its file.
 
-    def __init__(self, server: grpc.Server, serving: ServingHealth, name: str):
+    The reflection protocol takes `<package>.<service>[.<method>]` for
+    file_containing_symbol, and clients such as ghz ask for the method; but
+    protobuf's Python descriptor pool only resolves services, types and fields,
+    so the stock servicer answers NOT_FOUND for methods.
+    """
+
+    def __init__(self, service_names, pool=None):
+        super().__init__(service_names, pool=pool)
+        self._symbols = pool if pool is not None else descriptor_pool.Default()
+
+    def _file_containing_symbol(self, request, fully_qualified_name):
+        try:
+            self._symbols.FindFileContainingSymbol(fully_qualified_name)
+        except KeyError:
+            service_name, _, method = fully_qualified_name.rpartition(".")
+            try:
+                if method in self._symbols.FindServiceByName(service_name).methods_by_name:
+                    fully_qualified_name = service_name
+            except KeyError:
+                pass
+        return super()._file_containing_symbol(request, fully_qualified_name)
+
+
+class ManagedServer:
+    """A grpc.Server with its health reporting, metrics and background loading:
+    what `create_server` of every service returns beside the bound port."""
+
+    def __init__(self, server: grpc.Server, serving: ServingHealth, name: str, metrics: ServerMetrics | None = None):
         self.grpc_server = server
         self.serving = serving
         self.readiness = Readiness(serving, name)
+        self.metrics = metrics if metrics is not None else ServerMetrics()
         # Set when the server begins to stop; background loops watch it.
         self.stopping = threading.Event()
+
+    @property
+    def metrics_port(self) -> int | None:
+        """The port of the /metrics endpoint, None when the server has none."""
+        return self.metrics.port
 
     def add(self, register: Callable, servicer) -> None:
         register(servicer, self.grpc_server)
@@ -180,7 +214,12 @@ class ManagedServer:
         """Drain: NOT_SERVING first, then refuse new calls and let in-flight ones finish."""
         self.stopping.set()
         self.serving.shutdown()
-        return self.grpc_server.stop(grace)
+        stopped = self.grpc_server.stop(grace)
+        # Scrapes still see the drain; the endpoint closes once the server has stopped.
+        threading.Thread(
+            target=lambda: (stopped.wait(), self.metrics.close_http()), name="metrics-close", daemon=True
+        ).start()
+        return stopped
 
     def run_until_terminated(self, grace_seconds: float) -> int:
         """Serve until SIGTERM or SIGINT, then drain: health turns NOT_SERVING
@@ -204,28 +243,48 @@ class ManagedServer:
         return 0
 
 
-def build_server(address: str, workers: int, full_service_names: list[str], name: str) -> tuple[ManagedServer, int]:
-    """A server with health and reflection registered and `address` bound.
+def build_server(
+    address: str, workers: int, full_service_names: list[str], name: str, metrics_port: int | None = None
+) -> tuple[ManagedServer, int]:
+    """A server with health, reflection and the metrics interceptor registered
+    and `address` bound; with a `metrics_port` (0: a free one) also the
+    Prometheus endpoint, on the host of `address` (`ManagedServer.metrics_port`).
 
-    Callers add their servicers, start loading, then start it. Raises if the
+    Callers add their servicers, start loading, then start it. Raises if a
     port cannot be bound.
     """
+    metrics = ServerMetrics()
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name),
         options=CHANNEL_OPTIONS,
+        # Every call of every service passes the one metrics interceptor.
+        interceptors=[metrics.interceptor()],
         # Beyond this many queued calls the server answers RESOURCE_EXHAUSTED
-        # at once instead of letting latency grow without bound.
+        # at once instead of letting latency grow without bound. (Those calls
+        # never reach a handler, so the RPC metrics do not count them.)
         maximum_concurrent_rpcs=workers * 16,
     )
     serving = ServingHealth(server, full_service_names)
-    reflection.enable_server_reflection(
-        [*full_service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
+        ReflectionServicer(
+            [*full_service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME]
+        ),
         server,
     )
     port = server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"could not bind {address}")
-    return ManagedServer(server, serving, name), port
+    managed = ManagedServer(server, serving, name, metrics)
+    metrics.track_readiness(managed.readiness.ready.is_set)
+    if metrics_port is not None:
+        host = listen_host(address)
+        try:
+            metrics.serve_http(host, metrics_port)
+        except OSError as error:
+            server.stop(0)
+            raise OSError(f"could not serve metrics on {host}:{metrics_port}: {error}") from error
+        log.info("%s metrics on http://%s:%d/metrics", name, host, metrics.port)
+    return managed, port
 
 
 def setup_logging(service: str) -> None:

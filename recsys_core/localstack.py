@@ -61,6 +61,9 @@ class LocalStack:
     def environment(self) -> dict[str, str]:
         ports = {"gateway": self.gateway_port, **{name: free_port() for name in ("embedding", "profile", "ranking")}}
         self.addresses.update({name: f"127.0.0.1:{port}" for name, port in ports.items()})
+        # Each process its own Prometheus endpoint: "<service>-metrics" -> host:port (GET /metrics).
+        metrics_ports = {name: free_port() for name in SERVICES}
+        self.addresses.update({f"{name}-metrics": f"127.0.0.1:{port}" for name, port in metrics_ports.items()})
         # Each data set gets its own store, so switching --data never mixes events.
         store = self.state_dir / f"profile-{Path(self.data_dir).resolve().name}.sqlite3"
         env = dict(os.environ)
@@ -78,6 +81,7 @@ class LocalStack:
             "GATEWAY_PROFILE_ADDRESS": self.addresses["profile"],
             "GATEWAY_EMBEDDING_ADDRESS": self.addresses["embedding"],
             "GATEWAY_RANKING_ADDRESS": self.addresses["ranking"],
+            **{f"{name.upper()}_METRICS_PORT": str(port) for name, port in metrics_ports.items()},
         })
         env["EMBEDDING_ENCODER"] = self.encoder
         env["EMBEDDING_MODEL_REPO"] = str(self.model_repo)
@@ -93,6 +97,7 @@ class LocalStack:
             log.info("starting Triton Inference Server on %s", self.model_repo)
             self.triton = TritonServer(self.model_repo, log_path=Path(self.state_dir) / "triton.log").start()
             self.addresses["triton"] = self.triton.grpc_url
+            self.addresses["triton-metrics"] = f"127.0.0.1:{self.triton.metrics_port}"
             log.info("Triton ready at %s (log %s)", self.triton.grpc_url, self.triton.log_path)
         env = self.environment()
         for name in SERVICES:

@@ -107,3 +107,89 @@ def gateway_config_for(stack):
         ranking_address=stack.ranking,
     )
     return lambda **changes: replace(base, **changes)
+
+
+# -- the profile service's event stores -------------------------------------------
+
+STORE_BACKENDS = ("sqlite", "redis")
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    """A real redis-server on a free loopback port, durable as the Redis store
+    requires (AOF, appendfsync always, no RDB), shared by the session; tests
+    keep apart by key prefix. Tests that kill a Redis start their own."""
+    from services.profile.local_redis import LocalRedis, redis_server_binary
+
+    if redis_server_binary() is None:
+        message = "redis-server is not installed: `make setup` installs it"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    with LocalRedis(tmp_path_factory.mktemp("redis")) as server:
+        yield server
+
+
+def unique_redis_prefix() -> str:
+    import uuid
+
+    return f"test:{uuid.uuid4().hex[:12]}:"
+
+
+@dataclass
+class StoreOpener:
+    """Opens handles on one store's storage: a SQLite file, or a key prefix in Redis."""
+
+    backend: str
+    path: str = ""
+    redis_url: str = ""
+    prefix: str = ""
+
+    def __post_init__(self):
+        self.opened = []
+
+    def __call__(self):
+        from services.profile.config import ProfileConfig
+        from services.profile.store import open_store
+
+        store = open_store(ProfileConfig(store=self.backend, store_path=self.path, redis_url=self.redis_url,
+                                         redis_prefix=self.prefix))
+        self.opened.append(store)
+        return store
+
+
+@pytest.fixture(params=STORE_BACKENDS)
+def open_event_store(request, tmp_path):
+    """Opens stores of the parameter's backend on one fresh storage."""
+    if request.param == "redis":
+        server = request.getfixturevalue("redis_server")
+        opener = StoreOpener("redis", redis_url=server.url, prefix=unique_redis_prefix())
+    else:
+        opener = StoreOpener("sqlite", path=str(tmp_path / "events.sqlite3"))
+    yield opener
+    for store in opener.opened:
+        store.close()
+
+
+@pytest.fixture
+def event_store(open_event_store):
+    """A fresh, empty event store: once SQLite, once Redis."""
+    return open_event_store()
+
+
+@pytest.fixture(scope="session", params=STORE_BACKENDS)
+def profile_backend(request, stack):
+    """The address of a profile service on the bundled data, once per store
+    backend: the stack's own (SQLite), and one on the session's Redis."""
+    if request.param == "sqlite":
+        yield stack.profile
+        return
+    from services.profile.config import ProfileConfig
+    from services.profile.server import create_server as create_profile
+
+    server = request.getfixturevalue("redis_server")
+    config = ProfileConfig(address="127.0.0.1:0", store="redis", redis_url=server.url,
+                           redis_prefix=unique_redis_prefix(), embedding_address=stack.embedding)
+    profile, address = start(create_profile(config))
+    yield address
+    profile.stop(None)

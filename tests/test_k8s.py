@@ -281,9 +281,14 @@ def test_service_ports_reach_container_ports(manifests):
 
 
 def test_metrics_ports_are_declared(manifests):
-    for component in SERVICES:
+    for component, python_service in SERVICES.items():
         service = manifests.get("Service", component)
         assert {"name": "metrics", "port": 9090} in [{k: p[k] for k in ("name", "port")} for p in service["spec"]["ports"]]
+        # ... and the service serves its metrics there (<SERVICE>_METRICS_PORT).
+        workload = manifests.workload(component)
+        (container,) = containers(workload)
+        config = python_service.config.from_env(environment(manifests, workload))
+        assert config.metrics_port == container_port(container, "metrics")["containerPort"] == 9090, component
     triton = {p["name"]: p["port"] for p in manifests.get("Service", "triton")["spec"]["ports"]}
     assert triton == {"http": 8000, "grpc": 8001, "metrics": 8002}
 

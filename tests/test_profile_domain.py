@@ -1,3 +1,5 @@
+import threading
+
 import numpy as np
 import pytest
 
@@ -5,7 +7,7 @@ from recsys_core.errors import InvalidArgument, NotFound
 from services.profile.interests import event_weight, interest_vector
 from services.profile.popularity import Popularity
 from services.profile.profiles import IncomingEvent, ProfileBook
-from services.profile.store import PURCHASE, RATING, VIEW, SQLiteEventStore, StoredEvent
+from services.profile.store import PURCHASE, RATING, VIEW, StoredEvent
 
 
 def event(item, type_=PURCHASE, rating=None, user="u"):
@@ -47,24 +49,106 @@ def test_popularity_ranks_interleaves_categories_and_excludes():
     assert popularity.counts(["x1", "nope"]) == [5, 0] and popularity.max_count() == 11
 
 
-def test_store_keeps_order_idempotency_and_survives_reopening(tmp_path):
-    path = tmp_path / "events.sqlite3"
-    store = SQLiteEventStore(path)
+# -- the event stores: every test runs once on SQLite, once on Redis -------------
+
+
+def test_store_keeps_order_idempotency_and_survives_reopening(open_event_store):
+    store = open_event_store()
     keyed = StoredEvent("u", "b", "c", PURCHASE, 10, idempotency_key="k")
     assert store.append([event("a"), keyed]) == [True, True]
     assert store.append([keyed]) == [False]
     store.close()
-    reopened = SQLiteEventStore(path)
+    reopened = open_event_store()
     assert [e.item_id for e in reopened.user_events("u")] == ["a", "b"]
     assert [e.item_id for e in reopened.user_events("u", limit=1)] == ["b"]
     assert reopened.user_summary("u") == (2, {"c": 2}, ["b", "a"])
 
 
-def test_bulk_load_happens_once_per_marker(tmp_path):
-    store = SQLiteEventStore(tmp_path / "s.sqlite3")
-    assert store.bulk_load([event("a"), event("b")], total=2, marker="m", show_progress=False)
-    assert not store.bulk_load([event("a")], total=1, marker="m", show_progress=False)
-    assert store.count() == 2
+def test_store_reads_back_what_was_appended(event_store):
+    events = [
+        StoredEvent("u1", "a", "Beauty", RATING, 100, rating=4.5, review="nice", idempotency_key="k1"),
+        StoredEvent("u2", "a", "Beauty", VIEW, 101),
+        StoredEvent("u1", "b", "Toys", PURCHASE, None),
+        StoredEvent("u1", "a", "Beauty", VIEW, 103),
+        StoredEvent("u1", "b", "Toys", PURCHASE, 104, idempotency_key="k1"),  # repeats k1 within the batch
+    ]
+    assert event_store.append(events) == [True, True, True, True, False]
+    assert event_store.append([StoredEvent("u2", "ü-ñ", "Toys", VIEW, 105)]) == [True]
+    # What is read back carries neither review nor idempotency key, as from every store.
+    assert event_store.user_events("u1") == [
+        StoredEvent("u1", "a", "Beauty", RATING, 100, 4.5),
+        StoredEvent("u1", "b", "Toys", PURCHASE, None, None),
+        StoredEvent("u1", "a", "Beauty", VIEW, 103, None),
+    ]
+    assert [e.item_id for e in event_store.user_events("u1", limit=2)] == ["b", "a"]
+    assert event_store.user_events("u1", limit=0) == [] and event_store.user_events("nobody") == []
+    # Seen items, most recently seen first.
+    assert event_store.user_summary("u1") == (3, {"Beauty": 2, "Toys": 1}, ["a", "b"])
+    assert event_store.user_summary("u2") == (2, {"Beauty": 1, "Toys": 1}, ["ü-ñ", "a"])
+    assert event_store.user_summary("nobody") == (0, {}, [])
+    assert sorted(event_store.item_counts()) == [("a", "Beauty", 3), ("b", "Toys", 1), ("ü-ñ", "Toys", 1)]
+    assert event_store.count() == 5 and event_store.append([]) == []
+
+
+def test_bulk_load_happens_once_per_marker(event_store):
+    assert event_store.bulk_load([event("a"), event("b")], total=2, marker="m", show_progress=False)
+    assert not event_store.bulk_load([event("a")], total=1, marker="m", show_progress=False)
+    assert event_store.count() == 2 and event_store.meta("loaded:m") == "2"
+    assert event_store.bulk_load([], total=0, marker="empty", show_progress=False)
+    assert event_store.meta("loaded:empty") == "0" and event_store.meta("nothing") is None
+
+
+def test_an_interrupted_bulk_load_loads_each_event_once_when_run_again(open_event_store, monkeypatch):
+    """SQLite rolls the load back; Redis keeps whole chunks and resumes after them."""
+    import services.profile.redis_store as redis_store
+
+    monkeypatch.setattr(redis_store, "BULK_CHUNK", 3)
+    events = [event(f"i{n}", user=f"u{n % 3}") for n in range(10)]
+
+    def failing_after(n):
+        for e in events[:n]:
+            yield e
+        raise OSError("the data file went away")
+
+    store = open_event_store()
+    with pytest.raises(OSError):
+        store.bulk_load(failing_after(7), total=10, marker="m", show_progress=False)
+    assert store.meta("loaded:m") is None
+    assert store.count() in (0, 6), "nothing, or whole chunks"
+    assert open_event_store().bulk_load(iter(events), total=10, marker="m", show_progress=False)
+    assert store.count() == 10 and store.meta("loaded:m") == "10"
+    assert sorted(i for i, _, _ in store.item_counts()) == sorted(e.item_id for e in events)
+    assert [e.item_id for e in store.user_events("u1")] == ["i1", "i4", "i7"]
+
+
+def test_concurrent_appends_of_one_key_store_it_once(open_event_store):
+    """Several writers, each on its own store handle, send the same keyed
+    events at the same moment: each key is stored exactly once."""
+    writers, rounds = 4, 15
+    stores = [open_event_store() for _ in range(writers)]
+    barrier = threading.Barrier(writers)
+    results = [[] for _ in range(writers)]
+
+    def write(w):
+        for r in range(rounds):
+            batch = [StoredEvent("same", f"item{r}", "c", VIEW, r, idempotency_key=f"key-{r}"),
+                     StoredEvent(f"writer{w}", f"item{r}", "c", VIEW, r, idempotency_key=f"key-{w}-{r}")]
+            barrier.wait(10)
+            results[w].append(stores[w].append(batch))
+
+    threads = [threading.Thread(target=write, args=(w,)) for w in range(writers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    for r in range(rounds):
+        shared = [results[w][r][0] for w in range(writers)]
+        assert shared.count(True) == 1, f"round {r}: key-{r} stored {shared.count(True)} times"
+        assert all(results[w][r][1] for w in range(writers))
+    store = stores[0]
+    assert store.user_summary("same")[0] == rounds
+    assert [e.item_id for e in store.user_events("same")] == [f"item{r}" for r in range(rounds)]
+    assert store.count() == rounds * (writers + 1)
 
 
 class CatalogueOf:
@@ -80,9 +164,9 @@ class CatalogueOf:
 
 
 @pytest.fixture
-def book(tmp_path):
+def book(event_store):
     items = {name: ("C", vector) for name, vector in BASIS.items()}
-    return ProfileBook(SQLiteEventStore(tmp_path / "s.sqlite3"), CatalogueOf(items), 0.05, 0.5, 200, 10, 100)
+    return ProfileBook(event_store, CatalogueOf(items), 0.05, 0.5, 200, 10, 100)
 
 
 def incoming(item, user="u", type_=PURCHASE, **kw):
@@ -99,6 +183,14 @@ def test_book_ingest_updates_profile_and_popularity(book):
     book.ingest([incoming("c")], 1.0)
     assert book.profile("u", 1.0).recent[0].item_id == "c", "ingest invalidates the cached profile"
     assert book.popular(2, [], []) == [("a", "C", 1), ("b", "C", 1)]
+
+
+def test_book_counts_a_resent_event_once(book):
+    keyed = incoming("a", idempotency_key="order-1")
+    assert book.ingest([keyed, incoming("b", idempotency_key="order-2")], 1.0) == (2, 0)
+    assert book.ingest([keyed, incoming("c", idempotency_key="order-3")], 1.0) == (1, 1)
+    assert book.profile("u", 1.0).event_count == 3
+    assert book.item_popularity(["a", "b", "c"])[0] == [1, 1, 1], "a duplicate adds no popularity"
 
 
 def test_book_refuses_bad_batches_whole(book):

@@ -52,6 +52,26 @@ def test_every_service_reports_health_and_offers_reflection(stack, name):
         assert {SERVICE_NAMES[name], "grpc.health.v1.Health"} <= listed
 
 
+@pytest.mark.parametrize("symbol,found", [
+    ("recsys.gateway.v1.GatewayService", True),
+    # Methods too, as the reflection protocol says (ghz asks for the method).
+    ("recsys.gateway.v1.GatewayService.Recommend", True),
+    ("recsys.gateway.v1.RecommendRequest", True),
+    ("recsys.gateway.v1.GatewayService.NoSuchMethod", False),
+    ("no.such.Service.Method", False),
+])
+def test_reflection_finds_the_file_of_a_service_method_or_type(stack, symbol, found):
+    with stack.channel("gateway") as channel:
+        reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+        (reply,) = reflection.ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(file_containing_symbol=symbol)]), timeout=5)
+    if found:
+        assert reply.HasField("file_descriptor_response"), reply
+        assert reply.file_descriptor_response.file_descriptor_proto
+    else:
+        assert reply.error_response.error_code == grpc.StatusCode.NOT_FOUND.value[0]
+
+
 def test_a_service_is_not_serving_until_loaded(exported_encoder, tmp_path):
     """The profile service waits on a store load; until then health says
     NOT_SERVING and domain calls are UNAVAILABLE, not half answers."""
@@ -151,8 +171,9 @@ def test_upserted_items_are_searchable_and_can_move_category(embedding):
 
 
 @pytest.fixture(scope="module")
-def profile(stack):
-    with stack.channel("profile") as channel:
+def profile(profile_backend):
+    """Every profile test runs twice: on the SQLite store, then on Redis."""
+    with grpc.insecure_channel(profile_backend) as channel:
         yield profile_pb2_grpc.ProfileServiceStub(channel)
 
 
@@ -182,6 +203,23 @@ def test_ingest_is_idempotent_by_key_and_all_or_nothing(profile, dataset):
     assert code == grpc.StatusCode.NOT_FOUND and details.startswith("events[1].item_id")
     reply = profile.GetProfile(profile_pb2.GetProfileRequest(user_id="ingest-user"), timeout=5)
     assert reply.event_count == 1, "a refused batch stores nothing"
+
+
+def test_concurrent_requests_with_one_key_store_it_once(profile, dataset):
+    """Clients retry; a retry may overtake the original. However many requests
+    carry a key at once, its event is stored once."""
+    items = dataset.items.item_id.iloc[10:20].tolist()
+    calls = []
+    for n, item_id in enumerate(items):
+        event = common_pb2.Event(user_id="concurrent-user", item_id=item_id, type=common_pb2.EVENT_TYPE_VIEW,
+                                 idempotency_key=f"concurrent-{n}")
+        request = profile_pb2.IngestEventsRequest(events=[event])
+        calls.append([profile.IngestEvents.future(request, timeout=10) for _ in range(4)])
+    for n, same_key in enumerate(calls):
+        replies = [(call.result().accepted, call.result().duplicates) for call in same_key]
+        assert sorted(replies) == [(0, 1), (0, 1), (0, 1), (1, 0)], f"concurrent-{n}: {replies}"
+    reply = profile.GetProfile(profile_pb2.GetProfileRequest(user_id="concurrent-user"), timeout=5)
+    assert reply.event_count == len(items) and sorted(reply.seen_item_ids) == sorted(items)
 
 
 @pytest.mark.parametrize(

@@ -15,6 +15,9 @@ class EmbeddingConfig:
     address: str = "127.0.0.1:50052"
     workers: int = 8
     grace_seconds: float = 10.0
+    # Prometheus /metrics port, on the host of `address`; 0 picks a free one
+    # (every process of a local stack needs its own; Kubernetes sets 9090).
+    metrics_port: int = 0
     # Catalogue loaded at start; empty means start with an empty catalogue.
     data_dir: str = str(paths.BUNDLED_DATA_DIR)
     model_repo: str = str(paths.MODEL_REPO)
@@ -43,6 +46,7 @@ class EmbeddingConfig:
             address=env.str("ADDRESS", cls.address),
             workers=env.int("WORKERS", cls.workers, minimum=1, maximum=256),
             grace_seconds=env.float("GRACE_SECONDS", cls.grace_seconds, minimum=0),
+            metrics_port=env.int("METRICS_PORT", cls.metrics_port, minimum=0, maximum=65535),
             data_dir=env.str("DATA_DIR", cls.data_dir),
             model_repo=env.str("MODEL_REPO", cls.model_repo),
             encoder=env.choice("ENCODER", cls.encoder, ENCODER_BACKENDS),

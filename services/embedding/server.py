@@ -7,6 +7,7 @@ import threading
 from pathlib import Path
 
 import faiss
+from prometheus_client.core import GaugeMetricFamily
 
 from recsys.embedding.v1 import embedding_pb2, embedding_pb2_grpc
 from recsys_core import data
@@ -72,17 +73,45 @@ def load_catalogue(config: EmbeddingConfig, show_progress: bool = True) -> Catal
     return catalogue
 
 
+class CatalogueCollector:
+    """Index size per category and encoder readiness, read from the catalogue
+    at scrape time (nothing to keep in step as items and Triton come and go)."""
+
+    def __init__(self):
+        self.catalogue: Catalogue | None = None
+
+    def collect(self):
+        items = GaugeMetricFamily(
+            "recsys_embedding_index_items", "Items in the FAISS index, per category.", labels=["category"]
+        )
+        ready = GaugeMetricFamily(
+            "recsys_embedding_encoder_ready", "1 while the text encoder answers (EmbedTexts works), else 0."
+        )
+        catalogue = self.catalogue
+        if catalogue is not None:
+            for category, count in sorted(catalogue.categories().items()):
+                items.add_metric([category], count)
+        ready.add_metric([], 1.0 if catalogue is not None and catalogue.encoder_ready else 0.0)
+        yield items
+        yield ready
+
+
 def create_server(config: EmbeddingConfig) -> tuple[ManagedServer, int]:
     """Bound, not yet started; the catalogue loads in the background and
     health turns SERVING once it is in."""
-    server, port = build_server(config.address, config.workers, [SERVICE_NAME], "embedding")
+    server, port = build_server(
+        config.address, config.workers, [SERVICE_NAME], "embedding", metrics_port=config.metrics_port
+    )
     servicer = EmbeddingServicer(server.readiness, config)
     server.add(embedding_pb2_grpc.add_EmbeddingServiceServicer_to_server, servicer)
     server.serving.set_component(ENCODER_HEALTH_NAME, False)
+    collector = CatalogueCollector()
+    server.metrics.registry.register(collector)
 
     def load() -> None:
         catalogue = load_catalogue(config)
         servicer.attach(catalogue)
+        collector.catalogue = catalogue
         threading.Thread(
             target=watch_encoder, args=(catalogue, server.serving, server.stopping), name="encoder-watch", daemon=True
         ).start()

@@ -10,6 +10,9 @@ class GatewayConfig:
     address: str = "127.0.0.1:50051"
     workers: int = 16
     grace_seconds: float = 10.0
+    # Prometheus /metrics port, on the host of `address`; 0 picks a free one
+    # (every process of a local stack needs its own; Kubernetes sets 9090).
+    metrics_port: int = 0
     profile_address: str = "127.0.0.1:50053"
     embedding_address: str = "127.0.0.1:50052"
     ranking_address: str = "127.0.0.1:50054"
@@ -33,6 +36,7 @@ class GatewayConfig:
             address=env.str("ADDRESS", cls.address),
             workers=env.int("WORKERS", cls.workers, minimum=1, maximum=256),
             grace_seconds=env.float("GRACE_SECONDS", cls.grace_seconds, minimum=0),
+            metrics_port=env.int("METRICS_PORT", cls.metrics_port, minimum=0, maximum=65535),
             profile_address=env.str("PROFILE_ADDRESS", cls.profile_address),
             embedding_address=env.str("EMBEDDING_ADDRESS", cls.embedding_address),
             ranking_address=env.str("RANKING_ADDRESS", cls.ranking_address),

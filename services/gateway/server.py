@@ -6,12 +6,13 @@ import sys
 import time
 
 import grpc
+from prometheus_client import Counter
 
 from recsys.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from recsys_core.grpc_util import ManagedServer, build_server, setup_logging
 from services.gateway.composer import Composer
 from services.gateway.config import GatewayConfig
-from services.gateway.servicer import GatewayServicer
+from services.gateway.servicer import PATHS, GatewayServicer
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name
@@ -35,8 +36,25 @@ def wait_for_catalogue(composer: Composer, config: GatewayConfig) -> None:
             time.sleep(0.5)
 
 
+def register_metrics(server: ManagedServer) -> None:
+    """recsys_recommendations_total{path}: which path answered each Recommend."""
+    answered = Counter(
+        "recsys_recommendations_total", "Recommend replies by the path that produced them.", ["path"],
+        registry=server.metrics.registry,
+    )
+    path_of = {number: name for name, number in PATHS.items()}
+    for name in path_of.values():
+        answered.labels(name)  # every path shows, at 0, from the start
+    server.metrics.on_reply(
+        SERVICE_NAME, "Recommend", lambda _request, reply: answered.labels(path_of.get(reply.path, "unspecified")).inc()
+    )
+
+
 def create_server(config: GatewayConfig) -> tuple[ManagedServer, int]:
-    server, port = build_server(config.address, config.workers, [SERVICE_NAME], "gateway")
+    server, port = build_server(
+        config.address, config.workers, [SERVICE_NAME], "gateway", metrics_port=config.metrics_port
+    )
+    register_metrics(server)
     composer = Composer(config)
     server.add(gateway_pb2_grpc.add_GatewayServiceServicer_to_server, GatewayServicer(server.readiness, composer, config))
     server.readiness.start(lambda: wait_for_catalogue(composer, config))

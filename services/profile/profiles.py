@@ -14,7 +14,7 @@ import numpy as np
 from recsys_core.errors import InvalidArgument, NotFound
 from services.profile.interests import interest_vector
 from services.profile.popularity import Popularity
-from services.profile.store import PURCHASE, RATING, REVIEW, VIEW, SQLiteEventStore, StoredEvent
+from services.profile.store import PURCHASE, RATING, REVIEW, VIEW, EventStore, StoredEvent
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ class VectorCache:
 class ProfileBook:
     def __init__(
         self,
-        store: SQLiteEventStore,
+        store: EventStore,
         items: ItemLookup,
         long_term_decay: float,
         short_term_decay: float,

@@ -6,6 +6,8 @@ import logging
 import sys
 from pathlib import Path
 
+from prometheus_client import Counter
+
 from recsys.profile.v1 import profile_pb2, profile_pb2_grpc
 from recsys_core import data
 from recsys_core.grpc_util import ManagedServer, build_server, setup_logging
@@ -13,7 +15,7 @@ from services.profile.catalogue_client import EmbeddingServiceLookup
 from services.profile.config import ProfileConfig
 from services.profile.profiles import ProfileBook
 from services.profile.servicer import ProfileServicer
-from services.profile.store import PURCHASE, RATING, SQLiteEventStore, StoredEvent
+from services.profile.store import PURCHASE, RATING, EventStore, StoredEvent, open_store
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = profile_pb2.DESCRIPTOR.services_by_name["ProfileService"].full_name
@@ -25,7 +27,7 @@ def data_marker(data_dir: Path) -> str:
     return f"{data.INTERACTIONS_FILE}:{digest}"
 
 
-def load_dataset_events(store: SQLiteEventStore, data_dir: Path) -> None:
+def load_dataset_events(store: EventStore, data_dir: Path) -> None:
     """The benchmark events are reviews of bought items: purchases, or
     ratings where the set carries a star rating (Office)."""
     marker = data_marker(data_dir)
@@ -49,7 +51,7 @@ def load_dataset_events(store: SQLiteEventStore, data_dir: Path) -> None:
 
 
 def load_book(config: ProfileConfig) -> ProfileBook:
-    store = SQLiteEventStore(config.store_path)
+    store = open_store(config)
     if config.data_path is not None:
         load_dataset_events(store, config.data_path)
     book = ProfileBook(
@@ -61,14 +63,33 @@ def load_book(config: ProfileConfig) -> ProfileBook:
         max_events_per_request=config.max_events_per_request,
         profile_cache_size=config.profile_cache_size,
     )
-    log.info("store %s holds %d events", config.store_path, store.count())
+    log.info("store %r holds %d events", store, store.count())
     return book
+
+
+def register_metrics(server: ManagedServer) -> None:
+    """Events through IngestEvents: stored, and dropped as re-sent (idempotency key seen)."""
+    registry = server.metrics.registry
+    ingested = Counter("recsys_profile_events_ingested_total", "Events stored by IngestEvents.", registry=registry)
+    duplicates = Counter(
+        "recsys_profile_events_duplicates_total", "Events IngestEvents dropped as re-sent (known idempotency key).",
+        registry=registry,
+    )
+
+    def count(_request, reply) -> None:
+        ingested.inc(reply.accepted)
+        duplicates.inc(reply.duplicates)
+
+    server.metrics.on_reply(SERVICE_NAME, "IngestEvents", count)
 
 
 def create_server(config: ProfileConfig) -> tuple[ManagedServer, int]:
     """Bound, not yet started; the store loads in the background and health
     turns SERVING once it is in."""
-    server, port = build_server(config.address, config.workers, [SERVICE_NAME], "profile")
+    server, port = build_server(
+        config.address, config.workers, [SERVICE_NAME], "profile", metrics_port=config.metrics_port
+    )
+    register_metrics(server)
     servicer = ProfileServicer(server.readiness, config)
     server.add(profile_pb2_grpc.add_ProfileServiceServicer_to_server, servicer)
     server.readiness.start(lambda: servicer.attach(load_book(config)))

@@ -1,8 +1,11 @@
-"""Durable event storage: SQLite in WAL mode.
+"""Durable event storage: the EventStore interface and its SQLite backend.
 
-An IngestEvents call is acknowledged only after its transaction has committed
-with synchronous=FULL, so an acknowledged event survives a crash of the
-process or the machine.
+Two backends implement EventStore, chosen by PROFILE_STORE (see open_store):
+SQLite in WAL mode here, Redis in services/profile/redis_store.py. Either way
+an IngestEvents call is acknowledged only after its whole batch is on disk
+(SQLite: the transaction committed with synchronous=FULL), so an acknowledged
+event survives a crash of the process or the machine. docs/profiles.md
+("Storage") has the details.
 """
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from tqdm import tqdm
 
@@ -46,7 +50,58 @@ class StoredEvent:
     idempotency_key: str | None = None
 
 
-class SQLiteEventStore:
+class EventStore(Protocol):
+    """What the profile book needs from a store of shoppers' events.
+
+    Every implementation keeps these promises, and tests/test_profile_domain.py
+    checks them against each one:
+    - append() is all-or-nothing and durable once it returns;
+    - an idempotency key is stored at most once, even by concurrent appends;
+    - a shopper's events come back in the order they were appended.
+    """
+
+    def append(self, events: Sequence[StoredEvent]) -> list[bool]:
+        """Store the batch atomically. Returns, per event, whether it was new
+        (False: its idempotency key was stored before, or earlier in the batch)."""
+        ...
+
+    def bulk_load(self, events: Iterable[StoredEvent], total: int, marker: str, show_progress: bool = True) -> bool:
+        """Load a data set once: does nothing (False) when `marker` was loaded before."""
+        ...
+
+    def meta(self, key: str) -> str | None:
+        ...
+
+    def user_events(self, user_id: str, limit: int | None = None) -> list[StoredEvent]:
+        """The shopper's events, oldest first; with `limit`, only the most recent ones.
+        Review texts and idempotency keys are not returned."""
+        ...
+
+    def user_summary(self, user_id: str) -> tuple[int, dict[str, int], list[str]]:
+        """(event count, events per category, every item seen, most recent first)."""
+        ...
+
+    def item_counts(self) -> list[tuple[str, str, int]]:
+        """(item_id, category, events) for every item with events."""
+        ...
+
+    def count(self) -> int:
+        ...
+
+    def close(self) -> None:
+        ...
+
+
+def open_store(config) -> EventStore:
+    """The store a ProfileConfig selects (PROFILE_STORE=sqlite|redis)."""
+    if config.store == "redis":
+        from services.profile.redis_store import RedisEventStore
+
+        return RedisEventStore(config.redis_url, prefix=config.redis_prefix, durability=config.redis_durability)
+    return SQLiteEventStore(config.store_path)
+
+
+class SQLiteEventStore(EventStore):
     def __init__(self, path: Path | str):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -54,6 +109,9 @@ class SQLiteEventStore:
         self._local = threading.local()
         self._writer = self._connect()
         self._writer.executescript(SCHEMA)
+
+    def __repr__(self) -> str:
+        return f"SQLiteEventStore({str(self.path)!r})"
 
     def _connect(self) -> sqlite3.Connection:
         connection = sqlite3.connect(self.path, timeout=30, check_same_thread=False, isolation_level=None)
@@ -120,7 +178,6 @@ class SQLiteEventStore:
         return None if row is None else row[0]
 
     def user_events(self, user_id: str, limit: int | None = None) -> list[StoredEvent]:
-        """The shopper's events, oldest first; with `limit`, only the most recent ones."""
         query = "SELECT user_id, item_id, category, type, ts, rating FROM events WHERE user_id = ? ORDER BY id DESC"
         params: tuple = (user_id,)
         if limit is not None:
@@ -130,7 +187,6 @@ class SQLiteEventStore:
         return [StoredEvent(*row) for row in reversed(rows)]
 
     def user_summary(self, user_id: str) -> tuple[int, dict[str, int], list[str]]:
-        """(event count, events per category, every item seen)."""
         connection = self._reader()
         per_category = dict(
             connection.execute(
@@ -143,7 +199,6 @@ class SQLiteEventStore:
         return sum(per_category.values()), per_category, seen
 
     def item_counts(self) -> list[tuple[str, str, int]]:
-        """(item_id, category, events) for every item with events."""
         return self._reader().execute(
             "SELECT item_id, category, COUNT(*) FROM events GROUP BY item_id, category"
         ).fetchall()

@@ -10,6 +10,9 @@ class RankingConfig:
     address: str = "127.0.0.1:50054"
     workers: int = 8
     grace_seconds: float = 10.0
+    # Prometheus /metrics port, on the host of `address`; 0 picks a free one
+    # (every process of a local stack needs its own; Kubernetes sets 9090).
+    metrics_port: int = 0
     long_term_weight: float = 0.5
     short_term_weight: float = 0.3
     # A shopper on a product page wants that page's neighbourhood first.
@@ -24,6 +27,7 @@ class RankingConfig:
             address=env.str("ADDRESS", cls.address),
             workers=env.int("WORKERS", cls.workers, minimum=1, maximum=256),
             grace_seconds=env.float("GRACE_SECONDS", cls.grace_seconds, minimum=0),
+            metrics_port=env.int("METRICS_PORT", cls.metrics_port, minimum=0, maximum=65535),
             long_term_weight=env.float("LONG_TERM_WEIGHT", cls.long_term_weight, minimum=0),
             short_term_weight=env.float("SHORT_TERM_WEIGHT", cls.short_term_weight, minimum=0),
             context_weight=env.float("CONTEXT_WEIGHT", cls.context_weight, minimum=0),

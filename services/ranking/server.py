@@ -4,6 +4,8 @@ from __future__ import annotations
 import logging
 import sys
 
+from prometheus_client import Histogram
+
 from recsys.ranking.v1 import ranking_pb2, ranking_pb2_grpc
 from recsys_core.grpc_util import ManagedServer, build_server, setup_logging
 from services.ranking.config import RankingConfig
@@ -13,8 +15,23 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = ranking_pb2.DESCRIPTOR.services_by_name["RankingService"].full_name
 
 
+CANDIDATE_BUCKETS = (0, 10, 25, 50, 100, 200, 300, 500, 1000, 2000, 5000)
+
+
+def register_metrics(server: ManagedServer) -> None:
+    """recsys_ranking_candidates: candidates per answered Rank request."""
+    candidates = Histogram(
+        "recsys_ranking_candidates", "Candidates per successful Rank request.",
+        buckets=CANDIDATE_BUCKETS, registry=server.metrics.registry,
+    )
+    server.metrics.on_reply(SERVICE_NAME, "Rank", lambda request, _reply: candidates.observe(len(request.candidates)))
+
+
 def create_server(config: RankingConfig) -> tuple[ManagedServer, int]:
-    server, port = build_server(config.address, config.workers, [SERVICE_NAME], "ranking")
+    server, port = build_server(
+        config.address, config.workers, [SERVICE_NAME], "ranking", metrics_port=config.metrics_port
+    )
+    register_metrics(server)
     server.add(ranking_pb2_grpc.add_RankingServiceServicer_to_server, RankingServicer(config))
     # Nothing to load: ready as soon as it is built.
     server.readiness.start(lambda: None)
