@@ -292,3 +292,14 @@ def setup_logging(service: str) -> None:
         level=logging.INFO,
         format=f"%(asctime)s {service} %(levelname)s %(name)s: %(message)s",
     )
+
+
+def serve_main(service: str, config_type, create_server: Callable) -> int:
+    """What every service's `main()` does: configure from the environment
+    (failing fast), serve, and drain on SIGTERM. Returns the exit code."""
+    setup_logging(service)
+    config = config_type.from_env()
+    server, port = create_server(config)
+    server.start()
+    log.info("%s listening on port %d", service, port)
+    return server.run_until_terminated(config.grace_seconds)

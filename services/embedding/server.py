@@ -12,7 +12,7 @@ from prometheus_client.core import GaugeMetricFamily
 from recsys.embedding.v1 import embedding_pb2, embedding_pb2_grpc
 from recsys_core import data
 from recsys_core.encoder import METADATA_FILE, Encoder, OnnxEncoder, latest_version_dir, weights
-from recsys_core.grpc_util import ManagedServer, ServingHealth, build_server, setup_logging
+from recsys_core.grpc_util import ManagedServer, ServingHealth, build_server, serve_main
 from recsys_core.embedding_cache import EmbeddingCache
 from services.embedding.catalogue import Catalogue, records_from_frame
 from services.embedding.config import EmbeddingConfig
@@ -121,12 +121,7 @@ def create_server(config: EmbeddingConfig) -> tuple[ManagedServer, int]:
 
 
 def main() -> int:
-    setup_logging("embedding")
-    config = EmbeddingConfig.from_env()
-    server, port = create_server(config)
-    server.start()
-    log.info("listening on port %d", port)
-    return server.run_until_terminated(config.grace_seconds)
+    return serve_main("embedding", EmbeddingConfig, create_server)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import grpc
 from prometheus_client import Counter
 
 from recsys.gateway.v1 import gateway_pb2, gateway_pb2_grpc
-from recsys_core.grpc_util import ManagedServer, build_server, setup_logging
+from recsys_core.grpc_util import ManagedServer, build_server, serve_main
 from services.gateway.composer import Composer
 from services.gateway.config import GatewayConfig
 from services.gateway.servicer import PATHS, GatewayServicer
@@ -62,12 +62,7 @@ def create_server(config: GatewayConfig) -> tuple[ManagedServer, int]:
 
 
 def main() -> int:
-    setup_logging("gateway")
-    config = GatewayConfig.from_env()
-    server, port = create_server(config)
-    server.start()
-    log.info("listening on port %d", port)
-    return server.run_until_terminated(config.grace_seconds)
+    return serve_main("gateway", GatewayConfig, create_server)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from prometheus_client import Counter
 
 from recsys.profile.v1 import profile_pb2, profile_pb2_grpc
 from recsys_core import data
-from recsys_core.grpc_util import ManagedServer, build_server, setup_logging
+from recsys_core.grpc_util import ManagedServer, build_server, serve_main
 from services.profile.catalogue_client import EmbeddingServiceLookup
 from services.profile.config import ProfileConfig
 from services.profile.profiles import ProfileBook
@@ -97,12 +97,7 @@ def create_server(config: ProfileConfig) -> tuple[ManagedServer, int]:
 
 
 def main() -> int:
-    setup_logging("profile")
-    config = ProfileConfig.from_env()
-    server, port = create_server(config)
-    server.start()
-    log.info("listening on port %d", port)
-    return server.run_until_terminated(config.grace_seconds)
+    return serve_main("profile", ProfileConfig, create_server)
 
 
 if __name__ == "__main__":

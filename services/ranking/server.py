@@ -7,7 +7,7 @@ import sys
 from prometheus_client import Histogram
 
 from recsys.ranking.v1 import ranking_pb2, ranking_pb2_grpc
-from recsys_core.grpc_util import ManagedServer, build_server, setup_logging
+from recsys_core.grpc_util import ManagedServer, build_server, serve_main
 from services.ranking.config import RankingConfig
 from services.ranking.servicer import RankingServicer
 
@@ -39,12 +39,7 @@ def create_server(config: RankingConfig) -> tuple[ManagedServer, int]:
 
 
 def main() -> int:
-    setup_logging("ranking")
-    config = RankingConfig.from_env()
-    server, port = create_server(config)
-    server.start()
-    log.info("listening on port %d", port)
-    return server.run_until_terminated(config.grace_seconds)
+    return serve_main("ranking", RankingConfig, create_server)
 
 
 if __name__ == "__main__":
