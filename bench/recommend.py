@@ -574,19 +574,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.echo_server is not None:
         return serve_echo(args.echo_server, args.workers or 16)
     from recsys_core.data import DataError
+    from recsys_core.localstack import run_script
 
-    def terminate(signum, _frame):
-        raise KeyboardInterrupt(signal.Signals(signum).name)
-
-    signal.signal(signal.SIGTERM, terminate)
-    try:
-        return run(args)
-    except KeyboardInterrupt:
-        print("\ninterrupted; everything stopped", file=sys.stderr)
-        return 130
-    except (RuntimeError, TimeoutError, OSError, DataError) as error:
-        print(f"bench/recommend.py: {error}", file=sys.stderr)
-        return 1
+    return run_script("bench/recommend.py", lambda: run(args), (RuntimeError, TimeoutError, OSError, DataError))
 
 
 if __name__ == "__main__":

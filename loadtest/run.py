@@ -706,22 +706,10 @@ def ghz_version(ghz: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import signal
+    from recsys_core.localstack import run_script
 
     args = parse_args(argv)
-
-    def terminate(signum, _frame):
-        raise KeyboardInterrupt(signal.Signals(signum).name)
-
-    signal.signal(signal.SIGTERM, terminate)
-    try:
-        return run(args)
-    except KeyboardInterrupt:
-        print("\ninterrupted; everything stopped", file=sys.stderr)
-        return 130
-    except (RuntimeError, TimeoutError, OSError) as error:
-        print(f"loadtest/run.py: {error}", file=sys.stderr)
-        return 1
+    return run_script("loadtest/run.py", lambda: run(args), (RuntimeError, TimeoutError, OSError))
 
 
 if __name__ == "__main__":

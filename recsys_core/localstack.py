@@ -140,3 +140,22 @@ class LocalStack:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def run_script(name: str, work, expected_errors: tuple[type[BaseException], ...]) -> int:
+    """A benchmark or load-test script's main: SIGTERM stops it like Ctrl-C
+    (its `finally` blocks stop the stack; exit 130), and an expected failure
+    prints one line instead of a traceback (exit 1)."""
+
+    def terminate(signum, _frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGTERM, terminate)
+    try:
+        return work()
+    except KeyboardInterrupt:
+        print("\ninterrupted; everything stopped", file=sys.stderr)
+        return 130
+    except expected_errors as error:
+        print(f"{name}: {error}", file=sys.stderr)
+        return 1
