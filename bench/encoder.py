@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import threading
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -50,14 +51,15 @@ def main() -> int:
             for concurrency in CONCURRENCIES:
                 cell = {"batch": batch, "concurrency": concurrency}
                 for name, encoder in (("in_process", local), ("triton", remote)):
-                    def call(number, encoder=encoder):
-                        start = (number * batch) % (len(titles) - batch)
-                        encoder.encode(titles[start : start + batch])
+                    payloads = [titles[start : start + batch] for start in range(0, len(titles) - batch, batch)]
 
-                    closed_loop(call, concurrency, WARMUP_CALLS, 30)
-                    summary = closed_loop(call, concurrency, args.requests, args.seconds)
-                    cell[name] = summary.as_dict()
-                    cell[name]["texts_per_second"] = round(summary.throughput * batch, 1)
+                    def call(texts, timeout, encoder=encoder):
+                        return encoder.encode(texts, timeout=timeout)
+
+                    abort = threading.Event()
+                    closed_loop(call, payloads, concurrency, WARMUP_CALLS, 30, abort)
+                    cell[name] = closed_loop(call, payloads[WARMUP_CALLS:], concurrency, args.requests, args.seconds, abort)
+                    cell[name]["texts_per_second"] = round(cell[name]["throughput_rps"] * batch, 1)
                 cell["ratio"] = round(cell["triton"]["texts_per_second"] / cell["in_process"]["texts_per_second"], 3)
                 rows.append(cell)
                 print_row(cell, header=len(rows) == 1)

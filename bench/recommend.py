@@ -32,12 +32,14 @@ import grpc
 REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
+sys.path.insert(0, str(REPO_ROOT / "bench"))
+
+from loadloop import CALL_TIMEOUT_SECONDS, closed_loop, round_or_none  # noqa: E402
 
 ECHO_SERVICE = "bench.v1.EchoService"
 ECHO_METHOD = f"/{ECHO_SERVICE}/Echo"
 SEED = 20140101
 WARMUP_REQUESTS = 20
-CALL_TIMEOUT_SECONDS = 10.0
 CATEGORY_SHARE = 0.20
 COLD_START_SHARE = 0.10
 K = 10
@@ -148,91 +150,6 @@ def make_requests(interactions, count: int, rng: random.Random) -> list:
 
 
 # --------------------------------------------------------------------- the loop
-
-
-def percentile(sorted_values: list[float], q: float) -> float | None:
-    if not sorted_values:
-        return None
-    position = (len(sorted_values) - 1) * q / 100
-    low = int(position)
-    high = min(low + 1, len(sorted_values) - 1)
-    return sorted_values[low] + (sorted_values[high] - sorted_values[low]) * (position - low)
-
-
-def closed_loop(call, payloads: list, concurrency: int, max_requests: int, max_seconds: float,
-                abort: threading.Event, on_reply=None) -> dict:
-    """`concurrency` threads, each making blocking calls back to back, until
-    `max_requests` calls were issued or `max_seconds` passed, whichever first.
-    Every call has a deadline, so the loop ends at most CALL_TIMEOUT_SECONDS late."""
-    lock = threading.Lock()
-    issued = 0
-    latencies: list[float] = []
-    errors: Counter = Counter()
-    # The clock starts once every client thread exists, so that thread start-up
-    # does not count against short loops (the echo loop may last a fraction of a second).
-    ready = threading.Barrier(concurrency + 1)
-    started = deadline = 0.0
-
-    def worker():
-        nonlocal issued
-        try:
-            ready.wait(30)
-        except threading.BrokenBarrierError:
-            return
-        while not abort.is_set():
-            with lock:
-                if issued >= max_requests or time.perf_counter() >= deadline:
-                    return
-                index = issued
-                issued += 1
-            begin = time.perf_counter()
-            try:
-                reply = call(payloads[index % len(payloads)], timeout=CALL_TIMEOUT_SECONDS)
-            except grpc.RpcError as error:
-                code = error.code() if isinstance(error, grpc.Call) else None
-                with lock:
-                    errors[code.name if code is not None else type(error).__name__] += 1
-                continue
-            except Exception as error:  # noqa: BLE001 - counted, the loop goes on
-                with lock:
-                    errors[type(error).__name__] += 1
-                continue
-            elapsed = time.perf_counter() - begin
-            with lock:
-                latencies.append(elapsed)
-                if on_reply is not None:
-                    on_reply(reply)
-
-    threads = [threading.Thread(target=worker, name=f"client-{i}", daemon=True) for i in range(concurrency)]
-    for thread in threads:
-        thread.start()
-    started = time.perf_counter()
-    deadline = started + max_seconds
-    ready.wait(30)
-    join_until = deadline + CALL_TIMEOUT_SECONDS + 5
-    for thread in threads:
-        # Short joins keep Ctrl-C responsive; the bound keeps the loop finite.
-        while thread.is_alive() and time.perf_counter() < join_until:
-            thread.join(0.2)
-    wall = time.perf_counter() - started
-    latencies.sort()
-    ms = [value * 1000 for value in latencies]
-    return {
-        "issued": issued,
-        "ok": len(latencies),
-        "errors": dict(errors),
-        "error_count": sum(errors.values()),
-        "seconds": round(wall, 3),
-        "stopped_by": "requests" if issued >= max_requests else "time",
-        "p50_ms": _round(percentile(ms, 50)),
-        "p99_ms": _round(percentile(ms, 99)),
-        "mean_ms": _round(sum(ms) / len(ms)) if ms else None,
-        "throughput_rps": round(len(latencies) / wall, 2) if wall > 0 else 0.0,
-    }
-
-
-def _round(value: float | None, digits: int = 3) -> float | None:
-    return None if value is None else round(value, digits)
 
 
 # --------------------------------------------------------------------- start-up progress
@@ -500,13 +417,13 @@ def run(args) -> int:
             level["recommend"] = closed_loop(recommend_stub.Recommend, requests, concurrency, args.requests,
                                              args.seconds, abort, on_reply=count_path)
             level["recommend"]["paths"] = dict(paths_seen)
-            level["recommend"]["mean_reply_bytes"] = _round(sum(reply_bytes) / len(reply_bytes), 1) if reply_bytes else None
+            level["recommend"]["mean_reply_bytes"] = round_or_none(sum(reply_bytes) / len(reply_bytes), 1) if reply_bytes else None
             ensure_running(stack, echo)
             closed_loop(echo_call, warmup_payloads, concurrency, WARMUP_REQUESTS, args.seconds, abort)
             level["echo"] = closed_loop(echo_call, payloads, concurrency, args.requests, args.seconds, abort)
             echo_rps = level["echo"]["throughput_rps"]
             level["throughput_ratio"] = (
-                _round(level["recommend"]["throughput_rps"] / echo_rps, 4) if echo_rps else None
+                round_or_none(level["recommend"]["throughput_rps"] / echo_rps, 4) if echo_rps else None
             )
             levels.append(level)
             print_level(level, args.requests, args.seconds)
@@ -545,11 +462,11 @@ def run(args) -> int:
             },
             "startup_seconds": startup_seconds,
             "levels": levels,
-            "memory_mib": {name: _round(mib, 1) for name, mib in memory.items()},
+            "memory_mib": {name: round_or_none(mib, 1) for name, mib in memory.items()},
             "memory_total_mib": round(total, 1),
-            "peak_memory_mib": {name: _round(mib, 1) for name, mib in peaks.items()},
+            "peak_memory_mib": {name: round_or_none(mib, 1) for name, mib in peaks.items()},
             "peak_memory_total_mib": round(peak_total, 1),
-            "echo_memory_mib": _round(echo_mib, 1),
+            "echo_memory_mib": round_or_none(echo_mib, 1),
             "memory_target_mib": MEMORY_TARGET_MIB,
             "memory_target_met": met,
             "memory_target_applies": data["full_amazon_2014"],
