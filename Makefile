@@ -11,11 +11,22 @@ INSTALLED := $(VENV)/.installed
 PROTOS := $(shell find protos -name '*.proto')
 GENERATED := recsys/.generated
 ENCODER := model_repo/text_encoder/1/encoder.json
+# The full public data beside the clone when it is there, else the bundled subsets.
+SHARED_DATA := $(abspath ../shared/data)
+RETAIL_DATA := $(if $(wildcard $(SHARED_DATA)/online-retail/*.parquet),$(SHARED_DATA)/online-retail,data/online-retail)
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup run test protos export bench loadtest clean redis-server
+.PHONY: setup run test protos export bench loadtest clean redis-server value-model
 
-setup: $(INSTALLED) $(GENERATED) $(ENCODER) redis-server
+setup: $(INSTALLED) $(GENERATED) $(ENCODER) value-model redis-server
+
+# The churn and lifetime-value model GetProfile serves (docs/profiles.md),
+# trained once per machine into the cache (~/.cache/recsys/value).
+value-model: $(INSTALLED) $(GENERATED)
+	@if ! $(PY) -c 'import sys; from services.profile.value import default_artifact_path as p; sys.exit(not p().is_file())'; then \
+		echo "training the churn and lifetime-value model on $(RETAIL_DATA)"; \
+		$(VENV)/bin/recsys train-value --data $(RETAIL_DATA) > /dev/null; \
+	fi
 
 # The tests run the profile service's Redis event store against a real
 # redis-server, which they start themselves on a free loopback port (never as

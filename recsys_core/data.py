@@ -41,7 +41,12 @@ def load_items(data_dir: Path) -> pd.DataFrame:
     path = _require(Path(data_dir) / ITEMS_FILE)
     items = pd.read_csv(path, dtype=str, keep_default_na=False)
     _check_columns(items, ITEM_COLUMNS, path)
-    items = items.drop_duplicates("item_id", keep="first").reset_index(drop=True)
+    return with_text(items.drop_duplicates("item_id", keep="first").reset_index(drop=True))
+
+
+def with_text(items: pd.DataFrame) -> pd.DataFrame:
+    """Items in the schema's columns, with the text the encoder reads and the title shoppers see."""
+    items = items.copy()
     items["text"] = [item_text(row) for row in items.itertuples(index=False)]
     items["display_title"] = [display_title(row) for row in items.itertuples(index=False)]
     return items

@@ -27,6 +27,13 @@ class EnvReader:
         value = self._raw(name)
         return default if value is None else value
 
+    def optional_path(self, name: str, default: str) -> str:
+        """A directory setting where set-but-empty means "none" (unset means the default)."""
+        value = self.environ.get(self.prefix + name)
+        if value is None:
+            return default
+        return value.strip()
+
     def int(self, name: str, default: int, minimum: int | None = None, maximum: int | None = None) -> int:
         value = self._raw(name)
         if value is None:

@@ -2,6 +2,11 @@
 
 Writes `model.onnx`, `tokenizer.json` and `encoder.json` into a numeric version
 folder of model_repo/text_encoder. Needs torch and transformers; serving does not.
+
+The source is a transformers folder: the pretrained MiniLM, or one fine-tuned
+by `recsys train` (recsys_core/offline/finetune.py), which keeps the linear
+projection it learned after the mean pooling in `projection.pt` beside the
+weights; the exported graph applies it before the L2 normalisation.
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ log = logging.getLogger(__name__)
 OPSET = 17
 FP32_FEED_FORWARD_LAYERS = (0, 1, 2)
 BACKEND_FILE = "model.py"
+PROJECTION_FILE = "projection.pt"
 
 
 def pretrained_model_dir() -> Path:
@@ -37,29 +43,69 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def load_projection(source_dir: Path):
+    """The projection a fine-tuned transformer keeps beside its weights, or
+    None (the pretrained encoder has none)."""
+    import torch
+
+    path = source_dir / PROJECTION_FILE
+    if not path.is_file():
+        return None
+    state = torch.load(path, weights_only=True)
+    projection = torch.nn.Linear(state["weight"].shape[1], state["weight"].shape[0])
+    projection.load_state_dict(state)
+    return projection
+
+
 def export_encoder(source_dir: Path, version_dir: Path) -> Path:
-    """Export the transformer at `source_dir` with mean pooling and L2
-    normalisation inside the graph, so every runtime returns the same vector."""
+    """Export the transformer at `source_dir` with mean pooling (then its
+    projection, if it has one) and L2 normalisation inside the graph, so every
+    runtime returns the same vector."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
     from transformers import AutoModel, AutoTokenizer
 
     class PooledEncoder(torch.nn.Module):
-        def __init__(self, transformer):
+        def __init__(self, transformer, projection):
             super().__init__()
             self.transformer = transformer
+            self.projection = projection
 
         def forward(self, input_ids, attention_mask):
             hidden = self.transformer(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
             mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+            if self.projection is not None:
+                pooled = self.projection(pooled)
             return torch.nn.functional.normalize(pooled, p=2.0, dim=-1)
 
     transformer = AutoModel.from_pretrained(str(source_dir))
     transformer.eval()
     tokenizer = AutoTokenizer.from_pretrained(str(source_dir))
-    model = PooledEncoder(transformer).eval()
-    dimension = int(transformer.config.hidden_size)
+    projection = load_projection(source_dir)
+    model = PooledEncoder(transformer, projection).eval()
+    dimension = int(projection.out_features if projection is not None else transformer.config.hidden_size)
+
+    weights = export_onnx(model, tokenizer, version_dir, enc.EMBEDDING)
+    save_tokenizer(source_dir, tokenizer, version_dir)
+    int8 = quantize_int8(weights, version_dir / enc.INT8_WEIGHTS_FILE)
+    metadata = {
+        "dimension": dimension,
+        "source": str(source_dir),
+        "max_tokens": enc.MAX_TOKENS,
+        "opset": OPSET,
+        "weights": weights_metadata(weights, int8),
+    }
+    (version_dir / enc.METADATA_FILE).write_text(json.dumps(metadata, indent=2))
+    log.info("exported %s to %s (dimension %d, fp32 and int8)", source_dir, version_dir, dimension)
+    return version_dir
+
+
+def export_onnx(model, tokenizer, version_dir: Path, output_name: str) -> Path:
+    """`model(input_ids, attention_mask)` as fp32 ONNX in `version_dir`, every
+    axis but the output's last dynamic; written under a temporary name first so
+    a half-written file never looks exported."""
+    import torch
 
     version_dir.mkdir(parents=True, exist_ok=True)
     sample = tokenizer(["a sample product title", "another"], padding=True, return_tensors="pt")
@@ -73,38 +119,39 @@ def export_encoder(source_dir: Path, version_dir: Path) -> Path:
             (sample["input_ids"], sample["attention_mask"]),
             str(tmp),
             input_names=[enc.INPUT_IDS, enc.ATTENTION_MASK],
-            output_names=[enc.EMBEDDING],
+            output_names=[output_name],
             dynamic_axes={
                 enc.INPUT_IDS: {0: "batch", 1: "tokens"},
                 enc.ATTENTION_MASK: {0: "batch", 1: "tokens"},
-                enc.EMBEDDING: {0: "batch"},
+                output_name: {0: "batch"},
             },
             opset_version=OPSET,
             dynamo=False,
         )
     tmp.replace(weights)
+    return weights
+
+
+def save_tokenizer(source_dir: Path, tokenizer, version_dir: Path) -> None:
+    """The fast tokenizer's JSON beside the weights: serving needs only the
+    `tokenizers` library, not transformers."""
     tokenizer_json = source_dir / enc.TOKENIZER_FILE
     if tokenizer_json.is_file():
         shutil.copyfile(tokenizer_json, version_dir / enc.TOKENIZER_FILE)
     else:
         tokenizer.backend_tokenizer.save(str(version_dir / enc.TOKENIZER_FILE))
-    int8 = quantize_int8(weights, version_dir / enc.INT8_WEIGHTS_FILE)
-    metadata = {
-        "dimension": dimension,
-        "source": str(source_dir),
-        "max_tokens": enc.MAX_TOKENS,
-        "opset": OPSET,
-        "weights": {
-            "fp32": {"file": weights.name, "fingerprint": file_sha256(weights)[:16]},
-            "int8": {"file": int8.name, "fingerprint": file_sha256(int8)[:16]},
-        },
+
+
+def weights_metadata(fp32: Path, int8: Path) -> dict:
+    """The metadata's "weights" entry: file and fingerprint per precision."""
+    return {
+        "fp32": {"file": fp32.name, "fingerprint": file_sha256(fp32)[:16]},
+        "int8": {"file": int8.name, "fingerprint": file_sha256(int8)[:16]},
     }
-    (version_dir / enc.METADATA_FILE).write_text(json.dumps(metadata, indent=2))
-    log.info("exported %s to %s (dimension %d, fp32 and int8)", source_dir, version_dir, dimension)
-    return version_dir
 
 
-def quantize_int8(fp32_path: Path, int8_path: Path) -> Path:
+def quantize_int8(fp32_path: Path, int8_path: Path,
+                  fp32_feed_forward_layers: tuple[int, ...] = FP32_FEED_FORWARD_LAYERS) -> Path:
     """Per-channel dynamic int8 quantisation of the weight matrices.
 
     Per-tensor scales (onnxruntime's default) cost this model too much
@@ -123,7 +170,7 @@ def quantize_int8(fp32_path: Path, int8_path: Path) -> Path:
         if node.op_type == "MatMul"
         and "/output/dense/" in node.name
         and "/attention/" not in node.name
-        and any(f"/layer.{layer}/" in node.name for layer in FP32_FEED_FORWARD_LAYERS)
+        and any(f"/layer.{layer}/" in node.name for layer in fp32_feed_forward_layers)
     ]
     tmp = int8_path.with_suffix(".tmp")
     quantize_dynamic(

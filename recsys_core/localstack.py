@@ -48,15 +48,23 @@ def wait_until_serving(address: str, timeout: float, process: subprocess.Popen |
 @dataclass
 class LocalStack:
     data_dir: Path = paths.BUNDLED_DATA_DIR
+    # Online-retail invoices: shoppers with money (churn and lifetime value); None: none.
+    retail_dir: Path | None = paths.BUNDLED_RETAIL_DIR
     gateway_port: int = 50051
     state_dir: Path = paths.REPO_ROOT / "var"
     # "triton": the encoder on a local Triton server; "onnx": in the embedding service.
     encoder: str = "triton"
     model_repo: Path = paths.MODEL_REPO
+    # A trained model directory (recsys train --out): Triton serves its encoder
+    # and user tower from a repository built for it (model_repo/ itself is
+    # never changed), the catalogue is indexed with them, profiles carry its
+    # shopper vector. None: the pretrained encoder alone.
+    model_dir: Path | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
     addresses: dict[str, str] = field(default_factory=dict)
     triton: object | None = None
+    serving_repo: Path | None = None
 
     def environment(self) -> dict[str, str]:
         ports = {"gateway": self.gateway_port, **{name: free_port() for name in ("embedding", "profile", "ranking")}}
@@ -72,6 +80,8 @@ class LocalStack:
             "HF_HUB_OFFLINE": "1",
             "EMBEDDING_ADDRESS": self.addresses["embedding"],
             "EMBEDDING_DATA_DIR": str(self.data_dir),
+            "EMBEDDING_RETAIL_DIR": str(self.retail_dir or ""),
+            "PROFILE_RETAIL_DIR": str(self.retail_dir or ""),
             "PROFILE_ADDRESS": self.addresses["profile"],
             "PROFILE_DATA_DIR": str(self.data_dir),
             "PROFILE_STORE_PATH": str(store),
@@ -84,18 +94,34 @@ class LocalStack:
             **{f"{name.upper()}_METRICS_PORT": str(port) for name, port in metrics_ports.items()},
         })
         env["EMBEDDING_ENCODER"] = self.encoder
-        env["EMBEDDING_MODEL_REPO"] = str(self.model_repo)
+        env["EMBEDDING_MODEL_REPO"] = str(self.serving_repo or self.model_repo)
         if self.triton is not None:
             env["EMBEDDING_TRITON_URL"] = self.triton.grpc_url
+            env["PROFILE_REVIEW_TRITON_URL"] = self.triton.grpc_url
+        if self.model_dir is not None:
+            env["EMBEDDING_MODEL_DIR"] = str(self.model_dir)
+            env["PROFILE_USER_TOWER_TRITON_URL"] = self.triton.grpc_url
         env.update(self.extra_env)
         return env
 
     def start(self, timeout: float = 1800.0) -> None:
-        if self.encoder == "triton":
+        repo, models = self.model_repo, [paths.TEXT_ENCODER_MODEL]
+        if self.model_dir is not None:
+            from recsys_core import model_serving
+
+            # Checked before anything starts: a bad directory is one clear error.
+            model = model_serving.open_model_dir(self.model_dir)
+            self.model_dir = model.path
+            repo = self.serving_repo = Path(self.state_dir) / "serving_model_repo"
+            model_serving.serving_repository(model, repo, base=self.model_repo)
+            models.append(model_serving.USER_TOWER_MODEL)
+        # The user tower runs on Triton whichever way the encoder runs.
+        if self.encoder == "triton" or self.model_dir is not None:
             from recsys_core.triton import TritonServer
 
-            log.info("starting Triton Inference Server on %s", self.model_repo)
-            self.triton = TritonServer(self.model_repo, log_path=Path(self.state_dir) / "triton.log").start()
+            log.info("starting Triton Inference Server on %s", repo)
+            self.triton = TritonServer(repo, log_path=Path(self.state_dir) / "triton.log", models=models,
+                                       startup_timeout=180.0 if self.model_dir is not None else 60.0).start()
             self.addresses["triton"] = self.triton.grpc_url
             self.addresses["triton-metrics"] = f"127.0.0.1:{self.triton.metrics_port}"
             log.info("Triton ready at %s (log %s)", self.triton.grpc_url, self.triton.log_path)

@@ -6,8 +6,11 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BUNDLED_DATA_DIR = REPO_ROOT / "data"
+# A subset of the UCI Online Retail invoices (scripts/make_subset.py): shoppers with money.
+BUNDLED_RETAIL_DIR = BUNDLED_DATA_DIR / "online-retail"
 MODEL_REPO = REPO_ROOT / "model_repo"
 TEXT_ENCODER_MODEL = "text_encoder"
+REVIEW_SENTIMENT_MODEL = "review_sentiment"
 
 
 def cache_dir() -> Path:
@@ -20,3 +23,8 @@ def cache_dir() -> Path:
 def shared_data_dir() -> Path:
     """The full public data set, kept beside the clone (../shared/data/amazon-2014)."""
     return REPO_ROOT.parent / "shared" / "data" / "amazon-2014"
+
+
+def reviews_data_dir() -> Path:
+    """The review corpora beside the clone (../shared/data/reviews)."""
+    return REPO_ROOT.parent / "shared" / "data" / "reviews"

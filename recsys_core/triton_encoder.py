@@ -2,49 +2,25 @@
 in-process OnnxEncoder.
 
 Triton tokenises and runs the model (model_repo/text_encoder/1/model.py); this
-client only sends strings and reads vectors back over gRPC.
+client only sends strings and reads vectors back over gRPC (the transport,
+deadlines and retries: recsys_core.triton_client).
 """
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
-import threading
-import time
-
 import numpy as np
 
-from recsys_core import errors, paths
+from recsys_core import paths
 from recsys_core.encoder import EMBEDDING
+from recsys_core.triton_client import DEFAULT_TIMEOUT, RETRY_BACKOFF_SECONDS, TEXT, TritonTextClient
 
-TEXT = "TEXT"
-DEFAULT_TIMEOUT = 10.0
-# A restarting Triton or a dropped connection is retried a few times with a
-# short backoff, always within the caller's budget; a Triton that stays down
-# is reported as UNAVAILABLE within a fraction of a second, never a hang.
-RETRY_BACKOFF_SECONDS = (0.05, 0.15)
-
-_UNAVAILABLE = {"StatusCode.UNAVAILABLE"}
-_DEADLINE = {"StatusCode.DEADLINE_EXCEEDED"}
+__all__ = ["DEFAULT_TIMEOUT", "RETRY_BACKOFF_SECONDS", "TEXT", "TritonEncoder"]
 
 
-def _translate(exc: Exception, url: str) -> Exception:
-    """Our domain error for a transport failure; anything else (a bad config,
-    a model error) is returned unchanged so it surfaces as a bug."""
-    status = exc.status() if hasattr(exc, "status") else None
-    if status in _UNAVAILABLE:
-        return errors.Unavailable(f"Triton at {url} unavailable: {exc.message()}")
-    if status in _DEADLINE:
-        return errors.DeadlineExceeded(f"Triton at {url} did not answer in time: {exc.message()}")
-    return exc
+class TritonEncoder(TritonTextClient):
+    """Encodes through a Triton server at `url` ("host:grpc_port"), pinned to
+    the model version it found at construction."""
 
-
-class TritonEncoder:
-    """Encodes through a Triton server at `url` ("host:grpc_port").
-
-    The model version is resolved once, at construction, and every request is
-    pinned to it: the fingerprint names that version, so a newer version
-    loaded later can never leak differently-trained vectors under it.
-    """
+    OUTPUT = EMBEDDING
 
     def __init__(
         self,
@@ -54,125 +30,12 @@ class TritonEncoder:
         version: int | str | None = None,
         timeout: float = DEFAULT_TIMEOUT,
     ):
-        import tritonclient.grpc.aio as aioclient
-        from tritonclient.utils import InferenceServerException
-
-        self.url = url
-        self.model_name = model_name
-        self.timeout = timeout
-        self._client_module = aioclient
-        self._server_error = InferenceServerException
-        # The asyncio client on a loop of its own: the gRPC server's worker
-        # threads hand it their calls, which then share one channel without
-        # tying up a thread each while Triton works.
-        self._loop = asyncio.new_event_loop()
-        self._loop_thread = threading.Thread(target=self._loop.run_forever, name="triton-client", daemon=True)
-        self._loop_thread.start()
-        self._client = self._call(self._connect(url), timeout)
-        try:
-            metadata = self._call(self._client.get_model_metadata(model_name, as_json=True, client_timeout=timeout), timeout)
-            self.version = str(version) if version is not None else max(metadata["versions"], key=int)
-            config = self._call(self._client.get_model_config(
-                model_name, self.version, as_json=True, client_timeout=timeout
-            ), timeout)["config"]
-        except InferenceServerException as exc:
-            self.close()
-            raise _translate(exc, url) from exc
-        # The client chunks to the server's limit: Triton rejects a request
-        # whose batch exceeds max_batch_size rather than splitting it.
-        self.max_batch_size = int(config.get("max_batch_size") or 0) or 1
-        output = next((o for o in config["output"] if o["name"] == EMBEDDING), None)
-        if output is None:
-            self.close()
-            raise ValueError(f"model {model_name} at {url} has no {EMBEDDING} output")
-        self.dimension = int(output["dims"][-1])
-        self.precision = config.get("parameters", {}).get("precision", {}).get("string_value") or "int8"
-        self.fingerprint = f"triton:{model_name}:{self.version}"
-
-    async def _connect(self, url: str):
-        # The aio client binds to the loop it is created on.
-        return self._client_module.InferenceServerClient(url)
-
-    def _call(self, coroutine, timeout: float):
-        """Run a client coroutine on the client's loop and wait for it; the
-        wait is bounded a little beyond the call's own deadline."""
-        future = asyncio.run_coroutine_threadsafe(coroutine, self._loop)
-        try:
-            return future.result(timeout + 1.0)
-        except concurrent.futures.TimeoutError:
-            future.cancel()
-            raise errors.DeadlineExceeded(f"Triton at {self.url} did not answer in {timeout:.1f}s") from None
+        super().__init__(url, model_name, version=version, timeout=timeout)
+        self.dimension = self.output_width
 
     def encode(self, texts: list[str], timeout: float | None = None) -> np.ndarray:
         """Unit-length float32 embeddings, one row per text. `timeout` (seconds,
         default the constructor's) bounds the whole call, across chunks."""
         if not texts:
             return np.zeros((0, self.dimension), dtype=np.float32)
-        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
-        out = np.empty((len(texts), self.dimension), dtype=np.float32)
-        for start in range(0, len(texts), self.max_batch_size):
-            chunk = texts[start : start + self.max_batch_size]
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise errors.DeadlineExceeded(f"encoding {len(texts)} texts via Triton at {self.url} timed out")
-            out[start : start + len(chunk)] = self._infer(chunk, remaining)
-        return out
-
-    def is_ready(self, timeout: float = 1.0) -> bool:
-        """Whether Triton serves our model version now."""
-        try:
-            return bool(self._call(
-                self._client.is_model_ready(self.model_name, self.version, client_timeout=timeout), timeout
-            ))
-        except self._server_error:
-            return False
-
-    def _infer(self, texts: list[str], timeout: float) -> np.ndarray:
-        data = np.array([t.encode("utf-8") for t in texts], dtype=np.object_).reshape(-1, 1)
-        tensor = self._client_module.InferInput(TEXT, list(data.shape), "BYTES")
-        tensor.set_data_from_numpy(data)
-        deadline = time.monotonic() + timeout
-        for attempt in range(len(RETRY_BACKOFF_SECONDS) + 1):
-            try:
-                budget = max(deadline - time.monotonic(), 0.001)
-                result = self._call(self._client.infer(
-                    self.model_name,
-                    [tensor],
-                    model_version=self.version,
-                    outputs=[self._client_module.InferRequestedOutput(EMBEDDING)],
-                    client_timeout=budget,
-                ), budget)
-                break
-            except self._server_error as exc:
-                error = _translate(exc, self.url)
-                retry_in = RETRY_BACKOFF_SECONDS[attempt] if attempt < len(RETRY_BACKOFF_SECONDS) else None
-                if (
-                    not isinstance(error, errors.Unavailable)
-                    or retry_in is None
-                    or time.monotonic() + retry_in >= deadline
-                ):
-                    raise error from exc
-                time.sleep(retry_in)
-        vectors = result.as_numpy(EMBEDDING)
-        if vectors is None or vectors.shape != (len(texts), self.dimension):
-            raise RuntimeError(
-                f"Triton at {self.url} returned {None if vectors is None else vectors.shape} "
-                f"for {len(texts)} texts"
-            )
-        return vectors
-
-    def close(self) -> None:
-        if self._loop.is_closed():
-            return
-        client = getattr(self, "_client", None)
-        if client is not None:
-            asyncio.run_coroutine_threadsafe(client.close(), self._loop).result(5)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._loop_thread.join(5)
-        self._loop.close()
-
-    def __enter__(self) -> "TritonEncoder":
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.close()
+        return self.infer(texts, timeout)

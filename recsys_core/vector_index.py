@@ -1,6 +1,9 @@
 """Item embeddings in FAISS, searchable within chosen categories.
 
-Exact inner-product search over unit vectors (cosine). One flat index per
+Exact inner-product search, vectors stored as given: the pretrained
+encoder's are unit length (so scores are cosines), a trained model's items
+add ID vectors to them and its shopper vectors are scored by inner product,
+as it was trained (recsys_core/model_serving.py). One flat index per
 category plus one over everything: a query restricted to categories searches
 only theirs, which is both exact and cheaper than filtering a global result.
 On a machine with GPUs the same indexes are mirrored to them for search.

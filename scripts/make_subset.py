@@ -1,10 +1,13 @@
-"""Cut the bundled data/ subset out of the full amazon-2014 set.
+"""Cut the bundled data/ subsets out of the full public sets.
 
-Keeps whole shoppers (every event of theirs, so leave-one-out still works),
-biased toward shoppers active in several categories, which carry the
-cross-category signal. Deterministic: the same input gives the same subset.
+Amazon: keeps whole shoppers (every event of theirs, so leave-one-out still
+works), biased toward shoppers active in several categories, which carry the
+cross-category signal. Online Retail: every invoice line of a random sample of
+customers, both public files in one schema (recsys_core/offline/value.py).
+Deterministic: the same input gives the same subset.
 
     python scripts/make_subset.py --source ../shared/data/amazon-2014 --out data
+    python scripts/make_subset.py --retail-source ../shared/data/online-retail --out data
 """
 from __future__ import annotations
 
@@ -17,15 +20,42 @@ import pandas as pd
 from recsys_core.data import INTERACTIONS_FILE, ITEMS_FILE
 
 
+def retail_subset(source: Path, out: Path, customers: int, seed: int) -> None:
+    """Every line (cancellations and non-product lines included, so that the
+    cleaning is exercised) of `customers` customers drawn at random, into
+    out/online-retail/transactions.parquet."""
+    from recsys_core.offline.value import TRANSACTIONS_FILE, load_transactions
+
+    lines = load_transactions(source)
+    pool = np.sort(lines.customer_id.dropna().unique())
+    chosen = np.random.default_rng(seed).choice(pool, size=min(customers, len(pool)), replace=False)
+    subset = lines[lines.customer_id.isin(chosen)].sort_values(["customer_id", "invoice_date", "invoice"], kind="stable")
+    target = out / "online-retail"
+    target.mkdir(parents=True, exist_ok=True)
+    subset.to_parquet(target / TRANSACTIONS_FILE, index=False, compression="gzip")
+    print(f"online retail: {len(chosen)} customers, {len(subset)} lines, "
+          f"{subset.invoice_date.min()}..{subset.invoice_date.max()} -> {target / TRANSACTIONS_FILE}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--source", type=Path, required=True)
+    parser.add_argument("--source", type=Path, help="the amazon-2014 set")
+    parser.add_argument("--retail-source", type=Path, help="the online-retail set")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--multi-category-users", type=int, default=700)
     parser.add_argument("--users-per-category", type=int, default=330)
+    parser.add_argument("--retail-customers", type=int, default=400)
     parser.add_argument("--seed", type=int, default=7)
     args = parser.parse_args()
+    if args.source is None and args.retail_source is None:
+        parser.error("give --source, --retail-source or both")
+    if args.retail_source is not None:
+        retail_subset(args.retail_source, args.out, args.retail_customers, args.seed)
+    if args.source is not None:
+        amazon_subset(args)
 
+
+def amazon_subset(args) -> None:
     rng = np.random.default_rng(args.seed)
     items = pd.read_csv(args.source / ITEMS_FILE, dtype=str, keep_default_na=False)
     events = pd.read_csv(args.source / INTERACTIONS_FILE, dtype={"user_id": str, "item_id": str})

@@ -65,7 +65,20 @@ class Stack:
 
 
 @pytest.fixture(scope="session")
-def stack(triton_server, tmp_path_factory):
+def value_model():
+    """The churn and lifetime-value model GetProfile serves (make setup trains
+    it; a bare pytest run trains it on the bundled retail subset here)."""
+    from services.profile.value import default_artifact_path
+
+    if not default_artifact_path().is_file():
+        from recsys_core.offline.value import train_value_main
+
+        assert train_value_main([]) == 0
+    return default_artifact_path()
+
+
+@pytest.fixture(scope="session")
+def stack(triton_server, value_model, tmp_path_factory):
     """All four services on the bundled data with the encoder on Triton, as
     `recsys serve` runs them, but in this process so tests can reach their objects."""
     from services.embedding.config import EmbeddingConfig
@@ -84,7 +97,8 @@ def stack(triton_server, tmp_path_factory):
     servers["ranking"], ranking = start(create_ranking(RankingConfig(address="127.0.0.1:0")))
     store = tmp_path_factory.mktemp("profile") / "events.sqlite3"
     servers["profile"], profile = start(
-        create_profile(ProfileConfig(address="127.0.0.1:0", store_path=str(store), embedding_address=embedding))
+        create_profile(ProfileConfig(address="127.0.0.1:0", store_path=str(store), embedding_address=embedding,
+                                     review_triton_url=triton_server.grpc_url))
     )
     gateway_config = GatewayConfig(
         address="127.0.0.1:0", profile_address=profile, embedding_address=embedding, ranking_address=ranking

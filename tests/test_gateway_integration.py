@@ -1,6 +1,7 @@
 """The platform end to end: four real servers, real channels, bundled data."""
 from __future__ import annotations
 
+import json
 import time
 
 import grpc
@@ -9,6 +10,7 @@ import pytest
 from recsys.common.v1 import common_pb2
 from recsys.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from recsys.profile.v1 import profile_pb2, profile_pb2_grpc
+from services.profile.config import ProfileConfig
 from tests.conftest import start
 
 pytestmark = pytest.mark.integration
@@ -38,6 +40,17 @@ def shoppers_by_categories(dataset):
 def multi_category_shopper(dataset):
     categories = shoppers_by_categories(dataset)
     return sorted(u for u, c in categories.items() if len(c) >= 2)[0]
+
+
+def all_events(dataset):
+    """Every event the stack's profile store loaded: the bundled benchmark
+    subset and the bundled online-retail invoice lines."""
+    import pandas as pd
+
+    from recsys_core import paths
+    from recsys_core.offline.value import retail_items_and_events
+
+    return pd.concat([dataset.interactions, retail_items_and_events(paths.BUNDLED_RETAIL_DIR)[1]], ignore_index=True)
 
 
 def seen_items(dataset, user_id):
@@ -85,7 +98,7 @@ def test_unknown_shopper_gets_popular_items_flagged_cold_start(gateway, dataset)
     reply = gateway.Recommend(gateway_pb2.RecommendRequest(user_id="never-seen-shopper", k=10), timeout=10)
     assert reply.path == COLD_START
     assert len(reply.items) == 10
-    counts = dataset.interactions.item_id.value_counts()
+    counts = all_events(dataset).item_id.value_counts()
     assert [counts[item.item_id] for item in reply.items] == sorted(counts.values, reverse=True)[:10]
     per_category = gateway.Recommend(
         gateway_pb2.RecommendRequest(user_id="never-seen-shopper", k=5, categories=["Office_Products"]), timeout=10
@@ -98,7 +111,7 @@ def test_ingested_events_change_the_next_recommendations(gateway, profile, datas
     categories = shoppers_by_categories(dataset)
     shopper = sorted(u for u, c in categories.items() if c == {"Beauty"})[1]
     before = gateway.Recommend(gateway_pb2.RecommendRequest(user_id=shopper, k=20), timeout=10)
-    assert {item.category for item in before.items} == {"Beauty"}
+    assert "Toys_and_Games" not in {item.category for item in before.items}
 
     toys = dataset.items[dataset.items.category == "Toys_and_Games"].item_id.tolist()[:5]
     now = int(time.time())
@@ -198,3 +211,176 @@ def test_deadline_shorter_than_the_work_is_deadline_exceeded(gateway, multi_cate
     with pytest.raises(grpc.RpcError) as caught:
         gateway.Recommend(gateway_pb2.RecommendRequest(user_id=multi_category_shopper, k=500), timeout=0.001)
     assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+@pytest.fixture(scope="module")
+def long_history_shopper(dataset):
+    counts = dataset.interactions.groupby("user_id").size()
+    return counts.sort_values(ascending=False, kind="stable").index[0]
+
+
+def test_profile_reads_interests_and_drift_of_a_real_shopper(profile, dataset, long_history_shopper):
+    reply = profile.GetProfile(profile_pb2.GetProfileRequest(user_id=long_history_shopper), timeout=10)
+    events = dataset.interactions[dataset.interactions.user_id == long_history_shopper]
+    assert reply.known and reply.event_count == len(events)
+    assert 1 <= len(reply.interests) <= 5
+    assert sum(i.weight for i in reply.interests) == pytest.approx(1.0, abs=1e-4)
+    assert [i.weight for i in reply.interests] == sorted((i.weight for i in reply.interests), reverse=True)
+    window = ProfileConfig().interest_window  # interests read the most recent events
+    assert sum(i.events for i in reply.interests) == min(len(events), window)
+    history = set(events.item_id)
+    for interest in reply.interests:
+        assert interest.label and set(interest.item_ids) <= history
+        assert len(interest.centroid.float32_le) == 4 * 384
+    # The bundled categories have category trees: labels and the category mix read from them.
+    paths = set(dataset.items.category_path)
+    assert any(any(p.startswith(i.label.replace(" > ", ", ")) for p in paths) for i in reply.interests)
+    assert sum(c.share for c in reply.interest_categories) == pytest.approx(1.0, abs=1e-4)
+    drift = reply.drift
+    assert 0.0 <= drift.score <= 1.0 and drift.threshold > 0
+    assert drift.drifting == (drift.score >= drift.threshold)
+    if len(events) >= 10:
+        assert drift.long_term_categories and drift.short_term_categories
+    # Dated purchases without money: a churn probability, no spend forecast.
+    assert reply.HasField("value") and 0.0 < reply.value.churn_probability < 1.0
+    assert reply.value.expected_spend_3m == -1 and reply.value.churn_horizon_days == 90
+    # Forecast where the data of the shopper's categories ends (or later, once
+    # other tests ingested live events into them).
+    assert reply.value.as_of >= int(dataset.interactions.loc[
+        dataset.interactions.category.isin(set(events.category)), "timestamp"].max())
+
+
+def test_retail_shoppers_get_churn_and_spend_forecasts(profile, gateway):
+    from recsys_core import paths
+    from recsys_core.offline.value import retail_items_and_events
+
+    _, events = retail_items_and_events(paths.BUNDLED_RETAIL_DIR)
+    spend = events.groupby("user_id")["amount"].sum().sort_values()
+    big, small = spend.index[-1], spend[spend > 0].index[0]
+    forecasts = {}
+    for shopper in (big, small):
+        reply = profile.GetProfile(profile_pb2.GetProfileRequest(user_id=shopper), timeout=10)
+        assert reply.known and reply.event_count == int((events.user_id == shopper).sum())
+        value = reply.value
+        assert 0.0 < value.churn_probability < 1.0 and value.model_version
+        assert value.as_of == int(events.timestamp.max())
+        assert 0.0 <= value.expected_spend_3m and 0.0 <= value.expected_spend_12m
+        forecasts[shopper] = value
+    # The biggest spender is expected to keep spending more than the smallest.
+    assert forecasts[big].expected_spend_12m > forecasts[small].expected_spend_12m
+    # Their products are in the catalogue: recommendations for them work.
+    reply = gateway.Recommend(gateway_pb2.RecommendRequest(user_id=big, k=5), timeout=10)
+    assert reply.path == PERSONALISED and len(reply.items) == 5
+
+
+@pytest.fixture(scope="module")
+def narrow_shopper(dataset):
+    """A Beauty shopper with a real history in few corners of the catalogue: room to explore."""
+    from recsys_core.interests import interest_category
+
+    path = dict(zip(dataset.items.item_id, dataset.items.category_path))
+    events = dataset.interactions[dataset.interactions.category == "Beauty"]
+    grains = events.assign(grain=[interest_category("Beauty", path.get(i, "")) for i in events.item_id])
+    per_shopper = grains.groupby("user_id").agg(events=("item_id", "size"), grains=("grain", "nunique"))
+    candidates = per_shopper[per_shopper.events >= 10].sort_values(["grains", "events"], ascending=[True, False])
+    return candidates.index[0]
+
+
+def test_spread_lists_cover_more_interests_and_say_why(gateway, profile, dataset, narrow_shopper):
+    plain = gateway.Recommend(gateway_pb2.RecommendRequest(user_id=narrow_shopper, k=10), timeout=10)
+    spread = gateway.Recommend(
+        gateway_pb2.RecommendRequest(user_id=narrow_shopper, k=10, spread_interests=True), timeout=10
+    )
+    explored = gateway.Recommend(
+        gateway_pb2.RecommendRequest(user_id=narrow_shopper, k=10, spread_interests=True, explore_slots=3),
+        timeout=10,
+    )
+    labels = {i.label for i in profile.GetProfile(
+        profile_pb2.GetProfileRequest(user_id=narrow_shopper), timeout=10).interests}
+    for reply in (plain, spread, explored):
+        assert reply.path == PERSONALISED and len(reply.items) == 10
+        assert len({i.item_id for i in reply.items}) == 10
+        assert not {i.item_id for i in reply.items} & seen_items(dataset, narrow_shopper)
+    assert all(i.reason.startswith(("for your interest in", "something new")) for i in spread.items)
+    assert {i.reason.removeprefix("for your interest in ") for i in spread.items} <= {
+        label if len(label) <= 60 else label[:59].rstrip() + "…" for label in labels}
+    assert sum(i.reason.startswith("something new") for i in explored.items) >= 1
+    grain = dict(zip(dataset.items.item_id, dataset.items.category_path.str.split(", ").str[:2].str.join(", ")))
+    assert len({grain[i.item_id] for i in explored.items}) >= len({grain[i.item_id] for i in plain.items})
+
+
+@pytest.mark.parametrize("request_fields, field", [
+    (dict(k=5, spread_interests=True, explore_slots=6), "explore_slots"),
+    (dict(k=5, explore_slots=2), "explore_slots"),
+    (dict(k=5, spread_interests=True, explore_slots=-1), "explore_slots"),
+])
+def test_bad_exploration_requests_are_refused(gateway, long_history_shopper, request_fields, field):
+    with pytest.raises(grpc.RpcError) as error:
+        gateway.Recommend(gateway_pb2.RecommendRequest(user_id=long_history_shopper, **request_fields), timeout=10)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field in error.value.details()
+
+
+def test_recsys_profile_prints_the_profile_readably_and_as_json(stack, long_history_shopper, monkeypatch, capsys,
+                                                                tmp_path):
+    from recsys_core import cli
+
+    monkeypatch.setenv("RECSYS_GATEWAY", stack.gateway)
+    assert cli.main(["profile", long_history_shopper]) == 0
+    text = capsys.readouterr().out
+    assert f"shopper {long_history_shopper}:" in text
+    for heading in ("interest drift:", "interests:", "recent history:"):
+        assert heading in text
+    assert cli.main(["profile", long_history_shopper, "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["user_id"] == long_history_shopper and data["known"]
+    assert data["interests"] and "centroid" not in data["interests"][0]
+    assert "long_term_interest" not in data
+    assert cli.main(["profile", " "]) == 1
+    assert "INVALID_ARGUMENT" in capsys.readouterr().err
+    timeline = tmp_path / "timeline.png"
+    assert cli.main(["profile", long_history_shopper, "--timeline", str(timeline)]) == 0
+    assert timeline.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and timeline.stat().st_size > 10_000
+
+
+def test_recsys_recommend_can_spread_and_explore(stack, narrow_shopper, monkeypatch, capsys):
+    from recsys_core import cli
+
+    monkeypatch.setenv("RECSYS_GATEWAY", stack.gateway)
+    assert cli.main(["recommend", narrow_shopper, "--k", "8", "--spread-interests", "--explore", "2", "--json"]) == 0
+    items = json.loads(capsys.readouterr().out)["items"]
+    assert len(items) == 8
+    assert any(i["reason"].startswith("something new") for i in items)
+    assert cli.main(["recommend", narrow_shopper, "--explore", "2"]) == 1
+    assert "explore_slots: needs spread_interests" in capsys.readouterr().err
+
+
+def test_reviews_shape_preferences_and_push_disliked_items_away(gateway, profile, dataset):
+    beauty = dataset.items[dataset.items.category == "Beauty"].item_id.tolist()
+    bought, loved, hated = beauty[10], beauty[11], beauty[12]
+    shopper = "review-writer-1"
+    now = int(time.time())
+    review = common_pb2.EVENT_TYPE_REVIEW
+    events = [
+        common_pb2.Event(user_id=shopper, item_id=bought, type=common_pb2.EVENT_TYPE_PURCHASE, timestamp=now - 30),
+        common_pb2.Event(user_id=shopper, item_id=loved, type=review, timestamp=now - 20,
+                         review_text="I love this. The scent is wonderful and lasts all day. Great price too."),
+        common_pb2.Event(user_id=shopper, item_id=hated, type=review, timestamp=now - 10,
+                         review_text="Terrible. It smells awful and broke after one use. Waste of money."),
+    ]
+    assert profile.IngestEvents(profile_pb2.IngestEventsRequest(events=events), timeout=10).accepted == 3
+    reply = profile.GetProfile(profile_pb2.GetProfileRequest(user_id=shopper), timeout=10)
+    preferences = reply.preferences
+    assert (preferences.reviews, preferences.positive, preferences.negative) == (2, 1, 1)
+    assert list(preferences.disliked_item_ids) == [hated]
+    aspects = {a.aspect: a for a in preferences.aspects}
+    assert "scent" in aspects and aspects["scent"].praised + aspects["scent"].criticised >= 1
+    assert reply.value.churn_probability >= 0  # live events: forecast at "now" of the Beauty clock
+    # The negative review counts against its item: it shapes no interest cluster.
+    assert all(hated not in interest.item_ids for interest in reply.interests)
+    assert any(loved in interest.item_ids for interest in reply.interests)
+    # With seen items allowed back, what the shopper liked ranks and the hated item does not.
+    recommended = gateway.Recommend(
+        gateway_pb2.RecommendRequest(user_id=shopper, k=10, exclude_seen=False), timeout=10)
+    ids = [i.item_id for i in recommended.items]
+    assert recommended.path == PERSONALISED and {bought, loved} & set(ids) and hated not in ids

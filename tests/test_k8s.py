@@ -62,7 +62,7 @@ SERVICES = {
     ),
     "profile": PythonService(
         ProfileConfig, "PROFILE_", profile_pb2.DESCRIPTOR.services_by_name["ProfileService"].full_name,
-        {"embedding_address": "embedding"},
+        {"embedding_address": "embedding", "review_triton_url": "triton"},
     ),
     "embedding": PythonService(
         EmbeddingConfig, "EMBEDDING_", embedding_pb2.DESCRIPTOR.services_by_name["EmbeddingService"].full_name,
@@ -86,6 +86,7 @@ EXPECTED_EDGES = {
     ("profile", "embedding", "50052/TCP"),
     ("profile", "redis", "6379/TCP"),
     ("embedding", "triton", "8001/TCP"),
+    ("profile", "triton", "8001/TCP"),
     *{("monitoring", name, "9090/TCP") for name in SERVICES},
     ("monitoring", "triton", "8002/TCP"),
     *{(src, "dns", port) for src in (*COMPONENTS, "stranger") for port in ("53/UDP", "53/TCP")},

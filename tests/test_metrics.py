@@ -10,6 +10,7 @@ import uuid
 
 import grpc
 import numpy as np
+import pandas as pd
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
@@ -320,7 +321,11 @@ def test_embedding_reports_index_size_per_category_and_encoder_readiness(stack, 
         dict(labels)["category"]: count
         for (name, labels), count in samples.items() if name == "recsys_embedding_index_items"
     }
-    counts = dataset.items.groupby("category").item_id.nunique()
+    from recsys_core import paths
+    from recsys_core.offline.value import retail_items_and_events
+
+    items = pd.concat([dataset.items, retail_items_and_events(paths.BUNDLED_RETAIL_DIR)[0]], ignore_index=True)
+    counts = items.groupby("category").item_id.nunique()
     assert set(sizes) == set(counts.index)
     for category, count in counts.items():
         assert sizes[category] >= count, category  # tests may upsert more

@@ -6,8 +6,8 @@ import pytest
 from recsys_core.errors import InvalidArgument, NotFound
 from services.profile.interests import event_weight, interest_vector
 from services.profile.popularity import Popularity
-from services.profile.profiles import IncomingEvent, ProfileBook
-from services.profile.store import PURCHASE, RATING, VIEW, StoredEvent
+from services.profile.profiles import IncomingEvent, ItemInfo, ProfileBook
+from services.profile.store import PURCHASE, RATING, REVIEW, VIEW, StoredEvent
 
 
 def event(item, type_=PURCHASE, rating=None, user="u"):
@@ -90,6 +90,24 @@ def test_store_reads_back_what_was_appended(event_store):
     assert event_store.count() == 5 and event_store.append([]) == []
 
 
+def test_store_keeps_money_order_and_review_texts(event_store):
+    events = [
+        StoredEvent("u", "a", "Retail", PURCHASE, 100, amount=12.5, order_id="536365"),
+        StoredEvent("u", "b", "Retail", PURCHASE, 100, amount=-3.0, order_id="C536379"),
+        StoredEvent("u", "c", "Beauty", REVIEW, 101, rating=1.0, review="smells awful"),
+        StoredEvent("u", "d", "Beauty", REVIEW, 102, rating=5.0, review="lovely scent"),
+        StoredEvent("v", "d", "Beauty", REVIEW, 103, rating=4.0, review="someone else's"),
+    ]
+    assert event_store.append(events) == [True] * 5
+    read = event_store.user_events("u")
+    assert [(e.amount, e.order_id) for e in read] == [(12.5, "536365"), (-3.0, "C536379"), (None, None), (None, None)]
+    assert [(e.item_id, e.review) for e in event_store.user_reviews("u", limit=10)] == [
+        ("c", "smells awful"), ("d", "lovely scent")
+    ]
+    assert [e.item_id for e in event_store.user_reviews("u", limit=1)] == ["d"]
+    assert event_store.user_reviews("nobody", limit=5) == []
+
+
 def test_bulk_load_happens_once_per_marker(event_store):
     assert event_store.bulk_load([event("a"), event("b")], total=2, marker="m", show_progress=False)
     assert not event_store.bulk_load([event("a")], total=1, marker="m", show_progress=False)
@@ -165,7 +183,7 @@ class CatalogueOf:
 
 @pytest.fixture
 def book(event_store):
-    items = {name: ("C", vector) for name, vector in BASIS.items()}
+    items = {name: ItemInfo("C", vector) for name, vector in BASIS.items()}
     return ProfileBook(event_store, CatalogueOf(items), 0.05, 0.5, 200, 10, 100)
 
 
@@ -201,3 +219,37 @@ def test_book_refuses_bad_batches_whole(book):
     assert book.store.count() == 0
     with pytest.raises(InvalidArgument, match="categories"):
         book.popular(3, ["nope"], [])
+    for bad in (float("nan"), float("inf"), 2e9):
+        with pytest.raises(InvalidArgument, match=r"events\[0\].amount"):
+            book.ingest([incoming("a", amount=bad)], 1.0)
+    with pytest.raises(InvalidArgument, match=r"events\[0\].order_id"):
+        book.ingest([incoming("a", order_id="x" * 200)], 1.0)
+    assert book.store.count() == 0
+
+
+def test_book_stores_what_was_spent_and_on_which_order(book):
+    assert book.ingest([incoming("a", amount=15.3, order_id="536365"), incoming("b", amount=-2.5, order_id="C1")], 1.0)
+    stored = book.store.user_events("u")
+    assert [(e.amount, e.order_id) for e in stored] == [(15.3, "536365"), (-2.5, "C1")]
+
+
+def test_a_store_written_before_events_carried_money_opens_and_keeps_its_events(tmp_path):
+    import sqlite3
+
+    from services.profile.store import SQLiteEventStore
+
+    path = tmp_path / "old.sqlite3"
+    old = sqlite3.connect(path)
+    old.executescript(
+        "CREATE TABLE events (id INTEGER PRIMARY KEY AUTOINCREMENT, user_id TEXT NOT NULL, item_id TEXT NOT NULL,"
+        " category TEXT NOT NULL, type INTEGER NOT NULL, ts INTEGER, rating REAL, review TEXT,"
+        " idempotency_key TEXT UNIQUE);"
+        "INSERT INTO events (user_id, item_id, category, type, ts) VALUES ('u', 'a', 'c', 2, 100);"
+    )
+    old.commit()
+    old.close()
+    store = SQLiteEventStore(path)
+    assert store.user_events("u") == [StoredEvent("u", "a", "c", PURCHASE, 100)]
+    assert store.append([StoredEvent("u", "b", "c", PURCHASE, 101, amount=9.5, order_id="o1")]) == [True]
+    assert [(e.item_id, e.amount, e.order_id) for e in store.user_events("u")] == [("a", None, None), ("b", 9.5, "o1")]
+    store.close()

@@ -5,13 +5,11 @@ import argparse
 import json
 import logging
 import sys
-import time
 from pathlib import Path
 
-import numpy as np
 
 from recsys_core import data, paths
-from recsys_core.offline import baselines, protocol, seqmodel, textmodel
+from recsys_core.offline import baselines, modeldir, protocol, seqmodel, textmodel, twotower
 from recsys_core.offline.items import default_encoder, split_item_vectors
 
 log = logging.getLogger(__name__)
@@ -23,12 +21,17 @@ def add_data_argument(parser: argparse.ArgumentParser) -> None:
                         help="directory in the amazon-2014 schema (default: ../shared/data/amazon-2014)")
 
 
-def torch_threads() -> None:
+def torch_threads(threads: int | None = None) -> None:
+    """`threads` torch threads (default: every core; long runs on a shared
+    machine pass 1). Denormal floats are flushed to zero: a softmax over
+    thousands of items, once peaked, fills its gradient with them, and they
+    made a backward pass 25 times slower here."""
     import os
 
     import torch
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(threads or os.cpu_count() or 1)
+    torch.set_flush_denormal(True)
 
 
 def baseline_scorer(name: str, split: protocol.CategorySplit, items, sasrec_minutes: float):
@@ -67,7 +70,11 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     results = {}
     for category in categories:
         split = protocol.category_split(dataset.interactions, dataset.items, category)
-        if args.model:
+        if args.model and modeldir.is_model_dir(args.model):
+            torch_threads()
+            scorer = seqmodel.scorer(modeldir.load_for_scoring(args.model, split, dataset.items))
+            name = str(args.model)
+        elif args.model:  # the earlier frozen-encoder model's directory (model.json)
             torch_threads()
             text = textmodel.text_tensor(split, dataset.items, default_encoder())
             scorer = seqmodel.scorer(textmodel.load(args.model, split, text))
@@ -86,48 +93,74 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def train(dataset: data.Dataset, categories: list[str], out: Path, config: twotower.TwoTowerConfig,
+          init: Path | None = None, progress: bool = True, manifest: dict | None = None):
+    """Train our model on `categories` jointly (from the model directory
+    `init`, for transfer) and write the model directory `out`; returns
+    (model, split, fit result)."""
+    split = protocol.category_split(dataset.interactions, dataset.items, categories)
+    if init:
+        model = modeldir.load_for_training(init, split, dataset.items, config, progress=progress)
+    else:
+        model = twotower.build(split, dataset.items, config, progress=progress)
+    result = seqmodel.fit(model, split, config, progress=progress, checkpoint=modeldir.checkpoint_path(out))
+    modeldir.save(model, split, out, {
+        "training": {"epochs": result.epochs, "minutes": round(result.seconds / 60, 1),
+                     "epoch_seconds": result.epoch_seconds, "losses": result.losses,
+                     "valid_history": result.valid_history, "best_valid": result.best_valid,
+                     "init": str(init) if init else None},
+        **(manifest or {}),
+    })
+    return model, split, result
+
+
 def train_main(argv: list[str] | None = None) -> int:
+    defaults = twotower.TwoTowerConfig()
     parser = argparse.ArgumentParser(prog="recsys train", description=(
-        "Train our model: the encoder's item text through a learned projection "
-        "(plus ID embeddings for the catalogue trained on) and a causal "
-        "transformer over the shopper's history, full-softmax next-item loss, "
-        "early stopping on validation NDCG@10."))
+        "Train our model: the MiniLM item encoder fine-tuned (its top layers, "
+        "over cached states of the frozen lower ones), plus ID vectors for the "
+        "catalogue trained on, and a user tower that starts as the pretrained "
+        "zero-shot mix of the history and learns a correction; next-item "
+        "softmax over every item (or sampled), early stopping on validation "
+        "NDCG@10. Writes a versioned model directory (see recsys_core/offline/modeldir.py)."))
     add_data_argument(parser)
     parser.add_argument("--categories", nargs="+", required=True, help="categories trained on, jointly")
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--init", type=Path, help="start from this model's user tower and projection (transfer)")
+    parser.add_argument("--out", type=Path, required=True, help="model directory to write")
+    parser.add_argument("--init", type=Path, help="start from this model directory's encoder and user tower (transfer)")
     parser.add_argument("--no-ids", action="store_true", help="text only: a model meant to transfer")
+    parser.add_argument("--finetune-layers", type=int, default=defaults.finetune_layers,
+                        help="top MiniLM layers to train (0: only the projection after pooling)")
+    parser.add_argument("--encoder-batch", type=int, default=defaults.encoder_batch,
+                        help="items re-encoded with gradient per step")
+    parser.add_argument("--encoder-lr", type=float, default=defaults.encoder_lr)
+    parser.add_argument("--lr", type=float, default=defaults.lr)
+    parser.add_argument("--id-lr", type=float, help="learning rate of the ID vectors (default: --lr)")
+    parser.add_argument("--negatives", type=int, default=defaults.negatives,
+                        help="0: softmax over every item; N: in-batch targets plus N sampled items")
     parser.add_argument("--max-minutes", type=float, default=60.0)
-    parser.add_argument("--max-epochs", type=int, default=200)
-    parser.add_argument("--dim", type=int, default=64)
-    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--max-epochs", type=int, default=defaults.max_epochs)
+    parser.add_argument("--dim", type=int, default=defaults.dim, help="the user tower's inner width")
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--threads", type=int, help="torch threads (default: every core; 1 on a shared machine)")
+    parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
-    torch_threads()
+    if args.finetune_layers < 0 or args.encoder_batch < 1 or args.max_minutes <= 0:
+        parser.error("--finetune-layers must be >= 0, --encoder-batch >= 1 and --max-minutes > 0")
+    if args.init and not modeldir.is_model_dir(args.init):
+        parser.error(f"--init {args.init}: not a model directory written by `recsys train`")
+    torch_threads(args.threads)
 
     dataset = data.Dataset.load(args.data)
-    split = protocol.category_split(dataset.interactions, dataset.items, args.categories)
-    encoder = default_encoder()
-    text = textmodel.text_tensor(split, dataset.items, encoder)
-    config = seqmodel.SeqConfig(dim=args.dim, use_text=True, use_ids=not args.no_ids,
-                                max_minutes=args.max_minutes, max_epochs=args.max_epochs, seed=args.seed)
-    if args.init:
-        model = textmodel.transfer(textmodel.load(args.init, split, text), split, text, use_ids=not args.no_ids)
-        model.config.max_minutes, model.config.max_epochs = args.max_minutes, args.max_epochs
-    else:
-        model = textmodel.build(split, text, config)
-    started = time.monotonic()
-    result = seqmodel.fit(model, split, model.config)
-    textmodel.save(model, split, args.out, {
-        "encoder_fingerprint": encoder.fingerprint,
-        "data": str(args.data),
-        "train_seconds": round(time.monotonic() - started, 1),
-        "epochs": result.epochs,
-        "losses": result.losses,
-        "valid_history": result.valid_history,
-        "best_valid": result.best_valid,
-        "init": str(args.init) if args.init else None,
-    })
+    unknown = sorted(set(args.categories) - set(dataset.interactions.category.unique()))
+    if unknown:
+        parser.error(f"--categories: {unknown} not in {args.data}")
+    config = twotower.TwoTowerConfig(
+        dim=args.dim, use_ids=not args.no_ids, finetune_layers=args.finetune_layers,
+        encoder_batch=args.encoder_batch, encoder_lr=args.encoder_lr, lr=args.lr, id_lr=args.id_lr, negatives=args.negatives,
+        max_minutes=args.max_minutes, max_epochs=args.max_epochs, seed=args.seed)
+    _, _, result = train(dataset, args.categories, args.out, config, init=args.init,
+                         progress=not args.no_progress, manifest={"data": str(args.data)})
     print(json.dumps({"out": str(args.out), "epochs": result.epochs, "best_valid": result.best_valid,
                       "first_loss": result.losses[0], "last_loss": result.losses[-1]}, indent=2))
     return 0

@@ -2,10 +2,12 @@
 
 One model serves two roles:
 - SASRec (Kang & McAuley, 2018), item-ID embeddings only: the strong ID baseline.
-- Our text model: each item is represented by a projection of its text
-  embedding (the fine-tuned MiniLM), plus, for items seen in training, a
-  learned ID embedding. Text lets the user tower transfer to categories it was
-  never trained on (ids off); ids add memorised detail for warm items.
+- The earlier text model (textmodel.py): each item is represented by a
+  projection of its frozen MiniLM embedding, plus, for items seen in
+  training, a learned ID embedding. Text lets the user tower transfer to
+  categories it was never trained on (ids off); ids add memorised detail for
+  warm items. twotower.py builds our current model, with the MiniLM itself
+  fine-tuned, on the same training loop (`fit`).
 
 The user tower is a causal transformer over the history's item vectors with
 learned positions, so the shopper's vector follows their recent interests.
@@ -17,7 +19,8 @@ import logging
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -39,6 +42,7 @@ class SeqConfig:
     use_ids: bool = True
     use_text: bool = False
     temperature: float = 1.0
+    negatives: int = 0  # 0: softmax over every item; N: in-batch targets plus N uniformly sampled items
     lr: float = 1e-3
     weight_decay: float = 0.0
     batch_size: int = 256
@@ -95,11 +99,14 @@ class UserTower(nn.Module):
         start = self.positions.num_embeddings - length
         positions = self.positions(torch.arange(start, start + length, device=item_vectors.device))
         hidden = self.dropout(item_vectors * math.sqrt(item_vectors.shape[-1]) + positions)
-        future = torch.triu(torch.ones(length, length, dtype=torch.bool, device=item_vectors.device), diagonal=1)
+        # Built from comparisons rather than triu/eye on booleans, which
+        # onnxruntime has no kernels for (the user tower is exported).
+        steps = torch.arange(length, device=item_vectors.device)
+        future = steps.unsqueeze(0) > steps.unsqueeze(1)  # [query, key]
         # Blocked: the future, and padding keys. A padded query may still see
         # itself: a row with every key blocked turns NaN, and NaN leaks into
         # real rows through the attention product even at weight zero.
-        itself = torch.eye(length, dtype=torch.bool, device=item_vectors.device)
+        itself = steps.unsqueeze(0) == steps.unsqueeze(1)
         blocked = future | (padding.unsqueeze(1) & ~itself)
         blocked = blocked.repeat_interleave(self.heads, dim=0)
         hidden = self.encoder(hidden, mask=blocked)
@@ -117,6 +124,40 @@ class SequentialRecommender(nn.Module):
         batch, padding = left_pad(histories, self.config.max_len, shortest=True)
         vectors = item_matrix[batch.clamp(min=0)] * (~padding).unsqueeze(-1)
         return self.user(vectors, padding)[:, -1]
+
+    # What `fit` and `scorer` need of a model; the fine-tuned two-tower model
+    # (twotower.py) implements the same.
+    def item_matrix(self) -> torch.Tensor:
+        return self.items.all_items()
+
+    def optimiser_groups(self) -> list[dict]:
+        return [{"params": list(self.parameters())}]
+
+    def training_matrix(self, targets: torch.Tensor) -> torch.Tensor:
+        """Every item's vector for one training step."""
+        return self.item_matrix()
+
+    def next_item_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Mean cross-entropy of every position's next item (inputs and targets
+        [B, L] item indices, -1 where empty), and the number of positions.
+        Against every item, or with `negatives`, against the batch's targets
+        (in-batch negatives) and that many items drawn uniformly."""
+        item_matrix = self.training_matrix(targets)
+        padding = inputs < 0
+        hidden = self.user(item_matrix[inputs.clamp(min=0)] * (~padding).unsqueeze(-1), padding)
+        valid = targets >= 0
+        wanted = targets[valid]
+        if self.config.negatives:
+            drawn = torch.randint(0, item_matrix.shape[0], (self.config.negatives,))
+            candidates = torch.unique(torch.cat([wanted, drawn]))  # sorted
+            logits = hidden[valid] @ item_matrix[candidates].T / self.config.temperature
+            wanted = torch.searchsorted(candidates, wanted)
+        else:
+            logits = hidden[valid] @ item_matrix.T / self.config.temperature
+        return nn.functional.cross_entropy(logits, wanted), int(valid.sum())
+
+    def end_epoch(self) -> None:
+        """Nothing to refresh: every item vector is computed from the weights as needed."""
 
 
 def left_pad(histories: Sequence[np.ndarray], max_len: int, shortest: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -161,49 +202,58 @@ class TrainResult:
     seconds: float
     losses: list[float]
     valid_history: list[tuple[int, float]]
+    epoch_seconds: list[float] = field(default_factory=list)
 
 
-def fit(model: SequentialRecommender, split: CategorySplit, config: SeqConfig, progress: bool = True) -> TrainResult:
-    """Full-softmax next-item training on every position, early stopping on
-    validation NDCG@10; the best weights are restored."""
+def fit(model, split: CategorySplit, config: SeqConfig, progress: bool = True,
+        checkpoint: Path | None = None) -> TrainResult:
+    """Next-item training on every position (the model's `next_item_loss`),
+    early stopping on validation NDCG@10; the best weights are restored, and
+    written to `checkpoint` whenever validation improves, so a stopped run keeps them."""
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     examples = training_examples(split.training_sequences(), config.max_len)
-    optimiser = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    best, best_state, since_best = -1.0, None, 0
-    losses, valid_history = [], []
+    optimiser = torch.optim.AdamW(model.optimiser_groups(), lr=config.lr, weight_decay=config.weight_decay)
+    best, best_state, best_metrics, since_best = -1.0, None, {}, 0
+    losses, valid_history, epoch_seconds = [], [], []
     started = time.monotonic()
-    epoch = 0
     for epoch in range(1, config.max_epochs + 1):
+        epoch_started = time.monotonic()
         model.train()
         total, count = 0.0, 0
         batches = length_batches(examples, config.batch_size, rng)
         bar = tqdm(batches, desc=f"epoch {epoch}", disable=not progress, leave=False)
         for batch in bar:
+            if (time.monotonic() - started) / 60 > config.max_minutes:
+                break  # an epoch can outlast the budget (large catalogues, a busy machine)
             chunk = [examples[i] for i in batch]
             inputs, _ = left_pad([c[:-1] for c in chunk], config.max_len, shortest=True)
             targets, _ = left_pad([c[1:] for c in chunk], config.max_len, shortest=True)
-            item_matrix = model.items.all_items()
-            padding = inputs < 0
-            hidden = model.user(item_matrix[inputs.clamp(min=0)] * (~padding).unsqueeze(-1), padding)
-            valid = targets >= 0
-            logits = hidden[valid] @ item_matrix.T / config.temperature
-            loss = nn.functional.cross_entropy(logits, targets[valid])
+            loss, positions = model.next_item_loss(inputs, targets)
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
-            total += loss.item() * int(valid.sum())
-            count += int(valid.sum())
+            total += loss.item() * positions
+            count += positions
             bar.set_postfix(loss=f"{total / count:.3f}")
-        losses.append(total / max(count, 1))
+        if count == 0:
+            break  # the budget ran out before this epoch's first step
+        model.end_epoch()
+        losses.append(total / count)
+        epoch_seconds.append(round(time.monotonic() - epoch_started, 1))
         out_of_time = (time.monotonic() - started) / 60 > config.max_minutes
         if epoch % config.eval_every == 0 or out_of_time or epoch == config.max_epochs:
             metrics = evaluate(scorer(model), split, "valid")
             valid_history.append((epoch, metrics["ndcg@10"]))
-            log.info("epoch %d loss %.4f valid ndcg@10 %.4f recall@10 %.4f", epoch, losses[-1],
-                     metrics["ndcg@10"], metrics["recall@10"])
+            log.info("epoch %d loss %.4f valid ndcg@10 %.4f recall@10 %.4f (%.0f s/epoch, %.1f min in all)",
+                     epoch, losses[-1], metrics["ndcg@10"], metrics["recall@10"], epoch_seconds[-1],
+                     (time.monotonic() - started) / 60)
             if metrics["ndcg@10"] > best:
                 best, best_state, since_best, best_metrics = metrics["ndcg@10"], copy.deepcopy(model.state_dict()), 0, metrics
+                if checkpoint is not None:
+                    checkpoint.parent.mkdir(parents=True, exist_ok=True)
+                    torch.save(best_state, checkpoint.with_suffix(".tmp"))
+                    checkpoint.with_suffix(".tmp").replace(checkpoint)
             else:
                 since_best += 1
             if since_best >= config.patience:
@@ -213,8 +263,8 @@ def fit(model: SequentialRecommender, split: CategorySplit, config: SeqConfig, p
             break
     if best_state is not None:
         model.load_state_dict(best_state)
-    return TrainResult(best_valid=best_metrics, epochs=epoch, seconds=time.monotonic() - started,
-                       losses=losses, valid_history=valid_history)
+    return TrainResult(best_valid=best_metrics, epochs=len(losses), seconds=time.monotonic() - started,
+                       losses=losses, valid_history=valid_history, epoch_seconds=epoch_seconds)
 
 
 def scorer(model: SequentialRecommender):
@@ -223,7 +273,7 @@ def scorer(model: SequentialRecommender):
     def score(histories: Sequence[np.ndarray]) -> np.ndarray:
         model.eval()
         with torch.no_grad():
-            item_matrix = model.items.all_items()
+            item_matrix = model.item_matrix()
             users = model.encode_users(histories, item_matrix)
             return (users @ item_matrix.T).numpy()
 

@@ -10,6 +10,7 @@ import numpy as np
 from recsys_core.embedding_cache import EmbeddingCache, encode_cached
 from recsys_core.encoder import Encoder
 from recsys_core.errors import InvalidArgument, NotFound, Unavailable
+from recsys_core.model_serving import IdVectors
 from recsys_core.vector_index import VectorIndex
 
 log = logging.getLogger(__name__)
@@ -23,12 +24,17 @@ class ItemRecord:
     category: str
     title: str
     text: str
+    category_path: str = ""
 
 
 class Catalogue:
-    def __init__(self, encoder: Encoder, cache: EmbeddingCache, use_gpu: bool | None = None):
+    def __init__(self, encoder: Encoder, cache: EmbeddingCache, use_gpu: bool | None = None,
+                 id_vectors: IdVectors | None = None):
         self.encoder = encoder
         self.cache = cache
+        # A trained model's: an item it was trained on is indexed as
+        # encoder(text) + its ID vector, as the model scored it.
+        self.id_vectors = id_vectors
         self.index = VectorIndex(encoder.dimension, use_gpu=use_gpu)
         self._items: dict[str, ItemRecord] = {}
         self._write_lock = threading.Lock()
@@ -82,6 +88,8 @@ class Catalogue:
         records = list({r.item_id: r for r in records}.values())
         texts = [r.text.strip() or r.title.strip() for r in records]
         vectors = encode_cached(self.encoder, self.cache, [r.item_id for r in records], texts, show_progress)
+        if self.id_vectors is not None:
+            vectors = self.id_vectors.add_to([r.item_id for r in records], vectors)
         with self._write_lock:
             inserted, updated = self.index.upsert(
                 [r.item_id for r in records], [r.category for r in records], vectors
@@ -130,7 +138,8 @@ class Catalogue:
 def records_from_frame(items) -> list[ItemRecord]:
     """Catalogue records from a frame produced by recsys_core.data.load_items."""
     return [
-        ItemRecord(item_id=row.item_id, category=row.category, title=row.display_title, text=row.text)
+        ItemRecord(item_id=row.item_id, category=row.category, title=row.display_title, text=row.text,
+                   category_path=row.category_path)
         for row in items.itertuples(index=False)
         if row.text.strip()
     ]

@@ -20,7 +20,15 @@ class EmbeddingConfig:
     metrics_port: int = 0
     # Catalogue loaded at start; empty means start with an empty catalogue.
     data_dir: str = str(paths.BUNDLED_DATA_DIR)
+    # Online-retail invoices whose products join the catalogue (category
+    # Online_Retail); empty means none.
+    retail_dir: str = str(paths.BUNDLED_RETAIL_DIR)
     model_repo: str = str(paths.MODEL_REPO)
+    # A trained model directory (recsys train --out; recsys_core/model_serving.py):
+    # its encoder indexes the catalogue (Triton must serve it as text_encoder's
+    # newest version, or the in-process encoder loads it), and items it was
+    # trained on add their ID vectors. Empty: the pretrained encoder alone.
+    model_dir: str = ""
     encoder: str = "onnx"
     triton_url: str = "127.0.0.1:8001"
     encoder_threads: int = 0
@@ -48,7 +56,9 @@ class EmbeddingConfig:
             grace_seconds=env.float("GRACE_SECONDS", cls.grace_seconds, minimum=0),
             metrics_port=env.int("METRICS_PORT", cls.metrics_port, minimum=0, maximum=65535),
             data_dir=env.str("DATA_DIR", cls.data_dir),
+            retail_dir=env.optional_path("RETAIL_DIR", cls.retail_dir),
             model_repo=env.str("MODEL_REPO", cls.model_repo),
+            model_dir=env.str("MODEL_DIR", cls.model_dir),
             encoder=env.choice("ENCODER", cls.encoder, ENCODER_BACKENDS),
             triton_url=env.str("TRITON_URL", cls.triton_url),
             encoder_threads=env.int("ENCODER_THREADS", cls.encoder_threads, minimum=0),
@@ -64,3 +74,7 @@ class EmbeddingConfig:
     @property
     def data_path(self) -> Path | None:
         return Path(self.data_dir) if self.data_dir else None
+
+    @property
+    def retail_path(self) -> Path | None:
+        return Path(self.retail_dir) if self.retail_dir else None

@@ -7,6 +7,7 @@ import threading
 from pathlib import Path
 
 import faiss
+import pandas as pd
 from prometheus_client.core import GaugeMetricFamily
 
 from recsys.embedding.v1 import embedding_pb2, embedding_pb2_grpc
@@ -14,6 +15,7 @@ from recsys_core import data
 from recsys_core.encoder import METADATA_FILE, Encoder, OnnxEncoder, latest_version_dir, weights
 from recsys_core.grpc_util import ManagedServer, ServingHealth, build_server, serve_main
 from recsys_core.embedding_cache import EmbeddingCache
+from recsys_core.model_serving import ModelDir, open_model_dir
 from services.embedding.catalogue import Catalogue, records_from_frame
 from services.embedding.config import EmbeddingConfig
 from services.embedding.servicer import EmbeddingServicer
@@ -26,7 +28,8 @@ ENCODER_HEALTH_NAME = "text_encoder"
 ENCODER_POLL_SECONDS = 1.0
 
 
-def load_encoder(config: EmbeddingConfig) -> Encoder:
+def load_encoder(config: EmbeddingConfig, model: ModelDir | None = None) -> Encoder:
+    """The configured encoder; with a trained `model`, that model's encoder."""
     if config.encoder == "triton":
         from recsys_core.triton_encoder import TritonEncoder
 
@@ -37,10 +40,29 @@ def load_encoder(config: EmbeddingConfig) -> Encoder:
         local = Path(config.model_repo) / encoder.model_name / str(encoder.version)
         if (local / METADATA_FILE).is_file():
             _, encoder.fingerprint, _ = weights(local, encoder.precision)
+        if model is not None:
+            check_served_encoder(encoder, model, local)
         return encoder
-    return OnnxEncoder(
-        latest_version_dir(repo=Path(config.model_repo)), threads=config.encoder_threads, precision=config.precision
-    )
+    version_dir = model.encoder_dir if model is not None else latest_version_dir(repo=Path(config.model_repo))
+    return OnnxEncoder(version_dir, threads=config.encoder_threads, precision=config.precision)
+
+
+def check_served_encoder(encoder, model: ModelDir, local: Path) -> None:
+    """Triton must serve the model's encoder: ID vectors added to another
+    encoder's vectors would index nonsense. Where the served version is on
+    this disk its weights are compared; elsewhere (Kubernetes) the model's
+    fingerprint at least keys the cache, so pretrained vectors are never reused."""
+    expected = model.encoder_fingerprint(encoder.precision)
+    if (local / METADATA_FILE).is_file():
+        if encoder.fingerprint != expected:
+            raise RuntimeError(
+                f"Triton serves {encoder.model_name} version {encoder.version} ({local}), not the encoder of "
+                f"{model.path} (fingerprint {encoder.fingerprint}, expected {expected}): install the model's "
+                f"encoder as the newest version (python -m recsys_core.model_serving, or recsys serve --model)")
+    else:
+        log.warning("cannot compare Triton's %s version %s with %s (not on this disk): trusting the configuration",
+                    encoder.model_name, encoder.version, model.encoder_dir)
+        encoder.fingerprint = expected
 
 
 def watch_encoder(catalogue: Catalogue, serving: ServingHealth, stop: threading.Event) -> None:
@@ -62,12 +84,27 @@ def watch_encoder(catalogue: Catalogue, serving: ServingHealth, stop: threading.
 
 def load_catalogue(config: EmbeddingConfig, show_progress: bool = True) -> Catalogue:
     faiss.omp_set_num_threads(config.faiss_threads)
-    encoder = load_encoder(config)
+    model = open_model_dir(config.model_dir) if config.model_dir else None
+    encoder = load_encoder(config, model)
+    # Keyed by the encoder's weights: a fine-tuned encoder never reads the
+    # pretrained one's vectors (ID vectors are added after the cache).
     cache = EmbeddingCache(Path(config.cache_dir) if config.cache_dir else None, encoder.fingerprint)
-    catalogue = Catalogue(encoder, cache, use_gpu=config.use_gpu)
+    id_vectors = model.id_vectors() if model is not None else None
+    catalogue = Catalogue(encoder, cache, use_gpu=config.use_gpu, id_vectors=id_vectors)
+    if model is not None:
+        log.info("serving model %s: encoder %s, %d items with ID vectors", model.path, encoder.fingerprint,
+                 len(id_vectors) if id_vectors is not None else 0)
+    frames = []
     if config.data_path is not None:
-        items = data.load_items(config.data_path)
-        log.info("indexing %d items from %s", len(items), config.data_path)
+        frames.append(data.load_items(config.data_path))
+    if config.retail_path is not None:
+        from recsys_core.offline.value import retail_items_and_events
+
+        frames.append(data.with_text(retail_items_and_events(config.retail_path)[0]))
+    if frames:
+        items = pd.concat(frames, ignore_index=True)
+        log.info("indexing %d items from %s", len(items),
+                 ", ".join(str(p) for p in (config.data_path, config.retail_path) if p))
         catalogue.upsert(records_from_frame(items), show_progress=show_progress)
     log.info("catalogue holds %d items in %d categories", len(catalogue), len(catalogue.categories()))
     return catalogue

@@ -17,7 +17,11 @@ MAX_ITEMS_PER_UPSERT = 10_000
 
 def item_message(record: ItemRecord, with_text: bool = True) -> common_pb2.Item:
     return common_pb2.Item(
-        item_id=record.item_id, category=record.category, title=record.title, text=record.text if with_text else ""
+        item_id=record.item_id,
+        category=record.category,
+        title=record.title,
+        text=record.text if with_text else "",
+        category_path=record.category_path,
     )
 
 
@@ -81,7 +85,8 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
         if len(request.items) > MAX_ITEMS_PER_UPSERT:
             raise InvalidArgument("items", f"at most {MAX_ITEMS_PER_UPSERT} items per request, got {len(request.items)}")
         records = [
-            ItemRecord(item_id=i.item_id, category=i.category, title=i.title or i.text[:120], text=i.text or i.title)
+            ItemRecord(item_id=i.item_id, category=i.category, title=i.title or i.text[:120], text=i.text or i.title,
+                       category_path=i.category_path)
             for i in request.items
         ]
         inserted, updated = self.catalogue.upsert(records)

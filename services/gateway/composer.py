@@ -18,6 +18,7 @@ from recsys.profile.v1 import profile_pb2, profile_pb2_grpc
 from recsys.ranking.v1 import ranking_pb2, ranking_pb2_grpc
 from recsys_core.errors import NotFound, Unavailable
 from recsys_core.grpc_util import Deadline, insecure_channel
+from recsys_core.interests import interest_category, spread
 from recsys_core.messages import from_vector, has_values, to_vector
 from services.gateway import requests as rq
 from services.gateway.config import GatewayConfig
@@ -106,10 +107,12 @@ class Composer:
     # -- public operations ----------------------------------------------------
 
     def recommend(
-        self, user_id: str, k: int, categories: list[str], exclude_seen: bool, context_ids: list[str], deadline: Deadline
+        self, user_id: str, k: int, categories: list[str], exclude_seen: bool, context_ids: list[str], deadline: Deadline,
+        spread_interests: bool = False, explore_slots: int = 0,
     ) -> tuple[list[Recommendation], str]:
         rq.check_user_id(user_id)
         rq.check_k(k)
+        explore_slots = rq.check_exploration(spread_interests, explore_slots, k)
         context_ids = rq.check_context(context_ids, self.config.max_context_items)
         categories = rq.check_categories(categories, self.known_categories(deadline))
 
@@ -129,7 +132,9 @@ class Composer:
         profile = profile_call.result()
 
         queries = []
-        for vector in (profile.long_term_interest, profile.short_term_interest):
+        # model_interest: a served model's shopper vector (recsys serve --model),
+        # which retrieves the items that model scores highest.
+        for vector in (profile.long_term_interest, profile.short_term_interest, profile.model_interest):
             if has_values(vector):
                 queries.append(vector)
         context_vector = None
@@ -139,6 +144,10 @@ class Composer:
             queries.append(context_vector)
         if not queries:
             return self._popular(k, categories, context_ids, deadline, with_titles=True), COLD_START
+        # Each interest retrieves its own neighbourhood, so that a minor
+        # interest has candidates to fill its slots with.
+        interests = list(profile.interests) if spread_interests else []
+        queries += [interest.centroid for interest in interests]
 
         exclude = list(context_ids)
         if exclude_seen:
@@ -165,13 +174,17 @@ class Composer:
         candidate_ids = list(hits)
 
         history = list(profile.recent_history[: self.config.explain_history])
+        disliked_ids = list(profile.preferences.disliked_item_ids)
         popularity_call = self.profile.GetItemPopularity.future(
             profile_pb2.GetItemPopularityRequest(item_ids=candidate_ids), timeout=deadline.left()
         )
-        history_items = self._items(list(dict.fromkeys(h.item_id for h in history)), deadline, embeddings=True)
+        history_items = self._items(
+            list(dict.fromkeys([h.item_id for h in history] + disliked_ids)), deadline, embeddings=True
+        )
         popularity = popularity_call.result()
 
-        ranked = self._rank(profile, context_vector, context_items, history, history_items, hits, candidate_ids, popularity, k, deadline)
+        ranked = self._rank(profile, context_vector, context_items, history, history_items, hits, candidate_ids,
+                            popularity, 0 if interests else k, deadline)
         if ranked is None:
             # Ranking is down: retrieval similarity alone still orders well.
             ordered = sorted(hits.values(), key=lambda h: -h.score)[:k]
@@ -180,12 +193,17 @@ class Composer:
                 for h in ordered
             ], FALLBACK
 
+        spread_reasons = {}
+        if interests:
+            ranked, spread_reasons = self._spread(ranked, hits, interests, profile, k, explore_slots)
         event_of = {h.item_id: h for h in reversed(history)}  # the latest event wins
         recommendations = []
         for scored in ranked:
             hit = hits[scored.item_id]
             because = scored.because_item_id
-            if because in context_items:
+            if scored.item_id in spread_reasons:
+                reason = spread_reasons[scored.item_id]
+            elif because in context_items:
                 reason = rq.similar_reason(context_items[because].item.title)
             elif because in history_items:
                 reason = rq.because_reason(event_of[because].type, history_items[because].item.title)
@@ -193,6 +211,27 @@ class Composer:
                 reason = "matches your interests"
             recommendations.append(Recommendation(hit.item_id, hit.item.category, hit.item.title, scored.score, reason))
         return recommendations, PERSONALISED
+
+    @staticmethod
+    def _spread(ranked, hits, interests, profile, k: int, explore: int):
+        """The ranked candidates spread across the shopper's interests
+        (recsys_core.interests.spread, the rule docs/profiles.md measures),
+        with the reason each was picked."""
+        scores = np.asarray([c.score for c in ranked], dtype=np.float32)
+        vectors = np.stack([from_vector(hits[c.item_id].embedding) for c in ranked])
+        centroids = np.stack([from_vector(i.centroid) for i in interests])
+        weights = np.asarray([i.weight for i in interests], dtype=np.float64)
+        touched = {share.category for share in profile.interest_categories}
+        grains = [interest_category(hits[c.item_id].item.category, hits[c.item_id].item.category_path) for c in ranked]
+        novel = np.asarray([grain not in touched for grain in grains])
+        chosen = spread(scores, vectors, centroids, weights, k, explore, novel if explore else None)
+        nearest = np.argmax(vectors[chosen] @ centroids.T, axis=1)
+        reasons = {}
+        for position, interest in zip(chosen, nearest):
+            item_id = ranked[position].item_id
+            reasons[item_id] = (rq.explore_reason(grains[position]) if explore and novel[position]
+                                else rq.interest_reason(interests[interest].label))
+        return [ranked[position] for position in chosen], reasons
 
     def _rank(self, profile, context_vector, context_items, history, history_items, hits, candidate_ids, popularity, k, deadline):
         user = ranking_pb2.UserFeatures(
@@ -207,7 +246,16 @@ class Composer:
                 for h in history
                 if h.item_id in history_items
             ],
+            drift_score=profile.drift.score,
+            model_interest=profile.model_interest,
+            disliked=[
+                history_items[item_id].embedding
+                for item_id in profile.preferences.disliked_item_ids
+                if item_id in history_items
+            ],
         )
+        if profile.HasField("value"):
+            user.churn_probability = profile.value.churn_probability
         if context_vector is not None:
             user.context_interest.CopyFrom(context_vector)
         candidates = [
@@ -240,6 +288,12 @@ class Composer:
             if is_unavailable(error):
                 raise Unavailable("the profile and embedding services are both unavailable") from error
             raise
+
+    def shopper_profile(self, user_id: str, history_limit: int, deadline: Deadline) -> profile_pb2.GetProfileResponse:
+        rq.check_user_id(user_id)
+        return self.profile.GetProfile(
+            profile_pb2.GetProfileRequest(user_id=user_id, history_limit=history_limit), timeout=deadline.left()
+        )
 
     def similar_items(self, item_id: str, k: int, categories: list[str], deadline: Deadline) -> list[Recommendation]:
         rq.check_item_id(item_id, "item_id")

@@ -53,6 +53,14 @@ def check_context(item_ids: Sequence[str], limit: int) -> list[str]:
     return list(dict.fromkeys(item_ids))
 
 
+def check_exploration(spread_interests: bool, explore_slots: int, k: int) -> int:
+    if not 0 <= explore_slots <= k:
+        raise InvalidArgument("explore_slots", f"must be between 0 and k ({k}), got {explore_slots}")
+    if explore_slots and not spread_interests:
+        raise InvalidArgument("explore_slots", "needs spread_interests")
+    return explore_slots
+
+
 def short_title(title: str) -> str:
     return title if len(title) <= MAX_TITLE_IN_REASON else title[: MAX_TITLE_IN_REASON - 1].rstrip() + "…"
 
@@ -63,6 +71,14 @@ def because_reason(event_type: int, title: str) -> str:
 
 def similar_reason(title: str) -> str:
     return f"similar to {short_title(title)}"
+
+
+def interest_reason(label: str) -> str:
+    return f"for your interest in {short_title(label)}"
+
+
+def explore_reason(category: str) -> str:
+    return f"something new for you: {short_title(category.replace(', ', ' > '))}"
 
 
 def popular_reason(category: str) -> str:

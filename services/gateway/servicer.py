@@ -36,8 +36,17 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             exclude_seen=request.exclude_seen if request.HasField("exclude_seen") else True,
             context_ids=list(request.context_item_ids),
             deadline=Deadline(context, self.config.request_timeout_seconds),
+            spread_interests=request.spread_interests,
+            explore_slots=request.explore_slots,
         )
         return gateway_pb2.RecommendResponse(items=item_messages(recommendations), path=PATHS[path])
+
+    @handle_errors
+    def GetProfile(self, request, context):
+        self.readiness.require()
+        return self.composer.shopper_profile(
+            request.user_id, request.history_limit, Deadline(context, self.config.request_timeout_seconds)
+        )
 
     @handle_errors
     def SimilarItems(self, request, context):

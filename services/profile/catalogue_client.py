@@ -3,11 +3,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import numpy as np
-
 from recsys.embedding.v1 import embedding_pb2, embedding_pb2_grpc
 from recsys_core.grpc_util import insecure_channel
 from recsys_core.messages import from_vector
+from services.profile.profiles import ItemInfo
 
 # One GetItems call stays well under the message size limit.
 LOOKUP_BATCH = 2000
@@ -18,7 +17,7 @@ class EmbeddingServiceLookup:
         self.channel = insecure_channel(address)
         self.stub = embedding_pb2_grpc.EmbeddingServiceStub(self.channel)
 
-    def lookup(self, item_ids: Sequence[str], timeout: float) -> dict[str, tuple[str, np.ndarray]]:
+    def lookup(self, item_ids: Sequence[str], timeout: float) -> dict[str, ItemInfo]:
         found = {}
         for start in range(0, len(item_ids), LOOKUP_BATCH):
             reply = self.stub.GetItems(
@@ -28,7 +27,12 @@ class EmbeddingServiceLookup:
                 timeout=timeout,
             )
             for entry in reply.items:
-                found[entry.item.item_id] = (entry.item.category, from_vector(entry.embedding))
+                found[entry.item.item_id] = ItemInfo(
+                    category=entry.item.category,
+                    vector=from_vector(entry.embedding),
+                    title=entry.item.title,
+                    category_path=entry.item.category_path,
+                )
         return found
 
     def close(self) -> None:

@@ -1,16 +1,11 @@
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from recsys_core import paths
 from recsys_core.envconfig import EnvReader
-
-
-def _set_but_empty(environ, name: str) -> bool:
-    value = (os.environ if environ is None else environ).get(name)
-    return value is not None and not value.strip()
+from recsys_core.interests import ClusterSettings, DriftSettings
 
 
 @dataclass(frozen=True)
@@ -30,15 +25,41 @@ class ProfileConfig:
     redis_durability: str = "always"
     # Events loaded into an empty store at start; empty means none.
     data_dir: str = str(paths.BUNDLED_DATA_DIR)
+    # Online-retail invoices (recsys_core/offline/value.py) loaded as purchase
+    # events with amounts; empty means none.
+    retail_dir: str = str(paths.BUNDLED_RETAIL_DIR)
+    # The churn and lifetime-value model (`recsys train-value`); empty means
+    # the one train-value writes by default. Without it GetProfile has no `value`.
+    value_model: str = ""
+    # The time forecasts are made at: "data" = the latest event of the
+    # shopper's categories (historical data sets end years ago; against the
+    # wall clock every shopper would have churned), "now" = the wall clock.
+    value_clock: str = "data"
     embedding_address: str = "127.0.0.1:50052"
     # Outbound calls never wait longer than this, even for callers without a deadline.
     embedding_timeout_seconds: float = 5.0
-    long_term_decay: float = 0.05
-    short_term_decay: float = 0.5
+    long_term_decay: float = DriftSettings.long_decay
+    short_term_decay: float = DriftSettings.short_decay
+    # Drift: the last `drift_recent_events` against the taste before them;
+    # docs/profiles.md ("Interest drift") has the definition and its evaluation.
+    drift_recent_events: int = DriftSettings.recent_events
+    drift_min_past_events: int = DriftSettings.min_past_events
+    drift_threshold: float = DriftSettings.threshold
+    max_interests: int = ClusterSettings.max_clusters
+    interest_distance: float = ClusterSettings.distance
     # How many recent events shape the interest vectors.
     interest_window: int = 200
     max_events_per_request: int = 1000
     profile_cache_size: int = 20_000
+    # The trained user tower on Triton (recsys serve --model DIR sets the URL;
+    # services/profile/user_tower.py): GetProfile's model_interest. Empty: none.
+    user_tower_triton_url: str = ""
+    user_tower_model: str = "user_tower"
+    # Triton serving the review classifier (model_repo/review_sentiment):
+    # GetProfile's preferences, and negative reviews as evidence against their
+    # item. Empty: reviews are stored but not read.
+    review_triton_url: str = ""
+    review_model: str = "review_sentiment"
 
     @classmethod
     def from_env(cls, environ=None) -> "ProfileConfig":
@@ -55,17 +76,47 @@ class ProfileConfig:
             redis_durability=env.choice(
                 "REDIS_DURABILITY", cls.redis_durability, ("always", "everysec", "unchecked")
             ),
-            # Set but empty means no data set (EnvReader would read it as unset).
-            data_dir="" if _set_but_empty(environ, "PROFILE_DATA_DIR") else env.str("DATA_DIR", cls.data_dir),
+            data_dir=env.optional_path("DATA_DIR", cls.data_dir),
+            retail_dir=env.optional_path("RETAIL_DIR", cls.retail_dir),
+            value_model=env.str("VALUE_MODEL", cls.value_model),
+            value_clock=env.choice("VALUE_CLOCK", cls.value_clock, ("data", "now")),
             embedding_address=env.str("EMBEDDING_ADDRESS", cls.embedding_address),
             embedding_timeout_seconds=env.float("EMBEDDING_TIMEOUT_SECONDS", cls.embedding_timeout_seconds, minimum=0.01),
             long_term_decay=env.float("LONG_TERM_DECAY", cls.long_term_decay, minimum=0),
             short_term_decay=env.float("SHORT_TERM_DECAY", cls.short_term_decay, minimum=0),
             interest_window=env.int("INTEREST_WINDOW", cls.interest_window, minimum=1),
+            drift_recent_events=env.int("DRIFT_RECENT_EVENTS", cls.drift_recent_events, minimum=1),
+            drift_min_past_events=env.int("DRIFT_MIN_PAST_EVENTS", cls.drift_min_past_events, minimum=1),
+            drift_threshold=env.float("DRIFT_THRESHOLD", cls.drift_threshold, minimum=0, maximum=1),
+            max_interests=env.int("MAX_INTERESTS", cls.max_interests, minimum=1, maximum=50),
+            interest_distance=env.float("INTEREST_DISTANCE", cls.interest_distance, minimum=0, maximum=2),
             max_events_per_request=env.int("MAX_EVENTS_PER_REQUEST", cls.max_events_per_request, minimum=1),
             profile_cache_size=env.int("PROFILE_CACHE_SIZE", cls.profile_cache_size, minimum=0),
+            user_tower_triton_url=env.str("USER_TOWER_TRITON_URL", cls.user_tower_triton_url),
+            user_tower_model=env.str("USER_TOWER_MODEL", cls.user_tower_model),
+            review_triton_url=env.str("REVIEW_TRITON_URL", cls.review_triton_url),
+            review_model=env.str("REVIEW_MODEL", cls.review_model),
         )
+
+    @property
+    def drift_settings(self) -> DriftSettings:
+        return DriftSettings(
+            recent_events=self.drift_recent_events,
+            min_past_events=self.drift_min_past_events,
+            long_decay=self.long_term_decay,
+            short_decay=self.short_term_decay,
+            threshold=self.drift_threshold,
+        )
+
+    @property
+    def cluster_settings(self) -> ClusterSettings:
+        return ClusterSettings(max_clusters=self.max_interests, distance=self.interest_distance,
+                               decay=self.long_term_decay)
 
     @property
     def data_path(self) -> Path | None:
         return Path(self.data_dir) if self.data_dir else None
+
+    @property
+    def retail_path(self) -> Path | None:
+        return Path(self.retail_dir) if self.retail_dir else None

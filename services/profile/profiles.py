@@ -5,14 +5,18 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
 
-from recsys_core.errors import InvalidArgument, NotFound
-from services.profile.interests import interest_vector
+from recsys_core.errors import DeadlineExceeded, InvalidArgument, NotFound, Unavailable
+from recsys_core.reviews import Preferences, ReviewOpinions, opinions_of_reviews, preferences
+from recsys_core.interests import NO_DRIFT, ClusterSettings, Drift, DriftSettings
+from services.profile.interests import Interest, interest_vector, read_interests
+from services.profile.user_tower import ShopperVectors, shopper_interest
+from services.profile.value import ValueForecast, ValueModel
 from services.profile.popularity import Popularity
 from services.profile.store import PURCHASE, RATING, REVIEW, VIEW, EventStore, StoredEvent
 
@@ -24,16 +28,29 @@ MAX_IDEMPOTENCY_KEY_CHARS = 256
 DEFAULT_HISTORY = 50
 MAX_HISTORY = 1000
 MAX_POPULAR_K = 1000
+# The latest reviews that shape a profile's preferences.
+MAX_REVIEWS_READ = 50
+MAX_OPINIONS_CACHED = 100_000
+# Larger than any real order line; beyond it the number is a unit mix-up.
+MAX_AMOUNT = 1e9
 # Clocks drift; an event "from the future" beyond this is a client bug.
 MAX_FUTURE_SECONDS = 24 * 3600
 EVENT_TYPES = (VIEW, PURCHASE, RATING, REVIEW)
 
 
-class ItemLookup(Protocol):
-    """Where the profile learns items' categories and embeddings (the embedding service)."""
+@dataclass(frozen=True)
+class ItemInfo:
+    category: str
+    vector: np.ndarray
+    title: str = ""
+    category_path: str = ""
 
-    def lookup(self, item_ids: Sequence[str], timeout: float) -> dict[str, tuple[str, np.ndarray]]:
-        """(category, embedding) of each known id; unknown ids are absent."""
+
+class ItemLookup(Protocol):
+    """Where the profile learns about items (the embedding service)."""
+
+    def lookup(self, item_ids: Sequence[str], timeout: float) -> dict[str, ItemInfo]:
+        """What the catalogue knows of each id; unknown ids are absent."""
 
 
 @dataclass(frozen=True)
@@ -45,6 +62,8 @@ class IncomingEvent:
     rating: float
     review_text: str
     idempotency_key: str
+    amount: float = 0.0
+    order_id: str = ""
 
 
 @dataclass
@@ -57,6 +76,13 @@ class Profile:
     recent: list[StoredEvent] = field(default_factory=list)
     seen_item_ids: list[str] = field(default_factory=list)
     categories: dict[str, int] = field(default_factory=dict)
+    drift: Drift = NO_DRIFT
+    interests: list[Interest] = field(default_factory=list)
+    interest_categories: dict[str, float] = field(default_factory=dict)
+    # The trained user tower's shopper vector, when a model is served.
+    model_interest: np.ndarray | None = None
+    value: ValueForecast | None = None
+    preferences: Preferences | None = None
 
 
 def check_user_id(user_id: str, field_name: str = "user_id") -> str:
@@ -67,15 +93,15 @@ def check_user_id(user_id: str, field_name: str = "user_id") -> str:
     return user_id
 
 
-class VectorCache:
-    """Item embeddings fetched from the catalogue, bounded LRU."""
+class ItemCache:
+    """Items fetched from the catalogue, bounded LRU."""
 
     def __init__(self, capacity: int = 500_000):
         self.capacity = capacity
-        self._entries: OrderedDict[str, tuple[str, np.ndarray]] = OrderedDict()
+        self._entries: OrderedDict[str, ItemInfo] = OrderedDict()
         self._lock = threading.Lock()
 
-    def get_many(self, item_ids: Sequence[str]) -> tuple[dict[str, tuple[str, np.ndarray]], list[str]]:
+    def get_many(self, item_ids: Sequence[str]) -> tuple[dict[str, ItemInfo], list[str]]:
         found, missing = {}, []
         with self._lock:
             for item_id in item_ids:
@@ -87,7 +113,7 @@ class VectorCache:
                     found[item_id] = entry
         return found, missing
 
-    def put_many(self, entries: dict[str, tuple[str, np.ndarray]]) -> None:
+    def put_many(self, entries: dict[str, ItemInfo]) -> None:
         with self._lock:
             self._entries.update(entries)
             while len(self._entries) > self.capacity:
@@ -104,6 +130,14 @@ class ProfileBook:
         interest_window: int,
         max_events_per_request: int,
         profile_cache_size: int,
+        *,
+        drift_settings: DriftSettings = DriftSettings(),
+        cluster_settings: ClusterSettings = ClusterSettings(),
+        user_tower: ShopperVectors | None = None,
+        value_model: ValueModel | None = None,
+        review_classifier: Callable[..., np.ndarray] | None = None,
+        value_clock: str = "data",
+        category_clocks: dict[str, int] | None = None,
     ):
         self.store = store
         self.items = items
@@ -111,9 +145,20 @@ class ProfileBook:
         self.short_term_decay = short_term_decay
         self.interest_window = interest_window
         self.max_events_per_request = max_events_per_request
+        self.drift_settings = drift_settings
+        self.cluster_settings = cluster_settings
+        self.user_tower = user_tower
+        self.value_model = value_model
+        # P(positive) of review texts (the Triton-served review_sentiment
+        # model); None: reviews are stored but not read.
+        self.review_classifier = review_classifier
+        self._opinions: OrderedDict[str, ReviewOpinions] = OrderedDict()
+        self.value_clock = value_clock
+        # Latest event time per category: the "now" of a historical data set.
+        self._clocks = dict(category_clocks or {})
         self.popularity = Popularity()
         self.popularity.add_many(store.item_counts())
-        self.vectors = VectorCache()
+        self.item_cache = ItemCache()
         self._profiles: OrderedDict[str, Profile] = OrderedDict()
         self._profile_cache_size = profile_cache_size
         self._cache_lock = threading.Lock()
@@ -141,6 +186,10 @@ class ProfileBook:
                 raise InvalidArgument(f"events[{i}].rating", "a RATING event needs a rating of 1..5")
             if len(event.review_text) > MAX_REVIEW_CHARS:
                 raise InvalidArgument(f"events[{i}].review_text", f"is over {MAX_REVIEW_CHARS} characters")
+            if not np.isfinite(event.amount) or abs(event.amount) > MAX_AMOUNT:
+                raise InvalidArgument(f"events[{i}].amount", f"must be a finite amount under {MAX_AMOUNT:g}")
+            if len(event.order_id) > MAX_ID_CHARS:
+                raise InvalidArgument(f"events[{i}].order_id", f"is over {MAX_ID_CHARS} characters")
             if len(event.idempotency_key) > MAX_IDEMPOTENCY_KEY_CHARS:
                 raise InvalidArgument(
                     f"events[{i}].idempotency_key", f"is over {MAX_IDEMPOTENCY_KEY_CHARS} characters"
@@ -159,18 +208,24 @@ class ProfileBook:
             StoredEvent(
                 user_id=e.user_id,
                 item_id=e.item_id,
-                category=known[e.item_id][0],
+                category=known[e.item_id].category,
                 type=e.type,
                 ts=e.timestamp or int(now),
                 rating=e.rating or None,
                 review=e.review_text or None,
                 idempotency_key=e.idempotency_key or None,
+                amount=e.amount or None,
+                order_id=e.order_id or None,
             )
             for e in events
         ])
         for event, is_new in zip(events, stored):
             if is_new:
-                self.popularity.add(event.item_id, known[event.item_id][0])
+                category = known[event.item_id].category
+                self.popularity.add(event.item_id, category)
+                timestamp = event.timestamp or int(now)
+                with self._cache_lock:
+                    self._clocks[category] = max(self._clocks.get(category, timestamp), timestamp)
         with self._cache_lock:
             for user_id in {e.user_id for e in events}:
                 self._profiles.pop(user_id, None)
@@ -179,13 +234,54 @@ class ProfileBook:
 
     # -- reading ------------------------------------------------------------
 
-    def _item_info(self, item_ids: Sequence[str], timeout: float) -> dict[str, tuple[str, np.ndarray]]:
-        found, missing = self.vectors.get_many(item_ids)
+    def _item_info(self, item_ids: Sequence[str], timeout: float) -> dict[str, ItemInfo]:
+        found, missing = self.item_cache.get_many(item_ids)
         if missing:
             fetched = self.items.lookup(missing, timeout)
-            self.vectors.put_many(fetched)
+            self.item_cache.put_many(fetched)
             found.update(fetched)
         return found
+
+    def forecast_time(self, categories) -> int:
+        """When a shopper's value is forecast: the wall clock, or where the
+        data of their categories ends (value_clock "data")."""
+        if self.value_clock == "now":
+            return int(time.time())
+        with self._cache_lock:
+            ends = [self._clocks[c] for c in categories if c in self._clocks]
+        return max(ends) if ends else int(time.time())
+
+    def _value(self, user_id: str, window: list[StoredEvent], count: int, categories) -> ValueForecast | None:
+        if self.value_model is None:
+            return None
+        # Lifetime value reads the whole history, not only the interest window.
+        events = window if count <= len(window) else self.store.user_events(user_id)
+        return self.value_model.forecast(events, self.forecast_time(categories))
+
+    def _read_reviews(self, user_id: str, timeout: float) -> tuple[Preferences | None, dict]:
+        """What the shopper's latest reviews say, and P(positive) of each by
+        (item_id, ts) for the evidence weights. A review is classified once;
+        when the classifier is down the profile answers without preferences."""
+        reviews = self.store.user_reviews(user_id, MAX_REVIEWS_READ)
+        if not reviews or self.review_classifier is None:
+            return None, {}
+        with self._cache_lock:
+            known = {e.review: self._opinions[e.review] for e in reviews if e.review in self._opinions}
+        missing = list(dict.fromkeys(e.review for e in reviews if e.review not in known))
+        if missing:
+            try:
+                read = opinions_of_reviews(missing, lambda texts: self.review_classifier(texts, timeout))
+            except (Unavailable, DeadlineExceeded) as error:
+                log.warning("reviews of %s not read: %s", user_id, error)
+                return None, {}
+            known.update(zip(missing, read))
+            with self._cache_lock:
+                self._opinions.update(zip(missing, read))
+                while len(self._opinions) > MAX_OPINIONS_CACHED:
+                    self._opinions.popitem(last=False)
+        reviewed = [(e.item_id, known[e.review]) for e in reviews]
+        sentiment = {(e.item_id, e.ts): known[e.review].positive_probability for e in reviews}
+        return preferences(reviewed), sentiment
 
     def profile(self, user_id: str, timeout: float) -> Profile:
         check_user_id(user_id)
@@ -199,16 +295,24 @@ class ProfileBook:
             return Profile(user_id=user_id, known=False)
         count, per_category, seen = self.store.user_summary(user_id)
         info = self._item_info(list(dict.fromkeys(e.item_id for e in events)), timeout)
-        vectors = {item_id: vector for item_id, (_, vector) in info.items()}
+        vectors = {item_id: item.vector for item_id, item in info.items()}
+        review_preferences, sentiment = self._read_reviews(user_id, timeout)
+        reading = read_interests(events, info, sentiment, self.drift_settings, self.cluster_settings)
         profile = Profile(
             user_id=user_id,
             known=True,
             event_count=count,
-            long_term=interest_vector(events, vectors, self.long_term_decay),
-            short_term=interest_vector(events, vectors, self.short_term_decay),
+            long_term=interest_vector(events, vectors, self.long_term_decay, sentiment),
+            short_term=interest_vector(events, vectors, self.short_term_decay, sentiment),
             recent=list(reversed(events)),
             seen_item_ids=seen,
             categories=per_category,
+            drift=reading.drift,
+            interests=reading.interests,
+            interest_categories=reading.categories,
+            model_interest=shopper_interest([e.item_id for e in events], vectors, self.user_tower, timeout),
+            value=self._value(user_id, events, count, per_category),
+            preferences=review_preferences,
         )
         with self._cache_lock:
             self._profiles[user_id] = profile

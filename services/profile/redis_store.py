@@ -31,6 +31,7 @@ import itertools
 import json
 import logging
 from collections.abc import Iterable, Sequence
+from dataclasses import replace
 
 import redis
 from redis.backoff import ExponentialBackoff
@@ -133,6 +134,13 @@ def _safe_url(url: str) -> str:
     return scheme + sep + rest
 
 
+def _event(user_id: str, payload: str) -> StoredEvent:
+    # Records written before events carried money have five fields.
+    item_id, category, type_, ts, rating, *money = json.loads(payload)
+    amount, order_id = (money + [None, None])[:2]
+    return StoredEvent(user_id, item_id, category, type_, ts, rating, amount=amount, order_id=order_id)
+
+
 class RedisEventStore(EventStore):
     def __init__(self, url: str, prefix: str = DEFAULT_PREFIX, durability: str = "always",
                  socket_timeout: float = 30.0):
@@ -222,7 +230,7 @@ class RedisEventStore(EventStore):
                 _compact([e.item_id, e.category]),
                 e.category,
                 e.item_id,
-                _compact([e.item_id, e.category, e.type, e.ts, e.rating]),
+                _compact([e.item_id, e.category, e.type, e.ts, e.rating, e.amount, e.order_id]),
                 e.review or "",
             ))
         return self._guard(self._write, keys, args)
@@ -280,12 +288,20 @@ class RedisEventStore(EventStore):
             return []
         start = 0 if limit is None else -limit
         records = self._guard(self._reader.lrange, self._user_keys(user_id)[0], start, -1)
-        events = []
-        for record in records:
-            _, _, payload = record.partition(" ")
-            item_id, category, type_, ts, rating = json.loads(payload)
-            events.append(StoredEvent(user_id, item_id, category, type_, ts, rating))
-        return events
+        return [_event(user_id, record.partition(" ")[2]) for record in records]
+
+    def user_reviews(self, user_id: str, limit: int) -> list[StoredEvent]:
+        # Reviews are rare beside purchases: read the shopper's records, then
+        # only the texts that exist.
+        records = self._guard(self._reader.lrange, self._user_keys(user_id)[0], 0, -1)
+        numbers = [record.partition(" ")[0] for record in records]
+        texts = self._guard(self._reader.hmget, self.prefix + "reviews", numbers) if numbers else []
+        with_text = [
+            replace(_event(user_id, record.partition(" ")[2]), review=text)
+            for record, text in zip(records, texts)
+            if text
+        ]
+        return with_text[-limit:] if limit > 0 else []
 
     def user_summary(self, user_id: str) -> tuple[int, dict[str, int], list[str]]:
         _, categories_key, seen_key = self._user_keys(user_id)

@@ -6,6 +6,7 @@ import logging
 import sys
 from pathlib import Path
 
+import pandas as pd
 from prometheus_client import Counter
 
 from recsys.profile.v1 import profile_pb2, profile_pb2_grpc
@@ -16,24 +17,37 @@ from services.profile.config import ProfileConfig
 from services.profile.profiles import ProfileBook
 from services.profile.servicer import ProfileServicer
 from services.profile.store import PURCHASE, RATING, EventStore, StoredEvent, open_store
+from services.profile.review_reader import connect as connect_reviews
+from services.profile.user_tower import connect
+from services.profile.value import ValueModel, ValueModelError
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = profile_pb2.DESCRIPTOR.services_by_name["ProfileService"].full_name
 
 
-def data_marker(data_dir: Path) -> str:
+def frame_marker(name: str, frame: pd.DataFrame) -> str:
     """Identifies a data set's content, so a restart does not load it twice."""
-    digest = hashlib.sha256((data_dir / data.INTERACTIONS_FILE).read_bytes()).hexdigest()[:16]
-    return f"{data.INTERACTIONS_FILE}:{digest}"
+    digest = hashlib.sha256(pd.util.hash_pandas_object(frame, index=False).values.tobytes()).hexdigest()[:16]
+    return f"{name}:{digest}"
 
 
-def load_dataset_events(store: EventStore, data_dir: Path) -> None:
+def category_clocks(events: pd.DataFrame) -> dict[str, int]:
+    """The latest event time of each category: where a historical data set ends."""
+    dated = events.dropna(subset=["timestamp"])
+    return {category: int(ts) for category, ts in dated.groupby("category")["timestamp"].max().items()}
+
+
+def load_once(store: EventStore, rows, total: int, marker: str, source: Path) -> None:
+    if store.meta(f"loaded:{marker}") is not None:
+        log.info("events of %s already in the store", source)
+        return
+    store.bulk_load(rows, total=total, marker=marker)
+    log.info("loaded %d events from %s", total, source)
+
+
+def load_dataset_events(store: EventStore, data_dir: Path) -> dict[str, int]:
     """The benchmark events are reviews of bought items: purchases, or
     ratings where the set carries a star rating (Office)."""
-    marker = data_marker(data_dir)
-    if store.meta(f"loaded:{marker}") is not None:
-        log.info("events of %s already in the store", data_dir)
-        return
     events = data.chronological(data.load_interactions(data_dir))
     rows = (
         StoredEvent(
@@ -46,14 +60,36 @@ def load_dataset_events(store: EventStore, data_dir: Path) -> None:
         )
         for row in events.itertuples(index=False)
     )
-    store.bulk_load(rows, total=len(events), marker=marker)
-    log.info("loaded %d events from %s", len(events), data_dir)
+    load_once(store, rows, len(events), frame_marker(data.INTERACTIONS_FILE, events), data_dir)
+    return category_clocks(events)
+
+
+def load_retail_events(store: EventStore, retail_dir: Path) -> dict[str, int]:
+    """Online-retail invoice lines as purchases with their amounts and orders."""
+    from recsys_core.offline.value import retail_items_and_events, retail_stored_events
+
+    _, events = retail_items_and_events(retail_dir)
+    load_once(store, retail_stored_events(events), len(events), frame_marker("online-retail", events), retail_dir)
+    return category_clocks(events)
+
+
+def load_value_model(config: ProfileConfig) -> ValueModel | None:
+    try:
+        model = ValueModel.load(config.value_model or None)
+    except ValueModelError as error:
+        log.warning("GetProfile will answer without churn and lifetime value: %s", error)
+        return None
+    log.info("value model %s loaded", model.version)
+    return model
 
 
 def load_book(config: ProfileConfig) -> ProfileBook:
     store = open_store(config)
+    clocks: dict[str, int] = {}
     if config.data_path is not None:
-        load_dataset_events(store, config.data_path)
+        clocks.update(load_dataset_events(store, config.data_path))
+    if config.retail_path is not None:
+        clocks.update(load_retail_events(store, config.retail_path))
     book = ProfileBook(
         store,
         EmbeddingServiceLookup(config.embedding_address),
@@ -62,6 +98,13 @@ def load_book(config: ProfileConfig) -> ProfileBook:
         interest_window=config.interest_window,
         max_events_per_request=config.max_events_per_request,
         profile_cache_size=config.profile_cache_size,
+        drift_settings=config.drift_settings,
+        cluster_settings=config.cluster_settings,
+        user_tower=connect(config.user_tower_triton_url, config.user_tower_model),
+        value_model=load_value_model(config),
+        review_classifier=connect_reviews(config.review_triton_url, config.review_model),
+        value_clock=config.value_clock,
+        category_clocks=clocks,
     )
     log.info("store %r holds %d events", store, store.count())
     return book

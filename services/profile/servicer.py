@@ -7,6 +7,41 @@ from recsys_core.messages import to_vector
 from services.profile.config import ProfileConfig
 from services.profile.profiles import DEFAULT_HISTORY, MAX_HISTORY, IncomingEvent, ProfileBook
 from recsys_core.errors import InvalidArgument
+from recsys_core.interests import Drift
+from recsys_core.reviews import Preferences
+from services.profile.value import ValueForecast
+
+
+def category_shares(shares: dict[str, float]) -> list:
+    return [profile_pb2.CategoryShare(category=c, share=s) for c, s in shares.items()]
+
+
+def fill_drift(message, drift: Drift) -> None:
+    message.score = drift.score
+    message.drifting = drift.drifting
+    message.threshold = drift.threshold
+    message.embedding_distance = drift.embedding_distance
+    message.category_shift = drift.category_shift
+    message.long_term_categories.extend(category_shares(drift.long_term_categories))
+    message.short_term_categories.extend(category_shares(drift.short_term_categories))
+
+
+def fill_value(message, forecast: ValueForecast) -> None:
+    message.churn_probability = forecast.churn_probability
+    message.churn_horizon_days = forecast.churn_horizon_days
+    message.expected_spend_3m = -1.0 if forecast.expected_spend_3m is None else forecast.expected_spend_3m
+    message.expected_spend_12m = -1.0 if forecast.expected_spend_12m is None else forecast.expected_spend_12m
+    message.as_of = forecast.as_of
+    message.model_version = forecast.model_version
+
+
+def fill_preferences(message, preferences: Preferences) -> None:
+    message.reviews = preferences.reviews
+    message.positive = preferences.positive
+    message.negative = preferences.negative
+    for aspect in preferences.aspects:
+        message.aspects.add(aspect=aspect.aspect, praised=aspect.praised, criticised=aspect.criticised)
+    message.disliked_item_ids.extend(preferences.disliked_item_ids)
 
 
 class ProfileServicer(profile_pb2_grpc.ProfileServiceServicer):
@@ -37,6 +72,8 @@ class ProfileServicer(profile_pb2_grpc.ProfileServiceServicer):
                 rating=e.rating,
                 review_text=e.review_text,
                 idempotency_key=e.idempotency_key,
+                amount=e.amount,
+                order_id=e.order_id,
             )
             for e in request.events
         ]
@@ -62,6 +99,25 @@ class ProfileServicer(profile_pb2_grpc.ProfileServiceServicer):
             reply.long_term_interest.CopyFrom(to_vector(profile.long_term))
         if profile.short_term is not None:
             reply.short_term_interest.CopyFrom(to_vector(profile.short_term))
+        if profile.value is not None:
+            fill_value(reply.value, profile.value)
+        if profile.preferences is not None:
+            fill_preferences(reply.preferences, profile.preferences)
+        if profile.model_interest is not None:
+            reply.model_interest.CopyFrom(to_vector(profile.model_interest))
+        fill_drift(reply.drift, profile.drift)
+        reply.interest_categories.extend(category_shares(profile.interest_categories))
+        for interest in profile.interests:
+            reply.interests.add(
+                label=interest.label,
+                weight=interest.weight,
+                events=interest.events,
+                last_timestamp=interest.last_timestamp,
+                last_position=interest.last_position,
+                centroid=to_vector(interest.centroid),
+                item_ids=interest.item_ids,
+                category=interest.category,
+            )
         for event in profile.recent[:limit]:
             reply.recent_history.add(
                 item_id=event.item_id,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -31,11 +31,22 @@ CREATE TABLE IF NOT EXISTS events (
     ts INTEGER,
     rating REAL,
     review TEXT,
-    idempotency_key TEXT UNIQUE
+    idempotency_key TEXT UNIQUE,
+    amount REAL,
+    order_id TEXT
 );
 CREATE INDEX IF NOT EXISTS events_by_user ON events (user_id, id);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
+
+
+INSERT_EVENT = (
+    "INSERT OR IGNORE INTO events"
+    " (user_id, item_id, category, type, ts, rating, review, idempotency_key, amount, order_id)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+# What user_events returns: everything but review texts and idempotency keys.
+EVENT_COLUMNS = "user_id, item_id, category, type, ts, rating, amount, order_id"
 
 
 @dataclass(frozen=True)
@@ -48,6 +59,20 @@ class StoredEvent:
     rating: float | None = None
     review: str | None = None
     idempotency_key: str | None = None
+    # Money spent (quantity x unit price; negative for a cancellation or
+    # return) and the order it belongs to: what lifetime value is made of.
+    amount: float | None = None
+    order_id: str | None = None
+
+
+def _row(event: StoredEvent) -> tuple:
+    return (event.user_id, event.item_id, event.category, event.type, event.ts, event.rating,
+            event.review, event.idempotency_key, event.amount, event.order_id)
+
+
+def _from_row(row: tuple) -> StoredEvent:
+    user_id, item_id, category, type_, ts, rating, amount, order_id = row
+    return StoredEvent(user_id, item_id, category, type_, ts, rating, amount=amount, order_id=order_id)
 
 
 class EventStore(Protocol):
@@ -75,6 +100,11 @@ class EventStore(Protocol):
     def user_events(self, user_id: str, limit: int | None = None) -> list[StoredEvent]:
         """The shopper's events, oldest first; with `limit`, only the most recent ones.
         Review texts and idempotency keys are not returned."""
+        ...
+
+    def user_reviews(self, user_id: str, limit: int) -> list[StoredEvent]:
+        """The shopper's most recent `limit` events that carry a review text,
+        oldest first, with the text."""
         ...
 
     def user_summary(self, user_id: str) -> tuple[int, dict[str, int], list[str]]:
@@ -109,9 +139,18 @@ class SQLiteEventStore(EventStore):
         self._local = threading.local()
         self._writer = self._connect()
         self._writer.executescript(SCHEMA)
+        self._migrate()
 
     def __repr__(self) -> str:
         return f"SQLiteEventStore({str(self.path)!r})"
+
+    def _migrate(self) -> None:
+        # Stores written before events carried money keep working: the new
+        # columns are added empty.
+        columns = {row[1] for row in self._writer.execute("PRAGMA table_info(events)")}
+        for name, kind in (("amount", "REAL"), ("order_id", "TEXT")):
+            if name not in columns:
+                self._writer.execute(f"ALTER TABLE events ADD COLUMN {name} {kind}")
 
     def _connect(self) -> sqlite3.Connection:
         connection = sqlite3.connect(self.path, timeout=30, check_same_thread=False, isolation_level=None)
@@ -137,10 +176,7 @@ class SQLiteEventStore(EventStore):
             try:
                 for event in events:
                     cursor.execute(
-                        "INSERT OR IGNORE INTO events (user_id, item_id, category, type, ts, rating, review, idempotency_key)"
-                        " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                        (event.user_id, event.item_id, event.category, event.type, event.ts,
-                         event.rating, event.review, event.idempotency_key),
+                        INSERT_EVENT, _row(event),
                     )
                     stored.append(cursor.rowcount == 1)
                 cursor.execute("COMMIT")
@@ -157,15 +193,8 @@ class SQLiteEventStore(EventStore):
             cursor = self._writer.cursor()
             cursor.execute("BEGIN IMMEDIATE")
             try:
-                rows = (
-                    (e.user_id, e.item_id, e.category, e.type, e.ts, e.rating, e.review, e.idempotency_key)
-                    for e in tqdm(events, total=total, desc="loading events", unit="event", disable=not show_progress)
-                )
-                cursor.executemany(
-                    "INSERT OR IGNORE INTO events (user_id, item_id, category, type, ts, rating, review, idempotency_key)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    rows,
-                )
+                rows = map(_row, tqdm(events, total=total, desc="loading events", unit="event", disable=not show_progress))
+                cursor.executemany(INSERT_EVENT, rows)
                 cursor.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (f"loaded:{marker}", str(total)))
                 cursor.execute("COMMIT")
             except BaseException:
@@ -178,13 +207,21 @@ class SQLiteEventStore(EventStore):
         return None if row is None else row[0]
 
     def user_events(self, user_id: str, limit: int | None = None) -> list[StoredEvent]:
-        query = "SELECT user_id, item_id, category, type, ts, rating FROM events WHERE user_id = ? ORDER BY id DESC"
+        query = f"SELECT {EVENT_COLUMNS} FROM events WHERE user_id = ? ORDER BY id DESC"
         params: tuple = (user_id,)
         if limit is not None:
             query += " LIMIT ?"
             params = (user_id, limit)
         rows = self._reader().execute(query, params).fetchall()
-        return [StoredEvent(*row) for row in reversed(rows)]
+        return [_from_row(row) for row in reversed(rows)]
+
+    def user_reviews(self, user_id: str, limit: int) -> list[StoredEvent]:
+        rows = self._reader().execute(
+            f"SELECT {EVENT_COLUMNS}, review FROM events WHERE user_id = ? AND review IS NOT NULL"
+            " ORDER BY id DESC LIMIT ?",
+            (user_id, limit),
+        ).fetchall()
+        return [replace(_from_row(row[:-1]), review=row[-1]) for row in reversed(rows)]
 
     def user_summary(self, user_id: str) -> tuple[int, dict[str, int], list[str]]:
         connection = self._reader()

@@ -3,6 +3,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from recsys_core.envconfig import EnvReader
+from recsys_core.interests import DriftSettings
 
 
 @dataclass(frozen=True)
@@ -18,6 +19,17 @@ class RankingConfig:
     # A shopper on a product page wants that page's neighbourhood first.
     context_weight: float = 1.2
     popularity_weight: float = 0.1
+    # The popularity weight grows by this factor times the churn probability.
+    churn_popularity_boost: float = 1.0
+    # How hard a candidate close to a disliked item is pushed down.
+    dislike_weight: float = 0.3
+    # Short-term share of the long/short balance at drift 0 and drift 1
+    # (chosen on validation targets: docs/profiles.md, "Interest drift").
+    drift_short_share_stable: float = DriftSettings.short_share_stable
+    drift_short_share_drifting: float = DriftSettings.short_share_drifting
+    # The trained user tower's order (recsys serve --model DIR; scoring.py):
+    # the strongest single term, since the model was trained for exactly this.
+    model_weight: float = 1.0
     max_candidates: int = 5000
 
     @classmethod
@@ -32,5 +44,12 @@ class RankingConfig:
             short_term_weight=env.float("SHORT_TERM_WEIGHT", cls.short_term_weight, minimum=0),
             context_weight=env.float("CONTEXT_WEIGHT", cls.context_weight, minimum=0),
             popularity_weight=env.float("POPULARITY_WEIGHT", cls.popularity_weight, minimum=0),
+            churn_popularity_boost=env.float("CHURN_POPULARITY_BOOST", cls.churn_popularity_boost, minimum=0),
+            dislike_weight=env.float("DISLIKE_WEIGHT", cls.dislike_weight, minimum=0),
+            drift_short_share_stable=env.float(
+                "DRIFT_SHORT_SHARE_STABLE", cls.drift_short_share_stable, minimum=0, maximum=1),
+            drift_short_share_drifting=env.float(
+                "DRIFT_SHORT_SHARE_DRIFTING", cls.drift_short_share_drifting, minimum=0, maximum=1),
+            model_weight=env.float("MODEL_WEIGHT", cls.model_weight, minimum=0),
             max_candidates=env.int("MAX_CANDIDATES", cls.max_candidates, minimum=1),
         )

@@ -3,9 +3,19 @@
 score = w_long * cos(long-term interest, item)
       + w_short * cos(short-term interest, item)
       + w_context * cos(items being looked at, item)
-      + w_pop * log(1 + events) / log(1 + events of the most popular item)
+      + w_pop * (1 + churn_boost * churn) * log(1 + events) / log(1 + events of the most popular item)
+      - w_dislike * max(0, max cos(disliked item, item))
+      + w_model * (item . model interest) / |model interest|
 
-Terms whose user vector is absent drop out. Learned ranking replaces this later.
+With a drift score, w_long and w_short keep their sum but lean to the short
+term as drift rises (recsys_core.interests.drift_aware_weights, the rule the
+offline evaluation measured). The model interest is a trained user tower's
+shopper vector (recsys serve --model DIR), which the model scores items
+against by inner product: the term keeps that order among the candidates,
+divided by the vector's length (the tower's learned logit scale, about 20)
+so that w_model weighs it like a cosine term whatever model is served.
+Terms whose user signal is absent drop out.
+Learned ranking replaces this later.
 """
 from __future__ import annotations
 
@@ -14,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from recsys_core.errors import InvalidArgument
+from recsys_core.interests import DriftSettings, drift_aware_weights
 
 
 @dataclass(frozen=True)
@@ -22,6 +33,10 @@ class Weights:
     short_term: float
     context: float
     popularity: float
+    churn_boost: float = 0.0
+    dislike: float = 0.0
+    drift: DriftSettings = DriftSettings()
+    model: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -31,6 +46,10 @@ class UserVectors:
     context: np.ndarray | None
     # Recent history item embeddings, most recent first (rows), for explanations.
     history: np.ndarray | None
+    drift_score: float | None = None
+    churn_probability: float | None = None
+    disliked: np.ndarray | None = None  # rows
+    model_interest: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -46,11 +65,17 @@ def check_dimensions(user: UserVectors, candidates: np.ndarray) -> None:
         ("user.long_term_interest", user.long_term),
         ("user.short_term_interest", user.short_term),
         ("user.context_interest", user.context),
+        ("user.model_interest", user.model_interest),
     ):
         if vector is not None and vector.shape != (dimension,):
             raise InvalidArgument(name, f"has {vector.shape[0]} values, candidates have {dimension}")
     if user.history is not None and user.history.shape[1] != dimension:
         raise InvalidArgument("user.recent_items", f"embeddings must have {dimension} values")
+    if user.disliked is not None and user.disliked.shape[1] != dimension:
+        raise InvalidArgument("user.disliked", f"embeddings must have {dimension} values")
+    for name, value in (("user.drift_score", user.drift_score), ("user.churn_probability", user.churn_probability)):
+        if value is not None and not 0.0 <= value <= 1.0:
+            raise InvalidArgument(name, f"must be between 0 and 1, got {value}")
 
 
 def rank(
@@ -63,16 +88,26 @@ def rank(
 ) -> Ranked:
     check_dimensions(user, candidates)
     scores = np.zeros(len(candidates), dtype=np.float32)
+    long_weight, short_weight = drift_aware_weights(
+        weights.long_term, weights.short_term, user.drift_score, weights.drift
+    )
     for vector, weight in (
-        (user.long_term, weights.long_term),
-        (user.short_term, weights.short_term),
+        (user.long_term, long_weight),
+        (user.short_term, short_weight),
         (user.context, weights.context),
     ):
         if vector is not None and weight:
             scores += weight * (candidates @ vector)
-    if weights.popularity:
+    popularity_weight = weights.popularity * (1.0 + weights.churn_boost * (user.churn_probability or 0.0))
+    if popularity_weight:
         denominator = np.log1p(np.maximum(max_popularity, 1)).astype(np.float32)
-        scores += weights.popularity * np.log1p(np.maximum(popularity, 0)).astype(np.float32) / denominator
+        scores += popularity_weight * np.log1p(np.maximum(popularity, 0)).astype(np.float32) / denominator
+    if user.disliked is not None and len(user.disliked) and weights.dislike:
+        scores -= weights.dislike * np.maximum(candidates @ user.disliked.T, 0.0).max(axis=1)
+    if user.model_interest is not None and weights.model:
+        length = float(np.linalg.norm(user.model_interest))
+        if length > 0:
+            scores += weights.model * (candidates @ user.model_interest) / length
     k = len(candidates) if k <= 0 else min(k, len(candidates))
     # Stable sort on the negated score keeps retrieval order among ties.
     order = np.argsort(-scores, kind="stable")[:k]

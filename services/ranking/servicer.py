@@ -8,6 +8,7 @@ from recsys_core.errors import InvalidArgument
 from recsys_core.grpc_util import handle_errors
 from recsys_core.messages import from_vector, has_values, stack
 from services.ranking.config import RankingConfig
+from recsys_core.interests import DriftSettings
 from services.ranking.scoring import UserVectors, Weights, rank
 
 
@@ -23,6 +24,13 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
             short_term=config.short_term_weight,
             context=config.context_weight,
             popularity=config.popularity_weight,
+            churn_boost=config.churn_popularity_boost,
+            dislike=config.dislike_weight,
+            model=config.model_weight,
+            drift=DriftSettings(
+                short_share_stable=config.drift_short_share_stable,
+                short_share_drifting=config.drift_short_share_drifting,
+            ),
         )
 
     @handle_errors
@@ -44,6 +52,10 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
             short_term=optional_vector(request.user.short_term_interest, "user.short_term_interest"),
             context=optional_vector(request.user.context_interest, "user.context_interest"),
             history=stack([h.embedding for h in history_items], "user.recent_items.embedding") if history_items else None,
+            drift_score=request.user.drift_score if request.user.HasField("drift_score") else None,
+            churn_probability=request.user.churn_probability if request.user.HasField("churn_probability") else None,
+            disliked=stack(list(request.user.disliked), "user.disliked") if request.user.disliked else None,
+            model_interest=optional_vector(request.user.model_interest, "user.model_interest"),
         )
         ranked = rank(
             user,

@@ -1,0 +1,609 @@
+"""`recsys train-value`: churn and lifetime value on UCI Online Retail, with a
+BG/NBD + Gamma-Gamma baseline in the same report.
+
+Data. The two public files (Online Retail II 2009-12..2010-12 and Online
+Retail 2010-12..2011-12) overlap from 2010-12-01 to 2010-12-09 with identical
+rows; the older file is cut where the newer begins. Only lines with a customer
+id describe a customer. Non-product lines (postage, carriage, manual
+adjustments, discounts, bank charges, fees, commissions, samples, tests) are
+bookkeeping rather than demand and are dropped; so are lines with a price of 0
+or less. A cancellation ("C" invoice) stays as a negative amount: it lowers net
+spend and counts as a cancelled line, never as a purchase. Repeated identical
+lines within an invoice are kept: the till lists an item once per scan.
+
+Split. Churn and 3-month spend are tested out of time, at the cutoff 90 days
+before the data end: the models learn from snapshots every 30 days up to 90
+days before it (so every training outcome is known by the test cutoff). A
+12-month outcome fits only once in two years of data (cutoff 2010-12-10), so
+the 12-month spend model is tested there on a held-out half of the customers
+(by a hash of the id) and learns from the other half. The baseline is fitted
+on each test cutoff's customers, on their history only.
+docs/profiles.md ("Churn and lifetime value") has the figures.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import math
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from recsys_core import paths
+from recsys_core.btyd import BTYD
+from services.profile.store import PURCHASE, StoredEvent
+from services.profile.value import (
+    ARTIFACT_FILE, CHURN_HORIZON_DAYS, DAY, FEATURES, MONEY_FEATURES, SPEND_FEATURES, SPEND_HORIZONS,
+    ShopperHistory, btyd_columns, default_artifact_path, design,
+)
+
+log = logging.getLogger(__name__)
+
+BUNDLED_RETAIL_DIR = paths.BUNDLED_RETAIL_DIR
+SHARED_RETAIL_DIR = paths.REPO_ROOT.parent / "shared" / "data" / "online-retail"
+# The bundled subset: both files' lines in one schema, already spliced.
+TRANSACTIONS_FILE = "transactions.parquet"
+# The public files, oldest first, and how their columns map to ours.
+SHARED_COLUMNS = {"StockCode": "stock_code", "Description": "description", "Quantity": "quantity",
+                  "InvoiceDate": "invoice_date", "Country": "country"}
+RAW_FILES = (
+    ("online_retail_II_2009-12_2010-12.parquet",
+     {**SHARED_COLUMNS, "Invoice": "invoice", "Price": "unit_price", "Customer ID": "customer_id"}),
+    ("online_retail_2010-12_2011-12.parquet",
+     {**SHARED_COLUMNS, "InvoiceNo": "invoice", "UnitPrice": "unit_price", "CustomerID": "customer_id"}),
+)
+COLUMNS = ("invoice", "stock_code", "description", "quantity", "invoice_date", "unit_price", "customer_id", "country")
+NON_PRODUCT_CODES = frozenset({
+    "POST", "DOT", "C2",            # postage, dotcom postage, carriage
+    "M", "D", "B", "S",             # manual, discount, bad-debt adjustment, samples
+    "BANK CHARGES", "AMAZONFEE", "CRUK",  # fees and commissions
+    "PADS",                          # 0.001 filler lines "to match all cushions"
+})
+NON_PRODUCT_PREFIXES = ("ADJUST", "TEST")
+RETAIL_CATEGORY = "Online_Retail"
+ITEM_PREFIX = "retail-"
+USER_PREFIX = "retail-"
+
+# Training snapshots are this far apart; a snapshot needs this much history before it.
+SNAPSHOT_STEP_DAYS = 30
+MIN_HISTORY_DAYS = 90
+ECE_BINS = 10
+
+
+class RetailDataError(ValueError):
+    pass
+
+
+# --- loading and cleaning -------------------------------------------------
+
+def load_transactions(data_dir: Path) -> pd.DataFrame:
+    """Every invoice line of a directory, in one schema (COLUMNS): the two
+    public files spliced where the newer begins, or the bundled subset."""
+    data_dir = Path(data_dir)
+    bundled = data_dir / TRANSACTIONS_FILE
+    if bundled.is_file():
+        lines = pd.read_parquet(bundled)
+        missing = [c for c in COLUMNS if c not in lines.columns]
+        if missing:
+            raise RetailDataError(f"{bundled} lacks columns {missing}")
+        return lines[list(COLUMNS)]
+    raw = [data_dir / name for name, _ in RAW_FILES]
+    if not all(path.is_file() for path in raw):
+        raise RetailDataError(
+            f"{data_dir} holds neither {TRANSACTIONS_FILE} nor the two Online Retail files "
+            f"({', '.join(name for name, _ in RAW_FILES)})")
+    parts = []
+    for path, (_, renames) in zip(raw, RAW_FILES):
+        frame = pd.read_parquet(path).rename(columns=renames)
+        missing = [c for c in COLUMNS if c not in frame.columns]
+        if missing:
+            raise RetailDataError(f"{path} lacks columns {missing}")
+        frame["invoice_date"] = pd.to_datetime(frame["invoice_date"])
+        parts.append(frame[list(COLUMNS)])
+    older, newer = parts
+    # The files overlap in December 2010 with the same lines: keep each day once.
+    older = older[older.invoice_date < newer.invoice_date.min()]
+    return pd.concat([older, newer], ignore_index=True)
+
+
+def is_product(stock_codes: pd.Series) -> pd.Series:
+    codes = stock_codes.str.strip().str.upper()
+    return ~codes.isin(NON_PRODUCT_CODES) & ~codes.str.startswith(NON_PRODUCT_PREFIXES)
+
+
+def clean(lines: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
+    """Customers' product lines with an amount (quantity x price, negative
+    for a cancellation), and what was dropped on the way."""
+    report = {"lines": len(lines)}
+    lines = lines[lines.customer_id.notna()]
+    report["without_customer_id"] = report["lines"] - len(lines)
+    product = is_product(lines.stock_code)
+    report["non_product_lines"] = int((~product).sum())
+    lines = lines[product]
+    priced = lines.unit_price > 0
+    report["price_zero_or_less"] = int((~priced).sum())
+    lines = lines[priced].copy()
+    lines["stock_code"] = lines.stock_code.str.strip()
+    lines["cancelled"] = lines.invoice.str.startswith("C")
+    # A cancellation's quantity is negative in the files; the sign is forced
+    # so that the invoice prefix alone decides what a line is.
+    lines["amount"] = np.where(lines.cancelled, -1, 1) * lines.quantity.abs() * lines.unit_price
+    report["kept_lines"] = len(lines)
+    report["cancelled_lines"] = int(lines.cancelled.sum())
+    report["customers"] = int(lines.customer_id.nunique())
+    return lines.reset_index(drop=True), report
+
+
+def retail_items_and_events(data_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The retail data for the platform: (a) catalogue items in the
+    amazon-2014 items schema (item_id "retail-<StockCode>", category
+    Online_Retail, title = the description most often used for the code) and
+    (b) purchase events, one per product line (user_id "retail-<CustomerID>",
+    item_id, category, timestamp in unix seconds, amount = quantity x price,
+    negative for cancellations, order_id = invoice number), oldest first."""
+    lines, _ = clean(load_transactions(data_dir))
+    return retail_items(lines), retail_events(lines)
+
+
+def retail_items(lines: pd.DataFrame) -> pd.DataFrame:
+    described = lines[lines.description.notna() & (lines.description.str.strip() != "")]
+    titles = (described.assign(description=described.description.str.strip())
+              .groupby(["stock_code", "description"]).size().reset_index(name="n")
+              .sort_values(["stock_code", "n", "description"], ascending=[True, False, True])
+              .drop_duplicates("stock_code").set_index("stock_code").description)
+    codes = np.sort(lines.stock_code.unique())
+    return pd.DataFrame({
+        "item_id": [ITEM_PREFIX + code for code in codes],
+        "category": RETAIL_CATEGORY,
+        "title": [titles.get(code, code) for code in codes],
+        "brand": "", "description": "", "category_path": "", "generated_keywords": "",
+    })
+
+
+def retail_events(lines: pd.DataFrame) -> pd.DataFrame:
+    events = pd.DataFrame({
+        "user_id": USER_PREFIX + lines.customer_id.astype("int64").astype(str),
+        "item_id": ITEM_PREFIX + lines.stock_code,
+        "category": RETAIL_CATEGORY,
+        # The invoice clock is the shop's local time; taken as UTC.
+        "timestamp": lines.invoice_date.astype("datetime64[s]").astype("int64"),
+        "amount": lines.amount.round(4),
+        "order_id": lines.invoice,
+    })
+    return events.sort_values(["user_id", "timestamp", "order_id"], kind="stable").reset_index(drop=True)
+
+
+def retail_stored_events(events: pd.DataFrame) -> Iterator[StoredEvent]:
+    """Rows of retail_events() as the profile store keeps them: every line a
+    PURCHASE, the cancellations with their negative amount."""
+    for row in events.itertuples(index=False):
+        yield StoredEvent(user_id=row.user_id, item_id=row.item_id, category=row.category, type=PURCHASE,
+                          ts=int(row.timestamp), amount=float(row.amount), order_id=row.order_id)
+
+
+def shopper_histories(events: pd.DataFrame) -> dict[str, ShopperHistory]:
+    by_user: dict[str, list[StoredEvent]] = {}
+    for event in retail_stored_events(events):
+        by_user.setdefault(event.user_id, []).append(event)
+    return {user: ShopperHistory(user_events) for user, user_events in by_user.items()}
+
+
+# --- snapshots: features at a cutoff, outcomes after it ---------------------
+
+def snapshot(histories: dict[str, ShopperHistory], as_of: int, data_end: int) -> pd.DataFrame:
+    """One row per shopper who bought before `as_of`: the served features
+    (with the BG/NBD summary x, t_x, T, m_x) and the outcome of every horizon
+    that ends by `data_end` (NaN for the others: not known yet)."""
+    def known(horizon_days: int) -> bool:
+        return as_of + horizon_days * DAY <= data_end
+
+    rows = []
+    for user, history in histories.items():
+        found = history.features(as_of)
+        if found is None:
+            continue
+        row = {"user_id": user, "as_of": as_of, **found.values}
+        bought, _ = history.outcome(as_of, CHURN_HORIZON_DAYS)
+        row["churned"] = int(not bought) if known(CHURN_HORIZON_DAYS) else math.nan
+        for name, horizon in SPEND_HORIZONS.items():
+            row[f"spend_{name}"] = history.outcome(as_of, horizon)[1] if known(horizon) else math.nan
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def with_posterior(frame: pd.DataFrame) -> tuple[pd.DataFrame, BTYD]:
+    """The snapshot with the BG/NBD + Gamma-Gamma posterior columns, the
+    model fitted on this snapshot's customers (their history only: no outcomes)."""
+    btyd = BTYD.fit(frame.x, frame.t_x, frame["T"], frame.m_x)
+    return frame.assign(**btyd_columns(frame, btyd)), btyd
+
+
+def snapshots(histories: dict[str, ShopperHistory], cutoffs: Sequence[int], data_end: int) -> pd.DataFrame:
+    from tqdm import tqdm
+
+    frames = [with_posterior(snapshot(histories, cutoff, data_end))[0]
+              for cutoff in tqdm(cutoffs, desc="snapshots", unit="cutoff")]
+    return pd.concat(frames, ignore_index=True)
+
+
+@dataclass(frozen=True)
+class Cutoffs:
+    data_start: int
+    data_end: int      # exclusive: midnight after the last invoice
+    churn_test: int    # churn and 3-month spend are tested here
+    churn_train: tuple[int, ...]
+    year_test: int     # 12-month spend is tested here (held-out customers)
+
+
+def choose_cutoffs(events: pd.DataFrame) -> Cutoffs:
+    start = int(events.timestamp.min()) // DAY * DAY
+    end = (int(events.timestamp.max()) // DAY + 1) * DAY
+    churn_test = end - max(CHURN_HORIZON_DAYS, SPEND_HORIZONS["3m"]) * DAY
+    year_test = end - SPEND_HORIZONS["12m"] * DAY
+    # Training outcomes must be known at the test cutoff: the last training
+    # window ends where the test one begins.
+    churn_train, cutoff = [], churn_test - CHURN_HORIZON_DAYS * DAY
+    while cutoff - start >= MIN_HISTORY_DAYS * DAY:
+        churn_train.append(cutoff)
+        cutoff -= SNAPSHOT_STEP_DAYS * DAY
+    if not churn_train or year_test - start < MIN_HISTORY_DAYS * DAY:
+        raise RetailDataError(
+            f"the data span {(end - start) / DAY:.0f} days; a 12-month outcome after "
+            f"{MIN_HISTORY_DAYS} days of history needs at least {SPEND_HORIZONS['12m'] + MIN_HISTORY_DAYS}")
+    return Cutoffs(start, end, churn_test, tuple(churn_train), year_test)
+
+
+def held_out(user_id: str) -> bool:
+    """Half of the customers, fixed by their id, for the 12-month test."""
+    return hashlib.sha256(user_id.encode()).digest()[0] % 2 == 1
+
+
+# --- models -------------------------------------------------------------------
+# Chosen on validation cutoffs before the test (docs/profiles.md): models
+# trained on earlier periods drift, and BG/NBD fitted on the customer base at
+# the cutoff is hard to beat, so the out-of-time models are small linear
+# corrections of its posterior; the 12-month model, trained at its test cutoff
+# on other customers, can afford boosted trees over every feature.
+
+CHURN_COLUMNS = ("btyd_logit_no_purchase", "purchase_days_next_90d_last_year", "purchase_days_90d",
+                 "cancelled_line_share", "distinct_items", "lines_per_purchase_day")
+SPEND_3M_COLUMNS = ("btyd_log_spend_3m", "net_spend_next_90d_last_year", "purchase_days_next_90d_last_year",
+                    "net_spend_90d", "purchase_days_90d", "cancelled_amount_share")
+SPEND_12M_COLUMNS = SPEND_FEATURES + ("btyd_log_spend_12m", "btyd_logit_no_purchase")
+assert not set(CHURN_COLUMNS) & set(MONEY_FEATURES), "the churn model must not need money"
+
+
+def fit_churn(train: pd.DataFrame) -> dict:
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    train = train[train.churned.notna()]
+    estimator = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=5000))
+    estimator.fit(design(train, CHURN_COLUMNS), train.churned.astype(int).to_numpy())
+    return {"columns": CHURN_COLUMNS, "estimator": estimator}
+
+
+def fit_spend(train: pd.DataFrame, horizon: str, seed: int) -> dict:
+    train = train[train[f"spend_{horizon}"].notna()]
+    target = train[f"spend_{horizon}"].to_numpy()
+    if horizon == "3m":
+        from sklearn.linear_model import PoissonRegressor
+        from sklearn.pipeline import make_pipeline
+        from sklearn.preprocessing import StandardScaler
+
+        columns = SPEND_3M_COLUMNS
+        estimator = make_pipeline(StandardScaler(), PoissonRegressor(alpha=1e-4, max_iter=5000))
+    else:
+        from sklearn.ensemble import HistGradientBoostingRegressor
+
+        columns = SPEND_12M_COLUMNS
+        # Poisson deviance fits the mean of a zero-heavy, long-tailed spend:
+        # totals, not medians, are what a value forecast is summed into.
+        # Leaves of 100 customers on the full set; a small set (the bundled
+        # subset) still gets splits.
+        estimator = HistGradientBoostingRegressor(
+            loss="poisson", learning_rate=0.03, max_iter=200, max_leaf_nodes=15,
+            min_samples_leaf=int(np.clip(len(train) // 20, 10, 100)),
+            l2_regularization=1.0, early_stopping=False, random_state=seed)
+    return {"columns": columns, "estimator": estimator.fit(design(train, columns), target)}
+
+
+def predict(model: dict, frame: pd.DataFrame) -> np.ndarray:
+    matrix = design(frame, model["columns"])
+    if hasattr(model["estimator"], "predict_proba"):
+        return model["estimator"].predict_proba(matrix)[:, 1]
+    return np.maximum(model["estimator"].predict(matrix), 0.0)
+
+
+def baseline_predictions(btyd: BTYD, frame: pd.DataFrame) -> dict[str, np.ndarray]:
+    x, t_x, T, m_x = frame.x, frame.t_x, frame["T"], frame.m_x
+    out = {"churn": btyd.p_no_purchase(CHURN_HORIZON_DAYS, x, t_x, T)}
+    for name, horizon in SPEND_HORIZONS.items():
+        out[f"spend_{name}"] = btyd.expected_spend(horizon, x, t_x, T, m_x)
+    return out
+
+
+# --- metrics ------------------------------------------------------------------
+
+def expected_calibration_error(probabilities: np.ndarray, outcomes: np.ndarray, bins: int = ECE_BINS) -> float:
+    """sum over equal-width probability bins of (bin share) x |mean predicted - observed rate|."""
+    return float(sum(b["n"] * abs(b["predicted"] - b["observed"]) for b in reliability(probabilities, outcomes, bins))
+                 / len(probabilities))
+
+
+def reliability(probabilities: np.ndarray, outcomes: np.ndarray, bins: int = ECE_BINS) -> list[dict]:
+    probabilities, outcomes = np.asarray(probabilities, dtype=float), np.asarray(outcomes, dtype=float)
+    which = np.minimum((probabilities * bins).astype(int), bins - 1)
+    return [{"bin": b, "n": int((which == b).sum()), "predicted": float(probabilities[which == b].mean()),
+             "observed": float(outcomes[which == b].mean())} for b in range(bins) if (which == b).any()]
+
+
+def top_decile_errors(predicted: np.ndarray, actual: np.ndarray) -> dict[str, float]:
+    """Signed relative error of the predicted total over the top 10% of
+    customers, ranked by predicted value (the decile a campaign would target:
+    the primary figure) and by actual value (how well the true best are sized)."""
+    predicted, actual = np.asarray(predicted, dtype=float), np.asarray(actual, dtype=float)
+    k = max(1, math.ceil(len(actual) / 10))
+    out = {}
+    for name, ranking in (("by_predicted", predicted), ("by_actual", actual)):
+        top = np.argsort(-ranking, kind="stable")[:k]
+        out[name] = float((predicted[top].sum() - actual[top].sum()) / actual[top].sum())
+    return out
+
+
+def churn_metrics(probabilities: np.ndarray, churned: np.ndarray) -> dict:
+    from sklearn.metrics import brier_score_loss, roc_auc_score
+
+    return {"roc_auc": float(roc_auc_score(churned, probabilities)),
+            "ece": expected_calibration_error(probabilities, churned),
+            "brier": float(brier_score_loss(churned, probabilities)),
+            "mean_predicted": float(np.mean(probabilities)), "churn_rate": float(np.mean(churned))}
+
+
+def spend_metrics(predicted: np.ndarray, actual: np.ndarray) -> dict:
+    from scipy.stats import spearmanr
+
+    return {"spearman": float(spearmanr(predicted, actual).statistic),
+            "top_decile_error": top_decile_errors(predicted, actual),
+            "total_error": float((np.sum(predicted) - np.sum(actual)) / np.sum(actual)),
+            "mae": float(np.mean(np.abs(predicted - actual)))}
+
+
+# --- the run --------------------------------------------------------------
+
+def date(ts: int) -> str:
+    return pd.Timestamp(ts, unit="s").strftime("%Y-%m-%d")
+
+
+def train_and_evaluate(data_dir: Path, seed: int = 0) -> tuple[dict, dict]:
+    """(report, artifact): the evaluation of the model and of BG/NBD + Gamma-Gamma
+    on the held-out periods, and the served models refitted on every snapshot."""
+    from sklearn.metrics import roc_auc_score
+
+    started = time.monotonic()
+    lines, cleaning = clean(load_transactions(data_dir))
+    events = retail_events(lines)
+    cutoffs = choose_cutoffs(events)
+    histories = shopper_histories(events)
+    log.info("%d customers, %d product lines; data %s..%s", len(histories), len(events),
+             date(cutoffs.data_start), date(cutoffs.data_end))
+
+    # Churn and 3-month spend: out of time. The baseline is the posterior the
+    # model starts from, fitted on the test cutoff's customers.
+    train = snapshots(histories, cutoffs.churn_train, cutoffs.data_end)
+    test, btyd = with_posterior(snapshot(histories, cutoffs.churn_test, cutoffs.data_end))
+    churn_model, spend_3m_model = fit_churn(train), fit_spend(train, "3m", seed)
+    baseline = baseline_predictions(btyd, test)
+    model_churn, model_spend_3m = predict(churn_model, test), predict(spend_3m_model, test)
+    churned = test.churned.to_numpy().astype(int)
+    recent = (test.recency_days <= 365).to_numpy()
+    churn = {
+        "model": churn_metrics(model_churn, churned),
+        "bgnbd": churn_metrics(baseline["churn"], churned),
+        "recency_only": {"roc_auc": float(roc_auc_score(churned, test.recency_days.to_numpy()))},
+        "model_bought_within_365d": churn_metrics(model_churn[recent], churned[recent]),
+        "bgnbd_bought_within_365d": churn_metrics(baseline["churn"][recent], churned[recent]),
+        "reliability": {"model": reliability(model_churn, churned), "bgnbd": reliability(baseline["churn"], churned)},
+    }
+    actual_3m = test.spend_3m.to_numpy()
+    spend_3m = {"model": spend_metrics(model_spend_3m, actual_3m),
+                "bgnbd_gg": spend_metrics(baseline["spend_3m"], actual_3m),
+                "last_90d": spend_metrics(np.maximum(test.net_spend_90d.to_numpy(), 0), actual_3m)}
+
+    # 12-month spend: one cutoff has a 12-month outcome, so the test is on
+    # held-out customers; the model learns from the other half.
+    year, year_btyd = with_posterior(snapshot(histories, cutoffs.year_test, cutoffs.data_end))
+    test_half = year.user_id.map(held_out).to_numpy()
+    year_train, year_test = year[~test_half], year[test_half].reset_index(drop=True)
+    spend_12m_model = fit_spend(year_train, "12m", seed)
+    model_spend_12m = predict(spend_12m_model, year_test)
+    baseline_12m = baseline_predictions(year_btyd, year_test)["spend_12m"]
+    actual_12m = year_test.spend_12m.to_numpy()
+    spend_12m = {"model": spend_metrics(model_spend_12m, actual_12m),
+                 "bgnbd_gg": spend_metrics(baseline_12m, actual_12m),
+                 "last_365d": spend_metrics(np.maximum(year_test.net_spend_365d.to_numpy(), 0), actual_12m)}
+
+    report = {
+        "data": str(data_dir),
+        "cleaning": cleaning,
+        "horizons_days": {"churn": CHURN_HORIZON_DAYS, **SPEND_HORIZONS},
+        "cutoffs": {
+            "data": [date(cutoffs.data_start), date(cutoffs.data_end)],
+            "churn_and_3m_test": date(cutoffs.churn_test),
+            "churn_and_3m_train": [date(cutoffs.churn_train[-1]), date(cutoffs.churn_train[0])],
+            "churn_and_3m_train_every_days": SNAPSHOT_STEP_DAYS,
+            "12m_test": date(cutoffs.year_test),
+        },
+        "rows": {"churn_and_3m_train": len(train), "churn_and_3m_test": len(test),
+                 "12m_train": len(year_train), "12m_test": len(year_test)},
+        "btyd_at_churn_test": btyd.describe(),
+        "btyd_at_12m_test": year_btyd.describe(),
+        "churn": churn,
+        "spend_3m": spend_3m,
+        "spend_12m": spend_12m,
+        "ece_bins": f"{ECE_BINS} equal-width bins",
+        "top_decile": "customers ranked by predicted value (primary) or by actual value; "
+                      "signed relative error of the predicted total",
+    }
+    report["targets"] = targets(report)
+
+    # The served models learn from every snapshot whose outcome is known, and
+    # read the posterior of BG/NBD + Gamma-Gamma fitted at the end of the data.
+    served_btyd = with_posterior(snapshot(histories, cutoffs.data_end, cutoffs.data_end))[1]
+    served_train = pd.concat([train, test], ignore_index=True)
+    artifact = {
+        "features": FEATURES,
+        "churn_horizon_days": CHURN_HORIZON_DAYS,
+        "spend_horizon_days": SPEND_HORIZONS,
+        "btyd": served_btyd,
+        "models": {"churn": fit_churn(served_train),
+                   "spend_3m": fit_spend(served_train, "3m", seed),
+                   "spend_12m": fit_spend(year, "12m", seed)},
+        "trained_on": {"data": str(data_dir), "snapshot_rows_churn_3m": len(served_train),
+                       "snapshot_rows_12m": len(year), "btyd_as_of": date(cutoffs.data_end)},
+    }
+    digest = hashlib.sha256(pd.util.hash_pandas_object(events, index=False).to_numpy().tobytes())
+    digest.update(repr((FEATURES, CHURN_COLUMNS, SPEND_3M_COLUMNS, SPEND_12M_COLUMNS, seed)).encode())
+    artifact["version"] = report["model_version"] = f"retail-{digest.hexdigest()[:10]}"
+    report["seconds"] = round(time.monotonic() - started, 1)
+    report["_plot_data"] = {
+        "churn": (model_churn, baseline["churn"], churned),
+        "spend_3m": (model_spend_3m, baseline["spend_3m"], actual_3m),
+        "spend_12m": (model_spend_12m, baseline_12m, actual_12m),
+    }
+    return report, artifact
+
+
+def targets(report: dict) -> dict:
+    churn, s3, s12 = report["churn"]["model"], report["spend_3m"], report["spend_12m"]
+
+    def beats(spend: dict) -> dict:
+        return {
+            "spearman": spend["model"]["spearman"] > spend["bgnbd_gg"]["spearman"],
+            "top_decile_error": abs(spend["model"]["top_decile_error"]["by_predicted"])
+            < abs(spend["bgnbd_gg"]["top_decile_error"]["by_predicted"]),
+        }
+
+    return {"churn_roc_auc_at_least_0.80": churn["roc_auc"] >= 0.80,
+            "spend_3m_beats_bgnbd_gg": beats(s3), "spend_12m_beats_bgnbd_gg": beats(s12)}
+
+
+def save_artifact(artifact: dict, path: Path) -> Path:
+    import joblib
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
+    joblib.dump(artifact, partial)
+    partial.replace(path)
+    return path
+
+
+def plot_report(report: dict, out_dir: Path) -> list[Path]:
+    """The reliability diagram of the churn forecasts and the decile charts of the spend forecasts."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model_churn, baseline_churn, churned = report["_plot_data"]["churn"]
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.plot([0, 1], [0, 1], color="grey", lw=1, ls="--", label="perfect calibration")
+    for name, probabilities, style in (("model", model_churn, "o-"), ("BG/NBD", baseline_churn, "s-")):
+        points = reliability(probabilities, churned)
+        ax.plot([p["predicted"] for p in points], [p["observed"] for p in points], style,
+                label=f"{name} (ECE {expected_calibration_error(probabilities, churned):.3f})")
+    ax.set_xlabel(f"predicted P(no purchase in {CHURN_HORIZON_DAYS} days)")
+    ax.set_ylabel("observed churn rate")
+    ax.set_title(f"Churn reliability, test cutoff {report['cutoffs']['churn_and_3m_test']}\n"
+                 f"({ECE_BINS} equal-width bins, {len(churned)} customers)", fontsize=10)
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    reliability_png = out_dir / "value_churn_reliability.png"
+    fig.savefig(reliability_png, dpi=110)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
+    for ax, horizon in zip(axes, ("3m", "12m")):
+        model, baseline, actual = report["_plot_data"][f"spend_{horizon}"]
+        for offset, (name, predicted, colour) in enumerate((("model", model, "tab:blue"), ("BG/NBD+GG", baseline, "tab:orange"))):
+            order = np.argsort(-predicted, kind="stable")
+            deciles = np.array_split(order, 10)
+            positions = np.arange(1, 11) + (offset - 0.5) * 0.4
+            ax.bar(positions, [predicted[d].sum() for d in deciles], width=0.4, color=colour, alpha=0.8,
+                   label=f"{name}: predicted")
+            ax.plot(positions, [actual[d].sum() for d in deciles], "k_", markersize=12, mew=2,
+                    label="actual spend of the decile" if offset == 0 else None)
+        ax.set_yscale("log")
+        ax.set_xticks(range(1, 11))
+        ax.set_xlabel("decile of customers by predicted spend (1 = highest)")
+        ax.set_ylabel("total spend in the decile")
+        test_at = report["cutoffs"]["churn_and_3m_test" if horizon == "3m" else "12m_test"]
+        ax.set_title(f"{horizon} spend after {test_at}", fontsize=10)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    deciles_png = out_dir / "value_spend_deciles.png"
+    fig.savefig(deciles_png, dpi=110)
+    plt.close(fig)
+    return [reliability_png, deciles_png]
+
+
+def print_report(report: dict) -> None:
+    c, s3, s12 = report["churn"], report["spend_3m"], report["spend_12m"]
+    print(f"data {report['data']}: {report['cleaning']['customers']} customers, "
+          f"{report['cleaning']['kept_lines']} product lines ({report['cleaning']['cancelled_lines']} cancelled)")
+    print(f"churn / 3m test at {report['cutoffs']['churn_and_3m_test']} ({report['rows']['churn_and_3m_test']} customers, "
+          f"trained on {report['rows']['churn_and_3m_train']} snapshot rows); "
+          f"12m test at {report['cutoffs']['12m_test']} ({report['rows']['12m_test']} held-out customers)")
+    print(f"{'':<12} {'churn AUC':>9} {'ECE':>6} {'Spear 3m':>8} {'top10% 3m':>9} {'Spear 12m':>9} {'top10% 12m':>10}")
+    rows = (("model", c["model"], s3["model"], s12["model"]),
+            ("BG/NBD+GG", c["bgnbd"], s3["bgnbd_gg"], s12["bgnbd_gg"]))
+    for name, churn, three, twelve in rows:
+        print(f"{name:<12} {churn['roc_auc']:>9.3f} {churn['ece']:>6.3f} {three['spearman']:>8.3f} "
+              f"{three['top_decile_error']['by_predicted']:>+9.1%} {twelve['spearman']:>9.3f} "
+              f"{twelve['top_decile_error']['by_predicted']:>+10.1%}")
+    print(f"targets: {json.dumps(report['targets'])}")
+    print(f"model {report['model_version']} -> {report.get('artifact')}")
+
+
+def train_value_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="recsys train-value", description=(
+        "Train churn and 3/12-month spend models on Online Retail invoices, evaluate them "
+        "beside BG/NBD + Gamma-Gamma on held-out periods, save the served models."))
+    parser.add_argument("--data", type=Path, default=BUNDLED_RETAIL_DIR,
+                        help=f"Online Retail directory (default: the bundled subset; the full set: {SHARED_RETAIL_DIR})")
+    parser.add_argument("--out", type=Path, help=f"directory for {ARTIFACT_FILE} and report.json "
+                        f"(default: {default_artifact_path().parent})")
+    parser.add_argument("--plots", type=Path, help="write the reliability and decile PNGs here")
+    parser.add_argument("--threads", type=int, default=1, help="threads for tree fitting (the machine is shared)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+    from threadpoolctl import threadpool_limits
+
+    try:
+        with threadpool_limits(limits=args.threads):
+            report, artifact = train_and_evaluate(args.data, args.seed)
+    except RetailDataError as error:
+        print(f"recsys train-value: {error}", file=sys.stderr)
+        return 2
+    out_dir = args.out if args.out is not None else default_artifact_path().parent
+    report["artifact"] = str(save_artifact(artifact, out_dir / ARTIFACT_FILE))
+    if args.plots:
+        report["plots"] = [str(p) for p in plot_report(report, args.plots)]
+    del report["_plot_data"]
+    (out_dir / "report.json").write_text(json.dumps(report, indent=2))
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print_report(report)
+    return 0
