@@ -25,6 +25,11 @@ def shared_data_dir() -> Path:
     return REPO_ROOT.parent / "shared" / "data" / "amazon-2014"
 
 
+BUNDLED_REVIEWS_DIR = BUNDLED_DATA_DIR / "reviews"
+
+
 def reviews_data_dir() -> Path:
-    """The review corpora beside the clone (../shared/data/reviews)."""
-    return REPO_ROOT.parent / "shared" / "data" / "reviews"
+    """The review corpora beside the clone (../shared/data/reviews), else the
+    bundled sample (scripts/make_subset.py)."""
+    shared = REPO_ROOT.parent / "shared" / "data" / "reviews"
+    return shared if shared.is_dir() else BUNDLED_REVIEWS_DIR

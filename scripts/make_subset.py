@@ -4,10 +4,13 @@ Amazon: keeps whole shoppers (every event of theirs, so leave-one-out still
 works), biased toward shoppers active in several categories, which carry the
 cross-category signal. Online Retail: every invoice line of a random sample of
 customers, both public files in one schema (recsys_core/offline/value.py).
+Reviews: a random sample of each review corpus, the multi-domain set balanced
+by domain and label, in the public files' schema (recsys_core/offline/reviews.py).
 Deterministic: the same input gives the same subset.
 
     python scripts/make_subset.py --source ../shared/data/amazon-2014 --out data
     python scripts/make_subset.py --retail-source ../shared/data/online-retail --out data
+    python scripts/make_subset.py --reviews-source ../shared/data/reviews --out data
 """
 from __future__ import annotations
 
@@ -37,6 +40,24 @@ def retail_subset(source: Path, out: Path, customers: int, seed: int) -> None:
           f"{subset.invoice_date.min()}..{subset.invoice_date.max()} -> {target / TRANSACTIONS_FILE}")
 
 
+def reviews_subset(source: Path, out: Path, per_group: int, beauty_reviews: int, seed: int) -> None:
+    """`per_group` reviews of each (domain, rating) of the multi-domain set and
+    `beauty_reviews` of All_Beauty, into out/reviews/ under the public names."""
+    from recsys_core.offline.reviews import BEAUTY_FILE, MULTI_DOMAIN_FILE
+
+    rng = np.random.default_rng(seed)
+    target = out / "reviews"
+    target.mkdir(parents=True, exist_ok=True)
+    multi = pd.read_csv(source / MULTI_DOMAIN_FILE)
+    chosen = multi.groupby(["domain", "rating"], group_keys=False)[multi.columns.tolist()].apply(
+        lambda g: g.iloc[np.sort(rng.choice(len(g), size=min(per_group, len(g)), replace=False))])
+    chosen.to_csv(target / MULTI_DOMAIN_FILE, index=False, compression="gzip")
+    beauty = pd.read_csv(source / BEAUTY_FILE)
+    picked = beauty.iloc[np.sort(rng.choice(len(beauty), size=min(beauty_reviews, len(beauty)), replace=False))]
+    picked.to_csv(target / BEAUTY_FILE, index=False, compression="gzip")
+    print(f"reviews: {len(chosen)} multi-domain, {len(picked)} All_Beauty -> {target}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source", type=Path, help="the amazon-2014 set")
@@ -45,10 +66,15 @@ def main() -> None:
     parser.add_argument("--multi-category-users", type=int, default=700)
     parser.add_argument("--users-per-category", type=int, default=330)
     parser.add_argument("--retail-customers", type=int, default=400)
+    parser.add_argument("--reviews-source", type=Path, help="the reviews folder")
+    parser.add_argument("--reviews-per-group", type=int, default=150, help="per multi-domain (domain, rating)")
+    parser.add_argument("--beauty-reviews", type=int, default=600)
     parser.add_argument("--seed", type=int, default=7)
     args = parser.parse_args()
-    if args.source is None and args.retail_source is None:
-        parser.error("give --source, --retail-source or both")
+    if args.source is None and args.retail_source is None and args.reviews_source is None:
+        parser.error("give --source, --retail-source, --reviews-source or several")
+    if args.reviews_source is not None:
+        reviews_subset(args.reviews_source, args.out, args.reviews_per_group, args.beauty_reviews, args.seed)
     if args.retail_source is not None:
         retail_subset(args.retail_source, args.out, args.retail_customers, args.seed)
     if args.source is not None:

@@ -30,7 +30,23 @@ def exported_encoder():
 
 
 @pytest.fixture(scope="session")
-def triton_server(exported_encoder, tmp_path_factory):
+def exported_review_classifier():
+    """The review classifier exported to model_repo/ (make setup trains it
+    with the quick recipe; a bare pytest run does it here). Triton loads every
+    model of the repository, so it needs this before it starts."""
+    from recsys_core import review_classifier
+
+    try:
+        return review_classifier.latest_version_dir()
+    except FileNotFoundError:
+        from recsys_core.offline import reviews
+
+        assert reviews.train_main(["--quick"]) == 0
+        return review_classifier.latest_version_dir()
+
+
+@pytest.fixture(scope="session")
+def triton_server(exported_encoder, exported_review_classifier, tmp_path_factory):
     """A real Triton Inference Server on the repo's model repository, shared
     by the session. Tests that stop a Triton start their own."""
     from recsys_core.triton import TritonServer

@@ -240,19 +240,6 @@ def test_tiny_fine_tuning_lowers_the_loss_and_exports_what_it_learned(review_fra
 
 # -- the exported classifier on a real Triton --------------------------------------------
 
-@pytest.fixture(scope="session")
-def exported_review_classifier():
-    """model_repo/review_sentiment/<latest>: `make setup` exports it (the
-    quick recipe); a bare pytest run does it here, before Triton starts."""
-    try:
-        return rc.latest_version_dir()
-    except FileNotFoundError:
-        from recsys_core.offline import reviews as offline
-
-        assert offline.train_main(["--quick"]) == 0
-        return rc.latest_version_dir()
-
-
 @pytest.fixture(scope="module")
 def served(exported_review_classifier, triton_server):
     with rc.TritonReviewClassifier(triton_server.grpc_url) as classifier:

@@ -574,7 +574,11 @@ def train_main(argv: list[str] | None = None) -> int:
         config = replace(config, corpora=(MULTI_DOMAIN,))
     out = args.out or paths.REPO_ROOT / "var" / "reviews" / ("quick" if args.quick else "full")
     started = time.monotonic()
-    frame = load_reviews(args.data)
+    try:
+        frame = load_reviews(args.data)
+    except FileNotFoundError as error:
+        print(f"recsys train-reviews: {error}", file=sys.stderr)
+        return 2
     model, result = train(frame, config, out)
     version_dir = args.repo / rc.MODEL_NAME / str(args.version)
     info = {"training": {"config": asdict(config), **{k: v for k, v in asdict(result).items() if k != "losses"},
@@ -608,10 +612,16 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
 
     version_dir = None
-    if not args.lexicon_only:
-        version_dir = (args.repo / rc.MODEL_NAME / str(args.version) if args.version
-                       else rc.latest_version_dir(args.repo))
-    frame = load_reviews(args.data)
+    try:
+        if not args.lexicon_only:
+            version_dir = (args.repo / rc.MODEL_NAME / str(args.version) if args.version
+                           else rc.latest_version_dir(args.repo))
+            if not (version_dir / rc.METADATA_FILE).is_file():
+                raise FileNotFoundError(f"{version_dir} holds no exported review classifier")
+        frame = load_reviews(args.data)
+    except FileNotFoundError as error:
+        print(f"recsys evaluate-reviews: {error}", file=sys.stderr)
+        return 2
     results = evaluate(frame, classifiers_of(version_dir, args.threads or 1), body_only=args.body_only)
     extra = {"command": "recsys evaluate-reviews " + " ".join(argv if argv is not None else sys.argv[1:]),
              "version_dir": str(version_dir), "split": split_summary(frame)}
