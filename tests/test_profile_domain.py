@@ -253,3 +253,26 @@ def test_a_store_written_before_events_carried_money_opens_and_keeps_its_events(
     assert store.append([StoredEvent("u", "b", "c", PURCHASE, 101, amount=9.5, order_id="o1")]) == [True]
     assert [(e.item_id, e.amount, e.order_id) for e in store.user_events("u")] == [("a", None, None), ("b", 9.5, "o1")]
     store.close()
+
+
+def test_data_sets_load_once_also_into_stores_of_earlier_versions(tmp_path):
+    import hashlib
+
+    from recsys_core import paths
+    from services.profile.server import load_dataset_events, load_retail_events
+    from services.profile.store import SQLiteEventStore
+
+    store = SQLiteEventStore(tmp_path / "events.sqlite3")
+    # Earlier versions marked the bundled set by its interactions file's digest.
+    digest = hashlib.sha256((paths.BUNDLED_DATA_DIR / "interactions.csv.gz").read_bytes()).hexdigest()[:16]
+    clocks = load_dataset_events(store, paths.BUNDLED_DATA_DIR)
+    loaded = store.count()
+    assert store.meta(f"loaded:interactions.csv.gz:{digest}") == str(loaded)
+    assert clocks["Beauty"] > 1_300_000_000 and "Toys_and_Games" not in clocks  # Toys has no dates
+    load_retail_events(store, paths.BUNDLED_RETAIL_DIR)
+    with_retail = store.count()
+    assert with_retail > loaded
+    load_dataset_events(store, paths.BUNDLED_DATA_DIR)
+    load_retail_events(store, paths.BUNDLED_RETAIL_DIR)
+    assert store.count() == with_retail
+    store.close()

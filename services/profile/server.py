@@ -25,8 +25,15 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = profile_pb2.DESCRIPTOR.services_by_name["ProfileService"].full_name
 
 
+def data_marker(data_dir: Path) -> str:
+    """Identifies a data set's content, so a restart does not load it twice.
+    Stores loaded by earlier versions carry this very marker: keep its form."""
+    digest = hashlib.sha256((data_dir / data.INTERACTIONS_FILE).read_bytes()).hexdigest()[:16]
+    return f"{data.INTERACTIONS_FILE}:{digest}"
+
+
 def frame_marker(name: str, frame: pd.DataFrame) -> str:
-    """Identifies a data set's content, so a restart does not load it twice."""
+    """Identifies a table's content (the retail invoices come from one file or two)."""
     digest = hashlib.sha256(pd.util.hash_pandas_object(frame, index=False).values.tobytes()).hexdigest()[:16]
     return f"{name}:{digest}"
 
@@ -60,7 +67,7 @@ def load_dataset_events(store: EventStore, data_dir: Path) -> dict[str, int]:
         )
         for row in events.itertuples(index=False)
     )
-    load_once(store, rows, len(events), frame_marker(data.INTERACTIONS_FILE, events), data_dir)
+    load_once(store, rows, len(events), data_marker(data_dir), data_dir)
     return category_clocks(events)
 
 
