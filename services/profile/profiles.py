@@ -204,7 +204,7 @@ class ProfileBook:
         for i, event in enumerate(events):
             if event.item_id not in known:
                 raise NotFound(f"events[{i}].item_id: no item {event.item_id!r} in the catalogue")
-        stored = self.store.append([
+        rows = [
             StoredEvent(
                 user_id=e.user_id,
                 item_id=e.item_id,
@@ -218,14 +218,14 @@ class ProfileBook:
                 order_id=e.order_id or None,
             )
             for e in events
-        ])
-        for event, is_new in zip(events, stored):
-            if is_new:
-                category = known[event.item_id].category
-                self.popularity.add(event.item_id, category)
-                timestamp = event.timestamp or int(now)
-                with self._cache_lock:
-                    self._clocks[category] = max(self._clocks.get(category, timestamp), timestamp)
+        ]
+        stored = self.store.append(rows)
+        new_rows = [row for row, is_new in zip(rows, stored) if is_new]
+        for row in new_rows:
+            self.popularity.add(row.item_id, row.category)
+        with self._cache_lock:
+            for row in new_rows:
+                self._clocks[row.category] = max(self._clocks.get(row.category, row.ts), row.ts)
         with self._cache_lock:
             for user_id in {e.user_id for e in events}:
                 self._profiles.pop(user_id, None)
