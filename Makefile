@@ -32,7 +32,7 @@ $(REVIEW_MODEL): $(INSTALLED) $(GENERATED)
 # The churn and lifetime-value model GetProfile serves (docs/profiles.md),
 # trained once per machine into the cache (~/.cache/recsys/value).
 value-model: $(INSTALLED) $(GENERATED)
-	@if ! $(PY) -c 'import sys; from services.profile.value import default_artifact_path as p; sys.exit(not p().is_file())'; then \
+	@if ! $(PY) -c 'from services.profile.value import ValueModel; ValueModel.load()' 2>/dev/null; then \
 		echo "training the churn and lifetime-value model on $(RETAIL_DATA)"; \
 		$(VENV)/bin/recsys train-value --data $(RETAIL_DATA) > /dev/null; \
 	fi

@@ -3,7 +3,7 @@
 Amazon: keeps whole shoppers (every event of theirs, so leave-one-out still
 works), biased toward shoppers active in several categories, which carry the
 cross-category signal. Online Retail: every invoice line of a random sample of
-customers, both public files in one schema (recsys_core/offline/value.py).
+customers, both public files in one schema (recsys_core/retail.py).
 Reviews: a random sample of each review corpus, the multi-domain set balanced
 by domain and label, in the public files' schema (recsys_core/offline/reviews.py).
 Deterministic: the same input gives the same subset.
@@ -27,7 +27,7 @@ def retail_subset(source: Path, out: Path, customers: int, seed: int) -> None:
     """Every line (cancellations and non-product lines included, so that the
     cleaning is exercised) of `customers` customers drawn at random, into
     out/online-retail/transactions.parquet."""
-    from recsys_core.offline.value import TRANSACTIONS_FILE, load_transactions
+    from recsys_core.retail import TRANSACTIONS_FILE, load_transactions
 
     lines = load_transactions(source)
     pool = np.sort(lines.customer_id.dropna().unique())

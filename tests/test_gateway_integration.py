@@ -48,7 +48,7 @@ def all_events(dataset):
     import pandas as pd
 
     from recsys_core import paths
-    from recsys_core.offline.value import retail_items_and_events
+    from recsys_core.retail import retail_items_and_events
 
     return pd.concat([dataset.interactions, retail_items_and_events(paths.BUNDLED_RETAIL_DIR)[1]], ignore_index=True)
 
@@ -252,7 +252,7 @@ def test_profile_reads_interests_and_drift_of_a_real_shopper(profile, dataset, l
 
 def test_retail_shoppers_get_churn_and_spend_forecasts(profile, gateway):
     from recsys_core import paths
-    from recsys_core.offline.value import retail_items_and_events
+    from recsys_core.retail import retail_items_and_events
 
     _, events = retail_items_and_events(paths.BUNDLED_RETAIL_DIR)
     spend = events.groupby("user_id")["amount"].sum().sort_values()

@@ -322,7 +322,7 @@ def test_embedding_reports_index_size_per_category_and_encoder_readiness(stack, 
         for (name, labels), count in samples.items() if name == "recsys_embedding_index_items"
     }
     from recsys_core import paths
-    from recsys_core.offline.value import retail_items_and_events
+    from recsys_core.retail import retail_items_and_events
 
     items = pd.concat([dataset.items, retail_items_and_events(paths.BUNDLED_RETAIL_DIR)[0]], ignore_index=True)
     counts = items.groupby("category").item_id.nunique()

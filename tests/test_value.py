@@ -11,11 +11,13 @@ import pandas as pd
 import pytest
 from scipy import integrate, stats
 
+from recsys_core import retail
 from recsys_core.btyd import BGNBD, BTYD, GammaGamma
 from recsys_core.offline import value as offline
 from services.profile.store import PURCHASE, RATING, VIEW, StoredEvent
 from services.profile.value import (
-    CHURN_HORIZON_DAYS, DAY, FEATURES, ShopperHistory, ValueModel, ValueModelError, btyd_columns, design, features,
+    CHURN_HORIZON_DAYS, DAY, FEATURES, SeasonCalendar, ShopperHistory, ValueModel, ValueModelError, btyd_columns,
+    design, features, retail_stored_events,
 )
 
 FIRST_DAY = 15_000  # 2011-01-26
@@ -100,7 +102,7 @@ def raw_lines(**columns) -> pd.DataFrame:
 
 
 def test_load_splices_the_two_public_files_where_the_newer_begins(tmp_path):
-    (older_name, _), (newer_name, _) = offline.RAW_FILES
+    (older_name, _), (newer_name, _) = retail.RAW_FILES
     older = raw_lines(Invoice=["1", "2", "3"], StockCode=["10001", "10002", "10003"], Description=["x", "y", "z"],
                       Quantity=[1, 2, 3],
                       InvoiceDate=["2010-11-30 10:00:00", "2010-12-01 09:00:00", "2010-12-02 09:00:00"],
@@ -111,14 +113,14 @@ def test_load_splices_the_two_public_files_where_the_newer_begins(tmp_path):
                       UnitPrice=[2.0, 3.0, 4.0], CustomerID=[2.0, 3.0, 4.0], Country=["UK"] * 3)
     older.to_parquet(tmp_path / older_name)
     newer.to_parquet(tmp_path / newer_name)
-    lines = offline.load_transactions(tmp_path)
-    assert list(lines.columns) == list(offline.COLUMNS)
+    lines = retail.load_transactions(tmp_path)
+    assert list(lines.columns) == list(retail.COLUMNS)
     assert lines.invoice.tolist() == ["1", "2", "3", "4"], "the overlapping days come once, from the newer file"
 
 
 def test_load_names_what_is_missing(tmp_path):
-    with pytest.raises(offline.RetailDataError, match="neither transactions.parquet nor"):
-        offline.load_transactions(tmp_path)
+    with pytest.raises(retail.RetailDataError, match="neither transactions.parquet nor"):
+        retail.load_transactions(tmp_path)
 
 
 def test_cleaning_keeps_customers_product_lines_and_signs_cancellations():
@@ -132,15 +134,15 @@ def test_cleaning_keeps_customers_product_lines_and_signs_cancellations():
         customer_id=[7.0, 7.0, 7.0, 7.0, 8.0, 8.0, 8.0, np.nan],
         country=["UK"] * 8,
     )
-    kept, report = offline.clean(lines)
+    kept, report = retail.clean(lines)
     assert report == {"lines": 8, "without_customer_id": 1, "non_product_lines": 3, "price_zero_or_less": 1,
                       "kept_lines": 3, "cancelled_lines": 1, "customers": 2}
     assert kept.amount.tolist() == [5.0, -2.5, 12.75]
     assert kept.stock_code.tolist() == ["85123A", "85123A", "22423"]
-    items = offline.retail_items(kept)
+    items = retail.retail_items(kept)
     assert items.item_id.tolist() == ["retail-22423", "retail-85123A"]
     assert items.title.tolist() == ["CAKE STAND", "HEART"] and set(items.category) == {"Online_Retail"}
-    events = offline.retail_events(kept)
+    events = retail.retail_events(kept)
     assert events.user_id.tolist() == ["retail-7", "retail-7", "retail-8"]
     assert events.order_id.tolist() == ["1", "C2", "3"]
     assert events.timestamp.iloc[0] == pd.Timestamp("2011-01-01").timestamp()
@@ -250,6 +252,21 @@ def test_calibration_error_and_top_decile_definitions():
     assert errors["by_predicted"] == pytest.approx((101 - 50) / 50), "ties keep their order"
 
 
+def test_seasonal_index_compares_a_window_with_its_year_and_forecasts_from_a_year_back():
+    # Two years of a shop selling 1 a day, 3 a day from day 270 to 359 of each year.
+    days = np.arange(730)
+    daily = np.where((days % 365 >= 270) & (days % 365 < 360), 3.0, 1.0)
+    season = SeasonCalendar.of(days * DAY, daily)
+    year_mean_90d = (275 + 90 * 3) * 90 / 365
+    assert season.index(270 * DAY, season.end) == pytest.approx(270 / year_mean_90d)
+    assert season.index(100 * DAY, season.end) == pytest.approx(90 / year_mean_90d)
+    busy = 365 + 270
+    assert season.forecast_index(busy * DAY) == pytest.approx(season.index(270 * DAY, busy * DAY))
+    assert season.forecast_index((busy + 365) * DAY) == pytest.approx(270 / year_mean_90d), "past the calendar: a year further back"
+    assert season.index(700 * DAY, season.end) == 1.0, "a window past the calendar's end is not known"
+    assert season.index(300 * DAY, 320 * DAY) == 1.0, "nor one that ends after what is known"
+
+
 # --- a real run on the bundled subset -----------------------------------------
 
 @pytest.fixture(scope="module")
@@ -277,20 +294,23 @@ def test_served_forecast_reads_the_training_features(trained):
     report, out = trained
     model = ValueModel.load(out)
     assert model.version == report["model_version"]
-    events = offline.retail_events(offline.clean(offline.load_transactions(offline.BUNDLED_RETAIL_DIR))[0])
+    events = retail.retail_events(retail.clean(retail.load_transactions(retail.BUNDLED_RETAIL_DIR))[0])
     cutoffs = offline.choose_cutoffs(events)
     histories = offline.shopper_histories(events)
     frame = offline.snapshot(histories, cutoffs.churn_test, cutoffs.data_end)
     frame = frame.assign(**btyd_columns(frame, model.btyd))
     expected_churn = offline.predict(model.models["churn"], frame)
     expected_12m = offline.predict(model.models["spend_12m"], frame)
-    shoppers = {e.user_id: [] for e in offline.retail_stored_events(events)}
-    for event in offline.retail_stored_events(events):
+    expected_3m = offline.predict(model.models["spend_3m"], frame)
+    assert "season" in model.models["spend_3m"]
+    shoppers = {e.user_id: [] for e in retail_stored_events(events)}
+    for event in retail_stored_events(events):
         shoppers[event.user_id].append(event)
     for i in (0, len(frame) // 2, len(frame) - 1):
         forecast = model.forecast(shoppers[frame.user_id[i]], cutoffs.churn_test)
         assert forecast.churn_probability == pytest.approx(expected_churn[i], rel=1e-9)
         assert forecast.expected_spend_12m == pytest.approx(expected_12m[i], rel=1e-9)
+        assert forecast.expected_spend_3m == pytest.approx(expected_3m[i], rel=1e-9)
         assert forecast.churn_horizon_days == CHURN_HORIZON_DAYS and forecast.as_of == cutoffs.churn_test
 
 
@@ -317,6 +337,9 @@ def test_value_model_errors_are_clear(tmp_path, trained):
     artifact = ValueModel.load(out).artifact
     with pytest.raises(ValueModelError, match="other features"):
         ValueModel({**artifact, "features": artifact["features"][:-1]})
+    unseasoned = {name: {k: v for k, v in model.items() if k != "season"} for name, model in artifact["models"].items()}
+    with pytest.raises(ValueModelError, match="predates the seasonal"):
+        ValueModel({**artifact, "models": unseasoned})
     assert offline.train_value_main(["--data", str(tmp_path), "--out", str(tmp_path)]) == 2
 
 
@@ -327,3 +350,34 @@ def test_btyd_bundle_fits_both_models():
     btyd = BTYD.fit(x, t_x, T, m_x)
     spend = btyd.expected_spend(90.0, x, t_x, T, m_x)
     assert np.all(spend >= 0) and np.corrcoef(spend, x)[0, 1] > 0.5
+
+
+def test_cached_profiles_forecast_at_the_moving_clock(trained, tmp_path):
+    """Another shopper's later event moves the category's clock; a cached
+    profile's forecast follows it instead of keeping the time it was cached at."""
+    from services.profile.profiles import VALUE_REFRESH_SECONDS, IncomingEvent, ItemInfo, ProfileBook
+    from services.profile.store import SQLiteEventStore
+
+    class Catalogue:
+        def lookup(self, item_ids, timeout):
+            return {i: ItemInfo("Beauty", np.eye(4, dtype=np.float32)[int(i[1:]) % 4]) for i in item_ids}
+
+    book = ProfileBook(SQLiteEventStore(tmp_path / "events.sqlite3"), Catalogue(), 200, 100, 100,
+                       value_model=ValueModel.load(trained[1]))
+
+    def bought(user, day, item="i0"):
+        return IncomingEvent(user_id=user, item_id=item, type=PURCHASE, timestamp=at(day), rating=0.0,
+                             review_text="", idempotency_key="", amount=20.0, order_id=f"{user}-{day}")
+
+    book.ingest([bought("loyal", d, f"i{d % 4}") for d in range(0, 200, 14)], 1.0)
+    first = book.profile("loyal", 1.0).value
+    assert first.as_of == at(196)
+    assert book.profile("loyal", 1.0) is book.profile("loyal", 1.0), "unchanged profiles come from the cache"
+    cached = book.profile("loyal", 1.0)
+    book.ingest([bought("other", 196, "i1")], 1.0)
+    assert book.profile("loyal", 1.0) is cached, "the clock has not moved"
+    book.ingest([bought("other", 300, "i1")], 1.0)
+    later = book.profile("loyal", 1.0).value
+    assert later.as_of == at(300) and later.as_of - first.as_of >= VALUE_REFRESH_SECONDS
+    assert later.churn_probability > first.churn_probability, "a hundred quiet days make churn likelier"
+    assert book.profile("loyal", 1.0).value is later

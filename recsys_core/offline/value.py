@@ -29,163 +29,30 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from recsys_core import paths
 from recsys_core.btyd import BTYD
-from services.profile.store import PURCHASE, StoredEvent
+from recsys_core.retail import (
+    BUNDLED_RETAIL_DIR, SHARED_RETAIL_DIR, RetailDataError, clean, load_transactions, retail_events,
+)
+from services.profile.store import StoredEvent
 from services.profile.value import (
     ARTIFACT_FILE, CHURN_HORIZON_DAYS, DAY, FEATURES, MONEY_FEATURES, SPEND_FEATURES, SPEND_HORIZONS,
-    ShopperHistory, btyd_columns, default_artifact_path, design,
+    SeasonCalendar, ShopperHistory, btyd_columns, default_artifact_path, design, retail_stored_events,
 )
+from services.profile.value import predict as served_predict
 
 log = logging.getLogger(__name__)
-
-BUNDLED_RETAIL_DIR = paths.BUNDLED_RETAIL_DIR
-SHARED_RETAIL_DIR = paths.REPO_ROOT.parent / "shared" / "data" / "online-retail"
-# The bundled subset: both files' lines in one schema, already spliced.
-TRANSACTIONS_FILE = "transactions.parquet"
-# The public files, oldest first, and how their columns map to ours.
-SHARED_COLUMNS = {"StockCode": "stock_code", "Description": "description", "Quantity": "quantity",
-                  "InvoiceDate": "invoice_date", "Country": "country"}
-RAW_FILES = (
-    ("online_retail_II_2009-12_2010-12.parquet",
-     {**SHARED_COLUMNS, "Invoice": "invoice", "Price": "unit_price", "Customer ID": "customer_id"}),
-    ("online_retail_2010-12_2011-12.parquet",
-     {**SHARED_COLUMNS, "InvoiceNo": "invoice", "UnitPrice": "unit_price", "CustomerID": "customer_id"}),
-)
-COLUMNS = ("invoice", "stock_code", "description", "quantity", "invoice_date", "unit_price", "customer_id", "country")
-NON_PRODUCT_CODES = frozenset({
-    "POST", "DOT", "C2",            # postage, dotcom postage, carriage
-    "M", "D", "B", "S",             # manual, discount, bad-debt adjustment, samples
-    "BANK CHARGES", "AMAZONFEE", "CRUK",  # fees and commissions
-    "PADS",                          # 0.001 filler lines "to match all cushions"
-})
-NON_PRODUCT_PREFIXES = ("ADJUST", "TEST")
-RETAIL_CATEGORY = "Online_Retail"
-ITEM_PREFIX = "retail-"
-USER_PREFIX = "retail-"
 
 # Training snapshots are this far apart; a snapshot needs this much history before it.
 SNAPSHOT_STEP_DAYS = 30
 MIN_HISTORY_DAYS = 90
 ECE_BINS = 10
-
-
-class RetailDataError(ValueError):
-    pass
-
-
-# --- loading and cleaning -------------------------------------------------
-
-def load_transactions(data_dir: Path) -> pd.DataFrame:
-    """Every invoice line of a directory, in one schema (COLUMNS): the two
-    public files spliced where the newer begins, or the bundled subset."""
-    data_dir = Path(data_dir)
-    bundled = data_dir / TRANSACTIONS_FILE
-    if bundled.is_file():
-        lines = pd.read_parquet(bundled)
-        missing = [c for c in COLUMNS if c not in lines.columns]
-        if missing:
-            raise RetailDataError(f"{bundled} lacks columns {missing}")
-        return lines[list(COLUMNS)]
-    raw = [data_dir / name for name, _ in RAW_FILES]
-    if not all(path.is_file() for path in raw):
-        raise RetailDataError(
-            f"{data_dir} holds neither {TRANSACTIONS_FILE} nor the two Online Retail files "
-            f"({', '.join(name for name, _ in RAW_FILES)})")
-    parts = []
-    for path, (_, renames) in zip(raw, RAW_FILES):
-        frame = pd.read_parquet(path).rename(columns=renames)
-        missing = [c for c in COLUMNS if c not in frame.columns]
-        if missing:
-            raise RetailDataError(f"{path} lacks columns {missing}")
-        frame["invoice_date"] = pd.to_datetime(frame["invoice_date"])
-        parts.append(frame[list(COLUMNS)])
-    older, newer = parts
-    # The files overlap in December 2010 with the same lines: keep each day once.
-    older = older[older.invoice_date < newer.invoice_date.min()]
-    return pd.concat([older, newer], ignore_index=True)
-
-
-def is_product(stock_codes: pd.Series) -> pd.Series:
-    codes = stock_codes.str.strip().str.upper()
-    return ~codes.isin(NON_PRODUCT_CODES) & ~codes.str.startswith(NON_PRODUCT_PREFIXES)
-
-
-def clean(lines: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
-    """Customers' product lines with an amount (quantity x price, negative
-    for a cancellation), and what was dropped on the way."""
-    report = {"lines": len(lines)}
-    lines = lines[lines.customer_id.notna()]
-    report["without_customer_id"] = report["lines"] - len(lines)
-    product = is_product(lines.stock_code)
-    report["non_product_lines"] = int((~product).sum())
-    lines = lines[product]
-    priced = lines.unit_price > 0
-    report["price_zero_or_less"] = int((~priced).sum())
-    lines = lines[priced].copy()
-    lines["stock_code"] = lines.stock_code.str.strip()
-    lines["cancelled"] = lines.invoice.str.startswith("C")
-    # A cancellation's quantity is negative in the files; the sign is forced
-    # so that the invoice prefix alone decides what a line is.
-    lines["amount"] = np.where(lines.cancelled, -1, 1) * lines.quantity.abs() * lines.unit_price
-    report["kept_lines"] = len(lines)
-    report["cancelled_lines"] = int(lines.cancelled.sum())
-    report["customers"] = int(lines.customer_id.nunique())
-    return lines.reset_index(drop=True), report
-
-
-def retail_items_and_events(data_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The retail data for the platform: (a) catalogue items in the
-    amazon-2014 items schema (item_id "retail-<StockCode>", category
-    Online_Retail, title = the description most often used for the code) and
-    (b) purchase events, one per product line (user_id "retail-<CustomerID>",
-    item_id, category, timestamp in unix seconds, amount = quantity x price,
-    negative for cancellations, order_id = invoice number), oldest first."""
-    lines, _ = clean(load_transactions(data_dir))
-    return retail_items(lines), retail_events(lines)
-
-
-def retail_items(lines: pd.DataFrame) -> pd.DataFrame:
-    described = lines[lines.description.notna() & (lines.description.str.strip() != "")]
-    titles = (described.assign(description=described.description.str.strip())
-              .groupby(["stock_code", "description"]).size().reset_index(name="n")
-              .sort_values(["stock_code", "n", "description"], ascending=[True, False, True])
-              .drop_duplicates("stock_code").set_index("stock_code").description)
-    codes = np.sort(lines.stock_code.unique())
-    return pd.DataFrame({
-        "item_id": [ITEM_PREFIX + code for code in codes],
-        "category": RETAIL_CATEGORY,
-        "title": [titles.get(code, code) for code in codes],
-        "brand": "", "description": "", "category_path": "", "generated_keywords": "",
-    })
-
-
-def retail_events(lines: pd.DataFrame) -> pd.DataFrame:
-    events = pd.DataFrame({
-        "user_id": USER_PREFIX + lines.customer_id.astype("int64").astype(str),
-        "item_id": ITEM_PREFIX + lines.stock_code,
-        "category": RETAIL_CATEGORY,
-        # The invoice clock is the shop's local time; taken as UTC.
-        "timestamp": lines.invoice_date.astype("datetime64[s]").astype("int64"),
-        "amount": lines.amount.round(4),
-        "order_id": lines.invoice,
-    })
-    return events.sort_values(["user_id", "timestamp", "order_id"], kind="stable").reset_index(drop=True)
-
-
-def retail_stored_events(events: pd.DataFrame) -> Iterator[StoredEvent]:
-    """Rows of retail_events() as the profile store keeps them: every line a
-    PURCHASE, the cancellations with their negative amount."""
-    for row in events.itertuples(index=False):
-        yield StoredEvent(user_id=row.user_id, item_id=row.item_id, category=row.category, type=PURCHASE,
-                          ts=int(row.timestamp), amount=float(row.amount), order_id=row.order_id)
 
 
 def shopper_histories(events: pd.DataFrame) -> dict[str, ShopperHistory]:
@@ -291,7 +158,10 @@ def fit_churn(train: pd.DataFrame) -> dict:
     return {"columns": CHURN_COLUMNS, "estimator": estimator}
 
 
-def fit_spend(train: pd.DataFrame, horizon: str, seed: int) -> dict:
+def fit_spend(train: pd.DataFrame, horizon: str, seed: int, season: SeasonCalendar | None = None,
+              known_until: int | None = None) -> dict:
+    """With `season` (3 months), the model learns each snapshot's spend over
+    the shop's seasonal index of its outcome window, as known by `known_until`."""
     train = train[train[f"spend_{horizon}"].notna()]
     target = train[f"spend_{horizon}"].to_numpy()
     if horizon == "3m":
@@ -301,26 +171,29 @@ def fit_spend(train: pd.DataFrame, horizon: str, seed: int) -> dict:
 
         columns = SPEND_3M_COLUMNS
         estimator = make_pipeline(StandardScaler(), PoissonRegressor(alpha=1e-4, max_iter=5000))
-    else:
-        from sklearn.ensemble import HistGradientBoostingRegressor
+        matrix = design(train, columns)
+        if season is None:
+            return {"columns": columns, "estimator": estimator.fit(matrix, target)}
+        # A Poisson model of spend / index weighted by the index is one of
+        # spend with log(index) as its offset.
+        index = train.as_of.map({at: season.index(int(at), known_until) for at in train.as_of.unique()}).to_numpy()
+        estimator.fit(matrix, target / index, poissonregressor__sample_weight=index)
+        return {"columns": columns, "estimator": estimator, "season": season}
+    from sklearn.ensemble import HistGradientBoostingRegressor
 
-        columns = SPEND_12M_COLUMNS
-        # Poisson deviance fits the mean of a zero-heavy, long-tailed spend:
-        # totals, not medians, are what a value forecast is summed into.
-        # Leaves of 100 customers on the full set; a small set (the bundled
-        # subset) still gets splits.
-        estimator = HistGradientBoostingRegressor(
-            loss="poisson", learning_rate=0.03, max_iter=200, max_leaf_nodes=15,
-            min_samples_leaf=int(np.clip(len(train) // 20, 10, 100)),
-            l2_regularization=1.0, early_stopping=False, random_state=seed)
-    return {"columns": columns, "estimator": estimator.fit(design(train, columns), target)}
+    # Poisson deviance fits the mean of a zero-heavy, long-tailed spend:
+    # totals, not medians, are what a value forecast is summed into.
+    # Leaves of 100 customers on the full set; a small set (the bundled
+    # subset) still gets splits.
+    estimator = HistGradientBoostingRegressor(
+        loss="poisson", learning_rate=0.03, max_iter=200, max_leaf_nodes=15,
+        min_samples_leaf=int(np.clip(len(train) // 20, 10, 100)),
+        l2_regularization=1.0, early_stopping=False, random_state=seed)
+    return {"columns": SPEND_12M_COLUMNS, "estimator": estimator.fit(design(train, SPEND_12M_COLUMNS), target)}
 
 
 def predict(model: dict, frame: pd.DataFrame) -> np.ndarray:
-    matrix = design(frame, model["columns"])
-    if hasattr(model["estimator"], "predict_proba"):
-        return model["estimator"].predict_proba(matrix)[:, 1]
-    return np.maximum(model["estimator"].predict(matrix), 0.0)
+    return served_predict(model, frame, frame.as_of.to_numpy())
 
 
 def baseline_predictions(btyd: BTYD, frame: pd.DataFrame) -> dict[str, np.ndarray]:
@@ -400,7 +273,9 @@ def train_and_evaluate(data_dir: Path, seed: int = 0) -> tuple[dict, dict]:
     # model starts from, fitted on the test cutoff's customers.
     train = snapshots(histories, cutoffs.churn_train, cutoffs.data_end)
     test, btyd = with_posterior(snapshot(histories, cutoffs.churn_test, cutoffs.data_end))
-    churn_model, spend_3m_model = fit_churn(train), fit_spend(train, "3m", seed)
+    season = SeasonCalendar.of(events.timestamp.to_numpy(), events.amount.to_numpy())
+    churn_model = fit_churn(train)
+    spend_3m_model = fit_spend(train, "3m", seed, season, known_until=cutoffs.churn_test)
     baseline = baseline_predictions(btyd, test)
     model_churn, model_spend_3m = predict(churn_model, test), predict(spend_3m_model, test)
     churned = test.churned.to_numpy().astype(int)
@@ -416,7 +291,10 @@ def train_and_evaluate(data_dir: Path, seed: int = 0) -> tuple[dict, dict]:
     actual_3m = test.spend_3m.to_numpy()
     spend_3m = {"model": spend_metrics(model_spend_3m, actual_3m),
                 "bgnbd_gg": spend_metrics(baseline["spend_3m"], actual_3m),
-                "last_90d": spend_metrics(np.maximum(test.net_spend_90d.to_numpy(), 0), actual_3m)}
+                "last_90d": spend_metrics(np.maximum(test.net_spend_90d.to_numpy(), 0), actual_3m),
+                "model_without_season": spend_metrics(predict(fit_spend(train, "3m", seed), test), actual_3m),
+                "seasonal_index": {"forecast": season.forecast_index(cutoffs.churn_test),
+                                   "actual": season.index(cutoffs.churn_test, cutoffs.data_end)}}
 
     # 12-month spend: one cutoff has a 12-month outcome, so the test is on
     # held-out customers; the model learns from the other half.
@@ -465,13 +343,13 @@ def train_and_evaluate(data_dir: Path, seed: int = 0) -> tuple[dict, dict]:
         "spend_horizon_days": SPEND_HORIZONS,
         "btyd": served_btyd,
         "models": {"churn": fit_churn(served_train),
-                   "spend_3m": fit_spend(served_train, "3m", seed),
+                   "spend_3m": fit_spend(served_train, "3m", seed, season, known_until=cutoffs.data_end),
                    "spend_12m": fit_spend(year, "12m", seed)},
         "trained_on": {"data": str(data_dir), "snapshot_rows_churn_3m": len(served_train),
                        "snapshot_rows_12m": len(year), "btyd_as_of": date(cutoffs.data_end)},
     }
     digest = hashlib.sha256(pd.util.hash_pandas_object(events, index=False).to_numpy().tobytes())
-    digest.update(repr((FEATURES, CHURN_COLUMNS, SPEND_3M_COLUMNS, SPEND_12M_COLUMNS, seed)).encode())
+    digest.update(repr((FEATURES, CHURN_COLUMNS, SPEND_3M_COLUMNS, "3m seasonal index", SPEND_12M_COLUMNS, seed)).encode())
     artifact["version"] = report["model_version"] = f"retail-{digest.hexdigest()[:10]}"
     report["seconds"] = round(time.monotonic() - started, 1)
     report["_plot_data"] = {
@@ -570,6 +448,10 @@ def print_report(report: dict) -> None:
         print(f"{name:<12} {churn['roc_auc']:>9.3f} {churn['ece']:>6.3f} {three['spearman']:>8.3f} "
               f"{three['top_decile_error']['by_predicted']:>+9.1%} {twelve['spearman']:>9.3f} "
               f"{twelve['top_decile_error']['by_predicted']:>+10.1%}")
+    index = s3["seasonal_index"]
+    print(f"3m without the seasonal index (forecast {index['forecast']:.2f}, actual {index['actual']:.2f}): "
+          f"Spearman {s3['model_without_season']['spearman']:.3f}, "
+          f"top10% {s3['model_without_season']['top_decile_error']['by_predicted']:+.1%}")
     print(f"targets: {json.dumps(report['targets'])}")
     print(f"model {report['model_version']} -> {report.get('artifact')}")
 

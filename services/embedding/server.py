@@ -98,7 +98,7 @@ def load_catalogue(config: EmbeddingConfig, show_progress: bool = True) -> Catal
     if config.data_path is not None:
         frames.append(data.load_items(config.data_path))
     if config.retail_path is not None:
-        from recsys_core.offline.value import retail_items_and_events
+        from recsys_core.retail import retail_items_and_events
 
         frames.append(data.with_text(retail_items_and_events(config.retail_path)[0]))
     if frames:

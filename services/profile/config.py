@@ -25,7 +25,7 @@ class ProfileConfig:
     redis_durability: str = "always"
     # Events loaded into an empty store at start; empty means none.
     data_dir: str = str(paths.BUNDLED_DATA_DIR)
-    # Online-retail invoices (recsys_core/offline/value.py) loaded as purchase
+    # Online-retail invoices (recsys_core/retail.py) loaded as purchase
     # events with amounts; empty means none.
     retail_dir: str = str(paths.BUNDLED_RETAIL_DIR)
     # The churn and lifetime-value model (`recsys train-value`); empty means

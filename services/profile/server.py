@@ -73,7 +73,8 @@ def load_dataset_events(store: EventStore, data_dir: Path) -> dict[str, int]:
 
 def load_retail_events(store: EventStore, retail_dir: Path) -> dict[str, int]:
     """Online-retail invoice lines as purchases with their amounts and orders."""
-    from recsys_core.offline.value import retail_items_and_events, retail_stored_events
+    from recsys_core.retail import retail_items_and_events
+    from services.profile.value import retail_stored_events
 
     _, events = retail_items_and_events(retail_dir)
     load_once(store, retail_stored_events(events), len(events), frame_marker("online-retail", events), retail_dir)
@@ -100,8 +101,6 @@ def load_book(config: ProfileConfig) -> ProfileBook:
     book = ProfileBook(
         store,
         EmbeddingServiceLookup(config.embedding_address),
-        long_term_decay=config.long_term_decay,
-        short_term_decay=config.short_term_decay,
         interest_window=config.interest_window,
         max_events_per_request=config.max_events_per_request,
         profile_cache_size=config.profile_cache_size,

@@ -16,7 +16,8 @@ get a churn probability; only the spend forecasts need amounts.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +26,9 @@ from threadpoolctl import ThreadpoolController
 
 from recsys_core.btyd import BTYD
 from services.profile.store import PURCHASE, RATING, REVIEW, StoredEvent
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 DAY = 86_400
 # Churn: no purchase in the 90 days after as_of. Spend: net spend in the next
@@ -73,6 +77,56 @@ SUMMARY = ("x", "t_x", "T", "m_x")
 FEATURES = SPEND_FEATURES + SUMMARY
 # The posterior of the BG/NBD + Gamma-Gamma model fitted on the customer base.
 BTYD_COLUMNS = ("btyd_logit_no_purchase", "btyd_log_spend_3m", "btyd_log_spend_12m")
+
+
+@dataclass(frozen=True)
+class SeasonCalendar:
+    """The shop's net spend per day, to say how busy a 90-day window is
+    against the year around it (its seasonal index). The 3-month spend model
+    learns shoppers' spend with the season divided out and forecasts it
+    multiplied back by the index of the same window a year earlier: the
+    seasonal-naive level of the whole shop (docs/profiles.md)."""
+    first_day: int           # unix day number of daily[0]
+    daily: np.ndarray        # net spend per day
+
+    @classmethod
+    def of(cls, timestamps: np.ndarray, amounts: np.ndarray) -> "SeasonCalendar":
+        days = np.asarray(timestamps, dtype=np.int64) // DAY
+        first = int(days.min())
+        daily = np.bincount(days - first, weights=np.asarray(amounts, dtype=np.float64))
+        return cls(first, daily)
+
+    @property
+    def start(self) -> int:
+        return self.first_day * DAY
+
+    @property
+    def end(self) -> int:
+        """Exclusive: midnight after the last day."""
+        return (self.first_day + len(self.daily)) * DAY
+
+    def spend(self, begin: int, end: int) -> float:
+        first, last = (np.clip(t // DAY - self.first_day, 0, len(self.daily)) for t in (begin, end))
+        return float(self.daily[first:last].sum())
+
+    def index(self, at: int, known_until: int) -> float:
+        """Spend in [at, at + 90 days) over the mean 90 days of the 365 around
+        it; that year is moved to lie within what is known by `known_until`.
+        1 where the calendar cannot say."""
+        horizon, year = SPEND_HORIZONS["3m"] * DAY, 365 * DAY
+        if at < self.start or at + horizon > min(known_until, self.end):
+            return 1.0
+        begin = max(self.start, min(at - year // 2, known_until - year))
+        yearly = self.spend(begin, begin + year) * horizon / year
+        window = self.spend(at, at + horizon)
+        return window / yearly if yearly > 0 and window > 0 else 1.0
+
+    def forecast_index(self, as_of: int) -> float:
+        """The index expected for the 90 days after `as_of`: the same window
+        a whole number of years earlier, the latest the calendar holds whole."""
+        horizon, year = SPEND_HORIZONS["3m"] * DAY, 365 * DAY
+        years_back = max(1, -(-(as_of + horizon - self.end) // year))
+        return self.index(as_of - years_back * year, min(as_of, self.end))
 
 
 @dataclass(frozen=True)
@@ -222,6 +276,23 @@ def design(values: Mapping[str, np.ndarray], columns: Sequence[str]) -> np.ndarr
     return np.column_stack(matrix)
 
 
+def predict(model: dict, values: Mapping[str, np.ndarray], as_of: np.ndarray | int) -> np.ndarray:
+    """One model's forecasts for rows of features made at `as_of` (per row,
+    or one time for all): P(churn), or a spend, never below 0, at the level
+    of the coming season when the model has a calendar."""
+    estimator = model["estimator"]
+    matrix = design(values, model["columns"])
+    if hasattr(estimator, "predict_proba"):
+        return estimator.predict_proba(matrix)[:, 1]
+    spend = np.maximum(estimator.predict(matrix), 0.0)
+    season: SeasonCalendar | None = model.get("season")
+    if season is None:
+        return spend
+    times = np.broadcast_to(np.asarray(as_of, dtype=np.int64), spend.shape)
+    factors = {int(t): season.forecast_index(int(t)) for t in np.unique(times)}
+    return spend * np.array([factors[int(t)] for t in times])
+
+
 @dataclass(frozen=True)
 class ValueForecast:
     churn_probability: float
@@ -259,6 +330,10 @@ class ValueModel:
             raise ValueModelError(
                 f"value model {artifact['version']} was trained on other features or horizons than this code "
                 "computes: retrain it (recsys train-value)")
+        if "season" not in artifact["models"].get("spend_3m", {}):
+            raise ValueModelError(
+                f"value model {artifact['version']} predates the seasonal 3-month spend model: "
+                "retrain it (recsys train-value)")
         self.artifact = artifact
         self.version: str = artifact["version"]
         self.btyd: BTYD = artifact["btyd"]
@@ -276,12 +351,9 @@ class ValueModel:
             raise ValueModelError(f"no value model at {path}: train one with `recsys train-value`")
         return cls(joblib.load(path))
 
-    def _predict(self, name: str, values: Mapping[str, np.ndarray]) -> float:
-        model = self.models[name]
-        row = design(values, model["columns"])
-        if name == "churn":
-            return float(model["estimator"].predict_proba(row)[0, 1])
-        return max(0.0, float(model["estimator"].predict(row)[0]))
+
+    def _predict(self, name: str, values: Mapping[str, np.ndarray], as_of: int) -> float:
+        return float(predict(self.models[name], values, as_of)[0])
 
     def forecast(self, events: Sequence[StoredEvent], as_of: int) -> ValueForecast | None:
         """None when the shopper has no dated purchase before `as_of`."""
@@ -293,7 +365,15 @@ class ValueModel:
         # Boosted trees spread one row's prediction over OpenMP threads: on a
         # busy machine that costs ~80 ms instead of ~3.
         with self._threads.limit(limits=1, user_api="openmp"):
-            churn = self._predict("churn", values)
-            spend_3m = self._predict("spend_3m", values) if found.has_amounts else None
-            spend_12m = self._predict("spend_12m", values) if found.has_amounts else None
+            churn = self._predict("churn", values, as_of)
+            spend_3m = self._predict("spend_3m", values, as_of) if found.has_amounts else None
+            spend_12m = self._predict("spend_12m", values, as_of) if found.has_amounts else None
         return ValueForecast(churn, CHURN_HORIZON_DAYS, spend_3m, spend_12m, int(as_of), self.version)
+
+
+def retail_stored_events(events: pd.DataFrame) -> Iterator[StoredEvent]:
+    """Rows of retail_events() as the profile store keeps them: every line a
+    PURCHASE, the cancellations with their negative amount."""
+    for row in events.itertuples(index=False):
+        yield StoredEvent(user_id=row.user_id, item_id=row.item_id, category=row.category, type=PURCHASE,
+                          ts=int(row.timestamp), amount=float(row.amount), order_id=row.order_id)
