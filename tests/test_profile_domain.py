@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from recsys_core.errors import InvalidArgument, NotFound
+from recsys_core.interests import DriftSettings
 from services.profile.interests import event_weight, interest_vector
 from services.profile.popularity import Popularity
 from services.profile.profiles import IncomingEvent, ItemInfo, ProfileBook
@@ -184,7 +185,8 @@ class CatalogueOf:
 @pytest.fixture
 def book(event_store):
     items = {name: ItemInfo("C", vector) for name, vector in BASIS.items()}
-    return ProfileBook(event_store, CatalogueOf(items), 0.05, 0.5, 200, 10, 100)
+    return ProfileBook(event_store, CatalogueOf(items), 200, 10, 100,
+                       drift_settings=DriftSettings(long_decay=0.05, short_decay=0.5))
 
 
 def incoming(item, user="u", type_=PURCHASE, **kw):

@@ -6,7 +6,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import numpy as np
@@ -35,6 +35,9 @@ MAX_OPINIONS_CACHED = 100_000
 MAX_AMOUNT = 1e9
 # Clocks drift; an event "from the future" beyond this is a client bug.
 MAX_FUTURE_SECONDS = 24 * 3600
+# A cached profile's value forecast is remade once its forecast time is this
+# far behind: churn over 90 days does not move in less.
+VALUE_REFRESH_SECONDS = 600
 EVENT_TYPES = (VIEW, PURCHASE, RATING, REVIEW)
 
 
@@ -125,8 +128,6 @@ class ProfileBook:
         self,
         store: EventStore,
         items: ItemLookup,
-        long_term_decay: float,
-        short_term_decay: float,
         interest_window: int,
         max_events_per_request: int,
         profile_cache_size: int,
@@ -141,8 +142,6 @@ class ProfileBook:
     ):
         self.store = store
         self.items = items
-        self.long_term_decay = long_term_decay
-        self.short_term_decay = short_term_decay
         self.interest_window = interest_window
         self.max_events_per_request = max_events_per_request
         self.drift_settings = drift_settings
@@ -258,6 +257,20 @@ class ProfileBook:
         events = window if count <= len(window) else self.store.user_events(user_id)
         return self.value_model.forecast(events, self.forecast_time(categories))
 
+    def _with_current_value(self, cached: Profile) -> Profile:
+        """The cached profile, its value forecast remade once the forecast
+        time has moved on: other shoppers' events move a category's clock,
+        and the wall clock moves by itself, without touching this profile."""
+        if cached.value is None or self.forecast_time(cached.categories) - cached.value.as_of < VALUE_REFRESH_SECONDS:
+            return cached
+        events = self.store.user_events(cached.user_id, limit=self.interest_window)
+        fresh = replace(cached, value=self._value(cached.user_id, events, cached.event_count, cached.categories))
+        with self._cache_lock:
+            # Unless an ingest dropped it meanwhile: then the next read remakes it all.
+            if self._profiles.get(cached.user_id) is cached:
+                self._profiles[cached.user_id] = fresh
+        return fresh
+
     def _read_reviews(self, user_id: str, timeout: float) -> tuple[Preferences | None, dict]:
         """What the shopper's latest reviews say, and P(positive) of each by
         (item_id, ts) for the evidence weights. A review is classified once;
@@ -289,7 +302,8 @@ class ProfileBook:
             cached = self._profiles.get(user_id)
             if cached is not None:
                 self._profiles.move_to_end(user_id)
-                return cached
+        if cached is not None:
+            return self._with_current_value(cached)
         events = self.store.user_events(user_id, limit=self.interest_window)
         if not events:
             return Profile(user_id=user_id, known=False)
@@ -302,8 +316,8 @@ class ProfileBook:
             user_id=user_id,
             known=True,
             event_count=count,
-            long_term=interest_vector(events, vectors, self.long_term_decay, sentiment),
-            short_term=interest_vector(events, vectors, self.short_term_decay, sentiment),
+            long_term=interest_vector(events, vectors, self.drift_settings.long_decay, sentiment),
+            short_term=interest_vector(events, vectors, self.drift_settings.short_decay, sentiment),
             recent=list(reversed(events)),
             seen_item_ids=seen,
             categories=per_category,
