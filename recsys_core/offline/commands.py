@@ -117,8 +117,9 @@ def train(dataset: data.Dataset, categories: list[str], out: Path, config: twoto
 def train_main(argv: list[str] | None = None) -> int:
     defaults = twotower.TwoTowerConfig()
     parser = argparse.ArgumentParser(prog="recsys train", description=(
-        "Train our model: the MiniLM item encoder fine-tuned (its top layers, "
-        "over cached states of the frozen lower ones), plus ID vectors for the "
+        "Train our model: the MiniLM item encoder with a trained projection "
+        "after its pooling (and, with --finetune-layers N, its top N layers "
+        "fine-tuned over cached states of the frozen lower ones), plus ID vectors for the "
         "catalogue trained on, and a user tower that starts as the pretrained "
         "zero-shot mix of the history and learns a correction; next-item "
         "softmax over every item (or sampled), early stopping on validation "

@@ -67,9 +67,14 @@ class Workload:
 
 def load_workload(data_dir: Path, category: str) -> Workload:
     dataset = data.Dataset.load(data_dir)
-    split = protocol.category_split(dataset.interactions, dataset.items, category)
-    vectors = split_item_vectors(split, dataset.items, default_encoder())
-    info = dataset.items.set_index("item_id")
+    return workload_of(protocol.category_split(dataset.interactions, dataset.items, category), dataset.items)
+
+
+def workload_of(split: protocol.CategorySplit, items) -> Workload:
+    """A split's items with the pretrained encoder's vectors and interest categories."""
+    category = split.category
+    vectors = split_item_vectors(split, items, default_encoder())
+    info = items.set_index("item_id")
     names = [
         interest_category(info.at[i, "category"], info.at[i, "category_path"]) if i in info.index else category
         for i in split.item_ids
