@@ -448,7 +448,10 @@ LIMITS = """- The item tower was chosen on Beauty's validation split, NDCG@10 pe
   early stopping keeps the peak. A run with the ID vectors at 2e-4 fell from
   its first epoch (0.0293, then 0.0200) and was stopped; it is not in the
   tables. Sports and Toys were trained with the tower chosen on Beauty,
-  without a search of their own.
+  without a search of their own, with one slip: the projection's learning
+  rate ("encoder lr", 5e-5 for Beauty and Sports) was 1e-5 for the Toys run
+  and the Sports+Toys transfer pretraining, launched while the default had
+  briefly been changed; the Toys row names it, and neither was rerun.
 - Training budgets are wall-clock minutes (`--minutes`, `--finetuned-minutes`,
   `--pretrain-minutes`, `--transfer-minutes`) on two CPU cores, one torch
   thread per run and usually two runs at once; the minutes per epoch in the

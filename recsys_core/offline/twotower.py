@@ -56,7 +56,7 @@ class TwoTowerConfig(seqmodel.SeqConfig):
     # at 5e-5.
     finetune_layers: int = 0
     encoder_batch: int = 128  # items re-encoded with gradient per step
-    encoder_lr: float = 1e-5
+    encoder_lr: float = 5e-5  # of the projection and any fine-tuned layers
     id_lr: float | None = None  # of the ID vectors (default: lr)
     recency_decay: float = 0.3  # of the zero-shot mix the user tower starts from
     zero_shot_scale: float = 20.0  # its logit scale at the start (1 / temperature)
