@@ -452,6 +452,12 @@ LIMITS = """- The item tower was chosen on Beauty's validation split, NDCG@10 pe
   rate ("encoder lr", 5e-5 for Beauty and Sports) was 1e-5 for the Toys run
   and the Sports+Toys transfer pretraining, launched while the default had
   briefly been changed; the Toys row names it, and neither was rerun.
+- Sports: the top-layer variant (encoder lr 1e-5) scores above the
+  published target on test (0.0571/0.0316) but below the frozen-MiniLM
+  model on validation (NDCG@10 0.0360 against 0.0374), so by the rule
+  above Sports is not beaten (0.0560/0.0310). Sports' item text is the
+  IDGenRec keywords only; its pretrained zero-shot is the weakest of the
+  three (0.0171).
 - Training budgets are wall-clock minutes (`--minutes`, `--finetuned-minutes`,
   `--pretrain-minutes`, `--transfer-minutes`) on two CPU cores, one torch
   thread per run and usually two runs at once; the minutes per epoch in the
