@@ -43,17 +43,10 @@ def calendar(frame: pd.DataFrame) -> np.ndarray:
     return np.column_stack([np.sin(angle), np.cos(angle)])
 
 
-def poisson():
-    from sklearn.linear_model import PoissonRegressor
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    return make_pipeline(StandardScaler(), PoissonRegressor(alpha=1e-4, max_iter=5000))
-
-
 def variants(train: pd.DataFrame, test: pd.DataFrame, season: SeasonCalendar, cutoff: int) -> dict[str, np.ndarray]:
     target = train.spend_3m.to_numpy()
-    with_calendar = poisson().fit(np.hstack([design(train, value.SPEND_3M_COLUMNS), calendar(train)]), target)
+    with_calendar = value.spend_3m_estimator().fit(
+        np.hstack([design(train, value.SPEND_3M_COLUMNS), calendar(train)]), target)
     return {
         "BG/NBD + Gamma-Gamma": np.exp(test.btyd_log_spend_3m.to_numpy()),
         "without season": value.predict(value.fit_spend(train, "3m", seed=0), test),

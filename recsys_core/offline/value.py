@@ -158,6 +158,14 @@ def fit_churn(train: pd.DataFrame) -> dict:
     return {"columns": CHURN_COLUMNS, "estimator": estimator}
 
 
+def spend_3m_estimator():
+    from sklearn.linear_model import PoissonRegressor
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    return make_pipeline(StandardScaler(), PoissonRegressor(alpha=1e-4, max_iter=5000))
+
+
 def fit_spend(train: pd.DataFrame, horizon: str, seed: int, season: SeasonCalendar | None = None,
               known_until: int | None = None) -> dict:
     """With `season` (3 months), the model learns each snapshot's spend over
@@ -165,12 +173,8 @@ def fit_spend(train: pd.DataFrame, horizon: str, seed: int, season: SeasonCalend
     train = train[train[f"spend_{horizon}"].notna()]
     target = train[f"spend_{horizon}"].to_numpy()
     if horizon == "3m":
-        from sklearn.linear_model import PoissonRegressor
-        from sklearn.pipeline import make_pipeline
-        from sklearn.preprocessing import StandardScaler
-
         columns = SPEND_3M_COLUMNS
-        estimator = make_pipeline(StandardScaler(), PoissonRegressor(alpha=1e-4, max_iter=5000))
+        estimator = spend_3m_estimator()
         matrix = design(train, columns)
         if season is None:
             return {"columns": columns, "estimator": estimator.fit(matrix, target)}
