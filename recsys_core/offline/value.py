@@ -53,6 +53,7 @@ log = logging.getLogger(__name__)
 SNAPSHOT_STEP_DAYS = 30
 MIN_HISTORY_DAYS = 90
 ECE_BINS = 10
+BOOTSTRAP_ROUNDS = 1000
 
 
 def shopper_histories(events: pd.DataFrame) -> dict[str, ShopperHistory]:
@@ -254,6 +255,29 @@ def spend_metrics(predicted: np.ndarray, actual: np.ndarray) -> dict:
             "mae": float(np.mean(np.abs(predicted - actual)))}
 
 
+def paired_bootstrap(predicted: np.ndarray, baseline: np.ndarray, actual: np.ndarray, seed: int,
+                     rounds: int = BOOTSTRAP_ROUNDS) -> dict[str, dict[str, float]]:
+    """Model minus baseline over customers resampled with replacement: the
+    Spearman difference, and the difference of |top-decile error| (below 0:
+    the model's top decile is sized closer). Mean and 95% interval."""
+    from scipy.stats import spearmanr
+
+    rng = np.random.default_rng(seed)
+    spearman, top_decile = [], []
+    for _ in range(rounds):
+        rows = rng.integers(0, len(actual), len(actual))
+        spearman.append(spearmanr(predicted[rows], actual[rows]).statistic
+                        - spearmanr(baseline[rows], actual[rows]).statistic)
+        top_decile.append(abs(top_decile_errors(predicted[rows], actual[rows])["by_predicted"])
+                          - abs(top_decile_errors(baseline[rows], actual[rows])["by_predicted"]))
+
+    def summary(values: list[float]) -> dict[str, float]:
+        low, high = np.percentile(values, [2.5, 97.5])
+        return {"mean": float(np.mean(values)), "low": float(low), "high": float(high)}
+
+    return {"rounds": rounds, "spearman": summary(spearman), "abs_top_decile_error": summary(top_decile)}
+
+
 # --- the run --------------------------------------------------------------
 
 def date(ts: int) -> str:
@@ -298,7 +322,8 @@ def train_and_evaluate(data_dir: Path, seed: int = 0) -> tuple[dict, dict]:
                 "last_90d": spend_metrics(np.maximum(test.net_spend_90d.to_numpy(), 0), actual_3m),
                 "model_without_season": spend_metrics(predict(fit_spend(train, "3m", seed), test), actual_3m),
                 "seasonal_index": {"forecast": season.forecast_index(cutoffs.churn_test),
-                                   "actual": season.index(cutoffs.churn_test, cutoffs.data_end)}}
+                                   "actual": season.index(cutoffs.churn_test, cutoffs.data_end)},
+                "model_minus_bgnbd_gg": paired_bootstrap(model_spend_3m, baseline["spend_3m"], actual_3m, seed)}
 
     # 12-month spend: one cutoff has a 12-month outcome, so the test is on
     # held-out customers; the model learns from the other half.
@@ -311,7 +336,8 @@ def train_and_evaluate(data_dir: Path, seed: int = 0) -> tuple[dict, dict]:
     actual_12m = year_test.spend_12m.to_numpy()
     spend_12m = {"model": spend_metrics(model_spend_12m, actual_12m),
                  "bgnbd_gg": spend_metrics(baseline_12m, actual_12m),
-                 "last_365d": spend_metrics(np.maximum(year_test.net_spend_365d.to_numpy(), 0), actual_12m)}
+                 "last_365d": spend_metrics(np.maximum(year_test.net_spend_365d.to_numpy(), 0), actual_12m),
+                 "model_minus_bgnbd_gg": paired_bootstrap(model_spend_12m, baseline_12m, actual_12m, seed)}
 
     report = {
         "data": str(data_dir),
@@ -456,6 +482,12 @@ def print_report(report: dict) -> None:
     print(f"3m without the seasonal index (forecast {index['forecast']:.2f}, actual {index['actual']:.2f}): "
           f"Spearman {s3['model_without_season']['spearman']:.3f}, "
           f"top10% {s3['model_without_season']['top_decile_error']['by_predicted']:+.1%}")
+    for horizon in ("3m", "12m"):
+        gap = report[f"spend_{horizon}"]["model_minus_bgnbd_gg"]
+        print(f"{horizon} model minus BG/NBD+GG ({gap['rounds']} bootstrap rounds, 95% interval): "
+              f"Spearman {gap['spearman']['mean']:+.4f} [{gap['spearman']['low']:+.4f}, {gap['spearman']['high']:+.4f}], "
+              f"|top10% error| {gap['abs_top_decile_error']['mean']:+.3f} "
+              f"[{gap['abs_top_decile_error']['low']:+.3f}, {gap['abs_top_decile_error']['high']:+.3f}]")
     print(f"targets: {json.dumps(report['targets'])}")
     print(f"model {report['model_version']} -> {report.get('artifact')}")
 
