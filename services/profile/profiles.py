@@ -263,8 +263,9 @@ class ProfileBook:
         and the wall clock moves by itself, without touching this profile."""
         if cached.value is None or self.forecast_time(cached.categories) - cached.value.as_of < VALUE_REFRESH_SECONDS:
             return cached
-        events = self.store.user_events(cached.user_id, limit=self.interest_window)
-        fresh = replace(cached, value=self._value(cached.user_id, events, cached.event_count, cached.categories))
+        # The cached window is the store's: any ingest of this shopper drops the profile.
+        window = list(reversed(cached.recent))
+        fresh = replace(cached, value=self._value(cached.user_id, window, cached.event_count, cached.categories))
         with self._cache_lock:
             # Unless an ingest dropped it meanwhile: then the next read remakes it all.
             if self._profiles.get(cached.user_id) is cached:

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from threadpoolctl import ThreadpoolController
@@ -350,7 +350,6 @@ class ValueModel:
         if not path.is_file():
             raise ValueModelError(f"no value model at {path}: train one with `recsys train-value`")
         return cls(joblib.load(path))
-
 
     def _predict(self, name: str, values: Mapping[str, np.ndarray], as_of: int) -> float:
         return float(predict(self.models[name], values, as_of)[0])
