@@ -64,6 +64,27 @@ def test_a_new_model_starts_as_the_pretrained_zero_shot_ranking(beauty, dataset)
     assert np.mean(np.argmax(ours, 1) == np.argmax(zero_shot, 1)) == 1.0
 
 
+def test_without_correction_the_user_tower_is_the_recency_mix_at_its_own_decay(beauty, dataset):
+    """The decay-chosen transfer model (scripts/results.py): no correction,
+    so it ranks as the zero-shot mix at the decay it carries, and a
+    different decay ranks differently."""
+    import math
+
+    model = twotower.build(beauty, dataset.items, twotower.TwoTowerConfig(correction=False, recency_decay=2.5),
+                           progress=False)
+    histories = [h for h in beauty.inputs("test") if len(h) >= 4][:50]
+    vectors = model.items.table.numpy()
+    ours = seqmodel.scorer(model)(histories)
+    at_own_decay = baselines.zero_shot_scorer(beauty, vectors, decay=2.5)(histories)
+    at_default = baselines.zero_shot_scorer(beauty, vectors)(histories)
+    assert np.mean(np.argmax(ours, 1) == np.argmax(at_own_decay, 1)) == 1.0
+    assert np.mean(np.argmax(ours, 1) == np.argmax(at_default, 1)) < 1.0
+    with torch.no_grad():
+        model.user.out.weight.fill_(1.0)  # a correction, were it used, would change every score
+    assert np.allclose(seqmodel.scorer(model)(histories), ours)
+    assert math.isclose(float(model.user.log_decay.exp()), 2.5, rel_tol=1e-6)
+
+
 def test_fine_tuning_lowers_the_loss_moves_only_the_top_layer_and_beats_popularity(trained, beauty, dataset):
     from recsys_core.export import pretrained_model_dir
 

@@ -79,7 +79,7 @@ def served(model, tmp_path_factory):
 
 # How a shopper's model interest is scored: by the user tower alone.
 ONLY_THE_MODEL = dict(long_term_weight=0.0, short_term_weight=0.0, context_weight=0.0, popularity_weight=0.0,
-                      dislike_weight=0.0, churn_popularity_boost=0.0, model_weight=1.0)
+                      dislike_weight=0.0, churn_popularity_boost=0.0, model_weight=1.0, co_purchase_weight=0.0)
 
 
 @pytest.fixture(scope="module")

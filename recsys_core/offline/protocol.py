@@ -71,12 +71,15 @@ class CrossCategoryTask:
     target: str
     split: CategorySplit  # items: source's then target's; each sequence ends with the target item
     candidates: np.ndarray  # bool over items: True for the target category's items
+    # The shopper's item in `target` before the held-out one: what a model
+    # is chosen on, from the same history.
+    valid_targets: np.ndarray
 
     def inputs(self) -> list[np.ndarray]:
         return self.split.inputs("test")
 
-    def targets(self) -> np.ndarray:
-        return self.split.targets("test")
+    def targets(self, stage: str = "test") -> np.ndarray:
+        return self.split.targets("test") if stage == "test" else self.valid_targets
 
 
 def cross_category_task(interactions: pd.DataFrame, items: pd.DataFrame, source: str, target: str) -> CrossCategoryTask:
@@ -87,16 +90,18 @@ def cross_category_task(interactions: pd.DataFrame, items: pd.DataFrame, source:
     target_items = sorted(set(items.loc[items.category == target, "item_id"]) | set(events.loc[events.category == target, "item_id"]) - set(source_items))
     item_ids = source_items + target_items
     index_of = {item_id: position for position, item_id in enumerate(item_ids)}
-    users, sequences = [], []
+    users, sequences, valid_targets = [], [], []
     for user_id, group in events.sort_values(["user_id", "seq"], kind="stable").groupby("user_id", sort=True):
         history = group[group.category == source].item_id
-        held_out = group[group.category == target].item_id.iloc[-1]
+        in_target = group[group.category == target].item_id
         users.append(user_id)
-        sequences.append(np.asarray([index_of[i] for i in history] + [index_of[held_out]], dtype=np.int64))
+        sequences.append(np.asarray([index_of[i] for i in history] + [index_of[in_target.iloc[-1]]], dtype=np.int64))
+        valid_targets.append(index_of[in_target.iloc[-2]] if len(in_target) > 1 else -1)
     candidates = np.zeros(len(item_ids), dtype=bool)
     candidates[len(source_items):] = True
     split = CategorySplit(category=f"{source}->{target}", item_ids=item_ids, users=users, sequences=sequences)
-    return CrossCategoryTask(source=source, target=target, split=split, candidates=candidates)
+    return CrossCategoryTask(source=source, target=target, split=split, candidates=candidates,
+                             valid_targets=np.asarray(valid_targets, dtype=np.int64))
 
 
 # Scores [n_users, n_items] for a batch of input histories (item indices).
@@ -104,14 +109,17 @@ Scorer = Callable[[Sequence[np.ndarray]], np.ndarray]
 
 
 def target_ranks(scorer: Scorer, histories: Sequence[np.ndarray], targets: np.ndarray, batch: int = 512,
-                 progress: str | None = None, candidates: np.ndarray | None = None) -> np.ndarray:
+                 progress: str | None = None, candidates: np.ndarray | None = None,
+                 users: Sequence[str] | None = None) -> np.ndarray:
     """0-based rank of each target among all items not in its history (and,
     given `candidates`, among those only); ties count against the target, so
-    a constant scorer cannot look good."""
+    a constant scorer cannot look good. Given `users` (parallel to the
+    histories), the scorer is called with them too: (histories, users)."""
     ranks = np.empty(len(targets), dtype=np.int64)
     for start in tqdm(range(0, len(targets), batch), desc=progress, disable=progress is None, unit="batch"):
         chunk = slice(start, start + batch)
-        scores = np.asarray(scorer(histories[chunk]), dtype=np.float64).copy()
+        scored = scorer(histories[chunk]) if users is None else scorer(histories[chunk], users[chunk])
+        scores = np.asarray(scored, dtype=np.float64).copy()
         if candidates is not None:
             scores[:, ~candidates] = -np.inf
         for row, history in enumerate(histories[chunk]):
@@ -135,11 +143,21 @@ def metrics_from_ranks(ranks: np.ndarray) -> dict[str, float]:
     return result
 
 
-def evaluate(scorer: Scorer, split: CategorySplit, stage: str = "test", progress: str | None = None) -> dict[str, float]:
-    return metrics_from_ranks(target_ranks(scorer, split.inputs(stage), split.targets(stage), progress=progress))
+def evaluate(scorer: Scorer, split: CategorySplit, stage: str = "test", progress: str | None = None,
+             with_users: bool = False) -> dict[str, float]:
+    """`with_users`: the scorer takes (histories, shopper ids)."""
+    return metrics_from_ranks(target_ranks(scorer, split.inputs(stage), split.targets(stage), progress=progress,
+                                           users=split.users if with_users else None))
 
 
-def evaluate_cross(scorer: Scorer, task: CrossCategoryTask, progress: str | None = None) -> dict[str, float]:
-    return metrics_from_ranks(
-        target_ranks(scorer, task.inputs(), task.targets(), progress=progress, candidates=task.candidates)
-    )
+def evaluate_cross(scorer: Scorer, task: CrossCategoryTask, progress: str | None = None, stage: str = "test",
+                   with_users: bool = False) -> dict[str, float]:
+    """`stage` "valid": the shopper's item before the held-out one (shoppers
+    with only one item in the target are left out). `with_users`: the scorer
+    takes (histories, shopper ids), to leave each shopper's own baskets out."""
+    targets = task.targets(stage)
+    keep = np.flatnonzero(targets >= 0)
+    inputs = task.inputs()
+    users = [task.split.users[i] for i in keep] if with_users else None
+    return metrics_from_ranks(target_ranks(scorer, [inputs[i] for i in keep], targets[keep], progress=progress,
+                                           candidates=task.candidates, users=users))

@@ -60,6 +60,10 @@ class TwoTowerConfig(seqmodel.SeqConfig):
     id_lr: float | None = None  # of the ID vectors (default: lr)
     recency_decay: float = 0.3  # of the zero-shot mix the user tower starts from
     zero_shot_scale: float = 20.0  # its logit scale at the start (1 / temperature)
+    # False: the user tower is the zero-shot mix alone, with its recency
+    # decay and scale learned. What carries to a category never trained on
+    # (docs/results.md, transfer): the learned correction and projection did not.
+    correction: bool = True
 
 
 class ShopperTower(nn.Module):
@@ -75,6 +79,7 @@ class ShopperTower(nn.Module):
         nn.init.zeros_(self.out.bias)
         self.log_decay = nn.Parameter(torch.tensor(math.log(config.recency_decay)))
         self.scale = nn.Parameter(torch.tensor(config.zero_shot_scale))
+        self.with_correction = config.correction
 
     def forward(self, item_vectors: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
         length = item_vectors.shape[1]
@@ -83,6 +88,8 @@ class ShopperTower(nn.Module):
         weights = torch.exp(-torch.exp(self.log_decay) * age.clamp(min=0)) * (age >= 0).to(item_vectors.dtype)
         weights = weights.unsqueeze(0) * (~padding).unsqueeze(1).to(item_vectors.dtype)
         mix = nn.functional.normalize(weights @ item_vectors, p=2.0, dim=-1)
+        if not self.with_correction:
+            return self.scale * mix
         correction = self.out(self.sequence(self.into(item_vectors), padding))
         return self.scale * mix + correction
 

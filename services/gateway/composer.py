@@ -26,6 +26,7 @@ from services.gateway.config import GatewayConfig
 log = logging.getLogger(__name__)
 
 PERSONALISED, COLD_START, FALLBACK = "personalised", "cold_start", "fallback"
+MAX_CO_PURCHASED = 1000  # GetCoPurchasedItems' limit
 
 
 @dataclass(frozen=True)
@@ -116,8 +117,16 @@ class Composer:
         context_ids = rq.check_context(context_ids, self.config.max_context_items)
         categories = rq.check_categories(categories, self.known_categories(deadline))
 
+        pool = min(max(self.config.min_candidates, 3 * k), self.config.max_candidates)
         profile_call = self.profile.GetProfile.future(
             profile_pb2.GetProfileRequest(user_id=user_id, history_limit=max(self.config.explain_history, 1)),
+            timeout=deadline.left(),
+        )
+        co_purchase_call = self.profile.GetCoPurchasedItems.future(
+            # On a product page, what was bought with that product; else with the shopper's items.
+            profile_pb2.GetCoPurchasedItemsRequest(user_id=user_id, k=min(pool, MAX_CO_PURCHASED), categories=categories,
+                                                   exclude_item_ids=context_ids, anchor_item_ids=context_ids,
+                                                   include_seen=not exclude_seen),
             timeout=deadline.left(),
         )
         try:
@@ -152,7 +161,6 @@ class Composer:
         exclude = list(context_ids)
         if exclude_seen:
             exclude += list(profile.seen_item_ids)
-        pool = min(max(self.config.min_candidates, 3 * k), self.config.max_candidates)
         try:
             search = self.embedding.SearchItems(
                 embedding_pb2.SearchItemsRequest(
@@ -169,6 +177,14 @@ class Composer:
             for hit in result.hits:
                 if hit.item_id not in hits or hit.score > hits[hit.item_id].score:
                     hits[hit.item_id] = hit
+        # Other shoppers' baskets: candidates the shopper's vectors alone would
+        # not retrieve, above all in a category they never shopped in.
+        co_purchases = {item.item_id: item.shoppers for item in self._co_purchased(co_purchase_call)
+                        if item.item_id not in exclude}
+        only_co_purchased = {item_id for item_id in co_purchases if item_id not in hits}
+        for item_id, entry in self._items(sorted(only_co_purchased), deadline, embeddings=True).items():
+            hits[item_id] = embedding_pb2.SearchHit(item_id=item_id, score=0.0, item=entry.item,
+                                                    embedding=entry.embedding)
         if not hits:
             return self._popular(k, categories, exclude, deadline, with_titles=True), COLD_START
         candidate_ids = list(hits)
@@ -184,7 +200,7 @@ class Composer:
         popularity = popularity_call.result()
 
         ranked = self._rank(profile, context_vector, context_items, history, history_items, hits, candidate_ids,
-                            popularity, 0 if interests else k, deadline)
+                            popularity, co_purchases, 0 if interests else k, deadline)
         if ranked is None:
             # Ranking is down: retrieval similarity alone still orders well.
             ordered = sorted(hits.values(), key=lambda h: -h.score)[:k]
@@ -205,6 +221,8 @@ class Composer:
                 reason = spread_reasons[scored.item_id]
             elif because in context_items:
                 reason = rq.similar_reason(context_items[because].item.title)
+            elif scored.item_id in only_co_purchased:
+                reason = rq.co_purchase_reason(co_purchases[scored.item_id])
             elif because in history_items:
                 reason = rq.because_reason(event_of[because].type, history_items[because].item.title)
             else:
@@ -233,7 +251,8 @@ class Composer:
                                 else rq.interest_reason(interests[interest].label))
         return [ranked[position] for position in chosen], reasons
 
-    def _rank(self, profile, context_vector, context_items, history, history_items, hits, candidate_ids, popularity, k, deadline):
+    def _rank(self, profile, context_vector, context_items, history, history_items, hits, candidate_ids, popularity,
+              co_purchases, k, deadline):
         user = ranking_pb2.UserFeatures(
             long_term_interest=profile.long_term_interest,
             short_term_interest=profile.short_term_interest,
@@ -264,6 +283,7 @@ class Composer:
                 embedding=hits[item_id].embedding,
                 popularity=count,
                 max_popularity=popularity.max_events,
+                co_purchases=co_purchases.get(item_id, 0),
             )
             for item_id, count in zip(candidate_ids, popularity.events)
         ]
@@ -277,6 +297,19 @@ class Composer:
             log.warning("ranking unavailable, answering in retrieval order")
             return None
         return reply.candidates
+
+    @staticmethod
+    def _co_purchased(call) -> list:
+        """Co-purchases are an extra signal: a profile service without them
+        (older, or down since the profile came back) leaves ranking to the rest."""
+        try:
+            return list(call.result().items)
+        except grpc.RpcError as error:
+            if isinstance(error, grpc.Call) and error.code() in (grpc.StatusCode.UNAVAILABLE,
+                                                                  grpc.StatusCode.UNIMPLEMENTED):
+                log.warning("co-purchases unavailable, ranking without them: %s", error.code())
+                return []
+            raise
 
     def _fallback(self, k, categories, exclude, deadline):
         """The embedding service is down: popular items from the profile

@@ -81,5 +81,9 @@ def explore_reason(category: str) -> str:
     return f"something new for you: {short_title(category.replace(', ', ' > '))}"
 
 
+def co_purchase_reason(shoppers: int) -> str:
+    return f"bought by {shoppers} shopper{'s' if shoppers != 1 else ''} with purchases like yours"
+
+
 def popular_reason(category: str) -> str:
     return f"popular in {category.replace('_', ' ')}"

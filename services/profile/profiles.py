@@ -11,6 +11,7 @@ from typing import Protocol
 
 import numpy as np
 
+from recsys_core.copurchase import CoPurchases
 from recsys_core.errors import DeadlineExceeded, InvalidArgument, NotFound, Unavailable
 from recsys_core.reviews import Preferences, ReviewOpinions, opinions_of_reviews, preferences
 from recsys_core.interests import NO_DRIFT, ClusterSettings, Drift, DriftSettings
@@ -28,6 +29,8 @@ MAX_IDEMPOTENCY_KEY_CHARS = 256
 DEFAULT_HISTORY = 50
 MAX_HISTORY = 1000
 MAX_POPULAR_K = 1000
+# A shopper's most recent distinct items that co-purchases are read from.
+CO_PURCHASE_HISTORY = 100
 # The latest reviews that shape a profile's preferences.
 MAX_REVIEWS_READ = 50
 MAX_OPINIONS_CACHED = 100_000
@@ -157,6 +160,8 @@ class ProfileBook:
         self._clocks = dict(category_clocks or {})
         self.popularity = Popularity()
         self.popularity.add_many(store.item_counts())
+        self.co_purchases = CoPurchases()
+        self.co_purchases.add_many(store.user_items())
         self.item_cache = ItemCache()
         self._profiles: OrderedDict[str, Profile] = OrderedDict()
         self._profile_cache_size = profile_cache_size
@@ -222,6 +227,7 @@ class ProfileBook:
         new_rows = [row for row, is_new in zip(rows, stored) if is_new]
         for row in new_rows:
             self.popularity.add(row.item_id, row.category)
+            self.co_purchases.add(row.user_id, row.item_id, row.category)
         with self._cache_lock:
             for row in new_rows:
                 self._clocks[row.category] = max(self._clocks.get(row.category, row.ts), row.ts)
@@ -335,14 +341,36 @@ class ProfileBook:
                 self._profiles.popitem(last=False)
         return profile
 
-    def popular(self, k: int, categories: Sequence[str], exclude: Sequence[str]) -> list[tuple[str, str, int]]:
-        if not 1 <= k <= MAX_POPULAR_K:
-            raise InvalidArgument("k", f"must be between 1 and {MAX_POPULAR_K}, got {k}")
+    def _check_categories(self, categories: Sequence[str]) -> None:
         known = self.popularity.categories()
         for name in categories:
             if name not in known:
                 raise InvalidArgument("categories", f"unknown category {name!r}; known: {', '.join(sorted(known))}")
+
+    def popular(self, k: int, categories: Sequence[str], exclude: Sequence[str]) -> list[tuple[str, str, int]]:
+        if not 1 <= k <= MAX_POPULAR_K:
+            raise InvalidArgument("k", f"must be between 1 and {MAX_POPULAR_K}, got {k}")
+        self._check_categories(categories)
         return self.popularity.top(k, categories, exclude)
+
+    def co_purchased(self, user_id: str, k: int, categories: Sequence[str], exclude: Sequence[str],
+                     anchors: Sequence[str] = (), include_seen: bool = False) -> list[tuple[str, str, int]]:
+        """(item_id, category, shoppers), most shared first: what other
+        shoppers bought beside this shopper's items (or `anchors`)."""
+        check_user_id(user_id)
+        if not 1 <= k <= MAX_POPULAR_K:
+            raise InvalidArgument("k", f"must be between 1 and {MAX_POPULAR_K}, got {k}")
+        if len(anchors) > CO_PURCHASE_HISTORY:
+            raise InvalidArgument("anchor_item_ids", f"at most {CO_PURCHASE_HISTORY} items, got {len(anchors)}")
+        # Categories are not checked against those with events: a catalogue
+        # category nobody has bought in yet simply has no co-purchases.
+        _, _, seen = self.store.user_summary(user_id)
+        excluded = set(exclude) | (set() if include_seen else set(seen))
+        related = self.co_purchases.related(list(anchors) or seen[:CO_PURCHASE_HISTORY], categories,
+                                            exclude=excluded, leave_out_user=user_id)
+        # Ties break by item id so every replica answers alike.
+        top = sorted(related.items(), key=lambda pair: (-pair[1], pair[0]))[:k]
+        return [(item_id, self.co_purchases.category(item_id), shoppers) for item_id, shoppers in top]
 
     def item_popularity(self, item_ids: Sequence[str]) -> tuple[list[int], int]:
         if len(item_ids) > MAX_POPULAR_K * 10:

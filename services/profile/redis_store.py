@@ -30,7 +30,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import replace
 
 import redis
@@ -319,6 +319,19 @@ class RedisEventStore(EventStore):
     def item_counts(self) -> list[tuple[str, str, int]]:
         counts = self._guard(self._reader.hgetall, self.prefix + "items")
         return [(*json.loads(field), int(n)) for field, n in counts.items()]
+
+    def user_items(self) -> Iterator[tuple[str, str, str]]:
+        category_of = {item_id: category for item_id, category, _ in self.item_counts()}
+        first, last = len(self.prefix) + 2, -2  # "<prefix>u:<user_id>:s"
+        keys = self._reader.scan_iter(match=self.prefix + "u:*:s", count=1000)
+        while batch := list(itertools.islice(keys, 500)):
+            with self._reader.pipeline(transaction=False) as pipe:
+                for key in batch:
+                    pipe.zrange(key, 0, -1)
+                baskets = self._guard(pipe.execute)
+            for key, items in zip(batch, baskets):
+                for item_id in items:
+                    yield key[first:last], item_id, category_of.get(item_id, "")
 
     def count(self) -> int:
         return int(self._guard(self._reader.get, self.prefix + "count") or 0)

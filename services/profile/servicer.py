@@ -136,6 +136,15 @@ class ProfileServicer(profile_pb2_grpc.ProfileServiceServicer):
         )
 
     @handle_errors
+    def GetCoPurchasedItems(self, request, context):
+        related = self.book.co_purchased(request.user_id, request.k, list(request.categories),
+                                         list(request.exclude_item_ids), list(request.anchor_item_ids),
+                                         request.include_seen)
+        return profile_pb2.GetCoPurchasedItemsResponse(
+            items=[profile_pb2.CoPurchasedItem(item_id=i, category=c, shoppers=n) for i, c, n in related]
+        )
+
+    @handle_errors
     def GetItemPopularity(self, request, context):
         counts, max_count = self.book.item_popularity(list(request.item_ids))
         return profile_pb2.GetItemPopularityResponse(events=counts, max_events=max_count)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
@@ -113,6 +113,11 @@ class EventStore(Protocol):
 
     def item_counts(self) -> list[tuple[str, str, int]]:
         """(item_id, category, events) for every item with events."""
+        ...
+
+    def user_items(self) -> Iterator[tuple[str, str, str]]:
+        """(user_id, item_id, category) once per shopper and item they have
+        events on: the baskets co-purchases are counted from."""
         ...
 
     def count(self) -> int:
@@ -239,6 +244,14 @@ class SQLiteEventStore(EventStore):
         return self._reader().execute(
             "SELECT item_id, category, COUNT(*) FROM events GROUP BY item_id, category"
         ).fetchall()
+
+    def user_items(self) -> Iterator[tuple[str, str, str]]:
+        # A connection of its own: the rows stream while the caller works.
+        connection = self._connect()
+        try:
+            yield from connection.execute("SELECT DISTINCT user_id, item_id, category FROM events")
+        finally:
+            connection.close()
 
     def count(self) -> int:
         return self._reader().execute("SELECT COUNT(*) FROM events").fetchone()[0]

@@ -30,6 +30,9 @@ class RankingConfig:
     # The trained user tower's order (recsys serve --model DIR; scoring.py):
     # the strongest single term, since the model was trained for exactly this.
     model_weight: float = 1.0
+    # Other shoppers' co-purchases across categories (scoring.py), chosen
+    # on the cross-category task's validation targets (docs/results.md).
+    co_purchase_weight: float = 0.4
     max_candidates: int = 5000
 
     @classmethod
@@ -51,5 +54,6 @@ class RankingConfig:
             drift_short_share_drifting=env.float(
                 "DRIFT_SHORT_SHARE_DRIFTING", cls.drift_short_share_drifting, minimum=0, maximum=1),
             model_weight=env.float("MODEL_WEIGHT", cls.model_weight, minimum=0),
+            co_purchase_weight=env.float("CO_PURCHASE_WEIGHT", cls.co_purchase_weight, minimum=0),
             max_candidates=env.int("MAX_CANDIDATES", cls.max_candidates, minimum=1),
         )

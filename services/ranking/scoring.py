@@ -6,6 +6,8 @@ score = w_long * cos(long-term interest, item)
       + w_pop * (1 + churn_boost * churn) * log(1 + events) / log(1 + events of the most popular item)
       - w_dislike * max(0, max cos(disliked item, item))
       + w_model * (item . model interest) / |model interest|
+      + w_co * shoppers who bought it beside the shopper's items in other
+               categories / the most such shoppers among the candidates
 
 With a drift score, w_long and w_short keep their sum but lean to the short
 term as drift rises (recsys_core.interests.drift_aware_weights, the rule the
@@ -14,6 +16,9 @@ shopper vector (recsys serve --model DIR), which the model scores items
 against by inner product: the term keeps that order among the candidates,
 divided by the vector's length (the tower's learned logit scale, about 20)
 so that w_model weighs it like a cosine term whatever model is served.
+The co-purchase term (recsys_core.copurchase) carries what item text cannot
+across categories; its weight was chosen on the cross-category task's
+validation targets with this very function (scripts/results.py, `cross`).
 Terms whose user signal is absent drop out.
 Learned ranking replaces this later.
 """
@@ -37,6 +42,7 @@ class Weights:
     dislike: float = 0.0
     drift: DriftSettings = DriftSettings()
     model: float = 0.0
+    co_purchase: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -78,14 +84,16 @@ def check_dimensions(user: UserVectors, candidates: np.ndarray) -> None:
             raise InvalidArgument(name, f"must be between 0 and 1, got {value}")
 
 
-def rank(
+def score(
     user: UserVectors,
     candidates: np.ndarray,
     popularity: np.ndarray,
     max_popularity: np.ndarray,
     weights: Weights,
-    k: int,
-) -> Ranked:
+    co_purchases: np.ndarray | None = None,
+) -> np.ndarray:
+    """Every candidate's score (the formula above); `co_purchases`: per
+    candidate, shoppers who bought it beside the shopper's items."""
     check_dimensions(user, candidates)
     scores = np.zeros(len(candidates), dtype=np.float32)
     long_weight, short_weight = drift_aware_weights(
@@ -108,6 +116,23 @@ def rank(
         length = float(np.linalg.norm(user.model_interest))
         if length > 0:
             scores += weights.model * (candidates @ user.model_interest) / length
+    if co_purchases is not None and weights.co_purchase and len(co_purchases):
+        strongest = float(np.max(co_purchases))
+        if strongest > 0:
+            scores += (weights.co_purchase / strongest) * np.maximum(co_purchases, 0).astype(np.float32)
+    return scores
+
+
+def rank(
+    user: UserVectors,
+    candidates: np.ndarray,
+    popularity: np.ndarray,
+    max_popularity: np.ndarray,
+    weights: Weights,
+    k: int,
+    co_purchases: np.ndarray | None = None,
+) -> Ranked:
+    scores = score(user, candidates, popularity, max_popularity, weights, co_purchases)
     k = len(candidates) if k <= 0 else min(k, len(candidates))
     # Stable sort on the negated score keeps retrieval order among ties.
     order = np.argsort(-scores, kind="stable")[:k]

@@ -27,6 +27,7 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
             churn_boost=config.churn_popularity_boost,
             dislike=config.dislike_weight,
             model=config.model_weight,
+            co_purchase=config.co_purchase_weight,
             drift=DriftSettings(
                 short_share_stable=config.drift_short_share_stable,
                 short_share_drifting=config.drift_short_share_drifting,
@@ -64,6 +65,7 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
             np.asarray([c.max_popularity for c in request.candidates], dtype=np.float32),
             self.weights,
             request.k,
+            np.asarray([c.co_purchases for c in request.candidates], dtype=np.float32),
         )
         reply = ranking_pb2.RankResponse()
         for position, score, because in zip(ranked.order, ranked.scores, ranked.because):
