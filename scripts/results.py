@@ -134,18 +134,15 @@ def main() -> int:
     if "baselines" in args.steps:
         # What serving answers without a trained model: the ranking service's
         # formula over the pretrained encoder, with and without co-purchases.
-        from services.ranking.config import RankingConfig
-
         index = None
         popularity = baselines.popularity_scorer(split)([np.array([])])[0]
         for name, co_purchase in (("ranking service, text and popularity (pretrained encoder)", 0.0),
-                                  ("ranking service with co-purchases (pretrained encoder)",
-                                   RankingConfig.co_purchase_weight)):
+                                  ("ranking service with co-purchases (pretrained encoder)", None)):
             key = f"{category}/{name}"
             if not done(key):
                 index = index or crosscat.training_copurchases(dataset.interactions)
                 scorer = crosscat.ranking_scorer(split, category, np.ones(split.num_items, dtype=bool), index,
-                                                 text.numpy(), popularity, serving_weights(co_purchase))
+                                                 text.numpy(), popularity, crosscat.serving_weights(co_purchase))
                 record(results, key, {"test": protocol.evaluate(scorer, split, with_users=True),
                                       "valid": protocol.evaluate(scorer, split, "valid", with_users=True)})
 
@@ -264,13 +261,10 @@ def main() -> int:
         source, target = pair.split(":")
         task = protocol.cross_category_task(dataset.interactions, dataset.items, source, target)
         cross_text = textmodel.text_tensor(task.split, dataset.items, encoder)
-        target_split = protocol.category_split(dataset.interactions, dataset.items, target)
-        counts = baselines.popularity_scorer(target_split)([np.array([])])[0]
-        by_id = dict(zip(target_split.item_ids, counts))
-        popularity = np.asarray([by_id.get(i, 0.0) for i in task.split.item_ids])
+        popularity = baselines.target_popularity(dataset.interactions, dataset.items, task)
         cross_tasks[pair] = (task, cross_text.numpy(), popularity)
         scorers = {
-            "popularity in target": lambda h: np.broadcast_to(popularity, (len(h), len(popularity))),
+            "popularity in target": baselines.fixed_scorer(popularity),
             "zero-shot (pretrained encoder)": baselines.zero_shot_scorer(task.split, cross_text.numpy()),
         }
         for source_dir in sorted(MODELS.glob("*+*")):
@@ -349,18 +343,6 @@ def decay_transfer(dataset: data.Dataset, sources: list[str], split: protocol.Ca
             "model_dir": str(out.relative_to(REPO_ROOT))}
 
 
-def serving_weights(co_purchase: float, text: bool = True):
-    """The ranking service's default weights, with this co-purchase weight
-    (`text` False: the co-purchase count alone)."""
-    from services.ranking.config import RankingConfig
-    from services.ranking.scoring import Weights
-
-    defaults = RankingConfig()
-    return Weights(long_term=defaults.long_term_weight if text else 0.0, short_term=defaults.short_term_weight,
-                   context=defaults.context_weight, popularity=defaults.popularity_weight if text else 0.0,
-                   co_purchase=co_purchase)
-
-
 def serving_ranking_on_cross(results: dict, dataset: data.Dataset, cross_tasks: dict) -> None:
     """The ranking service's scoring function on every cross-category pair,
     its co-purchase weight chosen by mean validation NDCG@10 over the pairs;
@@ -374,18 +356,18 @@ def serving_ranking_on_cross(results: dict, dataset: data.Dataset, cross_tasks: 
 
     search = {}
     for weight in CO_PURCHASE_WEIGHTS:
-        search[weight] = {pair: measure(pair, serving_weights(weight), "valid")["ndcg@10"] for pair in cross_tasks}
+        search[weight] = {pair: measure(pair, crosscat.serving_weights(weight), "valid")["ndcg@10"] for pair in cross_tasks}
         log.info("co-purchase weight %g: validation NDCG@10 %s", weight, search[weight])
     chosen = max(CO_PURCHASE_WEIGHTS, key=lambda w: np.mean(list(search[w].values())))
     for pair, (task, _, _) in cross_tasks.items():
         group = f"cross {task.source}->{task.target}"
         users = len(task.split.users)
         record(results, f"{group}/ranking service, text and popularity, no co-purchases",
-               {"test": measure(pair, serving_weights(0.0), "test"), "valid": measure(pair, serving_weights(0.0), "valid"), "users": users})
+               {"test": measure(pair, crosscat.serving_weights(0.0), "test"), "valid": measure(pair, crosscat.serving_weights(0.0), "valid"), "users": users})
         record(results, f"{group}/co-purchases across categories alone (other shoppers)",
-               {"test": measure(pair, serving_weights(1.0, text=False), "test"), "users": users})
+               {"test": measure(pair, crosscat.serving_weights(1.0, text=False), "test"), "users": users})
         record(results, f"{group}/ours: ranking service with co-purchases (weight {chosen:g}, chosen on validation)",
-               {"test": measure(pair, serving_weights(chosen), "test"), "valid": measure(pair, serving_weights(chosen), "valid"),
+               {"test": measure(pair, crosscat.serving_weights(chosen), "test"), "valid": measure(pair, crosscat.serving_weights(chosen), "valid"),
                 "users": users})
     record(results, CO_PURCHASE_SEARCH, {"validation_ndcg@10": {str(w): v for w, v in search.items()}, "chosen": chosen})
 

@@ -70,3 +70,24 @@ def test_training_lowers_the_loss_and_beats_popularity(tmp_path, beauty, dataset
     popularity = protocol.evaluate(baselines.popularity_scorer(beauty), beauty)
     assert ours["ndcg@10"] > popularity["ndcg@10"]
     assert ours["recall@10"] > popularity["recall@10"]
+
+
+def test_recsys_evaluate_scores_the_cross_category_task(capsys):
+    """`recsys evaluate --cross`: serving's ranking with other shoppers'
+    co-purchases against popularity in the target, and the refusals."""
+    from recsys_core.offline import commands
+
+    def cross(baseline: str) -> dict:
+        assert commands.evaluate_main(["--data", str(paths.BUNDLED_DATA_DIR), "--cross", "Beauty:Toys_and_Games",
+                                       "--baseline", baseline, "--json"]) == 0
+        return json.loads(capsys.readouterr().out)["results"]["Beauty:Toys_and_Games"]
+
+    ranking, popularity = cross("ranking"), cross("popularity")
+    assert ranking["users"] == popularity["users"] > 50
+    assert ranking["mrr"] > popularity["mrr"] and ranking["recall@20"] > popularity["recall@20"]
+    for bad in (["--cross", "Beauty:Toys_and_Games", "--baseline", "sasrec"],
+                ["--cross", "Beauty:Beauty", "--baseline", "zero-shot"],
+                ["--cross", "Beauty-Toys", "--baseline", "zero-shot"]):
+        with pytest.raises(SystemExit):
+            commands.evaluate_main(["--data", str(paths.BUNDLED_DATA_DIR), *bad])
+        assert "--cross" in capsys.readouterr().err

@@ -23,6 +23,26 @@ def popularity_scorer(split: CategorySplit):
     return score
 
 
+def fixed_scorer(scores: np.ndarray):
+    """The same scores for every shopper (popularity in a cross-category task's target)."""
+
+    def score(histories: Sequence[np.ndarray]) -> np.ndarray:
+        return np.broadcast_to(scores, (len(histories), len(scores)))
+
+    return score
+
+
+def target_popularity(interactions, items, task) -> np.ndarray:
+    """Training events per item of a cross-category task's target category
+    (every shopper of that category), over the task's item space."""
+    from recsys_core.offline.protocol import category_split
+
+    target_split = category_split(interactions, items, task.target)
+    counts = popularity_scorer(target_split)([np.array([])])[0]
+    by_id = dict(zip(target_split.item_ids, counts))
+    return np.asarray([by_id.get(i, 0.0) for i in task.split.item_ids])
+
+
 def cooccurrence_scorer(split: CategorySplit, window: int = 3, decay: float = 0.3):
     """Items that followed the shopper's recent items in others' sequences
     (within `window` steps), weighted toward the most recent, popularity as tie-break."""

@@ -7,13 +7,16 @@ import logging
 import sys
 from pathlib import Path
 
+import numpy as np
 
 from recsys_core import data, paths
-from recsys_core.offline import baselines, modeldir, protocol, seqmodel, textmodel, twotower
+from recsys_core.offline import baselines, crosscat, modeldir, protocol, seqmodel, textmodel, twotower
 from recsys_core.offline.items import default_encoder, split_item_vectors
 
 log = logging.getLogger(__name__)
-BASELINES = ("popularity", "cooccurrence", "zero-shot", "sasrec")
+BASELINES = ("popularity", "cooccurrence", "zero-shot", "sasrec", "ranking")
+# What --cross can score: ID-based models know no other category's items.
+CROSS_BASELINES = ("popularity", "zero-shot", "ranking")
 
 
 def add_data_argument(parser: argparse.ArgumentParser) -> None:
@@ -34,7 +37,15 @@ def torch_threads(threads: int | None = None) -> None:
     torch.set_flush_denormal(True)
 
 
-def baseline_scorer(name: str, split: protocol.CategorySplit, items, sasrec_minutes: float):
+def baseline_scorer(name: str, split: protocol.CategorySplit, items, sasrec_minutes: float, interactions=None):
+    """The baseline's scorer; "ranking" (the ranking service's scoring with
+    co-purchases, over the pretrained encoder) takes (histories, shoppers)."""
+    if name == "ranking":
+        popularity = baselines.popularity_scorer(split)([np.array([])])[0]
+        return crosscat.ranking_scorer(split, split.category, np.ones(split.num_items, dtype=bool),
+                                       crosscat.training_copurchases(interactions),
+                                       split_item_vectors(split, items, default_encoder()), popularity,
+                                       crosscat.serving_weights())
     if name == "popularity":
         return baselines.popularity_scorer(split)
     if name == "cooccurrence":
@@ -56,6 +67,9 @@ def evaluate_main(argv: list[str] | None = None) -> int:
         "(history items left out), Recall/NDCG@10 and @20 and MRR."))
     add_data_argument(parser)
     parser.add_argument("--category", action="append", help="category (repeatable; default: every one)")
+    parser.add_argument("--cross", action="append", metavar="SOURCE:TARGET",
+                        help="the cross-category task instead (repeatable): shoppers of both, their history in "
+                             "SOURCE only, their last item in TARGET held out, ranked among TARGET's items")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", type=Path, help="a model directory written by `recsys train`")
     source.add_argument("--baseline", choices=BASELINES)
@@ -66,8 +80,21 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
 
     dataset = data.Dataset.load(args.data)
-    categories = args.category or sorted(dataset.interactions.category.unique())
+    known = set(dataset.interactions.category.unique())
     results = {}
+    if args.cross:
+        if args.baseline and args.baseline not in CROSS_BASELINES:
+            parser.error(f"--cross: --baseline must be one of {', '.join(CROSS_BASELINES)}")
+        if args.stage != "test":
+            parser.error("--cross: only --stage test (its validation targets are for choosing weights)")
+        for pair in args.cross:
+            source, _, target = pair.partition(":")
+            if not {source, target} <= known or source == target:
+                parser.error(f"--cross {pair}: two different categories of {sorted(known)}, as SOURCE:TARGET")
+            results[pair] = evaluate_cross(dataset, source, target, args)
+        report(results, args.json, "test")
+        return 0
+    categories = args.category or sorted(known)
     for category in categories:
         split = protocol.category_split(dataset.interactions, dataset.items, category)
         if args.model and modeldir.is_model_dir(args.model):
@@ -80,17 +107,42 @@ def evaluate_main(argv: list[str] | None = None) -> int:
             scorer = seqmodel.scorer(textmodel.load(args.model, split, text))
             name = str(args.model)
         else:
-            scorer = baseline_scorer(args.baseline, split, dataset.items, args.sasrec_minutes)
+            scorer = baseline_scorer(args.baseline, split, dataset.items, args.sasrec_minutes, dataset.interactions)
             name = args.baseline
-        results[category] = protocol.evaluate(scorer, split, args.stage, progress=f"{category} {name}")
-    if args.json:
-        print(json.dumps({"stage": args.stage, "results": results}, indent=2))
-    else:
-        print(f"{'category':<22} {'R@10':>7} {'N@10':>7} {'R@20':>7} {'N@20':>7} {'MRR':>7} {'users':>7}")
-        for category, m in results.items():
-            print(f"{category:<22} {m['recall@10']:7.4f} {m['ndcg@10']:7.4f} {m['recall@20']:7.4f} "
-                  f"{m['ndcg@20']:7.4f} {m['mrr']:7.4f} {m['users']:7d}")
+        results[category] = protocol.evaluate(scorer, split, args.stage, progress=f"{category} {name}",
+                                              with_users=args.baseline == "ranking")
+    report(results, args.json, args.stage)
     return 0
+
+
+def evaluate_cross(dataset: data.Dataset, source: str, target: str, args) -> dict[str, float]:
+    task = protocol.cross_category_task(dataset.interactions, dataset.items, source, target)
+    if args.model:
+        if not modeldir.is_model_dir(args.model):
+            raise SystemExit(f"--model {args.model}: --cross needs a model directory written by `recsys train`")
+        torch_threads()
+        scorer = seqmodel.scorer(modeldir.load_for_scoring(args.model, task.split, dataset.items))
+        return protocol.evaluate_cross(scorer, task, progress=f"{source}->{target}")
+    popularity = baselines.target_popularity(dataset.interactions, dataset.items, task)
+    if args.baseline == "popularity":
+        return protocol.evaluate_cross(baselines.fixed_scorer(popularity), task, progress=f"{source}->{target}")
+    vectors = split_item_vectors(task.split, dataset.items, default_encoder())
+    if args.baseline == "zero-shot":
+        return protocol.evaluate_cross(baselines.zero_shot_scorer(task.split, vectors), task,
+                                       progress=f"{source}->{target}")
+    scorer = crosscat.cross_scorer(task, crosscat.training_copurchases(dataset.interactions), vectors, popularity,
+                                   crosscat.serving_weights())
+    return protocol.evaluate_cross(scorer, task, progress=f"{source}->{target}", with_users=True)
+
+
+def report(results: dict, as_json: bool, stage: str) -> None:
+    if as_json:
+        print(json.dumps({"stage": stage, "results": results}, indent=2))
+        return
+    print(f"{'category':<36} {'R@10':>7} {'N@10':>7} {'R@20':>7} {'N@20':>7} {'MRR':>7} {'users':>7}")
+    for category, m in results.items():
+        print(f"{category:<36} {m['recall@10']:7.4f} {m['ndcg@10']:7.4f} {m['recall@20']:7.4f} "
+              f"{m['ndcg@20']:7.4f} {m['mrr']:7.4f} {m['users']:7d}")
 
 
 def train(dataset: data.Dataset, categories: list[str], out: Path, config: twotower.TwoTowerConfig,

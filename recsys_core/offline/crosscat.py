@@ -22,6 +22,17 @@ from recsys_core.offline.protocol import CategorySplit, CrossCategoryTask
 from services.ranking.scoring import UserVectors, Weights, score
 
 
+def serving_weights(co_purchase: float | None = None, text: bool = True) -> Weights:
+    """The ranking service's default weights, its co-purchase weight or this
+    one (`text` False: the co-purchase count alone)."""
+    from services.ranking.config import RankingConfig
+
+    defaults = RankingConfig()
+    return Weights(long_term=defaults.long_term_weight if text else 0.0, short_term=defaults.short_term_weight,
+                   context=defaults.context_weight, popularity=defaults.popularity_weight if text else 0.0,
+                   co_purchase=defaults.co_purchase_weight if co_purchase is None else co_purchase)
+
+
 def training_copurchases(interactions: pd.DataFrame) -> CoPurchases:
     events = interactions.sort_values(["user_id", "category", "seq"], kind="stable")
     position_from_end = events.groupby(["user_id", "category"]).cumcount(ascending=False)
