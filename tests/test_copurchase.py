@@ -100,6 +100,8 @@ def test_the_book_answers_co_purchases_and_keeps_them_current(event_store):
             book.co_purchased("cat", bad_k, [], [])
     with pytest.raises(InvalidArgument, match="user_id"):
         book.co_purchased("", 5, [], [])
+    with pytest.raises(InvalidArgument, match="anchor_item_ids"):
+        book.co_purchased("cat", 5, [], [], anchors=["tent"] * 101)
 
 
 # -- the offline scorer ------------------------------------------------------------

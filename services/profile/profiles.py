@@ -341,16 +341,13 @@ class ProfileBook:
                 self._profiles.popitem(last=False)
         return profile
 
-    def _check_categories(self, categories: Sequence[str]) -> None:
+    def popular(self, k: int, categories: Sequence[str], exclude: Sequence[str]) -> list[tuple[str, str, int]]:
+        if not 1 <= k <= MAX_POPULAR_K:
+            raise InvalidArgument("k", f"must be between 1 and {MAX_POPULAR_K}, got {k}")
         known = self.popularity.categories()
         for name in categories:
             if name not in known:
                 raise InvalidArgument("categories", f"unknown category {name!r}; known: {', '.join(sorted(known))}")
-
-    def popular(self, k: int, categories: Sequence[str], exclude: Sequence[str]) -> list[tuple[str, str, int]]:
-        if not 1 <= k <= MAX_POPULAR_K:
-            raise InvalidArgument("k", f"must be between 1 and {MAX_POPULAR_K}, got {k}")
-        self._check_categories(categories)
         return self.popularity.top(k, categories, exclude)
 
     def co_purchased(self, user_id: str, k: int, categories: Sequence[str], exclude: Sequence[str],
