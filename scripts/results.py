@@ -48,6 +48,10 @@ HELDOUT_CATEGORY = "Office_Products"
 STEPS = ("baselines", "sasrec", "frozen", "finetuned", "transfer", "cross")
 
 
+def decay_label(sources: str) -> str:
+    return f"MiniLM and projection frozen, user tower: recency mix with its decay chosen on {sources} validation"
+
+
 def tuning_label(finetune_layers: int, mix_only: bool = False) -> str:
     if mix_only:
         return "MiniLM and projection frozen, user tower: recency mix learned"
@@ -135,14 +139,12 @@ def main() -> int:
         # What serving answers without a trained model: the ranking service's
         # formula over the pretrained encoder, with and without co-purchases.
         index = None
-        popularity = baselines.popularity_scorer(split)([np.array([])])[0]
         for name, co_purchase in (("ranking service, text and popularity (pretrained encoder)", 0.0),
                                   ("ranking service with co-purchases (pretrained encoder)", None)):
             key = f"{category}/{name}"
             if not done(key):
                 index = index or crosscat.training_copurchases(dataset.interactions)
-                scorer = crosscat.ranking_scorer(split, category, np.ones(split.num_items, dtype=bool), index,
-                                                 text.numpy(), popularity, crosscat.serving_weights(co_purchase))
+                scorer = crosscat.category_scorer(split, index, text.numpy(), crosscat.serving_weights(co_purchase))
                 record(results, key, {"test": protocol.evaluate(scorer, split, with_users=True),
                                       "valid": protocol.evaluate(scorer, split, "valid", with_users=True)})
 
@@ -206,8 +208,7 @@ def main() -> int:
         mix_only = args.transfer_user_tower in ("mix", "decay")
         # Models of other item towers keep their own directories (the first, the top layer fine-tuned, had none).
         if args.transfer_user_tower == "decay":
-            key = (f"{category}/ours (MiniLM and projection frozen, user tower: recency mix with its decay chosen on "
-                   f"{'+'.join(sources)} validation): text only, zero-shot")
+            key = f"{category}/ours ({decay_label('+'.join(sources))}): text only, zero-shot"
             if not done(key):
                 record(results, key, decay_transfer(dataset, sources, split))
         full_softmax = args.pretrain_negatives == 0
@@ -275,8 +276,7 @@ def main() -> int:
             manifest = modeldir.read_manifest(source_dir)
             trained_on = "+".join(manifest["categories"])
             if "chosen_decay" in manifest:
-                name = (f"ours (MiniLM and projection frozen, user tower: recency mix with its decay chosen on "
-                        f"{trained_on} validation): text only")
+                name = f"ours ({decay_label(trained_on)}): text only"
             else:
                 mix_only = not config.correction and config.encoder_lr == 0
                 name = f"ours ({tuning_label(config.finetune_layers, mix_only)}): text only, trained on {trained_on}"
@@ -314,11 +314,11 @@ def decay_transfer(dataset: data.Dataset, sources: list[str], split: protocol.Ca
     cross-entropy prefers a flatter mix than NDCG@10 does, so training the
     decay moved it the wrong way; docs/results.md). Saved as a model
     directory like any other; zero-shot figures on `split`."""
-    source_split = protocol.category_split(dataset.interactions, dataset.items, sources)
     import math
 
     import torch
 
+    source_split = protocol.category_split(dataset.interactions, dataset.items, sources)
     model = twotower.build(source_split, dataset.items, twotower.TwoTowerConfig(
         use_ids=False, correction=False, encoder_lr=0.0, max_epochs=0), progress=False)
 
@@ -335,12 +335,11 @@ def decay_transfer(dataset: data.Dataset, sources: list[str], split: protocol.Ca
     chosen = max(search, key=lambda d: search[d]["ndcg@10"])
     set_decay(chosen)
     out = FINETUNED / f"{'+'.join(sources)}-decay-chosen"
-    modeldir.save(model, source_split, out, {"data": "source validation search", "decay_search": {
-        str(d): m["ndcg@10"] for d, m in search.items()}, "chosen_decay": chosen})
+    searched = {"decay_search": {str(d): m["ndcg@10"] for d, m in search.items()}, "chosen_decay": chosen}
+    modeldir.save(model, source_split, out, {"data": "source validation search", **searched})
     zero_shot = modeldir.load_for_scoring(out, split, dataset.items)
     return {"test": protocol.evaluate(seqmodel.scorer(zero_shot), split), "source_valid": search[chosen],
-            "decay_search": {str(d): m["ndcg@10"] for d, m in search.items()}, "chosen_decay": chosen,
-            "model_dir": str(out.relative_to(REPO_ROOT))}
+            **searched, "model_dir": str(out.relative_to(REPO_ROOT))}
 
 
 def serving_ranking_on_cross(results: dict, dataset: data.Dataset, cross_tasks: dict) -> None:

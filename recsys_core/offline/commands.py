@@ -7,8 +7,6 @@ import logging
 import sys
 from pathlib import Path
 
-import numpy as np
-
 from recsys_core import data, paths
 from recsys_core.offline import baselines, crosscat, modeldir, protocol, seqmodel, textmodel, twotower
 from recsys_core.offline.items import default_encoder, split_item_vectors
@@ -41,11 +39,8 @@ def baseline_scorer(name: str, split: protocol.CategorySplit, items, sasrec_minu
     """The baseline's scorer; "ranking" (the ranking service's scoring with
     co-purchases, over the pretrained encoder) takes (histories, shoppers)."""
     if name == "ranking":
-        popularity = baselines.popularity_scorer(split)([np.array([])])[0]
-        return crosscat.ranking_scorer(split, split.category, np.ones(split.num_items, dtype=bool),
-                                       crosscat.training_copurchases(interactions),
-                                       split_item_vectors(split, items, default_encoder()), popularity,
-                                       crosscat.serving_weights())
+        return crosscat.category_scorer(split, crosscat.training_copurchases(interactions),
+                                        split_item_vectors(split, items, default_encoder()), crosscat.serving_weights())
     if name == "popularity":
         return baselines.popularity_scorer(split)
     if name == "cooccurrence":

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from recsys_core.copurchase import CoPurchases
-from recsys_core.offline.baselines import ZERO_SHOT_DECAY, recency_mix
+from recsys_core.offline.baselines import ZERO_SHOT_DECAY, popularity_scorer, recency_mix
 from recsys_core.offline.protocol import CategorySplit, CrossCategoryTask
 from services.ranking.scoring import UserVectors, Weights, score
 
@@ -71,6 +71,14 @@ def ranking_scorer(split: CategorySplit, target: str, candidates: np.ndarray, in
         return out
 
     return scorer
+
+
+def category_scorer(split: CategorySplit, index: CoPurchases, item_vectors: np.ndarray, weights: Weights):
+    """The published protocol in one category: every item a candidate, the
+    popularity prior from the split's training events."""
+    popularity = popularity_scorer(split)([np.array([])])[0]
+    return ranking_scorer(split, split.category, np.ones(split.num_items, dtype=bool), index, item_vectors,
+                          popularity, weights)
 
 
 def cross_scorer(task: CrossCategoryTask, index: CoPurchases, item_vectors: np.ndarray, popularity: np.ndarray,
