@@ -22,9 +22,9 @@ from collections.abc import Collection, Iterable, Sequence
 class CoPurchases:
     """Each shopper's distinct items and each item's shoppers, no more: pairs
     are counted when asked. A table of pairs would answer faster but grows
-    with the square of a basket (10.5 million pairs, about 760 MB more in the
-    profile service on the full Amazon data, against 716 thousand
-    shopper-item entries here)."""
+    with the square of a basket: 10.5 million pairs and 521 MiB more in the
+    profile service on the full Amazon data, against 59 MiB for these 716
+    thousand shopper-item entries (docs/performance.md, "Co-purchases")."""
 
     def __init__(self):
         self._lock = threading.Lock()
@@ -43,19 +43,17 @@ class CoPurchases:
                 self._add(user_id, item_id, category)
 
     def _add(self, user_id: str, item_id: str, category: str) -> None:
-        owned = self._items_of.setdefault(sys.intern(user_id), {})
+        user_id = sys.intern(user_id)
+        owned = self._items_of.setdefault(user_id, {})
         if item_id in owned:
             return  # a shopper counts once per pair, however often they bought
         item_id = sys.intern(item_id)
         owned[item_id] = None
-        self._shoppers_of.setdefault(item_id, []).append(sys.intern(user_id))
+        self._shoppers_of.setdefault(item_id, []).append(user_id)
         self._category[item_id] = category
 
     def category(self, item_id: str) -> str:
         return self._category.get(item_id, "")
-
-    def shoppers(self) -> int:
-        return len(self._items_of)
 
     def related(self, history: Sequence[str], categories: Collection[str] = (), exclude: Collection[str] = (),
                 leave_out_user: str | None = None) -> dict[str, int]:

@@ -30,8 +30,8 @@ class RankingConfig:
     # The trained user tower's order (recsys serve --model DIR; scoring.py):
     # the strongest single term, since the model was trained for exactly this.
     model_weight: float = 1.0
-    # Other shoppers' co-purchases across categories (scoring.py), chosen
-    # on the cross-category task's validation targets (docs/results.md).
+    # Other shoppers' co-purchases (scoring.py); the weight was chosen on the
+    # cross-category task's validation targets (docs/results.md).
     co_purchase_weight: float = 0.4
     max_candidates: int = 5000
 

@@ -6,8 +6,8 @@ score = w_long * cos(long-term interest, item)
       + w_pop * (1 + churn_boost * churn) * log(1 + events) / log(1 + events of the most popular item)
       - w_dislike * max(0, max cos(disliked item, item))
       + w_model * (item . model interest) / |model interest|
-      + w_co * shoppers who bought it beside the shopper's items in other
-               categories / the most such shoppers among the candidates
+      + w_co * other shoppers who bought it beside the shopper's items
+               / the most such shoppers among the candidates
 
 With a drift score, w_long and w_short keep their sum but lean to the short
 term as drift rises (recsys_core.interests.drift_aware_weights, the rule the
