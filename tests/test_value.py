@@ -302,7 +302,9 @@ def test_served_forecast_reads_the_training_features(trained):
     expected_churn = offline.predict(model.models["churn"], frame)
     expected_12m = offline.predict(model.models["spend_12m"], frame)
     expected_3m = offline.predict(model.models["spend_3m"], frame)
-    assert "season" in model.models["spend_3m"]
+    assert {"season", "purchase"} <= model.models["spend_3m"].keys()
+    spend_if_buying = offline.predict({k: v for k, v in model.models["spend_3m"].items() if k != "purchase"}, frame)
+    assert expected_3m == pytest.approx((1 - expected_churn) * spend_if_buying, rel=1e-9), "P(buy) x spend if buying"
     shoppers = {e.user_id: [] for e in retail_stored_events(events)}
     for event in retail_stored_events(events):
         shoppers[event.user_id].append(event)
@@ -337,9 +339,10 @@ def test_value_model_errors_are_clear(tmp_path, trained):
     artifact = ValueModel.load(out).artifact
     with pytest.raises(ValueModelError, match="other features"):
         ValueModel({**artifact, "features": artifact["features"][:-1]})
-    unseasoned = {name: {k: v for k, v in model.items() if k != "season"} for name, model in artifact["models"].items()}
-    with pytest.raises(ValueModelError, match="predates the seasonal"):
-        ValueModel({**artifact, "models": unseasoned})
+    for part in ("season", "purchase"):
+        older = {name: {k: v for k, v in model.items() if k != part} for name, model in artifact["models"].items()}
+        with pytest.raises(ValueModelError, match="predates the two-part seasonal"):
+            ValueModel({**artifact, "models": older})
     assert offline.train_value_main(["--data", str(tmp_path), "--out", str(tmp_path)]) == 2
 
 

@@ -83,7 +83,7 @@ BTYD_COLUMNS = ("btyd_logit_no_purchase", "btyd_log_spend_3m", "btyd_log_spend_1
 class SeasonCalendar:
     """The shop's net spend per day, to say how busy a 90-day window is
     against the year around it (its seasonal index). The 3-month spend model
-    learns shoppers' spend with the season divided out and forecasts it
+    learns buyers' spend with the season divided out and forecasts it
     multiplied back by the index of the same window a year earlier: the
     seasonal-naive level of the whole shop (docs/profiles.md)."""
     first_day: int           # unix day number of daily[0]
@@ -278,13 +278,17 @@ def design(values: Mapping[str, np.ndarray], columns: Sequence[str]) -> np.ndarr
 
 def predict(model: dict, values: Mapping[str, np.ndarray], as_of: np.ndarray | int) -> np.ndarray:
     """One model's forecasts for rows of features made at `as_of` (per row,
-    or one time for all): P(churn), or a spend, never below 0, at the level
-    of the coming season when the model has a calendar."""
+    or one time for all): P(churn), or a spend, never below 0; times
+    P(buy) = 1 - P(churn) when the model has a purchase part, and at the
+    level of the coming season when it has a calendar."""
     estimator = model["estimator"]
     matrix = design(values, model["columns"])
     if hasattr(estimator, "predict_proba"):
         return estimator.predict_proba(matrix)[:, 1]
     spend = np.maximum(estimator.predict(matrix), 0.0)
+    purchase: dict | None = model.get("purchase")
+    if purchase is not None:
+        spend = spend * (1.0 - predict(purchase, values, as_of))
     season: SeasonCalendar | None = model.get("season")
     if season is None:
         return spend
@@ -330,9 +334,9 @@ class ValueModel:
             raise ValueModelError(
                 f"value model {artifact['version']} was trained on other features or horizons than this code "
                 "computes: retrain it (recsys train-value)")
-        if "season" not in artifact["models"].get("spend_3m", {}):
+        if not {"season", "purchase"} <= artifact["models"].get("spend_3m", {}).keys():
             raise ValueModelError(
-                f"value model {artifact['version']} predates the seasonal 3-month spend model: "
+                f"value model {artifact['version']} predates the two-part seasonal 3-month spend model: "
                 "retrain it (recsys train-value)")
         self.artifact = artifact
         self.version: str = artifact["version"]
