@@ -15,6 +15,7 @@ REVIEW_MODEL := model_repo/review_sentiment/1/classifier.json
 # The full public data beside the clone when it is there, else the bundled subsets.
 SHARED_DATA := $(abspath ../shared/data)
 RETAIL_DATA := $(if $(wildcard $(SHARED_DATA)/online-retail/*.parquet),$(SHARED_DATA)/online-retail,data/online-retail)
+AMAZON_DATA := $(if $(wildcard $(SHARED_DATA)/amazon-2014/interactions.csv.gz),$(SHARED_DATA)/amazon-2014,data)
 export HF_HUB_OFFLINE := 1
 
 .PHONY: setup run test protos export bench loadtest clean redis-server value-model
@@ -33,8 +34,8 @@ $(REVIEW_MODEL): $(INSTALLED) $(GENERATED)
 # trained once per machine into the cache (~/.cache/recsys/value).
 value-model: $(INSTALLED) $(GENERATED)
 	@if ! $(PY) -c 'from services.profile.value import ValueModel; ValueModel.load()' 2>/dev/null; then \
-		echo "training the churn and lifetime-value model on $(RETAIL_DATA)"; \
-		$(VENV)/bin/recsys train-value --data $(RETAIL_DATA) > /dev/null; \
+		echo "training the churn and lifetime-value model on $(RETAIL_DATA) and $(AMAZON_DATA)"; \
+		$(VENV)/bin/recsys train-value --data $(RETAIL_DATA) --histories $(AMAZON_DATA) > /dev/null; \
 	fi
 
 # The tests run the profile service's Redis event store against a real

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from recsys_core import errors, paths
-from recsys_core.encoder import EMBEDDING, OnnxEncoder, latest_version_dir
+from recsys_core.encoder import EMBEDDING, OnnxEncoder
 from recsys_core.triton import TritonServer
 from recsys_core.triton_encoder import TEXT, TritonEncoder
 

@@ -316,20 +316,48 @@ def test_served_forecast_reads_the_training_features(trained):
         assert forecast.churn_horizon_days == CHURN_HORIZON_DAYS and forecast.as_of == cutoffs.churn_test
 
 
-def test_served_forecast_without_amounts_has_churn_but_no_spend(trained):
+def churn_by(model: ValueModel, name: str, events: list[StoredEvent], as_of: int) -> float:
+    values = {key: np.asarray([v]) for key, v in features(events, as_of).values.items()}
+    values.update(btyd_columns(values, model.btyd))
+    return float(offline.predict(model.models[name], pd.DataFrame(values).assign(as_of=as_of))[0])
+
+
+def test_served_forecast_without_amounts_has_churn_from_review_histories_but_no_spend(trained):
     _, out = trained
     model = ValueModel.load(out)
     loyal = [StoredEvent("amz", f"i{d}", "Beauty", PURCHASE, at(d)) for d in range(0, 200, 14)]
-    lapsed = [StoredEvent("amz", f"i{d}", "Beauty", PURCHASE, at(d)) for d in (0, 3)]
+    lapsed = [StoredEvent("amz", f"i{d}", "Beauty", PURCHASE, at(d * 10)) for d in range(6)]
     as_of = at(200, 0)
     steady, gone = model.forecast(loyal, as_of), model.forecast(lapsed, as_of)
     assert steady.expected_spend_3m is None and steady.expected_spend_12m is None
     assert 0 < steady.churn_probability < gone.churn_probability < 1
+    assert steady.churn_probability == pytest.approx(churn_by(model, "churn_without_amounts", loyal, as_of), rel=1e-9)
     with_money = [replace(e, amount=20.0, order_id=e.item_id) for e in loyal]
     forecast = model.forecast(with_money, as_of)
-    assert forecast.churn_probability == steady.churn_probability, "churn reads no money"
+    assert forecast.churn_probability == pytest.approx(churn_by(model, "churn", with_money, as_of), rel=1e-9), \
+        "a shopper with amounts is a retail customer"
+    assert forecast.churn_probability != pytest.approx(steady.churn_probability, abs=1e-6)
     assert forecast.expected_spend_3m > 0 and forecast.expected_spend_12m > 0
     assert model.forecast(loyal, at(0, 0)) is None, "nothing bought before as_of"
+
+
+def test_churn_of_review_histories_beats_recency_out_of_time_in_every_category(trained):
+    report, _ = trained
+    history = report["churn_without_amounts"]
+    assert set(history["categories"]) == {"Beauty", "Office_Products", "Sports_and_Outdoors"}, "Toys has no dates"
+    for category, figures in history["categories"].items():
+        assert figures["shoppers"] > 100, category
+        assert figures["model"]["roc_auc"] > figures["recency_only"]["roc_auc"], category
+        assert figures["model"]["ece"] < 0.15, category
+
+
+def test_history_snapshots_leave_out_shoppers_the_5_core_filter_still_binds():
+    """Fewer than 5 events before the cutoff: the benchmark's filter says they come back."""
+    few = ShopperHistory([StoredEvent("a", f"i{d}", "Beauty", PURCHASE, at(d)) for d in range(4)])
+    enough = ShopperHistory([StoredEvent("b", f"i{d}", "Beauty", PURCHASE, at(d)) for d in range(5)])
+    frame = offline.snapshot({"a": few, "b": enough}, at(10), at(200), offline.HISTORY_MIN_EVENTS)
+    assert list(frame.user_id) == ["b"]
+    assert list(offline.snapshot({"a": few, "b": enough}, at(10), at(200)).user_id) == ["a", "b"]
 
 
 def test_value_model_errors_are_clear(tmp_path, trained):
@@ -343,7 +371,11 @@ def test_value_model_errors_are_clear(tmp_path, trained):
         older = {name: {k: v for k, v in model.items() if k != part} for name, model in artifact["models"].items()}
         with pytest.raises(ValueModelError, match="predates the two-part seasonal"):
             ValueModel({**artifact, "models": older})
+    without = {name: model for name, model in artifact["models"].items() if name != "churn_without_amounts"}
+    with pytest.raises(ValueModelError, match="predates the churn model of shoppers without amounts"):
+        ValueModel({**artifact, "models": without})
     assert offline.train_value_main(["--data", str(tmp_path), "--out", str(tmp_path)]) == 2
+    assert offline.train_value_main(["--histories", str(tmp_path), "--out", str(tmp_path)]) == 2
 
 
 def test_btyd_bundle_fits_both_models():

@@ -36,13 +36,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from recsys_core import data
 from recsys_core.btyd import BTYD
+from recsys_core.data import DataError
+from recsys_core.paths import BUNDLED_DATA_DIR, shared_data_dir
 from recsys_core.retail import (
     BUNDLED_RETAIL_DIR, SHARED_RETAIL_DIR, RetailDataError, clean, load_transactions, retail_events,
 )
-from services.profile.store import StoredEvent
+from services.profile.store import StoredEvent, benchmark_stored_events
 from services.profile.value import (
-    ARTIFACT_FILE, CHURN_HORIZON_DAYS, DAY, FEATURES, MONEY_FEATURES, SPEND_FEATURES, SPEND_HORIZONS,
+    ARTIFACT_FILE, CHURN_FEATURES, CHURN_HORIZON_DAYS, DAY, FEATURES, MONEY_FEATURES, SPEND_FEATURES, SPEND_HORIZONS,
     SeasonCalendar, ShopperHistory, btyd_columns, default_artifact_path, design, retail_stored_events,
 )
 from services.profile.value import predict as served_predict
@@ -65,15 +68,18 @@ def shopper_histories(events: pd.DataFrame) -> dict[str, ShopperHistory]:
 
 # --- snapshots: features at a cutoff, outcomes after it ---------------------
 
-def snapshot(histories: dict[str, ShopperHistory], as_of: int, data_end: int) -> pd.DataFrame:
-    """One row per shopper who bought before `as_of`: the served features
-    (with the BG/NBD summary x, t_x, T, m_x) and the outcome of every horizon
-    that ends by `data_end` (NaN for the others: not known yet)."""
+def snapshot(histories: dict[str, ShopperHistory], as_of: int, data_end: int, min_events: int = 1) -> pd.DataFrame:
+    """One row per shopper with `min_events` buying events before `as_of`:
+    the served features (with the BG/NBD summary x, t_x, T, m_x) and the
+    outcome of every horizon that ends by `data_end` (NaN for the others:
+    not known yet)."""
     def known(horizon_days: int) -> bool:
         return as_of + horizon_days * DAY <= data_end
 
     rows = []
     for user, history in histories.items():
+        if history.count_before(as_of) < min_events:
+            continue
         found = history.features(as_of)
         if found is None:
             continue
@@ -145,19 +151,22 @@ CHURN_COLUMNS = ("btyd_logit_no_purchase", "purchase_days_next_90d_last_year", "
 SPEND_3M_COLUMNS = ("btyd_log_spend_3m", "net_spend_next_90d_last_year", "purchase_days_next_90d_last_year",
                     "net_spend_90d", "purchase_days_90d", "cancelled_amount_share")
 SPEND_12M_COLUMNS = SPEND_FEATURES + ("btyd_log_spend_12m", "btyd_logit_no_purchase")
-assert not set(CHURN_COLUMNS) & set(MONEY_FEATURES), "the churn model must not need money"
+# Shoppers without amounts: review histories, one review per line, nothing cancelled.
+NO_AMOUNT_CHURN_COLUMNS = tuple(name for name in CHURN_FEATURES
+                                if name not in ("lines_per_purchase_day", "cancelled_line_share"))
+assert not set(CHURN_COLUMNS + NO_AMOUNT_CHURN_COLUMNS) & set(MONEY_FEATURES), "the churn models must not need money"
 assert CHURN_HORIZON_DAYS == SPEND_HORIZONS["3m"], "the 3-month spend's purchase part is 1 - churn"
 
 
-def fit_churn(train: pd.DataFrame) -> dict:
+def fit_churn(train: pd.DataFrame, columns: tuple[str, ...] = CHURN_COLUMNS) -> dict:
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
     train = train[train.churned.notna()]
     estimator = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=5000))
-    estimator.fit(design(train, CHURN_COLUMNS), train.churned.astype(int).to_numpy())
-    return {"columns": CHURN_COLUMNS, "estimator": estimator}
+    estimator.fit(design(train, columns), train.churned.astype(int).to_numpy())
+    return {"columns": columns, "estimator": estimator}
 
 
 def spend_3m_estimator():
@@ -301,15 +310,90 @@ def paired_bootstrap(predicted: np.ndarray, baseline: np.ndarray, actual: np.nda
     return {"rounds": rounds, "spearman": summary(spearman), "abs_top_decile_error": summary(top_decile)}
 
 
+# --- shoppers without amounts: the Amazon review histories ------------------
+# The benchmark keeps shoppers with 5 reviews or more over the whole data (its
+# 5-core filter), so one with fewer before a cutoff is known to come back: the
+# future leaking into the past. Snapshots keep only shoppers past that count,
+# for whom the filter says nothing about what follows; at the data's end,
+# where the service forecasts, every benchmark shopper is past it.
+HISTORY_MIN_EVENTS = 5
+HISTORY_TRAIN_CUTOFFS = 13   # every SNAPSHOT_STEP_DAYS, ending where the test window begins
+
+
+@dataclass(frozen=True)
+class CategoryHistories:
+    category: str
+    histories: dict[str, ShopperHistory]
+    data_end: int          # exclusive: midnight after the last event
+    test: int              # CHURN_HORIZON_DAYS before data_end
+    train: tuple[int, ...]
+
+
+def category_histories(data_dir: Path) -> list[CategoryHistories]:
+    """Per category with timestamps (Toys has none), its shoppers as the
+    profile service stores them, and the cutoffs of its snapshots."""
+    interactions = data.chronological(data.load_interactions(data_dir)).dropna(subset=["timestamp"])
+    found = []
+    for category, events in interactions.groupby("category"):
+        by_user: dict[str, list[StoredEvent]] = {}
+        for event in benchmark_stored_events(events):
+            by_user.setdefault(event.user_id, []).append(event)
+        end = (int(events.timestamp.max()) // DAY + 1) * DAY
+        test = end - CHURN_HORIZON_DAYS * DAY
+        train = tuple(test - CHURN_HORIZON_DAYS * DAY - k * SNAPSHOT_STEP_DAYS * DAY
+                      for k in range(HISTORY_TRAIN_CUTOFFS))
+        found.append(CategoryHistories(category, {u: ShopperHistory(e) for u, e in by_user.items()}, end, test, train))
+    if not found:
+        raise DataError(f"{data_dir}: no dated review histories to learn churn from")
+    return found
+
+
+def history_snapshots(categories: Sequence[CategoryHistories], which: str) -> pd.DataFrame:
+    """Every category's snapshots at its `which` ("train" or "test") cutoffs."""
+    frames = []
+    for found in categories:
+        cutoffs = found.train if which == "train" else (found.test,)
+        frames += [snapshot(found.histories, at, found.data_end, HISTORY_MIN_EVENTS).assign(category=found.category)
+                   for at in cutoffs]
+    return pd.concat(frames, ignore_index=True)
+
+
+def evaluate_history_churn(model: dict, retail_churn: dict, retail_btyd: BTYD, test: pd.DataFrame) -> dict:
+    """Per category at its test cutoff: the model, the retailer's churn model
+    (what these shoppers were served before), BG/NBD refitted on the
+    category's shoppers, and recency alone."""
+    from sklearn.metrics import roc_auc_score
+
+    from recsys_core.btyd import BGNBD
+
+    report = {}
+    for category, frame in test.groupby("category"):
+        frame = frame.reset_index(drop=True)
+        churned = frame.churned.to_numpy().astype(int)
+        refitted = BGNBD.fit(frame.x, frame.t_x, frame["T"])
+        report[category] = {
+            "cutoff": date(int(frame.as_of.iloc[0])), "shoppers": len(frame), "churn_rate": float(churned.mean()),
+            "model": churn_metrics(predict(model, frame), churned),
+            "retail_model": churn_metrics(predict(retail_churn, frame.assign(**btyd_columns(frame, retail_btyd))),
+                                          churned),
+            "bgnbd_refitted": churn_metrics(refitted.p_no_purchase(CHURN_HORIZON_DAYS, frame.x, frame.t_x, frame["T"]),
+                                            churned),
+            "recency_only": {"roc_auc": float(roc_auc_score(churned, frame.recency_days.to_numpy()))},
+        }
+    return report
+
+
 # --- the run --------------------------------------------------------------
 
 def date(ts: int) -> str:
     return pd.Timestamp(ts, unit="s").strftime("%Y-%m-%d")
 
 
-def train_and_evaluate(data_dir: Path, seed: int = 0) -> tuple[dict, dict]:
+def train_and_evaluate(data_dir: Path, histories_dir: Path, seed: int = 0) -> tuple[dict, dict]:
     """(report, artifact): the evaluation of the model and of BG/NBD + Gamma-Gamma
-    on the held-out periods, and the served models refitted on every snapshot."""
+    on the held-out periods, and the served models refitted on every snapshot.
+    The churn model of shoppers without amounts learns from `histories_dir`'s
+    review histories, tested out of time in each category."""
     from sklearn.metrics import roc_auc_score
 
     started = time.monotonic()
@@ -363,6 +447,12 @@ def train_and_evaluate(data_dir: Path, seed: int = 0) -> tuple[dict, dict]:
                  "last_365d": spend_metrics(np.maximum(year_test.net_spend_365d.to_numpy(), 0), actual_12m),
                  "model_minus_bgnbd_gg": paired_bootstrap(model_spend_12m, baseline_12m, actual_12m, seed)}
 
+    # Shoppers without amounts: out of time, at each category's test cutoff.
+    categories = category_histories(histories_dir)
+    history_train, history_test = history_snapshots(categories, "train"), history_snapshots(categories, "test")
+    history_churn = evaluate_history_churn(fit_churn(history_train, NO_AMOUNT_CHURN_COLUMNS), churn_model, btyd,
+                                           history_test)
+
     report = {
         "data": str(data_dir),
         "cleaning": cleaning,
@@ -381,6 +471,12 @@ def train_and_evaluate(data_dir: Path, seed: int = 0) -> tuple[dict, dict]:
         "churn": churn,
         "spend_3m": spend_3m,
         "spend_12m": spend_12m,
+        "churn_without_amounts": {
+            "data": str(histories_dir), "min_events_before_cutoff": HISTORY_MIN_EVENTS,
+            "train_cutoffs": {c.category: [date(c.train[-1]), date(c.train[0])] for c in categories},
+            "rows": {"train": len(history_train), "test": len(history_test)},
+            "categories": history_churn,
+        },
         "ece_bins": f"{ECE_BINS} equal-width bins",
         "top_decile": "customers ranked by predicted value (primary) or by actual value; "
                       "signed relative error of the predicted total",
@@ -398,14 +494,19 @@ def train_and_evaluate(data_dir: Path, seed: int = 0) -> tuple[dict, dict]:
         "spend_horizon_days": SPEND_HORIZONS,
         "btyd": served_btyd,
         "models": {"churn": served_churn,
+                   "churn_without_amounts": fit_churn(pd.concat([history_train, history_test], ignore_index=True),
+                                                      NO_AMOUNT_CHURN_COLUMNS),
                    "spend_3m": fit_spend(served_train, "3m", seed, season, known_until=cutoffs.data_end,
                                          purchase=served_churn),
                    "spend_12m": fit_spend(year, "12m", seed)},
         "trained_on": {"data": str(data_dir), "snapshot_rows_churn_3m": len(served_train),
-                       "snapshot_rows_12m": len(year), "btyd_as_of": date(cutoffs.data_end)},
+                       "snapshot_rows_12m": len(year), "btyd_as_of": date(cutoffs.data_end),
+                       "histories": str(histories_dir),
+                       "snapshot_rows_churn_without_amounts": len(history_train) + len(history_test)},
     }
     digest = hashlib.sha256(pd.util.hash_pandas_object(events, index=False).to_numpy().tobytes())
-    digest.update(repr((FEATURES, CHURN_COLUMNS, SPEND_3M_COLUMNS, "3m: P(buy) x seasonal Gamma", SPEND_12M_COLUMNS, seed)).encode())
+    digest.update(pd.util.hash_pandas_object(history_train, index=False).to_numpy().tobytes())
+    digest.update(repr((FEATURES, CHURN_COLUMNS, NO_AMOUNT_CHURN_COLUMNS, SPEND_3M_COLUMNS, "3m: P(buy) x seasonal Gamma", SPEND_12M_COLUMNS, seed)).encode())
     artifact["version"] = report["model_version"] = f"retail-{digest.hexdigest()[:10]}"
     report["seconds"] = round(time.monotonic() - started, 1)
     report["_plot_data"] = {
@@ -515,6 +616,15 @@ def print_report(report: dict) -> None:
               f"Spearman {gap['spearman']['mean']:+.4f} [{gap['spearman']['low']:+.4f}, {gap['spearman']['high']:+.4f}], "
               f"|top10% error| {gap['abs_top_decile_error']['mean']:+.3f} "
               f"[{gap['abs_top_decile_error']['low']:+.3f}, {gap['abs_top_decile_error']['high']:+.3f}]")
+    history = report["churn_without_amounts"]
+    print(f"churn of shoppers without amounts ({history['data']}, shoppers with {history['min_events_before_cutoff']}+ "
+          f"events before the cutoff), ROC-AUC / ECE:")
+    for category, figures in history["categories"].items():
+        print(f"  {category:<22} {figures['cutoff']} {figures['shoppers']:>6} shoppers: "
+              f"model {figures['model']['roc_auc']:.3f} / {figures['model']['ece']:.3f}, "
+              f"retail model {figures['retail_model']['roc_auc']:.3f} / {figures['retail_model']['ece']:.3f}, "
+              f"BG/NBD refitted {figures['bgnbd_refitted']['roc_auc']:.3f} / {figures['bgnbd_refitted']['ece']:.3f}, "
+              f"recency {figures['recency_only']['roc_auc']:.3f}")
     print(f"targets: {json.dumps(report['targets'])}")
     print(f"model {report['model_version']} -> {report.get('artifact')}")
 
@@ -525,6 +635,9 @@ def train_value_main(argv: list[str] | None = None) -> int:
         "beside BG/NBD + Gamma-Gamma on held-out periods, save the served models."))
     parser.add_argument("--data", type=Path, default=BUNDLED_RETAIL_DIR,
                         help=f"Online Retail directory (default: the bundled subset; the full set: {SHARED_RETAIL_DIR})")
+    parser.add_argument("--histories", type=Path, default=BUNDLED_DATA_DIR,
+                        help="Amazon review histories (interactions.csv.gz) for the churn model of shoppers "
+                             f"without amounts (default: the bundled subset; the full set: {shared_data_dir()})")
     parser.add_argument("--out", type=Path, help=f"directory for {ARTIFACT_FILE} and report.json "
                         f"(default: {default_artifact_path().parent})")
     parser.add_argument("--plots", type=Path, help="write the reliability and decile PNGs here")
@@ -537,8 +650,8 @@ def train_value_main(argv: list[str] | None = None) -> int:
 
     try:
         with threadpool_limits(limits=args.threads):
-            report, artifact = train_and_evaluate(args.data, args.seed)
-    except RetailDataError as error:
+            report, artifact = train_and_evaluate(args.data, args.histories, args.seed)
+    except (RetailDataError, DataError) as error:
         print(f"recsys train-value: {error}", file=sys.stderr)
         return 2
     out_dir = args.out if args.out is not None else default_artifact_path().parent

@@ -1,8 +1,6 @@
 """gRPC face of the catalogue: parse, call the domain, build the reply."""
 from __future__ import annotations
 
-import grpc
-
 from recsys.common.v1 import common_pb2
 from recsys.embedding.v1 import embedding_pb2, embedding_pb2_grpc
 from recsys_core.errors import InvalidArgument

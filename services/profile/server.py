@@ -16,7 +16,7 @@ from services.profile.catalogue_client import EmbeddingServiceLookup
 from services.profile.config import ProfileConfig
 from services.profile.profiles import ProfileBook
 from services.profile.servicer import ProfileServicer
-from services.profile.store import PURCHASE, RATING, EventStore, StoredEvent, open_store
+from services.profile.store import EventStore, benchmark_stored_events, open_store
 from services.profile.review_reader import connect as connect_reviews
 from services.profile.user_tower import connect
 from services.profile.value import ValueModel, ValueModelError
@@ -53,20 +53,8 @@ def load_once(store: EventStore, rows, total: int, marker: str, source: Path) ->
 
 
 def load_dataset_events(store: EventStore, data_dir: Path) -> dict[str, int]:
-    """The benchmark events are reviews of bought items: purchases, or
-    ratings where the set carries a star rating (Office)."""
     events = data.chronological(data.load_interactions(data_dir))
-    rows = (
-        StoredEvent(
-            user_id=row.user_id,
-            item_id=row.item_id,
-            category=row.category,
-            type=RATING if row.rating == row.rating else PURCHASE,
-            ts=None if row.timestamp != row.timestamp else int(row.timestamp),
-            rating=None if row.rating != row.rating else float(row.rating),
-        )
-        for row in events.itertuples(index=False)
-    )
+    rows = benchmark_stored_events(events)
     load_once(store, rows, len(events), data_marker(data_dir), data_dir)
     return category_clocks(events)
 

@@ -65,6 +65,21 @@ class StoredEvent:
     order_id: str | None = None
 
 
+def benchmark_stored_events(events) -> Iterator[StoredEvent]:
+    """Rows of the benchmark's interactions (recsys_core.data) as the store
+    keeps them. They are reviews of bought items: purchases, or ratings where
+    the set carries a star rating (Office)."""
+    for row in events.itertuples(index=False):
+        yield StoredEvent(
+            user_id=row.user_id,
+            item_id=row.item_id,
+            category=row.category,
+            type=RATING if row.rating == row.rating else PURCHASE,
+            ts=None if row.timestamp != row.timestamp else int(row.timestamp),
+            rating=None if row.rating != row.rating else float(row.rating),
+        )
+
+
 def _row(event: StoredEvent) -> tuple:
     return (event.user_id, event.item_id, event.category, event.type, event.ts, event.rating,
             event.review, event.idempotency_key, event.amount, event.order_id)

@@ -9,9 +9,11 @@ value") has the definitions and the measured quality.
 The models stand on the BG/NBD + Gamma-Gamma posterior of the shopper
 (recsys_core/btyd.py) and correct it with what that model cannot see: last
 year's purchases in the coming season, recent activity, cancellations, basket
-breadth. Money is optional: the churn model reads only timing and counts, so
+breadth. Money is optional: the churn models read only timing and counts, so
 shoppers whose events carry no amounts (the Amazon benchmark shoppers) still
-get a churn probability; only the spend forecasts need amounts.
+get a churn probability; only the spend forecasts need amounts. Those
+shoppers get a churn model of their own, trained on such histories: a
+reviewer's rhythm is not a gift shop customer's.
 """
 from __future__ import annotations
 
@@ -163,11 +165,12 @@ class ShopperHistory:
         self.day = self.ts // DAY
         self.has_amounts = bool(np.isfinite(self.amount).any())
 
-    def _before(self, as_of: int) -> int:
+    def count_before(self, as_of: int) -> int:
+        """How many of the shopper's dated buying events (cancellations too) precede `as_of`."""
         return int(np.searchsorted(self.ts, as_of, side="left"))
 
     def purchase_days(self, as_of: int) -> PurchaseDays:
-        end = self._before(as_of)
+        end = self.count_before(as_of)
         bought = self.bought[:end]
         days, inverse = np.unique(self.day[:end][bought], return_inverse=True)
         amounts = np.nan_to_num(self.amount[:end], nan=0.0)
@@ -179,7 +182,7 @@ class ShopperHistory:
     def features(self, as_of: int) -> ValueFeatures | None:
         """The models' inputs at `as_of` (unix seconds) from events strictly
         before it; None when the shopper had bought nothing by then."""
-        end = self._before(as_of)
+        end = self.count_before(as_of)
         purchases = self.purchase_days(as_of)
         days = purchases.days
         if len(days) == 0:
@@ -238,7 +241,7 @@ class ShopperHistory:
         anything, and their net spend (purchases minus cancellations, at least
         0: refunds of older orders do not make a shopper worth less than
         nothing; NaN without amounts)."""
-        first, end = self._before(start), self._before(start + days * DAY)
+        first, end = self.count_before(start), self.count_before(start + days * DAY)
         bought = bool(self.bought[first:end].any())
         window = self.amount[first:end]
         spend = max(0.0, float(np.nansum(window))) if self.has_amounts else math.nan
@@ -334,6 +337,10 @@ class ValueModel:
             raise ValueModelError(
                 f"value model {artifact['version']} was trained on other features or horizons than this code "
                 "computes: retrain it (recsys train-value)")
+        if "churn_without_amounts" not in artifact["models"]:
+            raise ValueModelError(
+                f"value model {artifact['version']} predates the churn model of shoppers without amounts: "
+                "retrain it (recsys train-value)")
         if not {"season", "purchase"} <= artifact["models"].get("spend_3m", {}).keys():
             raise ValueModelError(
                 f"value model {artifact['version']} predates the two-part seasonal 3-month spend model: "
@@ -368,7 +375,7 @@ class ValueModel:
         # Boosted trees spread one row's prediction over OpenMP threads: on a
         # busy machine that costs ~80 ms instead of ~3.
         with self._threads.limit(limits=1, user_api="openmp"):
-            churn = self._predict("churn", values, as_of)
+            churn = self._predict("churn" if found.has_amounts else "churn_without_amounts", values, as_of)
             spend_3m = self._predict("spend_3m", values, as_of) if found.has_amounts else None
             spend_12m = self._predict("spend_12m", values, as_of) if found.has_amounts else None
         return ValueForecast(churn, CHURN_HORIZON_DAYS, spend_3m, spend_12m, int(as_of), self.version)
