@@ -360,7 +360,7 @@ def test_history_snapshots_leave_out_shoppers_the_5_core_filter_still_binds():
     assert list(offline.snapshot({"a": few, "b": enough}, at(10), at(200)).user_id) == ["a", "b"]
 
 
-def test_value_model_errors_are_clear(tmp_path, trained):
+def test_value_model_errors_are_clear(tmp_path, trained, capsys):
     with pytest.raises(ValueModelError, match="recsys train-value"):
         ValueModel.load(tmp_path / "nowhere")
     _, out = trained
@@ -376,6 +376,13 @@ def test_value_model_errors_are_clear(tmp_path, trained):
         ValueModel({**artifact, "models": without})
     assert offline.train_value_main(["--data", str(tmp_path), "--out", str(tmp_path)]) == 2
     assert offline.train_value_main(["--histories", str(tmp_path), "--out", str(tmp_path)]) == 2
+    few = tmp_path / "few"
+    few.mkdir()
+    pd.DataFrame({"user_id": ["a"] * 6, "item_id": [f"i{d}" for d in range(6)], "category": "Beauty",
+                  "seq": range(6), "timestamp": [float(at(d * 30)) for d in range(6)], "rating": math.nan}
+                 ).to_csv(few / "interactions.csv.gz", index=False)
+    assert offline.train_value_main(["--histories", str(few), "--out", str(tmp_path)]) == 2
+    assert "too few dated review histories" in capsys.readouterr().err
 
 
 def test_btyd_bundle_fits_both_models():

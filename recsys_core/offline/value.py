@@ -370,6 +370,10 @@ def evaluate_history_churn(model: dict, retail_churn: dict, retail_btyd: BTYD, t
     for category, frame in test.groupby("category"):
         frame = frame.reset_index(drop=True)
         churned = frame.churned.to_numpy().astype(int)
+        if len(set(churned)) < 2:  # a small or custom data set: nothing to rank
+            report[category] = {"cutoff": date(int(frame.as_of.iloc[0])), "shoppers": len(frame),
+                                "skipped": "every shopper had the same outcome"}
+            continue
         refitted = BGNBD.fit(frame.x, frame.t_x, frame["T"])
         report[category] = {
             "cutoff": date(int(frame.as_of.iloc[0])), "shoppers": len(frame), "churn_rate": float(churned.mean()),
@@ -450,6 +454,9 @@ def train_and_evaluate(data_dir: Path, histories_dir: Path, seed: int = 0) -> tu
     # Shoppers without amounts: out of time, at each category's test cutoff.
     categories = category_histories(histories_dir)
     history_train, history_test = history_snapshots(categories, "train"), history_snapshots(categories, "test")
+    if "churned" not in history_train or history_train.churned.nunique() < 2:
+        raise DataError(f"{histories_dir}: too few dated review histories to learn churn from "
+                        f"({len(history_train)} snapshot rows of shoppers with {HISTORY_MIN_EVENTS}+ events)")
     history_churn = evaluate_history_churn(fit_churn(history_train, NO_AMOUNT_CHURN_COLUMNS), churn_model, btyd,
                                            history_test)
 
@@ -620,6 +627,9 @@ def print_report(report: dict) -> None:
     print(f"churn of shoppers without amounts ({history['data']}, shoppers with {history['min_events_before_cutoff']}+ "
           f"events before the cutoff), ROC-AUC / ECE:")
     for category, figures in history["categories"].items():
+        if "skipped" in figures:
+            print(f"  {category:<22} {figures['cutoff']} {figures['shoppers']:>6} shoppers: {figures['skipped']}")
+            continue
         print(f"  {category:<22} {figures['cutoff']} {figures['shoppers']:>6} shoppers: "
               f"model {figures['model']['roc_auc']:.3f} / {figures['model']['ece']:.3f}, "
               f"retail model {figures['retail_model']['roc_auc']:.3f} / {figures['retail_model']['ece']:.3f}, "
