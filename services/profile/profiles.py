@@ -11,7 +11,7 @@ from typing import Protocol
 
 import numpy as np
 
-from recsys_core.copurchase import CoPurchases
+from recsys_core.copurchase import CoPurchases, most_shared
 from recsys_core.errors import DeadlineExceeded, InvalidArgument, NotFound, Unavailable
 from recsys_core.reviews import Preferences, ReviewOpinions, opinions_of_reviews, preferences
 from recsys_core.interests import NO_DRIFT, ClusterSettings, Drift, DriftSettings
@@ -366,7 +366,7 @@ class ProfileBook:
         related = self.co_purchases.related(list(anchors) or seen[:CO_PURCHASE_HISTORY], categories,
                                             exclude=excluded, leave_out_user=user_id)
         # Ties break by item id so every replica answers alike.
-        top = sorted(related.items(), key=lambda pair: (-pair[1], pair[0]))[:k]
+        top = most_shared(related, k)
         return [(item_id, self.co_purchases.category(item_id), shoppers) for item_id, shoppers in top]
 
     def item_popularity(self, item_ids: Sequence[str]) -> tuple[list[int], int]:
