@@ -81,13 +81,21 @@ class Composer:
     # -- helpers -----------------------------------------------------------------
 
     def _items(self, item_ids: list[str], deadline: Deadline, embeddings: bool) -> dict[str, embedding_pb2.ItemWithEmbedding]:
+        return self._items_result(self._items_future(item_ids, deadline, embeddings))
+
+    def _items_future(self, item_ids: list[str], deadline: Deadline, embeddings: bool = True):
+        """A GetItems call started now (None for no ids), read with _items_result:
+        lets Recommend fetch items while the search runs."""
         if not item_ids:
-            return {}
-        reply = self.embedding.GetItems(
+            return None
+        return self.embedding.GetItems.future(
             embedding_pb2.GetItemsRequest(item_ids=item_ids, include_embeddings=embeddings, skip_missing=True),
             timeout=deadline.left(),
         )
-        return {entry.item.item_id: entry for entry in reply.items}
+
+    @staticmethod
+    def _items_result(call) -> dict[str, embedding_pb2.ItemWithEmbedding]:
+        return {} if call is None else {entry.item.item_id: entry for entry in call.result().items}
 
     def _popular(self, k: int, categories: list[str], exclude: list[str], deadline: Deadline, with_titles: bool):
         reply = self.profile.GetPopularItems(
@@ -161,13 +169,29 @@ class Composer:
         exclude = list(context_ids)
         if exclude_seen:
             exclude += list(profile.seen_item_ids)
-        try:
-            search = self.embedding.SearchItems(
-                embedding_pb2.SearchItemsRequest(
-                    vectors=queries, k=pool, categories=categories, exclude_item_ids=exclude, include_items=True
-                ),
-                timeout=deadline.left(),
+        search_call = self.embedding.SearchItems.future(
+            embedding_pb2.SearchItemsRequest(
+                vectors=queries, k=pool, categories=categories, exclude_item_ids=exclude, include_items=True
+            ),
+            timeout=deadline.left(),
+        )
+        # The exact search is the slowest call (it scans every vector); what
+        # does not depend on its hits is asked for while it runs. The replies
+        # are read below where the sequential code read them, so errors
+        # surface in the same order.
+        history = list(profile.recent_history[: self.config.explain_history])
+        disliked_ids = list(profile.preferences.disliked_item_ids)
+        history_call = self._items_future(list(dict.fromkeys([h.item_id for h in history] + disliked_ids)), deadline)
+        co_purchased_call = None
+        if co_purchase_call.exception() is None:
+            # Every co-purchased candidate, though those the search also
+            # finds need no embedding from here: nearly all are not found.
+            excluded = set(exclude)
+            co_purchased_call = self._items_future(
+                [item.item_id for item in co_purchase_call.result().items if item.item_id not in excluded], deadline
             )
+        try:
+            search = search_call.result()
         except grpc.RpcError as error:
             if not is_unavailable(error):
                 raise
@@ -182,21 +206,20 @@ class Composer:
         co_purchases = {item.item_id: item.shoppers for item in self._co_purchased(co_purchase_call)
                         if item.item_id not in exclude}
         only_co_purchased = {item_id for item_id in co_purchases if item_id not in hits}
-        for item_id, entry in self._items(sorted(only_co_purchased), deadline, embeddings=True).items():
-            hits[item_id] = embedding_pb2.SearchHit(item_id=item_id, score=0.0, item=entry.item,
-                                                    embedding=entry.embedding)
+        co_purchased_items = self._items_result(co_purchased_call) if only_co_purchased else {}
+        for item_id in sorted(only_co_purchased):
+            entry = co_purchased_items.get(item_id)
+            if entry is not None:  # not in the catalogue (any more)
+                hits[item_id] = embedding_pb2.SearchHit(item_id=item_id, score=0.0, item=entry.item,
+                                                        embedding=entry.embedding)
         if not hits:
             return self._popular(k, categories, exclude, deadline, with_titles=True), COLD_START
         candidate_ids = list(hits)
 
-        history = list(profile.recent_history[: self.config.explain_history])
-        disliked_ids = list(profile.preferences.disliked_item_ids)
         popularity_call = self.profile.GetItemPopularity.future(
             profile_pb2.GetItemPopularityRequest(item_ids=candidate_ids), timeout=deadline.left()
         )
-        history_items = self._items(
-            list(dict.fromkeys([h.item_id for h in history] + disliked_ids)), deadline, embeddings=True
-        )
+        history_items = self._items_result(history_call)
         popularity = popularity_call.result()
 
         ranked = self._rank(profile, context_vector, context_items, history, history_items, hits, candidate_ids,
