@@ -29,7 +29,7 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,11 +59,16 @@ ECE_BINS = 10
 BOOTSTRAP_ROUNDS = 1000
 
 
-def shopper_histories(events: pd.DataFrame) -> dict[str, ShopperHistory]:
+def histories_of(events: Iterable[StoredEvent]) -> dict[str, ShopperHistory]:
     by_user: dict[str, list[StoredEvent]] = {}
-    for event in retail_stored_events(events):
+    for event in events:
         by_user.setdefault(event.user_id, []).append(event)
     return {user: ShopperHistory(user_events) for user, user_events in by_user.items()}
+
+
+def shopper_histories(events: pd.DataFrame) -> dict[str, ShopperHistory]:
+    """The retail customers of retail_events() rows."""
+    return histories_of(retail_stored_events(events))
 
 
 # --- snapshots: features at a cutoff, outcomes after it ---------------------
@@ -335,14 +340,11 @@ def category_histories(data_dir: Path) -> list[CategoryHistories]:
     interactions = data.chronological(data.load_interactions(data_dir)).dropna(subset=["timestamp"])
     found = []
     for category, events in interactions.groupby("category"):
-        by_user: dict[str, list[StoredEvent]] = {}
-        for event in benchmark_stored_events(events):
-            by_user.setdefault(event.user_id, []).append(event)
         end = (int(events.timestamp.max()) // DAY + 1) * DAY
         test = end - CHURN_HORIZON_DAYS * DAY
         train = tuple(test - CHURN_HORIZON_DAYS * DAY - k * SNAPSHOT_STEP_DAYS * DAY
                       for k in range(HISTORY_TRAIN_CUTOFFS))
-        found.append(CategoryHistories(category, {u: ShopperHistory(e) for u, e in by_user.items()}, end, test, train))
+        found.append(CategoryHistories(category, histories_of(benchmark_stored_events(events)), end, test, train))
     if not found:
         raise DataError(f"{data_dir}: no dated review histories to learn churn from")
     return found

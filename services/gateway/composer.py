@@ -169,6 +169,7 @@ class Composer:
         exclude = list(context_ids)
         if exclude_seen:
             exclude += list(profile.seen_item_ids)
+        excluded = set(exclude)
         search_call = self.embedding.SearchItems.future(
             embedding_pb2.SearchItemsRequest(
                 vectors=queries, k=pool, categories=categories, exclude_item_ids=exclude, include_items=True
@@ -186,7 +187,6 @@ class Composer:
         if co_purchase_call.exception() is None:
             # Every co-purchased candidate, though those the search also
             # finds need no embedding from here: nearly all are not found.
-            excluded = set(exclude)
             co_purchased_call = self._items_future(
                 [item.item_id for item in co_purchase_call.result().items if item.item_id not in excluded], deadline
             )
@@ -204,7 +204,7 @@ class Composer:
         # Other shoppers' baskets: candidates the shopper's vectors alone would
         # not retrieve, above all in a category they never shopped in.
         co_purchases = {item.item_id: item.shoppers for item in self._co_purchased(co_purchase_call)
-                        if item.item_id not in exclude}
+                        if item.item_id not in excluded}
         only_co_purchased = {item_id for item_id in co_purchases if item_id not in hits}
         co_purchased_items = self._items_result(co_purchased_call) if only_co_purchased else {}
         for item_id in sorted(only_co_purchased):
