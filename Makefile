@@ -33,7 +33,7 @@ $(REVIEW_MODEL): $(INSTALLED) $(GENERATED)
 # The churn and lifetime-value model GetProfile serves (docs/profiles.md),
 # trained once per machine into the cache (~/.cache/recsys/value).
 value-model: $(INSTALLED) $(GENERATED)
-	@if ! $(PY) -c 'from services.profile.value import ValueModel; ValueModel.load()' 2>/dev/null; then \
+	@if ! $(PY) -c 'from recsys_core.signals.value import ValueModel; ValueModel.load()' 2>/dev/null; then \
 		echo "training the churn and lifetime-value model on $(RETAIL_DATA) and $(AMAZON_DATA)"; \
 		$(VENV)/bin/recsys train-value --data $(RETAIL_DATA) --histories $(AMAZON_DATA) > /dev/null; \
 	fi
@@ -79,7 +79,7 @@ $(GENERATED): $(INSTALLED) $(PROTOS)
 protos: $(GENERATED)
 
 $(ENCODER): $(INSTALLED)
-	$(PY) -m recsys_core.export
+	$(PY) -m recsys_core.models.export
 
 export: $(ENCODER)
 

@@ -36,12 +36,12 @@ def main() -> int:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
-    from recsys_core import data, paths
-    from recsys_core.encoder import OnnxEncoder, latest_version_dir
-    from recsys_core.triton import TritonServer
-    from recsys_core.triton_encoder import TritonEncoder
+    from recsys_core.data import shopping, paths
+    from recsys_core.models.encoder import OnnxEncoder, latest_version_dir
+    from recsys_core.models.triton import TritonServer
+    from recsys_core.models.triton_encoder import TritonEncoder
 
-    titles = [t for t in data.load_items(paths.BUNDLED_DATA_DIR).display_title if t]
+    titles = [t for t in shopping.load_items(paths.BUNDLED_DATA_DIR).display_title if t]
     print(f"{len(titles)} catalogue titles; starting Triton ...", flush=True)
     rows = []
     with TritonServer(paths.MODEL_REPO) as server, TritonEncoder(server.grpc_url) as remote:

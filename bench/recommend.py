@@ -4,7 +4,7 @@ a bare Python gRPC echo server as the ceiling.
     python bench/recommend.py [--data DIR] [--requests N] [--concurrency 1,4,16]
                               [--seconds S] [--json OUT]
 
-All four services run as real processes (recsys_core.localstack.LocalStack),
+All four services run as real processes (recsys_cli.stack.LocalStack),
 with the local Triton server when the stack's encoder runs there, on a free
 gateway port and with their state in a temporary directory. The echo
 server runs in its own process too (this script with --echo-server PORT), so
@@ -56,7 +56,7 @@ def _identity(payload: bytes) -> bytes:
 def serve_echo(port: int, workers: int) -> int:
     """The ceiling: what a bare grpc.server with the gateway's worker count
     answers when the handler does nothing but return the request bytes."""
-    from recsys_core.grpc_util import CHANNEL_OPTIONS
+    from recsys_core.rpc.grpc_util import CHANNEL_OPTIONS
 
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="echo"),
@@ -85,7 +85,7 @@ def serve_echo(port: int, workers: int) -> int:
 
 class EchoProcess:
     def __init__(self, workers: int):
-        from recsys_core.localstack import free_port
+        from recsys_cli.stack import free_port
 
         self.workers = workers
         self.address = f"127.0.0.1:{free_port()}"
@@ -198,7 +198,7 @@ class StartupProgress:
         return self.LABELS.get(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status), "starting")
 
     def run(self) -> None:
-        from recsys_core.localstack import SERVICES
+        from recsys_cli.stack import SERVICES
 
         names = (["triton"] if getattr(self.stack, "encoder", "onnx") == "triton" else []) + list(SERVICES)
         channels: dict = {}
@@ -293,7 +293,7 @@ def print_level(level: dict, max_requests: int, max_seconds: float) -> None:
 
 
 def describe_data(data_dir: Path, interactions, items_count: int | None) -> dict:
-    from recsys_core import paths
+    from recsys_core.data import paths
 
     resolved = data_dir.resolve()
     if resolved == paths.shared_data_dir().resolve():
@@ -315,7 +315,7 @@ def describe_data(data_dir: Path, interactions, items_count: int | None) -> dict
 def count_items(data_dir: Path) -> int | None:
     import pandas as pd
 
-    from recsys_core.data import ITEMS_FILE
+    from recsys_core.data.shopping import ITEMS_FILE
 
     try:
         return int(pd.read_csv(data_dir / ITEMS_FILE, usecols=["item_id"], dtype=str)["item_id"].nunique())
@@ -327,7 +327,7 @@ def count_items(data_dir: Path) -> int | None:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    from recsys_core import paths
+    from recsys_core.data import paths
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default=str(paths.BUNDLED_DATA_DIR),
@@ -356,9 +356,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def run(args) -> int:
     from recsys.gateway.v1 import gateway_pb2, gateway_pb2_grpc
-    from recsys_core.data import load_interactions
-    from recsys_core.grpc_util import CHANNEL_OPTIONS
-    from recsys_core.localstack import LocalStack, free_port
+    from recsys_core.data.shopping import load_interactions
+    from recsys_core.rpc.grpc_util import CHANNEL_OPTIONS
+    from recsys_cli.stack import LocalStack, free_port
     from services.gateway.config import GatewayConfig
 
     data_dir = Path(args.data).expanduser().resolve()
@@ -490,8 +490,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.echo_server is not None:
         return serve_echo(args.echo_server, args.workers or 16)
-    from recsys_core.data import DataError
-    from recsys_core.localstack import run_script
+    from recsys_core.data.shopping import DataError
+    from recsys_cli.stack import run_script
 
     return run_script("bench/recommend.py", lambda: run(args), (RuntimeError, TimeoutError, OSError, DataError))
 

@@ -35,7 +35,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from recsys_core import data, paths  # noqa: E402
+from recsys_core.data import shopping, paths  # noqa: E402
 
 SEED = 20140101
 COLD_START_SHARE = 0.10
@@ -109,7 +109,7 @@ def event_message(row, key: str) -> dict:
 
 def ingest_events_requests(interactions, count: int, rng: random.Random, seed: int) -> list[dict]:
     """Batches of one shopper's consecutive real events, each event with its own key."""
-    by_shopper = {user: frame for user, frame in data.chronological(interactions).groupby("user_id", sort=True)}
+    by_shopper = {user: frame for user, frame in shopping.chronological(interactions).groupby("user_id", sort=True)}
     shoppers = sorted(by_shopper)
     requests = []
     for number in range(count):
@@ -135,8 +135,8 @@ def write_array(path: Path, messages: list[dict]) -> None:
 
 def make(data_dir: Path, out: Path, seed: int = SEED, sizes: dict[str, int] | None = None) -> dict[str, Path]:
     sizes = {**DEFAULT_SIZES, **(sizes or {})}
-    items = data.load_items(data_dir)
-    interactions = data.load_interactions(data_dir)
+    items = shopping.load_items(data_dir)
+    interactions = shopping.load_interactions(data_dir)
     # Each file its own stream, so resizing one leaves the others unchanged.
     streams = {name: random.Random(f"{seed}:{name}") for name in FILES}
     messages = {

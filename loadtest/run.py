@@ -6,7 +6,7 @@ server as the ceiling; reports in reports/ (what `make loadtest` runs).
                            [--gateway HOST:PORT [--profile HOST:PORT] [--embedding HOST:PORT]]
 
 Without addresses, Triton and the four services start as local processes
-(recsys_core.localstack.LocalStack) on free ports with their state in a
+(recsys_cli.stack.LocalStack) on free ports with their state in a
 temporary directory, so nothing of `make run`'s var/ is touched; with
 --gateway (and optionally --profile, --embedding) the runs go to a stack
 that is already up, e.g. a `kubectl port-forward` of the cluster's gateway.
@@ -478,7 +478,7 @@ def parse_args(argv):
 
 
 def run(args) -> int:
-    from recsys_core.localstack import LocalStack, free_port
+    from recsys_cli.stack import LocalStack, free_port
 
     ghz_path, ghzhtml_path = Path(args.ghz), Path(args.ghzhtml)
     if not os.access(ghz_path, os.X_OK):
@@ -706,7 +706,7 @@ def ghz_version(ghz: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from recsys_core.localstack import run_script
+    from recsys_cli.stack import run_script
 
     args = parse_args(argv)
     return run_script("loadtest/run.py", lambda: run(args), (RuntimeError, TimeoutError, OSError))

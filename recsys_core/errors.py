@@ -1,4 +1,4 @@
-"""Domain errors. Each maps to exactly one gRPC status in recsys_core.grpc_util;
+"""Domain errors. Each maps to exactly one gRPC status in recsys_core.rpc.grpc_util;
 domain code raises these and never imports grpc."""
 from __future__ import annotations
 

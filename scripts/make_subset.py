@@ -3,9 +3,9 @@
 Amazon: keeps whole shoppers (every event of theirs, so leave-one-out still
 works), biased toward shoppers active in several categories, which carry the
 cross-category signal. Online Retail: every invoice line of a random sample of
-customers, both public files in one schema (recsys_core/retail.py).
+customers, both public files in one schema (recsys_core/data/retail.py).
 Reviews: a random sample of each review corpus, the multi-domain set balanced
-by domain and label, in the public files' schema (recsys_core/offline/reviews.py).
+by domain and label, in the public files' schema (training/reviews.py).
 Deterministic: the same input gives the same subset.
 
     python scripts/make_subset.py --source ../shared/data/amazon-2014 --out data
@@ -20,14 +20,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from recsys_core.data import INTERACTIONS_FILE, ITEMS_FILE
+from recsys_core.data.shopping import INTERACTIONS_FILE, ITEMS_FILE
 
 
 def retail_subset(source: Path, out: Path, customers: int, seed: int) -> None:
     """Every line (cancellations and non-product lines included, so that the
     cleaning is exercised) of `customers` customers drawn at random, into
     out/online-retail/transactions.parquet."""
-    from recsys_core.retail import TRANSACTIONS_FILE, load_transactions
+    from recsys_core.data.retail import TRANSACTIONS_FILE, load_transactions
 
     lines = load_transactions(source)
     pool = np.sort(lines.customer_id.dropna().unique())
@@ -43,7 +43,7 @@ def retail_subset(source: Path, out: Path, customers: int, seed: int) -> None:
 def reviews_subset(source: Path, out: Path, per_group: int, beauty_reviews: int, seed: int) -> None:
     """`per_group` reviews of each (domain, rating) of the multi-domain set and
     `beauty_reviews` of All_Beauty, into out/reviews/ under the public names."""
-    from recsys_core.offline.reviews import BEAUTY_FILE, MULTI_DOMAIN_FILE
+    from training.reviews import BEAUTY_FILE, MULTI_DOMAIN_FILE
 
     rng = np.random.default_rng(seed)
     target = out / "reviews"

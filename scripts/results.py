@@ -27,13 +27,13 @@ sys.path.insert(0, str(REPO_ROOT))
 
 import numpy as np  # noqa: E402
 
-from recsys_core import data, paths  # noqa: E402
-from recsys_core.interests import DriftSettings  # noqa: E402
-from recsys_core.offline import (  # noqa: E402
+from recsys_core.data import shopping, paths  # noqa: E402
+from recsys_core.signals.interests import DriftSettings  # noqa: E402
+from training import (  # noqa: E402
     baselines, commands, crosscat, interests_eval, modeldir, protocol, seqmodel, textmodel, twotower,
 )
-from recsys_core.offline.commands import torch_threads  # noqa: E402
-from recsys_core.offline.items import default_encoder  # noqa: E402
+from training.commands import torch_threads  # noqa: E402
+from training.items import default_encoder  # noqa: E402
 
 log = logging.getLogger("results")
 RESULTS = REPO_ROOT / "docs" / "results" / "results.json"
@@ -114,7 +114,7 @@ def main() -> int:
 
     results = json.loads(RESULTS.read_text()) if args.resume and RESULTS.is_file() else {}
     results["_commands"] = results.get("_commands", []) + ["python scripts/results.py " + " ".join(sys.argv[1:])]
-    dataset = data.Dataset.load(args.data)
+    dataset = shopping.Dataset.load(args.data)
     encoder = default_encoder()
     category = args.category
     split = protocol.category_split(dataset.interactions, dataset.items, category)
@@ -307,7 +307,7 @@ CO_PURCHASE_WEIGHTS = (0.0, 0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2)
 TRANSFER_DECAYS = (0.3, 0.6, 1.0, 1.5, 2.5, 4.0)
 
 
-def decay_transfer(dataset: data.Dataset, sources: list[str], split: protocol.CategorySplit) -> dict:
+def decay_transfer(dataset: shopping.Dataset, sources: list[str], split: protocol.CategorySplit) -> dict:
     """Our model with the item tower and the user tower's correction frozen
     and no gradient step: its recency decay is the one of TRANSFER_DECAYS
     with the best validation NDCG@10 on the source categories (next-item
@@ -342,7 +342,7 @@ def decay_transfer(dataset: data.Dataset, sources: list[str], split: protocol.Ca
             **searched, "model_dir": str(out.relative_to(REPO_ROOT))}
 
 
-def serving_ranking_on_cross(results: dict, dataset: data.Dataset, cross_tasks: dict) -> None:
+def serving_ranking_on_cross(results: dict, dataset: shopping.Dataset, cross_tasks: dict) -> None:
     """The ranking service's scoring function on every cross-category pair,
     its co-purchase weight chosen by mean validation NDCG@10 over the pairs;
     beside it, the co-purchase counts alone."""
@@ -520,7 +520,7 @@ shown.
 Three generations of our model are in the tables:
 
 - **ours (MiniLM frozen, projection trained)**: our model as `recsys train`
-  trains it by default (recsys_core/offline/twotower.py,
+  trains it by default (training/twotower.py,
   `--finetune-layers 0`). Item tower: the pretrained MiniLM's pooled
   embedding of the item text through a 384 x 384 projection trained from the
   identity; warm items add a learned ID vector (zero at the start, so a cold
@@ -530,7 +530,7 @@ Three generations of our model are in the tables:
   every item of the category, learned temperature, early stopping on
   validation NDCG@10. Chosen over fine-tuning MiniLM's top layer on Beauty's
   validation split (limits, below). Each run wrote a model directory
-  (recsys_core/offline/modeldir.py: ONNX encoder and user tower, fp32 and
+  (training/modeldir.py: ONNX encoder and user tower, fp32 and
   int8, item and ID vectors, manifest with the test figures) under
   `var/results/finetuned/`; `recsys serve --model DIR` serves it.
 - **ours (top 1 MiniLM layer fine-tuned)**: the same with MiniLM's top
@@ -553,10 +553,10 @@ chosen on Beauty's validation split).
 Cross-category rows (history in the source category only, the shopper's
 last item in the target held out, ranked among the target's items): "ours:
 ranking service with co-purchases" is what serving does for such a shopper,
-scored by the ranking service's own function (services/ranking/scoring.py:
+scored by the ranking service's own function (recsys_core/ranking/scoring.py:
 the recency-weighted mix of the source items' vectors as the long-term
 interest, the popularity prior, and the co-purchase count from
-recsys_core/copurchase.py, the profile service's GetCoPurchasedItems).
+recsys_core/signals/copurchase.py, the profile service's GetCoPurchasedItems).
 Co-purchases are counted over every shopper's training events (all but the
 last two per shopper and category), each shopper's own baskets left out
 when they are scored. Its weight was chosen by the mean validation NDCG@10

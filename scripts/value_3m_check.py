@@ -37,9 +37,9 @@ sys.path.insert(0, str(REPO_ROOT))
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from recsys_core.offline import value  # noqa: E402
-from recsys_core.retail import SHARED_RETAIL_DIR, clean, load_transactions, retail_events  # noqa: E402
-from services.profile.value import DAY, SPEND_HORIZONS, SeasonCalendar, design  # noqa: E402
+from training import value  # noqa: E402
+from recsys_core.data.retail import SHARED_RETAIL_DIR, clean, load_transactions, retail_events  # noqa: E402
+from recsys_core.signals.value import DAY, SPEND_HORIZONS, SeasonCalendar, design  # noqa: E402
 
 HORIZON = SPEND_HORIZONS["3m"] * DAY
 YEAR = 365 * DAY

@@ -9,9 +9,9 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from recsys_core import data, paths  # noqa: E402
-from recsys_core.encoder import latest_version_dir  # noqa: E402
-from recsys_core.grpc_util import ManagedServer  # noqa: E402
+from recsys_core.data import shopping, paths  # noqa: E402
+from recsys_core.models.encoder import latest_version_dir  # noqa: E402
+from recsys_core.rpc.grpc_util import ManagedServer  # noqa: E402
 
 STARTUP_SECONDS = 900
 
@@ -23,7 +23,7 @@ def exported_encoder():
     try:
         return latest_version_dir()
     except FileNotFoundError:
-        from recsys_core import export
+        from recsys_core.models import export
 
         export.main([])
         return latest_version_dir()
@@ -34,12 +34,12 @@ def exported_review_classifier():
     """The review classifier exported to model_repo/ (make setup trains it
     with the quick recipe; a bare pytest run does it here). Triton loads every
     model of the repository, so it needs this before it starts."""
-    from recsys_core import review_classifier
+    from recsys_core.models import review_classifier
 
     try:
         return review_classifier.latest_version_dir()
     except FileNotFoundError:
-        from recsys_core.offline import reviews
+        from training import reviews
 
         assert reviews.train_main(["--quick"]) == 0
         return review_classifier.latest_version_dir()
@@ -49,7 +49,7 @@ def exported_review_classifier():
 def triton_server(exported_encoder, exported_review_classifier, tmp_path_factory):
     """A real Triton Inference Server on the repo's model repository, shared
     by the session. Tests that stop a Triton start their own."""
-    from recsys_core.triton import TritonServer
+    from recsys_core.models.triton import TritonServer
 
     with TritonServer(paths.MODEL_REPO, log_path=tmp_path_factory.mktemp("triton") / "server.log") as server:
         yield server
@@ -57,7 +57,7 @@ def triton_server(exported_encoder, exported_review_classifier, tmp_path_factory
 
 @pytest.fixture(scope="session")
 def dataset():
-    return data.Dataset.load(paths.BUNDLED_DATA_DIR)
+    return shopping.Dataset.load(paths.BUNDLED_DATA_DIR)
 
 
 def start(server_and_port: tuple[ManagedServer, int]) -> tuple[ManagedServer, str]:
@@ -84,10 +84,10 @@ class Stack:
 def value_model():
     """The churn and lifetime-value model GetProfile serves (make setup trains
     it; a bare pytest run trains it on the bundled retail subset here)."""
-    from services.profile.value import default_artifact_path
+    from recsys_core.signals.value import default_artifact_path
 
     if not default_artifact_path().is_file():
-        from recsys_core.offline.value import train_value_main
+        from training.value import train_value_main
 
         assert train_value_main([]) == 0
     return default_artifact_path()
@@ -149,7 +149,7 @@ def redis_server(tmp_path_factory):
     """A real redis-server on a free loopback port, durable as the Redis store
     requires (AOF, appendfsync always, no RDB), shared by the session; tests
     keep apart by key prefix. Tests that kill a Redis start their own."""
-    from services.profile.local_redis import LocalRedis, redis_server_binary
+    from recsys_core.store.local_redis import LocalRedis, redis_server_binary
 
     if redis_server_binary() is None:
         message = "redis-server is not installed: `make setup` installs it"
@@ -180,7 +180,7 @@ class StoreOpener:
 
     def __call__(self):
         from services.profile.config import ProfileConfig
-        from services.profile.store import open_store
+        from recsys_core.store.sqlite_store import open_store
 
         store = open_store(ProfileConfig(store=self.backend, store_path=self.path, redis_url=self.redis_url,
                                          redis_prefix=self.prefix))

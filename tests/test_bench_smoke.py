@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from recsys_core import paths
+from recsys_core.data import paths
 
 pytestmark = pytest.mark.integration
 

@@ -2,9 +2,9 @@
 import numpy as np
 import pytest
 
-from recsys_core.encoder import OnnxEncoder
+from recsys_core.models.encoder import OnnxEncoder
 from recsys_core.errors import InvalidArgument, NotFound
-from recsys_core.embedding_cache import EmbeddingCache
+from recsys_core.index.embedding_cache import EmbeddingCache
 from services.embedding.catalogue import Catalogue, ItemRecord
 
 

@@ -6,9 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from recsys_core.copurchase import CoPurchases
+from recsys_core.signals.copurchase import CoPurchases
 from recsys_core.errors import InvalidArgument
-from services.ranking.scoring import UserVectors, Weights, rank
+from recsys_core.ranking.scoring import UserVectors, Weights, rank
 
 BASKETS = [
     ("ann", "tent", "Sports"), ("ann", "suncream", "Beauty"),
@@ -62,7 +62,7 @@ def test_the_ranking_term_lifts_co_purchased_candidates():
 
 
 def test_stores_list_each_shoppers_items_once(event_store):
-    from services.profile.store import PURCHASE, VIEW, StoredEvent
+    from recsys_core.store.sqlite_store import PURCHASE, VIEW, StoredEvent
 
     event_store.append([StoredEvent(u, i, c, PURCHASE, 1) for u, i, c in BASKETS]
                        + [StoredEvent("ann", "tent", "Sports", VIEW, 2)])
@@ -71,7 +71,7 @@ def test_stores_list_each_shoppers_items_once(event_store):
 
 def test_the_book_answers_co_purchases_and_keeps_them_current(event_store):
     from services.profile.profiles import IncomingEvent, ItemInfo, ProfileBook
-    from services.profile.store import PURCHASE, StoredEvent
+    from recsys_core.store.sqlite_store import PURCHASE, StoredEvent
 
     event_store.append([StoredEvent(u, i, c, PURCHASE, 1) for u, i, c in BASKETS])
     vectors = np.eye(5, dtype=np.float32)
@@ -110,7 +110,7 @@ def test_the_book_answers_co_purchases_and_keeps_them_current(event_store):
 def test_offline_scoring_leaves_the_shoppers_own_baskets_out():
     """The only evidence linking the source item to the held-out target is
     the shopper's own basket: left out, the target must get no co-purchase lift."""
-    from recsys_core.offline import crosscat, protocol
+    from training import crosscat, protocol
 
     rows = []
     for user in ("ann", "bob"):

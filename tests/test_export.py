@@ -6,9 +6,10 @@ import shutil
 import numpy as np
 import pytest
 
-from recsys_core import encoder as enc
-from recsys_core import export, paths
-from recsys_core.encoder import OnnxEncoder
+from recsys_core.models import encoder as enc
+from recsys_core.models import export
+from recsys_core.data import paths
+from recsys_core.models.encoder import OnnxEncoder
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +38,8 @@ def test_int8_stays_close_to_fp32_on_catalogue_titles(exported_encoder, catalogu
 def test_a_new_version_is_served_beside_the_previous_one(exported_encoder, tmp_path):
     """Export as the next version (as a fine-tuned model is), then a real
     Triton serves both: clients get the new one, the old one still answers."""
-    from recsys_core.triton import TritonServer
-    from recsys_core.triton_encoder import TritonEncoder
+    from recsys_core.models.triton import TritonServer
+    from recsys_core.models.triton_encoder import TritonEncoder
 
     model_dir = tmp_path / paths.TEXT_ENCODER_MODEL
     shutil.copytree(paths.MODEL_REPO / paths.TEXT_ENCODER_MODEL / "1", model_dir / "1")

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from recsys_core import paths
-from recsys_core.encoder import OnnxEncoder
-from recsys_core.offline import baselines, finetune, modeldir, protocol, seqmodel, twotower
-from recsys_core.offline.items import split_item_texts
+from recsys_core.data import paths
+from recsys_core.models.encoder import OnnxEncoder
+from training import baselines, finetune, modeldir, protocol, seqmodel, twotower
+from training.items import split_item_texts
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +23,7 @@ def beauty(dataset):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, exported_encoder):
     """Two epochs of `recsys train` on the bundled Beauty, top MiniLM layer fine-tuned."""
-    from recsys_core.offline import commands
+    from training import commands
 
     out = tmp_path_factory.mktemp("finetuned") / "model"
     assert commands.train_main(["--data", str(paths.BUNDLED_DATA_DIR), "--categories", "Beauty", "--out", str(out),
@@ -36,7 +36,7 @@ def test_top_layers_over_cached_states_are_the_whole_encoder(exported_encoder):
     """Splitting MiniLM at the frozen layers changes nothing: the top layers
     over the cached states give the full encoder's vectors, which at the start
     (identity projection) are the exported pretrained encoder's."""
-    from recsys_core.export import pretrained_model_dir
+    from recsys_core.models.export import pretrained_model_dir
 
     texts = ["Lavender body lotion, 8 oz. Category: Beauty, Skin Care, Body",
              "Wooden train set with 40 pieces. Category: Toys & Games", "nail polish"]
@@ -86,7 +86,7 @@ def test_without_correction_the_user_tower_is_the_recency_mix_at_its_own_decay(b
 
 
 def test_fine_tuning_lowers_the_loss_moves_only_the_top_layer_and_beats_popularity(trained, beauty, dataset):
-    from recsys_core.export import pretrained_model_dir
+    from recsys_core.models.export import pretrained_model_dir
 
     manifest = json.loads((trained / modeldir.MANIFEST).read_text())
     losses = manifest["training"]["losses"]
@@ -150,7 +150,7 @@ def test_item_vectors_with_ids_are_text_plus_id(trained):
 
 
 def test_train_rejects_bad_arguments(capsys):
-    from recsys_core.offline import commands
+    from training import commands
 
     with pytest.raises(SystemExit):
         commands.train_main(["--data", str(paths.BUNDLED_DATA_DIR), "--categories", "Shoes", "--out", "/tmp/x"])

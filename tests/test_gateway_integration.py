@@ -47,8 +47,8 @@ def all_events(dataset):
     subset and the bundled online-retail invoice lines."""
     import pandas as pd
 
-    from recsys_core import paths
-    from recsys_core.retail import retail_items_and_events
+    from recsys_core.data import paths
+    from recsys_core.data.retail import retail_items_and_events
 
     return pd.concat([dataset.interactions, retail_items_and_events(paths.BUNDLED_RETAIL_DIR)[1]], ignore_index=True)
 
@@ -229,7 +229,7 @@ def test_context_items_steer_recommendations(gateway, dataset, multi_category_sh
 
 
 def test_ranking_down_falls_back_to_retrieval_order(gateway_config_for, multi_category_shopper):
-    from recsys_core.localstack import free_port
+    from recsys_cli.stack import free_port
     from services.gateway.server import create_server
 
     server, address = start(create_server(gateway_config_for(ranking_address=f"127.0.0.1:{free_port()}")))
@@ -288,8 +288,8 @@ def test_profile_reads_interests_and_drift_of_a_real_shopper(profile, dataset, l
 
 
 def test_retail_shoppers_get_churn_and_spend_forecasts(profile, gateway):
-    from recsys_core import paths
-    from recsys_core.retail import retail_items_and_events
+    from recsys_core.data import paths
+    from recsys_core.data.retail import retail_items_and_events
 
     _, events = retail_items_and_events(paths.BUNDLED_RETAIL_DIR)
     spend = events.groupby("user_id")["amount"].sum().sort_values()
@@ -313,7 +313,7 @@ def test_retail_shoppers_get_churn_and_spend_forecasts(profile, gateway):
 @pytest.fixture(scope="module")
 def narrow_shopper(dataset):
     """A Beauty shopper with a real history in few corners of the catalogue: room to explore."""
-    from recsys_core.interests import interest_category
+    from recsys_core.signals.interests import interest_category
 
     path = dict(zip(dataset.items.item_id, dataset.items.category_path))
     events = dataset.interactions[dataset.interactions.category == "Beauty"]
@@ -360,7 +360,7 @@ def test_bad_exploration_requests_are_refused(gateway, long_history_shopper, req
 
 def test_recsys_profile_prints_the_profile_readably_and_as_json(stack, long_history_shopper, monkeypatch, capsys,
                                                                 tmp_path):
-    from recsys_core import cli
+    from recsys_cli import main as cli
 
     monkeypatch.setenv("RECSYS_GATEWAY", stack.gateway)
     assert cli.main(["profile", long_history_shopper]) == 0
@@ -381,7 +381,7 @@ def test_recsys_profile_prints_the_profile_readably_and_as_json(stack, long_hist
 
 
 def test_recsys_recommend_can_spread_and_explore(stack, narrow_shopper, monkeypatch, capsys):
-    from recsys_core import cli
+    from recsys_cli import main as cli
 
     monkeypatch.setenv("RECSYS_GATEWAY", stack.gateway)
     assert cli.main(["recommend", narrow_shopper, "--k", "8", "--spread-interests", "--explore", "2", "--json"]) == 0

@@ -1,11 +1,11 @@
-"""Drift, interest clusters and spread lists (recsys_core.interests), and how
+"""Drift, interest clusters and spread lists (recsys_core.signals.interests), and how
 ranking applies them: domain code called directly."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from recsys_core.interests import (
+from recsys_core.signals.interests import (
     ClusterSettings,
     DriftSettings,
     cluster_interests,
@@ -18,7 +18,7 @@ from recsys_core.interests import (
     short_term_share,
     spread,
 )
-from services.ranking.scoring import UserVectors, Weights, rank
+from recsys_core.ranking.scoring import UserVectors, Weights, rank
 
 AXES = np.eye(4, dtype=np.float32)
 

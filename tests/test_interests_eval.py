@@ -6,10 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from recsys_core import paths
-from recsys_core.interests import ClusterSettings, DriftSettings
-from recsys_core.offline import interests_eval, protocol
-from recsys_core.offline.baselines import zero_shot_scorer
+from recsys_core.data import paths
+from recsys_core.signals.interests import ClusterSettings, DriftSettings
+from training import interests_eval, protocol
+from training.baselines import zero_shot_scorer
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from google.protobuf import json_format
 from recsys.embedding.v1 import embedding_pb2
 from recsys.gateway.v1 import gateway_pb2
 from recsys.profile.v1 import profile_pb2
-from recsys_core import paths
+from recsys_core.data import paths
 
 pytestmark = pytest.mark.integration
 

@@ -19,10 +19,10 @@ from recsys.common.v1 import common_pb2
 from recsys.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from recsys.profile.v1 import profile_pb2, profile_pb2_grpc
 from recsys.ranking.v1 import ranking_pb2, ranking_pb2_grpc
-from recsys_core.grpc_util import build_server, handle_errors
+from recsys_core.rpc.grpc_util import build_server, handle_errors
 from recsys_core.errors import NotFound
-from recsys_core.messages import to_vector
-from recsys_core.metrics import listen_host, split_method
+from recsys_core.rpc.messages import to_vector
+from recsys_core.rpc.metrics import listen_host, split_method
 
 RANK = ("unary", "recsys.ranking.v1.RankingService", "Rank")
 
@@ -321,8 +321,8 @@ def test_embedding_reports_index_size_per_category_and_encoder_readiness(stack, 
         dict(labels)["category"]: count
         for (name, labels), count in samples.items() if name == "recsys_embedding_index_items"
     }
-    from recsys_core import paths
-    from recsys_core.retail import retail_items_and_events
+    from recsys_core.data import paths
+    from recsys_core.data.retail import retail_items_and_events
 
     items = pd.concat([dataset.items, retail_items_and_events(paths.BUNDLED_RETAIL_DIR)[0]], ignore_index=True)
     counts = items.groupby("category").item_id.nunique()

@@ -11,10 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from recsys_core import data, errors, model_serving, paths
-from recsys_core import user_tower as ut
-from recsys_core.encoder import OnnxEncoder, latest_version_dir
-from services.ranking.scoring import UserVectors, Weights, rank
+from recsys_core import errors
+from recsys_core.data import shopping, paths
+from recsys_core.models import model_serving
+from recsys_core.models import user_tower as ut
+from recsys_core.models.encoder import OnnxEncoder, latest_version_dir
+from recsys_core.ranking.scoring import UserVectors, Weights, rank
 
 pytestmark = pytest.mark.integration
 
@@ -33,16 +35,16 @@ def small_data(dataset, tmp_path_factory) -> Path:
     keep = events.user_id.isin(shoppers) & (
         (events.category == "Beauty") | events.user_id.isin(shoppers[:SHOPPERS_WITH_COLD_ITEMS]))
     out = tmp_path_factory.mktemp("small-data")
-    events[keep].to_csv(out / data.INTERACTIONS_FILE, index=False)
+    events[keep].to_csv(out / shopping.INTERACTIONS_FILE, index=False)
     items = dataset.items[dataset.items.item_id.isin(events[keep].item_id)]
-    items[list(data.ITEM_COLUMNS)].to_csv(out / data.ITEMS_FILE, index=False)
+    items[list(shopping.ITEM_COLUMNS)].to_csv(out / shopping.ITEMS_FILE, index=False)
     return out
 
 
 @pytest.fixture(scope="module")
 def model(small_data, exported_encoder, tmp_path_factory) -> model_serving.ModelDir:
     """What `recsys train --out` writes, on a tiny budget."""
-    from recsys_core.offline import commands
+    from training import commands
 
     out = tmp_path_factory.mktemp("trained") / "model"
     assert commands.train_main(["--data", str(small_data), "--categories", "Beauty", "--out", str(out),
@@ -61,7 +63,7 @@ class Served:
 
 @pytest.fixture(scope="module")
 def served(model, tmp_path_factory):
-    from recsys_core.triton import TritonServer
+    from recsys_core.models.triton import TritonServer
 
     repo = tmp_path_factory.mktemp("serving") / "model_repo"
     versions = model_serving.serving_repository(model, repo, models=(paths.TEXT_ENCODER_MODEL,))
@@ -113,7 +115,7 @@ def model_stack(served, model, small_data, tmp_path_factory):
 
 def catalogue_vectors(stack, item_ids: list[str]) -> dict[str, np.ndarray]:
     from recsys.embedding.v1 import embedding_pb2, embedding_pb2_grpc
-    from recsys_core.messages import from_vector
+    from recsys_core.rpc.messages import from_vector
 
     with stack.channel("embedding") as channel:
         reply = embedding_pb2_grpc.EmbeddingServiceStub(channel).GetItems(
@@ -145,7 +147,7 @@ def onnx_user_tower(model: model_serving.ModelDir, histories: list[np.ndarray]) 
 
 
 def test_serving_reads_the_layout_training_writes(model):
-    from recsys_core.offline import modeldir
+    from training import modeldir
 
     assert (model_serving.FORMAT, model_serving.MANIFEST, model_serving.ENCODER_DIR, model_serving.USER_TOWER_DIR,
             model_serving.ITEMS_DIR) == (modeldir.FORMAT, modeldir.MANIFEST, modeldir.ENCODER_DIR,
@@ -162,7 +164,7 @@ def copy_of(model: model_serving.ModelDir, target: Path) -> Path:
 
 
 def test_a_bad_model_directory_gets_a_clear_error(model, tmp_path, capsys):
-    from recsys_core import cli
+    from recsys_cli import main as cli
 
     def error_for(path: Path) -> str:
         with pytest.raises(model_serving.ModelDirError) as caught:
@@ -208,7 +210,7 @@ def test_model_repo_is_left_alone_and_installs_are_idempotent(model, served, tmp
 
 
 def test_triton_serves_the_models_encoder_as_its_newest_version(model, served):
-    from recsys_core.triton_encoder import TritonEncoder
+    from recsys_core.models.triton_encoder import TritonEncoder
 
     texts = ["Maybelline Great Lash Mascara, Blackest Black", "wooden train set with 40 pieces", "SPF 50 sunscreen"]
     with TritonEncoder(served.triton.grpc_url) as newest, \
@@ -263,7 +265,7 @@ def test_triton_user_tower_rejects_a_malformed_request_alone(served):
 
 
 def test_catalogue_indexes_trained_items_with_their_id_vectors(model, model_stack, small_data):
-    items = data.load_items(small_data)
+    items = shopping.load_items(small_data)
     vectors = catalogue_vectors(model_stack, list(items.item_id))
     assert len(vectors) == len(items)
     # What the model's encoder makes of each text: saved by training for the
@@ -284,9 +286,9 @@ def test_catalogue_indexes_trained_items_with_their_id_vectors(model, model_stac
 def test_profiles_and_recommendations_follow_the_model(model, model_stack, small_data):
     from recsys.gateway.v1 import gateway_pb2, gateway_pb2_grpc
     from recsys.profile.v1 import profile_pb2
-    from recsys_core.messages import from_vector, has_values
+    from recsys_core.rpc.messages import from_vector, has_values
 
-    events = data.chronological(data.load_interactions(small_data))
+    events = shopping.chronological(shopping.load_interactions(small_data))
     dated = events.groupby("user_id").timestamp.agg(lambda ts: ts.notna().all() and ts.is_unique)
     lengths = events.groupby("user_id").size()
     shopper = lengths[dated].sort_values(ascending=False).index[0]
@@ -297,7 +299,7 @@ def test_profiles_and_recommendations_follow_the_model(model, model_stack, small
         profile = gateway.GetProfile(profile_pb2.GetProfileRequest(user_id=shopper), timeout=30)
         assert has_values(profile.model_interest), "GetProfile carries the user tower's shopper vector"
         model_interest = from_vector(profile.model_interest)
-        vectors = catalogue_vectors(model_stack, list(data.load_items(small_data).item_id))
+        vectors = catalogue_vectors(model_stack, list(shopping.load_items(small_data).item_id))
         expected = onnx_user_tower(model, [np.stack([vectors[i] for i in history])])[0]
         np.testing.assert_allclose(model_interest, expected, rtol=1e-4, atol=1e-4)
 

@@ -6,8 +6,8 @@ import json
 import numpy as np
 import pytest
 
-from recsys_core import paths
-from recsys_core.offline import baselines, protocol
+from recsys_core.data import paths
+from training import baselines, protocol
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,7 @@ def test_ranks_leave_history_out_and_count_ties_against_the_target():
 
 
 def test_baselines_order_on_the_bundled_subset(beauty, dataset, exported_encoder):
-    from recsys_core.offline.items import default_encoder, split_item_vectors
+    from training.items import default_encoder, split_item_vectors
 
     popularity = protocol.evaluate(baselines.popularity_scorer(beauty), beauty)
     cooccurrence = protocol.evaluate(baselines.cooccurrence_scorer(beauty), beauty)
@@ -57,7 +57,7 @@ def test_cross_category_task_ranks_only_the_target_category(dataset):
 def test_training_lowers_the_loss_and_beats_popularity(tmp_path, beauty, dataset, exported_encoder):
     """CI's training smoke run: a few epochs of our model (the MiniLM's top
     layer fine-tuned) on the bundled Beauty, as `recsys train` and `recsys evaluate` run it."""
-    from recsys_core.offline import commands, modeldir, seqmodel
+    from training import commands, modeldir, seqmodel
 
     out = tmp_path / "model"
     assert commands.train_main(["--data", str(paths.BUNDLED_DATA_DIR), "--categories", "Beauty",
@@ -75,7 +75,7 @@ def test_training_lowers_the_loss_and_beats_popularity(tmp_path, beauty, dataset
 def test_recsys_evaluate_scores_the_cross_category_task(capsys):
     """`recsys evaluate --cross`: serving's ranking with other shoppers'
     co-purchases against popularity in the target, and the refusals."""
-    from recsys_core.offline import commands
+    from training import commands
 
     def cross(baseline: str) -> dict:
         assert commands.evaluate_main(["--data", str(paths.BUNDLED_DATA_DIR), "--cross", "Beauty:Toys_and_Games",

@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 
 from recsys_core.errors import InvalidArgument, NotFound
-from recsys_core.interests import DriftSettings
+from recsys_core.signals.interests import DriftSettings
 from services.profile.interests import event_weight, interest_vector
 from services.profile.popularity import Popularity
 from services.profile.profiles import IncomingEvent, ItemInfo, ProfileBook
-from services.profile.store import PURCHASE, RATING, REVIEW, VIEW, StoredEvent
+from recsys_core.store.sqlite_store import PURCHASE, RATING, REVIEW, VIEW, StoredEvent
 
 
 def event(item, type_=PURCHASE, rating=None, user="u"):
@@ -119,7 +119,7 @@ def test_bulk_load_happens_once_per_marker(event_store):
 
 def test_an_interrupted_bulk_load_loads_each_event_once_when_run_again(open_event_store, monkeypatch):
     """SQLite rolls the load back; Redis keeps whole chunks and resumes after them."""
-    import services.profile.redis_store as redis_store
+    import recsys_core.store.redis_store as redis_store
 
     monkeypatch.setattr(redis_store, "BULK_CHUNK", 3)
     events = [event(f"i{n}", user=f"u{n % 3}") for n in range(10)]
@@ -238,7 +238,7 @@ def test_book_stores_what_was_spent_and_on_which_order(book):
 def test_a_store_written_before_events_carried_money_opens_and_keeps_its_events(tmp_path):
     import sqlite3
 
-    from services.profile.store import SQLiteEventStore
+    from recsys_core.store.sqlite_store import SQLiteEventStore
 
     path = tmp_path / "old.sqlite3"
     old = sqlite3.connect(path)
@@ -260,9 +260,9 @@ def test_a_store_written_before_events_carried_money_opens_and_keeps_its_events(
 def test_data_sets_load_once_also_into_stores_of_earlier_versions(tmp_path):
     import hashlib
 
-    from recsys_core import paths
+    from recsys_core.data import paths
     from services.profile.server import load_dataset_events, load_retail_events
-    from services.profile.store import SQLiteEventStore
+    from recsys_core.store.sqlite_store import SQLiteEventStore
 
     store = SQLiteEventStore(tmp_path / "events.sqlite3")
     # Earlier versions marked the bundled set by its interactions file's digest.

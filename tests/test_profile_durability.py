@@ -22,8 +22,8 @@ import pytest
 
 from recsys.common.v1 import common_pb2
 from recsys.profile.v1 import profile_pb2, profile_pb2_grpc
-from recsys_core import paths
-from recsys_core.localstack import free_port, wait_until_serving
+from recsys_core.data import paths
+from recsys_cli.stack import free_port, wait_until_serving
 
 pytestmark = pytest.mark.integration
 
@@ -184,7 +184,7 @@ def catalogue_items(dataset):
 def store_environment(backend: str, tmp_path) -> tuple[dict[str, str], object]:
     if backend == "sqlite":
         return {"PROFILE_STORE": "sqlite", "PROFILE_STORE_PATH": str(tmp_path / "events.sqlite3")}, None
-    from services.profile.local_redis import LocalRedis
+    from recsys_core.store.local_redis import LocalRedis
 
     redis = LocalRedis(tmp_path / "redis").start()
     prefix = f"crash-{uuid.uuid4().hex[:8]}:"
@@ -241,8 +241,8 @@ def test_acknowledged_events_survive_a_kill_of_redis(stack, catalogue_items, tmp
 
 
 def test_the_redis_store_refuses_a_server_that_could_lose_events(redis_server, tmp_path):
-    from services.profile.local_redis import LocalRedis
-    from services.profile.redis_store import DurabilityError, RedisEventStore
+    from recsys_core.store.local_redis import LocalRedis
+    from recsys_core.store.redis_store import DurabilityError, RedisEventStore
 
     cases = {
         ("--appendonly", "no"): "appendonly is not yes",
@@ -264,9 +264,9 @@ def test_a_batch_redis_has_no_memory_for_is_refused_whole(redis_server, tmp_path
     import redis as redis_client
 
     from recsys_core.errors import ResourceExhausted
-    from services.profile.local_redis import LocalRedis
-    from services.profile.redis_store import RedisEventStore
-    from services.profile.store import VIEW, StoredEvent
+    from recsys_core.store.local_redis import LocalRedis
+    from recsys_core.store.redis_store import RedisEventStore
+    from recsys_core.store.sqlite_store import VIEW, StoredEvent
 
     with LocalRedis(tmp_path / "redis") as server:
         store = RedisEventStore(server.url)

@@ -9,9 +9,10 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from recsys_core import errors, paths
-from recsys_core import review_classifier as rc
-from recsys_core import reviews
+from recsys_core import errors
+from recsys_core.data import paths
+from recsys_core.models import review_classifier as rc
+from recsys_core.signals import reviews
 
 # Real reviews from the corpora (training part), as their writers wrote them.
 SHAMPOO_COMPLAINT = (
@@ -183,7 +184,7 @@ def test_long_reviews_keep_their_head_and_tail(exported_encoder):
 
 @pytest.fixture(scope="module")
 def review_frame():
-    from recsys_core.offline import reviews as offline
+    from training import reviews as offline
 
     data_dir = paths.reviews_data_dir()
     if not (data_dir / offline.MULTI_DOMAIN_FILE).is_file():
@@ -195,7 +196,7 @@ def review_frame():
 
 
 def test_split_is_stratified_deterministic_and_keeps_copies_together(review_frame):
-    from recsys_core.offline import reviews as offline
+    from training import reviews as offline
 
     frame = review_frame
     md = frame[frame.corpus == offline.MULTI_DOMAIN]
@@ -217,7 +218,7 @@ def test_split_is_stratified_deterministic_and_keeps_copies_together(review_fram
 def test_tiny_fine_tuning_lowers_the_loss_and_exports_what_it_learned(review_frame, tmp_path):
     """CI's training smoke run: six steps on 32 reviews; the ONNX export
     gives the torch model's probabilities."""
-    from recsys_core.offline import reviews as offline
+    from training import reviews as offline
 
     config = replace(offline.QUICK, train_limit=32, epochs=3, max_tokens=48, head_tokens=16, learning_rate=1e-4,
                      evaluations_per_epoch=1, patience=10, threads=1)

@@ -19,9 +19,9 @@ from recsys.embedding.v1 import embedding_pb2, embedding_pb2_grpc
 from recsys.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from recsys.profile.v1 import profile_pb2, profile_pb2_grpc
 from recsys.ranking.v1 import ranking_pb2, ranking_pb2_grpc
-from recsys_core import paths
-from recsys_core.messages import dimension, from_vector, to_vector
-from recsys_core.localstack import free_port, wait_until_serving
+from recsys_core.data import paths
+from recsys_core.rpc.messages import dimension, from_vector, to_vector
+from recsys_cli.stack import free_port, wait_until_serving
 
 pytestmark = pytest.mark.integration
 
@@ -184,7 +184,7 @@ def test_profile_of_a_real_shopper(profile, dataset):
     assert reply.known and reply.event_count == len(expected)
     assert set(reply.seen_item_ids) == set(expected.item_id)
     assert dimension(reply.long_term_interest) == 384 and dimension(reply.short_term_interest) == 384
-    from recsys_core.data import chronological
+    from recsys_core.data.shopping import chronological
 
     assert reply.recent_history[0].item_id == chronological(expected).item_id.iloc[-1]
 

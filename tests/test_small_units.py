@@ -4,13 +4,13 @@ import gzip
 import numpy as np
 import pytest
 
-from recsys_core import data, paths
-from recsys_core.envconfig import ConfigError
+from recsys_core.data import shopping, paths
+from recsys_core.rpc.envconfig import ConfigError
 from recsys_core.errors import InvalidArgument
 from services.embedding.config import EmbeddingConfig
 from services.gateway import requests as rq
 from services.gateway.config import GatewayConfig
-from services.ranking.scoring import UserVectors, Weights, rank
+from recsys_core.ranking.scoring import UserVectors, Weights, rank
 
 
 def test_config_reads_prefixed_environment_and_fails_fast():
@@ -52,7 +52,7 @@ def test_scoring_blends_interest_and_popularity():
 
 
 def test_bundled_data_loads_with_text_for_every_item():
-    dataset = data.Dataset.load(paths.BUNDLED_DATA_DIR)
+    dataset = shopping.Dataset.load(paths.BUNDLED_DATA_DIR)
     assert dataset.items.item_id.is_unique
     assert (dataset.items.text.str.len() > 0).all()
     sports = dataset.items[dataset.items.category == "Sports_and_Outdoors"].iloc[0]
@@ -64,16 +64,16 @@ def test_bundled_data_loads_with_text_for_every_item():
 
 
 def test_chronological_keeps_benchmark_order_within_a_category():
-    events = data.load_interactions(paths.BUNDLED_DATA_DIR)
-    ordered = data.chronological(events)
+    events = shopping.load_interactions(paths.BUNDLED_DATA_DIR)
+    ordered = shopping.chronological(events)
     for _, group in ordered.groupby(["user_id", "category"], sort=False):
         assert group.seq.is_monotonic_increasing
 
 
 def test_loader_explains_what_is_missing(tmp_path):
-    with pytest.raises(data.DataError, match="items.csv.gz"):
-        data.load_items(tmp_path)
-    with gzip.open(tmp_path / data.ITEMS_FILE, "wt") as f:
+    with pytest.raises(shopping.DataError, match="items.csv.gz"):
+        shopping.load_items(tmp_path)
+    with gzip.open(tmp_path / shopping.ITEMS_FILE, "wt") as f:
         f.write("item_id,category\nA,B\n")
-    with pytest.raises(data.DataError, match="lacks columns"):
-        data.load_items(tmp_path)
+    with pytest.raises(shopping.DataError, match="lacks columns"):
+        shopping.load_items(tmp_path)

@@ -8,10 +8,11 @@ import time
 import numpy as np
 import pytest
 
-from recsys_core import errors, paths
-from recsys_core.encoder import EMBEDDING, OnnxEncoder
-from recsys_core.triton import TritonServer
-from recsys_core.triton_encoder import TEXT, TritonEncoder
+from recsys_core import errors
+from recsys_core.data import paths
+from recsys_core.models.encoder import EMBEDDING, OnnxEncoder
+from recsys_core.models.triton import TritonServer
+from recsys_core.models.triton_encoder import TEXT, TritonEncoder
 
 pytestmark = pytest.mark.integration
 

@@ -11,11 +11,11 @@ import pandas as pd
 import pytest
 from scipy import integrate, stats
 
-from recsys_core import retail
-from recsys_core.btyd import BGNBD, BTYD, GammaGamma
-from recsys_core.offline import value as offline
-from services.profile.store import PURCHASE, RATING, VIEW, StoredEvent
-from services.profile.value import (
+from recsys_core.data import retail
+from recsys_core.signals.btyd import BGNBD, BTYD, GammaGamma
+from training import value as offline
+from recsys_core.store.sqlite_store import PURCHASE, RATING, VIEW, StoredEvent
+from recsys_core.signals.value import (
     CHURN_HORIZON_DAYS, DAY, FEATURES, SeasonCalendar, ShopperHistory, ValueModel, ValueModelError, btyd_columns,
     design, features, retail_stored_events,
 )
@@ -398,7 +398,7 @@ def test_cached_profiles_forecast_at_the_moving_clock(trained, tmp_path):
     """Another shopper's later event moves the category's clock; a cached
     profile's forecast follows it instead of keeping the time it was cached at."""
     from services.profile.profiles import VALUE_REFRESH_SECONDS, IncomingEvent, ItemInfo, ProfileBook
-    from services.profile.store import SQLiteEventStore
+    from recsys_core.store.sqlite_store import SQLiteEventStore
 
     class Catalogue:
         def lookup(self, item_ids, timeout):

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from recsys_core.vector_index import VectorIndex
+from recsys_core.index.vector_index import VectorIndex
 
 
 def unit_rows(n, dimension=8, seed=0):

@@ -7,11 +7,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from recsys_core.embedding_cache import EmbeddingCache, encode_cached
-from recsys_core.encoder import Encoder
+from recsys_core.index.embedding_cache import EmbeddingCache, encode_cached
+from recsys_core.models.encoder import Encoder
 from recsys_core.errors import InvalidArgument, NotFound, Unavailable
-from recsys_core.model_serving import IdVectors
-from recsys_core.vector_index import VectorIndex
+from recsys_core.models.model_serving import IdVectors
+from recsys_core.index.vector_index import VectorIndex
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +136,7 @@ class Catalogue:
 
 
 def records_from_frame(items) -> list[ItemRecord]:
-    """Catalogue records from a frame produced by recsys_core.data.load_items."""
+    """Catalogue records from a frame produced by recsys_core.data.shopping.load_items."""
     return [
         ItemRecord(item_id=row.item_id, category=row.category, title=row.display_title, text=row.text,
                    category_path=row.category_path)

@@ -3,9 +3,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from recsys_core import paths
-from recsys_core.encoder import DEFAULT_PRECISION, PRECISIONS
-from recsys_core.envconfig import EnvReader
+from recsys_core.data import paths
+from recsys_core.models.encoder import DEFAULT_PRECISION, PRECISIONS
+from recsys_core.rpc.envconfig import EnvReader
 
 ENCODER_BACKENDS = ("onnx", "triton")
 
@@ -24,7 +24,7 @@ class EmbeddingConfig:
     # Online_Retail); empty means none.
     retail_dir: str = str(paths.BUNDLED_RETAIL_DIR)
     model_repo: str = str(paths.MODEL_REPO)
-    # A trained model directory (recsys train --out; recsys_core/model_serving.py):
+    # A trained model directory (recsys train --out; recsys_core/models/model_serving.py):
     # its encoder indexes the catalogue (Triton must serve it as text_encoder's
     # newest version, or the in-process encoder loads it), and items it was
     # trained on add their ID vectors. Empty: the pretrained encoder alone.

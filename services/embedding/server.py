@@ -11,11 +11,11 @@ import pandas as pd
 from prometheus_client.core import GaugeMetricFamily
 
 from recsys.embedding.v1 import embedding_pb2, embedding_pb2_grpc
-from recsys_core import data
-from recsys_core.encoder import METADATA_FILE, Encoder, OnnxEncoder, latest_version_dir, weights
-from recsys_core.grpc_util import ManagedServer, ServingHealth, build_server, serve_main
-from recsys_core.embedding_cache import EmbeddingCache
-from recsys_core.model_serving import ModelDir, open_model_dir
+from recsys_core.data import shopping
+from recsys_core.models.encoder import METADATA_FILE, Encoder, OnnxEncoder, latest_version_dir, weights
+from recsys_core.rpc.grpc_util import ManagedServer, ServingHealth, build_server, serve_main
+from recsys_core.index.embedding_cache import EmbeddingCache
+from recsys_core.models.model_serving import ModelDir, open_model_dir
 from services.embedding.catalogue import Catalogue, records_from_frame
 from services.embedding.config import EmbeddingConfig
 from services.embedding.servicer import EmbeddingServicer
@@ -31,7 +31,7 @@ ENCODER_POLL_SECONDS = 1.0
 def load_encoder(config: EmbeddingConfig, model: ModelDir | None = None) -> Encoder:
     """The configured encoder; with a trained `model`, that model's encoder."""
     if config.encoder == "triton":
-        from recsys_core.triton_encoder import TritonEncoder
+        from recsys_core.models.triton_encoder import TritonEncoder
 
         encoder = TritonEncoder(config.triton_url)
         # Where the served weights are also on this disk, their fingerprint
@@ -58,7 +58,7 @@ def check_served_encoder(encoder, model: ModelDir, local: Path) -> None:
             raise RuntimeError(
                 f"Triton serves {encoder.model_name} version {encoder.version} ({local}), not the encoder of "
                 f"{model.path} (fingerprint {encoder.fingerprint}, expected {expected}): install the model's "
-                f"encoder as the newest version (python -m recsys_core.model_serving, or recsys serve --model)")
+                f"encoder as the newest version (python -m recsys_core.models.model_serving, or recsys serve --model)")
     else:
         log.warning("cannot compare Triton's %s version %s with %s (not on this disk): trusting the configuration",
                     encoder.model_name, encoder.version, model.encoder_dir)
@@ -96,11 +96,11 @@ def load_catalogue(config: EmbeddingConfig, show_progress: bool = True) -> Catal
                  len(id_vectors) if id_vectors is not None else 0)
     frames = []
     if config.data_path is not None:
-        frames.append(data.load_items(config.data_path))
+        frames.append(shopping.load_items(config.data_path))
     if config.retail_path is not None:
-        from recsys_core.retail import retail_items_and_events
+        from recsys_core.data.retail import retail_items_and_events
 
-        frames.append(data.with_text(retail_items_and_events(config.retail_path)[0]))
+        frames.append(shopping.with_text(retail_items_and_events(config.retail_path)[0]))
     if frames:
         items = pd.concat(frames, ignore_index=True)
         log.info("indexing %d items from %s", len(items),

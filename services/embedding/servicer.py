@@ -4,8 +4,8 @@ from __future__ import annotations
 from recsys.common.v1 import common_pb2
 from recsys.embedding.v1 import embedding_pb2, embedding_pb2_grpc
 from recsys_core.errors import InvalidArgument
-from recsys_core.grpc_util import Readiness, handle_errors, Deadline
-from recsys_core.messages import from_vector, to_vector
+from recsys_core.rpc.grpc_util import Readiness, handle_errors, Deadline
+from recsys_core.rpc.messages import from_vector, to_vector
 from services.embedding.catalogue import Catalogue, ItemRecord
 from services.embedding.config import EmbeddingConfig
 

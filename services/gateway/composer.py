@@ -17,9 +17,9 @@ from recsys.embedding.v1 import embedding_pb2, embedding_pb2_grpc
 from recsys.profile.v1 import profile_pb2, profile_pb2_grpc
 from recsys.ranking.v1 import ranking_pb2, ranking_pb2_grpc
 from recsys_core.errors import NotFound, Unavailable
-from recsys_core.grpc_util import Deadline, insecure_channel
-from recsys_core.interests import interest_category, spread
-from recsys_core.messages import from_vector, has_values, to_vector
+from recsys_core.rpc.grpc_util import Deadline, insecure_channel
+from recsys_core.signals.interests import interest_category, spread
+from recsys_core.rpc.messages import from_vector, has_values, to_vector
 from services.gateway import requests as rq
 from services.gateway.config import GatewayConfig
 
@@ -256,7 +256,7 @@ class Composer:
     @staticmethod
     def _spread(ranked, hits, interests, profile, k: int, explore: int):
         """The ranked candidates spread across the shopper's interests
-        (recsys_core.interests.spread, the rule docs/profiles.md measures),
+        (recsys_core.signals.interests.spread, the rule docs/profiles.md measures),
         with the reason each was picked."""
         scores = np.asarray([c.score for c in ranked], dtype=np.float32)
         vectors = np.stack([from_vector(hits[c.item_id].embedding) for c in ranked])

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from recsys_core.envconfig import EnvReader
+from recsys_core.rpc.envconfig import EnvReader
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ import grpc
 from prometheus_client import Counter
 
 from recsys.gateway.v1 import gateway_pb2, gateway_pb2_grpc
-from recsys_core.grpc_util import ManagedServer, build_server, serve_main
+from recsys_core.rpc.grpc_util import ManagedServer, build_server, serve_main
 from services.gateway.composer import Composer
 from services.gateway.config import GatewayConfig
 from services.gateway.servicer import PATHS, GatewayServicer

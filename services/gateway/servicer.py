@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from recsys.gateway.v1 import gateway_pb2, gateway_pb2_grpc
-from recsys_core.grpc_util import Deadline, Readiness, handle_errors
+from recsys_core.rpc.grpc_util import Deadline, Readiness, handle_errors
 from services.gateway.composer import COLD_START, FALLBACK, PERSONALISED, Composer, Recommendation
 from services.gateway.config import GatewayConfig
 

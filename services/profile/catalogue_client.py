@@ -4,8 +4,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from recsys.embedding.v1 import embedding_pb2, embedding_pb2_grpc
-from recsys_core.grpc_util import insecure_channel
-from recsys_core.messages import from_vector
+from recsys_core.rpc.grpc_util import insecure_channel
+from recsys_core.rpc.messages import from_vector
 from services.profile.profiles import ItemInfo
 
 # One GetItems call stays well under the message size limit.

@@ -3,9 +3,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from recsys_core import paths
-from recsys_core.envconfig import EnvReader
-from recsys_core.interests import ClusterSettings, DriftSettings
+from recsys_core.data import paths
+from recsys_core.rpc.envconfig import EnvReader
+from recsys_core.signals.interests import ClusterSettings, DriftSettings
 
 
 @dataclass(frozen=True)
@@ -25,7 +25,7 @@ class ProfileConfig:
     redis_durability: str = "always"
     # Events loaded into an empty store at start; empty means none.
     data_dir: str = str(paths.BUNDLED_DATA_DIR)
-    # Online-retail invoices (recsys_core/retail.py) loaded as purchase
+    # Online-retail invoices (recsys_core/data/retail.py) loaded as purchase
     # events with amounts; empty means none.
     retail_dir: str = str(paths.BUNDLED_RETAIL_DIR)
     # The churn and lifetime-value model (`recsys train-value`); empty means

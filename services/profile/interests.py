@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from recsys_core.interests import (
+from recsys_core.signals.interests import (
     ClusterSettings,
     Drift,
     category_mix,
@@ -21,7 +21,7 @@ from recsys_core.interests import (
     recency_weights,
     unit_mix,
 )
-from services.profile.store import PURCHASE, RATING, REVIEW, VIEW, StoredEvent
+from recsys_core.store.sqlite_store import PURCHASE, RATING, REVIEW, VIEW, StoredEvent
 
 # A purchase says more about taste than a glance at a product page.
 TYPE_WEIGHT = {VIEW: 0.3, PURCHASE: 1.0, RATING: 1.0, REVIEW: 1.0}
@@ -80,7 +80,7 @@ class Interest:
 class InterestReading:
     drift: Drift
     interests: list[Interest]
-    # Recency-weighted share of each interest category (recsys_core.interests.interest_category).
+    # Recency-weighted share of each interest category (recsys_core.signals.interests.interest_category).
     categories: dict[str, float]
 
 

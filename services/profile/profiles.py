@@ -11,15 +11,15 @@ from typing import Protocol
 
 import numpy as np
 
-from recsys_core.copurchase import CoPurchases, most_shared
+from recsys_core.signals.copurchase import CoPurchases, most_shared
 from recsys_core.errors import DeadlineExceeded, InvalidArgument, NotFound, Unavailable
-from recsys_core.reviews import Preferences, ReviewOpinions, opinions_of_reviews, preferences
-from recsys_core.interests import NO_DRIFT, ClusterSettings, Drift, DriftSettings
+from recsys_core.signals.reviews import Preferences, ReviewOpinions, opinions_of_reviews, preferences
+from recsys_core.signals.interests import NO_DRIFT, ClusterSettings, Drift, DriftSettings
 from services.profile.interests import Interest, interest_vector, read_interests
 from services.profile.user_tower import ShopperVectors, shopper_interest
-from services.profile.value import ValueForecast, ValueModel
+from recsys_core.signals.value import ValueForecast, ValueModel
 from services.profile.popularity import Popularity
-from services.profile.store import PURCHASE, RATING, REVIEW, VIEW, EventStore, StoredEvent
+from recsys_core.store.sqlite_store import PURCHASE, RATING, REVIEW, VIEW, EventStore, StoredEvent
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ class ReviewReader:
     def _connected(self):
         with self._lock:
             if self._client is None:
-                from recsys_core.review_classifier import TritonReviewClassifier
+                from recsys_core.models.review_classifier import TritonReviewClassifier
 
                 try:
                     self._client = TritonReviewClassifier(self.url, self.model_name)

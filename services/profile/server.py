@@ -10,16 +10,16 @@ import pandas as pd
 from prometheus_client import Counter
 
 from recsys.profile.v1 import profile_pb2, profile_pb2_grpc
-from recsys_core import data
-from recsys_core.grpc_util import ManagedServer, build_server, serve_main
+from recsys_core.data import shopping
+from recsys_core.rpc.grpc_util import ManagedServer, build_server, serve_main
 from services.profile.catalogue_client import EmbeddingServiceLookup
 from services.profile.config import ProfileConfig
 from services.profile.profiles import ProfileBook
 from services.profile.servicer import ProfileServicer
-from services.profile.store import EventStore, benchmark_stored_events, open_store
+from recsys_core.store.sqlite_store import EventStore, benchmark_stored_events, open_store
 from services.profile.review_reader import connect as connect_reviews
 from services.profile.user_tower import connect
-from services.profile.value import ValueModel, ValueModelError
+from recsys_core.signals.value import ValueModel, ValueModelError
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = profile_pb2.DESCRIPTOR.services_by_name["ProfileService"].full_name
@@ -28,8 +28,8 @@ SERVICE_NAME = profile_pb2.DESCRIPTOR.services_by_name["ProfileService"].full_na
 def data_marker(data_dir: Path) -> str:
     """Identifies a data set's content, so a restart does not load it twice.
     Stores loaded by earlier versions carry this very marker: keep its form."""
-    digest = hashlib.sha256((data_dir / data.INTERACTIONS_FILE).read_bytes()).hexdigest()[:16]
-    return f"{data.INTERACTIONS_FILE}:{digest}"
+    digest = hashlib.sha256((data_dir / shopping.INTERACTIONS_FILE).read_bytes()).hexdigest()[:16]
+    return f"{shopping.INTERACTIONS_FILE}:{digest}"
 
 
 def frame_marker(name: str, frame: pd.DataFrame) -> str:
@@ -53,7 +53,7 @@ def load_once(store: EventStore, rows, total: int, marker: str, source: Path) ->
 
 
 def load_dataset_events(store: EventStore, data_dir: Path) -> dict[str, int]:
-    events = data.chronological(data.load_interactions(data_dir))
+    events = shopping.chronological(shopping.load_interactions(data_dir))
     rows = benchmark_stored_events(events)
     load_once(store, rows, len(events), data_marker(data_dir), data_dir)
     return category_clocks(events)
@@ -61,8 +61,8 @@ def load_dataset_events(store: EventStore, data_dir: Path) -> dict[str, int]:
 
 def load_retail_events(store: EventStore, retail_dir: Path) -> dict[str, int]:
     """Online-retail invoice lines as purchases with their amounts and orders."""
-    from recsys_core.retail import retail_items_and_events
-    from services.profile.value import retail_stored_events
+    from recsys_core.data.retail import retail_items_and_events
+    from recsys_core.signals.value import retail_stored_events
 
     _, events = retail_items_and_events(retail_dir)
     load_once(store, retail_stored_events(events), len(events), frame_marker("online-retail", events), retail_dir)

@@ -2,14 +2,14 @@
 from __future__ import annotations
 
 from recsys.profile.v1 import profile_pb2, profile_pb2_grpc
-from recsys_core.grpc_util import Readiness, handle_errors, Deadline
-from recsys_core.messages import to_vector
+from recsys_core.rpc.grpc_util import Readiness, handle_errors, Deadline
+from recsys_core.rpc.messages import to_vector
 from services.profile.config import ProfileConfig
 from services.profile.profiles import DEFAULT_HISTORY, MAX_HISTORY, IncomingEvent, ProfileBook
 from recsys_core.errors import InvalidArgument
-from recsys_core.interests import Drift
-from recsys_core.reviews import Preferences
-from services.profile.value import ValueForecast
+from recsys_core.signals.interests import Drift
+from recsys_core.signals.reviews import Preferences
+from recsys_core.signals.value import ValueForecast
 
 
 def category_shares(shares: dict[str, float]) -> list:

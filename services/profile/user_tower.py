@@ -14,8 +14,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from recsys_core import errors
-from recsys_core import user_tower as ut
-from recsys_core.triton_client import DEFAULT_TIMEOUT, TritonModelClient
+from recsys_core.models import user_tower as ut
+from recsys_core.models.triton_client import DEFAULT_TIMEOUT, TritonModelClient
 
 log = logging.getLogger(__name__)
 

@@ -2,8 +2,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from recsys_core.envconfig import EnvReader
-from recsys_core.interests import DriftSettings
+from recsys_core.rpc.envconfig import EnvReader
+from recsys_core.signals.interests import DriftSettings
 
 
 @dataclass(frozen=True)

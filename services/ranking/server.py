@@ -7,7 +7,7 @@ import sys
 from prometheus_client import Histogram
 
 from recsys.ranking.v1 import ranking_pb2, ranking_pb2_grpc
-from recsys_core.grpc_util import ManagedServer, build_server, serve_main
+from recsys_core.rpc.grpc_util import ManagedServer, build_server, serve_main
 from services.ranking.config import RankingConfig
 from services.ranking.servicer import RankingServicer
 

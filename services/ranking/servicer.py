@@ -5,11 +5,11 @@ import numpy as np
 
 from recsys.ranking.v1 import ranking_pb2, ranking_pb2_grpc
 from recsys_core.errors import InvalidArgument
-from recsys_core.grpc_util import handle_errors
-from recsys_core.messages import from_vector, has_values, stack
+from recsys_core.rpc.grpc_util import handle_errors
+from recsys_core.rpc.messages import from_vector, has_values, stack
 from services.ranking.config import RankingConfig
-from recsys_core.interests import DriftSettings
-from services.ranking.scoring import UserVectors, Weights, rank
+from recsys_core.signals.interests import DriftSettings
+from recsys_core.ranking.scoring import UserVectors, Weights, rank
 
 
 def optional_vector(vector, field: str) -> np.ndarray | None:

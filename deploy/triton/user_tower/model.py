@@ -3,14 +3,14 @@
 Left-padded item vectors and their mask in, the shopper vector out, through
 the same OnnxUserTower an in-process caller would use; requests of different
 history lengths are padded to the longest and run together. Request handling
-is shared with our other models (recsys_core.triton_backend).
+is shared with our other models (recsys_core.models.triton_backend).
 """
 from __future__ import annotations
 
 import triton_python_backend_utils as pb_utils
 
-from recsys_core import user_tower as ut
-from recsys_core.triton_backend import TritonModel
+from recsys_core.models import user_tower as ut
+from recsys_core.models.triton_backend import TritonModel
 
 
 class TritonPythonModel(TritonModel):

@@ -4,12 +4,12 @@ Raw review strings in, P(positive) out: the review is cut to head and tail and
 tokenised inside Triton exactly as in training (lengths from the export's
 classifier.json), and the fine-tuned ONNX graph runs on onnxruntime through
 the in-process OnnxReviewClassifier. Request handling is shared with the text
-encoder (recsys_core.triton_backend).
+encoder (recsys_core.models.triton_backend).
 """
 from __future__ import annotations
 
-from recsys_core import review_classifier as rc
-from recsys_core.triton_backend import TextModel
+from recsys_core.models import review_classifier as rc
+from recsys_core.models.triton_backend import TextModel
 
 
 class TritonPythonModel(TextModel):

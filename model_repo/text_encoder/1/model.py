@@ -4,13 +4,13 @@ Tokenises inside Triton so clients send raw strings, then runs the exported
 ONNX graph (pooling and L2 normalisation are in the graph) with onnxruntime,
 through the same OnnxEncoder the services run in process, so Triton and the
 in-process encoder produce the same vectors. Request handling is shared with
-our other models (recsys_core.triton_backend); the launcher
-(recsys_core.triton) puts the repo root on PYTHONPATH for these imports.
+our other models (recsys_core.models.triton_backend); the launcher
+(recsys_core.models.triton) puts the repo root on PYTHONPATH for these imports.
 """
 from __future__ import annotations
 
-from recsys_core import encoder as enc
-from recsys_core.triton_backend import TextModel
+from recsys_core.models import encoder as enc
+from recsys_core.models.triton_backend import TextModel
 
 
 class TritonPythonModel(TextModel):

@@ -1,0 +1,187 @@
+"""All services as local processes: what `recsys serve` and the benchmarks run."""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from recsys_core.data import paths
+
+log = logging.getLogger(__name__)
+SERVICES = ("embedding", "profile", "ranking", "gateway")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_until_serving(address: str, timeout: float, process: subprocess.Popen | None = None) -> None:
+    """Poll standard health until SERVING; fail early if the process died."""
+    give_up = time.monotonic() + timeout
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            if process is not None and process.poll() is not None:
+                raise RuntimeError(f"the service at {address} exited with code {process.returncode} while starting")
+            try:
+                reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > give_up:
+                raise TimeoutError(f"the service at {address} was not SERVING after {timeout:.0f}s")
+            time.sleep(0.3)
+
+
+@dataclass
+class LocalStack:
+    data_dir: Path = paths.BUNDLED_DATA_DIR
+    # Online-retail invoices: shoppers with money (churn and lifetime value); None: none.
+    retail_dir: Path | None = paths.BUNDLED_RETAIL_DIR
+    gateway_port: int = 50051
+    state_dir: Path = paths.REPO_ROOT / "var"
+    # "triton": the encoder on a local Triton server; "onnx": in the embedding service.
+    encoder: str = "triton"
+    model_repo: Path = paths.MODEL_REPO
+    # A trained model directory (recsys train --out): Triton serves its encoder
+    # and user tower from a repository built for it (model_repo/ itself is
+    # never changed), the catalogue is indexed with them, profiles carry its
+    # shopper vector. None: the pretrained encoder alone.
+    model_dir: Path | None = None
+    extra_env: dict[str, str] = field(default_factory=dict)
+    processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+    addresses: dict[str, str] = field(default_factory=dict)
+    triton: object | None = None
+    serving_repo: Path | None = None
+
+    def environment(self) -> dict[str, str]:
+        ports = {"gateway": self.gateway_port, **{name: free_port() for name in ("embedding", "profile", "ranking")}}
+        self.addresses.update({name: f"127.0.0.1:{port}" for name, port in ports.items()})
+        # Each process its own Prometheus endpoint: "<service>-metrics" -> host:port (GET /metrics).
+        metrics_ports = {name: free_port() for name in SERVICES}
+        self.addresses.update({f"{name}-metrics": f"127.0.0.1:{port}" for name, port in metrics_ports.items()})
+        # Each data set gets its own store, so switching --data never mixes events.
+        store = self.state_dir / f"profile-{Path(self.data_dir).resolve().name}.sqlite3"
+        env = dict(os.environ)
+        env.update({
+            "PYTHONUNBUFFERED": "1",
+            "HF_HUB_OFFLINE": "1",
+            "EMBEDDING_ADDRESS": self.addresses["embedding"],
+            "EMBEDDING_DATA_DIR": str(self.data_dir),
+            "EMBEDDING_RETAIL_DIR": str(self.retail_dir or ""),
+            "PROFILE_RETAIL_DIR": str(self.retail_dir or ""),
+            "PROFILE_ADDRESS": self.addresses["profile"],
+            "PROFILE_DATA_DIR": str(self.data_dir),
+            "PROFILE_STORE_PATH": str(store),
+            "PROFILE_EMBEDDING_ADDRESS": self.addresses["embedding"],
+            "RANKING_ADDRESS": self.addresses["ranking"],
+            "GATEWAY_ADDRESS": self.addresses["gateway"],
+            "GATEWAY_PROFILE_ADDRESS": self.addresses["profile"],
+            "GATEWAY_EMBEDDING_ADDRESS": self.addresses["embedding"],
+            "GATEWAY_RANKING_ADDRESS": self.addresses["ranking"],
+            **{f"{name.upper()}_METRICS_PORT": str(port) for name, port in metrics_ports.items()},
+        })
+        env["EMBEDDING_ENCODER"] = self.encoder
+        env["EMBEDDING_MODEL_REPO"] = str(self.serving_repo or self.model_repo)
+        if self.triton is not None:
+            env["EMBEDDING_TRITON_URL"] = self.triton.grpc_url
+            env["PROFILE_REVIEW_TRITON_URL"] = self.triton.grpc_url
+        if self.model_dir is not None:
+            env["EMBEDDING_MODEL_DIR"] = str(self.model_dir)
+            env["PROFILE_USER_TOWER_TRITON_URL"] = self.triton.grpc_url
+        env.update(self.extra_env)
+        return env
+
+    def start(self, timeout: float = 1800.0) -> None:
+        repo, models = self.model_repo, [paths.TEXT_ENCODER_MODEL]
+        if self.model_dir is not None:
+            from recsys_core.models import model_serving
+
+            # Checked before anything starts: a bad directory is one clear error.
+            model = model_serving.open_model_dir(self.model_dir)
+            self.model_dir = model.path
+            repo = self.serving_repo = Path(self.state_dir) / "serving_model_repo"
+            model_serving.serving_repository(model, repo, base=self.model_repo)
+            models.append(model_serving.USER_TOWER_MODEL)
+        # The user tower runs on Triton whichever way the encoder runs.
+        if self.encoder == "triton" or self.model_dir is not None:
+            from recsys_core.models.triton import TritonServer
+
+            log.info("starting Triton Inference Server on %s", repo)
+            self.triton = TritonServer(repo, log_path=Path(self.state_dir) / "triton.log", models=models,
+                                       startup_timeout=180.0 if self.model_dir is not None else 60.0).start()
+            self.addresses["triton"] = self.triton.grpc_url
+            self.addresses["triton-metrics"] = f"127.0.0.1:{self.triton.metrics_port}"
+            log.info("Triton ready at %s (log %s)", self.triton.grpc_url, self.triton.log_path)
+        env = self.environment()
+        for name in SERVICES:
+            self.processes[name] = subprocess.Popen(
+                [sys.executable, "-m", f"services.{name}.server"], env=env, cwd=paths.REPO_ROOT
+            )
+        try:
+            for name in SERVICES:
+                wait_until_serving(self.addresses[name], timeout, self.processes[name])
+        except BaseException:
+            self.stop()
+            raise
+
+    def pids(self) -> dict[str, int]:
+        pids = {name: process.pid for name, process in self.processes.items()}
+        if self.triton is not None and self.triton.pid is not None:
+            pids["triton"] = self.triton.pid
+        return pids
+
+    def stop(self, grace: float = 15.0) -> None:
+        # The gateway first, so no new work reaches the others while they drain.
+        for name in reversed(SERVICES):
+            process = self.processes.get(name)
+            if process is not None and process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for process in self.processes.values():
+            try:
+                process.wait(max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        # Last: the embedding service may still be draining calls that need it.
+        if self.triton is not None:
+            self.triton.stop()
+
+    def __enter__(self) -> "LocalStack":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def run_script(name: str, work, expected_errors: tuple[type[BaseException], ...]) -> int:
+    """A benchmark or load-test script's main: SIGTERM stops it like Ctrl-C
+    (its `finally` blocks stop the stack; exit 130), and an expected failure
+    prints one line instead of a traceback (exit 1)."""
+
+    def terminate(signum, _frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGTERM, terminate)
+    try:
+        return work()
+    except KeyboardInterrupt:
+        print("\ninterrupted; everything stopped", file=sys.stderr)
+        return 130
+    except expected_errors as error:
+        print(f"{name}: {error}", file=sys.stderr)
+        return 1

@@ -1,0 +1,84 @@
+"""Item embeddings on disk, so that a restart, a benchmark or an evaluation
+re-encodes only the texts it has not seen with the same weights."""
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from recsys_core.models.encoder import Encoder
+
+# Encoding in chunks lets a long start-up show progress and save partial work.
+ENCODE_CHUNK = 512
+# A catalogue load is batch work: a chunk may wait behind other load on a
+# busy machine, which must not fail the start the way an interactive call would.
+CHUNK_TIMEOUT_SECONDS = 600.0
+
+
+def text_digest(text: str) -> str:
+    return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
+
+
+class EmbeddingCache:
+    """Keyed by encoder fingerprint (one .npz each), then by item id and a
+    digest of its text."""
+
+    def __init__(self, cache_dir: Path | None, fingerprint: str):
+        self.path = None if cache_dir is None else Path(cache_dir) / "embeddings" / f"{fingerprint}.npz"
+        self._lock = threading.Lock()
+        self.vectors: dict[str, tuple[str, np.ndarray]] = {}
+        if self.path is not None and self.path.is_file():
+            with np.load(self.path, allow_pickle=False) as stored:
+                for key, digest, vector in zip(stored["keys"], stored["digests"], stored["vectors"]):
+                    self.vectors[str(key)] = (str(digest), vector)
+
+    def lookup(self, key: str, digest: str) -> np.ndarray | None:
+        hit = self.vectors.get(key)
+        return hit[1] if hit is not None and hit[0] == digest else None
+
+    def store(self, keys: Sequence[str], digests: Sequence[str], vectors: np.ndarray) -> None:
+        with self._lock:
+            for key, digest, vector in zip(keys, digests, vectors):
+                self.vectors[key] = (digest, vector)
+
+    def save(self) -> None:
+        if self.path is None or not self.vectors:
+            return
+        with self._lock:
+            keys = list(self.vectors)
+            digests = [self.vectors[k][0] for k in keys]
+            vectors = np.stack([self.vectors[k][1] for k in keys])
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp.npz")
+        np.savez(tmp, keys=np.asarray(keys), digests=np.asarray(digests), vectors=vectors)
+        tmp.replace(self.path)
+
+
+def encode_cached(
+    encoder: Encoder, cache: EmbeddingCache, keys: Sequence[str], texts: Sequence[str], show_progress: bool = False
+) -> np.ndarray:
+    """Embeddings of `texts`, from the cache where the same key had the same text."""
+    digests = [text_digest(t) for t in texts]
+    vectors = np.zeros((len(texts), encoder.dimension), dtype=np.float32)
+    missing = []
+    for position, (key, digest) in enumerate(zip(keys, digests)):
+        cached = cache.lookup(key, digest)
+        if cached is None:
+            missing.append(position)
+        else:
+            vectors[position] = cached
+    if missing:
+        progress = tqdm(total=len(missing), desc="embedding items", unit="item", disable=not show_progress)
+        for start in range(0, len(missing), ENCODE_CHUNK):
+            chunk = missing[start : start + ENCODE_CHUNK]
+            encoded = encoder.encode([texts[p] for p in chunk], timeout=CHUNK_TIMEOUT_SECONDS)
+            vectors[chunk] = encoded
+            cache.store([keys[p] for p in chunk], [digests[p] for p in chunk], encoded)
+            progress.update(len(chunk))
+        progress.close()
+        cache.save()
+    return vectors

@@ -1,0 +1,143 @@
+"""The first ranking function: interest similarity plus a popularity prior.
+
+score = w_long * cos(long-term interest, item)
+      + w_short * cos(short-term interest, item)
+      + w_context * cos(items being looked at, item)
+      + w_pop * (1 + churn_boost * churn) * log(1 + events) / log(1 + events of the most popular item)
+      - w_dislike * max(0, max cos(disliked item, item))
+      + w_model * (item . model interest) / |model interest|
+      + w_co * other shoppers who bought it beside the shopper's items
+               / the most such shoppers among the candidates
+
+With a drift score, w_long and w_short keep their sum but lean to the short
+term as drift rises (recsys_core.signals.interests.drift_aware_weights, the rule the
+offline evaluation measured). The model interest is a trained user tower's
+shopper vector (recsys serve --model DIR), which the model scores items
+against by inner product: the term keeps that order among the candidates,
+divided by the vector's length (the tower's learned logit scale, about 20)
+so that w_model weighs it like a cosine term whatever model is served.
+The co-purchase term (recsys_core.signals.copurchase) carries what item text cannot
+across categories; its weight was chosen on the cross-category task's
+validation targets with this very function (scripts/results.py, `cross`).
+Terms whose user signal is absent drop out.
+Learned ranking replaces this later.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from recsys_core.errors import InvalidArgument
+from recsys_core.signals.interests import DriftSettings, drift_aware_weights
+
+
+@dataclass(frozen=True)
+class Weights:
+    long_term: float
+    short_term: float
+    context: float
+    popularity: float
+    churn_boost: float = 0.0
+    dislike: float = 0.0
+    drift: DriftSettings = DriftSettings()
+    model: float = 0.0
+    co_purchase: float = 0.0
+
+
+@dataclass(frozen=True)
+class UserVectors:
+    long_term: np.ndarray | None
+    short_term: np.ndarray | None
+    context: np.ndarray | None
+    # Recent history item embeddings, most recent first (rows), for explanations.
+    history: np.ndarray | None
+    drift_score: float | None = None
+    churn_probability: float | None = None
+    disliked: np.ndarray | None = None  # rows
+    model_interest: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class Ranked:
+    order: np.ndarray  # candidate positions, best first
+    scores: np.ndarray  # parallel to order
+    because: np.ndarray  # history row most similar to each ranked candidate, -1 if none
+
+
+def check_dimensions(user: UserVectors, candidates: np.ndarray) -> None:
+    dimension = candidates.shape[1]
+    for name, vector in (
+        ("user.long_term_interest", user.long_term),
+        ("user.short_term_interest", user.short_term),
+        ("user.context_interest", user.context),
+        ("user.model_interest", user.model_interest),
+    ):
+        if vector is not None and vector.shape != (dimension,):
+            raise InvalidArgument(name, f"has {vector.shape[0]} values, candidates have {dimension}")
+    if user.history is not None and user.history.shape[1] != dimension:
+        raise InvalidArgument("user.recent_items", f"embeddings must have {dimension} values")
+    if user.disliked is not None and user.disliked.shape[1] != dimension:
+        raise InvalidArgument("user.disliked", f"embeddings must have {dimension} values")
+    for name, value in (("user.drift_score", user.drift_score), ("user.churn_probability", user.churn_probability)):
+        if value is not None and not 0.0 <= value <= 1.0:
+            raise InvalidArgument(name, f"must be between 0 and 1, got {value}")
+
+
+def score(
+    user: UserVectors,
+    candidates: np.ndarray,
+    popularity: np.ndarray,
+    max_popularity: np.ndarray,
+    weights: Weights,
+    co_purchases: np.ndarray | None = None,
+) -> np.ndarray:
+    """Every candidate's score (the formula above); `co_purchases`: per
+    candidate, shoppers who bought it beside the shopper's items."""
+    check_dimensions(user, candidates)
+    scores = np.zeros(len(candidates), dtype=np.float32)
+    long_weight, short_weight = drift_aware_weights(
+        weights.long_term, weights.short_term, user.drift_score, weights.drift
+    )
+    for vector, weight in (
+        (user.long_term, long_weight),
+        (user.short_term, short_weight),
+        (user.context, weights.context),
+    ):
+        if vector is not None and weight:
+            scores += weight * (candidates @ vector)
+    popularity_weight = weights.popularity * (1.0 + weights.churn_boost * (user.churn_probability or 0.0))
+    if popularity_weight:
+        denominator = np.log1p(np.maximum(max_popularity, 1)).astype(np.float32)
+        scores += popularity_weight * np.log1p(np.maximum(popularity, 0)).astype(np.float32) / denominator
+    if user.disliked is not None and len(user.disliked) and weights.dislike:
+        scores -= weights.dislike * np.maximum(candidates @ user.disliked.T, 0.0).max(axis=1)
+    if user.model_interest is not None and weights.model:
+        length = float(np.linalg.norm(user.model_interest))
+        if length > 0:
+            scores += weights.model * (candidates @ user.model_interest) / length
+    if co_purchases is not None and weights.co_purchase and len(co_purchases):
+        strongest = float(np.max(co_purchases))
+        if strongest > 0:
+            scores += (weights.co_purchase / strongest) * np.maximum(co_purchases, 0).astype(np.float32)
+    return scores
+
+
+def rank(
+    user: UserVectors,
+    candidates: np.ndarray,
+    popularity: np.ndarray,
+    max_popularity: np.ndarray,
+    weights: Weights,
+    k: int,
+    co_purchases: np.ndarray | None = None,
+) -> Ranked:
+    scores = score(user, candidates, popularity, max_popularity, weights, co_purchases)
+    k = len(candidates) if k <= 0 else min(k, len(candidates))
+    # Stable sort on the negated score keeps retrieval order among ties.
+    order = np.argsort(-scores, kind="stable")[:k]
+    if user.history is not None and len(user.history):
+        because = np.argmax(candidates[order] @ user.history.T, axis=1)
+    else:
+        because = np.full(len(order), -1)
+    return Ranked(order=order, scores=scores[order], because=because)

@@ -1,0 +1,145 @@
+"""A real redis-server on loopback, for the tests and for trying the Redis store.
+
+Started with the durable settings the Redis event store requires by default
+(append-only file, fsync before every reply, no RDB snapshots), on a port and
+in a directory of the caller's choosing, never as a system service. The binary
+is `redis-server` on PATH (`make setup` installs Debian's package when it is
+missing) or the one RECSYS_REDIS_SERVER names.
+
+    with LocalRedis(tmp_dir) as server:
+        store = RedisEventStore(server.url)
+
+CLI: `python -m recsys_core.store.local_redis --dir var/redis --port 6379` serves until Ctrl-C.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+HOST = "127.0.0.1"
+DURABLE_ARGS = ("--appendonly", "yes", "--appendfsync", "always", "--save", "")
+
+
+def redis_server_binary() -> str | None:
+    return os.environ.get("RECSYS_REDIS_SERVER") or shutil.which("redis-server")
+
+
+def _die_with_parent() -> list[str]:
+    # Should the starting process be killed outright, the kernel stops the
+    # server too instead of leaving it behind (PR_SET_PDEATHSIG; note it fires
+    # when the *thread* that started the server exits). Through util-linux's
+    # setpriv rather than a preexec_fn: a fork of a process with gRPC threads
+    # can abort in the child before it reaches exec.
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--pdeathsig", "TERM"] if setpriv else []
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind((HOST, 0))
+        return probe.getsockname()[1]
+
+
+class LocalRedis:
+    def __init__(self, directory: Path | str, port: int | None = None, extra_args: tuple[str, ...] = ()):
+        binary = redis_server_binary()
+        if binary is None:
+            raise FileNotFoundError(
+                "redis-server is not installed: `make setup` installs it (apt-get install redis-server)"
+            )
+        self.binary = binary
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.port = port or free_port()
+        self.extra_args = tuple(extra_args)
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://{HOST}:{self.port}/0"
+
+    @property
+    def log_path(self) -> Path:
+        return self.directory / "redis.log"
+
+    def start(self, timeout: float = 20.0) -> "LocalRedis":
+        """Starts the server; again after kill() or stop(), on the same port and files."""
+        if self.process is not None and self.process.stderr:
+            self.process.stderr.close()
+        command = [
+            *_die_with_parent(), self.binary, "--bind", HOST, "--port", str(self.port), "--dir", str(self.directory),
+            *DURABLE_ARGS, "--daemonize", "no", "--protected-mode", "yes",
+            "--logfile", str(self.log_path), *self.extra_args,
+        ]
+        self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.PIPE)
+        give_up = time.monotonic() + timeout
+        while True:
+            if self.process.poll() is not None:
+                stderr = self.process.stderr.read().decode(errors="replace") if self.process.stderr else ""
+                log = self.log_path.read_text(errors="replace")[-2000:] if self.log_path.exists() else ""
+                raise RuntimeError(f"redis-server exited with {self.process.returncode}: {stderr}{log}")
+            if self._ping():
+                return self
+            if time.monotonic() > give_up:
+                self.kill()
+                raise TimeoutError(f"redis-server on port {self.port} did not answer within {timeout:.0f}s")
+            time.sleep(0.05)
+
+    def _ping(self) -> bool:
+        # Answers PONG only once the AOF is loaded (LOADING before).
+        try:
+            with socket.create_connection((HOST, self.port), timeout=1) as connection:
+                connection.sendall(b"PING\r\n")
+                return connection.recv(64).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown, no final fsync - a crash."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        if self.process is not None and self.process.stderr:
+            self.process.stderr.close()
+
+    def __enter__(self) -> "LocalRedis":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dir", default="var/redis", help="where the append-only file lives")
+    parser.add_argument("--port", type=int, default=6379)
+    args = parser.parse_args(argv)
+    server = LocalRedis(args.dir, args.port).start()
+    print(f"redis-server at {server.url} (data in {args.dir}); PROFILE_STORE=redis PROFILE_REDIS_URL={server.url}",
+          flush=True)
+    try:
+        server.process.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

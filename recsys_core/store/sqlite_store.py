@@ -1,0 +1,275 @@
+"""Durable event storage: the EventStore interface and its SQLite backend.
+
+Two backends implement EventStore, chosen by PROFILE_STORE (see open_store):
+SQLite in WAL mode here, Redis in recsys_core/store/redis_store.py. Either way
+an IngestEvents call is acknowledged only after its whole batch is on disk
+(SQLite: the transaction committed with synchronous=FULL), so an acknowledged
+event survives a crash of the process or the machine. docs/profiles.md
+("Storage") has the details.
+"""
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Protocol
+
+from tqdm import tqdm
+
+# Event types, numbered as recsys.common.v1.EventType (this module stays gRPC-free).
+VIEW, PURCHASE, RATING, REVIEW = 1, 2, 3, 4
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    user_id TEXT NOT NULL,
+    item_id TEXT NOT NULL,
+    category TEXT NOT NULL,
+    type INTEGER NOT NULL,
+    ts INTEGER,
+    rating REAL,
+    review TEXT,
+    idempotency_key TEXT UNIQUE,
+    amount REAL,
+    order_id TEXT
+);
+CREATE INDEX IF NOT EXISTS events_by_user ON events (user_id, id);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+
+INSERT_EVENT = (
+    "INSERT OR IGNORE INTO events"
+    " (user_id, item_id, category, type, ts, rating, review, idempotency_key, amount, order_id)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+# What user_events returns: everything but review texts and idempotency keys.
+EVENT_COLUMNS = "user_id, item_id, category, type, ts, rating, amount, order_id"
+
+
+@dataclass(frozen=True)
+class StoredEvent:
+    user_id: str
+    item_id: str
+    category: str
+    type: int
+    ts: int | None
+    rating: float | None = None
+    review: str | None = None
+    idempotency_key: str | None = None
+    # Money spent (quantity x unit price; negative for a cancellation or
+    # return) and the order it belongs to: what lifetime value is made of.
+    amount: float | None = None
+    order_id: str | None = None
+
+
+def benchmark_stored_events(events) -> Iterator[StoredEvent]:
+    """Rows of the benchmark's interactions (recsys_core.data.shopping) as the store
+    keeps them. They are reviews of bought items: purchases, or ratings where
+    the set carries a star rating (Office)."""
+    for row in events.itertuples(index=False):
+        yield StoredEvent(
+            user_id=row.user_id,
+            item_id=row.item_id,
+            category=row.category,
+            type=RATING if row.rating == row.rating else PURCHASE,
+            ts=None if row.timestamp != row.timestamp else int(row.timestamp),
+            rating=None if row.rating != row.rating else float(row.rating),
+        )
+
+
+def _row(event: StoredEvent) -> tuple:
+    return (event.user_id, event.item_id, event.category, event.type, event.ts, event.rating,
+            event.review, event.idempotency_key, event.amount, event.order_id)
+
+
+def _from_row(row: tuple) -> StoredEvent:
+    user_id, item_id, category, type_, ts, rating, amount, order_id = row
+    return StoredEvent(user_id, item_id, category, type_, ts, rating, amount=amount, order_id=order_id)
+
+
+class EventStore(Protocol):
+    """What the profile book needs from a store of shoppers' events.
+
+    Every implementation keeps these promises, and tests/test_profile_domain.py
+    checks them against each one:
+    - append() is all-or-nothing and durable once it returns;
+    - an idempotency key is stored at most once, even by concurrent appends;
+    - a shopper's events come back in the order they were appended.
+    """
+
+    def append(self, events: Sequence[StoredEvent]) -> list[bool]:
+        """Store the batch atomically. Returns, per event, whether it was new
+        (False: its idempotency key was stored before, or earlier in the batch)."""
+        ...
+
+    def bulk_load(self, events: Iterable[StoredEvent], total: int, marker: str, show_progress: bool = True) -> bool:
+        """Load a data set once: does nothing (False) when `marker` was loaded before."""
+        ...
+
+    def meta(self, key: str) -> str | None:
+        ...
+
+    def user_events(self, user_id: str, limit: int | None = None) -> list[StoredEvent]:
+        """The shopper's events, oldest first; with `limit`, only the most recent ones.
+        Review texts and idempotency keys are not returned."""
+        ...
+
+    def user_reviews(self, user_id: str, limit: int) -> list[StoredEvent]:
+        """The shopper's most recent `limit` events that carry a review text,
+        oldest first, with the text."""
+        ...
+
+    def user_summary(self, user_id: str) -> tuple[int, dict[str, int], list[str]]:
+        """(event count, events per category, every item seen, most recent first)."""
+        ...
+
+    def item_counts(self) -> list[tuple[str, str, int]]:
+        """(item_id, category, events) for every item with events."""
+        ...
+
+    def user_items(self) -> Iterator[tuple[str, str, str]]:
+        """(user_id, item_id, category) once per shopper and item they have
+        events on: the baskets co-purchases are counted from."""
+        ...
+
+    def count(self) -> int:
+        ...
+
+    def close(self) -> None:
+        ...
+
+
+def open_store(config) -> EventStore:
+    """The store a ProfileConfig selects (PROFILE_STORE=sqlite|redis)."""
+    if config.store == "redis":
+        from recsys_core.store.redis_store import RedisEventStore
+
+        return RedisEventStore(config.redis_url, prefix=config.redis_prefix, durability=config.redis_durability)
+    return SQLiteEventStore(config.store_path)
+
+
+class SQLiteEventStore(EventStore):
+    def __init__(self, path: Path | str):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._write_lock = threading.Lock()
+        self._local = threading.local()
+        self._writer = self._connect()
+        self._writer.executescript(SCHEMA)
+        self._migrate()
+
+    def __repr__(self) -> str:
+        return f"SQLiteEventStore({str(self.path)!r})"
+
+    def _migrate(self) -> None:
+        # Stores written before events carried money keep working: the new
+        # columns are added empty.
+        columns = {row[1] for row in self._writer.execute("PRAGMA table_info(events)")}
+        for name, kind in (("amount", "REAL"), ("order_id", "TEXT")):
+            if name not in columns:
+                self._writer.execute(f"ALTER TABLE events ADD COLUMN {name} {kind}")
+
+    def _connect(self) -> sqlite3.Connection:
+        connection = sqlite3.connect(self.path, timeout=30, check_same_thread=False, isolation_level=None)
+        connection.execute("PRAGMA journal_mode=WAL")
+        connection.execute("PRAGMA synchronous=FULL")
+        return connection
+
+    def _reader(self) -> sqlite3.Connection:
+        # One connection per thread: WAL lets readers run beside the writer.
+        connection = getattr(self._local, "connection", None)
+        if connection is None:
+            connection = self._connect()
+            self._local.connection = connection
+        return connection
+
+    def append(self, events: Sequence[StoredEvent]) -> list[bool]:
+        """Store events in one transaction. Returns, per event, whether it was
+        new (False: its idempotency key was stored before)."""
+        stored = []
+        with self._write_lock:
+            cursor = self._writer.cursor()
+            cursor.execute("BEGIN IMMEDIATE")
+            try:
+                for event in events:
+                    cursor.execute(
+                        INSERT_EVENT, _row(event),
+                    )
+                    stored.append(cursor.rowcount == 1)
+                cursor.execute("COMMIT")
+            except BaseException:
+                cursor.execute("ROLLBACK")
+                raise
+        return stored
+
+    def bulk_load(self, events: Iterable[StoredEvent], total: int, marker: str, show_progress: bool = True) -> bool:
+        """Load a data set once: does nothing when `marker` was loaded before."""
+        if self.meta(f"loaded:{marker}") is not None:
+            return False
+        with self._write_lock:
+            cursor = self._writer.cursor()
+            cursor.execute("BEGIN IMMEDIATE")
+            try:
+                rows = map(_row, tqdm(events, total=total, desc="loading events", unit="event", disable=not show_progress))
+                cursor.executemany(INSERT_EVENT, rows)
+                cursor.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (f"loaded:{marker}", str(total)))
+                cursor.execute("COMMIT")
+            except BaseException:
+                cursor.execute("ROLLBACK")
+                raise
+        return True
+
+    def meta(self, key: str) -> str | None:
+        row = self._reader().execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else row[0]
+
+    def user_events(self, user_id: str, limit: int | None = None) -> list[StoredEvent]:
+        query = f"SELECT {EVENT_COLUMNS} FROM events WHERE user_id = ? ORDER BY id DESC"
+        params: tuple = (user_id,)
+        if limit is not None:
+            query += " LIMIT ?"
+            params = (user_id, limit)
+        rows = self._reader().execute(query, params).fetchall()
+        return [_from_row(row) for row in reversed(rows)]
+
+    def user_reviews(self, user_id: str, limit: int) -> list[StoredEvent]:
+        rows = self._reader().execute(
+            f"SELECT {EVENT_COLUMNS}, review FROM events WHERE user_id = ? AND review IS NOT NULL"
+            " ORDER BY id DESC LIMIT ?",
+            (user_id, limit),
+        ).fetchall()
+        return [replace(_from_row(row[:-1]), review=row[-1]) for row in reversed(rows)]
+
+    def user_summary(self, user_id: str) -> tuple[int, dict[str, int], list[str]]:
+        connection = self._reader()
+        per_category = dict(
+            connection.execute(
+                "SELECT category, COUNT(*) FROM events WHERE user_id = ? GROUP BY category", (user_id,)
+            ).fetchall()
+        )
+        seen = [row[0] for row in connection.execute(
+            "SELECT item_id FROM events WHERE user_id = ? GROUP BY item_id ORDER BY MAX(id) DESC", (user_id,)
+        )]
+        return sum(per_category.values()), per_category, seen
+
+    def item_counts(self) -> list[tuple[str, str, int]]:
+        return self._reader().execute(
+            "SELECT item_id, category, COUNT(*) FROM events GROUP BY item_id, category"
+        ).fetchall()
+
+    def user_items(self) -> Iterator[tuple[str, str, str]]:
+        # A connection of its own: the rows stream while the caller works.
+        connection = self._connect()
+        try:
+            yield from connection.execute("SELECT DISTINCT user_id, item_id, category FROM events")
+        finally:
+            connection.close()
+
+    def count(self) -> int:
+        return self._reader().execute("SELECT COUNT(*) FROM events").fetchone()[0]
+
+    def close(self) -> None:
+        self._writer.close()

@@ -1,0 +1,284 @@
+"""Self-attentive sequential recommenders, trained with full softmax.
+
+One model serves two roles:
+- SASRec (Kang & McAuley, 2018), item-ID embeddings only: the strong ID baseline.
+- The earlier text model (textmodel.py): each item is represented by a
+  projection of its frozen MiniLM embedding, plus, for items seen in
+  training, a learned ID embedding. Text lets the user tower transfer to
+  categories it was never trained on (ids off); ids add memorised detail for
+  warm items. twotower.py builds our current model, with the MiniLM itself
+  fine-tuned, on the same training loop (`fit`).
+
+The user tower is a causal transformer over the history's item vectors with
+learned positions, so the shopper's vector follows their recent interests.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from training.protocol import CategorySplit, evaluate
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SeqConfig:
+    dim: int = 64
+    layers: int = 2
+    heads: int = 2
+    dropout: float = 0.5
+    max_len: int = 50
+    use_ids: bool = True
+    use_text: bool = False
+    temperature: float = 1.0
+    negatives: int = 0  # 0: softmax over every item; N: in-batch targets plus N uniformly sampled items
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    batch_size: int = 256
+    max_epochs: int = 200
+    patience: int = 5  # evaluations without validation NDCG@10 improving
+    eval_every: int = 2
+    max_minutes: float = 60.0
+    seed: int = 42
+
+
+class ItemTower(nn.Module):
+    def __init__(self, num_items: int, config: SeqConfig, text: torch.Tensor | None):
+        super().__init__()
+        self.config = config
+        self.ids = nn.Embedding(num_items, config.dim) if config.use_ids else None
+        if self.ids is not None:
+            nn.init.normal_(self.ids.weight, std=0.02 if config.use_text else 1.0 / math.sqrt(config.dim))
+        if config.use_text:
+            if text is None:
+                raise ValueError("a text model needs item text embeddings")
+            self.register_buffer("text", text.float(), persistent=False)
+            self.project = nn.Sequential(nn.Linear(text.shape[1], config.dim), nn.LayerNorm(config.dim))
+        else:
+            self.text = None
+            self.project = None
+
+    def all_items(self) -> torch.Tensor:
+        parts = []
+        if self.project is not None:
+            parts.append(self.project(self.text))
+        if self.ids is not None:
+            parts.append(self.ids.weight)
+        return sum(parts)
+
+
+class UserTower(nn.Module):
+    def __init__(self, config: SeqConfig):
+        super().__init__()
+        self.positions = nn.Embedding(config.max_len, config.dim)
+        self.dropout = nn.Dropout(config.dropout)
+        layer = nn.TransformerEncoderLayer(
+            config.dim, config.heads, dim_feedforward=config.dim * 4 if config.use_text else config.dim,
+            dropout=config.dropout, batch_first=True, norm_first=True, activation="gelu",
+        )
+        self.encoder = nn.TransformerEncoder(layer, config.layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(config.dim)
+        self.heads = config.heads
+
+    def forward(self, item_vectors: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
+        """item_vectors [B, L, D], left-padded; padding [B, L] True where empty."""
+        length = item_vectors.shape[1]
+        # Positions count back from the latest item, so a batch padded only
+        # to its own longest history means the same as one padded to max_len.
+        start = self.positions.num_embeddings - length
+        positions = self.positions(torch.arange(start, start + length, device=item_vectors.device))
+        hidden = self.dropout(item_vectors * math.sqrt(item_vectors.shape[-1]) + positions)
+        # Built from comparisons rather than triu/eye on booleans, which
+        # onnxruntime has no kernels for (the user tower is exported).
+        steps = torch.arange(length, device=item_vectors.device)
+        future = steps.unsqueeze(0) > steps.unsqueeze(1)  # [query, key]
+        # Blocked: the future, and padding keys. A padded query may still see
+        # itself: a row with every key blocked turns NaN, and NaN leaks into
+        # real rows through the attention product even at weight zero.
+        itself = steps.unsqueeze(0) == steps.unsqueeze(1)
+        blocked = future | (padding.unsqueeze(1) & ~itself)
+        blocked = blocked.repeat_interleave(self.heads, dim=0)
+        hidden = self.encoder(hidden, mask=blocked)
+        return self.norm(hidden * ~padding.unsqueeze(-1))
+
+
+class SequentialRecommender(nn.Module):
+    def __init__(self, num_items: int, config: SeqConfig, text: torch.Tensor | None = None):
+        super().__init__()
+        self.config = config
+        self.items = ItemTower(num_items, config, text)
+        self.user = UserTower(config)
+
+    def encode_users(self, histories: Sequence[np.ndarray], item_matrix: torch.Tensor) -> torch.Tensor:
+        batch, padding = left_pad(histories, self.config.max_len, shortest=True)
+        vectors = item_matrix[batch.clamp(min=0)] * (~padding).unsqueeze(-1)
+        return self.user(vectors, padding)[:, -1]
+
+    # What `fit` and `scorer` need of a model; the fine-tuned two-tower model
+    # (twotower.py) implements the same.
+    def item_matrix(self) -> torch.Tensor:
+        return self.items.all_items()
+
+    def optimiser_groups(self) -> list[dict]:
+        return [{"params": list(self.parameters())}]
+
+    def training_matrix(self, targets: torch.Tensor) -> torch.Tensor:
+        """Every item's vector for one training step."""
+        return self.item_matrix()
+
+    def next_item_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Mean cross-entropy of every position's next item (inputs and targets
+        [B, L] item indices, -1 where empty), and the number of positions.
+        Against every item, or with `negatives`, against the batch's targets
+        (in-batch negatives) and that many items drawn uniformly."""
+        item_matrix = self.training_matrix(targets)
+        padding = inputs < 0
+        hidden = self.user(item_matrix[inputs.clamp(min=0)] * (~padding).unsqueeze(-1), padding)
+        valid = targets >= 0
+        wanted = targets[valid]
+        if self.config.negatives:
+            drawn = torch.randint(0, item_matrix.shape[0], (self.config.negatives,))
+            candidates = torch.unique(torch.cat([wanted, drawn]))  # sorted
+            logits = hidden[valid] @ item_matrix[candidates].T / self.config.temperature
+            wanted = torch.searchsorted(candidates, wanted)
+        else:
+            logits = hidden[valid] @ item_matrix.T / self.config.temperature
+        return nn.functional.cross_entropy(logits, wanted), int(valid.sum())
+
+    def end_epoch(self) -> None:
+        """Nothing to refresh: every item vector is computed from the weights as needed."""
+
+
+def left_pad(histories: Sequence[np.ndarray], max_len: int, shortest: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, L] item indices, -1 where empty, latest item last. L is max_len, or
+    with `shortest` only as long as the longest history needs (much of a
+    benchmark's histories are a handful of items: padding is wasted work)."""
+    if shortest:
+        max_len = max(1, min(max_len, max((len(h) for h in histories), default=1)))
+    batch = torch.full((len(histories), max_len), -1, dtype=torch.long)
+    for row, history in enumerate(histories):
+        tail = history[-max_len:]
+        if len(tail):
+            batch[row, -len(tail):] = torch.as_tensor(tail)
+    return batch, batch < 0
+
+
+def training_examples(sequences: Sequence[np.ndarray], max_len: int) -> list[np.ndarray]:
+    """Every training sequence of at least two items, cut into windows of
+    max_len + 1 so long histories train on all their positions."""
+    examples = []
+    for sequence in sequences:
+        if len(sequence) < 2:
+            continue
+        for end in range(len(sequence), 1, -max_len):
+            examples.append(sequence[max(0, end - max_len - 1) : end])
+    return examples
+
+
+def length_batches(examples: Sequence[np.ndarray], batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Batches of examples of similar length, in random order: each batch pads
+    only to its own longest example. Ties are shuffled so batches differ per epoch."""
+    lengths = np.asarray([len(e) for e in examples])
+    order = np.lexsort((rng.random(len(examples)), lengths))
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+@dataclass
+class TrainResult:
+    best_valid: dict
+    epochs: int
+    seconds: float
+    losses: list[float]
+    valid_history: list[tuple[int, float]]
+    epoch_seconds: list[float] = field(default_factory=list)
+
+
+def fit(model, split: CategorySplit, config: SeqConfig, progress: bool = True,
+        checkpoint: Path | None = None) -> TrainResult:
+    """Next-item training on every position (the model's `next_item_loss`),
+    early stopping on validation NDCG@10; the best weights are restored, and
+    written to `checkpoint` whenever validation improves, so a stopped run keeps them."""
+    torch.manual_seed(config.seed)
+    rng = np.random.default_rng(config.seed)
+    examples = training_examples(split.training_sequences(), config.max_len)
+    optimiser = torch.optim.AdamW(model.optimiser_groups(), lr=config.lr, weight_decay=config.weight_decay)
+    best, best_state, best_metrics, since_best = -1.0, None, {}, 0
+    losses, valid_history, epoch_seconds = [], [], []
+    started = time.monotonic()
+    for epoch in range(1, config.max_epochs + 1):
+        epoch_started = time.monotonic()
+        model.train()
+        total, count = 0.0, 0
+        batches = length_batches(examples, config.batch_size, rng)
+        bar = tqdm(batches, desc=f"epoch {epoch}", disable=not progress, leave=False)
+        for batch in bar:
+            if (time.monotonic() - started) / 60 > config.max_minutes:
+                break  # an epoch can outlast the budget (large catalogues, a busy machine)
+            chunk = [examples[i] for i in batch]
+            inputs, _ = left_pad([c[:-1] for c in chunk], config.max_len, shortest=True)
+            targets, _ = left_pad([c[1:] for c in chunk], config.max_len, shortest=True)
+            loss, positions = model.next_item_loss(inputs, targets)
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+            total += loss.item() * positions
+            count += positions
+            bar.set_postfix(loss=f"{total / count:.3f}")
+        if count == 0:
+            break  # the budget ran out before this epoch's first step
+        model.end_epoch()
+        losses.append(total / count)
+        epoch_seconds.append(round(time.monotonic() - epoch_started, 1))
+        out_of_time = (time.monotonic() - started) / 60 > config.max_minutes
+        if epoch % config.eval_every == 0 or out_of_time or epoch == config.max_epochs:
+            metrics = evaluate(scorer(model), split, "valid")
+            valid_history.append((epoch, metrics["ndcg@10"]))
+            log.info("epoch %d loss %.4f valid ndcg@10 %.4f recall@10 %.4f (%.0f s/epoch, %.1f min in all)",
+                     epoch, losses[-1], metrics["ndcg@10"], metrics["recall@10"], epoch_seconds[-1],
+                     (time.monotonic() - started) / 60)
+            if metrics["ndcg@10"] > best:
+                best, best_state, since_best, best_metrics = metrics["ndcg@10"], copy.deepcopy(model.state_dict()), 0, metrics
+                if checkpoint is not None:
+                    checkpoint.parent.mkdir(parents=True, exist_ok=True)
+                    torch.save(best_state, checkpoint.with_suffix(".tmp"))
+                    checkpoint.with_suffix(".tmp").replace(checkpoint)
+            else:
+                since_best += 1
+            if since_best >= config.patience:
+                break
+        if out_of_time:
+            log.warning("stopping at the %.0f-minute budget", config.max_minutes)
+            break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    return TrainResult(best_valid=best_metrics, epochs=len(losses), seconds=time.monotonic() - started,
+                       losses=losses, valid_history=valid_history, epoch_seconds=epoch_seconds)
+
+
+def scorer(model: SequentialRecommender):
+    """Scores every item of the model's catalogue for a batch of histories."""
+
+    def score(histories: Sequence[np.ndarray]) -> np.ndarray:
+        model.eval()
+        with torch.no_grad():
+            item_matrix = model.item_matrix()
+            users = model.encode_users(histories, item_matrix)
+            return (users @ item_matrix.T).numpy()
+
+    return score
+
+
+def describe(config: SeqConfig) -> dict:
+    return asdict(config)
