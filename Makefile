@@ -18,9 +18,9 @@ RETAIL_DATA := $(if $(wildcard $(SHARED_DATA)/online-retail/*.parquet),$(SHARED_
 AMAZON_DATA := $(if $(wildcard $(SHARED_DATA)/amazon-2014/interactions.csv.gz),$(SHARED_DATA)/amazon-2014,data)
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup run test protos export bench loadtest clean redis-server value-model
+.PHONY: setup run test protos export bench loadtest clean redis-server value-model buf api-baseline
 
-setup: $(INSTALLED) $(GENERATED) $(ENCODER) $(REVIEW_MODEL) value-model redis-server
+setup: $(INSTALLED) $(GENERATED) $(ENCODER) $(REVIEW_MODEL) value-model redis-server buf
 
 # The review classifier Triton serves (model_repo/review_sentiment): the quick
 # recipe (fixed steps, a few minutes on two cores) on ../shared/data/reviews
@@ -58,6 +58,17 @@ redis-server:
 		fi; \
 		rm -f "$$log"; \
 	fi
+
+# buf into .tools/bin (once, from the Go module proxy): the test suite lints
+# protos/ with it and checks the public API (recsys.gateway.v1) for breaking
+# changes against protos/baseline/ (tests/test_api_contract.py).
+buf:
+	bash scripts/install_buf.sh
+
+# Regenerates the committed baseline of the public API. Only deliberately,
+# after an additive change to recsys.gateway.v1 (protos/baseline/README.md).
+api-baseline: buf
+	.tools/bin/buf build protos --type recsys.gateway.v1 --exclude-source-info -o protos/baseline/recsys.gateway.v1.yaml
 
 $(INSTALLED): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
