@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -166,6 +167,64 @@ class LocalStack:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def serve(data: Path, port: int, encoder: str, model_dir: Path | None, retail: Path | None,
+          show_example: bool) -> int:
+    """`recsys serve`: the whole stack on this machine until SIGTERM or Ctrl-C,
+    with an example shopper's recommendations and profile once it is up."""
+    from recsys_cli.client import call_profile, call_recommend, example_shopper, print_profile, print_recommendations
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s recsys %(message)s")
+    data_dir = Path(data).resolve()
+    model = None
+    if model_dir is not None:
+        from recsys_core.models.model_serving import ModelDirError, open_model_dir
+
+        try:
+            model = open_model_dir(model_dir)
+        except ModelDirError as error:
+            print(f"recsys serve: --model: {error}", file=sys.stderr)
+            return 2
+    stack = LocalStack(data_dir=data_dir, gateway_port=port, encoder=encoder,
+                       model_dir=model.path if model else None,
+                       retail_dir=Path(retail).resolve() if retail else None)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    where = "a local Triton Inference Server" if encoder == "triton" else "onnxruntime in the embedding service"
+    if model is not None:
+        print(f"serving the model {model.path} (trained on {', '.join(model.manifest.get('categories', []))}): "
+              f"its encoder indexes the catalogue, its user tower on Triton gives shoppers' vectors", flush=True)
+    print(f"starting the encoder on {where}, then profile, embedding, ranking and gateway on {data_dir} ...",
+          flush=True)
+    try:
+        stack.start()
+    except (RuntimeError, TimeoutError, OSError, ValueError) as error:
+        print(f"recsys serve: {error}", file=sys.stderr)
+        return 1
+    gateway = stack.addresses["gateway"]
+    print(f"\nall services SERVING; gateway at {gateway}", flush=True)
+    if stack.triton is not None:
+        print(f"Triton gRPC at {stack.triton.grpc_url}, metrics at {stack.triton.metrics_url}", flush=True)
+    print("Prometheus metrics: " + ", ".join(
+        f"{name.removesuffix('-metrics')} http://{address}/metrics"
+        for name, address in stack.addresses.items() if name.endswith("-metrics") and name != "triton-metrics"
+    ), flush=True)
+    if show_example:
+        shopper = example_shopper(data_dir)
+        print(f"\nrecommendations for shopper {shopper} (recsys recommend {shopper}):")
+        try:
+            print_recommendations(call_recommend(gateway, shopper, 10, [], None), as_json=False)
+            print(f"\nprofile of shopper {shopper} (recsys profile {shopper}):")
+            print_profile(call_profile(gateway, shopper, 10, None))
+        except Exception as error:  # noqa: BLE001 - the services keep running
+            print(f"example request failed: {error}", file=sys.stderr)
+    print("\nserving until Ctrl-C or SIGTERM", flush=True)
+    stop.wait()
+    print("stopping ...", flush=True)
+    stack.stop()
+    return 0
 
 
 def run_script(name: str, work, expected_errors: tuple[type[BaseException], ...]) -> int:

@@ -180,7 +180,7 @@ class StoreOpener:
 
     def __call__(self):
         from services.profile.config import ProfileConfig
-        from recsys_core.store.sqlite_store import open_store
+        from recsys_core.store.backends import open_store
 
         store = open_store(ProfileConfig(store=self.backend, store_path=self.path, redis_url=self.redis_url,
                                          redis_prefix=self.prefix))

@@ -62,7 +62,7 @@ def test_the_ranking_term_lifts_co_purchased_candidates():
 
 
 def test_stores_list_each_shoppers_items_once(event_store):
-    from recsys_core.store.sqlite_store import PURCHASE, VIEW, StoredEvent
+    from recsys_core.store.events import PURCHASE, VIEW, StoredEvent
 
     event_store.append([StoredEvent(u, i, c, PURCHASE, 1) for u, i, c in BASKETS]
                        + [StoredEvent("ann", "tent", "Sports", VIEW, 2)])
@@ -71,7 +71,7 @@ def test_stores_list_each_shoppers_items_once(event_store):
 
 def test_the_book_answers_co_purchases_and_keeps_them_current(event_store):
     from services.profile.profiles import IncomingEvent, ItemInfo, ProfileBook
-    from recsys_core.store.sqlite_store import PURCHASE, StoredEvent
+    from recsys_core.store.events import PURCHASE, StoredEvent
 
     event_store.append([StoredEvent(u, i, c, PURCHASE, 1) for u, i, c in BASKETS])
     vectors = np.eye(5, dtype=np.float32)

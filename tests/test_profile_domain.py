@@ -8,7 +8,7 @@ from recsys_core.signals.interests import DriftSettings
 from services.profile.interests import event_weight, interest_vector
 from services.profile.popularity import Popularity
 from services.profile.profiles import IncomingEvent, ItemInfo, ProfileBook
-from recsys_core.store.sqlite_store import PURCHASE, RATING, REVIEW, VIEW, StoredEvent
+from recsys_core.store.events import PURCHASE, RATING, REVIEW, VIEW, StoredEvent
 
 
 def event(item, type_=PURCHASE, rating=None, user="u"):

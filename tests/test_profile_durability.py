@@ -266,7 +266,7 @@ def test_a_batch_redis_has_no_memory_for_is_refused_whole(redis_server, tmp_path
     from recsys_core.errors import ResourceExhausted
     from recsys_core.store.local_redis import LocalRedis
     from recsys_core.store.redis_store import RedisEventStore
-    from recsys_core.store.sqlite_store import VIEW, StoredEvent
+    from recsys_core.store.events import VIEW, StoredEvent
 
     with LocalRedis(tmp_path / "redis") as server:
         store = RedisEventStore(server.url)

@@ -14,7 +14,7 @@ from scipy import integrate, stats
 from recsys_core.data import retail
 from recsys_core.signals.btyd import BGNBD, BTYD, GammaGamma
 from training import value as offline
-from recsys_core.store.sqlite_store import PURCHASE, RATING, VIEW, StoredEvent
+from recsys_core.store.events import PURCHASE, RATING, VIEW, StoredEvent
 from recsys_core.signals.value import (
     CHURN_HORIZON_DAYS, DAY, FEATURES, SeasonCalendar, ShopperHistory, ValueModel, ValueModelError, btyd_columns,
     design, features, retail_stored_events,

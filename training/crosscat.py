@@ -19,18 +19,16 @@ import pandas as pd
 from recsys_core.signals.copurchase import CoPurchases
 from training.baselines import ZERO_SHOT_DECAY, popularity_scorer, recency_mix
 from training.protocol import CategorySplit, CrossCategoryTask
-from recsys_core.ranking.scoring import UserVectors, Weights, score
+from recsys_core.ranking.scoring import SERVING_WEIGHTS, UserVectors, Weights, score
 
 
 def serving_weights(co_purchase: float | None = None, text: bool = True) -> Weights:
     """The ranking service's default weights, its co-purchase weight or this
     one (`text` False: the co-purchase count alone)."""
-    from services.ranking.config import RankingConfig
-
-    defaults = RankingConfig()
-    return Weights(long_term=defaults.long_term_weight if text else 0.0, short_term=defaults.short_term_weight,
-                   context=defaults.context_weight, popularity=defaults.popularity_weight if text else 0.0,
-                   co_purchase=defaults.co_purchase_weight if co_purchase is None else co_purchase)
+    defaults = SERVING_WEIGHTS
+    return Weights(long_term=defaults.long_term if text else 0.0, short_term=defaults.short_term,
+                   context=defaults.context, popularity=defaults.popularity if text else 0.0,
+                   co_purchase=defaults.co_purchase if co_purchase is None else co_purchase)
 
 
 def training_copurchases(interactions: pd.DataFrame) -> CoPurchases:

@@ -43,7 +43,7 @@ from recsys_core.data.paths import BUNDLED_DATA_DIR, shared_data_dir
 from recsys_core.data.retail import (
     BUNDLED_RETAIL_DIR, SHARED_RETAIL_DIR, RetailDataError, clean, load_transactions, retail_events,
 )
-from recsys_core.store.sqlite_store import StoredEvent, benchmark_stored_events
+from recsys_core.store.events import StoredEvent, benchmark_stored_events
 from recsys_core.signals.value import (
     ARTIFACT_FILE, CHURN_FEATURES, CHURN_HORIZON_DAYS, DAY, FEATURES, MONEY_FEATURES, SPEND_FEATURES, SPEND_HORIZONS,
     SeasonCalendar, ShopperHistory, btyd_columns, default_artifact_path, design, retail_stored_events,

@@ -1,0 +1,1 @@
+"""Item vectors: the per-category FAISS index and the on-disk embedding cache."""

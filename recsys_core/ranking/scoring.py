@@ -45,6 +45,27 @@ class Weights:
     co_purchase: float = 0.0
 
 
+# The weights the ranking service serves unless RANKING_*_WEIGHT says
+# otherwise; offline evaluation scores "what serving answers" with these same
+# numbers, so they live here, below both.
+SERVING_WEIGHTS = Weights(
+    long_term=0.5,
+    short_term=0.3,
+    # A shopper on a product page wants that page's neighbourhood first.
+    context=1.2,
+    popularity=0.1,
+    # The popularity weight grows by this factor times the churn probability.
+    churn_boost=1.0,
+    # How hard a candidate close to a disliked item is pushed down.
+    dislike=0.3,
+    # The trained user tower's order (recsys serve --model DIR): the strongest
+    # single term, since the model was trained for exactly this.
+    model=1.0,
+    # Other shoppers' co-purchases; chosen on the cross-category task's
+    # validation targets (docs/results.md).
+    co_purchase=0.4,
+)
+
 @dataclass(frozen=True)
 class UserVectors:
     long_term: np.ndarray | None

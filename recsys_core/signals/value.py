@@ -27,7 +27,7 @@ import numpy as np
 from threadpoolctl import ThreadpoolController
 
 from recsys_core.signals.btyd import BTYD
-from recsys_core.store.sqlite_store import PURCHASE, RATING, REVIEW, StoredEvent
+from recsys_core.store.events import PURCHASE, RATING, REVIEW, StoredEvent
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -360,7 +360,16 @@ class ValueModel:
             path = path / ARTIFACT_FILE
         if not path.is_file():
             raise ValueModelError(f"no value model at {path}: train one with `recsys train-value`")
-        return cls(joblib.load(path))
+        try:
+            artifact = joblib.load(path)
+        except (ModuleNotFoundError, AttributeError) as error:
+            # The artifact pickles our BTYD class by its module path, which
+            # moved when the code was layered (recsys_core.btyd ->
+            # recsys_core.signals.btyd).
+            raise ValueModelError(
+                f"value model at {path} was written by another version of the code ({error}): "
+                "retrain it (recsys train-value)") from error
+        return cls(artifact)
 
     def _predict(self, name: str, values: Mapping[str, np.ndarray], as_of: int) -> float:
         return float(predict(self.models[name], values, as_of)[0])

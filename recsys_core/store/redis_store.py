@@ -39,7 +39,7 @@ from redis.retry import Retry
 from tqdm import tqdm
 
 from recsys_core.errors import ResourceExhausted, Unavailable
-from recsys_core.store.sqlite_store import EventStore, StoredEvent
+from recsys_core.store.events import EventStore, StoredEvent
 
 log = logging.getLogger(__name__)
 

@@ -1,25 +1,20 @@
-"""Durable event storage: the EventStore interface and its SQLite backend.
+"""Durable event storage in SQLite: the EventStore interface over one file in WAL mode.
 
-Two backends implement EventStore, chosen by PROFILE_STORE (see open_store):
-SQLite in WAL mode here, Redis in recsys_core/store/redis_store.py. Either way
-an IngestEvents call is acknowledged only after its whole batch is on disk
-(SQLite: the transaction committed with synchronous=FULL), so an acknowledged
-event survives a crash of the process or the machine. docs/profiles.md
-("Storage") has the details.
+An append is acknowledged only after its transaction is committed with
+synchronous=FULL, so an acknowledged event survives a crash of the process or
+the machine. docs/profiles.md ("Storage") has the details.
 """
 from __future__ import annotations
 
 import sqlite3
 import threading
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Protocol
 
 from tqdm import tqdm
 
-# Event types, numbered as recsys.common.v1.EventType (this module stays gRPC-free).
-VIEW, PURCHASE, RATING, REVIEW = 1, 2, 3, 4
+from recsys_core.store.events import EventStore, StoredEvent
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
@@ -49,37 +44,6 @@ INSERT_EVENT = (
 EVENT_COLUMNS = "user_id, item_id, category, type, ts, rating, amount, order_id"
 
 
-@dataclass(frozen=True)
-class StoredEvent:
-    user_id: str
-    item_id: str
-    category: str
-    type: int
-    ts: int | None
-    rating: float | None = None
-    review: str | None = None
-    idempotency_key: str | None = None
-    # Money spent (quantity x unit price; negative for a cancellation or
-    # return) and the order it belongs to: what lifetime value is made of.
-    amount: float | None = None
-    order_id: str | None = None
-
-
-def benchmark_stored_events(events) -> Iterator[StoredEvent]:
-    """Rows of the benchmark's interactions (recsys_core.data.shopping) as the store
-    keeps them. They are reviews of bought items: purchases, or ratings where
-    the set carries a star rating (Office)."""
-    for row in events.itertuples(index=False):
-        yield StoredEvent(
-            user_id=row.user_id,
-            item_id=row.item_id,
-            category=row.category,
-            type=RATING if row.rating == row.rating else PURCHASE,
-            ts=None if row.timestamp != row.timestamp else int(row.timestamp),
-            rating=None if row.rating != row.rating else float(row.rating),
-        )
-
-
 def _row(event: StoredEvent) -> tuple:
     return (event.user_id, event.item_id, event.category, event.type, event.ts, event.rating,
             event.review, event.idempotency_key, event.amount, event.order_id)
@@ -88,67 +52,6 @@ def _row(event: StoredEvent) -> tuple:
 def _from_row(row: tuple) -> StoredEvent:
     user_id, item_id, category, type_, ts, rating, amount, order_id = row
     return StoredEvent(user_id, item_id, category, type_, ts, rating, amount=amount, order_id=order_id)
-
-
-class EventStore(Protocol):
-    """What the profile book needs from a store of shoppers' events.
-
-    Every implementation keeps these promises, and tests/test_profile_domain.py
-    checks them against each one:
-    - append() is all-or-nothing and durable once it returns;
-    - an idempotency key is stored at most once, even by concurrent appends;
-    - a shopper's events come back in the order they were appended.
-    """
-
-    def append(self, events: Sequence[StoredEvent]) -> list[bool]:
-        """Store the batch atomically. Returns, per event, whether it was new
-        (False: its idempotency key was stored before, or earlier in the batch)."""
-        ...
-
-    def bulk_load(self, events: Iterable[StoredEvent], total: int, marker: str, show_progress: bool = True) -> bool:
-        """Load a data set once: does nothing (False) when `marker` was loaded before."""
-        ...
-
-    def meta(self, key: str) -> str | None:
-        ...
-
-    def user_events(self, user_id: str, limit: int | None = None) -> list[StoredEvent]:
-        """The shopper's events, oldest first; with `limit`, only the most recent ones.
-        Review texts and idempotency keys are not returned."""
-        ...
-
-    def user_reviews(self, user_id: str, limit: int) -> list[StoredEvent]:
-        """The shopper's most recent `limit` events that carry a review text,
-        oldest first, with the text."""
-        ...
-
-    def user_summary(self, user_id: str) -> tuple[int, dict[str, int], list[str]]:
-        """(event count, events per category, every item seen, most recent first)."""
-        ...
-
-    def item_counts(self) -> list[tuple[str, str, int]]:
-        """(item_id, category, events) for every item with events."""
-        ...
-
-    def user_items(self) -> Iterator[tuple[str, str, str]]:
-        """(user_id, item_id, category) once per shopper and item they have
-        events on: the baskets co-purchases are counted from."""
-        ...
-
-    def count(self) -> int:
-        ...
-
-    def close(self) -> None:
-        ...
-
-
-def open_store(config) -> EventStore:
-    """The store a ProfileConfig selects (PROFILE_STORE=sqlite|redis)."""
-    if config.store == "redis":
-        from recsys_core.store.redis_store import RedisEventStore
-
-        return RedisEventStore(config.redis_url, prefix=config.redis_prefix, durability=config.redis_durability)
-    return SQLiteEventStore(config.store_path)
 
 
 class SQLiteEventStore(EventStore):

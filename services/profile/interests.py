@@ -21,7 +21,7 @@ from recsys_core.signals.interests import (
     recency_weights,
     unit_mix,
 )
-from recsys_core.store.sqlite_store import PURCHASE, RATING, REVIEW, VIEW, StoredEvent
+from recsys_core.store.events import PURCHASE, RATING, REVIEW, VIEW, StoredEvent
 
 # A purchase says more about taste than a glance at a product page.
 TYPE_WEIGHT = {VIEW: 0.3, PURCHASE: 1.0, RATING: 1.0, REVIEW: 1.0}

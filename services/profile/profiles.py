@@ -19,7 +19,7 @@ from services.profile.interests import Interest, interest_vector, read_interests
 from services.profile.user_tower import ShopperVectors, shopper_interest
 from recsys_core.signals.value import ValueForecast, ValueModel
 from services.profile.popularity import Popularity
-from recsys_core.store.sqlite_store import PURCHASE, RATING, REVIEW, VIEW, EventStore, StoredEvent
+from recsys_core.store.events import PURCHASE, RATING, REVIEW, VIEW, EventStore, StoredEvent
 
 log = logging.getLogger(__name__)
 

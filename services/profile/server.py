@@ -16,7 +16,8 @@ from services.profile.catalogue_client import EmbeddingServiceLookup
 from services.profile.config import ProfileConfig
 from services.profile.profiles import ProfileBook
 from services.profile.servicer import ProfileServicer
-from recsys_core.store.sqlite_store import EventStore, benchmark_stored_events, open_store
+from recsys_core.store.events import EventStore, benchmark_stored_events
+from recsys_core.store.backends import open_store
 from services.profile.review_reader import connect as connect_reviews
 from services.profile.user_tower import connect
 from recsys_core.signals.value import ValueModel, ValueModelError

@@ -3,7 +3,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from recsys_core.rpc.envconfig import EnvReader
-from recsys_core.signals.interests import DriftSettings
+from recsys_core.ranking.scoring import SERVING_WEIGHTS
 
 
 @dataclass(frozen=True)
@@ -14,25 +14,19 @@ class RankingConfig:
     # Prometheus /metrics port, on the host of `address`; 0 picks a free one
     # (every process of a local stack needs its own; Kubernetes sets 9090).
     metrics_port: int = 0
-    long_term_weight: float = 0.5
-    short_term_weight: float = 0.3
-    # A shopper on a product page wants that page's neighbourhood first.
-    context_weight: float = 1.2
-    popularity_weight: float = 0.1
-    # The popularity weight grows by this factor times the churn probability.
-    churn_popularity_boost: float = 1.0
-    # How hard a candidate close to a disliked item is pushed down.
-    dislike_weight: float = 0.3
+    # Defaults and their reasons: recsys_core/ranking/scoring.py, SERVING_WEIGHTS.
+    long_term_weight: float = SERVING_WEIGHTS.long_term
+    short_term_weight: float = SERVING_WEIGHTS.short_term
+    context_weight: float = SERVING_WEIGHTS.context
+    popularity_weight: float = SERVING_WEIGHTS.popularity
+    churn_popularity_boost: float = SERVING_WEIGHTS.churn_boost
+    dislike_weight: float = SERVING_WEIGHTS.dislike
     # Short-term share of the long/short balance at drift 0 and drift 1
     # (chosen on validation targets: docs/profiles.md, "Interest drift").
-    drift_short_share_stable: float = DriftSettings.short_share_stable
-    drift_short_share_drifting: float = DriftSettings.short_share_drifting
-    # The trained user tower's order (recsys serve --model DIR; scoring.py):
-    # the strongest single term, since the model was trained for exactly this.
-    model_weight: float = 1.0
-    # Other shoppers' co-purchases (scoring.py); the weight was chosen on the
-    # cross-category task's validation targets (docs/results.md).
-    co_purchase_weight: float = 0.4
+    drift_short_share_stable: float = SERVING_WEIGHTS.drift.short_share_stable
+    drift_short_share_drifting: float = SERVING_WEIGHTS.drift.short_share_drifting
+    model_weight: float = SERVING_WEIGHTS.model
+    co_purchase_weight: float = SERVING_WEIGHTS.co_purchase
     max_candidates: int = 5000
 
     @classmethod
