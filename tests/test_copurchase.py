@@ -2,10 +2,14 @@
 both stores, the ranking term, and the offline scorer's leave-own-out."""
 from __future__ import annotations
 
+import random
+import threading
+
 import numpy as np
 import pandas as pd
 import pytest
 
+from bench.copurchase import PerRequestCoPurchases
 from recsys_core.signals.copurchase import CoPurchases
 from recsys_core.errors import InvalidArgument
 from recsys_core.ranking.scoring import UserVectors, Weights, rank
@@ -41,6 +45,189 @@ def test_leaving_a_shopper_out_removes_exactly_their_baskets():
     index.add("dan", "tent", "Sports")
     index.add("dan", "lipstick", "Beauty")
     assert index.related(["tent"], ["Beauty"]) == {"suncream": 2, "lipstick": 2}, "new events count at once"
+
+
+# -- the precomputed matrix against counting per request (the oracle) -----------
+
+
+def spec_most_shared(related: dict[str, int], k: int) -> list[tuple[str, int]]:
+    return sorted(related.items(), key=lambda pair: (-pair[1], pair[0]))[:k]
+
+
+def assert_same_answers(index: CoPurchases, oracle: PerRequestCoPurchases, rng: random.Random, items: list[str],
+                        users: list[str], categories: list[str], queries: int) -> None:
+    for _ in range(queries):
+        history = rng.choices(items, k=rng.randint(0, 8)) + (["never-sold"] if rng.random() < 0.1 else [])
+        wanted = rng.sample(categories + ["NoSuchCategory"], rng.randint(0, 2))
+        exclude = rng.sample(items, rng.randint(0, 3))
+        leave_out = rng.choice(users + [None, "stranger"])
+        expected = oracle.related(history, wanted, exclude, leave_out)
+        assert index.related(history, wanted, exclude, leave_out) == expected, (history, wanted, exclude, leave_out)
+        for k in (1, 3, 50):
+            assert index.most_shared(history, k, wanted, exclude, leave_out) == spec_most_shared(expected, k)
+    for item_id in items + ["never-sold"]:
+        assert index.category(item_id) == oracle.category(item_id)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_matrix_answers_as_counting_per_request_did_before_and_after_new_events(seed):
+    """Random baskets with few items, so that pairs, ties at the k-th count
+    and shoppers with the asked items are common; loaded in bulk (counted as
+    one sparse product), then event by event through the delta, folded into
+    the matrix every few counts."""
+    rng = random.Random(seed)
+    items = [f"i{n:02d}" for n in range(rng.randint(5, 30))]
+    users = [f"u{n}" for n in range(rng.randint(3, 25))]
+    categories = ["Beauty", "Sports", "Toys"]
+    category_of = {item_id: rng.choice(categories) for item_id in items}
+
+    def rows(n):
+        return [(u, i, category_of[i]) for u, i in zip(rng.choices(users, k=n), rng.choices(items, k=n))]
+
+    bulk = rows(rng.randint(0, 120))
+    index, oracle = CoPurchases(fold_at=5, fold_in_background=False), PerRequestCoPurchases()
+    index.add_many(bulk)
+    oracle.add_many(bulk)
+    assert_same_answers(index, oracle, rng, items, users, categories, 60)
+    folded = index.footprint()["nonzero"]
+    for user_id, item_id, category in rows(80):
+        index.add(user_id, item_id, category)
+        oracle.add(user_id, item_id, category)
+        assert_same_answers(index, oracle, rng, items, users, categories, 3)
+    assert index.footprint()["nonzero"] > folded or not bulk, "new counts were folded into the matrix"
+    few = rows(3)  # a small bulk load goes through the delta
+    index.add_many(few)
+    oracle.add_many(few)
+    index.fold()
+    assert index.footprint()["delta_entries"] == 0
+    assert_same_answers(index, oracle, rng, items, users, categories, 40)
+
+
+def test_a_new_pair_counts_at_the_next_read_before_and_after_a_fold():
+    index = CoPurchases(fold_at=4, fold_in_background=False)
+    index.add_many(BASKETS)  # 10 counts: over fold_at, counted as a matrix
+    assert index.footprint()["delta_entries"] == 0
+    index.add("dan", "doll", "Toys")  # a new item, past the matrix's last row
+    index.add("dan", "tent", "Sports")
+    assert index.footprint()["delta_entries"] == 2, "counted in the delta, not by recounting"
+    assert index.related(["doll"]) == {"tent": 1}
+    assert index.related(["tent"], ["Toys"]) == {"doll": 1}
+    index.fold()
+    assert index.footprint()["delta_entries"] == 0
+    assert index.related(["doll"]) == {"tent": 1}
+    assert index.related(["tent"]) == {"suncream": 2, "lipstick": 1, "boots": 1, "doll": 1}
+
+
+def test_counts_past_uint16_widen_the_matrix_instead_of_wrapping():
+    index = CoPurchases(fold_at=10, fold_in_background=False)
+    index.add_many([(f"u{n}", item_id, "Toys") for n in range(2**16 + 1) for item_id in ("a", "b")])
+    assert index.related(["a"]) == {"b": 2**16 + 1}
+    index.add("last", "a", "Toys")
+    index.add("last", "b", "Toys")
+    index.fold()
+    assert index.related(["a"]) == {"b": 2**16 + 2}
+
+
+def test_a_bulk_load_while_a_fold_merges_is_not_undone_by_the_fold(monkeypatch):
+    """A bulk load recounts everything, the frozen delta included; a fold
+    that started before it must not then put back the matrix it merged."""
+    from recsys_core.signals import copurchase
+
+    bulk = [(f"x{n}", item_id, "Toys") for n in range(3) for item_id in ("tent", "doll")]
+    index, oracle = CoPurchases(fold_at=2, fold_in_background=False), PerRequestCoPurchases()
+    merge = copurchase._merge
+
+    def merge_while_a_bulk_load_runs(matrix, delta, size):
+        monkeypatch.setattr(copurchase, "_merge", merge)
+        index.add_many(bulk)  # 6 counts: over fold_at, recounted
+        return merge(matrix, delta, size)
+
+    monkeypatch.setattr(copurchase, "_merge", merge_while_a_bulk_load_runs)
+    for row in BASKETS:
+        index.add(*row)
+        oracle.add(*row)
+    oracle.add_many(bulk)
+    assert copurchase._merge is merge, "the fold ran"
+    for item_id in ("tent", "suncream", "lipstick", "boots", "doll"):
+        assert index.related([item_id]) == oracle.related([item_id])
+
+
+def test_reads_during_writes_and_background_folds_see_every_acknowledged_pair():
+    """Writers add baskets while readers ask: a writer's own pair is visible
+    to its next read (the profile service's ingest then GetCoPurchasedItems),
+    no read fails while folds run in the background, and the end state is
+    what counting per request gives."""
+    index, oracle = CoPurchases(fold_at=50), PerRequestCoPurchases()
+    start = [(f"u{n}", f"i{n % 7}", "Toys") for n in range(40)]
+    index.add_many(start)
+    oracle.add_many(start)
+    errors: list[BaseException] = []
+
+    def writer(w: int) -> None:
+        try:
+            rng = random.Random(w)
+            for n in range(300):
+                user_id, item_id = f"w{w}-{n % 20}", f"i{rng.randrange(40)}"
+                before = index.related(["anchor"]).get(item_id, 0)
+                index.add(user_id, "anchor", "Toys")
+                index.add(user_id, item_id, "Toys")
+                after = index.related(["anchor"]).get(item_id, 0)
+                assert after >= before + (item_id != "anchor" and n < 20), (user_id, item_id, before, after)
+        except BaseException as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+
+    def reader() -> None:
+        try:
+            for n in range(300):
+                index.most_shared([f"i{n % 40}", "anchor"], 5, leave_out_user=f"w0-{n % 20}")
+        except BaseException as error:  # noqa: BLE001
+            errors.append(error)
+
+    threads = [threading.Thread(target=writer, args=(w,)) for w in range(3)] + \
+        [threading.Thread(target=reader) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors[0]
+    for w in range(3):
+        rng = random.Random(w)
+        for n in range(300):
+            user_id, item_id = f"w{w}-{n % 20}", f"i{rng.randrange(40)}"
+            oracle.add(user_id, "anchor", "Toys")
+            oracle.add(user_id, item_id, "Toys")
+    index.fold()
+    items = ["anchor"] + [f"i{n}" for n in range(40)]
+    for item_id in items:
+        assert index.related([item_id]) == oracle.related([item_id])
+        assert index.related([item_id, "anchor"], leave_out_user="w1-3") == \
+            oracle.related([item_id, "anchor"], leave_out_user="w1-3")
+
+
+def test_the_matrix_answers_as_counting_per_request_on_the_bundled_data(dataset):
+    """Shoppers of the bundled data asking as the profile service asks
+    (their first 100 items, their own items excluded and baskets left out),
+    half of them restricted to their latest item's category."""
+    rows = list(dict.fromkeys(zip(dataset.interactions.user_id, dataset.interactions.item_id,
+                                  dataset.interactions.category)))
+    index, oracle = CoPurchases(), PerRequestCoPurchases()
+    index.add_many(rows)
+    oracle.add_many(rows)
+    assert index.footprint()["nonzero"] > 0 and index.footprint()["delta_entries"] == 0, "counted as a matrix"
+    items_of: dict[str, list[tuple[str, str]]] = {}
+    for user_id, item_id, category in rows:
+        items_of.setdefault(user_id, []).append((item_id, category))
+    longest = sorted(items_of, key=lambda u: (-len(items_of[u]), u))[:10]
+    sample = longest + random.Random(7).sample(sorted(items_of), 150)
+    nonempty = 0
+    for n, user_id in enumerate(sample):
+        seen = [item_id for item_id, _ in items_of[user_id]]
+        wanted = [items_of[user_id][-1][1]] if n % 2 else []
+        expected = oracle.related(seen[:100], wanted, set(seen), user_id)
+        assert index.related(seen[:100], wanted, set(seen), user_id) == expected, user_id
+        assert index.most_shared(seen[:100], 50, wanted, set(seen), user_id) == spec_most_shared(expected, 50)
+        nonempty += bool(expected)
+    assert nonempty > len(sample) // 2, "most shoppers have co-purchases to compare"
 
 
 def test_the_ranking_term_lifts_co_purchased_candidates():

@@ -11,7 +11,7 @@ from typing import Protocol
 
 import numpy as np
 
-from recsys_core.signals.copurchase import CoPurchases, most_shared
+from recsys_core.signals.copurchase import CoPurchases
 from recsys_core.errors import DeadlineExceeded, InvalidArgument, NotFound, Unavailable
 from recsys_core.signals.reviews import Preferences, ReviewOpinions, opinions_of_reviews, preferences
 from recsys_core.signals.interests import NO_DRIFT, ClusterSettings, Drift, DriftSettings
@@ -363,10 +363,9 @@ class ProfileBook:
         # category nobody has bought in yet simply has no co-purchases.
         _, _, seen = self.store.user_summary(user_id)
         excluded = set(exclude) | (set() if include_seen else set(seen))
-        related = self.co_purchases.related(list(anchors) or seen[:CO_PURCHASE_HISTORY], categories,
-                                            exclude=excluded, leave_out_user=user_id)
         # Ties break by item id so every replica answers alike.
-        top = most_shared(related, k)
+        top = self.co_purchases.most_shared(list(anchors) or seen[:CO_PURCHASE_HISTORY], k, categories,
+                                            exclude=excluded, leave_out_user=user_id)
         return [(item_id, self.co_purchases.category(item_id), shoppers) for item_id, shoppers in top]
 
     def item_popularity(self, item_ids: Sequence[str]) -> tuple[list[int], int]:
