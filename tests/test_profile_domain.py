@@ -50,6 +50,33 @@ def test_popularity_ranks_interleaves_categories_and_excludes():
     assert popularity.counts(["x1", "nope"]) == [5, 0] and popularity.max_count() == 11
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_popularity_kept_ranked_as_events_arrive_answers_as_a_fresh_sort(seed):
+    """Items move within the cached rankings on each event (new items, new
+    categories, an item changing category, ties by id); a Popularity built
+    from the same counts in one go sorts from scratch."""
+    import random
+
+    rng = random.Random(seed)
+    items = [f"i{n}" for n in range(25)]
+    categories = ["A", "B", "C", "D"]
+    history = [(item_id, rng.choice(categories[:2]), rng.randint(1, 4)) for item_id in items[:10]]
+    kept = Popularity()
+    kept.add_many(history)
+    kept.max_count()  # ranked from here on
+    for _ in range(150):
+        row = (rng.choice(items), rng.choice(categories), rng.randint(1, 3))
+        kept.add(*row)
+        history.append(row)
+        fresh = Popularity()
+        fresh.add_many(history)
+        asked = rng.sample(categories + ["Z"], rng.randint(0, 2))
+        exclude = rng.sample(items, 3)
+        assert kept.top(5, asked, exclude) == fresh.top(5, asked, exclude)
+        assert kept.top(30) == fresh.top(30)
+        assert kept.max_count() == fresh.max_count() and kept.categories() == fresh.categories()
+
+
 # -- the event stores: every test runs once on SQLite, once on Redis -------------
 
 
