@@ -2,13 +2,18 @@
 a bare Python gRPC echo server as the ceiling.
 
     python bench/recommend.py [--data DIR] [--requests N] [--concurrency 1,4,16]
-                              [--seconds S] [--json OUT]
+                              [--seconds S] [--json OUT] [--idle-streams N]
 
 All four services run as real processes (recsys_cli.stack.LocalStack),
 with the local Triton server when the stack's encoder runs there, on a free
 gateway port and with their state in a temporary directory. The echo
 server runs in its own process too (this script with --echo-server PORT), so
 neither side shares the benchmark client's GIL.
+
+With --idle-streams N, each level also measures Recommend while N idle
+health Watch streams are open on the gateway (held by another process of
+this script, --hold-watches), and once more after they closed: quiet, with
+streams, quiet again, back to back in the same run.
 """
 from __future__ import annotations
 
@@ -81,6 +86,52 @@ def serve_echo(port: int, workers: int) -> int:
             break
     server.stop(0).wait(5)
     return 0
+
+
+def hold_watches(address: str, count: int) -> int:
+    """Opens `count` health Watch streams on `address`, reads each one's first
+    status (so each is open on the server), says so on stdout, and holds them
+    until stdin closes (the benchmark is done with them, or died)."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(address) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        # The deadline bounds a holder whose parent vanished without closing stdin.
+        streams = [health.Watch(health_pb2.HealthCheckRequest(), timeout=3600) for _ in range(count)]
+        for stream in streams:
+            next(stream)
+        print(f"open {count}", flush=True)
+        sys.stdin.read()
+        for stream in streams:
+            stream.cancel()
+    return 0
+
+
+class IdleStreams:
+    """N idle Watch streams on the gateway, held by a process of their own."""
+
+    def __init__(self, address: str, count: int):
+        self.address, self.count = address, count
+        self.process: subprocess.Popen | None = None
+
+    def __enter__(self):
+        self.process = subprocess.Popen(
+            [sys.executable, str(Path(__file__).resolve()), "--hold-watches", self.address, str(self.count)],
+            cwd=REPO_ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        )
+        line = self.process.stdout.readline().strip()
+        if line != f"open {self.count}":
+            self.__exit__(None, None, None)
+            raise RuntimeError(f"could not open {self.count} Watch streams on {self.address} (holder said {line!r})")
+        return self
+
+    def __exit__(self, *exc):
+        self.process.stdin.close()
+        try:
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
 
 
 class EchoProcess:
@@ -287,6 +338,16 @@ def print_level(level: dict, max_requests: int, max_seconds: float) -> None:
         errors = ", ".join(f"{code} {n}" for code, n in sorted(result["errors"].items())) or "0"
         print(f"  {name:<10} {fmt(result['p50_ms'], 8, 2)} {fmt(result['p99_ms'], 8, 2)} "
               f"{fmt(result['throughput_rps'], 9)} {result['ok']:>6} {result['seconds']:>6.1f}  {errors}")
+    streams = level.get("idle_streams")
+    if streams:
+        print(f"  Recommend with {streams['count']} idle Watch streams open on the gateway, back to back:")
+        for name, label in (("recommend", "quiet"), ("with_streams", "streams"), ("after_streams", "quiet again")):
+            result = level["recommend"] if name == "recommend" else streams[name]
+            errors = ", ".join(f"{code} {n}" for code, n in sorted(result["errors"].items())) or "0"
+            print(f"  {label:<12} {fmt(result['p50_ms'], 8, 2)} {fmt(result['p99_ms'], 8, 2)} "
+                  f"{fmt(result['throughput_rps'], 9)} {result['ok']:>6} {result['seconds']:>6.1f}  {errors}")
+        ratio = streams["p99_ratio"]
+        print(f"  p99 with streams / quiet: {fmt(ratio, 0, 3).strip()}")
     paths = ", ".join(f"{p} {n}" for p, n in sorted(level["recommend"].get("paths", {}).items()))
     ratio = level["throughput_ratio"]
     print(f"  recommend / echo throughput: {fmt(ratio, 0, 3).strip()}   (recommend paths: {paths or '-'})")
@@ -339,10 +400,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--encoder", choices=("triton", "onnx"),
                         help="where the text encoder runs: a local Triton server or onnxruntime inside the "
                              "embedding service (default: LocalStack's default)")
+    parser.add_argument("--idle-streams", type=int, default=0, metavar="N",
+                        help="also measure Recommend with N idle health Watch streams open on the gateway")
     parser.add_argument("--echo-server", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    parser.add_argument("--hold-watches", nargs=2, metavar=("ADDRESS", "N"), help=argparse.SUPPRESS)
     parser.add_argument("--workers", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.echo_server is None:
+    if args.echo_server is None and args.hold_watches is None:
+        if args.idle_streams < 0:
+            parser.error("--idle-streams must not be negative")
         try:
             args.levels = [int(c) for c in args.concurrency.split(",") if c.strip()]
         except ValueError:
@@ -418,6 +484,18 @@ def run(args) -> int:
                                              args.seconds, abort, on_reply=count_path)
             level["recommend"]["paths"] = dict(paths_seen)
             level["recommend"]["mean_reply_bytes"] = round_or_none(sum(reply_bytes) / len(reply_bytes), 1) if reply_bytes else None
+            if args.idle_streams:
+                streams = {"count": args.idle_streams}
+                with IdleStreams(stack.addresses["gateway"], args.idle_streams):
+                    ensure_running(stack, echo)
+                    streams["with_streams"] = closed_loop(recommend_stub.Recommend, requests, concurrency,
+                                                          args.requests, args.seconds, abort)
+                ensure_running(stack, echo)
+                streams["after_streams"] = closed_loop(recommend_stub.Recommend, requests, concurrency,
+                                                       args.requests, args.seconds, abort)
+                quiet_p99, streams_p99 = level["recommend"]["p99_ms"], streams["with_streams"]["p99_ms"]
+                streams["p99_ratio"] = round_or_none(streams_p99 / quiet_p99, 4) if quiet_p99 and streams_p99 else None
+                level["idle_streams"] = streams
             ensure_running(stack, echo)
             closed_loop(echo_call, warmup_payloads, concurrency, WARMUP_REQUESTS, args.seconds, abort)
             level["echo"] = closed_loop(echo_call, payloads, concurrency, args.requests, args.seconds, abort)
@@ -459,6 +537,7 @@ def run(args) -> int:
                 "call_timeout_seconds": CALL_TIMEOUT_SECONDS, "gateway_workers": workers, "echo_workers": workers,
                 "mean_request_bytes": round(mean_request_bytes, 1),
                 "encoder": encoder,
+                "idle_streams": args.idle_streams,
             },
             "startup_seconds": startup_seconds,
             "levels": levels,
@@ -490,6 +569,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.echo_server is not None:
         return serve_echo(args.echo_server, args.workers or 16)
+    if args.hold_watches is not None:
+        return hold_watches(args.hold_watches[0], int(args.hold_watches[1]))
     from recsys_core.data.shopping import DataError
     from recsys_cli.stack import run_script
 

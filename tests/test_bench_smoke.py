@@ -19,7 +19,8 @@ SERVICES = {"embedding", "profile", "ranking", "gateway"}
 def test_bench_runs_both_targets_at_each_level_and_measures_every_service(tmp_path, exported_encoder):
     out = tmp_path / "bench.json"
     run = subprocess.run(
-        [sys.executable, str(BENCH), "--requests", "30", "--concurrency", "1,2", "--seconds", "10", "--json", str(out)],
+        [sys.executable, str(BENCH), "--requests", "30", "--concurrency", "1,2", "--seconds", "10", "--json", str(out),
+         "--idle-streams", "200"],
         cwd=paths.REPO_ROOT, capture_output=True, text=True, timeout=240,
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
@@ -35,6 +36,12 @@ def test_bench_runs_both_targets_at_each_level_and_measures_every_service(tmp_pa
         assert level["recommend"]["errors"] == {}
         assert level["recommend"]["ok"] == 30
         assert level["throughput_ratio"] > 0
+        # Recommend measured again with 200 Watch streams open, and after.
+        streams = level["idle_streams"]
+        assert streams["count"] == 200
+        for phase in ("with_streams", "after_streams"):
+            assert streams[phase]["ok"] == 30 and streams[phase]["errors"] == {}, (phase, streams[phase]["errors"])
+        assert streams["p99_ratio"] > 0
 
     # The four services, and Triton when the stack's encoder runs there.
     assert SERVICES <= set(report["memory_mib"]) <= SERVICES | {"triton"}

@@ -4,6 +4,7 @@ over HTTP, status codes set every way a handler can, and each service's own
 figures on the in-process stack."""
 from __future__ import annotations
 
+import asyncio
 import time
 import urllib.request
 import uuid
@@ -224,6 +225,103 @@ def test_status_codes_are_read_however_the_handler_ends():
         assert value(samples, "grpc_server_in_flight", grpc_service="test.Probe", grpc_method=method) == 0
     # Unknown methods never reach a handler: nothing to label.
     assert not any(labels and ("grpc_method", "Missing") in labels for _, labels in samples)
+
+
+class _AsyncProbe:
+    """The same endings from async handlers, what the platform's servicers are."""
+
+    @handle_errors
+    async def Mapped(self, request, context):
+        raise NotFound("no such thing")
+
+    async def Aborts(self, request, context):
+        await context.abort(grpc.StatusCode.PERMISSION_DENIED, "no")
+
+    async def Raises(self, request, context):
+        raise RuntimeError("a bug")
+
+    async def SetsCode(self, request, context):
+        context.set_code(grpc.StatusCode.FAILED_PRECONDITION)
+        context.set_details("not now")
+        return b""
+
+    async def Fine(self, request, context):
+        return request
+
+    async def Stream(self, request, context):
+        yield request
+        yield request
+
+    async def Written(self, request, context):  # writes instead of yielding, as health Watch does
+        await context.write(request)
+
+    async def Slow(self, request, context):
+        await asyncio.sleep(0.5)  # beyond the caller's deadline: the server cancels it
+        return request
+
+    async def Endless(self, request, context):
+        while True:
+            yield request
+            await asyncio.sleep(0.02)
+
+
+def test_status_codes_of_async_handlers():
+    server, port = build_server("127.0.0.1:0", 2, [], "async-probe", metrics_port=0)
+    probe = _AsyncProbe()
+    identity = {"request_deserializer": None, "response_serializer": None}
+    handlers = {
+        name: grpc.unary_unary_rpc_method_handler(getattr(probe, name), **identity)
+        for name in ("Mapped", "Aborts", "Raises", "SetsCode", "Fine", "Slow")
+    }
+    for name in ("Stream", "Written", "Endless"):
+        handlers[name] = grpc.unary_stream_rpc_method_handler(getattr(probe, name), **identity)
+    server.grpc_server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("test.Async", handlers),))
+    server.readiness.start(lambda: None)
+    server.start()
+    expected = {
+        "Mapped": grpc.StatusCode.NOT_FOUND,
+        "Aborts": grpc.StatusCode.PERMISSION_DENIED,
+        "Raises": grpc.StatusCode.UNKNOWN,
+        "SetsCode": grpc.StatusCode.FAILED_PRECONDITION,
+    }
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            for name, code in expected.items():
+                with pytest.raises(grpc.RpcError) as caught:
+                    channel.unary_unary(f"/test.Async/{name}")(b"x", timeout=5)
+                assert caught.value.code() == code, name
+            assert channel.unary_unary("/test.Async/Fine")(b"x", timeout=5) == b"x"
+            assert list(channel.unary_stream("/test.Async/Stream")(b"x", timeout=5)) == [b"x", b"x"]
+            assert list(channel.unary_stream("/test.Async/Written")(b"x", timeout=5)) == [b"x"]
+            with pytest.raises(grpc.RpcError) as caught:
+                channel.unary_unary("/test.Async/Slow")(b"x", timeout=0.1)
+            assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            stream = channel.unary_stream("/test.Async/Endless")(b"x", timeout=5)
+            assert next(stream) == b"x"
+            stream.cancel()
+            give_up = time.monotonic() + 5
+            while value(scrape(server.metrics_port), "grpc_server_in_flight", grpc_service="test.Async",
+                        grpc_method="Endless") != 0:
+                assert time.monotonic() < give_up, "the cancelled stream is still in flight"
+                time.sleep(0.05)
+        samples = scrape(server.metrics_port)
+    finally:
+        server.stop(None).wait(5)
+
+    def handled(kind, method, code):
+        return value(samples, "grpc_server_handled_total", **method_labels(kind, "test.Async", method), grpc_code=code)
+
+    assert handled("unary", "Mapped", "NotFound") == 1
+    assert handled("unary", "Aborts", "PermissionDenied") == 1
+    assert handled("unary", "Raises", "Unknown") == 1
+    assert handled("unary", "SetsCode", "FailedPrecondition") == 1
+    assert handled("unary", "Fine", "OK") == 1
+    assert handled("server_stream", "Stream", "OK") == 1
+    assert handled("server_stream", "Written", "OK") == 1
+    assert handled("unary", "Slow", "DeadlineExceeded") == 1 and handled("unary", "Slow", "OK") == 0
+    assert handled("server_stream", "Endless", "Canceled") == 1
+    for method in ("Slow", "Endless", *expected):
+        assert value(samples, "grpc_server_in_flight", grpc_service="test.Async", grpc_method=method) == 0
 
 
 def test_the_endpoint_closes_with_the_server():

@@ -1,13 +1,19 @@
 """What every server and client of the platform shares: status mapping,
-health and reflection, metrics, graceful shutdown, deadlines on outbound calls."""
+health and reflection, metrics, graceful shutdown, deadlines on outbound calls.
+
+Servers are grpc.aio servers, each on an event loop of its own thread
+(recsys_core/rpc/runtime.py): servicer methods are `async def`, and run
+their blocking work with `await server.blocking.run(...)`.
+"""
 from __future__ import annotations
 
+import asyncio
 import functools
+import inspect
 import logging
 import signal
 import threading
 import time
-from concurrent import futures
 from typing import Callable
 
 import grpc
@@ -17,6 +23,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from recsys_core import errors
 from recsys_core.rpc.metrics import ServerMetrics, listen_host
+from recsys_core.rpc.runtime import BlockingPool, EventLoopThread, PoolFull, WrappingInterceptor
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +69,24 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
 
 
 def handle_errors(method: Callable) -> Callable:
-    """Maps a servicer method's exceptions to gRPC statuses: the one place it happens."""
+    """Maps a servicer method's exceptions to gRPC statuses: the one place it
+    happens. For `async def` methods (what the aio servers run) and plain ones."""
+    if inspect.iscoroutinefunction(method):
+
+        @functools.wraps(method)
+        async def async_wrapper(self, request, context):
+            try:
+                return await method(self, request, context)
+            except grpc.aio.AbortError:
+                raise  # the method aborted itself: its status is already on the way
+            except Exception as exc:  # noqa: BLE001 - every failure gets a status
+                mapped = status_for(exc)
+                if mapped is None:
+                    log.exception("internal error in %s", method.__qualname__)
+                    await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method.__name__}; see server log")
+                await context.abort(*mapped)
+
+        return async_wrapper
 
     @functools.wraps(method)
     def wrapper(self, request, context):
@@ -98,31 +122,76 @@ def insecure_channel(target: str) -> grpc.Channel:
     return grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
 
 
-class ServingHealth:
-    """Standard grpc.health.v1 service, NOT_SERVING until the owner says ready."""
+class _HealthServicer(health.aio.HealthServicer):
+    """grpc.health.v1 on the event loop: a Watch stream waits there, costing no thread.
 
-    def __init__(self, server: grpc.Server, service_names: list[str]):
-        self.servicer = health.HealthServicer(experimental_non_blocking=True)
+    The stock Watch forgets a service's condition when any one of its
+    watchers leaves, so the others, still waiting on it, never hear a later
+    change (such as NOT_SERVING when the server drains). Here the condition
+    stays while anyone watches it.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self._watching: dict[str, int] = {}
+
+    async def Watch(self, request, context) -> None:
+        service = request.service
+        self._watching[service] = self._watching.get(service, 0) + 1
+        condition = self._server_watchers[service]
+        last_status = None
+        try:
+            async with condition:
+                while True:
+                    status = self._server_status.get(service, health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
+                    if status != last_status:
+                        await context.write(health_pb2.HealthCheckResponse(status=status))
+                    last_status = status
+                    await condition.wait()
+        finally:
+            self._watching[service] -= 1
+            if not self._watching[service]:
+                del self._watching[service]
+                self._server_watchers.pop(service, None)
+
+
+class ServingHealth:
+    """Standard grpc.health.v1 service, NOT_SERVING until the owner says ready.
+    Its statuses live on the server's event loop; set them from any thread."""
+
+    def __init__(self, server: grpc.aio.Server, service_names: list[str], loop: EventLoopThread):
+        self.loop = loop
+        self.servicer = _HealthServicer()
         self.service_names = ["", *service_names]
         health_pb2_grpc.add_HealthServicer_to_server(self.servicer, server)
         self.set_serving(False)
+
+    def _on_loop(self, make: Callable) -> None:
+        if self.loop.in_loop():
+            self.loop.submit(make)
+        elif self.loop.running():
+            self.loop.run(make)
+        # Else the server has stopped: there is no one left to tell.
 
     def set_serving(self, serving: bool) -> None:
         status = (
             health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         )
-        for name in self.service_names:
-            self.servicer.set(name, status)
+
+        async def set_all():
+            for name in self.service_names:
+                await self.servicer.set(name, status)
+
+        self._on_loop(set_all)
 
     def set_component(self, name: str, serving: bool) -> None:
         """A named part's own health entry (e.g. a remote model), beside the service's."""
-        self.servicer.set(
-            name,
-            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING,
-        )
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        self._on_loop(lambda: self.servicer.set(name, status))
 
-    def shutdown(self) -> None:
-        self.servicer.enter_graceful_shutdown()
+    async def shutdown(self) -> None:
+        """Every entry NOT_SERVING for good (later sets are ignored); on the loop."""
+        await self.servicer.enter_graceful_shutdown()
 
 
 class Readiness:
@@ -161,7 +230,7 @@ class Readiness:
             raise errors.Unavailable(f"{self.name} is still loading; retry shortly")
 
 
-class ReflectionServicer(reflection.ReflectionServicer):
+class ReflectionServicer(reflection.aio.ReflectionServicer):
     """Server reflection that also answers a method's name with its file.
 
     The reflection protocol takes `<package>.<service>[.<method>]` for
@@ -187,17 +256,143 @@ class ReflectionServicer(reflection.ReflectionServicer):
         return super()._file_containing_symbol(request, fully_qualified_name)
 
 
-class ManagedServer:
-    """A grpc.Server with its health reporting, metrics and background loading:
-    what `create_server` of every service returns beside the bound port."""
+class _ThreadContext:
+    """The context a plain (not async) handler gets while it runs in the
+    blocking pool. The aio context belongs to the event loop, so what the
+    handler says (abort, set_code, set_details) is kept here and told to the
+    real context on the loop once the handler is done."""
 
-    def __init__(self, server: grpc.Server, serving: ServingHealth, name: str, metrics: ServerMetrics | None = None):
+    class Aborted(Exception):
+        """Raised by abort(), as grpc's own context raises, to end the handler."""
+
+    def __init__(self, context: grpc.aio.ServicerContext):
+        remaining = context.time_remaining()
+        self._expires = None if remaining is None else time.monotonic() + remaining
+        self._metadata = context.invocation_metadata()
+        self._peer = context.peer()
+        self._code: grpc.StatusCode | None = None
+        self._details: str | None = None
+        self.aborted = False
+        self.ended = False  # set on the loop when the call ended under the handler
+
+    def time_remaining(self) -> float | None:
+        return None if self._expires is None else max(0.0, self._expires - time.monotonic())
+
+    def is_active(self) -> bool:
+        return not self.ended and (self._expires is None or time.monotonic() < self._expires)
+
+    def invocation_metadata(self):
+        return self._metadata
+
+    def peer(self) -> str:
+        return self._peer
+
+    def set_code(self, code: grpc.StatusCode) -> None:
+        self._code = code
+
+    def set_details(self, details: str) -> None:
+        self._details = details
+
+    def code(self) -> grpc.StatusCode | None:
+        return self._code
+
+    def details(self) -> str | None:
+        return self._details
+
+    def abort(self, code: grpc.StatusCode, details: str = ""):
+        self._code, self._details, self.aborted = code, details, True
+        raise self.Aborted(details)
+
+    async def tell(self, context: grpc.aio.ServicerContext) -> None:
+        """Passes on what the handler said; raises AbortError after an abort."""
+        if self.aborted:
+            await context.abort(self._code, self._details or "")
+        if self._code is not None:
+            context.set_code(self._code)
+        if self._details is not None:
+            context.set_details(self._details)
+
+
+class _BlockingHandlers(WrappingInterceptor):
+    """Makes plain (sync) unary-request handlers async: they run in the
+    server's blocking pool with a `_ThreadContext`, and the loop waits. The
+    platform's servicers are async already; this keeps handlers written for
+    grpc.server working (and, with the pool, bounded)."""
+
+    def __init__(self, pool: BlockingPool):
+        super().__init__()
+        self.pool = pool
+
+    def wrap(self, handler, full_method: str):
+        behavior = handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
+        if inspect.iscoroutinefunction(behavior) or inspect.isasyncgenfunction(behavior):
+            return handler
+        if handler.request_streaming:
+            raise NotImplementedError(f"{full_method}: a request-streaming handler must be async on this server")
+        options = {
+            "request_deserializer": handler.request_deserializer,
+            "response_serializer": handler.response_serializer,
+        }
+        pool = self.pool
+
+        async def run(context, thread_context: _ThreadContext, function, *args):
+            """function(*args) in the pool, its abort told to the caller."""
+            try:
+                return await pool.run(function, *args)
+            except _ThreadContext.Aborted:
+                await thread_context.tell(context)  # raises AbortError
+            except PoolFull as exc:  # as handle_errors answers it for async handlers
+                await context.abort(*status_for(exc))
+            except asyncio.CancelledError:
+                thread_context.ended = True  # is_active() turns False for the handler
+                raise
+
+        if handler.unary_unary is not None:
+
+            async def unary_unary(request, context):
+                thread_context = _ThreadContext(context)
+                reply = await run(context, thread_context, behavior, request, thread_context)
+                await thread_context.tell(context)
+                return reply
+
+            return grpc.unary_unary_rpc_method_handler(unary_unary, **options)
+
+        finished = object()
+
+        async def unary_stream(request, context):
+            thread_context = _ThreadContext(context)
+            # Calling a generator function is cheap, but a plain function that
+            # returns an iterator may do its work right there: in the pool too.
+            replies = iter(await run(context, thread_context, behavior, request, thread_context))
+            while (reply := await run(context, thread_context, next, replies, finished)) is not finished:
+                try:
+                    yield reply
+                except GeneratorExit:  # closed by the server: the call ended
+                    thread_context.ended = True
+                    raise
+            await thread_context.tell(context)
+
+        return grpc.unary_stream_rpc_method_handler(unary_stream, **options)
+
+
+class ManagedServer:
+    """A grpc.aio server on its own event-loop thread, with its blocking pool,
+    health reporting, metrics and background loading: what `create_server`
+    of every service returns beside the bound port. Its methods block and may
+    be called from any thread."""
+
+    def __init__(self, loop: EventLoopThread, server: grpc.aio.Server, serving: ServingHealth, name: str,
+                 blocking: BlockingPool, metrics: ServerMetrics | None = None):
+        self.loop = loop
         self.grpc_server = server
         self.serving = serving
+        self.blocking = blocking
         self.readiness = Readiness(serving, name)
         self.metrics = metrics if metrics is not None else ServerMetrics()
         # Set when the server begins to stop; background loops watch it.
         self.stopping = threading.Event()
+        self._stopped: threading.Event | None = None
+        self._stop_lock = threading.Lock()
 
     @property
     def metrics_port(self) -> int | None:
@@ -208,17 +403,30 @@ class ManagedServer:
         register(servicer, self.grpc_server)
 
     def start(self) -> None:
-        self.grpc_server.start()
+        self.loop.run(self.grpc_server.start)
 
     def stop(self, grace: float | None) -> threading.Event:
-        """Drain: NOT_SERVING first, then refuse new calls and let in-flight ones finish."""
+        """Drain: NOT_SERVING first, then refuse new calls and let in-flight
+        ones finish within `grace` seconds (None: end them now). Returns an
+        event set once the server has stopped; a second call returns the same."""
+        with self._stop_lock:
+            if self._stopped is not None:
+                return self._stopped
+            self._stopped = stopped = threading.Event()
         self.stopping.set()
-        self.serving.shutdown()
-        stopped = self.grpc_server.stop(grace)
-        # Scrapes still see the drain; the endpoint closes once the server has stopped.
-        threading.Thread(
-            target=lambda: (stopped.wait(), self.metrics.close_http()), name="metrics-close", daemon=True
-        ).start()
+
+        async def drain():
+            await self.serving.shutdown()
+            await self.grpc_server.stop(grace)
+
+        def finish(_future) -> None:
+            # Scrapes still see the drain; the endpoint closes once the server has stopped.
+            self.metrics.close_http()
+            self.blocking.shutdown()
+            self.loop.stop()
+            stopped.set()
+
+        self.loop.submit(drain).add_done_callback(finish)
         return stopped
 
     def run_until_terminated(self, grace_seconds: float) -> int:
@@ -250,38 +458,45 @@ def build_server(
     and `address` bound; with a `metrics_port` (0: a free one) also the
     Prometheus endpoint, on the host of `address` (`ManagedServer.metrics_port`).
 
+    `workers` threads run the blocking work (`ManagedServer.blocking`), and
+    at most 16 calls per thread may run or wait for one: beyond that a call
+    is answered RESOURCE_EXHAUSTED at once instead of letting latency grow
+    without bound. Calls that only wait (health Watch streams) take no thread
+    and count against no bound.
+
     Callers add their servicers, start loading, then start it. Raises if a
     port cannot be bound.
     """
     metrics = ServerMetrics()
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name),
-        options=CHANNEL_OPTIONS,
-        # Every call of every service passes the one metrics interceptor.
-        interceptors=[metrics.interceptor()],
-        # Beyond this many queued calls the server answers RESOURCE_EXHAUSTED
-        # at once instead of letting latency grow without bound. (Those calls
-        # never reach a handler, so the RPC metrics do not count them.)
-        maximum_concurrent_rpcs=workers * 16,
-    )
-    serving = ServingHealth(server, full_service_names)
+    blocking = BlockingPool(workers, workers * 16, name)
+    loop = EventLoopThread(name)
+
+    async def make() -> grpc.aio.Server:
+        # Every call of every service passes the metrics interceptor first;
+        # plain handlers then become async ones that run in the pool. No
+        # maximum_concurrent_rpcs: on an aio server it counts open streams too.
+        return grpc.aio.server(options=CHANNEL_OPTIONS, interceptors=[metrics.interceptor(), _BlockingHandlers(blocking)])
+
+    server = loop.run(make)
+    serving = ServingHealth(server, full_service_names, loop)
     reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
         ReflectionServicer(
             [*full_service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME]
         ),
         server,
     )
+    managed = ManagedServer(loop, server, serving, name, blocking, metrics)
     port = server.add_insecure_port(address)
     if port == 0:
+        managed.stop(0)
         raise OSError(f"could not bind {address}")
-    managed = ManagedServer(server, serving, name, metrics)
     metrics.track_readiness(managed.readiness.ready.is_set)
     if metrics_port is not None:
         host = listen_host(address)
         try:
             metrics.serve_http(host, metrics_port)
         except OSError as error:
-            server.stop(0)
+            managed.stop(0)
             raise OSError(f"could not serve metrics on {host}:{metrics_port}: {error}") from error
         log.info("%s metrics on http://%s:%d/metrics", name, host, metrics.port)
     return managed, port

@@ -15,6 +15,9 @@ The status is what the caller receives: the code of `context.abort` (what
 `grpc_util.handle_errors` does for every failure) or of `context.set_code`;
 DEADLINE_EXCEEDED or CANCELLED when the call ended before the handler did;
 UNKNOWN for an exception that escaped the handler, as grpcio itself answers.
+A call the server's blocking pool refuses (its queue is full) counts as
+ResourceExhausted like any other reply; so do the health checks and
+reflection calls, and each open health Watch stream is in flight until it ends.
 
 Each server has its own registry, so servers sharing a process (the tests'
 in-process stack) keep their figures apart. Services add their domain figures
@@ -23,10 +26,12 @@ to `ServerMetrics.registry`, and may watch the replies of chosen methods with
 """
 from __future__ import annotations
 
+import asyncio
+import inspect
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import grpc
 from prometheus_client import (
@@ -38,6 +43,8 @@ from prometheus_client import (
     disable_created_metrics,
     start_http_server,
 )
+
+from recsys_core.rpc.runtime import WrappingInterceptor
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +141,7 @@ class ServerMetrics:
         )
         gauge.set_function(lambda: 1.0 if is_ready() else 0.0)
 
-    def interceptor(self) -> grpc.ServerInterceptor:
+    def interceptor(self) -> grpc.aio.ServerInterceptor:
         return _MetricsInterceptor(self)
 
     # -- the endpoint ----------------------------------------------------------
@@ -171,59 +178,72 @@ class ServerMetrics:
                 log.exception("metrics observer of %s/%s failed", service, method)
 
 
-def _final_code(context: grpc.ServicerContext, failed: bool) -> grpc.StatusCode:
-    """The status the caller gets: the one the handler set (abort, set_code);
+def _final_code(context: grpc.aio.ServicerContext, ended: type[BaseException] | None) -> grpc.StatusCode:
+    """The status the caller gets, from how the handler ended (`ended`: the
+    type of the exception that ended it, None when it returned):
     DEADLINE_EXCEEDED or CANCELLED when the call ended under the handler (the
-    caller's deadline passed, or it went away), whatever the handler did then;
-    else OK, or UNKNOWN when an exception escaped without a code (grpcio's answer)."""
+    aio server cancels the handler when the caller's deadline passes or it
+    goes away); else the code the handler set (abort, set_code); else
+    DEADLINE_EXCEEDED when it returned after the deadline (the reply is
+    dropped), OK, or UNKNOWN when an exception escaped without a code
+    (grpcio's answer)."""
+    remaining = context.time_remaining()
+    past_deadline = remaining is not None and remaining <= 0
+    if ended is not None and issubclass(ended, (asyncio.CancelledError, GeneratorExit)):
+        return grpc.StatusCode.DEADLINE_EXCEEDED if past_deadline else grpc.StatusCode.CANCELLED
     code = context.code()
     if code is not None:
         return code
-    if not context.is_active():
-        remaining = context.time_remaining()
-        return grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0 else grpc.StatusCode.CANCELLED
-    return grpc.StatusCode.UNKNOWN if failed else grpc.StatusCode.OK
+    if ended is not None:
+        return grpc.StatusCode.UNKNOWN
+    return grpc.StatusCode.DEADLINE_EXCEEDED if past_deadline else grpc.StatusCode.OK
 
 
-class _MetricsInterceptor(grpc.ServerInterceptor):
+class _Recorded:
+    """One call's figures: started and in flight on entry; handled, with its
+    final code, and its handling time on exit, however the handler ended."""
+
+    def __init__(self, metrics: ServerMetrics, kind: str, service: str, method: str, context):
+        self.metrics, self.kind, self.service, self.method, self.context = metrics, kind, service, method, context
+        self.code = grpc.StatusCode.UNKNOWN
+
+    def __enter__(self):
+        self.began = self.metrics._begin(self.kind, self.service, self.method)
+        return self
+
+    def __exit__(self, exc_type, _exc, _tb) -> bool:
+        self.code = _final_code(self.context, exc_type)
+        self.metrics._end(self.kind, self.service, self.method, self.began, self.code)
+        return False
+
+
+class _MetricsInterceptor(WrappingInterceptor):
+    """Wraps every handler of an aio server. The handlers it sees are
+    coroutine functions or async generators: sync ones were made async by the
+    interceptor after it (grpc_util's, which runs them in the blocking pool)."""
+
     def __init__(self, metrics: ServerMetrics):
+        super().__init__()
         self.metrics = metrics
-        # The wrapped handler per method, built once: continuation() hands out
-        # the same handler object for a method on every call.
-        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
-    def intercept_service(self, continuation, handler_call_details):
-        handler = continuation(handler_call_details)
-        if handler is None:
-            return None
-        full_method = handler_call_details.method
-        cached = self._wrapped.get(full_method)
-        if cached is not None and cached[0] is handler:
-            return cached[1]
-        wrapped = self._wrap(handler, *split_method(full_method))
-        self._wrapped[full_method] = (handler, wrapped)
-        return wrapped
-
-    def _wrap(self, handler, service: str, method: str):
+    def wrap(self, handler, full_method: str):
         m = self.metrics
+        service, method = split_method(full_method)
         options = {
             "request_deserializer": handler.request_deserializer,
             "response_serializer": handler.response_serializer,
         }
 
+        def recorded(kind: str, context) -> _Recorded:
+            return _Recorded(m, kind, service, method, context)
+
         if handler.unary_unary is not None:
             behavior = handler.unary_unary
 
-            def unary_unary(request, context):
-                began = m._begin(UNARY, service, method)
-                failed = True
-                try:
-                    reply = behavior(request, context)
-                    failed = False
-                finally:
-                    code = _final_code(context, failed)
-                    m._end(UNARY, service, method, began, code)
-                if code == grpc.StatusCode.OK:
+            async def unary_unary(request, context):
+                with recorded(UNARY, context) as call:
+                    reply = await behavior(request, context)
+                if call.code == grpc.StatusCode.OK:
                     m._observe(service, method, request, reply)
                 return reply
 
@@ -232,39 +252,28 @@ class _MetricsInterceptor(grpc.ServerInterceptor):
         if handler.stream_unary is not None:
             behavior = handler.stream_unary
 
-            def stream_unary(request_iterator, context):
-                began = m._begin(CLIENT_STREAM, service, method)
-                failed = True
-                try:
-                    reply = behavior(request_iterator, context)
-                    failed = False
-                    return reply
-                finally:
-                    m._end(CLIENT_STREAM, service, method, began, _final_code(context, failed))
+            async def stream_unary(request_iterator, context):
+                with recorded(CLIENT_STREAM, context):
+                    return await behavior(request_iterator, context)
 
             return grpc.stream_unary_rpc_method_handler(stream_unary, **options)
 
-        def streamed(kind: str, replies_of: Callable[[], Iterator], context) -> Iterator:
-            began = m._begin(kind, service, method)
-            failed = True
-            try:
-                yield from replies_of()
-                failed = False
-            finally:
-                # Closed under us (GeneratorExit) means the call ended: _final_code sees it inactive.
-                m._end(kind, service, method, began, _final_code(context, failed))
+        def streaming(kind: str, behavior: Callable):
+            # A streaming handler either yields its replies (an async
+            # generator) or writes them (a coroutine: context.write, as the
+            # health service's Watch does); the wrapper takes the same form.
+            if inspect.isasyncgenfunction(behavior):
+                async def replies(request_or_iterator, context):
+                    with recorded(kind, context):
+                        async for reply in behavior(request_or_iterator, context):
+                            yield reply
+                return replies
+
+            async def written(request_or_iterator, context):
+                with recorded(kind, context):
+                    return await behavior(request_or_iterator, context)
+            return written
 
         if handler.unary_stream is not None:
-            behavior = handler.unary_stream
-
-            def unary_stream(request, context):
-                return streamed(SERVER_STREAM, lambda: behavior(request, context), context)
-
-            return grpc.unary_stream_rpc_method_handler(unary_stream, **options)
-
-        behavior = handler.stream_stream
-
-        def stream_stream(request_iterator, context):
-            return streamed(BIDI_STREAM, lambda: behavior(request_iterator, context), context)
-
-        return grpc.stream_stream_rpc_method_handler(stream_stream, **options)
+            return grpc.unary_stream_rpc_method_handler(streaming(SERVER_STREAM, handler.unary_stream), **options)
+        return grpc.stream_stream_rpc_method_handler(streaming(BIDI_STREAM, handler.stream_stream), **options)

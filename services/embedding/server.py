@@ -139,7 +139,7 @@ def create_server(config: EmbeddingConfig) -> tuple[ManagedServer, int]:
     server, port = build_server(
         config.address, config.workers, [SERVICE_NAME], "embedding", metrics_port=config.metrics_port
     )
-    servicer = EmbeddingServicer(server.readiness, config)
+    servicer = EmbeddingServicer(server.readiness, config, server.blocking)
     server.add(embedding_pb2_grpc.add_EmbeddingServiceServicer_to_server, servicer)
     server.serving.set_component(ENCODER_HEALTH_NAME, False)
     collector = CatalogueCollector()

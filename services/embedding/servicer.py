@@ -1,10 +1,12 @@
-"""gRPC face of the catalogue: parse, call the domain, build the reply."""
+"""gRPC face of the catalogue: parse, call the domain in the server's blocking
+pool (encoding, FAISS and the catalogue's locks block), build the reply."""
 from __future__ import annotations
 
 from recsys.common.v1 import common_pb2
 from recsys.embedding.v1 import embedding_pb2, embedding_pb2_grpc
 from recsys_core.errors import InvalidArgument
 from recsys_core.rpc.grpc_util import Readiness, handle_errors, Deadline
+from recsys_core.rpc.runtime import BlockingPool
 from recsys_core.rpc.messages import from_vector, to_vector
 from services.embedding.catalogue import Catalogue, ItemRecord
 from services.embedding.config import EmbeddingConfig
@@ -24,9 +26,10 @@ def item_message(record: ItemRecord, with_text: bool = True) -> common_pb2.Item:
 
 
 class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
-    def __init__(self, readiness: Readiness, config: EmbeddingConfig):
+    def __init__(self, readiness: Readiness, config: EmbeddingConfig, blocking: BlockingPool):
         self.readiness = readiness
         self.config = config
+        self.blocking = blocking
         self._catalogue: Catalogue | None = None
 
     def attach(self, catalogue: Catalogue) -> None:
@@ -38,23 +41,31 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
         return self._catalogue
 
     @handle_errors
-    def EmbedTexts(self, request, context):
-        vectors = self.catalogue.embed_texts(
-            list(request.texts),
-            max_texts=self.config.max_texts_per_request,
-            max_chars=self.config.max_text_chars,
-            timeout=Deadline(context, ENCODER_CALL_SECONDS).left(),
+    async def EmbedTexts(self, request, context):
+        catalogue, deadline = self.catalogue, Deadline(context, ENCODER_CALL_SECONDS)
+        vectors = await self.blocking.run(
+            lambda: catalogue.embed_texts(
+                list(request.texts),
+                max_texts=self.config.max_texts_per_request,
+                max_chars=self.config.max_text_chars,
+                timeout=deadline.left(),
+            )
         )
         return embedding_pb2.EmbedTextsResponse(
-            vectors=[to_vector(v) for v in vectors], dimension=self.catalogue.dimension
+            vectors=[to_vector(v) for v in vectors], dimension=catalogue.dimension
         )
 
     @handle_errors
-    def SearchItems(self, request, context):
-        queries = self.catalogue.check_vectors(
-            [from_vector(v, f"vectors[{i}]") for i, v in enumerate(request.vectors)]
-        )
-        results = self.catalogue.search(
+    async def SearchItems(self, request, context):
+        catalogue = self.catalogue
+        vectors = [from_vector(v, f"vectors[{i}]") for i, v in enumerate(request.vectors)]
+        return await self.blocking.run(self._search, catalogue, request, vectors)
+
+    def _search(self, catalogue: Catalogue, request, vectors) -> embedding_pb2.SearchItemsResponse:
+        """Search, and the reply: in the pool, since filling it reads the
+        catalogue (items and embeddings of the hits) under its locks."""
+        queries = catalogue.check_vectors(vectors)
+        results = catalogue.search(
             queries, request.k, self.config.max_k, list(request.categories), list(request.exclude_item_ids)
         )
         response = embedding_pb2.SearchItemsResponse()
@@ -62,8 +73,8 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
             result = response.results.add()
             if request.include_items and hits:
                 ids = [item_id for item_id, _ in hits]
-                records = self.catalogue.get(ids)
-                embeddings = self.catalogue.embeddings(ids)
+                records = catalogue.get(ids)
+                embeddings = catalogue.embeddings(ids)
                 for (item_id, score), record, embedding in zip(hits, records, embeddings):
                     result.hits.add(
                         item_id=item_id,
@@ -79,7 +90,7 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
         return response
 
     @handle_errors
-    def UpsertItems(self, request, context):
+    async def UpsertItems(self, request, context):
         if len(request.items) > MAX_ITEMS_PER_UPSERT:
             raise InvalidArgument("items", f"at most {MAX_ITEMS_PER_UPSERT} items per request, got {len(request.items)}")
         records = [
@@ -87,26 +98,34 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
                        category_path=i.category_path)
             for i in request.items
         ]
-        inserted, updated = self.catalogue.upsert(records)
+        inserted, updated = await self.blocking.run(self.catalogue.upsert, records)
         return embedding_pb2.UpsertItemsResponse(inserted=inserted, updated=updated)
 
     @handle_errors
-    def GetItems(self, request, context):
-        records = self.catalogue.get(list(request.item_ids), skip_missing=request.skip_missing)
+    async def GetItems(self, request, context):
+        records, embeddings = await self.blocking.run(
+            self._records, self.catalogue, list(request.item_ids), request.skip_missing, request.include_embeddings
+        )
         response = embedding_pb2.GetItemsResponse()
-        embeddings = self.catalogue.embeddings([r.item_id for r in records]) if request.include_embeddings else None
         for position, record in enumerate(records):
             entry = response.items.add(item=item_message(record))
             if embeddings is not None:
                 entry.embedding.CopyFrom(to_vector(embeddings[position]))
         return response
 
+    @staticmethod
+    def _records(catalogue: Catalogue, item_ids: list[str], skip_missing: bool, with_embeddings: bool):
+        records = catalogue.get(item_ids, skip_missing=skip_missing)
+        return records, catalogue.embeddings([r.item_id for r in records]) if with_embeddings else None
+
     @handle_errors
-    def ListCategories(self, request, context):
+    async def ListCategories(self, request, context):
+        catalogue = self.catalogue
+        categories = await self.blocking.run(catalogue.categories)
         return embedding_pb2.ListCategoriesResponse(
             categories=[
                 embedding_pb2.CategoryInfo(name=name, items=count)
-                for name, count in sorted(self.catalogue.categories().items())
+                for name, count in sorted(categories.items())
             ],
-            dimension=self.catalogue.dimension,
+            dimension=catalogue.dimension,
         )

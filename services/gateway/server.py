@@ -56,7 +56,8 @@ def create_server(config: GatewayConfig) -> tuple[ManagedServer, int]:
     )
     register_metrics(server)
     composer = Composer(config)
-    server.add(gateway_pb2_grpc.add_GatewayServiceServicer_to_server, GatewayServicer(server.readiness, composer, config))
+    servicer = GatewayServicer(server.readiness, composer, config, server.blocking)
+    server.add(gateway_pb2_grpc.add_GatewayServiceServicer_to_server, servicer)
     server.readiness.start(lambda: wait_for_catalogue(composer, config))
     return server, port
 

@@ -1,8 +1,13 @@
-"""gRPC face of the gateway: parse, call the composer, build the reply."""
+"""gRPC face of the gateway: parse, call the composer, build the reply.
+
+The composer makes its downstream calls with blocking stubs, so each call
+runs in the server's blocking pool; the event loop only holds the call.
+"""
 from __future__ import annotations
 
 from recsys.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from recsys_core.rpc.grpc_util import Deadline, Readiness, handle_errors
+from recsys_core.rpc.runtime import BlockingPool
 from services.gateway.composer import COLD_START, FALLBACK, PERSONALISED, Composer, Recommendation
 from services.gateway.config import GatewayConfig
 
@@ -21,15 +26,17 @@ def item_messages(recommendations: list[Recommendation]) -> list[gateway_pb2.Rec
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
-    def __init__(self, readiness: Readiness, composer: Composer, config: GatewayConfig):
+    def __init__(self, readiness: Readiness, composer: Composer, config: GatewayConfig, blocking: BlockingPool):
         self.readiness = readiness
         self.composer = composer
         self.config = config
+        self.blocking = blocking
 
     @handle_errors
-    def Recommend(self, request, context):
+    async def Recommend(self, request, context):
         self.readiness.require()
-        recommendations, path = self.composer.recommend(
+        recommendations, path = await self.blocking.run(
+            self.composer.recommend,
             user_id=request.user_id,
             k=request.k,
             categories=list(request.categories),
@@ -42,16 +49,18 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         return gateway_pb2.RecommendResponse(items=item_messages(recommendations), path=PATHS[path])
 
     @handle_errors
-    def GetProfile(self, request, context):
+    async def GetProfile(self, request, context):
         self.readiness.require()
-        return self.composer.shopper_profile(
-            request.user_id, request.history_limit, Deadline(context, self.config.request_timeout_seconds)
+        return await self.blocking.run(
+            self.composer.shopper_profile,
+            request.user_id, request.history_limit, Deadline(context, self.config.request_timeout_seconds),
         )
 
     @handle_errors
-    def SimilarItems(self, request, context):
+    async def SimilarItems(self, request, context):
         self.readiness.require()
-        recommendations = self.composer.similar_items(
+        recommendations = await self.blocking.run(
+            self.composer.similar_items,
             item_id=request.item_id,
             k=request.k,
             categories=list(request.categories),

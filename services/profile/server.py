@@ -128,7 +128,7 @@ def create_server(config: ProfileConfig) -> tuple[ManagedServer, int]:
         config.address, config.workers, [SERVICE_NAME], "profile", metrics_port=config.metrics_port
     )
     register_metrics(server)
-    servicer = ProfileServicer(server.readiness, config)
+    servicer = ProfileServicer(server.readiness, config, server.blocking)
     server.add(profile_pb2_grpc.add_ProfileServiceServicer_to_server, servicer)
     server.readiness.start(lambda: servicer.attach(load_book(config)))
     return server, port

@@ -1,8 +1,10 @@
-"""gRPC face of the profile book: parse, call the domain, build the reply."""
+"""gRPC face of the profile book: parse, call the domain in the server's
+blocking pool (the store, the embedding lookups and the maths block), build the reply."""
 from __future__ import annotations
 
 from recsys.profile.v1 import profile_pb2, profile_pb2_grpc
 from recsys_core.rpc.grpc_util import Readiness, handle_errors, Deadline
+from recsys_core.rpc.runtime import BlockingPool
 from recsys_core.rpc.messages import to_vector
 from services.profile.config import ProfileConfig
 from services.profile.profiles import DEFAULT_HISTORY, MAX_HISTORY, IncomingEvent, ProfileBook
@@ -45,9 +47,10 @@ def fill_preferences(message, preferences: Preferences) -> None:
 
 
 class ProfileServicer(profile_pb2_grpc.ProfileServiceServicer):
-    def __init__(self, readiness: Readiness, config: ProfileConfig):
+    def __init__(self, readiness: Readiness, config: ProfileConfig, blocking: BlockingPool):
         self.readiness = readiness
         self.config = config
+        self.blocking = blocking
         self._book: ProfileBook | None = None
 
     def attach(self, book: ProfileBook) -> None:
@@ -58,11 +61,12 @@ class ProfileServicer(profile_pb2_grpc.ProfileServiceServicer):
         self.readiness.require()
         return self._book
 
-    def _timeout(self, context) -> float:
-        return Deadline(context, self.config.embedding_timeout_seconds).left()
+    def _deadline(self, context) -> Deadline:
+        """For the embedding service's lookups; read (.left()) where they are made, in the pool."""
+        return Deadline(context, self.config.embedding_timeout_seconds)
 
     @handle_errors
-    def IngestEvents(self, request, context):
+    async def IngestEvents(self, request, context):
         events = [
             IncomingEvent(
                 user_id=e.user_id,
@@ -77,15 +81,17 @@ class ProfileServicer(profile_pb2_grpc.ProfileServiceServicer):
             )
             for e in request.events
         ]
-        accepted, duplicates = self.book.ingest(events, self._timeout(context))
+        book, deadline = self.book, self._deadline(context)
+        accepted, duplicates = await self.blocking.run(lambda: book.ingest(events, deadline.left()))
         return profile_pb2.IngestEventsResponse(accepted=accepted, duplicates=duplicates)
 
     @handle_errors
-    def GetProfile(self, request, context):
+    async def GetProfile(self, request, context):
         limit = request.history_limit or DEFAULT_HISTORY
         if not 0 < limit <= MAX_HISTORY:
             raise InvalidArgument("history_limit", f"must be between 0 and {MAX_HISTORY}")
-        profile = self.book.profile(request.user_id, self._timeout(context))
+        book, deadline = self.book, self._deadline(context)
+        profile = await self.blocking.run(lambda: book.profile(request.user_id, deadline.left()))
         reply = profile_pb2.GetProfileResponse(
             user_id=profile.user_id,
             known=profile.known,
@@ -129,22 +135,24 @@ class ProfileServicer(profile_pb2_grpc.ProfileServiceServicer):
         return reply
 
     @handle_errors
-    def GetPopularItems(self, request, context):
-        top = self.book.popular(request.k, list(request.categories), list(request.exclude_item_ids))
+    async def GetPopularItems(self, request, context):
+        top = await self.blocking.run(
+            self.book.popular, request.k, list(request.categories), list(request.exclude_item_ids)
+        )
         return profile_pb2.GetPopularItemsResponse(
             items=[profile_pb2.PopularItem(item_id=i, category=c, events=n) for i, c, n in top]
         )
 
     @handle_errors
-    def GetCoPurchasedItems(self, request, context):
-        related = self.book.co_purchased(request.user_id, request.k, list(request.categories),
-                                         list(request.exclude_item_ids), list(request.anchor_item_ids),
-                                         request.include_seen)
+    async def GetCoPurchasedItems(self, request, context):
+        related = await self.blocking.run(self.book.co_purchased, request.user_id, request.k, list(request.categories),
+                                          list(request.exclude_item_ids), list(request.anchor_item_ids),
+                                          request.include_seen)
         return profile_pb2.GetCoPurchasedItemsResponse(
             items=[profile_pb2.CoPurchasedItem(item_id=i, category=c, shoppers=n) for i, c, n in related]
         )
 
     @handle_errors
-    def GetItemPopularity(self, request, context):
-        counts, max_count = self.book.item_popularity(list(request.item_ids))
+    async def GetItemPopularity(self, request, context):
+        counts, max_count = await self.blocking.run(self.book.item_popularity, list(request.item_ids))
         return profile_pb2.GetItemPopularityResponse(events=counts, max_events=max_count)

@@ -32,7 +32,7 @@ def create_server(config: RankingConfig) -> tuple[ManagedServer, int]:
         config.address, config.workers, [SERVICE_NAME], "ranking", metrics_port=config.metrics_port
     )
     register_metrics(server)
-    server.add(ranking_pb2_grpc.add_RankingServiceServicer_to_server, RankingServicer(config))
+    server.add(ranking_pb2_grpc.add_RankingServiceServicer_to_server, RankingServicer(config, server.blocking))
     # Nothing to load: ready as soon as it is built.
     server.readiness.start(lambda: None)
     return server, port

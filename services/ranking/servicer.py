@@ -6,6 +6,7 @@ import numpy as np
 from recsys.ranking.v1 import ranking_pb2, ranking_pb2_grpc
 from recsys_core.errors import InvalidArgument
 from recsys_core.rpc.grpc_util import handle_errors
+from recsys_core.rpc.runtime import BlockingPool
 from recsys_core.rpc.messages import from_vector, has_values, stack
 from services.ranking.config import RankingConfig
 from recsys_core.signals.interests import DriftSettings
@@ -17,8 +18,9 @@ def optional_vector(vector, field: str) -> np.ndarray | None:
 
 
 class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
-    def __init__(self, config: RankingConfig):
+    def __init__(self, config: RankingConfig, blocking: BlockingPool):
         self.config = config
+        self.blocking = blocking
         self.weights = Weights(
             long_term=config.long_term_weight,
             short_term=config.short_term_weight,
@@ -35,7 +37,7 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
         )
 
     @handle_errors
-    def Rank(self, request, context):
+    async def Rank(self, request, context):
         if not request.candidates:
             return ranking_pb2.RankResponse()
         if len(request.candidates) > self.config.max_candidates:
@@ -58,7 +60,8 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
             disliked=stack(list(request.user.disliked), "user.disliked") if request.user.disliked else None,
             model_interest=optional_vector(request.user.model_interest, "user.model_interest"),
         )
-        ranked = rank(
+        ranked = await self.blocking.run(
+            rank,
             user,
             candidates,
             np.asarray([c.popularity for c in request.candidates], dtype=np.float32),

@@ -1,0 +1,163 @@
+"""How a server of the platform runs: a grpc.aio server on an event loop of
+its own thread, and a bounded pool of threads for the blocking work.
+
+The event loop holds every open call, so a call that only waits (a health
+Watch stream, a reply being sent) costs no thread. What blocks or burns CPU
+(the domain: FAISS, SQLite, numpy, the gateway's calls downstream) runs in
+the server's `BlockingPool`, whose queue is bounded: beyond it a call is
+refused with RESOURCE_EXHAUSTED at once rather than let latency grow
+without bound.
+
+The loop runs in a thread, not in the main one, so that a server keeps the
+same blocking API it had as a grpc.Server (start, stop, health set from any
+thread) and the tests can run several servers in one process.
+"""
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Awaitable, Callable
+from concurrent import futures
+from typing import TypeVar
+
+import grpc
+
+from recsys_core import errors
+
+T = TypeVar("T")
+
+# How long a thread outside the loop waits for the loop to run something
+# small (start the server, set a health status). A loop that does not answer
+# in this time is stuck, which is a bug worth an exception.
+LOOP_CALL_SECONDS = 30.0
+
+
+class EventLoopThread:
+    """An asyncio event loop running forever in a daemon thread of its own."""
+
+    def __init__(self, name: str):
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._run, name=f"{name}-loop", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        try:
+            self.loop.run_forever()
+        finally:
+            self.loop.close()
+
+    def in_loop(self) -> bool:
+        return threading.current_thread() is self._thread
+
+    def run(self, make: Callable[[], Awaitable[T]], timeout: float | None = LOOP_CALL_SECONDS) -> T:
+        """Runs the awaitable `make()` builds on the loop and waits for its result.
+        Built there, since grpc.aio objects bind to the loop they are made on."""
+        if self.in_loop():
+            raise RuntimeError("EventLoopThread.run called from its own loop: it would wait for itself")
+
+        async def call():
+            return await make()
+
+        return asyncio.run_coroutine_threadsafe(call(), self.loop).result(timeout)
+
+    def submit(self, make: Callable[[], Awaitable[T]]) -> futures.Future:
+        """Like `run`, without waiting: a concurrent.futures.Future of the result.
+        From the loop itself too (then it runs once the caller yields)."""
+
+        async def call():
+            return await make()
+
+        return asyncio.run_coroutine_threadsafe(call(), self.loop)
+
+    def running(self) -> bool:
+        return self.loop.is_running()
+
+    def stop(self) -> None:
+        """Ends the loop (and so its thread) once what is scheduled now has run."""
+        if not self.loop.is_closed():
+            try:
+                self.loop.call_soon_threadsafe(self.loop.stop)
+            except RuntimeError:  # closed meanwhile
+                pass
+
+
+class PoolFull(errors.ResourceExhausted):
+    """The blocking pool's queue is full: the call is refused (RESOURCE_EXHAUSTED)."""
+
+
+class BlockingPool:
+    """`workers` threads for blocking work, with at most `limit` calls running
+    or waiting; one more is refused with `PoolFull`, an
+    `errors.ResourceExhausted` (the servicers' handle_errors answers
+    RESOURCE_EXHAUSTED).
+
+    This is the bound the thread-pool servers had as maximum_concurrent_rpcs:
+    an aio server's maximum_concurrent_rpcs counts open streams too, so idle
+    Watch streams would use up the calls that do work.
+    """
+
+    def __init__(self, workers: int, limit: int, name: str):
+        self.workers = workers
+        self.limit = limit
+        self.name = name
+        self._executor = futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name)
+        self._lock = threading.Lock()
+        self._pending = 0
+
+    @property
+    def pending(self) -> int:
+        """Calls running or waiting for a thread now."""
+        return self._pending
+
+    async def run(self, function: Callable[..., T], *args, **kwargs) -> T:
+        """`function(*args, **kwargs)` in a pool thread; the caller's event loop waits
+        without blocking. A caller that goes away (deadline, cancel) before a
+        thread picked the call up also drops the call."""
+        with self._lock:
+            if self._pending >= self.limit:
+                raise PoolFull(
+                    f"{self.name} is busy: {self.limit} calls already running or waiting; retry shortly"
+                )
+            self._pending += 1
+        try:
+            future = self._executor.submit(function, *args, **kwargs)
+        except BaseException:
+            self._release(None)
+            raise
+        # Released when the work ends (or is dropped unstarted), not when the
+        # caller stops waiting: a thread still busy with an abandoned call is busy.
+        future.add_done_callback(self._release)
+        return await asyncio.wrap_future(future)
+
+    def _release(self, _future) -> None:
+        with self._lock:
+            self._pending -= 1
+
+    def shutdown(self) -> None:
+        """No new work; what runs finishes in its thread, unstarted work is dropped."""
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+class WrappingInterceptor(grpc.aio.ServerInterceptor):
+    """A server interceptor that replaces each method's handler with a wrapped
+    one, built once per method: the continuation hands out the same handler
+    object for a method on every call."""
+
+    def __init__(self):
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        full_method = handler_call_details.method
+        cached = self._wrapped.get(full_method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = self.wrap(handler, full_method)
+        self._wrapped[full_method] = (handler, wrapped)
+        return wrapped
+
+    def wrap(self, handler: grpc.RpcMethodHandler, full_method: str) -> grpc.RpcMethodHandler:
+        raise NotImplementedError
