@@ -209,6 +209,8 @@ class IvfPqSubIndex:
         self.index.cp.seed = settings.seed
         self.index.pq.cp.seed = settings.seed
         self.index.train(training)
+        # Set once here, not per search: searches share the index under a read lock.
+        self.index.nprobe = settings.ivf_nprobe
         self.gpu_mirror = None
 
     def __len__(self) -> int:
@@ -227,7 +229,6 @@ class IvfPqSubIndex:
 
     def searchable(self, gpu_resources):
         if gpu_resources is None:
-            self.index.nprobe = self.settings.ivf_nprobe
             return self.index
         if self.gpu_mirror is None:
             self.gpu_mirror = faiss.index_cpu_to_gpu(gpu_resources, 0, self.index)
@@ -316,6 +317,7 @@ def _load(kind: str, dimension: int, settings: IndexSettings, path: Path, rows: 
         return sub
     sub = IvfPqSubIndex.__new__(IvfPqSubIndex)
     sub.settings, sub.index, sub.quantizer, sub.gpu_mirror = settings, index, None, None
+    faiss.extract_index_ivf(index).nprobe = settings.ivf_nprobe
     return sub
 
 
