@@ -1,5 +1,6 @@
 """Configuration, validation, scoring and data loading."""
 import gzip
+import re
 
 import numpy as np
 import pytest
@@ -22,6 +23,23 @@ def test_config_reads_prefixed_environment_and_fails_fast():
         EmbeddingConfig.from_env({"EMBEDDING_ENCODER": "gpt"})
     with pytest.raises(ConfigError, match="minimum"):
         GatewayConfig.from_env({"GATEWAY_REQUEST_TIMEOUT_SECONDS": "0"})
+
+
+def test_index_settings_come_from_the_environment_and_fail_fast():
+    config = EmbeddingConfig.from_env({"EMBEDDING_INDEX": "hnsw", "EMBEDDING_HNSW_EF_SEARCH": "200",
+                                       "EMBEDDING_IVF_NPROBE": "8"})
+    assert (config.index.kind, config.index.hnsw_ef_search, config.index.ivf_nprobe) == ("hnsw", 200, 8)
+    assert EmbeddingConfig.from_env({}).index.kind == "auto"
+    for environ, message in (
+        ({"EMBEDDING_INDEX": "annoy"}, "EMBEDDING_INDEX='annoy' must be one of auto, flat, hnsw, ivfpq"),
+        ({"EMBEDDING_HNSW_M": "1"}, "EMBEDDING_HNSW_M=1 is below the minimum 2"),
+        ({"EMBEDDING_HNSW_EF_SEARCH": "many"}, "EMBEDDING_HNSW_EF_SEARCH='many' is not an integer"),
+        ({"EMBEDDING_INDEX_REBUILD_FRACTION": "2"}, "EMBEDDING_INDEX_REBUILD_FRACTION=2.0 is above"),
+        ({"EMBEDDING_INDEX_HNSW_MIN_ITEMS": "10", "EMBEDDING_INDEX_IVFPQ_MIN_ITEMS": "5"},
+         "ivfpq_min_items=5 is below hnsw_min_items=10"),
+    ):
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            EmbeddingConfig.from_env(environ)
 
 
 def test_request_checks_name_the_field():

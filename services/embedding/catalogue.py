@@ -11,6 +11,7 @@ from recsys_core.index.embedding_cache import EmbeddingCache, encode_cached
 from recsys_core.models.encoder import Encoder
 from recsys_core.errors import InvalidArgument, NotFound, Unavailable
 from recsys_core.models.model_serving import IdVectors
+from recsys_core.index.kinds import IndexSettings
 from recsys_core.index.vector_index import VectorIndex
 
 log = logging.getLogger(__name__)
@@ -29,13 +30,15 @@ class ItemRecord:
 
 class Catalogue:
     def __init__(self, encoder: Encoder, cache: EmbeddingCache, use_gpu: bool | None = None,
-                 id_vectors: IdVectors | None = None):
+                 id_vectors: IdVectors | None = None, index_settings: IndexSettings | None = None):
         self.encoder = encoder
         self.cache = cache
         # A trained model's: an item it was trained on is indexed as
         # encoder(text) + its ID vector, as the model scored it.
         self.id_vectors = id_vectors
-        self.index = VectorIndex(encoder.dimension, use_gpu=use_gpu)
+        # Approximate indexes are stored beside the vectors they were built from.
+        store_dir = cache.path.parent.parent / "indexes" if cache.path is not None else None
+        self.index = VectorIndex(encoder.dimension, use_gpu=use_gpu, settings=index_settings, store_dir=store_dir)
         self._items: dict[str, ItemRecord] = {}
         self._write_lock = threading.Lock()
         # A remote encoder known to be down fails calls at once instead of

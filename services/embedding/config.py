@@ -4,8 +4,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from recsys_core.data import paths
+from recsys_core.index.kinds import INDEX_KINDS, IndexSettings
 from recsys_core.models.encoder import DEFAULT_PRECISION, PRECISIONS
-from recsys_core.rpc.envconfig import EnvReader
+from recsys_core.rpc.envconfig import ConfigError, EnvReader
 
 ENCODER_BACKENDS = ("onnx", "triton")
 
@@ -43,6 +44,10 @@ class EmbeddingConfig:
     faiss_threads: int = 1
     # Force FAISS onto CPU even where GPUs exist (None: use them when present).
     use_gpu: bool | None = None
+    # Which FAISS index each category's (and the global) index uses:
+    # auto picks by size (recsys_core/index/kinds.py; docs/performance.md,
+    # "Approximate index"), flat|hnsw|ivfpq force one.
+    index: IndexSettings = IndexSettings()
 
     @classmethod
     def from_env(cls, environ=None) -> "EmbeddingConfig":
@@ -69,6 +74,7 @@ class EmbeddingConfig:
             max_k=env.int("MAX_K", cls.max_k, minimum=1),
             faiss_threads=env.int("FAISS_THREADS", cls.faiss_threads, minimum=1),
             use_gpu=None if gpu == "auto" else gpu == "true",
+            index=index_settings(env),
         )
 
     @property
@@ -78,3 +84,24 @@ class EmbeddingConfig:
     @property
     def retail_path(self) -> Path | None:
         return Path(self.retail_dir) if self.retail_dir else None
+
+
+def index_settings(env: EnvReader) -> IndexSettings:
+    default = IndexSettings()
+    try:
+        return IndexSettings(
+            kind=env.choice("INDEX", default.kind, INDEX_KINDS),
+            hnsw_min_items=env.int("INDEX_HNSW_MIN_ITEMS", default.hnsw_min_items, minimum=1),
+            ivfpq_min_items=env.int("INDEX_IVFPQ_MIN_ITEMS", default.ivfpq_min_items, minimum=1),
+            hnsw_m=env.int("HNSW_M", default.hnsw_m, minimum=2, maximum=256),
+            hnsw_ef_construction=env.int("HNSW_EF_CONSTRUCTION", default.hnsw_ef_construction, minimum=1),
+            hnsw_ef_search=env.int("HNSW_EF_SEARCH", default.hnsw_ef_search, minimum=1),
+            ivf_nprobe=env.int("IVF_NPROBE", default.ivf_nprobe, minimum=1),
+            pq_m=env.int("PQ_M", default.pq_m, minimum=1),
+            refine_factor=env.int("INDEX_REFINE_FACTOR", default.refine_factor, minimum=1),
+            rebuild_fraction=env.float("INDEX_REBUILD_FRACTION", default.rebuild_fraction, minimum=0.01, maximum=1),
+        )
+    except ConfigError:
+        raise
+    except ValueError as error:  # a combination the single values allow, e.g. IVF-PQ below HNSW
+        raise ConfigError(f"EMBEDDING_INDEX settings: {error}") from None

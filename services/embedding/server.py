@@ -90,7 +90,8 @@ def load_catalogue(config: EmbeddingConfig, show_progress: bool = True) -> Catal
     # pretrained one's vectors (ID vectors are added after the cache).
     cache = EmbeddingCache(Path(config.cache_dir) if config.cache_dir else None, encoder.fingerprint)
     id_vectors = model.id_vectors() if model is not None else None
-    catalogue = Catalogue(encoder, cache, use_gpu=config.use_gpu, id_vectors=id_vectors)
+    catalogue = Catalogue(encoder, cache, use_gpu=config.use_gpu, id_vectors=id_vectors,
+                          index_settings=config.index)
     if model is not None:
         log.info("serving model %s: encoder %s, %d items with ID vectors", model.path, encoder.fingerprint,
                  len(id_vectors) if id_vectors is not None else 0)
@@ -106,7 +107,8 @@ def load_catalogue(config: EmbeddingConfig, show_progress: bool = True) -> Catal
         log.info("indexing %d items from %s", len(items),
                  ", ".join(str(p) for p in (config.data_path, config.retail_path) if p))
         catalogue.upsert(records_from_frame(items), show_progress=show_progress)
-    log.info("catalogue holds %d items in %d categories", len(catalogue), len(catalogue.categories()))
+    log.info("catalogue holds %d items in %d categories; index kinds: %s", len(catalogue),
+             len(catalogue.categories()), {scope or "(all)": kind for scope, kind in catalogue.index.kinds().items()})
     return catalogue
 
 
