@@ -2,7 +2,7 @@
 #   make run   - set up, then serve all services on the bundled data and show recommendations
 #   make test  - set up, then run the test suite
 # and the load test (a few minutes; reports in reports/, see loadtest/README.md):
-#   make loadtest [LOADTEST_ARGS="--rates 50,100,200 --seconds 20"]
+#   make loadtest [LOADTEST_ARGS="--rates 50,100,200,400 --seconds 20"]
 SHELL := /bin/bash
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv

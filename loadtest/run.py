@@ -1,7 +1,7 @@
 """Load tests with ghz against the local stack, and a bare Python gRPC echo
 server as the ceiling; reports in reports/ (what `make loadtest` runs).
 
-    python loadtest/run.py [--rates 50,100,200] [--seconds 20] [--step 50:300:50:10s]
+    python loadtest/run.py [--rates 50,100,200,400] [--seconds 20] [--step 50:300:50:10s]
                            [--p99-target-ms 100] [--out reports] [--quick]
                            [--gateway HOST:PORT [--profile HOST:PORT] [--embedding HOST:PORT]]
 
@@ -451,7 +451,7 @@ def write_summary(out: Path, context: dict, runs: list[Run], findings: list[str]
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rates", default="50,100,200", help="constant rates, req/s (default 50,100,200)")
+    parser.add_argument("--rates", default="50,100,200,400", help="constant rates, req/s (default 50,100,200,400)")
     parser.add_argument("--seconds", type=float, default=20.0, help="duration of each constant-rate run (default 20)")
     parser.add_argument("--step", type=parse_step, default=parse_step("50:300:50:10s"),
                         help="step schedule START:END:STEP:SECONDS (default 50:300:50:10s)")
