@@ -281,11 +281,10 @@ def plot(sizes: list[dict], path: Path) -> None:
         axis.set_xticks(x)
         axis.set_xticklabels([f"{v:,}" for v in x], rotation=20, fontsize=8)
         axis.minorticks_off()
-    kinds = " | ".join(f"{s['items']:,}: all={s['scope_kinds']['all']}, categories="
+    kinds = " | ".join(f"{s['items']:,}: all={s['scope_kinds']['all']}, {s['categories']} categories="
                        f"{'/'.join(sorted(set(v for k, v in s['scope_kinds'].items() if k != 'all')))}"
                        for s in sizes)
-    fig.suptitle(f"VectorIndex (auto) on clustered synthetic 384-d vectors, {sizes[0]['categories']} categories; "
-                 f"{kinds}", fontsize=9)
+    fig.suptitle(f"VectorIndex (auto) on clustered synthetic 384-d vectors; {kinds}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -308,6 +307,8 @@ def main(argv=None) -> int:
     parser.add_argument("--tmp-dir", default=None, help="where generated vectors are memory-mapped")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--plot", type=Path)
+    parser.add_argument("--merge", default="", help="comma-separated JSON reports of earlier runs: combine "
+                        "their sizes into --json/--plot without running anything")
     parser.add_argument("--worker", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--worker-out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -316,6 +317,20 @@ def main(argv=None) -> int:
     if args.worker:
         report = run_size(args.worker, args)
         args.worker_out.write_text(json.dumps(report))
+        return 0
+
+    if args.merge:
+        runs = [json.loads(Path(p).read_text()) for p in args.merge.split(",")]
+        sizes = sorted((dict(s, command=r["command"], load_average_start=r["load_average_start"])
+                        for r in runs for s in r["sizes"]), key=lambda s: s["items"])
+        report = {"merged": args.merge.split(","), "settings": runs[0]["settings"], "sizes": sizes,
+                  "targets": targets(sizes)}
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(report, indent=2))
+        if args.plot:
+            plot(sizes, args.plot)
+        print(json.dumps(report["targets"], indent=2))
         return 0
 
     report = {"command": " ".join(["python", "bench/scale.py", *(argv if argv is not None else sys.argv[1:])]),
