@@ -184,7 +184,9 @@ def run_size(size: int, args) -> dict:
         report["rss_data_mib"] = round(rss_mib(), 1)
         anon_before = proc_status_mib("RssAnon")
 
-        index = VectorIndex(DIMENSION, use_gpu=False, settings=IndexSettings())
+        settings = IndexSettings(ivf_nprobe=args.nprobe, refine_factor=args.refine_factor)
+        report["settings"] = {"ivf_nprobe": settings.ivf_nprobe, "refine_factor": settings.refine_factor}
+        index = VectorIndex(DIMENSION, use_gpu=False, settings=settings)
         print(f"building the index over {size:,} items ...", file=sys.stderr, flush=True)
         with Heartbeat(f"build {size:,}"):
             start = time.perf_counter()
@@ -303,6 +305,9 @@ def main(argv=None) -> int:
     parser.add_argument("--recall-queries", type=int, default=200, help="first N queries also scored against brute force")
     parser.add_argument("--history", type=int, default=5, help="items per query (averaged, then excluded)")
     parser.add_argument("--threads", type=int, default=1, help="FAISS threads (the service's default is 1)")
+    parser.add_argument("--nprobe", type=int, default=IndexSettings().ivf_nprobe, help="IVF-PQ lists searched")
+    parser.add_argument("--refine-factor", type=int, default=IndexSettings().refine_factor,
+                        help="IVF-PQ candidates re-scored exactly, times k")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tmp-dir", default=None, help="where generated vectors are memory-mapped")
     parser.add_argument("--json", type=Path)
