@@ -250,43 +250,61 @@ def targets(sizes: list[dict]) -> dict:
 
 
 def plot(sizes: list[dict], path: Path) -> None:
+    """Lines join the sizes run with the first size's category count; sizes run
+    with another count (e.g. 5M with 2 categories, every scope IVF-PQ) are
+    separate hollow markers."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    x = [s["items"] for s in sizes]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    main_count = sizes[0]["categories"]
+    line = [s for s in sizes if s["categories"] == main_count]
+    others = [s for s in sizes if s["categories"] != main_count]
+
+    def draw(ax, value, style, colour, label):
+        ax.plot([s["items"] for s in line], [value(s) for s in line], style, color=colour, label=label)
+        if others:
+            ax.plot([s["items"] for s in others], [value(s) for s in others], style[0], color=colour,
+                    markerfacecolor="none", markersize=10, linestyle="none")
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
     ax = axes[0]
     for scope, colour in (("global", "tab:blue"), ("category", "tab:orange")):
-        ax.plot(x, [s["latency"][scope]["p50_ms"] for s in sizes], "o-", color=colour, label=f"{scope} p50")
-        ax.plot(x, [s["latency"][scope]["p99_ms"] for s in sizes], "s--", color=colour, label=f"{scope} p99")
+        draw(ax, lambda s: s["latency"][scope]["p50_ms"], "o-", colour, f"{scope} p50")
+        draw(ax, lambda s: s["latency"][scope]["p99_ms"], "s--", colour, f"{scope} p99")
     ax.set(xscale="log", xlabel="items", ylabel="ms per search (k=100)", title="Index search latency")
     ax.set_ylim(bottom=0)
     ax.legend(fontsize=8)
     ax = axes[1]
     for scope, colour in (("global", "tab:blue"), ("category", "tab:orange")):
-        ax.plot(x, [s["recall@100"][scope]["mean"] for s in sizes], "o-", color=colour, label=scope)
+        draw(ax, lambda s: s["recall@100"][scope]["mean"], "o-", colour, scope)
     ax.axhline(0.95, color="grey", linestyle=":", label="target 0.95")
     ax.set(xscale="log", xlabel="items", ylabel="recall@100 vs exact", title="Recall@100")
     ax.legend(fontsize=8)
     ax = axes[2]
-    ax.plot(x, [s["rss_anon_index_mib"] / 1024 for s in sizes], "o-", color="tab:green", label="index memory GiB")
-    ax.plot(x, [s["rss_peak_mib"] / 1024 for s in sizes], "s--", color="tab:green", label="process peak GiB")
+    draw(ax, lambda s: s["rss_anon_index_mib"] / 1024, "o-", "tab:green", "index memory GiB")
+    draw(ax, lambda s: s["rss_peak_mib"] / 1024, "s--", "tab:green", "process peak GiB")
     ax.set(xscale="log", xlabel="items", ylabel="GiB", title="Memory and build time")
     twin = ax.twinx()
-    twin.plot(x, [s["build_s"] for s in sizes], "^-", color="tab:red", label="build s")
+    draw(twin, lambda s: s["build_s"], "^-", "tab:red", "build s")
     twin.set_ylabel("build s")
     lines = ax.get_legend_handles_labels()
     extra = twin.get_legend_handles_labels()
     ax.legend(lines[0] + extra[0], lines[1] + extra[1], fontsize=8, loc="upper left")
+    ticks = sorted({s["items"] for s in sizes})
     for axis in axes:
-        axis.set_xticks(x)
-        axis.set_xticklabels([f"{v:,}" for v in x], rotation=20, fontsize=8)
+        axis.set_xticks(ticks)
+        axis.set_xticklabels([f"{v:,}" for v in ticks], rotation=20, fontsize=8)
         axis.minorticks_off()
-    kinds = " | ".join(f"{s['items']:,}: all={s['scope_kinds']['all']}, {s['categories']} categories="
-                       f"{'/'.join(sorted(set(v for k, v in s['scope_kinds'].items() if k != 'all')))}"
-                       for s in sizes)
-    fig.suptitle(f"VectorIndex (auto) on clustered synthetic 384-d vectors; {kinds}", fontsize=9)
+
+    def kinds(s):
+        categories = "/".join(sorted(set(v for k, v in s["scope_kinds"].items() if k != "all")))
+        return f"{s['items']:,}: all={s['scope_kinds']['all']}, {s['categories']} categories={categories}"
+
+    title = "VectorIndex (auto), clustered synthetic 384-d vectors. Lines: " + " | ".join(kinds(s) for s in line)
+    if others:
+        title += "\nHollow markers: " + " | ".join(kinds(s) for s in others)
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -328,14 +346,19 @@ def main(argv=None) -> int:
         runs = [json.loads(Path(p).read_text()) for p in args.merge.split(",")]
         sizes = sorted((dict(s, command=r["command"], load_average_start=r["load_average_start"])
                         for r in runs for s in r["sizes"]), key=lambda s: s["items"])
-        report = {"merged": args.merge.split(","), "settings": runs[0]["settings"], "sizes": sizes,
-                  "targets": targets(sizes)}
+        # Targets along the sizes run with the smallest size's category count;
+        # a size run with another count is compared with the smallest on its own.
+        line = [s for s in sizes if s["categories"] == sizes[0]["categories"]]
+        report = {"merged": [r["command"] for r in runs], "settings": runs[0]["settings"], "sizes": sizes,
+                  "targets": targets(line),
+                  "targets_other_category_counts": [dict(targets([sizes[0], s]), categories=s["categories"])
+                                                    for s in sizes if s not in line]}
         if args.json:
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(report, indent=2))
         if args.plot:
             plot(sizes, args.plot)
-        print(json.dumps(report["targets"], indent=2))
+        print(json.dumps({k: report[k] for k in ("targets", "targets_other_category_counts")}, indent=2))
         return 0
 
     report = {"command": " ".join(["python", "bench/scale.py", *(argv if argv is not None else sys.argv[1:])]),

@@ -41,3 +41,15 @@ def test_scale_bench_reports_each_size_with_recall_latency_memory_and_kinds(tmp_
     assert large["recall@100"]["category"]["mean"] == 1.0
     assert set(report["targets"]) >= {"global_p99_ratio", "category_p99_ratio", "recall_at_least_0.95"}
     assert png.stat().st_size > 0
+
+    # Reports of separate runs combine into one JSON and plot.
+    merged_json, merged_png = tmp_path / "merged.json", tmp_path / "merged.png"
+    merge = subprocess.run(
+        [sys.executable, str(BENCH), "--merge", f"{out},{out}", "--json", str(merged_json), "--plot", str(merged_png)],
+        cwd=paths.REPO_ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert merge.returncode == 0, merge.stderr[-3000:]
+    merged = json.loads(merged_json.read_text())
+    assert [s["items"] for s in merged["sizes"]] == [5000, 5000, 20000, 20000]
+    assert all(s["command"] == report["command"] for s in merged["sizes"])
+    assert merged_png.stat().st_size > 0
