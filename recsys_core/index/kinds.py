@@ -95,14 +95,13 @@ class IndexSettings:
         return kind
 
 
-class FlatSubIndex:
-    """Exact: IndexIDMap2(IndexFlatIP) keyed by the owner's rows."""
+class _KeyedSubIndex:
+    """A FAISS index keyed by the owner's rows that removes in place (flat,
+    IVF), so it never needs a rebuild, mirrored to the GPU for search when
+    one is given."""
 
-    kind = "flat"
-
-    def __init__(self, dimension: int):
-        self.index = faiss.IndexIDMap2(faiss.IndexFlatIP(dimension))
-        self.gpu_mirror = None
+    index: faiss.Index
+    gpu_mirror = None
 
     def __len__(self) -> int:
         return self.index.ntotal
@@ -122,8 +121,21 @@ class FlatSubIndex:
         if gpu_resources is None:
             return self.index
         if self.gpu_mirror is None:
-            self.gpu_mirror = faiss.index_cpu_to_gpu(gpu_resources, 0, self.index)
+            self.gpu_mirror = self._mirrored(faiss.index_cpu_to_gpu(gpu_resources, 0, self.index))
         return self.gpu_mirror
+
+    def _mirrored(self, mirror):
+        """The fresh GPU copy, with what the copy does not carry over set again."""
+        return mirror
+
+
+class FlatSubIndex(_KeyedSubIndex):
+    """Exact: IndexIDMap2(IndexFlatIP) keyed by the owner's rows."""
+
+    kind = "flat"
+
+    def __init__(self, dimension: int):
+        self.index = faiss.IndexIDMap2(faiss.IndexFlatIP(dimension))
 
     def search(self, queries, k, excluded, vectors, gpu_resources):
         """Over-fetch by the excluded items that live here, then drop them."""
@@ -194,7 +206,7 @@ class HnswSubIndex:
                 for q in range(len(queries))]
 
 
-class IvfPqSubIndex:
+class IvfPqSubIndex(_KeyedSubIndex):
     """IndexIVFPQ keyed by the owner's rows (IVF removes in place, so no
     tombstones), candidates re-scored against the exact vectors."""
 
@@ -211,29 +223,10 @@ class IvfPqSubIndex:
         self.index.train(training)
         # Set once here, not per search: searches share the index under a read lock.
         self.index.nprobe = settings.ivf_nprobe
-        self.gpu_mirror = None
 
-    def __len__(self) -> int:
-        return self.index.ntotal
-
-    def add(self, vectors: np.ndarray, rows: np.ndarray) -> None:
-        self.index.add_with_ids(vectors, rows)
-        self.gpu_mirror = None
-
-    def remove(self, rows: np.ndarray) -> None:
-        self.index.remove_ids(rows)
-        self.gpu_mirror = None
-
-    def needs_rebuild(self) -> bool:
-        return False
-
-    def searchable(self, gpu_resources):
-        if gpu_resources is None:
-            return self.index
-        if self.gpu_mirror is None:
-            self.gpu_mirror = faiss.index_cpu_to_gpu(gpu_resources, 0, self.index)
-            self.gpu_mirror.nprobe = self.settings.ivf_nprobe
-        return self.gpu_mirror
+    def _mirrored(self, mirror):
+        mirror.nprobe = self.settings.ivf_nprobe
+        return mirror
 
     def search(self, queries, k, excluded, vectors, gpu_resources):
         fetch = min(len(self), (k + len(excluded)) * self.settings.refine_factor)
@@ -316,7 +309,7 @@ def _load(kind: str, dimension: int, settings: IndexSettings, path: Path, rows: 
         sub.dead = np.zeros((len(rows) + 7) // 8, dtype=np.uint8)
         return sub
     sub = IvfPqSubIndex.__new__(IvfPqSubIndex)
-    sub.settings, sub.index, sub.quantizer, sub.gpu_mirror = settings, index, None, None
+    sub.settings, sub.index, sub.quantizer = settings, index, None
     faiss.extract_index_ivf(index).nprobe = settings.ivf_nprobe
     return sub
 

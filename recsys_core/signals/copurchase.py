@@ -167,9 +167,13 @@ class CoPurchases:
         """Under the lock: freeze the delta when it is due and no fold runs."""
         if self._folding or self._delta_counts < self._fold_at:
             return False
+        self._freeze()
+        return True
+
+    def _freeze(self) -> None:
+        """Under the lock: the delta becomes the frozen counts a fold merges."""
         self._folding = True
         self._frozen, self._delta, self._delta_counts = self._delta, {}, 0
-        return True
 
     def _start_fold(self) -> None:
         if self._fold_in_background:
@@ -203,8 +207,7 @@ class CoPurchases:
         with self._lock:
             if self._folding or not self._delta_counts:
                 return
-            self._folding = True
-            self._frozen, self._delta, self._delta_counts = self._delta, {}, 0
+            self._freeze()
         self._fold()
 
     def footprint(self) -> dict[str, int]:
