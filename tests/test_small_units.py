@@ -95,3 +95,18 @@ def test_loader_explains_what_is_missing(tmp_path):
         f.write("item_id,category\nA,B\n")
     with pytest.raises(shopping.DataError, match="lacks columns"):
         shopping.load_items(tmp_path)
+
+
+def test_replacing_writes_whole_files_and_overlapping_writers_do_not_collide(tmp_path):
+    target = tmp_path / "cache" / "vectors.npz"
+    with paths.replacing(target) as first, paths.replacing(target) as second:
+        assert first != second and first.suffix == second.suffix == ".npz"
+        first.write_text("first")
+        second.write_text("second")
+    assert target.read_text() == "first", "the outer block finished last"
+    with pytest.raises(RuntimeError):
+        with paths.replacing(target) as broken:
+            broken.write_text("half")
+            raise RuntimeError("writer failed")
+    assert target.read_text() == "first"
+    assert [p.name for p in target.parent.iterdir()] == ["vectors.npz"], "no temporary file is left"

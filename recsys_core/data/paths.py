@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import os
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -33,3 +36,21 @@ def reviews_data_dir() -> Path:
     bundled sample (scripts/make_subset.py)."""
     shared = REPO_ROOT.parent / "shared" / "data" / "reviews"
     return shared if shared.is_dir() else BUNDLED_REVIEWS_DIR
+
+
+@contextmanager
+def replacing(path: Path) -> Iterator[Path]:
+    """A temporary file beside `path` to write; once the block succeeds it
+    replaces `path` in one step, so a reader never sees half a file. Its name
+    is unique, so writers that overlap (two saves of one cache) never write
+    into each other's temporary file; the last to finish wins. The suffix is
+    kept, for writers that add or check one (numpy's .npz)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # The writer creates the file itself, with the permissions it always had.
+    tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex}.tmp{path.suffix}")
+    try:
+        yield tmp
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)

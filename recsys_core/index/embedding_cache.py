@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from recsys_core.data.paths import replacing
 from recsys_core.models.encoder import Encoder
 
 # Encoding in chunks lets a long start-up show progress and save partial work.
@@ -52,10 +53,8 @@ class EmbeddingCache:
             keys = list(self.vectors)
             digests = [self.vectors[k][0] for k in keys]
             vectors = np.stack([self.vectors[k][1] for k in keys])
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp.npz")
-        np.savez(tmp, keys=np.asarray(keys), digests=np.asarray(digests), vectors=vectors)
-        tmp.replace(self.path)
+        with replacing(self.path) as tmp:
+            np.savez(tmp, keys=np.asarray(keys), digests=np.asarray(digests), vectors=vectors)
 
 
 def encode_cached(

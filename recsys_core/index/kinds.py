@@ -26,6 +26,8 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from recsys_core.data.paths import replacing
+
 log = logging.getLogger(__name__)
 
 INDEX_KINDS = ("auto", "flat", "hnsw", "ivfpq")
@@ -286,10 +288,8 @@ def stored_path(store_dir: Path, kind: str, settings: IndexSettings, vectors: np
 
 def _save(sub, path: Path) -> None:
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        faiss.write_index(sub.index, str(tmp))
-        tmp.replace(path)
+        with replacing(path) as tmp:
+            faiss.write_index(sub.index, str(tmp))
         # An older build of the same scope is stale from now on.
         prefix = path.name.rsplit("-", 1)[0] + "-"
         for old in path.parent.glob(prefix + "*.faiss"):
