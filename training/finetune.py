@@ -181,10 +181,8 @@ def lower_token_states(encoder: FineTunableEncoder, tokenizer, texts: Sequence[s
         hidden = encoder.lower(ids, mask)
         for row, item in enumerate(chunk):
             states[offsets[item] : offsets[item + 1]] = hidden[row, : lengths[item]].half()
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cached.with_suffix(".tmp")
-    torch.save({"states": states, "offsets": torch.from_numpy(offsets)}, tmp)
-    tmp.replace(cached)
+    with paths.replacing(cached) as tmp:
+        torch.save({"states": states, "offsets": torch.from_numpy(offsets)}, tmp)
     return TokenStates(states=states, offsets=offsets)
 
 

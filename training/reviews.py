@@ -280,10 +280,9 @@ def train(frame: pd.DataFrame, config: TrainConfig, out: Path, source_dir: Path 
         log.info("resuming at step %d of %d", result.steps, total_steps)
 
     def save_checkpoint() -> None:
-        tmp = checkpoint_path.with_suffix(".tmp")
-        torch.save({"config": asdict(config), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "result": asdict(result)}, tmp)
-        tmp.replace(checkpoint_path)
+        with paths.replacing(checkpoint_path) as tmp:
+            torch.save({"config": asdict(config), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(), "result": asdict(result)}, tmp)
 
     def validate() -> bool:
         """Validation accuracy; saves the best weights. True: stop early."""

@@ -39,7 +39,7 @@ import pandas as pd
 from recsys_core.data import shopping
 from recsys_core.signals.btyd import BTYD
 from recsys_core.data.shopping import DataError
-from recsys_core.data.paths import BUNDLED_DATA_DIR, shared_data_dir
+from recsys_core.data.paths import BUNDLED_DATA_DIR, replacing, shared_data_dir
 from recsys_core.data.retail import (
     BUNDLED_RETAIL_DIR, SHARED_RETAIL_DIR, RetailDataError, clean, load_transactions, retail_events,
 )
@@ -543,10 +543,8 @@ def targets(report: dict) -> dict:
 def save_artifact(artifact: dict, path: Path) -> Path:
     import joblib
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".partial")
-    joblib.dump(artifact, partial)
-    partial.replace(path)
+    with replacing(path) as partial:
+        joblib.dump(artifact, partial)
     return path
 
 
