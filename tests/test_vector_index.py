@@ -110,6 +110,45 @@ def test_auto_upgrades_each_scope_by_its_own_size():
     assert len(index) == 30 and index.categories() == {"a": 20, "b": 10}
 
 
+def test_a_large_catalogue_compresses_every_scope_that_is_not_small():
+    auto = IndexSettings(hnsw_min_items=100, ivfpq_min_items=5000)
+    # A 2,000-item category of a 5,000-item catalogue: its HNSW copy would sit
+    # beside the global scope's, so it is compressed too; a small one stays exact.
+    assert auto.kind_for(2000, catalogue_items=4999) == "hnsw"
+    assert auto.kind_for(2000, catalogue_items=5000) == "ivfpq"
+    assert auto.kind_for(99, catalogue_items=10**6) == "flat"
+    assert IndexSettings(kind="hnsw").kind_for(1000, catalogue_items=10**7) == "hnsw"
+
+
+def test_categories_move_to_ivfpq_once_the_catalogue_does():
+    settings = IndexSettings(hnsw_min_items=25, ivfpq_min_items=3000, pq_m=4)
+    index = VectorIndex(8, use_gpu=False, settings=settings)
+    index.upsert([f"i{n}" for n in range(2200)], ["a"] * 1100 + ["b"] * 1100, unit_rows(2200))
+    assert index.kinds() == {None: "hnsw", "a": "hnsw", "b": "hnsw"}
+    index.upsert([f"j{n}" for n in range(900)], ["b"] * 900, unit_rows(900, seed=1))
+    # "a" gained nothing but is rebuilt smaller at its next change; the
+    # scopes this upsert touched move now.
+    assert index.kinds()[None] == "ivfpq" and index.kinds()["b"] == "ivfpq"
+    index.upsert(["i0"], ["a"], unit_rows(1, seed=2))
+    assert index.kinds()["a"] == "ivfpq"
+
+
+def test_the_global_build_reads_the_vectors_in_place(monkeypatch):
+    """At 5M items a copy of every vector for the build is 7.2 GiB."""
+    seen = {}
+    real_build = kinds.build
+
+    def spying_build(kind, dimension, settings, vectors, rows, *rest, **named):
+        seen[named.get("scope", rest[1] if len(rest) > 1 else "")] = vectors
+        return real_build(kind, dimension, settings, vectors, rows, *rest, **named)
+
+    monkeypatch.setattr(kinds, "build", spying_build)
+    index = VectorIndex(8, use_gpu=False, settings=IndexSettings(hnsw_min_items=25, pq_m=4))
+    index.upsert([f"i{n}" for n in range(40)], ["a"] * 40, unit_rows(40))
+    assert np.shares_memory(seen[""], index._vectors)
+    assert not np.shares_memory(seen["a"], index._vectors)  # a category's rows are gathered
+
+
 @pytest.mark.parametrize("bad, message", [
     (dict(kind="annoy"), "must be one of auto, flat, hnsw, ivfpq"),
     (dict(hnsw_ef_search=0), "hnsw_ef_search=0 must be a positive integer"),

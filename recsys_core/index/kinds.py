@@ -88,10 +88,20 @@ class IndexSettings:
             raise ValueError(f"pq_m={self.pq_m} must divide the vector width {dimension} "
                              f"(each PQ sub-quantiser codes an equal slice)")
 
-    def kind_for(self, items: int) -> str:
+    def kind_for(self, items: int, catalogue_items: int = 0) -> str:
+        """The kind for a scope of `items` in a catalogue of `catalogue_items`.
+        Memory is counted across scopes: each item sits in the scope over
+        everything and in its category's, so HNSW scopes together hold every
+        vector twice beside the exact copy. Once the catalogue passes
+        ivfpq_min_items, every scope past hnsw_min_items is compressed, not
+        only those that pass it alone (5M items in 8 categories: 16.9 GiB
+        with HNSW categories, docs/performance.md)."""
         kind = self.kind
         if kind == "auto":
-            kind = "flat" if items < self.hnsw_min_items else "hnsw" if items < self.ivfpq_min_items else "ivfpq"
+            if items < self.hnsw_min_items:
+                kind = "flat"
+            else:
+                kind = "ivfpq" if max(items, catalogue_items) >= self.ivfpq_min_items else "hnsw"
         if kind == "ivfpq" and items < IVFPQ_MIN_ITEMS:
             return "flat"
         return kind
@@ -281,7 +291,8 @@ def stored_path(store_dir: Path, kind: str, settings: IndexSettings, vectors: np
         settings.pq_m, settings.ivf_train_items, settings.seed)
     content.update(repr((kind, shape, faiss.__version__)).encode())
     content.update(np.ascontiguousarray(rows, dtype=np.int64).tobytes())
-    content.update(np.ascontiguousarray(vectors, dtype=np.float32).tobytes())
+    # Hashed through the buffer, not .tobytes(): no second copy of the vectors.
+    content.update(memoryview(np.ascontiguousarray(vectors, dtype=np.float32)).cast("B"))
     scope_key = hashlib.blake2b(scope.encode(), digest_size=4).hexdigest()
     return Path(store_dir) / f"{kind}-{scope_key}-{content.hexdigest()}.faiss"
 

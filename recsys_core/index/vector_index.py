@@ -167,11 +167,14 @@ class VectorIndex:
         if members is None:  # the scope only loses items
             members = np.zeros(len(rows), dtype=bool)
         adding = rows[members]
-        kind = self.settings.kind_for(len(index) + len(adding))
+        kind = self.settings.kind_for(len(index) + len(adding), len(self._item_of_row))
         if kinds.KIND_RANK[kind] > kinds.KIND_RANK[index.kind] or index.needs_rebuild():
             kind = max(kind, index.kind, key=kinds.KIND_RANK.get)
             live = self._live_rows(scope)
-            self._scopes[scope] = kinds.build(kind, self.dimension, self.settings, self._vectors[live], live,
+            # Every row is live in the scope over everything: a view of the
+            # vectors, where indexing by `live` would copy all of them (7.2 GiB at 5M).
+            members_vectors = self._vectors[: len(live)] if scope is None else self._vectors[live]
+            self._scopes[scope] = kinds.build(kind, self.dimension, self.settings, members_vectors, live,
                                               self.store_dir, "" if scope is None else scope)
         elif len(adding):
             index.add(vectors[members], adding)
