@@ -14,6 +14,7 @@ weights; the exported graph applies it before the L2 normalisation.
 from __future__ import annotations
 
 import argparse
+import filecmp
 import hashlib
 import json
 import logging
@@ -99,7 +100,10 @@ def export_encoder(source_dir: Path, version_dir: Path) -> Path:
         "opset": OPSET,
         "weights": weights_metadata(weights, int8),
     }
-    (version_dir / enc.METADATA_FILE).write_text(json.dumps(metadata, indent=2))
+    # Replaced, not rewritten in place: the file marks a complete export.
+    tmp = version_dir / (enc.METADATA_FILE + ".tmp")
+    tmp.write_text(json.dumps(metadata, indent=2))
+    tmp.replace(version_dir / enc.METADATA_FILE)
     log.info("exported %s to %s (dimension %d, fp32 and int8)", source_dir, version_dir, dimension)
     return version_dir
 
@@ -210,19 +214,32 @@ def install_ensemble_members(version_dir: Path, repo: Path) -> None:
 
 
 def ensemble_members_installed(version_dir: Path, repo: Path) -> bool:
-    """Whether the members hold this export (same metadata, every file there)."""
+    """Whether the members hold this export: every file there, the same file
+    (a hard link) or the same bytes."""
     for model, names in ENSEMBLE_MEMBER_FILES.items():
         target_dir = repo / model / str(ENSEMBLE_VERSION)
-        if not all((target_dir / name).is_file() for name in names):
-            return False
-    metadata = repo / paths.TEXT_ENCODER_ONNX_MODEL / str(ENSEMBLE_VERSION) / enc.METADATA_FILE
-    return metadata.read_bytes() == (version_dir / enc.METADATA_FILE).read_bytes()
+        for name in names:
+            source, target = version_dir / name, target_dir / name
+            if not target.is_file():
+                return False
+            if not (os.path.samefile(source, target) or filecmp.cmp(source, target, shallow=False)):
+                return False
+    return True
+
+
+# Small files are copied, not linked: a later in-place write to the source
+# must not change a member behind its weights' back.
+_LINK_FROM_BYTES = 1 << 20
 
 
 def _place(source: Path, target: Path) -> None:
+    if target.is_file() and os.path.samefile(source, target):
+        return  # already linked (renaming a link over its twin would do nothing)
     tmp = target.with_name(target.name + ".tmp")
     tmp.unlink(missing_ok=True)
     try:
+        if source.stat().st_size < _LINK_FROM_BYTES:
+            raise OSError("small: copy")
         os.link(source, tmp)
     except OSError:
         shutil.copyfile(source, tmp)
