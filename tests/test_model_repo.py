@@ -391,3 +391,16 @@ def test_ensemble_through_a_real_triton_gives_the_python_models_vectors(ensemble
 
 def python_backend_fingerprint(precision: str) -> str:
     return enc.weights(paths.MODEL_REPO / paths.TEXT_ENCODER_MODEL / "1", precision)[1]
+
+
+def test_the_stubs_onnxruntime_threads_do_not_spin(exported_encoder):
+    """text_encoder's stub shares the cores with Triton's front end and the
+    clients: its config turns onnxruntime's busy-waiting off, and the vectors
+    stay the same (docs/performance.md, "Per-call overhead at batch 1")."""
+    config = model_repo.model_configs(paths.MODEL_REPO)[paths.TEXT_ENCODER_MODEL]
+    assert config.parameters["allow_spinning"].string_value == "0"
+    assert config.dynamic_batching.max_queue_delay_microseconds == 0
+    quiet = OnnxEncoder(exported_encoder, spin=False)
+    options = quiet.session.get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    np.testing.assert_allclose(quiet.encode(TITLES), OnnxEncoder(exported_encoder).encode(TITLES), atol=1e-6)
