@@ -11,6 +11,8 @@ INSTALLED := $(VENV)/.installed
 PROTOS := $(shell find protos -name '*.proto')
 GENERATED := recsys/.generated
 ENCODER := model_repo/text_encoder/1/encoder.json
+# The ensemble's members hold version 1's export (recsys_core/models/export.py).
+ENSEMBLE_MEMBERS := model_repo/text_encoder_onnx/1/encoder.json
 REVIEW_MODEL := model_repo/review_sentiment/1/classifier.json
 # The full public data beside the clone when it is there, else the bundled subsets.
 SHARED_DATA := $(abspath ../shared/data)
@@ -20,7 +22,7 @@ export HF_HUB_OFFLINE := 1
 
 .PHONY: setup run test protos export bench loadtest clean redis-server value-model buf api-baseline
 
-setup: $(INSTALLED) $(GENERATED) $(ENCODER) $(REVIEW_MODEL) value-model redis-server buf
+setup: $(INSTALLED) $(GENERATED) $(ENCODER) $(ENSEMBLE_MEMBERS) $(REVIEW_MODEL) value-model redis-server buf
 
 # The review classifier Triton serves (model_repo/review_sentiment): the quick
 # recipe (fixed steps, a few minutes on two cores) on ../shared/data/reviews
@@ -92,7 +94,11 @@ protos: $(GENERATED)
 $(ENCODER): $(INSTALLED)
 	$(PY) -m recsys_core.models.export
 
-export: $(ENCODER)
+# A checkout exported before the ensemble existed: the export fills the members in.
+$(ENSEMBLE_MEMBERS): $(ENCODER)
+	$(PY) -m recsys_core.models.export
+
+export: $(ENCODER) $(ENSEMBLE_MEMBERS)
 
 run: setup
 	$(VENV)/bin/recsys serve $(RUN_ARGS)

@@ -420,6 +420,61 @@ def test_gpu_overlay_puts_triton_and_faiss_on_gpus(overlay, manifests):
         assert config.use_gpu is False
 
 
+
+# The image's model repository (deploy/triton/Dockerfile: COPY model_repo /models).
+TRITON_MODEL_ROOT = "/models/"
+
+
+def mounted_model_configs(manifests: Manifests) -> dict[str, str]:
+    """The config.pbtxt files the overlay mounts over the image's, by model."""
+    workload = manifests.workload("triton")
+    (container,) = containers(workload)
+    volumes = {v["name"]: v for v in pod_spec(workload).get("volumes", [])}
+    found = {}
+    for mount in container.get("volumeMounts", []):
+        path = mount["mountPath"]
+        if not (path.startswith(TRITON_MODEL_ROOT) and path.endswith("/config.pbtxt")):
+            continue
+        model = path.removeprefix(TRITON_MODEL_ROOT).split("/")[0]
+        assert path == f"{TRITON_MODEL_ROOT}{model}/config.pbtxt", path
+        assert mount.get("readOnly") is True and mount.get("subPath"), mount
+        source = volumes[mount["name"]]["configMap"]["name"]
+        found[model] = manifests.configmap(source)[mount["subPath"]]
+    return found
+
+
+def test_each_overlay_serves_the_ensemble_with_its_own_model_configs(overlay, manifests):
+    from tritonclient.grpc.model_config_pb2 import ModelInstanceGroup
+
+    from recsys_core.data import paths
+    from recsys_core.models import model_repo
+
+    kinds = ModelInstanceGroup.Kind
+    embedding = EmbeddingConfig.from_env(environment(manifests, manifests.workload("embedding")))
+    assert embedding.encoder == "triton" and embedding.triton_model == paths.TEXT_ENCODER_ENSEMBLE_MODEL
+    configs = {model: model_repo.parse_config(text) for model, text in mounted_model_configs(manifests).items()}
+    assert set(configs) == {paths.TEXT_TOKENIZER_MODEL, paths.TEXT_ENCODER_ONNX_MODEL}, overlay
+    assert model_repo.repository_problems(paths.MODEL_REPO, configs) == []
+    assert embedding.triton_model in model_repo.model_configs(paths.MODEL_REPO)
+
+    (triton,) = containers(manifests.workload("triton"))
+    encoder = configs[paths.TEXT_ENCODER_ONNX_MODEL]
+    (group,) = encoder.instance_group
+    if overlay == "gpu":
+        assert (kinds.Name(group.kind), group.count) == ("KIND_GPU", 2)  # two instances on the pod's GPU
+        (trt,) = encoder.optimization.execution_accelerators.gpu_execution_accelerator
+        assert trt.name == "tensorrt"
+        # TensorRT writes its engines on a writable volume (the root is read-only).
+        cache_path = trt.parameters["trt_engine_cache_path"]
+        assert any(cache_path.startswith(m["mountPath"].rstrip("/") + "/") and m["name"] == "tmp"
+                   for m in triton["volumeMounts"]), cache_path
+    else:
+        # Instances x threads within the pod's CPU limit: no oversubscription.
+        threads = int(encoder.parameters["intra_op_thread_count"].string_value)
+        assert kinds.Name(group.kind) == "KIND_CPU" and threads > 0
+        assert group.count * threads <= float(triton["resources"]["limits"]["cpu"])
+
+
 # --- configuration -------------------------------------------------------------
 
 

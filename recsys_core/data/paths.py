@@ -13,6 +13,12 @@ BUNDLED_DATA_DIR = REPO_ROOT / "data"
 BUNDLED_RETAIL_DIR = BUNDLED_DATA_DIR / "online-retail"
 MODEL_REPO = REPO_ROOT / "model_repo"
 TEXT_ENCODER_MODEL = "text_encoder"
+# The same encoder as a Triton ensemble without a Python stub around the
+# graph: tokenisation (Python backend) then the pooled ONNX graph on Triton's
+# onnxruntime backend (TensorRT on GPU). docs/operations.md, "Triton models".
+TEXT_TOKENIZER_MODEL = "text_tokenizer"
+TEXT_ENCODER_ONNX_MODEL = "text_encoder_onnx"
+TEXT_ENCODER_ENSEMBLE_MODEL = "text_encoder_ensemble"
 REVIEW_SENTIMENT_MODEL = "review_sentiment"
 
 

@@ -92,14 +92,20 @@ def tokenize(tokenizer, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     return ids, mask
 
 
-def onnx_session(weights_file: Path, threads: int = 0, providers: list | None = None):
+def onnx_session(weights_file: Path, threads: int = 0, providers: list | None = None, spin: bool = True):
     """An onnxruntime session; `threads` 0 lets it use every core, `providers`
-    defaults to the CPU."""
+    defaults to the CPU. `spin=False` stops its worker threads busy-waiting
+    for the next run (onnxruntime's default): right where other processes
+    need the same cores between runs, as Triton's front end and its clients
+    do around a Python-backend model (docs/performance.md)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
+    if not spin:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
     return ort.InferenceSession(str(weights_file), options, providers=providers or ["CPUExecutionProvider"])
 
 
@@ -117,10 +123,10 @@ def in_length_order(texts: list[str], width: int, run_batch, batch_size: int = E
 
 class OnnxEncoder:
     def __init__(self, version_dir: Path, threads: int = 0, precision: str = DEFAULT_PRECISION,
-                 providers: list | None = None):
+                 providers: list | None = None, spin: bool = True):
         weights_file, self.fingerprint, self.dimension = weights(version_dir, precision)
         self.precision = precision
-        self.session = onnx_session(weights_file, threads, providers)
+        self.session = onnx_session(weights_file, threads, providers, spin)
         self.tokenizer = load_tokenizer(version_dir)
         # The tokenizer object is not safe to share between threads.
         self._tokenizer_lock = threading.Lock()

@@ -2,6 +2,9 @@
 
 Writes `model.onnx`, `tokenizer.json` and `encoder.json` into a numeric version
 folder of model_repo/text_encoder. Needs torch and transformers; serving does not.
+Version 1 (the pretrained encoder) is also what text_encoder_ensemble serves:
+its tokenizer goes to model_repo/text_tokenizer/1 and its graphs and metadata
+to model_repo/text_encoder_onnx/1 (`install_ensemble_members`).
 
 The source is a transformers folder: the pretrained MiniLM, or one fine-tuned
 by `recsys train` (training/finetune.py), which keeps the linear
@@ -11,6 +14,7 @@ weights; the exported graph applies it before the L2 normalisation.
 from __future__ import annotations
 
 import argparse
+import filecmp
 import hashlib
 import json
 import logging
@@ -96,7 +100,10 @@ def export_encoder(source_dir: Path, version_dir: Path) -> Path:
         "opset": OPSET,
         "weights": weights_metadata(weights, int8),
     }
-    (version_dir / enc.METADATA_FILE).write_text(json.dumps(metadata, indent=2))
+    # Replaced, not rewritten in place: the file marks a complete export.
+    tmp = version_dir / (enc.METADATA_FILE + ".tmp")
+    tmp.write_text(json.dumps(metadata, indent=2))
+    tmp.replace(version_dir / enc.METADATA_FILE)
     log.info("exported %s to %s (dimension %d, fp32 and int8)", source_dir, version_dir, dimension)
     return version_dir
 
@@ -180,6 +187,65 @@ def quantize_int8(fp32_path: Path, int8_path: Path,
     return int8_path
 
 
+# The version of text_encoder whose export the ensemble's members serve: the
+# ensemble pins its steps to version 1 (model_repo/text_encoder_ensemble/config.pbtxt).
+ENSEMBLE_VERSION = 1
+# What each member of the ensemble reads from the export, in writing order:
+# the metadata last, so a member with metadata is complete.
+ENSEMBLE_MEMBER_FILES = {
+    paths.TEXT_TOKENIZER_MODEL: (enc.TOKENIZER_FILE,),
+    paths.TEXT_ENCODER_ONNX_MODEL: (enc.WEIGHTS_FILE, enc.INT8_WEIGHTS_FILE, enc.METADATA_FILE),
+}
+
+
+def install_ensemble_members(version_dir: Path, repo: Path) -> None:
+    """Give the ensemble's members the export at `version_dir`: the tokenizer
+    to text_tokenizer, the pooled graphs (fp32 for GPU, int8 for CPU) and
+    encoder.json to text_encoder_onnx, in their version ENSEMBLE_VERSION.
+    Hard links where the filesystem allows (no second 100 MB on disk; an
+    image build copies them as files), else copies. The onnxruntime backend
+    runs the very files text_encoder runs, so both serve the same vectors and
+    the same fingerprints."""
+    for model, names in ENSEMBLE_MEMBER_FILES.items():
+        target_dir = repo / model / str(ENSEMBLE_VERSION)
+        target_dir.mkdir(parents=True, exist_ok=True)
+        for name in names:
+            _place(version_dir / name, target_dir / name)
+
+
+def ensemble_members_installed(version_dir: Path, repo: Path) -> bool:
+    """Whether the members hold this export: every file there, the same file
+    (a hard link) or the same bytes."""
+    for model, names in ENSEMBLE_MEMBER_FILES.items():
+        target_dir = repo / model / str(ENSEMBLE_VERSION)
+        for name in names:
+            source, target = version_dir / name, target_dir / name
+            if not target.is_file():
+                return False
+            if not (os.path.samefile(source, target) or filecmp.cmp(source, target, shallow=False)):
+                return False
+    return True
+
+
+# Small files are copied, not linked: a later in-place write to the source
+# must not change a member behind its weights' back.
+_LINK_FROM_BYTES = 1 << 20
+
+
+def _place(source: Path, target: Path) -> None:
+    if target.is_file() and os.path.samefile(source, target):
+        return  # already linked (renaming a link over its twin would do nothing)
+    tmp = target.with_name(target.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        if source.stat().st_size < _LINK_FROM_BYTES:
+            raise OSError("small: copy")
+        os.link(source, tmp)
+    except OSError:
+        shutil.copyfile(source, tmp)
+    tmp.replace(target)
+
+
 def is_exported(version_dir: Path) -> bool:
     files = (enc.WEIGHTS_FILE, enc.INT8_WEIGHTS_FILE, enc.TOKENIZER_FILE, enc.METADATA_FILE)
     return all((version_dir / f).is_file() for f in files)
@@ -201,10 +267,14 @@ def main(argv: list[str] | None = None) -> int:
     version_dir = model_dir / str(version)
     if is_exported(version_dir) and not args.force:
         print(f"encoder already exported at {version_dir}")
-        return 0
-    export_encoder(args.source or pretrained_model_dir(), version_dir)
-    copy_backend_code(model_dir, version_dir)
-    print(f"encoder exported to {version_dir}")
+    else:
+        export_encoder(args.source or pretrained_model_dir(), version_dir)
+        copy_backend_code(model_dir, version_dir)
+        print(f"encoder exported to {version_dir}")
+    # A checkout exported before the ensemble existed gets its members here too.
+    if version == ENSEMBLE_VERSION and not ensemble_members_installed(version_dir, args.repo):
+        install_ensemble_members(version_dir, args.repo)
+        print(f"ensemble members {', '.join(ENSEMBLE_MEMBER_FILES)} hold {version_dir}")
     return 0
 
 

@@ -2,8 +2,9 @@
 
 The nvidia-pytriton wheel ships a CPU-capable `tritonserver` (Python backend
 only) with its shared libraries; this module starts that binary on our model
-repository, bound to loopback on free ports, and waits until the models are
-ready. Triton then runs model_repo/text_encoder/1/model.py in a stub process
+repository, bound to loopback on free ports, loads every model its backends
+can run (not the onnxruntime-backend text_encoder_onnx, nor the ensemble on
+it: recsys_core.models.model_repo) and waits until the models are ready. Triton then runs model_repo/text_encoder/1/model.py in a stub process
 that embeds this interpreter's Python, which is what the environment set up
 here is for.
 
@@ -33,6 +34,7 @@ from pathlib import Path
 from typing import Sequence
 
 from recsys_core.data import paths
+from recsys_core.models import model_repo
 
 if sys.platform == "linux":
     import ctypes
@@ -129,6 +131,13 @@ def prepare_backend_dir(target: Path) -> Path:
     return target
 
 
+def wheel_backends() -> set[str]:
+    """The backends the wheel's tritonserver has: python. (Ensembles need
+    none: Triton's core schedules them.)"""
+    backends_dir = tritonserver_dist() / "backends"
+    return {p.name for p in backends_dir.iterdir() if p.is_dir()} if backends_dir.is_dir() else set()
+
+
 def server_env(base: dict[str, str] | None = None) -> dict[str, str]:
     """Environment for tritonserver and the Python stubs it spawns."""
     env = dict(os.environ if base is None else base)
@@ -197,8 +206,16 @@ class TritonServer:
     def is_running(self) -> bool:
         return self._process is not None and self._process.poll() is None
 
+    def loadable_models(self) -> list[str]:
+        """The repository's models this server loads: those its backends run."""
+        return model_repo.loadable_models(model_repo.model_configs(self.repo), wheel_backends())
+
     def _command(self) -> list[str]:
         backend_dir = prepare_backend_dir(self._workdir / "backends")
+        # Explicit mode loading what the wheel's backends run: with
+        # --model-control-mode=none Triton would try every model of the
+        # repository and exit on the first whose backend it lacks.
+        loads = [f"--load-model={name}" for name in self.loadable_models()]
         return [
             str(tritonserver_dist() / "bin" / "tritonserver"),
             f"--model-repository={self.repo}",
@@ -210,7 +227,8 @@ class TritonServer:
             f"--http-port={self.http_port}",
             f"--grpc-port={self.grpc_port}",
             f"--metrics-port={self.metrics_port}",
-            "--model-control-mode=none",
+            "--model-control-mode=explicit",
+            *loads,
             "--exit-on-error=true",
             "--strict-readiness=true",
             "--log-verbose=0",
@@ -224,6 +242,11 @@ class TritonServer:
             return self
         if not self.repo.is_dir():
             raise TritonStartError(f"model repository {self.repo} does not exist")
+        unloadable = sorted(set(self.models) - set(self.loadable_models()))
+        if unloadable:
+            raise TritonStartError(
+                f"this tritonserver cannot load {unloadable} from {self.repo}: no such model, or its backend "
+                f"(or an ensemble step's) is not among {sorted(wheel_backends())}")
         self.http_port, self.grpc_port, self.metrics_port = _free_ports(3)
         self._workdir = Path(tempfile.mkdtemp(prefix="recsys-triton-"))
         if self.log_path is None:

@@ -6,7 +6,9 @@ Each model's `<version>/model.py` subclasses `TextModel` (raw strings in: the
 text encoder, with OnnxEncoder; the review classifier, with
 OnnxReviewClassifier) or `TritonModel` itself (the user tower, float arrays
 in), and says how to load its engine from the version folder, so Triton and
-the in-process path run the same code. Triton's stub imports model.py from
+the in-process path run the same code. `TokenizerModel` is the first step of
+the text encoder's ensemble (model_repo/text_tokenizer): strings in, the
+graph's token tensors out, through the tokenizer OnnxEncoder uses. Triton's stub imports model.py from
 the version folder and this module through PYTHONPATH: the launcher
 (recsys_core.models.triton) puts the repository root there, the production image
 (deploy/triton/Dockerfile) copies recsys_core/ to /opt/recsys.
@@ -20,6 +22,7 @@ from typing import Any, Callable
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from recsys_core.models import encoder as enc
 from recsys_core.models.triton_client import TEXT
 
 
@@ -108,12 +111,51 @@ class TextModel(TritonModel):
         raise NotImplementedError
 
     def decode(self, request) -> tuple[list[str], int]:
-        try:
-            batch = pb_utils.get_input_tensor_by_name(request, TEXT).as_numpy().reshape(-1)
-            texts = [t.decode("utf-8") if isinstance(t, bytes) else str(t) for t in batch]
-        except Exception as exc:
-            raise ValueError(f"{TEXT}: cannot decode as UTF-8 strings: {exc}") from exc
+        texts = decode_texts(request)
         return texts, len(texts)
 
     def run(self, decoded: list[list[str]]) -> np.ndarray:
         return self.engine([text for texts in decoded for text in texts])
+
+
+def decode_texts(request) -> list[str]:
+    """The TEXT input of one request as strings; ValueError when it is not UTF-8."""
+    try:
+        batch = pb_utils.get_input_tensor_by_name(request, TEXT).as_numpy().reshape(-1)
+        return [t.decode("utf-8") if isinstance(t, bytes) else str(t) for t in batch]
+    except Exception as exc:
+        raise ValueError(f"{TEXT}: cannot decode as UTF-8 strings: {exc}") from exc
+
+
+class TokenizerModel:
+    """The tokenisation step of the text encoder's ensemble: TEXT [n, 1] in,
+    INPUT_IDS and ATTENTION_MASK [n, tokens] (int64) out, with the exported
+    tokenizer and `encoder.tokenize`, exactly as OnnxEncoder feeds its graph.
+
+    Each request is tokenised on its own and padded to its own longest text
+    (what OnnxEncoder does to a batch), never to another request's: the
+    onnxruntime model behind it then batches only requests of one length,
+    and a short title never pays for a long one.
+    """
+
+    def initialize(self, args):
+        version_dir = Path(args["model_repository"]) / args["model_version"]
+        self.tokenizer = enc.load_tokenizer(version_dir)
+
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            try:
+                texts = decode_texts(request)
+            except ValueError as exc:
+                responses.append(pb_utils.InferenceResponse(
+                    error=pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG)))
+                continue
+            ids, mask = enc.tokenize(self.tokenizer, texts)
+            responses.append(pb_utils.InferenceResponse(output_tensors=[
+                pb_utils.Tensor(enc.INPUT_IDS, ids), pb_utils.Tensor(enc.ATTENTION_MASK, mask),
+            ]))
+        return responses
+
+    def finalize(self):
+        self.tokenizer = None

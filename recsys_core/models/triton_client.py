@@ -27,6 +27,10 @@ DEFAULT_TIMEOUT = 10.0
 # is reported as UNAVAILABLE within a fraction of a second, never a hang.
 RETRY_BACKOFF_SECONDS = (0.05, 0.15)
 
+# The exported files (recsys_core.models.encoder) by precision, for models
+# that name their file instead of a `precision` parameter (text_encoder_onnx).
+PRECISION_OF_FILE = {"model.onnx": "fp32", "model.int8.onnx": "int8"}
+
 _UNAVAILABLE = {"StatusCode.UNAVAILABLE"}
 _DEADLINE = {"StatusCode.DEADLINE_EXCEEDED"}
 
@@ -88,8 +92,30 @@ class TritonModelClient:
             self.close()
             raise ValueError(f"model {model_name} at {url} has no {self.OUTPUT} output")
         self.output_width = int(np.prod([int(d) for d in output["dims"]]))
+        # Which model computes the output and so holds the weights: this one,
+        # or for an ensemble the step writing OUTPUT, at the version it pins.
+        self.weights_model, self.weights_version = model_name, self.version
+        if config.get("platform") == "ensemble":
+            step = next((s for s in config["ensemble_scheduling"]["step"]
+                         if self.OUTPUT in s.get("output_map", {}).values()), None)
+            if step is None:
+                self.close()
+                raise ValueError(f"ensemble {model_name} at {url} has no step producing {self.OUTPUT}")
+            self.weights_model = step["model_name"]
+            pinned = int(step.get("model_version", -1))
+            try:
+                self.weights_version = str(pinned) if pinned > 0 else max(self._call(self._client.get_model_metadata(
+                    self.weights_model, as_json=True, client_timeout=timeout), timeout)["versions"], key=int)
+                config = self._call(self._client.get_model_config(
+                    self.weights_model, self.weights_version, as_json=True, client_timeout=timeout), timeout)["config"]
+            except InferenceServerException as exc:
+                self.close()
+                raise _translate(exc, url) from exc
         self.parameters = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
-        self.precision = self.parameters.get("precision") or "int8"
+        # The weights file a backend other than ours runs (onnxruntime:
+        # default_model_filename), else our model.py's `precision` parameter.
+        self.weights_file = config.get("default_model_filename", "")
+        self.precision = self.parameters.get("precision") or PRECISION_OF_FILE.get(self.weights_file, "int8")
         self.fingerprint = f"triton:{model_name}:{self.version}"
 
     async def _connect(self, url: str):

@@ -32,6 +32,10 @@ class EmbeddingConfig:
     model_dir: str = ""
     encoder: str = "onnx"
     triton_url: str = "127.0.0.1:8001"
+    # The Triton model that encodes: text_encoder (Python backend, what the
+    # local tritonserver can run) or text_encoder_ensemble (no Python stub
+    # around the graph; both Kubernetes overlays). Same inputs and outputs.
+    triton_model: str = paths.TEXT_ENCODER_MODEL
     encoder_threads: int = 0
     # In-process encoder only; Triton's precision is a model config parameter.
     precision: str = DEFAULT_PRECISION
@@ -66,6 +70,7 @@ class EmbeddingConfig:
             model_dir=env.str("MODEL_DIR", cls.model_dir),
             encoder=env.choice("ENCODER", cls.encoder, ENCODER_BACKENDS),
             triton_url=env.str("TRITON_URL", cls.triton_url),
+            triton_model=env.str("TRITON_MODEL", cls.triton_model),
             encoder_threads=env.int("ENCODER_THREADS", cls.encoder_threads, minimum=0),
             precision=env.choice("ENCODER_PRECISION", cls.precision, PRECISIONS),
             cache_dir=env.str("CACHE_DIR", str(paths.cache_dir())),

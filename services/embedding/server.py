@@ -33,11 +33,12 @@ def load_encoder(config: EmbeddingConfig, model: ModelDir | None = None) -> Enco
     if config.encoder == "triton":
         from recsys_core.models.triton_encoder import TritonEncoder
 
-        encoder = TritonEncoder(config.triton_url)
+        encoder = TritonEncoder(config.triton_url, config.triton_model)
         # Where the served weights are also on this disk, their fingerprint
         # lets Triton share cached item vectors with the in-process encoder
-        # (the two give the same vectors: tests/test_triton.py).
-        local = Path(config.model_repo) / encoder.model_name / str(encoder.version)
+        # (the two give the same vectors: tests/test_triton.py, and for the
+        # ensemble, whose weights are text_encoder_onnx's, tests/test_model_repo.py).
+        local = Path(config.model_repo) / encoder.weights_model / str(encoder.weights_version)
         if (local / METADATA_FILE).is_file():
             _, encoder.fingerprint, _ = weights(local, encoder.precision)
         if model is not None:

@@ -19,7 +19,8 @@ class TritonPythonModel(TextModel):
     def load(self, version_dir, parameters, providers, output_dims):
         precision = parameters.get("precision") or enc.DEFAULT_PRECISION
         threads = int(parameters.get("intra_op_threads") or 0)
-        encoder = enc.OnnxEncoder(version_dir, threads=threads, precision=precision, providers=providers)
+        spin = (parameters.get("allow_spinning") or "1") != "0"
+        encoder = enc.OnnxEncoder(version_dir, threads=threads, precision=precision, providers=providers, spin=spin)
         if output_dims[-1] != encoder.dimension:
             # Fail the load rather than serve vectors the config misdescribes.
             raise ValueError(
