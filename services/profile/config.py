@@ -4,6 +4,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from recsys_core.data import paths
+from recsys_core.rpc.access import AuthConfig
+from recsys_core.rpc.transport import Security
 from recsys_core.rpc.envconfig import EnvReader
 from recsys_core.signals.interests import ClusterSettings, DriftSettings
 
@@ -16,6 +18,11 @@ class ProfileConfig:
     # Prometheus /metrics port, on the host of `address`; 0 picks a free one
     # (every process of a local stack needs its own; Kubernetes sets 9090).
     metrics_port: int = 0
+    # Transport (mTLS certificates, or explicit plaintext for development) and
+    # token checks: PROFILE_TLS_*, PROFILE_INSECURE, PROFILE_REFLECTION,
+    # PROFILE_AUTH_* (docs/operations.md, "Security"). No certificates: no start.
+    security: Security = Security(service="profile")
+    auth: AuthConfig = AuthConfig()
     # Event store backend: "sqlite" (store_path) or "redis" (redis_url); docs/profiles.md.
     store: str = "sqlite"
     store_path: str = str(paths.REPO_ROOT / "var" / "profile.sqlite3")
@@ -69,6 +76,8 @@ class ProfileConfig:
             workers=env.int("WORKERS", cls.workers, minimum=1, maximum=256),
             grace_seconds=env.float("GRACE_SECONDS", cls.grace_seconds, minimum=0),
             metrics_port=env.int("METRICS_PORT", cls.metrics_port, minimum=0, maximum=65535),
+            security=Security.from_env(env, "profile"),
+            auth=AuthConfig.from_env(env),
             store=env.choice("STORE", cls.store, ("sqlite", "redis")),
             store_path=env.str("STORE_PATH", cls.store_path),
             redis_url=env.str("REDIS_URL", cls.redis_url),
