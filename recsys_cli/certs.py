@@ -194,6 +194,20 @@ class LocalSecurity:
 
         return mint_token(self.jwt_key.read_bytes(), subject, roles, tenant=tenant, seconds=seconds)
 
+    def ghz_args(self, service: str, identity: str = "admin", token: str | None = None,
+                 plaintext: bool = False) -> list[str]:
+        """ghz flags for a call to `service`: TLS with the CA (and `identity`'s client
+        certificate for internal services), the token as metadata, for reflection too."""
+        import json
+
+        args = ["--insecure"] if plaintext else ["--cacert", str(self.ca), "--cname", service]
+        if not plaintext and service != "gateway":
+            args += ["--cert", str(self.tls_dir(identity) / "tls.crt"), "--key", str(self.tls_dir(identity) / "tls.key")]
+        if token:
+            metadata = json.dumps({"authorization": f"Bearer {token}"})
+            args += ["--metadata", metadata, "--reflect-metadata", metadata]
+        return args
+
     def write_admin_token(self, seconds: float = 7 * 86400) -> Path:
         path = self.directory / ADMIN_TOKEN_FILE
         _write(path, (self.token("local-admin", ["admin"], seconds=seconds) + "\n").encode(), private=True)
@@ -210,6 +224,23 @@ def certs_main(argv: list[str] | None = None) -> int:
     make_certs(args.out, tuple(args.identity or IDENTITIES), args.namespace)
     print(f"CA {args.out / 'ca.crt'}; certificates for {', '.join(args.identity or IDENTITIES)} in "
           f"{args.out}/<identity>/ (tls.crt, tls.key, ca.crt); token key {args.out / JWT_KEY_FILE}")
+    return 0
+
+
+def token_main(argv: list[str] | None = None) -> int:
+    """`recsys token`: a JWT signed with an HS256 key file (the local stack's by default)."""
+    from recsys_core.data import paths
+    from recsys_core.rpc.access import ROLES, mint_token
+
+    parser = argparse.ArgumentParser(prog="recsys token", description=token_main.__doc__)
+    parser.add_argument("--key", type=Path, default=paths.REPO_ROOT / "var" / "tls" / JWT_KEY_FILE,
+                        help="HS256 secret (default: the one `recsys serve` made)")
+    parser.add_argument("--sub", required=True, help="subject: a shopper id, or a client's name")
+    parser.add_argument("--role", action="append", choices=ROLES, required=True)
+    parser.add_argument("--tenant", default="")
+    parser.add_argument("--hours", type=float, default=1.0)
+    args = parser.parse_args(argv)
+    print(mint_token(args.key.read_bytes(), args.sub, args.role, tenant=args.tenant, seconds=args.hours * 3600))
     return 0
 
 

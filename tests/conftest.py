@@ -29,7 +29,10 @@ def tls_material():
 
     from recsys_cli.certs import LocalSecurity
 
-    return LocalSecurity.ensure(Path(tempfile.mkdtemp(prefix="recsys-tls-")))
+    # One directory for the process, even where this module is imported twice
+    # (as tests.conftest and as conftest).
+    directory = os.environ.setdefault("RECSYS_TEST_TLS_DIR", tempfile.mkdtemp(prefix="recsys-tls-"))
+    return LocalSecurity.ensure(Path(directory))
 
 
 def secured(name: str, reflection: bool = True) -> dict:
@@ -37,6 +40,13 @@ def secured(name: str, reflection: bool = True) -> dict:
     certificate for `name`, tokens checked with the test key."""
     security = tls_material()
     return {"security": security.security(name, reflection=reflection), "auth": security.auth(tenants=TENANTS)}
+
+
+def secured_env(name: str) -> dict[str, str]:
+    """The same as `secured`, as the environment of a service's process."""
+    material, prefix = tls_material(), name.upper() + "_"
+    return {prefix + "TLS_DIR": str(material.tls_dir(name)), prefix + "AUTH_JWT_KEY_FILE": str(material.jwt_key),
+            prefix + "AUTH_TENANTS": TENANTS}
 
 
 @functools.cache
@@ -209,7 +219,8 @@ def redis_server(tmp_path_factory):
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)
-    with LocalRedis(tmp_path_factory.mktemp("redis")) as server:
+    # Its `profile` ACL user may use the tests' key prefixes (test:...) too.
+    with LocalRedis(tmp_path_factory.mktemp("redis"), profile_keys=("recsys:profile:*", "test:*")) as server:
         yield server
 
 

@@ -11,7 +11,7 @@ from recsys.common.v1 import common_pb2
 from recsys.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from recsys.profile.v1 import profile_pb2, profile_pb2_grpc
 from services.profile.config import ProfileConfig
-from tests.conftest import start
+from tests.conftest import gateway_channel, start
 
 pytestmark = pytest.mark.integration
 
@@ -234,7 +234,7 @@ def test_ranking_down_falls_back_to_retrieval_order(gateway_config_for, multi_ca
 
     server, address = start(create_server(gateway_config_for(ranking_address=f"127.0.0.1:{free_port()}")))
     try:
-        with grpc.insecure_channel(address) as channel:
+        with gateway_channel(address) as channel:
             reply = gateway_pb2_grpc.GatewayServiceStub(channel).Recommend(
                 gateway_pb2.RecommendRequest(user_id=multi_category_shopper, k=10), timeout=10
             )

@@ -28,6 +28,10 @@ class ProfileConfig:
     store_path: str = str(paths.REPO_ROOT / "var" / "profile.sqlite3")
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_prefix: str = "recsys:profile:"
+    # The service's Redis ACL user and a file holding its password (a mounted
+    # Secret); or both in redis_url (redis://user:password@host:port/0).
+    redis_username: str = ""
+    redis_password_file: str = ""
     # What Redis persistence the store insists on: always | everysec | unchecked.
     redis_durability: str = "always"
     # Events loaded into an empty store at start; empty means none.
@@ -82,6 +86,8 @@ class ProfileConfig:
             store_path=env.str("STORE_PATH", cls.store_path),
             redis_url=env.str("REDIS_URL", cls.redis_url),
             redis_prefix=env.str("REDIS_PREFIX", cls.redis_prefix),
+            redis_username=env.str("REDIS_USERNAME", cls.redis_username),
+            redis_password_file=env.str("REDIS_PASSWORD_FILE", cls.redis_password_file),
             redis_durability=env.choice(
                 "REDIS_DURABILITY", cls.redis_durability, ("always", "everysec", "unchecked")
             ),
