@@ -144,8 +144,10 @@ def servers(tmp_path_factory):
     from services.ranking.server import create_server as create_ranking
 
     nowhere = f"127.0.0.1:{free_port()}"
+    health_port = free_port()
     made = {
-        "ranking": create_ranking(RankingConfig(address="127.0.0.1:0", **secured("ranking", reflection=False))),
+        "ranking": create_ranking(RankingConfig(address="127.0.0.1:0", health_port=health_port,
+                                                **secured("ranking", reflection=False))),
         "profile": create_profile(ProfileConfig(
             address="127.0.0.1:0", store_path=str(tmp_path_factory.mktemp("auth") / "e.sqlite3"), data_dir="",
             retail_dir="", embedding_address=nowhere, **secured("profile", reflection=False))),
@@ -156,7 +158,7 @@ def servers(tmp_path_factory):
             address="127.0.0.1:0", profile_address=nowhere, embedding_address=nowhere, ranking_address=nowhere,
             startup_timeout_seconds=1, **secured("gateway", reflection=False))),
     }
-    addresses = {}
+    addresses = {"ranking-health": f"127.0.0.1:{health_port}"}
     for name, (server, port) in made.items():
         server.start()
         addresses[name] = f"127.0.0.1:{port}"
@@ -354,3 +356,36 @@ def test_plaintext_is_explicit_and_still_checks_rules(tmp_path):
             assert call(ch, method) == grpc.StatusCode.UNAUTHENTICATED
     finally:
         server.stop(None)
+
+
+def test_the_health_port_serves_health_alone_in_plaintext(servers):
+    """Kubernetes' gRPC probes speak no TLS: a second port answers health, and nothing else."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(servers["ranking-health"]) as ch:
+        reply = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        assert call(ch, DESCRIPTORS["ranking"].methods_by_name["Rank"]) == grpc.StatusCode.UNIMPLEMENTED
+
+
+def test_rs256_tokens_are_checked_with_the_public_key(tmp_path):
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    public = tmp_path / "jwt.pub"
+    public.write_bytes(private.public_key().public_bytes(serialization.Encoding.PEM,
+                                                         serialization.PublicFormat.SubjectPublicKeyInfo))
+    authenticator = access.Authenticator(access.AuthConfig(jwt_key_file=str(public), jwt_algorithm="RS256"))
+    token = mint_token(private, "shop", ["service"], tenant="retail", algorithm="RS256")
+    assert authenticator.authenticate({"authorization": f"Bearer {token}"}).tenant == "retail"
+    other = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    with pytest.raises(access.Unauthenticated):
+        authenticator.authenticate({"authorization": f"Bearer {mint_token(other, 'shop', ['admin'], algorithm='RS256')}"})
+    # An HS256 token made with the public key as its secret (algorithm confusion) is refused.
+    import jwt
+
+    with pytest.raises(Exception):
+        confused = jwt.encode({"sub": "x", "roles": ["admin"], "aud": "recsys", "exp": int(time.time()) + 60},
+                              public.read_bytes(), algorithm="HS256")
+        authenticator.authenticate({"authorization": f"Bearer {confused}"})

@@ -415,8 +415,12 @@ class ManagedServer:
     def add(self, register: Callable, servicer) -> None:
         register(servicer, self.grpc_server)
 
+    health_server: grpc.aio.Server | None = None
+
     def start(self) -> None:
         self.loop.run(self.grpc_server.start)
+        if self.health_server is not None:
+            self.loop.run(self.health_server.start)
 
     def stop(self, grace: float | None) -> threading.Event:
         """Drain: NOT_SERVING first, then refuse new calls and let in-flight
@@ -431,6 +435,8 @@ class ManagedServer:
         async def drain():
             await self.serving.shutdown()
             await self.grpc_server.stop(grace)
+            if self.health_server is not None:
+                await self.health_server.stop(0)
 
         def finish(_future) -> None:
             # Scrapes still see the drain; the endpoint closes once the server has stopped.
@@ -467,6 +473,7 @@ class ManagedServer:
 def build_server(
     address: str, workers: int, full_service_names: list[str], name: str, metrics_port: int | None = None,
     security: Security | None = None, auth: AuthConfig | None = None, public: bool = False,
+    health_port: int | None = None,
 ) -> tuple[ManagedServer, int]:
     """A server with health, reflection and the metrics interceptor registered
     and `address` bound; with a `metrics_port` (0: a free one) also the
@@ -486,6 +493,10 @@ def build_server(
     checked as `auth` says) and reflection is served only when
     `security.reflection`. Without one (tests of this plumbing only): plaintext,
     no access control, reflection on.
+
+    With a `health_port` (Kubernetes: its gRPC probes speak no TLS), a second,
+    plaintext listener on the host of `address` serves grpc.health.v1 alone:
+    the same statuses, nothing else.
 
     Callers add their servicers, start loading, then start it. Raises if a
     port cannot be bound, and ConfigError without certificates.
@@ -517,6 +528,16 @@ def build_server(
 
     server = loop.run(make)
     serving = ServingHealth(server, full_service_names, loop)
+    health_server = None
+    if health_port is not None:
+        async def make_health() -> grpc.aio.Server:
+            return grpc.aio.server(options=CHANNEL_OPTIONS)
+
+        health_server = loop.run(make_health)
+        health_pb2_grpc.add_HealthServicer_to_server(serving.servicer, health_server)
+        health_address = f"{listen_host(address)}:{health_port}"
+        if health_server.add_insecure_port(health_address) == 0:
+            raise OSError(f"could not bind the health port {health_address}")
     if reflection_on:
         reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
             ReflectionServicer(
@@ -525,6 +546,7 @@ def build_server(
             server,
         )
     managed = ManagedServer(loop, server, serving, name, blocking, metrics)
+    managed.health_server = health_server
     if credentials is None:
         port = server.add_insecure_port(address)
     else:

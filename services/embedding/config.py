@@ -24,6 +24,9 @@ class EmbeddingConfig:
     # Transport (mTLS certificates, or explicit plaintext for development) and
     # token checks: EMBEDDING_TLS_*, EMBEDDING_INSECURE, EMBEDDING_REFLECTION,
     # EMBEDDING_AUTH_* (docs/operations.md, "Security"). No certificates: no start.
+    # A plaintext port serving grpc.health.v1 alone, for Kubernetes' gRPC
+    # probes (they speak no TLS); unset: none.
+    health_port: int | None = None
     security: Security = Security(service="embedding")
     auth: AuthConfig = AuthConfig()
     # Catalogue loaded at start; empty means start with an empty catalogue.
@@ -67,6 +70,7 @@ class EmbeddingConfig:
             workers=env.int("WORKERS", cls.workers, minimum=1, maximum=256),
             grace_seconds=env.float("GRACE_SECONDS", cls.grace_seconds, minimum=0),
             metrics_port=env.int("METRICS_PORT", cls.metrics_port, minimum=0, maximum=65535),
+            health_port=env.optional_int("HEALTH_PORT", minimum=1, maximum=65535),
             security=Security.from_env(env, "embedding"),
             auth=AuthConfig.from_env(env),
             data_dir=env.str("DATA_DIR", cls.data_dir),

@@ -18,6 +18,9 @@ class GatewayConfig:
     # Transport (mTLS certificates, or explicit plaintext for development) and
     # token checks: GATEWAY_TLS_*, GATEWAY_INSECURE, GATEWAY_REFLECTION,
     # GATEWAY_AUTH_* (docs/operations.md, "Security"). No certificates: no start.
+    # A plaintext port serving grpc.health.v1 alone, for Kubernetes' gRPC
+    # probes (they speak no TLS); unset: none.
+    health_port: int | None = None
     security: Security = Security(service="gateway")
     auth: AuthConfig = AuthConfig()
     profile_address: str = "127.0.0.1:50053"
@@ -44,6 +47,7 @@ class GatewayConfig:
             workers=env.int("WORKERS", cls.workers, minimum=1, maximum=256),
             grace_seconds=env.float("GRACE_SECONDS", cls.grace_seconds, minimum=0),
             metrics_port=env.int("METRICS_PORT", cls.metrics_port, minimum=0, maximum=65535),
+            health_port=env.optional_int("HEALTH_PORT", minimum=1, maximum=65535),
             security=Security.from_env(env, "gateway", public=True),
             auth=AuthConfig.from_env(env),
             profile_address=env.str("PROFILE_ADDRESS", cls.profile_address),

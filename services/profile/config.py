@@ -21,6 +21,9 @@ class ProfileConfig:
     # Transport (mTLS certificates, or explicit plaintext for development) and
     # token checks: PROFILE_TLS_*, PROFILE_INSECURE, PROFILE_REFLECTION,
     # PROFILE_AUTH_* (docs/operations.md, "Security"). No certificates: no start.
+    # A plaintext port serving grpc.health.v1 alone, for Kubernetes' gRPC
+    # probes (they speak no TLS); unset: none.
+    health_port: int | None = None
     security: Security = Security(service="profile")
     auth: AuthConfig = AuthConfig()
     # Event store backend: "sqlite" (store_path) or "redis" (redis_url); docs/profiles.md.
@@ -80,6 +83,7 @@ class ProfileConfig:
             workers=env.int("WORKERS", cls.workers, minimum=1, maximum=256),
             grace_seconds=env.float("GRACE_SECONDS", cls.grace_seconds, minimum=0),
             metrics_port=env.int("METRICS_PORT", cls.metrics_port, minimum=0, maximum=65535),
+            health_port=env.optional_int("HEALTH_PORT", minimum=1, maximum=65535),
             security=Security.from_env(env, "profile"),
             auth=AuthConfig.from_env(env),
             store=env.choice("STORE", cls.store, ("sqlite", "redis")),
