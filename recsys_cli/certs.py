@@ -13,6 +13,8 @@ either the same way):
                               localhost and 127.0.0.1, for callers of its public port)
     jwt.key                   HS256 secret the services verify tokens with
     admin.token               a JWT with the admin role (`recsys serve` only)
+    redis/users.acl           Redis ACL users (default off, profile, admin, probe)
+    redis/profile.password    the profile user's password (admin.password: operators')
 
 Identities: the four services, and the writers outside them: `ingest`
 (profile.IngestEvents), `catalogue` (embedding.UpsertItems), `admin` (an
@@ -137,7 +139,21 @@ def make_certs(out: Path, identities=IDENTITIES, namespace: str = NAMESPACE,
               extra_dns=local, ips=("127.0.0.1",) if identity == "gateway" else ())
     if not (out / JWT_KEY_FILE).is_file():
         _write(out / JWT_KEY_FILE, secrets.token_hex(32).encode() + b"\n", private=True)
+    write_redis_acl(out / "redis")
     return out
+
+
+def write_redis_acl(out: Path) -> None:
+    """Redis ACL users (recsys_core/store/local_redis.acl_lines) for the redis-acl
+    Secret (users.acl) and the profile service's password (profile-redis Secret)."""
+    from recsys_core.store.local_redis import acl_lines, make_passwords
+
+    if (out / "users.acl").is_file():
+        return
+    passwords = make_passwords()
+    _write(out / "users.acl", ("\n".join(acl_lines(passwords)) + "\n").encode(), private=True)
+    _write(out / "profile.password", passwords["profile"].encode(), private=True)
+    _write(out / "admin.password", passwords["admin"].encode(), private=True)
 
 
 def valid_for(cert_path: Path) -> float:

@@ -50,6 +50,8 @@ def acl_lines(passwords: dict[str, str], profile_keys=PROFILE_KEYS) -> list[str]
         "user default off resetpass ~* &* +@all",
         f"user profile on {digest('profile')} resetkeys {keys} resetchannels {PROFILE_ACL}",
         f"user admin on {digest('admin')} ~* &* +@all",
+        # Kubernetes' readiness probe: PING and nothing else, no secret needed.
+        "user probe on nopass resetkeys resetchannels -@all +ping",
     ]
 
 
