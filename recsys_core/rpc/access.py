@@ -169,6 +169,9 @@ class Authenticator:
                     self._jwt_key = load_pem_public_key(raw)
                 except ValueError as error:
                     raise ConfigError(f"{config.jwt_key_file} is not a PEM public key: {error}") from None
+        # Verified tokens until they expire: a client sends the same token with
+        # every call, and the signature check is the costly part (bounded size).
+        self._verified: dict[str, tuple[Principal, float]] = {}
         self._api_keys: dict[str, Principal] = {}
         if config.api_keys_file:
             self._api_keys = load_api_keys(config.api_keys_file)
@@ -196,10 +199,17 @@ class Authenticator:
         return self._verify_api_key(api_key)
 
     def _verify_jwt(self, token: str) -> Principal:
+        import time
+
         import jwt
 
         if self._jwt_key is None:
             raise Unauthenticated("this service accepts no bearer tokens")
+        cached = self._verified.get(token)
+        if cached is not None:
+            if time.time() < cached[1]:
+                return cached[0]
+            self._verified.pop(token, None)
         options = {"require": ["exp", "sub", "aud"]}
         try:
             claims = jwt.decode(token, self._jwt_key, algorithms=[self.config.jwt_algorithm],
@@ -209,7 +219,11 @@ class Authenticator:
             raise Unauthenticated("token expired") from None
         except jwt.InvalidTokenError as error:
             raise Unauthenticated(f"invalid token: {type(error).__name__}") from None
-        return principal_from_claims(claims, via="jwt")
+        principal = principal_from_claims(claims, via="jwt")
+        if len(self._verified) >= 10_000:
+            self._verified.clear()
+        self._verified[token] = (principal, float(claims["exp"]))
+        return principal
 
     def _verify_api_key(self, key: str) -> Principal:
         digest = api_key_digest(key.strip())
