@@ -88,13 +88,16 @@ def serve_echo(port: int, workers: int) -> int:
     return 0
 
 
-def hold_watches(address: str, count: int) -> int:
+def hold_watches(address: str, count: int, ca: str = "") -> int:
     """Opens `count` health Watch streams on `address`, reads each one's first
     status (so each is open on the server), says so on stdout, and holds them
     until stdin closes (the benchmark is done with them, or died)."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    with grpc.insecure_channel(address) as channel:
+    from recsys_core.rpc.transport import client_channel
+
+    # The gateway's TLS port (checked against `ca`), or plaintext without one.
+    with client_channel(address, ca=ca, server_name="gateway") if ca else grpc.insecure_channel(address) as channel:
         health = health_pb2_grpc.HealthStub(channel)
         # The deadline bounds a holder whose parent vanished without closing stdin.
         streams = [health.Watch(health_pb2.HealthCheckRequest(), timeout=3600) for _ in range(count)]
@@ -110,13 +113,13 @@ def hold_watches(address: str, count: int) -> int:
 class IdleStreams:
     """N idle Watch streams on the gateway, held by a process of their own."""
 
-    def __init__(self, address: str, count: int):
-        self.address, self.count = address, count
+    def __init__(self, address: str, count: int, ca: str = ""):
+        self.address, self.count, self.ca = address, count, ca
         self.process: subprocess.Popen | None = None
 
     def __enter__(self):
         self.process = subprocess.Popen(
-            [sys.executable, str(Path(__file__).resolve()), "--hold-watches", self.address, str(self.count)],
+            [sys.executable, str(Path(__file__).resolve()), "--hold-watches", self.address, str(self.count), self.ca],
             cwd=REPO_ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
         )
         line = self.process.stdout.readline().strip()
@@ -241,7 +244,7 @@ class StartupProgress:
         if process is not None and process.poll() is not None:
             return f"exited({process.returncode})"
         if name not in channels:
-            channels[name] = grpc.insecure_channel(address)
+            channels[name] = self.stack.channel(name, token=None)
         try:
             reply = health_pb2_grpc.HealthStub(channels[name]).Check(health_pb2.HealthCheckRequest(), timeout=0.5)
         except grpc.RpcError:
@@ -403,7 +406,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--idle-streams", type=int, default=0, metavar="N",
                         help="also measure Recommend with N idle health Watch streams open on the gateway")
     parser.add_argument("--echo-server", type=int, metavar="PORT", help=argparse.SUPPRESS)
-    parser.add_argument("--hold-watches", nargs=2, metavar=("ADDRESS", "N"), help=argparse.SUPPRESS)
+    parser.add_argument("--hold-watches", nargs=3, metavar=("ADDRESS", "N", "CA"), help=argparse.SUPPRESS)
     parser.add_argument("--workers", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.echo_server is None and args.hold_watches is None:
@@ -462,7 +465,8 @@ def run(args) -> int:
         echo.start()
         print(f"echo server ({workers} workers, like the gateway) at {echo.address}", flush=True)
 
-        gateway_channel = grpc.insecure_channel(stack.addresses["gateway"], options=CHANNEL_OPTIONS)
+        # As a caller of the platform: the gateway's TLS port with a token (LocalStack's admin token).
+        gateway_channel = stack.channel("gateway")
         echo_channel = grpc.insecure_channel(echo.address, options=CHANNEL_OPTIONS)
         channels += [gateway_channel, echo_channel]
         recommend_stub = gateway_pb2_grpc.GatewayServiceStub(gateway_channel)
@@ -486,7 +490,8 @@ def run(args) -> int:
             level["recommend"]["mean_reply_bytes"] = round_or_none(sum(reply_bytes) / len(reply_bytes), 1) if reply_bytes else None
             if args.idle_streams:
                 streams = {"count": args.idle_streams}
-                with IdleStreams(stack.addresses["gateway"], args.idle_streams):
+                with IdleStreams(stack.addresses["gateway"], args.idle_streams,
+                                 str(stack.security.ca) if stack.gateway_tls else ""):
                     ensure_running(stack, echo)
                     streams["with_streams"] = closed_loop(recommend_stub.Recommend, requests, concurrency,
                                                           args.requests, args.seconds, abort)
@@ -570,7 +575,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.echo_server is not None:
         return serve_echo(args.echo_server, args.workers or 16)
     if args.hold_watches is not None:
-        return hold_watches(args.hold_watches[0], int(args.hold_watches[1]))
+        return hold_watches(args.hold_watches[0], int(args.hold_watches[1]), args.hold_watches[2])
     from recsys_core.data.shopping import DataError
     from recsys_cli.stack import run_script
 

@@ -240,8 +240,17 @@ def per_step(report: dict, start: int, step: int, end: int, step_seconds: float)
     return steps
 
 
+def token_flags(token: str | None) -> list[str]:
+    if not token:
+        return []
+    metadata = json.dumps({"authorization": f"Bearer {token}"})
+    return ["--metadata", metadata, "--reflect-metadata", metadata]
+
+
 class Ghz:
-    def __init__(self, ghz: Path, ghzhtml: Path | None, out: Path):
+    def __init__(self, ghz: Path, ghzhtml: Path | None, out: Path, security=lambda host: []):
+        # The TLS and token flags for a host (the configurations carry none).
+        self.security = security
         self.ghz = ghz
         self.ghzhtml = ghzhtml
         self.out = out
@@ -254,7 +263,7 @@ class Ghz:
             check()
         json_path = self.out / f"{name}.json"
         command = [str(self.ghz), "--config", str(CONFIGS / config), "-O", "json", "-o", str(json_path),
-                   "--name", name, *args, host]
+                   "--name", name, *self.security(host), *args, host]
         print(f"\n== {name}: {rpc} {schedule}", flush=True)
         print("   " + " ".join(str(c).replace(str(REPO_ROOT) + "/", "") for c in command), flush=True)
         with CpuWatch() as cpu:
@@ -462,6 +471,9 @@ def parse_args(argv):
     parser.add_argument("--ghzhtml", default=str(TOOLS / "ghzhtml"), help="JSON -> HTML report converter")
     parser.add_argument("--gateway", help="an already running gateway (default: start the local stack)")
     parser.add_argument("--profile", help="with --gateway: the profile service, for the IngestEvents run")
+    parser.add_argument("--certs", type=Path, help="with --gateway: a `recsys certs` directory (TLS, and the admin "
+                        "certificate for profile and embedding); without it, plaintext")
+    parser.add_argument("--token", help="with --gateway: the bearer token to send")
     parser.add_argument("--embedding", help="with --gateway: the embedding service, for the EmbedTexts run")
     parser.add_argument("--encoder", choices=("triton", "onnx"), help="local stack's encoder (default: LocalStack's)")
     parser.add_argument("--quick", action="store_true", help="3 s per run and no capacity search: a check of the machinery")
@@ -535,7 +547,22 @@ def run(args) -> int:
         def pause():
             time.sleep(0.5 if args.quick else PAUSE_SECONDS)
 
-        ghz = Ghz(ghz_path, ghzhtml_path if os.access(ghzhtml_path, os.X_OK) else None, out)
+        if stack is not None:
+            by_address = {address: name for name, address in addresses.items()}
+
+            def security(host: str) -> list[str]:
+                return stack.ghz_args(by_address[host]) if host in by_address else ["--insecure"]
+        else:
+            def security(host: str) -> list[str]:
+                if host == echo.address:
+                    return ["--insecure"]
+                if args.certs is None:
+                    return ["--insecure"] + token_flags(args.token)
+                from recsys_cli.certs import LocalSecurity
+
+                name = next(n for n, a in addresses.items() if a == host)
+                return LocalSecurity(args.certs).ghz_args(name, token=args.token)
+        ghz = Ghz(ghz_path, ghzhtml_path if os.access(ghzhtml_path, os.X_OK) else None, out, security)
         gateway = addresses["gateway"]
         first = args.rate_list[0]
 

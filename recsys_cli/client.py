@@ -37,13 +37,36 @@ def print_recommendations(reply, as_json: bool) -> None:
         print(f"{'':>46}{item.reason}")
 
 
-def call_recommend(address: str, user_id: str, k: int, categories: list[str], timeout: float | None,
-                   spread_interests: bool = False, explore: int = 0):
-    import grpc
+def gateway_channel(address: str):
+    """A channel to the gateway with this user's credentials, from the environment:
 
+    RECSYS_TOKEN (or RECSYS_TOKEN_FILE; default var/tls/admin.token, which
+    `recsys serve` writes) is sent as `authorization: Bearer`; TLS is checked
+    against RECSYS_GATEWAY_CA (default var/tls/ca.crt when it exists, else the
+    system's roots); RECSYS_GATEWAY_PLAINTEXT=1 for a gateway without TLS.
+    """
+    import os
+
+    from recsys_core.data import paths
+    from recsys_core.rpc.grpc_util import CHANNEL_OPTIONS
+    from recsys_core.rpc.transport import client_channel
+
+    local = paths.REPO_ROOT / "var" / "tls"
+    token = os.environ.get("RECSYS_TOKEN", "").strip()
+    token_file = Path(os.environ.get("RECSYS_TOKEN_FILE") or local / "admin.token")
+    if not token and token_file.is_file():
+        token = token_file.read_text().strip()
+    if os.environ.get("RECSYS_GATEWAY_PLAINTEXT", "").lower() in ("1", "true", "yes"):
+        return client_channel(address, plaintext=True, token=token or None, options=CHANNEL_OPTIONS)
+    ca = os.environ.get("RECSYS_GATEWAY_CA") or (str(local / "ca.crt") if (local / "ca.crt").is_file() else None)
+    return client_channel(address, ca=ca, token=token or None, options=CHANNEL_OPTIONS)
+
+
+def call_recommend(address: str, user_id: str, k: int, categories: list[str], timeout: float | None,
+                   spread_interests: bool = False, explore: int = 0, channel=None):
     from recsys.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
-    with grpc.insecure_channel(address) as channel:
+    with channel if channel is not None else gateway_channel(address) as channel:
         stub = gateway_pb2_grpc.GatewayServiceStub(channel)
         return stub.Recommend(
             gateway_pb2.RecommendRequest(user_id=user_id, k=k, categories=categories,
@@ -66,13 +89,11 @@ def recommend(address: str, user_id: str, k: int, categories: list[str], timeout
     return 0
 
 
-def call_profile(address: str, user_id: str, history: int, timeout: float | None):
-    import grpc
-
+def call_profile(address: str, user_id: str, history: int, timeout: float | None, channel=None):
     from recsys.gateway.v1 import gateway_pb2_grpc
     from recsys.profile.v1 import profile_pb2
 
-    with grpc.insecure_channel(address) as channel:
+    with channel if channel is not None else gateway_channel(address) as channel:
         stub = gateway_pb2_grpc.GatewayServiceStub(channel)
         return stub.GetProfile(profile_pb2.GetProfileRequest(user_id=user_id, history_limit=history),
                                timeout=timeout or 10.0)

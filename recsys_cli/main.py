@@ -22,7 +22,12 @@ def gateway_address() -> str:
 def cmd_serve(args) -> int:
     from recsys_cli.stack import serve
 
-    return serve(args.data, args.port, args.encoder, args.model, args.retail, show_example=not args.no_example)
+    transport = "plaintext" if args.insecure else "mtls-plaintext-gateway" if args.plaintext_gateway else "mtls"
+    return serve(args.data, args.port, args.encoder, args.model, args.retail, show_example=not args.no_example,
+                 transport=transport)
+
+
+
 
 
 def cmd_recommend(args) -> int:
@@ -77,7 +82,14 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--no-example", action="store_true", help="skip the example recommendations")
     serve.add_argument("--model", type=Path,
                        help="a model directory from `recsys train --out`: serve its encoder and user tower")
+    serve.add_argument("--plaintext-gateway", action="store_true",
+                       help="the gateway's port in plaintext (mTLS between services stays): grpcurl -plaintext")
+    serve.add_argument("--insecure", action="store_true",
+                       help="no TLS anywhere (development only; callers' identities are not verified)")
     serve.set_defaults(run=cmd_serve)
+    # Security material (docs/operations.md, "Security"); these parse their own arguments.
+    commands.add_parser("certs", add_help=False, help="make a CA and per-service certificates (recsys certs --out DIR)")
+    commands.add_parser("token", add_help=False, help="mint a JWT with a token key (recsys token --help)")
 
     recommend = commands.add_parser("recommend", help="ask the gateway (RECSYS_GATEWAY) for recommendations")
     recommend.add_argument("user_id")
@@ -105,6 +117,10 @@ def main(argv: list[str] | None = None) -> int:
         commands.add_parser(name, help=helptext, add_help=False)
 
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("certs", "token"):
+        from recsys_cli import certs as security_material
+
+        return {"certs": security_material.certs_main, "token": security_material.token_main}[argv[0]](argv[1:])
     if argv and argv[0] in DELEGATED:
         return run_delegated(argv[0], argv[1:])
 

@@ -9,16 +9,23 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from recsys_cli.certs import ADMIN_TOKEN_FILE, LocalSecurity
 from recsys_core.data import paths
+from recsys_core.rpc.grpc_util import CHANNEL_OPTIONS
+from recsys_core.rpc.transport import Security, client_channel
 
 log = logging.getLogger(__name__)
 SERVICES = ("embedding", "profile", "ranking", "gateway")
+TRANSPORTS = ("mtls", "mtls-plaintext-gateway", "plaintext")
+# Which shoppers belong to which tenant: retail customers and the Amazon benchmark's.
+LOCAL_TENANTS = "retail=retail-,amazon="
 
 
 def free_port() -> int:
@@ -27,10 +34,13 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def wait_until_serving(address: str, timeout: float, process: subprocess.Popen | None = None) -> None:
-    """Poll standard health until SERVING; fail early if the process died."""
+def wait_until_serving(address: str, timeout: float, process: subprocess.Popen | None = None,
+                       channel: Callable[[], grpc.Channel] | None = None) -> None:
+    """Poll standard health until SERVING; fail early if the process died.
+    `channel` makes the channel to ask on (default: plaintext; a service with
+    mTLS needs a client certificate of its CA even for health)."""
     give_up = time.monotonic() + timeout
-    with grpc.insecure_channel(address) as channel:
+    with (channel() if channel is not None else grpc.insecure_channel(address)) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while True:
             if process is not None and process.poll() is not None:
@@ -61,11 +71,58 @@ class LocalStack:
     # never changed), the catalogue is indexed with them, profiles carry its
     # shopper vector. None: the pretrained encoder alone.
     model_dir: Path | None = None
+    # Transport: "mtls" (mTLS between services, TLS at the gateway), "mtls-plaintext-gateway"
+    # (the gateway's port in plaintext: grpcurl -plaintext), "plaintext" (nothing encrypted,
+    # development only). Certificates and the token key are made once into state_dir/tls.
+    transport: str = "mtls"
     extra_env: dict[str, str] = field(default_factory=dict)
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
     addresses: dict[str, str] = field(default_factory=dict)
     triton: object | None = None
     serving_repo: Path | None = None
+    security: LocalSecurity | None = None
+    admin_token: str = ""
+
+    def prepare_security(self) -> LocalSecurity:
+        """The CA, certificates and token key in state_dir/tls (reused while
+        valid), and an admin token (also in state_dir/tls/admin.token)."""
+        if self.transport not in TRANSPORTS:
+            raise ValueError(f"transport must be one of {', '.join(TRANSPORTS)}, got {self.transport!r}")
+        if self.security is None:
+            self.security = LocalSecurity.ensure(Path(self.state_dir) / "tls")
+            self.security.write_admin_token()
+            self.admin_token = (self.security.directory / ADMIN_TOKEN_FILE).read_text().strip()
+        return self.security
+
+    @property
+    def gateway_tls(self) -> bool:
+        return self.transport == "mtls"
+
+    def describe_transport(self) -> str:
+        between = "mTLS between services" if self.transport != "plaintext" else \
+            "PLAINTEXT between services (development only: nothing encrypted, identities not verified)"
+        at = "TLS" if self.gateway_tls else "plaintext"
+        return f"{between}, {at} at the gateway on {self.addresses.get('gateway', '?')}"
+
+    def channel(self, name: str, token: str | None = "admin") -> grpc.Channel:
+        """A channel to one of the stack's services as its operator: the gateway
+        with the admin token; the others with the `admin` certificate and token."""
+        security = self.prepare_security()
+        token = self.admin_token if token == "admin" else token
+        address = self.addresses[name]
+        if name == "gateway":
+            if not self.gateway_tls:
+                return client_channel(address, plaintext=True, token=token, options=CHANNEL_OPTIONS)
+            return client_channel(address, ca=str(security.ca), token=token, server_name="gateway",
+                                  options=CHANNEL_OPTIONS)
+        transport = Security.plaintext("admin") if self.transport == "plaintext" else security.security("admin")
+        return transport.channel(address, name, CHANNEL_OPTIONS, token=token)
+
+    def ghz_args(self, name: str) -> list[str]:
+        """ghz flags to call service `name` of this stack (its configs carry no transport)."""
+        security = self.prepare_security()
+        return security.ghz_args(name, token=self.admin_token,
+                                 plaintext=(self.transport == "plaintext" or name == "gateway" and not self.gateway_tls))
 
     def environment(self) -> dict[str, str]:
         ports = {"gateway": self.gateway_port, **{name: free_port() for name in ("embedding", "profile", "ranking")}}
@@ -75,7 +132,19 @@ class LocalStack:
         self.addresses.update({f"{name}-metrics": f"127.0.0.1:{port}" for name, port in metrics_ports.items()})
         # Each data set gets its own store, so switching --data never mixes events.
         store = self.state_dir / f"profile-{Path(self.data_dir).resolve().name}.sqlite3"
+        security = self.prepare_security()
         env = dict(os.environ)
+        for name in SERVICES:
+            prefix = name.upper() + "_"
+            if self.transport == "plaintext":
+                env[prefix + "INSECURE"] = "1"
+            else:
+                env[prefix + "TLS_DIR"] = str(security.tls_dir(name))
+            env[prefix + "AUTH_JWT_KEY_FILE"] = str(security.jwt_key)
+            env[prefix + "AUTH_TENANTS"] = LOCAL_TENANTS
+            # Local development: grpcurl and ghz may describe the API.
+            env[prefix + "REFLECTION"] = "1"
+        env["GATEWAY_PUBLIC_TLS"] = "true" if self.gateway_tls else "false"
         env.update({
             "PYTHONUNBUFFERED": "1",
             "HF_HUB_OFFLINE": "1",
@@ -133,7 +202,8 @@ class LocalStack:
             )
         try:
             for name in SERVICES:
-                wait_until_serving(self.addresses[name], timeout, self.processes[name])
+                wait_until_serving(self.addresses[name], timeout, self.processes[name],
+                                   channel=lambda name=name: self.channel(name, token=None))
         except BaseException:
             self.stop()
             raise
@@ -170,7 +240,7 @@ class LocalStack:
 
 
 def serve(data: Path, port: int, encoder: str, model_dir: Path | None, retail: Path | None,
-          show_example: bool) -> int:
+          show_example: bool, transport: str = "mtls") -> int:
     """`recsys serve`: the whole stack on this machine until SIGTERM or Ctrl-C,
     with an example shopper's recommendations and profile once it is up."""
     from recsys_cli.client import call_profile, call_recommend, example_shopper, print_profile, print_recommendations
@@ -188,7 +258,7 @@ def serve(data: Path, port: int, encoder: str, model_dir: Path | None, retail: P
             return 2
     stack = LocalStack(data_dir=data_dir, gateway_port=port, encoder=encoder,
                        model_dir=model.path if model else None,
-                       retail_dir=Path(retail).resolve() if retail else None)
+                       retail_dir=Path(retail).resolve() if retail else None, transport=transport)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
@@ -205,6 +275,16 @@ def serve(data: Path, port: int, encoder: str, model_dir: Path | None, retail: P
         return 1
     gateway = stack.addresses["gateway"]
     print(f"\nall services SERVING; gateway at {gateway}", flush=True)
+    tls = stack.security.directory
+    print(f"transport: {stack.describe_transport()}", flush=True)
+    print(f"certificates: {tls} (CA {tls / 'ca.crt'}); admin token: {tls / ADMIN_TOKEN_FILE} "
+          f"(`recsys` commands read both from there)", flush=True)
+    if stack.gateway_tls:
+        print(f"grpcurl -cacert {tls / 'ca.crt'} -H \"authorization: Bearer $(cat {tls / ADMIN_TOKEN_FILE})\" "
+              f"{gateway} list", flush=True)
+    else:
+        print(f"grpcurl -plaintext -H \"authorization: Bearer $(cat {tls / ADMIN_TOKEN_FILE})\" {gateway} list",
+              flush=True)
     if stack.triton is not None:
         print(f"Triton gRPC at {stack.triton.grpc_url}, metrics at {stack.triton.metrics_url}", flush=True)
     print("Prometheus metrics: " + ", ".join(
@@ -215,9 +295,10 @@ def serve(data: Path, port: int, encoder: str, model_dir: Path | None, retail: P
         shopper = example_shopper(data_dir)
         print(f"\nrecommendations for shopper {shopper} (recsys recommend {shopper}):")
         try:
-            print_recommendations(call_recommend(gateway, shopper, 10, [], None), as_json=False)
+            print_recommendations(call_recommend(gateway, shopper, 10, [], None, channel=stack.channel("gateway")),
+                                  as_json=False)
             print(f"\nprofile of shopper {shopper} (recsys profile {shopper}):")
-            print_profile(call_profile(gateway, shopper, 10, None))
+            print_profile(call_profile(gateway, shopper, 10, None, channel=stack.channel("gateway")))
         except Exception as error:  # noqa: BLE001 - the services keep running
             print(f"example request failed: {error}", file=sys.stderr)
     print("\nserving until Ctrl-C or SIGTERM", flush=True)

@@ -1,8 +1,10 @@
 """Fixtures that start the real services in process, on free ports."""
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import grpc
 import pytest
@@ -14,6 +16,63 @@ from recsys_core.models.encoder import latest_version_dir  # noqa: E402
 from recsys_core.rpc.grpc_util import ManagedServer  # noqa: E402
 
 STARTUP_SECONDS = 900
+
+# Which shoppers belong to which tenant in the tests' stacks (as `recsys serve` sets it).
+TENANTS = "retail=retail-,amazon="
+
+
+@functools.cache
+def tls_material():
+    """The session's CA, certificates and token key (made once, in a temporary
+    directory): every server the tests start uses them, as `recsys serve` does."""
+    import tempfile
+
+    from recsys_cli.certs import LocalSecurity
+
+    # One directory for the process, even where this module is imported twice
+    # (as tests.conftest and as conftest).
+    directory = os.environ.setdefault("RECSYS_TEST_TLS_DIR", tempfile.mkdtemp(prefix="recsys-tls-"))
+    return LocalSecurity.ensure(Path(directory))
+
+
+def secured(name: str, reflection: bool = True) -> dict:
+    """A service config's `security` and `auth`: mTLS with the test CA's
+    certificate for `name`, tokens checked with the test key."""
+    security = tls_material()
+    return {"security": security.security(name, reflection=reflection), "auth": security.auth(tenants=TENANTS)}
+
+
+def secured_env(name: str) -> dict[str, str]:
+    """The same as `secured`, as the environment of a service's process."""
+    material, prefix = tls_material(), name.upper() + "_"
+    return {prefix + "TLS_DIR": str(material.tls_dir(name)), prefix + "AUTH_JWT_KEY_FILE": str(material.jwt_key),
+            prefix + "AUTH_TENANTS": TENANTS}
+
+
+@functools.cache
+def admin_token() -> str:
+    return tls_material().token("test-admin", ["admin"], seconds=86400)
+
+
+def service_channel(address: str, service: str, identity: str = "admin", token: str | None = "admin") -> grpc.Channel:
+    """A channel to an internal service with `identity`'s certificate; by
+    default the admin certificate with an admin token (allowed everything)."""
+    if token == "admin":
+        token = admin_token()
+    return tls_material().security(identity).channel(address, service, token=token)
+
+
+def gateway_channel(address: str, token: str | None = "admin") -> grpc.Channel:
+    """A channel to the gateway's public port: TLS checked against the test CA, with a token."""
+    from recsys_core.rpc.transport import client_channel
+
+    if token == "admin":
+        token = admin_token()
+    return client_channel(address, ca=str(tls_material().ca), token=token, server_name="gateway")
+
+
+def channel_to(name: str, address: str) -> grpc.Channel:
+    return gateway_channel(address) if name == "gateway" else service_channel(address, name)
 
 
 @pytest.fixture(scope="session")
@@ -77,7 +136,8 @@ class Stack:
     servers: dict
 
     def channel(self, name: str) -> grpc.Channel:
-        return grpc.insecure_channel(getattr(self, name))
+        """As an admin: the admin certificate and token (the gateway: TLS and the token)."""
+        return channel_to(name, getattr(self, name))
 
 
 @pytest.fixture(scope="session")
@@ -108,16 +168,18 @@ def stack(triton_server, value_model, tmp_path_factory):
 
     servers = {}
     servers["embedding"], embedding = start(create_embedding(
-        EmbeddingConfig(address="127.0.0.1:0", encoder="triton", triton_url=triton_server.grpc_url)
+        EmbeddingConfig(address="127.0.0.1:0", encoder="triton", triton_url=triton_server.grpc_url,
+                        **secured("embedding"))
     ))
-    servers["ranking"], ranking = start(create_ranking(RankingConfig(address="127.0.0.1:0")))
+    servers["ranking"], ranking = start(create_ranking(RankingConfig(address="127.0.0.1:0", **secured("ranking"))))
     store = tmp_path_factory.mktemp("profile") / "events.sqlite3"
     servers["profile"], profile = start(
         create_profile(ProfileConfig(address="127.0.0.1:0", store_path=str(store), embedding_address=embedding,
-                                     review_triton_url=triton_server.grpc_url))
+                                     review_triton_url=triton_server.grpc_url, **secured("profile")))
     )
     gateway_config = GatewayConfig(
-        address="127.0.0.1:0", profile_address=profile, embedding_address=embedding, ranking_address=ranking
+        address="127.0.0.1:0", profile_address=profile, embedding_address=embedding, ranking_address=ranking,
+        **secured("gateway"),
     )
     servers["gateway"], gateway = start(create_gateway(gateway_config))
     yield Stack(embedding=embedding, profile=profile, ranking=ranking, gateway=gateway, servers=servers)
@@ -135,6 +197,7 @@ def gateway_config_for(stack):
         profile_address=stack.profile,
         embedding_address=stack.embedding,
         ranking_address=stack.ranking,
+        **secured("gateway"),
     )
     return lambda **changes: replace(base, **changes)
 
@@ -156,7 +219,8 @@ def redis_server(tmp_path_factory):
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)
-    with LocalRedis(tmp_path_factory.mktemp("redis")) as server:
+    # Its `profile` ACL user may use the tests' key prefixes (test:...) too.
+    with LocalRedis(tmp_path_factory.mktemp("redis"), profile_keys=("recsys:profile:*", "test:*")) as server:
         yield server
 
 
@@ -219,7 +283,8 @@ def profile_backend(request, stack):
 
     server = request.getfixturevalue("redis_server")
     config = ProfileConfig(address="127.0.0.1:0", store="redis", redis_url=server.url,
-                           redis_prefix=unique_redis_prefix(), embedding_address=stack.embedding)
+                           redis_prefix=unique_redis_prefix(), embedding_address=stack.embedding,
+                           **secured("profile"))
     profile, address = start(create_profile(config))
     yield address
     profile.stop(None)

@@ -11,7 +11,13 @@ from recsys.common.v1 import common_pb2
 from recsys.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from recsys.profile.v1 import profile_pb2, profile_pb2_grpc
 from services.profile.config import ProfileConfig
-from tests.conftest import start
+from tests.conftest import admin_token, gateway_channel, start, tls_material
+
+
+def use_test_credentials(monkeypatch) -> None:
+    """The `recsys` CLI's credentials: the test CA and an admin token."""
+    monkeypatch.setenv("RECSYS_GATEWAY_CA", str(tls_material().ca))
+    monkeypatch.setenv("RECSYS_TOKEN", admin_token())
 
 pytestmark = pytest.mark.integration
 
@@ -234,7 +240,7 @@ def test_ranking_down_falls_back_to_retrieval_order(gateway_config_for, multi_ca
 
     server, address = start(create_server(gateway_config_for(ranking_address=f"127.0.0.1:{free_port()}")))
     try:
-        with grpc.insecure_channel(address) as channel:
+        with gateway_channel(address) as channel:
             reply = gateway_pb2_grpc.GatewayServiceStub(channel).Recommend(
                 gateway_pb2.RecommendRequest(user_id=multi_category_shopper, k=10), timeout=10
             )
@@ -363,6 +369,7 @@ def test_recsys_profile_prints_the_profile_readably_and_as_json(stack, long_hist
     from recsys_cli import main as cli
 
     monkeypatch.setenv("RECSYS_GATEWAY", stack.gateway)
+    use_test_credentials(monkeypatch)
     assert cli.main(["profile", long_history_shopper]) == 0
     text = capsys.readouterr().out
     assert f"shopper {long_history_shopper}:" in text
@@ -384,6 +391,7 @@ def test_recsys_recommend_can_spread_and_explore(stack, narrow_shopper, monkeypa
     from recsys_cli import main as cli
 
     monkeypatch.setenv("RECSYS_GATEWAY", stack.gateway)
+    use_test_credentials(monkeypatch)
     assert cli.main(["recommend", narrow_shopper, "--k", "8", "--spread-interests", "--explore", "2", "--json"]) == 0
     items = json.loads(capsys.readouterr().out)["items"]
     assert len(items) == 8

@@ -297,10 +297,15 @@ def test_metrics_ports_are_declared(manifests):
 def test_grpc_probes_ask_the_health_names_the_servers_register(manifests):
     for component, service in SERVICES.items():
         (container,) = containers(manifests.workload(component))
-        grpc_port = container_port(container, "grpc")["containerPort"]
+        # The probes ask the plaintext health-only port (<SERVICE>_HEALTH_PORT): the
+        # kubelet speaks no TLS, and the grpc port requires mTLS.
+        health_port = container_port(container, "health")["containerPort"]
+        config = service.config.from_env(environment(manifests, manifests.workload(component)))
+        assert config.health_port == health_port, component
+        assert not config.security.insecure and config.security.tls_dir, component
         probes = {kind: container[kind]["grpc"] for kind in ("startupProbe", "readinessProbe", "livenessProbe")}
         for kind, probe in probes.items():
-            assert probe["port"] == grpc_port and container_port(container, probe["port"]), (component, kind)
+            assert probe["port"] == health_port and container_port(container, probe["port"]), (component, kind)
         assert probes["readinessProbe"]["service"] == service.health_name
         assert probes["livenessProbe"].get("service", "") == ""
         assert probes["startupProbe"].get("service", "") == ""
@@ -699,3 +704,46 @@ def test_services_image_installs_serving_dependencies_from_the_lock():
     ignored = (REPO / ".dockerignore").read_text().split()
     for entry in (".venv", ".git", "recsys", "**/__pycache__", "var", ".cache", "reports"):
         assert entry in ignored, entry
+
+
+# --- security: certificates, token key, Redis ACL ---------------------------------
+
+
+def test_services_mount_their_certificate_and_token_key_read_only(manifests):
+    """cert-manager's Secret layout (tls.crt, tls.key, ca.crt) at <SERVICE>_TLS_DIR,
+    the token key at <SERVICE>_AUTH_JWT_KEY_FILE, both read-only; reflection off."""
+    for component, service in SERVICES.items():
+        workload = manifests.workload(component)
+        (container,) = containers(workload)
+        config = service.config.from_env(environment(manifests, workload))
+        assert not config.security.reflection, component
+        volumes = {v["name"]: v for v in workload["spec"]["template"]["spec"]["volumes"]}
+        mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+        for path, secret in ((config.security.tls_dir, f"{component}-tls"),
+                             (str(Path(config.auth.jwt_key_file).parent), "recsys-jwt")):
+            mount = mounts[path]
+            assert mount.get("readOnly") is True, (component, path)
+            assert volumes[mount["name"]]["secret"]["secretName"] == secret, (component, path)
+        assert config.auth.configured and config.auth.jwt_algorithm == "RS256", component
+
+
+def test_redis_runs_with_its_acl_file_and_profile_has_its_user(manifests):
+    (redis,) = containers(manifests.workload("redis"))
+    assert "--aclfile" in redis["args"]
+    acl_dir = str(Path(redis["args"][redis["args"].index("--aclfile") + 1]).parent)
+    mount = next(m for m in redis["volumeMounts"] if m["mountPath"] == acl_dir)
+    volumes = {v["name"]: v for v in manifests.workload("redis")["spec"]["template"]["spec"]["volumes"]}
+    assert mount["readOnly"] and volumes[mount["name"]]["secret"]["secretName"] == "redis-acl"
+    profile = SERVICES["profile"].config.from_env(environment(manifests, manifests.workload("profile")))
+    assert profile.redis_username == "profile" and profile.redis_password_file.startswith("/etc/recsys/redis/")
+
+
+def test_cert_manager_certificates_fill_the_secrets_the_services_mount(manifests):
+    documents = [d for d in yaml.safe_load_all((REPO / "k8s" / "cert-manager" / "certificates.yaml").read_text()) if d]
+    certificates = {d["metadata"]["name"]: d["spec"] for d in documents if d["kind"] == "Certificate"}
+    for component in SERVICES:
+        spec = certificates[component]
+        volumes = {v["name"]: v for v in manifests.workload(component)["spec"]["template"]["spec"]["volumes"]}
+        assert spec["secretName"] == volumes["tls"]["secret"]["secretName"]
+        assert spec["uris"] == [f"spiffe://recsys/{component}"] and component in spec["dnsNames"]
+        assert set(spec["usages"]) == {"server auth", "client auth"}

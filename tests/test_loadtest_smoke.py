@@ -51,10 +51,19 @@ def ghz():
     return GHZ
 
 
+# The service each configuration calls: ghz gets its TLS and token flags
+# (the configurations carry none; echo.json is plaintext).
+SERVICE_OF = {"recommend": "gateway", "similar_items": "gateway", "ingest_events": "profile",
+              "embed_texts": "embedding"}
+
+
 def run_ghz(ghz, tmp_path, config: str, host: str, total: int, *extra: str) -> dict:
+    from tests.conftest import admin_token, tls_material
+
     out = tmp_path / f"{config}-{len(list(tmp_path.iterdir()))}.json"
+    security = tls_material().ghz_args(SERVICE_OF[config], token=admin_token()) if config in SERVICE_OF else []
     command = [str(ghz), "--config", f"loadtest/configs/{config}.json", "-n", str(total), "-c", "2",
-               "-O", "json", "-o", str(out), *extra, host]
+               "-O", "json", "-o", str(out), *security, *extra, host]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=90)
     assert done.returncode == 0, f"{' '.join(command)}\n{done.stdout}\n{done.stderr}"
     return json.loads(out.read_text())

@@ -59,10 +59,12 @@ def ranking():
     from services.ranking.config import RankingConfig
     from services.ranking.server import create_server
 
-    server, port = create_server(RankingConfig(address="127.0.0.1:0", metrics_port=0))
+    from tests.conftest import secured, service_channel
+
+    server, port = create_server(RankingConfig(address="127.0.0.1:0", metrics_port=0, **secured("ranking")))
     server.start()
     assert server.readiness.ready.wait(10)
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+    with service_channel(f"127.0.0.1:{port}", "ranking", identity="gateway", token=None) as channel:
         yield server, channel
     server.stop(None).wait(5)
 

@@ -87,7 +87,7 @@ ONLY_THE_MODEL = dict(long_term_weight=0.0, short_term_weight=0.0, context_weigh
 @pytest.fixture(scope="module")
 def model_stack(served, model, small_data, tmp_path_factory):
     """The four services as `recsys serve --model` configures them, in process."""
-    from conftest import Stack, start
+    from conftest import Stack, secured, start
     from services.embedding.config import EmbeddingConfig
     from services.embedding.server import create_server as create_embedding
     from services.gateway.config import GatewayConfig
@@ -101,13 +101,15 @@ def model_stack(served, model, small_data, tmp_path_factory):
     servers = {}
     servers["embedding"], embedding = start(create_embedding(EmbeddingConfig(
         address="127.0.0.1:0", data_dir=str(small_data), encoder="triton", triton_url=served.triton.grpc_url,
-        model_repo=str(served.repo), model_dir=str(model.path), cache_dir=str(state / "cache"))))
-    servers["ranking"], ranking = start(create_ranking(RankingConfig(address="127.0.0.1:0", **ONLY_THE_MODEL)))
+        model_repo=str(served.repo), model_dir=str(model.path), cache_dir=str(state / "cache"),
+        **secured("embedding"))))
+    servers["ranking"], ranking = start(create_ranking(RankingConfig(address="127.0.0.1:0", **ONLY_THE_MODEL, **secured("ranking"))))
     servers["profile"], profile = start(create_profile(ProfileConfig(
         address="127.0.0.1:0", store_path=str(state / "events.sqlite3"), data_dir=str(small_data),
-        embedding_address=embedding, user_tower_triton_url=served.triton.grpc_url)))
+        embedding_address=embedding, user_tower_triton_url=served.triton.grpc_url, **secured("profile"))))
     servers["gateway"], gateway = start(create_gateway(GatewayConfig(
-        address="127.0.0.1:0", profile_address=profile, embedding_address=embedding, ranking_address=ranking)))
+        address="127.0.0.1:0", profile_address=profile, embedding_address=embedding, ranking_address=ranking,
+        **secured("gateway"))))
     yield Stack(embedding=embedding, profile=profile, ranking=ranking, gateway=gateway, servers=servers)
     for server in servers.values():
         server.stop(None)

@@ -24,6 +24,7 @@ from recsys.common.v1 import common_pb2
 from recsys.profile.v1 import profile_pb2, profile_pb2_grpc
 from recsys_core.data import paths
 from recsys_cli.stack import free_port, wait_until_serving
+from tests.conftest import secured_env, service_channel
 
 pytestmark = pytest.mark.integration
 
@@ -76,7 +77,8 @@ class Writers:
         return Batch(shoppers, items, profile_pb2.IngestEventsRequest(events=events))
 
     def _write(self, writer: int) -> None:
-        with grpc.insecure_channel(self.address) as channel:
+        # As the event pipeline would: the `ingest` certificate, no token.
+        with service_channel(self.address, "profile", identity="ingest", token=None) as channel:
             stub = profile_pb2_grpc.ProfileServiceStub(channel)
             for number in range(MAX_BATCHES):
                 if self.stop.is_set():
@@ -121,13 +123,14 @@ class ProfileProcess:
     def __init__(self, env: dict[str, str], log_path):
         self.address = f"127.0.0.1:{free_port()}"
         environment = dict(os.environ, PYTHONUNBUFFERED="1", PROFILE_ADDRESS=self.address, PROFILE_DATA_DIR="",
-                           PROFILE_WORKERS="8", **env)
+                           PROFILE_WORKERS="8", **secured_env("profile"), **env)
         self.log = open(log_path, "a")
         self.process = subprocess.Popen([sys.executable, "-m", "services.profile.server"], env=environment,
                                         cwd=paths.REPO_ROOT, stdout=self.log, stderr=subprocess.STDOUT)
         ProfileProcess.started.append(self)
         try:
-            wait_until_serving(self.address, 60, self.process)
+            wait_until_serving(self.address, 60, self.process,
+                               channel=lambda: service_channel(self.address, "profile", token=None))
         except BaseException:
             self.kill()
             raise
@@ -151,7 +154,7 @@ def check_store(address: str, batches: list[Batch]) -> None:
     nothing twice; then re-sending each batch is all duplicates when it was
     stored and all accepted when it was not."""
     shoppers = sorted({s for b in batches for s in b.shoppers})
-    with grpc.insecure_channel(address) as channel:
+    with service_channel(address, "profile") as channel:
         stub = profile_pb2_grpc.ProfileServiceStub(channel)
         profiles = {s: stub.GetProfile(profile_pb2.GetProfileRequest(user_id=s, history_limit=1000), timeout=10)
                     for s in shoppers}
@@ -186,7 +189,7 @@ def store_environment(backend: str, tmp_path) -> tuple[dict[str, str], object]:
         return {"PROFILE_STORE": "sqlite", "PROFILE_STORE_PATH": str(tmp_path / "events.sqlite3")}, None
     from recsys_core.store.local_redis import LocalRedis
 
-    redis = LocalRedis(tmp_path / "redis").start()
+    redis = LocalRedis(tmp_path / "redis", profile_keys=("crash-*",)).start()
     prefix = f"crash-{uuid.uuid4().hex[:8]}:"
     env = {"PROFILE_STORE": "redis", "PROFILE_REDIS_URL": redis.url, "PROFILE_REDIS_PREFIX": prefix}
     return env, redis
@@ -271,7 +274,7 @@ def test_a_batch_redis_has_no_memory_for_is_refused_whole(redis_server, tmp_path
     with LocalRedis(tmp_path / "redis") as server:
         store = RedisEventStore(server.url)
         batch = [StoredEvent("u", f"i{n}", "c", VIEW, n, idempotency_key=f"k{n}") for n in range(5)]
-        admin = redis_client.Redis.from_url(server.url)
+        admin = redis_client.Redis.from_url(server.admin_url)
         admin.config_set("maxmemory", 1)
         with pytest.raises(ResourceExhausted):
             store.append(batch)
@@ -280,3 +283,23 @@ def test_a_batch_redis_has_no_memory_for_is_refused_whole(redis_server, tmp_path
         assert store.append(batch) == [True] * 5
         admin.close()
         store.close()
+
+
+def test_redis_runs_with_acl_users_and_no_anonymous_access(redis_server):
+    """The profile user reaches its own keys only and no dangerous command;
+    without credentials nothing at all; a wrong password is refused."""
+    import redis as redis_client
+
+    from recsys_core.store.local_redis import HOST
+
+    profile = redis_client.Redis.from_url(redis_server.url)
+    profile.set("test:acl:x", "1")
+    with pytest.raises(redis_client.exceptions.NoPermissionError):
+        profile.set("other:key", "1")
+    for command in (("FLUSHALL",), ("CONFIG", "SET", "maxmemory", "1"), ("KEYS", "*"), ("ACL", "LIST")):
+        with pytest.raises(redis_client.exceptions.NoPermissionError):
+            profile.execute_command(*command)
+    with pytest.raises(redis_client.exceptions.AuthenticationError):
+        redis_client.Redis(host=HOST, port=redis_server.port).ping()
+    with pytest.raises(redis_client.exceptions.AuthenticationError):
+        redis_client.Redis(host=HOST, port=redis_server.port, username="profile", password="guess").ping()

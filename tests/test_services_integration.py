@@ -22,6 +22,7 @@ from recsys.ranking.v1 import ranking_pb2, ranking_pb2_grpc
 from recsys_core.data import paths
 from recsys_core.rpc.messages import dimension, from_vector, to_vector
 from recsys_cli.stack import free_port, wait_until_serving
+from tests.conftest import gateway_channel, secured, secured_env, service_channel
 
 pytestmark = pytest.mark.integration
 
@@ -91,10 +92,10 @@ def test_a_service_is_not_serving_until_loaded(exported_encoder, tmp_path):
     try:
         server, port = create_server(
             ProfileConfig(address="127.0.0.1:0", store_path=str(tmp_path / "s.sqlite3"), data_dir="",
-                          embedding_address=f"127.0.0.1:{free_port()}")
+                          embedding_address=f"127.0.0.1:{free_port()}", **secured("profile"))
         )
         server.start()
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        with service_channel(f"127.0.0.1:{port}", "profile") as channel:
             health = health_pb2_grpc.HealthStub(channel)
             assert health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == health_pb2.HealthCheckResponse.NOT_SERVING
             stub = profile_pb2_grpc.ProfileServiceStub(channel)
@@ -173,7 +174,7 @@ def test_upserted_items_are_searchable_and_can_move_category(embedding):
 @pytest.fixture(scope="module")
 def profile(profile_backend):
     """Every profile test runs twice: on the SQLite store, then on Redis."""
-    with grpc.insecure_channel(profile_backend) as channel:
+    with service_channel(profile_backend, "profile") as channel:
         yield profile_pb2_grpc.ProfileServiceStub(channel)
 
 
@@ -278,12 +279,12 @@ def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(stack, dataset):
     port = free_port()
     env = dict(os.environ, GATEWAY_ADDRESS=f"127.0.0.1:{port}", GATEWAY_PROFILE_ADDRESS=stack.profile,
                GATEWAY_EMBEDDING_ADDRESS=stack.embedding, GATEWAY_RANKING_ADDRESS=stack.ranking,
-               GATEWAY_GRACE_SECONDS="20", GATEWAY_WORKERS="4")
+               GATEWAY_GRACE_SECONDS="20", GATEWAY_WORKERS="4", **secured_env("gateway"))
     process = subprocess.Popen([sys.executable, "-m", "services.gateway.server"], env=env, cwd=paths.REPO_ROOT)
     try:
-        wait_until_serving(f"127.0.0.1:{port}", 60, process)
+        wait_until_serving(f"127.0.0.1:{port}", 60, process, channel=lambda: gateway_channel(f"127.0.0.1:{port}"))
         shoppers = dataset.interactions.user_id.unique()[:48]
-        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        channel = gateway_channel(f"127.0.0.1:{port}")
         stub = gateway_pb2_grpc.GatewayServiceStub(channel)
         # Large k makes each request take long enough that many are still
         # being worked on when the signal lands.

@@ -203,19 +203,19 @@ def test_triton_down_embed_texts_unavailable_fast_while_recommendations_go_on(st
     from services.embedding.server import create_server as create_embedding
     from services.gateway.config import GatewayConfig
     from services.gateway.server import create_server as create_gateway
-    from tests.conftest import start
+    from tests.conftest import gateway_channel as to_gateway, secured, service_channel, start
 
     triton = TritonServer(paths.MODEL_REPO, log_path=tmp_path / "server.log").start()
     embedding_server, embedding = start(create_embedding(
-        EmbeddingConfig(address="127.0.0.1:0", encoder="triton", triton_url=triton.grpc_url)
+        EmbeddingConfig(address="127.0.0.1:0", encoder="triton", triton_url=triton.grpc_url, **secured("embedding"))
     ))
     gateway_server, gateway = start(create_gateway(GatewayConfig(
         address="127.0.0.1:0", profile_address=stack.profile, embedding_address=embedding,
-        ranking_address=stack.ranking,
+        ranking_address=stack.ranking, **secured("gateway"),
     )))
     shopper = dataset.interactions.user_id.iloc[0]
     try:
-        with grpc.insecure_channel(embedding) as channel, grpc.insecure_channel(gateway) as gateway_channel:
+        with service_channel(embedding, "embedding") as channel, to_gateway(gateway) as gateway_channel:
             stub = embedding_pb2_grpc.EmbeddingServiceStub(channel)
             health = health_pb2_grpc.HealthStub(channel)
             recommend = gateway_pb2_grpc.GatewayServiceStub(gateway_channel).Recommend

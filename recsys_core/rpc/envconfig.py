@@ -46,6 +46,12 @@ class EnvReader:
         self._check_range(name, result, minimum, maximum)
         return result
 
+    def optional_int(self, name: str, minimum: int | None = None, maximum: int | None = None) -> "int | None":
+        """An integer setting that is absent unless set."""
+        if self._raw(name) is None:
+            return None
+        return self.int(name, 0, minimum, maximum)
+
     def float(self, name: str, default: float, minimum: float | None = None, maximum: float | None = None) -> float:
         value = self._raw(name)
         if value is None:

@@ -1,5 +1,6 @@
 """What every server and client of the platform shares: status mapping,
-health and reflection, metrics, graceful shutdown, deadlines on outbound calls.
+health and reflection, metrics, transport security and access control,
+graceful shutdown, deadlines on outbound calls.
 
 Servers are grpc.aio servers, each on an event loop of its own thread
 (recsys_core/rpc/runtime.py): servicer methods are `async def`, and run
@@ -22,7 +23,9 @@ from google.protobuf import descriptor_pool
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from recsys_core import errors
+from recsys_core.rpc.access import AccessInterceptor, AccessPolicy, AuthConfig, Authenticator
 from recsys_core.rpc.metrics import ServerMetrics, listen_host
+from recsys_core.rpc.transport import Security
 from recsys_core.rpc.runtime import BlockingPool, EventLoopThread, PoolFull, WrappingInterceptor
 
 log = logging.getLogger(__name__)
@@ -118,8 +121,18 @@ class Deadline:
         return remaining
 
 
-def insecure_channel(target: str) -> grpc.Channel:
-    return grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+def channel(target: str, security: Security, service: str) -> grpc.Channel:
+    """The one way a service (or a tool) opens a channel to one of the
+    platform's services: `service` is the callee's name ("profile"), whose
+    certificate the channel checks; `security` is the caller's own (mutual
+    TLS with its certificate, or plaintext when it is explicitly in
+    development mode). recsys_core/rpc/transport.py says what is checked."""
+    return security.channel(target, service, CHANNEL_OPTIONS)
+
+
+def aio_channel(target: str, security: Security, service: str) -> grpc.aio.Channel:
+    """As `channel`, for grpc.aio stubs (bound to the running event loop)."""
+    return security.aio_channel(target, service, CHANNEL_OPTIONS)
 
 
 class _HealthServicer(health.aio.HealthServicer):
@@ -402,8 +415,12 @@ class ManagedServer:
     def add(self, register: Callable, servicer) -> None:
         register(servicer, self.grpc_server)
 
+    health_server: grpc.aio.Server | None = None
+
     def start(self) -> None:
         self.loop.run(self.grpc_server.start)
+        if self.health_server is not None:
+            self.loop.run(self.health_server.start)
 
     def stop(self, grace: float | None) -> threading.Event:
         """Drain: NOT_SERVING first, then refuse new calls and let in-flight
@@ -418,6 +435,8 @@ class ManagedServer:
         async def drain():
             await self.serving.shutdown()
             await self.grpc_server.stop(grace)
+            if self.health_server is not None:
+                await self.health_server.stop(0)
 
         def finish(_future) -> None:
             # Scrapes still see the drain; the endpoint closes once the server has stopped.
@@ -452,7 +471,9 @@ class ManagedServer:
 
 
 def build_server(
-    address: str, workers: int, full_service_names: list[str], name: str, metrics_port: int | None = None
+    address: str, workers: int, full_service_names: list[str], name: str, metrics_port: int | None = None,
+    security: Security | None = None, auth: AuthConfig | None = None, public: bool = False,
+    health_port: int | None = None,
 ) -> tuple[ManagedServer, int]:
     """A server with health, reflection and the metrics interceptor registered
     and `address` bound; with a `metrics_port` (0: a free one) also the
@@ -464,9 +485,32 @@ def build_server(
     without bound. Calls that only wait (health Watch streams) take no thread
     and count against no bound.
 
+    `security` is the service's transport (recsys_core/rpc/transport.py):
+    mutual TLS (client certificates of the platform's CA required) or, when it
+    says so explicitly, plaintext; `public` (the gateway) serves TLS without
+    client certificates instead, for callers with tokens. With a `security`,
+    every call passes the access rules (recsys_core/rpc/access.py, tokens
+    checked as `auth` says) and reflection is served only when
+    `security.reflection`. Without one (tests of this plumbing only): plaintext,
+    no access control, reflection on.
+
+    With a `health_port` (Kubernetes: its gRPC probes speak no TLS), a second,
+    plaintext listener on the host of `address` serves grpc.health.v1 alone:
+    the same statuses, nothing else.
+
     Callers add their servicers, start loading, then start it. Raises if a
-    port cannot be bound.
+    port cannot be bound, and ConfigError without certificates.
     """
+    if security is not None:
+        security.check()
+        access = AccessPolicy(
+            authenticator=Authenticator(auth) if auth is not None and auth.configured else None,
+            trust_declared_identity=security.insecure,
+        )
+        credentials = security.public_server_credentials() if public else security.server_credentials()
+        reflection_on = security.reflection
+    else:
+        access, credentials, reflection_on = None, None, True
     metrics = ServerMetrics()
     blocking = BlockingPool(workers, workers * 16, name)
     loop = EventLoopThread(name)
@@ -475,18 +519,38 @@ def build_server(
         # Every call of every service passes the metrics interceptor first;
         # plain handlers then become async ones that run in the pool. No
         # maximum_concurrent_rpcs: on an aio server it counts open streams too.
-        return grpc.aio.server(options=CHANNEL_OPTIONS, interceptors=[metrics.interceptor(), _BlockingHandlers(blocking)])
+        # The access rules come before the servicer sees a request, after metrics
+        # (refusals are counted).
+        interceptors = [metrics.interceptor(), _BlockingHandlers(blocking)]
+        if access is not None:
+            interceptors.insert(1, AccessInterceptor(access))
+        return grpc.aio.server(options=CHANNEL_OPTIONS, interceptors=interceptors)
 
     server = loop.run(make)
     serving = ServingHealth(server, full_service_names, loop)
-    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
-        ReflectionServicer(
-            [*full_service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME]
-        ),
-        server,
-    )
+    health_server = None
+    if health_port is not None:
+        async def make_health() -> grpc.aio.Server:
+            return grpc.aio.server(options=CHANNEL_OPTIONS)
+
+        health_server = loop.run(make_health)
+        health_pb2_grpc.add_HealthServicer_to_server(serving.servicer, health_server)
+        health_address = f"{listen_host(address)}:{health_port}"
+        if health_server.add_insecure_port(health_address) == 0:
+            raise OSError(f"could not bind the health port {health_address}")
+    if reflection_on:
+        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
+            ReflectionServicer(
+                [*full_service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME]
+            ),
+            server,
+        )
     managed = ManagedServer(loop, server, serving, name, blocking, metrics)
-    port = server.add_insecure_port(address)
+    managed.health_server = health_server
+    if credentials is None:
+        port = server.add_insecure_port(address)
+    else:
+        port = server.add_secure_port(address, credentials)
     if port == 0:
         managed.stop(0)
         raise OSError(f"could not bind {address}")
@@ -516,5 +580,7 @@ def serve_main(service: str, config_type, create_server: Callable) -> int:
     config = config_type.from_env()
     server, port = create_server(config)
     server.start()
-    log.info("%s listening on port %d", service, port)
+    security = getattr(config, "security", None)
+    log.info("%s listening on port %d%s", service, port,
+             "" if security is None else ": " + (security.describe_public() if service == "gateway" else security.describe()))
     return server.run_until_terminated(config.grace_seconds)

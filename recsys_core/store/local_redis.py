@@ -24,6 +24,41 @@ from pathlib import Path
 
 HOST = "127.0.0.1"
 DURABLE_ARGS = ("--appendonly", "yes", "--appendfsync", "always", "--save", "")
+# What the profile service's ACL user may do: its own keys only; reads, writes,
+# its Lua write script, transactions, and the two checks it makes at start
+# (INFO, CONFIG GET for the persistence settings). Nothing dangerous else.
+PROFILE_ACL = ("-@all +@read +@write +@scripting +@transaction +@connection -@dangerous "
+               "+info +config|get")
+PROFILE_KEYS = ("recsys:profile:*",)
+
+
+def acl_lines(passwords: dict[str, str], profile_keys=PROFILE_KEYS) -> list[str]:
+    """ACL users: `default` off (no unauthenticated access), `profile` (the
+    service; its key prefix only), `admin` (operators: everything). Passwords
+    as SHA-256 hashes, as an ACL file holds them."""
+    import hashlib
+
+    def digest(user: str) -> str:
+        return "#" + hashlib.sha256(passwords[user].encode()).hexdigest()
+
+    keys = " ".join(f"~{pattern}" for pattern in profile_keys)
+    return [
+        # `off`: no connection can be the default user. Its permissions stay
+        # whole because Redis 7.0 replays MULTI/EXEC from the append-only file
+        # under them at start (restricted, the replay fails with NOPERM and
+        # acknowledged events would be lost).
+        "user default off resetpass ~* &* +@all",
+        f"user profile on {digest('profile')} resetkeys {keys} resetchannels {PROFILE_ACL}",
+        f"user admin on {digest('admin')} ~* &* +@all",
+        # Kubernetes' readiness probe: PING and nothing else, no secret needed.
+        "user probe on nopass resetkeys resetchannels -@all +ping",
+    ]
+
+
+def make_passwords() -> dict[str, str]:
+    import secrets
+
+    return {"profile": secrets.token_urlsafe(24), "admin": secrets.token_urlsafe(24)}
 
 
 def redis_server_binary() -> str | None:
@@ -47,7 +82,9 @@ def free_port() -> int:
 
 
 class LocalRedis:
-    def __init__(self, directory: Path | str, port: int | None = None, extra_args: tuple[str, ...] = ()):
+    def __init__(self, directory: Path | str, port: int | None = None, extra_args: tuple[str, ...] = (),
+                 profile_keys: tuple[str, ...] = PROFILE_KEYS, passwords: dict[str, str] | None = None):
+        """With ACL users (acl_lines): `url` is the profile user's, `admin_url` the operators'."""
         binary = redis_server_binary()
         if binary is None:
             raise FileNotFoundError(
@@ -58,11 +95,20 @@ class LocalRedis:
         self.directory.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
         self.extra_args = tuple(extra_args)
+        self.passwords = passwords or make_passwords()
+        self.acl_file = self.directory / "users.acl"
+        self.acl_file.write_text("\n".join(acl_lines(self.passwords, profile_keys)) + "\n")
+        os.chmod(self.acl_file, 0o600)
         self.process: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://{HOST}:{self.port}/0"
+        """The profile service's: its ACL user and password."""
+        return f"redis://profile:{self.passwords['profile']}@{HOST}:{self.port}/0"
+
+    @property
+    def admin_url(self) -> str:
+        return f"redis://admin:{self.passwords['admin']}@{HOST}:{self.port}/0"
 
     @property
     def log_path(self) -> Path:
@@ -74,7 +120,7 @@ class LocalRedis:
             self.process.stderr.close()
         command = [
             *_die_with_parent(), self.binary, "--bind", HOST, "--port", str(self.port), "--dir", str(self.directory),
-            *DURABLE_ARGS, "--daemonize", "no", "--protected-mode", "yes",
+            *DURABLE_ARGS, "--daemonize", "no", "--protected-mode", "yes", "--aclfile", str(self.acl_file),
             "--logfile", str(self.log_path), *self.extra_args,
         ]
         self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
@@ -96,8 +142,14 @@ class LocalRedis:
         # Answers PONG only once the AOF is loaded (LOADING before).
         try:
             with socket.create_connection((HOST, self.port), timeout=1) as connection:
-                connection.sendall(b"PING\r\n")
-                return connection.recv(64).startswith(b"+PONG")
+                connection.sendall(f"AUTH admin {self.passwords['admin']}\r\nPING\r\n".encode())
+                reply = b""
+                while reply.count(b"\r\n") < 2:
+                    chunk = connection.recv(64)
+                    if not chunk:
+                        break
+                    reply += chunk
+                return reply.startswith(b"+OK\r\n+PONG")
         except OSError:
             return False
 
@@ -130,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=6379)
     args = parser.parse_args(argv)
     server = LocalRedis(args.dir, args.port).start()
-    print(f"redis-server at {server.url} (data in {args.dir}); PROFILE_STORE=redis PROFILE_REDIS_URL={server.url}",
+    print(f"redis-server on {HOST}:{server.port} (data in {args.dir}, ACL users in {server.acl_file}); "
+          f"PROFILE_STORE=redis PROFILE_REDIS_URL={server.url}",
           flush=True)
     try:
         server.process.wait()

@@ -143,7 +143,7 @@ def _event(user_id: str, payload: str) -> StoredEvent:
 
 class RedisEventStore(EventStore):
     def __init__(self, url: str, prefix: str = DEFAULT_PREFIX, durability: str = "always",
-                 socket_timeout: float = 30.0):
+                 socket_timeout: float = 30.0, username: str | None = None, password: str | None = None):
         if durability not in DURABILITY_LEVELS:
             raise ValueError(f"durability must be one of {DURABILITY_LEVELS}, got {durability!r}")
         self.url = url
@@ -151,6 +151,11 @@ class RedisEventStore(EventStore):
         self.durability = durability
         common = dict(decode_responses=True, socket_timeout=socket_timeout, socket_connect_timeout=5.0,
                       health_check_interval=10)
+        # Credentials of the service's ACL user, when not in the URL (from a Secret's file).
+        if username:
+            common["username"] = username
+        if password:
+            common["password"] = password
         # Writes are never retried by the client: a write whose reply was lost
         # may have been stored, and storing it again would count events twice.
         # The caller hears UNAVAILABLE and retries with its idempotency keys.

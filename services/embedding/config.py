@@ -6,6 +6,8 @@ from pathlib import Path
 from recsys_core.data import paths
 from recsys_core.index.kinds import INDEX_KINDS, IndexSettings
 from recsys_core.models.encoder import DEFAULT_PRECISION, PRECISIONS
+from recsys_core.rpc.access import AuthConfig
+from recsys_core.rpc.transport import Security
 from recsys_core.rpc.envconfig import ConfigError, EnvReader
 
 ENCODER_BACKENDS = ("onnx", "triton")
@@ -19,6 +21,14 @@ class EmbeddingConfig:
     # Prometheus /metrics port, on the host of `address`; 0 picks a free one
     # (every process of a local stack needs its own; Kubernetes sets 9090).
     metrics_port: int = 0
+    # Transport (mTLS certificates, or explicit plaintext for development) and
+    # token checks: EMBEDDING_TLS_*, EMBEDDING_INSECURE, EMBEDDING_REFLECTION,
+    # EMBEDDING_AUTH_* (docs/operations.md, "Security"). No certificates: no start.
+    # A plaintext port serving grpc.health.v1 alone, for Kubernetes' gRPC
+    # probes (they speak no TLS); unset: none.
+    health_port: int | None = None
+    security: Security = Security(service="embedding")
+    auth: AuthConfig = AuthConfig()
     # Catalogue loaded at start; empty means start with an empty catalogue.
     data_dir: str = str(paths.BUNDLED_DATA_DIR)
     # Online-retail invoices whose products join the catalogue (category
@@ -64,6 +74,9 @@ class EmbeddingConfig:
             workers=env.int("WORKERS", cls.workers, minimum=1, maximum=256),
             grace_seconds=env.float("GRACE_SECONDS", cls.grace_seconds, minimum=0),
             metrics_port=env.int("METRICS_PORT", cls.metrics_port, minimum=0, maximum=65535),
+            health_port=env.optional_int("HEALTH_PORT", minimum=1, maximum=65535),
+            security=Security.from_env(env, "embedding"),
+            auth=AuthConfig.from_env(env),
             data_dir=env.str("DATA_DIR", cls.data_dir),
             retail_dir=env.optional_path("RETAIL_DIR", cls.retail_dir),
             model_repo=env.str("MODEL_REPO", cls.model_repo),

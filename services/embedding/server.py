@@ -140,7 +140,8 @@ def create_server(config: EmbeddingConfig) -> tuple[ManagedServer, int]:
     """Bound, not yet started; the catalogue loads in the background and
     health turns SERVING once it is in."""
     server, port = build_server(
-        config.address, config.workers, [SERVICE_NAME], "embedding", metrics_port=config.metrics_port
+        config.address, config.workers, [SERVICE_NAME], "embedding", metrics_port=config.metrics_port,
+        security=config.security, auth=config.auth, health_port=config.health_port,
     )
     servicer = EmbeddingServicer(server.readiness, config, server.blocking)
     server.add(embedding_pb2_grpc.add_EmbeddingServiceServicer_to_server, servicer)

@@ -17,7 +17,7 @@ from recsys.embedding.v1 import embedding_pb2, embedding_pb2_grpc
 from recsys.profile.v1 import profile_pb2, profile_pb2_grpc
 from recsys.ranking.v1 import ranking_pb2, ranking_pb2_grpc
 from recsys_core.errors import NotFound, Unavailable
-from recsys_core.rpc.grpc_util import Deadline, insecure_channel
+from recsys_core.rpc.grpc_util import Deadline, channel
 from recsys_core.signals.interests import interest_category, spread
 from recsys_core.rpc.messages import from_vector, has_values, to_vector
 from services.gateway import requests as rq
@@ -46,9 +46,9 @@ class Composer:
     def __init__(self, config: GatewayConfig):
         self.config = config
         self._channels = [
-            insecure_channel(config.profile_address),
-            insecure_channel(config.embedding_address),
-            insecure_channel(config.ranking_address),
+            channel(config.profile_address, config.security, "profile"),
+            channel(config.embedding_address, config.security, "embedding"),
+            channel(config.ranking_address, config.security, "ranking"),
         ]
         self.profile = profile_pb2_grpc.ProfileServiceStub(self._channels[0])
         self.embedding = embedding_pb2_grpc.EmbeddingServiceStub(self._channels[1])

@@ -2,6 +2,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from recsys_core.rpc.access import AuthConfig
+from recsys_core.rpc.transport import Security
 from recsys_core.rpc.envconfig import EnvReader
 
 
@@ -13,6 +15,14 @@ class GatewayConfig:
     # Prometheus /metrics port, on the host of `address`; 0 picks a free one
     # (every process of a local stack needs its own; Kubernetes sets 9090).
     metrics_port: int = 0
+    # Transport (mTLS certificates, or explicit plaintext for development) and
+    # token checks: GATEWAY_TLS_*, GATEWAY_INSECURE, GATEWAY_REFLECTION,
+    # GATEWAY_AUTH_* (docs/operations.md, "Security"). No certificates: no start.
+    # A plaintext port serving grpc.health.v1 alone, for Kubernetes' gRPC
+    # probes (they speak no TLS); unset: none.
+    health_port: int | None = None
+    security: Security = Security(service="gateway")
+    auth: AuthConfig = AuthConfig()
     profile_address: str = "127.0.0.1:50053"
     embedding_address: str = "127.0.0.1:50052"
     ranking_address: str = "127.0.0.1:50054"
@@ -37,6 +47,9 @@ class GatewayConfig:
             workers=env.int("WORKERS", cls.workers, minimum=1, maximum=256),
             grace_seconds=env.float("GRACE_SECONDS", cls.grace_seconds, minimum=0),
             metrics_port=env.int("METRICS_PORT", cls.metrics_port, minimum=0, maximum=65535),
+            health_port=env.optional_int("HEALTH_PORT", minimum=1, maximum=65535),
+            security=Security.from_env(env, "gateway", public=True),
+            auth=AuthConfig.from_env(env),
             profile_address=env.str("PROFILE_ADDRESS", cls.profile_address),
             embedding_address=env.str("EMBEDDING_ADDRESS", cls.embedding_address),
             ranking_address=env.str("RANKING_ADDRESS", cls.ranking_address),

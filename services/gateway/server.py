@@ -9,6 +9,7 @@ import grpc
 from prometheus_client import Counter
 
 from recsys.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from recsys_core.rpc.envconfig import ConfigError
 from recsys_core.rpc.grpc_util import ManagedServer, build_server, serve_main
 from services.gateway.composer import Composer
 from services.gateway.config import GatewayConfig
@@ -51,8 +52,12 @@ def register_metrics(server: ManagedServer) -> None:
 
 
 def create_server(config: GatewayConfig) -> tuple[ManagedServer, int]:
+    if not config.auth.configured:
+        raise ConfigError("gateway: callers must present tokens, and none can be checked: set "
+                          "GATEWAY_AUTH_JWT_KEY_FILE and/or GATEWAY_AUTH_API_KEYS_FILE (docs/operations.md, \"Security\")")
     server, port = build_server(
-        config.address, config.workers, [SERVICE_NAME], "gateway", metrics_port=config.metrics_port
+        config.address, config.workers, [SERVICE_NAME], "gateway", metrics_port=config.metrics_port,
+        security=config.security, auth=config.auth, health_port=config.health_port, public=True,
     )
     register_metrics(server)
     composer = Composer(config)

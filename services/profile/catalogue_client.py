@@ -4,7 +4,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from recsys.embedding.v1 import embedding_pb2, embedding_pb2_grpc
-from recsys_core.rpc.grpc_util import insecure_channel
+from recsys_core.rpc.grpc_util import channel
+from recsys_core.rpc.transport import Security
 from recsys_core.rpc.messages import from_vector
 from services.profile.profiles import ItemInfo
 
@@ -13,8 +14,8 @@ LOOKUP_BATCH = 2000
 
 
 class EmbeddingServiceLookup:
-    def __init__(self, address: str):
-        self.channel = insecure_channel(address)
+    def __init__(self, address: str, security: Security):
+        self.channel = channel(address, security, "embedding")
         self.stub = embedding_pb2_grpc.EmbeddingServiceStub(self.channel)
 
     def lookup(self, item_ids: Sequence[str], timeout: float) -> dict[str, ItemInfo]:

@@ -4,6 +4,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from recsys_core.data import paths
+from recsys_core.rpc.access import AuthConfig
+from recsys_core.rpc.transport import Security
 from recsys_core.rpc.envconfig import EnvReader
 from recsys_core.signals.interests import ClusterSettings, DriftSettings
 
@@ -16,11 +18,23 @@ class ProfileConfig:
     # Prometheus /metrics port, on the host of `address`; 0 picks a free one
     # (every process of a local stack needs its own; Kubernetes sets 9090).
     metrics_port: int = 0
+    # Transport (mTLS certificates, or explicit plaintext for development) and
+    # token checks: PROFILE_TLS_*, PROFILE_INSECURE, PROFILE_REFLECTION,
+    # PROFILE_AUTH_* (docs/operations.md, "Security"). No certificates: no start.
+    # A plaintext port serving grpc.health.v1 alone, for Kubernetes' gRPC
+    # probes (they speak no TLS); unset: none.
+    health_port: int | None = None
+    security: Security = Security(service="profile")
+    auth: AuthConfig = AuthConfig()
     # Event store backend: "sqlite" (store_path) or "redis" (redis_url); docs/profiles.md.
     store: str = "sqlite"
     store_path: str = str(paths.REPO_ROOT / "var" / "profile.sqlite3")
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_prefix: str = "recsys:profile:"
+    # The service's Redis ACL user and a file holding its password (a mounted
+    # Secret); or both in redis_url (redis://user:password@host:port/0).
+    redis_username: str = ""
+    redis_password_file: str = ""
     # What Redis persistence the store insists on: always | everysec | unchecked.
     redis_durability: str = "always"
     # Events loaded into an empty store at start; empty means none.
@@ -69,10 +83,15 @@ class ProfileConfig:
             workers=env.int("WORKERS", cls.workers, minimum=1, maximum=256),
             grace_seconds=env.float("GRACE_SECONDS", cls.grace_seconds, minimum=0),
             metrics_port=env.int("METRICS_PORT", cls.metrics_port, minimum=0, maximum=65535),
+            health_port=env.optional_int("HEALTH_PORT", minimum=1, maximum=65535),
+            security=Security.from_env(env, "profile"),
+            auth=AuthConfig.from_env(env),
             store=env.choice("STORE", cls.store, ("sqlite", "redis")),
             store_path=env.str("STORE_PATH", cls.store_path),
             redis_url=env.str("REDIS_URL", cls.redis_url),
             redis_prefix=env.str("REDIS_PREFIX", cls.redis_prefix),
+            redis_username=env.str("REDIS_USERNAME", cls.redis_username),
+            redis_password_file=env.str("REDIS_PASSWORD_FILE", cls.redis_password_file),
             redis_durability=env.choice(
                 "REDIS_DURABILITY", cls.redis_durability, ("always", "everysec", "unchecked")
             ),

@@ -89,7 +89,7 @@ def load_book(config: ProfileConfig) -> ProfileBook:
         clocks.update(load_retail_events(store, config.retail_path))
     book = ProfileBook(
         store,
-        EmbeddingServiceLookup(config.embedding_address),
+        EmbeddingServiceLookup(config.embedding_address, config.security),
         interest_window=config.interest_window,
         max_events_per_request=config.max_events_per_request,
         profile_cache_size=config.profile_cache_size,
@@ -125,7 +125,8 @@ def create_server(config: ProfileConfig) -> tuple[ManagedServer, int]:
     """Bound, not yet started; the store loads in the background and health
     turns SERVING once it is in."""
     server, port = build_server(
-        config.address, config.workers, [SERVICE_NAME], "profile", metrics_port=config.metrics_port
+        config.address, config.workers, [SERVICE_NAME], "profile", metrics_port=config.metrics_port,
+        security=config.security, auth=config.auth, health_port=config.health_port,
     )
     register_metrics(server)
     servicer = ProfileServicer(server.readiness, config, server.blocking)

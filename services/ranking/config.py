@@ -2,6 +2,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from recsys_core.rpc.access import AuthConfig
+from recsys_core.rpc.transport import Security
 from recsys_core.rpc.envconfig import EnvReader
 from recsys_core.ranking.scoring import SERVING_WEIGHTS
 
@@ -14,6 +16,14 @@ class RankingConfig:
     # Prometheus /metrics port, on the host of `address`; 0 picks a free one
     # (every process of a local stack needs its own; Kubernetes sets 9090).
     metrics_port: int = 0
+    # Transport (mTLS certificates, or explicit plaintext for development) and
+    # token checks: RANKING_TLS_*, RANKING_INSECURE, RANKING_REFLECTION,
+    # RANKING_AUTH_* (docs/operations.md, "Security"). No certificates: no start.
+    # A plaintext port serving grpc.health.v1 alone, for Kubernetes' gRPC
+    # probes (they speak no TLS); unset: none.
+    health_port: int | None = None
+    security: Security = Security(service="ranking")
+    auth: AuthConfig = AuthConfig()
     # Defaults and their reasons: recsys_core/ranking/scoring.py, SERVING_WEIGHTS.
     long_term_weight: float = SERVING_WEIGHTS.long_term
     short_term_weight: float = SERVING_WEIGHTS.short_term
@@ -37,6 +47,9 @@ class RankingConfig:
             workers=env.int("WORKERS", cls.workers, minimum=1, maximum=256),
             grace_seconds=env.float("GRACE_SECONDS", cls.grace_seconds, minimum=0),
             metrics_port=env.int("METRICS_PORT", cls.metrics_port, minimum=0, maximum=65535),
+            health_port=env.optional_int("HEALTH_PORT", minimum=1, maximum=65535),
+            security=Security.from_env(env, "ranking"),
+            auth=AuthConfig.from_env(env),
             long_term_weight=env.float("LONG_TERM_WEIGHT", cls.long_term_weight, minimum=0),
             short_term_weight=env.float("SHORT_TERM_WEIGHT", cls.short_term_weight, minimum=0),
             context_weight=env.float("CONTEXT_WEIGHT", cls.context_weight, minimum=0),
