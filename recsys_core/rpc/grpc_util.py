@@ -14,7 +14,7 @@ import logging
 import signal
 import threading
 import time
-from typing import Callable
+from typing import Awaitable, Callable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -61,7 +61,7 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
     for error_type, code in _STATUS_OF_ERROR.items():
         if isinstance(exc, error_type):
             return code, str(exc)
-    if isinstance(exc, grpc.RpcError) and isinstance(exc, grpc.Call):
+    if isinstance(exc, grpc.RpcError) and isinstance(exc, (grpc.Call, grpc.aio.AioRpcError)):
         code = exc.code()
         if code in _PASSED_THROUGH:
             return code, exc.details() or code.name
@@ -120,6 +120,18 @@ class Deadline:
 
 def insecure_channel(target: str) -> grpc.Channel:
     return grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+
+
+def insecure_aio_channel(target: str) -> grpc.aio.Channel:
+    """A grpc.aio channel: it belongs to the event loop running when it is made."""
+    return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+
+
+def status_code(error: BaseException) -> grpc.StatusCode | None:
+    """The status of a failed call, from a sync or an aio stub; None for anything else."""
+    if isinstance(error, (grpc.Call, grpc.aio.AioRpcError)):
+        return error.code()
+    return None
 
 
 class _HealthServicer(health.aio.HealthServicer):
@@ -393,6 +405,7 @@ class ManagedServer:
         self.stopping = threading.Event()
         self._stopped: threading.Event | None = None
         self._stop_lock = threading.Lock()
+        self._after_drain: list[Callable[[], Awaitable[None]]] = []
 
     @property
     def metrics_port(self) -> int | None:
@@ -404,6 +417,11 @@ class ManagedServer:
 
     def start(self) -> None:
         self.loop.run(self.grpc_server.start)
+
+    def after_drain(self, close: Callable[[], Awaitable[None]]) -> None:
+        """`close()` is awaited on the loop once in-flight calls are done
+        (e.g. the aio channels the servicer calls out on)."""
+        self._after_drain.append(close)
 
     def stop(self, grace: float | None) -> threading.Event:
         """Drain: NOT_SERVING first, then refuse new calls and let in-flight
@@ -418,6 +436,8 @@ class ManagedServer:
         async def drain():
             await self.serving.shutdown()
             await self.grpc_server.stop(grace)
+            for close in self._after_drain:
+                await close()
 
         def finish(_future) -> None:
             # Scrapes still see the drain; the endpoint closes once the server has stopped.

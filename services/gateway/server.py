@@ -10,6 +10,7 @@ from prometheus_client import Counter
 
 from recsys.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from recsys_core.rpc.grpc_util import ManagedServer, build_server, serve_main
+from recsys_core.rpc.runtime import EventLoopThread
 from services.gateway.composer import Composer
 from services.gateway.config import GatewayConfig
 from services.gateway.servicer import PATHS, GatewayServicer
@@ -18,13 +19,14 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name
 
 
-def wait_for_catalogue(composer: Composer, config: GatewayConfig) -> None:
+def wait_for_catalogue(composer: Composer, config: GatewayConfig, loop: EventLoopThread) -> None:
     """Ready once the embedding service answers with its categories; it may
-    still be encoding the catalogue when the gateway starts."""
+    still be encoding the catalogue when the gateway starts. The call runs on
+    the server's loop, whose aio channels the composer keeps."""
     give_up = time.monotonic() + config.startup_timeout_seconds
     while True:
         try:
-            categories = composer.refresh_categories(timeout=2.0)
+            categories = loop.run(lambda: composer.refresh_categories(timeout=2.0))
             log.info("catalogue categories: %s", ", ".join(sorted(categories)))
             return
         except grpc.RpcError as error:
@@ -58,7 +60,8 @@ def create_server(config: GatewayConfig) -> tuple[ManagedServer, int]:
     composer = Composer(config)
     servicer = GatewayServicer(server.readiness, composer, config, server.blocking)
     server.add(gateway_pb2_grpc.add_GatewayServiceServicer_to_server, servicer)
-    server.readiness.start(lambda: wait_for_catalogue(composer, config))
+    server.after_drain(composer.close)
+    server.readiness.start(lambda: wait_for_catalogue(composer, config, server.loop))
     return server, port
 
 
