@@ -61,10 +61,9 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
     for error_type, code in _STATUS_OF_ERROR.items():
         if isinstance(exc, error_type):
             return code, str(exc)
-    if isinstance(exc, grpc.RpcError) and isinstance(exc, (grpc.Call, grpc.aio.AioRpcError)):
-        code = exc.code()
-        if code in _PASSED_THROUGH:
-            return code, exc.details() or code.name
+    code = status_code(exc) if isinstance(exc, grpc.RpcError) else None
+    if code in _PASSED_THROUGH:
+        return code, exc.details() or code.name
     return None
 
 
