@@ -325,6 +325,8 @@ def test_retrieve_candidates_gives_features_of_the_vectors_it_holds(embedding, d
      grpc.StatusCode.INVALID_ARGUMENT),
     ({"long_term_interest": np.full(384, 0.1), "k": 5, "extra_item_ids": ["x"] * 1001}, "extra_item_ids",
      grpc.StatusCode.INVALID_ARGUMENT),
+    ({"long_term_interest": np.full(384, 0.1), "k": 5, "categories": ["Beauty"] * 101}, "categories",
+     grpc.StatusCode.INVALID_ARGUMENT),
     ({"long_term_interest": np.full(384, 0.1), "k": 5, "interest_centroids": [np.full(384, 0.1)] * 51},
      "interest_centroids", grpc.StatusCode.INVALID_ARGUMENT),
     ({"long_term_interest": np.full(384, 0.1), "k": 5, "interest_centroids": [np.full(384, 0.1), np.full(2, 0.1)]},
@@ -377,6 +379,7 @@ def test_shopper_signals_are_the_profile_and_co_purchases_in_one_call(profile, d
     ({"user_id": "u", "history_limit": 5000}, "history_limit"),
     ({"user_id": "u", "co_purchase_k": 5, "anchor_item_ids": ["a"] * 101}, "anchor_item_ids"),
     ({"user_id": "u", "exclude_item_ids": ["a"] * 100_001}, "exclude_item_ids"),
+    ({"user_id": "u", "categories": ["Beauty"] * 101}, "categories"),
 ])
 def test_shopper_signals_bad_input_names_the_field(profile, fields, field):
     code, details = status_of(lambda: profile.GetShopperSignals(profile_pb2.GetShopperSignalsRequest(**fields),

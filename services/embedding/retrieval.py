@@ -22,6 +22,7 @@ MAX_EXTRA_ITEMS = 1000
 MAX_HISTORY_ITEMS = 1000
 MAX_DISLIKED_ITEMS = 1000
 MAX_EXCLUDED_ITEMS = 100_000
+MAX_CATEGORIES = 100
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,7 @@ def check_limits(request: RetrievalRequest) -> None:
         ("history_item_ids", request.history_ids, MAX_HISTORY_ITEMS),
         ("disliked_item_ids", request.disliked_ids, MAX_DISLIKED_ITEMS),
         ("exclude_item_ids", request.exclude_ids, MAX_EXCLUDED_ITEMS),
+        ("categories", request.categories, MAX_CATEGORIES),
     ):
         if len(values) > limit:
             raise InvalidArgument(name, f"at most {limit} per request, got {len(values)}")

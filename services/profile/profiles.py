@@ -33,6 +33,7 @@ MAX_POPULAR_K = 1000
 CO_PURCHASE_HISTORY = 100
 # Items one request may leave out (a shopper's seen items plus context).
 MAX_EXCLUDED = 100_000
+MAX_CATEGORIES = 100
 # The latest reviews that shape a profile's preferences.
 MAX_REVIEWS_READ = 50
 MAX_OPINIONS_CACHED = 100_000
@@ -390,6 +391,8 @@ class ProfileBook:
                 raise InvalidArgument(name, f"must be between 0 and {MAX_POPULAR_K}, got {value}")
         if len(exclude) > MAX_EXCLUDED:
             raise InvalidArgument("exclude_item_ids", f"at most {MAX_EXCLUDED} items, got {len(exclude)}")
+        if len(categories) > MAX_CATEGORIES:
+            raise InvalidArgument("categories", f"at most {MAX_CATEGORIES} categories, got {len(categories)}")
         profile = self.profile(user_id, timeout())
         co_purchased = (self.co_purchased(user_id, co_purchase_k, categories, exclude, anchors, include_seen)
                         if co_purchase_k else [])
