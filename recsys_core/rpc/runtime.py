@@ -7,7 +7,8 @@ Watch stream, a reply being sent) costs no thread. What blocks or burns CPU
 whose queue is bounded: beyond it a call is refused with RESOURCE_EXHAUSTED
 at once rather than let latency grow without bound. The gateway's calls
 downstream use grpc.aio stubs and wait on the loop, taking a slot of the
-same bound (`BlockingPool.admitted`) but no thread.
+same bound (`BlockingPool.admitted`) but no thread while they wait; their
+message work runs in the pool (`run_admitted`), off the loop.
 
 The loop runs in a thread, not in the main one, so that a server keeps the
 same blocking API it had as a grpc.Server (start, stop, health set from any
@@ -137,6 +138,14 @@ class BlockingPool:
             yield
         finally:
             self._release(None)
+
+    async def run_admitted(self, function: Callable[..., T], *args, **kwargs) -> T:
+        """`function(*args, **kwargs)` in a pool thread for a call that holds
+        a slot already (`admitted`): it takes no second one, so a call is
+        never refused half-way through. For CPU work between awaits that
+        would otherwise hold the loop, which accepts new calls and answers
+        health checks."""
+        return await asyncio.wrap_future(self._executor.submit(function, *args, **kwargs))
 
     def _take(self) -> None:
         with self._lock:

@@ -60,9 +60,45 @@ def popular_recommendations(items, titles) -> list[Recommendation]:
     ]
 
 
+async def run_inline(function, *args):
+    return function(*args)
+
+
+def parse_candidates(raw: bytes):
+    """RetrieveCandidates' reply, its candidates and their ids."""
+    retrieved = embedding_pb2.RetrieveCandidatesResponse.FromString(raw)
+    candidates = list(retrieved.candidates)
+    return retrieved, candidates, [c.item.item_id for c in candidates]
+
+
+def rank_request(profile, candidates, popularity, co_purchases: dict[str, int], k: int) -> ranking_pb2.RankRequest:
+    user = ranking_pb2.UserFeatures(drift_score=profile.drift.score)
+    if profile.HasField("value"):
+        user.churn_probability = profile.value.churn_probability
+    return ranking_pb2.RankRequest(
+        user=user,
+        candidates=[
+            ranking_pb2.Candidate(
+                item_id=candidate.item.item_id,
+                features=candidate.features,
+                popularity=count,
+                max_popularity=popularity.max_events,
+                co_purchases=co_purchases.get(candidate.item.item_id, 0),
+            )
+            for candidate, count in zip(candidates, popularity.events)
+        ],
+        k=k,
+    )
+
+
 class Composer:
-    def __init__(self, config: GatewayConfig):
+    def __init__(self, config: GatewayConfig, run_cpu=run_inline):
         self.config = config
+        # Runs the message work between calls (parsing the candidates,
+        # building Rank's request, wording the reply) off the event loop: the
+        # server's pool (BlockingPool.run_admitted), so that a burst of large
+        # requests does not keep the loop from accepting calls.
+        self._cpu = run_cpu
         self._channels: list[grpc.aio.Channel] = []
         self._categories: frozenset[str] = frozenset()
         self._categories_fetched = 0.0
@@ -77,6 +113,11 @@ class Composer:
         self._profile = profile_pb2_grpc.ProfileServiceStub(self._channels[0])
         self._embedding = embedding_pb2_grpc.EmbeddingServiceStub(self._channels[1])
         self._ranking = ranking_pb2_grpc.RankingServiceStub(self._channels[2])
+        # Raw bytes back, parsed in the pool (`_cpu`): the largest reply.
+        self._retrieve_raw = self._channels[1].unary_unary(
+            "/recsys.embedding.v1.EmbeddingService/RetrieveCandidates",
+            request_serializer=embedding_pb2.RetrieveCandidatesRequest.SerializeToString,
+        )
 
     @property
     def profile(self) -> profile_pb2_grpc.ProfileServiceStub:
@@ -177,8 +218,9 @@ class Composer:
         # not retrieve, above all in a category they never shopped in.
         co_purchases = {item.item_id: item.shoppers for item in signals.co_purchased if item.item_id not in excluded}
         history = list(profile.recent_history[: self.config.explain_history])
+        self._connect()
         try:
-            retrieved = await self.embedding.RetrieveCandidates(
+            raw = await self._retrieve_raw(
                 embedding_pb2.RetrieveCandidatesRequest(
                     **vectors, context_item_ids=context_ids, interest_centroids=[i.centroid for i in interests],
                     extra_item_ids=list(co_purchases), history_item_ids=[h.item_id for h in history],
@@ -191,13 +233,14 @@ class Composer:
             if not is_unavailable(error):
                 raise
             return await self._fallback(k, categories, exclude, deadline)
-        candidates = list(retrieved.candidates)
+        retrieved, candidates, ids = await self._cpu(parse_candidates, raw)
         if not candidates:
             return await self._popular(k, categories, exclude, deadline, with_titles=True), COLD_START
         popularity = await self.profile.GetItemPopularity(
-            profile_pb2.GetItemPopularityRequest(item_ids=[c.item.item_id for c in candidates]), timeout=deadline.left()
+            profile_pb2.GetItemPopularityRequest(item_ids=ids), timeout=deadline.left()
         )
-        ranked = await self._rank(profile, candidates, popularity, co_purchases, 0 if interests else k, deadline)
+        request = await self._cpu(rank_request, profile, candidates, popularity, co_purchases, 0 if interests else k)
+        ranked = await self._rank(request, deadline)
         if ranked is None:
             # Ranking is down: retrieval similarity alone still orders well.
             ordered = sorted(candidates, key=lambda c: -c.retrieval_score)[:k]
@@ -206,7 +249,12 @@ class Composer:
                                "close to your recent interests")
                 for c in ordered
             ], FALLBACK
+        return await self._cpu(self._compose, ranked, candidates, retrieved, interests, profile, history,
+                               co_purchases, k, explore_slots), PERSONALISED
 
+    def _compose(self, ranked, candidates, retrieved, interests, profile, history, co_purchases, k: int,
+                 explore_slots: int) -> list[Recommendation]:
+        """The ranked list spread over interests if asked, each item with its reason."""
         by_id = {c.item.item_id: c for c in candidates}
         spread_reasons = {}
         if interests:
@@ -230,7 +278,7 @@ class Composer:
                 reason = "matches your interests"
             item = candidate.item
             recommendations.append(Recommendation(item.item_id, item.category, item.title, scored.score, reason))
-        return recommendations, PERSONALISED
+        return recommendations
 
     @staticmethod
     def _spread(ranked, by_id, interests, profile, k: int, explore: int):
@@ -255,24 +303,7 @@ class Composer:
                                 else rq.interest_reason(interests[interest].label))
         return [ranked[position] for position in chosen], reasons
 
-    async def _rank(self, profile, candidates, popularity, co_purchases, k, deadline):
-        user = ranking_pb2.UserFeatures(drift_score=profile.drift.score)
-        if profile.HasField("value"):
-            user.churn_probability = profile.value.churn_probability
-        request = ranking_pb2.RankRequest(
-            user=user,
-            candidates=[
-                ranking_pb2.Candidate(
-                    item_id=candidate.item.item_id,
-                    features=candidate.features,
-                    popularity=count,
-                    max_popularity=popularity.max_events,
-                    co_purchases=co_purchases.get(candidate.item.item_id, 0),
-                )
-                for candidate, count in zip(candidates, popularity.events)
-            ],
-            k=k,
-        )
+    async def _rank(self, request: ranking_pb2.RankRequest, deadline: Deadline):
         try:
             reply = await self.ranking.Rank(request, timeout=deadline.left())
         except grpc.RpcError as error:

@@ -57,7 +57,7 @@ def create_server(config: GatewayConfig) -> tuple[ManagedServer, int]:
         config.address, config.workers, [SERVICE_NAME], "gateway", metrics_port=config.metrics_port
     )
     register_metrics(server)
-    composer = Composer(config)
+    composer = Composer(config, run_cpu=server.blocking.run_admitted)
     servicer = GatewayServicer(server.readiness, composer, config, server.blocking)
     server.add(gateway_pb2_grpc.add_GatewayServiceServicer_to_server, servicer)
     server.after_drain(composer.close)
