@@ -48,3 +48,26 @@ def test_bench_runs_both_targets_at_each_level_and_measures_every_service(tmp_pa
     for name, mib in report["memory_mib"].items():
         assert mib > 0, name
     assert report["memory_total_mib"] > 0
+
+
+def test_hops_bench_counts_four_calls_in_four_steps_and_one_for_cold_start(tmp_path, exported_encoder):
+    """bench/hops.py end to end, small; its figures also pin the call plan:
+    a known shopper costs four calls one after another, an unknown one one."""
+    out = tmp_path / "hops.json"
+    run = subprocess.run(
+        [sys.executable, str(paths.REPO_ROOT / "bench" / "hops.py"), "--per-kind", "2", "--json", str(out)],
+        cwd=paths.REPO_ROOT, capture_output=True, text=True, timeout=240,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    results = json.loads(out.read_text())["results"]
+    personalised = results["personalised"]
+    assert (personalised["calls"], personalised["levels"]) == (4, 4)
+    assert set(personalised["methods"]) == {"GetShopperSignals", "RetrieveCandidates", "GetItemPopularity", "Rank"}
+    # No vector travels to ranking: per candidate, Rank carries an id and a
+    # few numbers, GetItemPopularity the id alone (one 384-float vector
+    # each would make Rank over 100 times larger).
+    methods = personalised["methods"]
+    assert methods["Rank"]["request"] < 10 * methods["GetItemPopularity"]["request"]
+    cold = results["cold start"]
+    assert (cold["calls"], cold["levels"], set(cold["methods"])) == (1, 1, {"GetShopperSignals"})
+    assert cold["paths"] == {"2": 2}  # RECOMMENDATION_PATH_COLD_START, both

@@ -11,7 +11,7 @@ from recsys.common.v1 import common_pb2
 from recsys.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from recsys.profile.v1 import profile_pb2, profile_pb2_grpc
 from services.profile.config import ProfileConfig
-from tests.conftest import admin_token, gateway_channel, start, tls_material
+from tests.conftest import admin_token, gateway_channel, secured, start, tls_material
 
 
 def use_test_credentials(monkeypatch) -> None:
@@ -430,3 +430,37 @@ def test_reviews_shape_preferences_and_push_disliked_items_away(gateway, profile
         gateway_pb2.RecommendRequest(user_id=shopper, k=100, exclude_seen=False), timeout=10)
     ids = [i.item_id for i in recommended.items]
     assert recommended.path == PERSONALISED and {bought, loved} & set(ids) and hated not in ids
+
+
+def test_embedding_down_falls_back_to_popular_items(gateway_config_for, multi_category_shopper, dataset):
+    """An embedding service that still lists its categories but fails the
+    retrieval with UNAVAILABLE: popular items, flagged FALLBACK, seen ones left out."""
+    from recsys.embedding.v1 import embedding_pb2, embedding_pb2_grpc
+    from recsys_core.rpc.grpc_util import build_server
+    from services.gateway.server import create_server
+
+    class Failing(embedding_pb2_grpc.EmbeddingServiceServicer):
+        async def ListCategories(self, request, context):
+            return embedding_pb2.ListCategoriesResponse(
+                categories=[embedding_pb2.CategoryInfo(name=c) for c in dataset.items.category.unique()])
+
+        async def RetrieveCandidates(self, request, context):
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "index not loaded")
+
+    failing, port = build_server("127.0.0.1:0", 1, ["recsys.embedding.v1.EmbeddingService"], "failing",
+                                 **secured("embedding"))
+    failing.add(embedding_pb2_grpc.add_EmbeddingServiceServicer_to_server, Failing())
+    failing.readiness.start(lambda: None)
+    _, embedding = start((failing, port))
+    server, address = start(create_server(gateway_config_for(embedding_address=embedding)))
+    try:
+        with gateway_channel(address) as channel:
+            reply = gateway_pb2_grpc.GatewayServiceStub(channel).Recommend(
+                gateway_pb2.RecommendRequest(user_id=multi_category_shopper, k=10), timeout=10
+            )
+        assert reply.path == FALLBACK
+        assert len(reply.items) == 10
+        assert not {i.item_id for i in reply.items} & seen_items(dataset, multi_category_shopper)
+    finally:
+        server.stop(None)
+        failing.stop(None)

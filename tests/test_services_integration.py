@@ -250,24 +250,143 @@ def test_empty_ingest_and_bad_profile_requests(profile):
 # -- ranking service -----------------------------------------------------------
 
 
-def test_rank_orders_by_interest_and_explains(stack):
+def test_rank_orders_by_features_and_refuses_bad_ones(stack):
     with stack.channel("ranking") as channel:
         stub = ranking_pb2_grpc.RankingServiceStub(channel)
-        near, far = np.eye(4, dtype=np.float32)[:2]
-        user = ranking_pb2.UserFeatures(
-            long_term_interest=to_vector(near),
-            recent_items=[ranking_pb2.HistoryItem(item_id="h", embedding=to_vector(near))],
-        )
+        user = ranking_pb2.UserFeatures(drift_score=0.0)
         candidates = [
-            ranking_pb2.Candidate(item_id="far", embedding=to_vector(far), popularity=100, max_popularity=100),
-            ranking_pb2.Candidate(item_id="near", embedding=to_vector(near), popularity=1, max_popularity=100),
+            ranking_pb2.Candidate(item_id="far", features=common_pb2.CandidateFeatures(long_term_similarity=0.0),
+                                  popularity=100, max_popularity=100),
+            ranking_pb2.Candidate(item_id="near", features=common_pb2.CandidateFeatures(long_term_similarity=1.0),
+                                  popularity=1, max_popularity=100),
         ]
         reply = stub.Rank(ranking_pb2.RankRequest(user=user, candidates=candidates, k=2), timeout=5)
         assert [c.item_id for c in reply.candidates] == ["near", "far"]
-        assert reply.candidates[0].because_item_id == "h"
-        bad = [ranking_pb2.Candidate(item_id="x", embedding=to_vector(np.array([1.0, 0.0])))]
+        disliked = [ranking_pb2.Candidate(item_id="a", features=common_pb2.CandidateFeatures(disliked_similarity=0.9)),
+                    ranking_pb2.Candidate(item_id="b")]
+        reply = stub.Rank(ranking_pb2.RankRequest(user=user, candidates=disliked), timeout=5)
+        assert [c.item_id for c in reply.candidates] == ["b", "a"]
+        bad = [ranking_pb2.Candidate(item_id="x"),
+               ranking_pb2.Candidate(item_id="y", features=common_pb2.CandidateFeatures(context_similarity=float("nan")))]
         code, details = status_of(lambda: stub.Rank(ranking_pb2.RankRequest(user=user, candidates=bad), timeout=5))
-        assert code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith("user.long_term_interest")
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith("candidates[1].features.context_similarity")
+        code, details = status_of(lambda: stub.Rank(ranking_pb2.RankRequest(
+            user=ranking_pb2.UserFeatures(churn_probability=2.0), candidates=candidates), timeout=5))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith("user.churn_probability")
+
+
+def test_retrieve_candidates_gives_features_of_the_vectors_it_holds(embedding, dataset):
+    from recsys_core.ranking.scoring import UserVectors, explain, features
+
+    beauty = dataset.items[dataset.items.category == "Beauty"].item_id.tolist()
+    context, history, disliked, extra = beauty[:2], beauty[2:5], beauty[5:6], beauty[100:103]
+    vectors = {e.item.item_id: from_vector(e.embedding) for e in embedding.GetItems(embedding_pb2.GetItemsRequest(
+        item_ids=context + history + disliked, include_embeddings=True), timeout=10).items}
+    long_term = vectors[history[0]]
+    reply = embedding.RetrieveCandidates(embedding_pb2.RetrieveCandidatesRequest(
+        long_term_interest=to_vector(long_term), context_item_ids=context, extra_item_ids=extra + ["NO-SUCH-ITEM"],
+        history_item_ids=history + ["NO-SUCH-ITEM"], disliked_item_ids=disliked, k=10, exclude_item_ids=context,
+        interest_centroids=[to_vector(vectors[history[1]])], include_embeddings=True), timeout=10)
+    ids = [c.item.item_id for c in reply.candidates]
+    assert len(ids) == len(set(ids)) and not set(ids) & set(context)
+    assert set(extra) <= set(ids) and "NO-SUCH-ITEM" not in ids
+    assert [c.item_id for c in reply.context_items] == context
+    assert [c.item_id for c in reply.history_items] == history
+    assert all(c.item.title and not c.item.text for c in reply.candidates)
+    assert not any(c.retrieved for c in reply.candidates if c.item.item_id in extra and c.retrieval_score == 0)
+    candidates = np.stack([from_vector(c.embedding) for c in reply.candidates])
+    mixed = np.mean([vectors[i] for i in context], axis=0)
+    user = UserVectors(long_term=long_term, short_term=None, context=mixed / np.linalg.norm(mixed), history=None,
+                       disliked=np.stack([vectors[disliked[0]]]))
+    expected = features(user, candidates)
+    got = np.array([[c.features.long_term_similarity, c.features.context_similarity, c.features.disliked_similarity,
+                     c.features.short_term_similarity, c.features.model_similarity] for c in reply.candidates])
+    assert np.allclose(got[:, 0], expected.long_term, atol=1e-6)
+    assert np.allclose(got[:, 1], expected.context, atol=1e-5)
+    assert np.allclose(got[:, 2], expected.disliked, atol=1e-6)
+    assert not got[:, 3:].any()  # no short-term or model vector: those terms are 0
+    because = explain(candidates, np.stack([vectors[i] for i in context + history]))
+    assert [c.because_item_id for c in reply.candidates] == [(context + history)[row] for row in because]
+    assert np.allclose([c.interest_similarities[0] for c in reply.candidates], candidates @ vectors[history[1]],
+                       atol=1e-6)
+    # Without include_embeddings no vector travels back.
+    lean = embedding.RetrieveCandidates(embedding_pb2.RetrieveCandidatesRequest(
+        long_term_interest=to_vector(long_term), k=5), timeout=10)
+    assert lean.candidates and not any(c.embedding.float32_le for c in lean.candidates)
+
+
+@pytest.mark.parametrize("fields, field, code", [
+    ({"k": 5}, "long_term_interest", grpc.StatusCode.INVALID_ARGUMENT),
+    ({"long_term_interest": np.full(3, 0.1), "k": 5}, "long_term_interest", grpc.StatusCode.INVALID_ARGUMENT),
+    ({"short_term_interest": np.full(384, np.inf), "k": 5}, "short_term_interest", grpc.StatusCode.INVALID_ARGUMENT),
+    ({"long_term_interest": np.full(384, 0.1), "k": 0}, "k", grpc.StatusCode.INVALID_ARGUMENT),
+    ({"long_term_interest": np.full(384, 0.1), "k": 5, "categories": ["Garden"]}, "categories",
+     grpc.StatusCode.INVALID_ARGUMENT),
+    ({"long_term_interest": np.full(384, 0.1), "k": 5, "history_item_ids": ["x"] * 1001}, "history_item_ids",
+     grpc.StatusCode.INVALID_ARGUMENT),
+    ({"long_term_interest": np.full(384, 0.1), "k": 5, "extra_item_ids": ["x"] * 1001}, "extra_item_ids",
+     grpc.StatusCode.INVALID_ARGUMENT),
+    ({"long_term_interest": np.full(384, 0.1), "k": 5, "categories": ["Beauty"] * 101}, "categories",
+     grpc.StatusCode.INVALID_ARGUMENT),
+    ({"long_term_interest": np.full(384, 0.1), "k": 5, "interest_centroids": [np.full(384, 0.1)] * 51},
+     "interest_centroids", grpc.StatusCode.INVALID_ARGUMENT),
+    ({"long_term_interest": np.full(384, 0.1), "k": 5, "interest_centroids": [np.full(384, 0.1), np.full(2, 0.1)]},
+     "interest_centroids[1]", grpc.StatusCode.INVALID_ARGUMENT),
+    ({"k": 5, "context_item_ids": ["KNOWN", "NO-SUCH-ITEM"]}, "context_item_ids[1]", grpc.StatusCode.NOT_FOUND),
+])
+def test_retrieve_candidates_bad_input_names_the_field(embedding, dataset, fields, field, code):
+    known = dataset.items.item_id.iloc[0]
+    fields = {name: (to_vector(value) if isinstance(value, np.ndarray) else
+                     [known if v == "KNOWN" else v for v in value] if name == "context_item_ids" else
+                     [to_vector(v) for v in value] if name == "interest_centroids" else value)
+              for name, value in fields.items()}
+    status, details = status_of(lambda: embedding.RetrieveCandidates(
+        embedding_pb2.RetrieveCandidatesRequest(**fields), timeout=10))
+    assert status == code, details
+    assert details.startswith(field), details
+
+
+def test_shopper_signals_are_the_profile_and_co_purchases_in_one_call(profile, dataset):
+    from tests.test_gateway_integration import shoppers_by_categories
+
+    user_id = sorted(u for u, c in shoppers_by_categories(dataset).items() if len(c) >= 2)[0]
+    signals = profile.GetShopperSignals(profile_pb2.GetShopperSignalsRequest(
+        user_id=user_id, history_limit=5, co_purchase_k=50, popular_k=10), timeout=10)
+    alone = profile.GetProfile(profile_pb2.GetProfileRequest(user_id=user_id, history_limit=5), timeout=10)
+    co_purchased = profile.GetCoPurchasedItems(profile_pb2.GetCoPurchasedItemsRequest(user_id=user_id, k=50),
+                                               timeout=10)
+    assert signals.profile.long_term_interest == alone.long_term_interest
+    assert list(signals.profile.recent_history) == list(alone.recent_history)
+    assert list(signals.co_purchased) == list(co_purchased.items)
+    assert not signals.popular  # a shopper with interests needs no popular items
+    assert all(not i.centroid.float32_le for i in signals.profile.interests)  # not asked for
+    with_centroids = profile.GetShopperSignals(profile_pb2.GetShopperSignalsRequest(
+        user_id=user_id, include_centroids=True), timeout=10)
+    assert [i.centroid for i in with_centroids.profile.interests] == [i.centroid for i in alone.interests]
+
+    cold = profile.GetShopperSignals(profile_pb2.GetShopperSignalsRequest(
+        user_id="NOBODY-EVER", co_purchase_k=50, popular_k=7, categories=["Beauty"]), timeout=10)
+    assert not cold.profile.known and not cold.co_purchased
+    popular = profile.GetPopularItems(profile_pb2.GetPopularItemsRequest(k=7, categories=["Beauty"]), timeout=10)
+    assert list(cold.popular) == list(popular.items)
+    titles = dict(zip(dataset.items.item_id, dataset.items.display_title))
+    assert list(cold.popular_titles) == [titles[p.item_id] for p in cold.popular]
+
+
+@pytest.mark.parametrize("fields, field", [
+    ({"user_id": ""}, "user_id"),
+    ({"user_id": "u", "co_purchase_k": 1001}, "co_purchase_k"),
+    ({"user_id": "u", "popular_k": -1}, "popular_k"),
+    ({"user_id": "u", "history_limit": 5000}, "history_limit"),
+    ({"user_id": "u", "co_purchase_k": 5, "anchor_item_ids": ["a"] * 101}, "anchor_item_ids"),
+    ({"user_id": "u", "exclude_item_ids": ["a"] * 100_001}, "exclude_item_ids"),
+    ({"user_id": "u", "categories": ["Beauty"] * 101}, "categories"),
+])
+def test_shopper_signals_bad_input_names_the_field(profile, fields, field):
+    code, details = status_of(lambda: profile.GetShopperSignals(profile_pb2.GetShopperSignalsRequest(**fields),
+                                                                timeout=10))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT, details
+    assert details.startswith(field), details
 
 
 # -- graceful shutdown -----------------------------------------------------------

@@ -20,6 +20,13 @@ The co-purchase term (recsys_core.signals.copurchase) carries what item text can
 across categories; its weight was chosen on the cross-category task's
 validation targets with this very function (scripts/results.py, `cross`).
 Terms whose user signal is absent drop out.
+
+The score comes in two halves, so that serving and offline evaluation share
+one implementation while no vector has to travel to the ranking service:
+`features` is the vector half (the similarities above, computed by the
+embedding service where the item vectors are), `score_features` the rest
+(weights, drift, popularity, co-purchases; the ranking service). `score`
+and `rank` chain both for callers that hold the vectors (training/).
 Learned ranking replaces this later.
 """
 from __future__ import annotations
@@ -80,6 +87,24 @@ class UserVectors:
 
 
 @dataclass(frozen=True)
+class Features:
+    """Per candidate (parallel arrays, float32), the terms of the score that
+    need vectors: serving computes them where the vectors live (the embedding
+    service) and ranking scores from them alone; offline evaluation does both
+    here. A term whose user vector is absent is 0."""
+    long_term: np.ndarray
+    short_term: np.ndarray
+    context: np.ndarray
+    # (item . model interest) / |model interest|
+    model: np.ndarray
+    # max(0, max cos(disliked item, item))
+    disliked: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.long_term)
+
+
+@dataclass(frozen=True)
 class Ranked:
     order: np.ndarray  # candidate positions, best first
     scores: np.ndarray  # parallel to order
@@ -100,9 +125,78 @@ def check_dimensions(user: UserVectors, candidates: np.ndarray) -> None:
         raise InvalidArgument("user.recent_items", f"embeddings must have {dimension} values")
     if user.disliked is not None and user.disliked.shape[1] != dimension:
         raise InvalidArgument("user.disliked", f"embeddings must have {dimension} values")
-    for name, value in (("user.drift_score", user.drift_score), ("user.churn_probability", user.churn_probability)):
+    check_shares(user.drift_score, user.churn_probability)
+
+
+def check_shares(drift_score: float | None, churn_probability: float | None) -> None:
+    for name, value in (("user.drift_score", drift_score), ("user.churn_probability", churn_probability)):
         if value is not None and not 0.0 <= value <= 1.0:
             raise InvalidArgument(name, f"must be between 0 and 1, got {value}")
+
+
+def features(user: UserVectors, candidates: np.ndarray) -> Features:
+    """The vector half of the score: each candidate's similarity to the
+    shopper's vectors (rows of `candidates` are unit item vectors)."""
+    check_dimensions(user, candidates)
+    zeros = np.zeros(len(candidates), dtype=np.float32)
+
+    def similarity(vector):
+        return zeros if vector is None else (candidates @ vector).astype(np.float32, copy=False)
+
+    model = zeros
+    if user.model_interest is not None:
+        length = float(np.linalg.norm(user.model_interest))
+        if length > 0:
+            model = ((candidates @ user.model_interest) / length).astype(np.float32, copy=False)
+    disliked = zeros
+    if user.disliked is not None and len(user.disliked):
+        disliked = np.maximum(candidates @ user.disliked.T, 0.0).max(axis=1).astype(np.float32, copy=False)
+    return Features(similarity(user.long_term), similarity(user.short_term), similarity(user.context), model,
+                    disliked)
+
+
+def explain(candidates: np.ndarray, history: np.ndarray | None) -> np.ndarray:
+    """Per candidate, the history row most similar to it; -1 without history."""
+    if history is None or not len(history):
+        return np.full(len(candidates), -1)
+    return np.argmax(candidates @ history.T, axis=1)
+
+
+def score_features(
+    features: Features,
+    popularity: np.ndarray,
+    max_popularity: np.ndarray,
+    weights: Weights,
+    drift_score: float | None = None,
+    churn_probability: float | None = None,
+    co_purchases: np.ndarray | None = None,
+) -> np.ndarray:
+    """Every candidate's score (the formula above) from its features;
+    `co_purchases`: per candidate, shoppers who bought it beside the
+    shopper's items."""
+    scores = np.zeros(len(features), dtype=np.float32)
+    long_weight, short_weight = drift_aware_weights(weights.long_term, weights.short_term, drift_score, weights.drift)
+    # The terms are added in one fixed order: float32 sums depend on it.
+    for feature, weight in (
+        (features.long_term, long_weight),
+        (features.short_term, short_weight),
+        (features.context, weights.context),
+    ):
+        if weight:
+            scores += weight * feature
+    popularity_weight = weights.popularity * (1.0 + weights.churn_boost * (churn_probability or 0.0))
+    if popularity_weight:
+        denominator = np.log1p(np.maximum(max_popularity, 1)).astype(np.float32)
+        scores += popularity_weight * np.log1p(np.maximum(popularity, 0)).astype(np.float32) / denominator
+    if weights.dislike:
+        scores -= weights.dislike * features.disliked
+    if weights.model:
+        scores += weights.model * features.model
+    if co_purchases is not None and weights.co_purchase and len(co_purchases):
+        strongest = float(np.max(co_purchases))
+        if strongest > 0:
+            scores += (weights.co_purchase / strongest) * np.maximum(co_purchases, 0).astype(np.float32)
+    return scores
 
 
 def score(
@@ -113,35 +207,16 @@ def score(
     weights: Weights,
     co_purchases: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Every candidate's score (the formula above); `co_purchases`: per
-    candidate, shoppers who bought it beside the shopper's items."""
-    check_dimensions(user, candidates)
-    scores = np.zeros(len(candidates), dtype=np.float32)
-    long_weight, short_weight = drift_aware_weights(
-        weights.long_term, weights.short_term, user.drift_score, weights.drift
-    )
-    for vector, weight in (
-        (user.long_term, long_weight),
-        (user.short_term, short_weight),
-        (user.context, weights.context),
-    ):
-        if vector is not None and weight:
-            scores += weight * (candidates @ vector)
-    popularity_weight = weights.popularity * (1.0 + weights.churn_boost * (user.churn_probability or 0.0))
-    if popularity_weight:
-        denominator = np.log1p(np.maximum(max_popularity, 1)).astype(np.float32)
-        scores += popularity_weight * np.log1p(np.maximum(popularity, 0)).astype(np.float32) / denominator
-    if user.disliked is not None and len(user.disliked) and weights.dislike:
-        scores -= weights.dislike * np.maximum(candidates @ user.disliked.T, 0.0).max(axis=1)
-    if user.model_interest is not None and weights.model:
-        length = float(np.linalg.norm(user.model_interest))
-        if length > 0:
-            scores += weights.model * (candidates @ user.model_interest) / length
-    if co_purchases is not None and weights.co_purchase and len(co_purchases):
-        strongest = float(np.max(co_purchases))
-        if strongest > 0:
-            scores += (weights.co_purchase / strongest) * np.maximum(co_purchases, 0).astype(np.float32)
-    return scores
+    """Every candidate's score from vectors: `features`, then `score_features`."""
+    return score_features(features(user, candidates), popularity, max_popularity, weights, user.drift_score,
+                          user.churn_probability, co_purchases)
+
+
+def top(scores: np.ndarray, k: int) -> np.ndarray:
+    """Positions of the k best scores (every one for k <= 0), best first."""
+    k = len(scores) if k <= 0 else min(k, len(scores))
+    # Stable sort on the negated score keeps retrieval order among ties.
+    return np.argsort(-scores, kind="stable")[:k]
 
 
 def rank(
@@ -154,11 +229,5 @@ def rank(
     co_purchases: np.ndarray | None = None,
 ) -> Ranked:
     scores = score(user, candidates, popularity, max_popularity, weights, co_purchases)
-    k = len(candidates) if k <= 0 else min(k, len(candidates))
-    # Stable sort on the negated score keeps retrieval order among ties.
-    order = np.argsort(-scores, kind="stable")[:k]
-    if user.history is not None and len(user.history):
-        because = np.argmax(candidates[order] @ user.history.T, axis=1)
-    else:
-        because = np.full(len(order), -1)
-    return Ranked(order=order, scores=scores[order], because=because)
+    order = top(scores, k)
+    return Ranked(order=order, scores=scores[order], because=explain(candidates[order], user.history))

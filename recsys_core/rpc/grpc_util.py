@@ -15,7 +15,7 @@ import logging
 import signal
 import threading
 import time
-from typing import Callable
+from typing import Awaitable, Callable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -64,10 +64,9 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
     for error_type, code in _STATUS_OF_ERROR.items():
         if isinstance(exc, error_type):
             return code, str(exc)
-    if isinstance(exc, grpc.RpcError) and isinstance(exc, grpc.Call):
-        code = exc.code()
-        if code in _PASSED_THROUGH:
-            return code, exc.details() or code.name
+    code = status_code(exc) if isinstance(exc, grpc.RpcError) else None
+    if code in _PASSED_THROUGH:
+        return code, exc.details() or code.name
     return None
 
 
@@ -133,6 +132,13 @@ def channel(target: str, security: Security, service: str) -> grpc.Channel:
 def aio_channel(target: str, security: Security, service: str) -> grpc.aio.Channel:
     """As `channel`, for grpc.aio stubs (bound to the running event loop)."""
     return security.aio_channel(target, service, CHANNEL_OPTIONS)
+
+
+def status_code(error: BaseException) -> grpc.StatusCode | None:
+    """The status of a failed call, from a sync or an aio stub; None for anything else."""
+    if isinstance(error, (grpc.Call, grpc.aio.AioRpcError)):
+        return error.code()
+    return None
 
 
 class _HealthServicer(health.aio.HealthServicer):
@@ -388,6 +394,10 @@ class _BlockingHandlers(WrappingInterceptor):
         return grpc.unary_stream_rpc_method_handler(unary_stream, **options)
 
 
+# How long a draining server keeps accepting calls after turning NOT_SERVING.
+SETTLE_SECONDS = 1.0
+
+
 class ManagedServer:
     """A grpc.aio server on its own event-loop thread, with its blocking pool,
     health reporting, metrics and background loading: what `create_server`
@@ -406,6 +416,7 @@ class ManagedServer:
         self.stopping = threading.Event()
         self._stopped: threading.Event | None = None
         self._stop_lock = threading.Lock()
+        self._after_drain: list[Callable[[], Awaitable[None]]] = []
 
     @property
     def metrics_port(self) -> int | None:
@@ -422,6 +433,11 @@ class ManagedServer:
         if self.health_server is not None:
             self.loop.run(self.health_server.start)
 
+    def after_drain(self, close: Callable[[], Awaitable[None]]) -> None:
+        """`close()` is awaited on the loop once in-flight calls are done
+        (e.g. the aio channels the servicer calls out on)."""
+        self._after_drain.append(close)
+
     def stop(self, grace: float | None) -> threading.Event:
         """Drain: NOT_SERVING first, then refuse new calls and let in-flight
         ones finish within `grace` seconds (None: end them now). Returns an
@@ -434,9 +450,18 @@ class ManagedServer:
 
         async def drain():
             await self.serving.shutdown()
+            if grace:
+                # Calls that reached the transport but were not yet handed to
+                # a handler are cancelled by stop(), not drained: keep taking
+                # them for a moment while health says NOT_SERVING and callers
+                # and balancers turn away (seen as CANCELLED replies to a burst
+                # that arrived just before SIGTERM).
+                await asyncio.sleep(min(SETTLE_SECONDS, grace))
             await self.grpc_server.stop(grace)
             if self.health_server is not None:
                 await self.health_server.stop(0)
+            for close in self._after_drain:
+                await close()
 
         def finish(_future) -> None:
             # Scrapes still see the drain; the endpoint closes once the server has stopped.

@@ -3,10 +3,12 @@ its own thread, and a bounded pool of threads for the blocking work.
 
 The event loop holds every open call, so a call that only waits (a health
 Watch stream, a reply being sent) costs no thread. What blocks or burns CPU
-(the domain: FAISS, SQLite, numpy, the gateway's calls downstream) runs in
-the server's `BlockingPool`, whose queue is bounded: beyond it a call is
-refused with RESOURCE_EXHAUSTED at once rather than let latency grow
-without bound.
+(the domain: FAISS, SQLite, numpy) runs in the server's `BlockingPool`,
+whose queue is bounded: beyond it a call is refused with RESOURCE_EXHAUSTED
+at once rather than let latency grow without bound. The gateway's calls
+downstream use grpc.aio stubs and wait on the loop, taking a slot of the
+same bound (`BlockingPool.admitted`) but no thread while they wait; their
+message work runs in the pool (`run_admitted`), off the loop.
 
 The loop runs in a thread, not in the main one, so that a server keeps the
 same blocking API it had as a grpc.Server (start, stop, health set from any
@@ -15,6 +17,7 @@ thread) and the tests can run several servers in one process.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections.abc import Awaitable, Callable
 from concurrent import futures
@@ -114,12 +117,7 @@ class BlockingPool:
         """`function(*args, **kwargs)` in a pool thread; the caller's event loop waits
         without blocking. A caller that goes away (deadline, cancel) before a
         thread picked the call up also drops the call."""
-        with self._lock:
-            if self._pending >= self.limit:
-                raise PoolFull(
-                    f"{self.name} is busy: {self.limit} calls already running or waiting; retry shortly"
-                )
-            self._pending += 1
+        self._take()
         try:
             future = self._executor.submit(function, *args, **kwargs)
         except BaseException:
@@ -129,6 +127,33 @@ class BlockingPool:
         # caller stops waiting: a thread still busy with an abandoned call is busy.
         future.add_done_callback(self._release)
         return await asyncio.wrap_future(future)
+
+    @contextlib.contextmanager
+    def admitted(self):
+        """A slot under the same bound for work that awaits on the loop
+        instead of taking a thread (the gateway's calls downstream on aio
+        stubs): beyond the bound, PoolFull at once."""
+        self._take()
+        try:
+            yield
+        finally:
+            self._release(None)
+
+    async def run_admitted(self, function: Callable[..., T], *args, **kwargs) -> T:
+        """`function(*args, **kwargs)` in a pool thread for a call that holds
+        a slot already (`admitted`): it takes no second one, so a call is
+        never refused half-way through. For CPU work between awaits that
+        would otherwise hold the loop, which accepts new calls and answers
+        health checks."""
+        return await asyncio.wrap_future(self._executor.submit(function, *args, **kwargs))
+
+    def _take(self) -> None:
+        with self._lock:
+            if self._pending >= self.limit:
+                raise PoolFull(
+                    f"{self.name} is busy: {self.limit} calls already running or waiting; retry shortly"
+                )
+            self._pending += 1
 
     def _release(self, _future) -> None:
         with self._lock:

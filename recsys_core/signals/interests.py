@@ -271,11 +271,20 @@ def spread(scores: np.ndarray, item_vectors: np.ndarray, centroids: np.ndarray, 
     candidates (e.g. from parts of the catalogue the shopper has not touched)
     that are not picked already. Slots an interest cannot fill go to the best
     remaining candidates, so the list is always as long as it can be."""
+    similarity = item_vectors @ centroids.T if len(centroids) else np.zeros((len(scores), 0), dtype=np.float32)
+    return spread_by_similarity(scores, similarity, weights, k, explore, novel)
+
+
+def spread_by_similarity(scores: np.ndarray, similarity: np.ndarray, weights: np.ndarray, k: int,
+                         explore: int = 0, novel: np.ndarray | None = None) -> np.ndarray:
+    """`spread` from each candidate's similarity to each centroid (rows:
+    candidates, columns: interests) instead of the vectors: what the gateway
+    receives, so that no item vector travels for it."""
     k = min(k, len(scores))
     order = np.argsort(-scores, kind="stable")
-    if len(centroids) == 0 or k == 0:
+    if similarity.shape[1] == 0 or k == 0:
         return order[:k]
-    nearest = np.argmax(item_vectors @ centroids.T, axis=1)
+    nearest = np.argmax(similarity, axis=1)
     explore = min(explore, k) if novel is not None else 0
     chosen: list[int] = []
     taken = np.zeros(len(scores), dtype=bool)

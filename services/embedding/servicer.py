@@ -7,8 +7,9 @@ from recsys.embedding.v1 import embedding_pb2, embedding_pb2_grpc
 from recsys_core.errors import InvalidArgument
 from recsys_core.rpc.grpc_util import Readiness, handle_errors, Deadline
 from recsys_core.rpc.runtime import BlockingPool
-from recsys_core.rpc.messages import from_vector, to_vector
+from recsys_core.rpc.messages import from_vector, has_values, to_vector
 from services.embedding.catalogue import Catalogue, ItemRecord
+from services.embedding.retrieval import RetrievalRequest, retrieve
 from services.embedding.config import EmbeddingConfig
 
 ENCODER_CALL_SECONDS = 30.0
@@ -87,6 +88,55 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
             else:
                 for item_id, score in hits:
                     result.hits.add(item_id=item_id, score=score)
+        return response
+
+    @handle_errors
+    async def RetrieveCandidates(self, request, context):
+        catalogue = self.catalogue
+
+        def optional(vector, name):
+            return from_vector(vector, name) if has_values(vector) else None
+
+        query = RetrievalRequest(
+            long_term=optional(request.long_term_interest, "long_term_interest"),
+            short_term=optional(request.short_term_interest, "short_term_interest"),
+            model=optional(request.model_interest, "model_interest"),
+            context_ids=list(request.context_item_ids),
+            centroids=[from_vector(v, f"interest_centroids[{i}]") for i, v in enumerate(request.interest_centroids)],
+            extra_ids=list(request.extra_item_ids),
+            history_ids=list(request.history_item_ids),
+            disliked_ids=list(request.disliked_item_ids),
+            k=request.k,
+            categories=list(request.categories),
+            exclude_ids=list(request.exclude_item_ids),
+        )
+        return await self.blocking.run(self._retrieve, catalogue, query, request.include_embeddings)
+
+    def _retrieve(self, catalogue: Catalogue, query: RetrievalRequest, with_embeddings: bool):
+        """In the pool: the reply is large enough that building it off the loop pays."""
+        found = retrieve(catalogue, query, self.config.max_k)
+        response = embedding_pb2.RetrieveCandidatesResponse(
+            context_items=[item_message(r, with_text=False) for r in found.context],
+            history_items=[item_message(r, with_text=False) for r in found.history],
+        )
+        features = found.features
+        columns = zip(found.records, found.scores.tolist(), found.retrieved.tolist(), features.long_term.tolist(),
+                      features.short_term.tolist(), features.context.tolist(), features.model.tolist(),
+                      features.disliked.tolist(), found.because, found.interest_similarity.tolist())
+        for position, (record, score, retrieved, long, short, ctx, model, disliked, because, interests) in enumerate(columns):
+            candidate = response.candidates.add(
+                item=item_message(record, with_text=False),
+                retrieval_score=score,
+                retrieved=retrieved,
+                features=common_pb2.CandidateFeatures(
+                    long_term_similarity=long, short_term_similarity=short, context_similarity=ctx,
+                    model_similarity=model, disliked_similarity=disliked,
+                ),
+                because_item_id=because,
+                interest_similarities=interests,
+            )
+            if with_embeddings:
+                candidate.embedding.CopyFrom(to_vector(found.embeddings[position]))
         return response
 
     @handle_errors

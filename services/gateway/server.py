@@ -11,6 +11,7 @@ from prometheus_client import Counter
 from recsys.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from recsys_core.rpc.envconfig import ConfigError
 from recsys_core.rpc.grpc_util import ManagedServer, build_server, serve_main
+from recsys_core.rpc.runtime import EventLoopThread
 from services.gateway.composer import Composer
 from services.gateway.config import GatewayConfig
 from services.gateway.servicer import PATHS, GatewayServicer
@@ -19,13 +20,14 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name
 
 
-def wait_for_catalogue(composer: Composer, config: GatewayConfig) -> None:
+def wait_for_catalogue(composer: Composer, config: GatewayConfig, loop: EventLoopThread) -> None:
     """Ready once the embedding service answers with its categories; it may
-    still be encoding the catalogue when the gateway starts."""
+    still be encoding the catalogue when the gateway starts. The call runs on
+    the server's loop, whose aio channels the composer keeps."""
     give_up = time.monotonic() + config.startup_timeout_seconds
     while True:
         try:
-            categories = composer.refresh_categories(timeout=2.0)
+            categories = loop.run(lambda: composer.refresh_categories(timeout=2.0))
             log.info("catalogue categories: %s", ", ".join(sorted(categories)))
             return
         except grpc.RpcError as error:
@@ -60,10 +62,11 @@ def create_server(config: GatewayConfig) -> tuple[ManagedServer, int]:
         security=config.security, auth=config.auth, health_port=config.health_port, public=True,
     )
     register_metrics(server)
-    composer = Composer(config)
+    composer = Composer(config, run_cpu=server.blocking.run_admitted)
     servicer = GatewayServicer(server.readiness, composer, config, server.blocking)
     server.add(gateway_pb2_grpc.add_GatewayServiceServicer_to_server, servicer)
-    server.readiness.start(lambda: wait_for_catalogue(composer, config))
+    server.after_drain(composer.close)
+    server.readiness.start(lambda: wait_for_catalogue(composer, config, server.loop))
     return server, port
 
 

@@ -1,7 +1,9 @@
 """gRPC face of the gateway: parse, call the composer, build the reply.
 
-The composer makes its downstream calls with blocking stubs, so each call
-runs in the server's blocking pool; the event loop only holds the call.
+The composer calls downstream with grpc.aio stubs on the server's event
+loop, so no thread waits on the network; each call takes a slot of the
+blocking pool's bound (`admitted`), which refuses work beyond it with
+RESOURCE_EXHAUSTED as for every other server.
 """
 from __future__ import annotations
 
@@ -35,35 +37,35 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     @handle_errors
     async def Recommend(self, request, context):
         self.readiness.require()
-        recommendations, path = await self.blocking.run(
-            self.composer.recommend,
-            user_id=request.user_id,
-            k=request.k,
-            categories=list(request.categories),
-            exclude_seen=request.exclude_seen if request.HasField("exclude_seen") else True,
-            context_ids=list(request.context_item_ids),
-            deadline=Deadline(context, self.config.request_timeout_seconds),
-            spread_interests=request.spread_interests,
-            explore_slots=request.explore_slots,
-        )
+        with self.blocking.admitted():
+            recommendations, path = await self.composer.recommend(
+                user_id=request.user_id,
+                k=request.k,
+                categories=list(request.categories),
+                exclude_seen=request.exclude_seen if request.HasField("exclude_seen") else True,
+                context_ids=list(request.context_item_ids),
+                deadline=Deadline(context, self.config.request_timeout_seconds),
+                spread_interests=request.spread_interests,
+                explore_slots=request.explore_slots,
+            )
         return gateway_pb2.RecommendResponse(items=item_messages(recommendations), path=PATHS[path])
 
     @handle_errors
     async def GetProfile(self, request, context):
         self.readiness.require()
-        return await self.blocking.run(
-            self.composer.shopper_profile,
-            request.user_id, request.history_limit, Deadline(context, self.config.request_timeout_seconds),
-        )
+        with self.blocking.admitted():
+            return await self.composer.shopper_profile(
+                request.user_id, request.history_limit, Deadline(context, self.config.request_timeout_seconds),
+            )
 
     @handle_errors
     async def SimilarItems(self, request, context):
         self.readiness.require()
-        recommendations = await self.blocking.run(
-            self.composer.similar_items,
-            item_id=request.item_id,
-            k=request.k,
-            categories=list(request.categories),
-            deadline=Deadline(context, self.config.request_timeout_seconds),
-        )
+        with self.blocking.admitted():
+            recommendations = await self.composer.similar_items(
+                item_id=request.item_id,
+                k=request.k,
+                categories=list(request.categories),
+                deadline=Deadline(context, self.config.request_timeout_seconds),
+            )
         return gateway_pb2.SimilarItemsResponse(items=item_messages(recommendations))

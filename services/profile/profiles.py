@@ -31,6 +31,9 @@ MAX_HISTORY = 1000
 MAX_POPULAR_K = 1000
 # A shopper's most recent distinct items that co-purchases are read from.
 CO_PURCHASE_HISTORY = 100
+# Items one request may leave out (a shopper's seen items plus context).
+MAX_EXCLUDED = 100_000
+MAX_CATEGORIES = 100
 # The latest reviews that shape a profile's preferences.
 MAX_REVIEWS_READ = 50
 MAX_OPINIONS_CACHED = 100_000
@@ -50,6 +53,14 @@ class ItemInfo:
     vector: np.ndarray
     title: str = ""
     category_path: str = ""
+
+
+@dataclass(frozen=True)
+class ShopperSignals:
+    profile: "Profile"
+    co_purchased: list[tuple[str, str, int]]  # (item_id, category, shoppers)
+    popular: list[tuple[str, str, int]]  # (item_id, category, events)
+    popular_titles: list[str]  # parallel to popular
 
 
 class ItemLookup(Protocol):
@@ -367,6 +378,35 @@ class ProfileBook:
         top = self.co_purchases.most_shared(list(anchors) or seen[:CO_PURCHASE_HISTORY], k, categories,
                                             exclude=excluded, leave_out_user=user_id)
         return [(item_id, self.co_purchases.category(item_id), shoppers) for item_id, shoppers in top]
+
+    def shopper_signals(self, user_id: str, timeout: Callable[[], float], co_purchase_k: int, categories: Sequence[str],
+                        exclude: Sequence[str], anchors: Sequence[str], include_seen: bool,
+                        popular_k: int) -> ShopperSignals:
+        """What Recommend needs about a shopper in one read: the profile, the
+        co-purchases (co_purchase_k 0: none) and, when the profile has no
+        vector to retrieve with, the popular items with titles (popular_k 0:
+        none). `timeout` gives the time left, read where a lookup is made."""
+        for name, value in (("co_purchase_k", co_purchase_k), ("popular_k", popular_k)):
+            if not 0 <= value <= MAX_POPULAR_K:
+                raise InvalidArgument(name, f"must be between 0 and {MAX_POPULAR_K}, got {value}")
+        if len(exclude) > MAX_EXCLUDED:
+            raise InvalidArgument("exclude_item_ids", f"at most {MAX_EXCLUDED} items, got {len(exclude)}")
+        if len(categories) > MAX_CATEGORIES:
+            raise InvalidArgument("categories", f"at most {MAX_CATEGORIES} categories, got {len(categories)}")
+        profile = self.profile(user_id, timeout())
+        co_purchased = (self.co_purchased(user_id, co_purchase_k, categories, exclude, anchors, include_seen)
+                        if co_purchase_k else [])
+        popular, titles = [], []
+        if popular_k and profile.long_term is None and profile.short_term is None and profile.model_interest is None:
+            popular = self.popular(popular_k, categories, exclude)
+            try:
+                info = self._item_info([item_id for item_id, _, _ in popular], timeout())
+            except (Unavailable, DeadlineExceeded) as error:
+                # Popular items without titles still beat no answer.
+                log.warning("titles of popular items not read: %s", error)
+                info = {}
+            titles = [info[item_id].title if item_id in info else "" for item_id, _, _ in popular]
+        return ShopperSignals(profile, co_purchased, popular, titles)
 
     def item_popularity(self, item_ids: Sequence[str]) -> tuple[list[int], int]:
         if len(item_ids) > MAX_POPULAR_K * 10:

@@ -46,6 +46,57 @@ def fill_preferences(message, preferences: Preferences) -> None:
     message.disliked_item_ids.extend(preferences.disliked_item_ids)
 
 
+def check_history_limit(history_limit: int) -> int:
+    limit = history_limit or DEFAULT_HISTORY
+    if not 0 < limit <= MAX_HISTORY:
+        raise InvalidArgument("history_limit", f"must be between 0 and {MAX_HISTORY}")
+    return limit
+
+
+def profile_message(profile, limit: int, centroids: bool = True) -> profile_pb2.GetProfileResponse:
+    reply = profile_pb2.GetProfileResponse(
+        user_id=profile.user_id,
+        known=profile.known,
+        event_count=profile.event_count,
+        seen_item_ids=profile.seen_item_ids,
+        categories=[
+            profile_pb2.CategoryCount(category=c, events=n) for c, n in sorted(profile.categories.items())
+        ],
+    )
+    if profile.long_term is not None:
+        reply.long_term_interest.CopyFrom(to_vector(profile.long_term))
+    if profile.short_term is not None:
+        reply.short_term_interest.CopyFrom(to_vector(profile.short_term))
+    if profile.value is not None:
+        fill_value(reply.value, profile.value)
+    if profile.preferences is not None:
+        fill_preferences(reply.preferences, profile.preferences)
+    if profile.model_interest is not None:
+        reply.model_interest.CopyFrom(to_vector(profile.model_interest))
+    fill_drift(reply.drift, profile.drift)
+    reply.interest_categories.extend(category_shares(profile.interest_categories))
+    for interest in profile.interests:
+        reply.interests.add(
+            label=interest.label,
+            weight=interest.weight,
+            events=interest.events,
+            last_timestamp=interest.last_timestamp,
+            last_position=interest.last_position,
+            centroid=to_vector(interest.centroid) if centroids else None,
+            item_ids=interest.item_ids,
+            category=interest.category,
+        )
+    for event in profile.recent[:limit]:
+        reply.recent_history.add(
+            item_id=event.item_id,
+            category=event.category,
+            type=event.type,
+            timestamp=event.ts or 0,
+            rating=event.rating or 0.0,
+        )
+    return reply
+
+
 class ProfileServicer(profile_pb2_grpc.ProfileServiceServicer):
     def __init__(self, readiness: Readiness, config: ProfileConfig, blocking: BlockingPool):
         self.readiness = readiness
@@ -87,52 +138,25 @@ class ProfileServicer(profile_pb2_grpc.ProfileServiceServicer):
 
     @handle_errors
     async def GetProfile(self, request, context):
-        limit = request.history_limit or DEFAULT_HISTORY
-        if not 0 < limit <= MAX_HISTORY:
-            raise InvalidArgument("history_limit", f"must be between 0 and {MAX_HISTORY}")
+        limit = check_history_limit(request.history_limit)
         book, deadline = self.book, self._deadline(context)
         profile = await self.blocking.run(lambda: book.profile(request.user_id, deadline.left()))
-        reply = profile_pb2.GetProfileResponse(
-            user_id=profile.user_id,
-            known=profile.known,
-            event_count=profile.event_count,
-            seen_item_ids=profile.seen_item_ids,
-            categories=[
-                profile_pb2.CategoryCount(category=c, events=n) for c, n in sorted(profile.categories.items())
-            ],
+        return profile_message(profile, limit)
+
+    @handle_errors
+    async def GetShopperSignals(self, request, context):
+        limit = check_history_limit(request.history_limit)
+        book, deadline = self.book, self._deadline(context)
+        signals = await self.blocking.run(
+            book.shopper_signals, request.user_id, deadline.left, request.co_purchase_k, list(request.categories),
+            list(request.exclude_item_ids), list(request.anchor_item_ids), request.include_seen, request.popular_k,
         )
-        if profile.long_term is not None:
-            reply.long_term_interest.CopyFrom(to_vector(profile.long_term))
-        if profile.short_term is not None:
-            reply.short_term_interest.CopyFrom(to_vector(profile.short_term))
-        if profile.value is not None:
-            fill_value(reply.value, profile.value)
-        if profile.preferences is not None:
-            fill_preferences(reply.preferences, profile.preferences)
-        if profile.model_interest is not None:
-            reply.model_interest.CopyFrom(to_vector(profile.model_interest))
-        fill_drift(reply.drift, profile.drift)
-        reply.interest_categories.extend(category_shares(profile.interest_categories))
-        for interest in profile.interests:
-            reply.interests.add(
-                label=interest.label,
-                weight=interest.weight,
-                events=interest.events,
-                last_timestamp=interest.last_timestamp,
-                last_position=interest.last_position,
-                centroid=to_vector(interest.centroid),
-                item_ids=interest.item_ids,
-                category=interest.category,
-            )
-        for event in profile.recent[:limit]:
-            reply.recent_history.add(
-                item_id=event.item_id,
-                category=event.category,
-                type=event.type,
-                timestamp=event.ts or 0,
-                rating=event.rating or 0.0,
-            )
-        return reply
+        return profile_pb2.GetShopperSignalsResponse(
+            profile=profile_message(signals.profile, limit, centroids=request.include_centroids),
+            co_purchased=[profile_pb2.CoPurchasedItem(item_id=i, category=c, shoppers=n) for i, c, n in signals.co_purchased],
+            popular=[profile_pb2.PopularItem(item_id=i, category=c, events=n) for i, c, n in signals.popular],
+            popular_titles=signals.popular_titles,
+        )
 
     @handle_errors
     async def GetPopularItems(self, request, context):

@@ -7,14 +7,9 @@ from recsys.ranking.v1 import ranking_pb2, ranking_pb2_grpc
 from recsys_core.errors import InvalidArgument
 from recsys_core.rpc.grpc_util import handle_errors
 from recsys_core.rpc.runtime import BlockingPool
-from recsys_core.rpc.messages import from_vector, has_values, stack
 from services.ranking.config import RankingConfig
 from recsys_core.signals.interests import DriftSettings
-from recsys_core.ranking.scoring import UserVectors, Weights, rank
-
-
-def optional_vector(vector, field: str) -> np.ndarray | None:
-    return from_vector(vector, field) if has_values(vector) else None
+from recsys_core.ranking.scoring import Features, Weights, check_shares, score_features, top
 
 
 class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
@@ -46,35 +41,39 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
             )
         if request.k < 0:
             raise InvalidArgument("k", "must not be negative")
-        candidates = stack([c.embedding for c in request.candidates], "candidates.embedding")
-        if candidates.shape[1] == 0:
-            raise InvalidArgument("candidates[0].embedding", "is empty")
-        history_items = [h for h in request.user.recent_items if has_values(h.embedding)]
-        user = UserVectors(
-            long_term=optional_vector(request.user.long_term_interest, "user.long_term_interest"),
-            short_term=optional_vector(request.user.short_term_interest, "user.short_term_interest"),
-            context=optional_vector(request.user.context_interest, "user.context_interest"),
-            history=stack([h.embedding for h in history_items], "user.recent_items.embedding") if history_items else None,
-            drift_score=request.user.drift_score if request.user.HasField("drift_score") else None,
-            churn_probability=request.user.churn_probability if request.user.HasField("churn_probability") else None,
-            disliked=stack(list(request.user.disliked), "user.disliked") if request.user.disliked else None,
-            model_interest=optional_vector(request.user.model_interest, "user.model_interest"),
-        )
-        ranked = await self.blocking.run(
-            rank,
-            user,
-            candidates,
+        user = request.user
+        drift = user.drift_score if user.HasField("drift_score") else None
+        churn = user.churn_probability if user.HasField("churn_probability") else None
+        check_shares(drift, churn)
+        features = candidate_features(request.candidates)
+        scores = await self.blocking.run(
+            score_features,
+            features,
             np.asarray([c.popularity for c in request.candidates], dtype=np.float32),
             np.asarray([c.max_popularity for c in request.candidates], dtype=np.float32),
             self.weights,
-            request.k,
+            drift,
+            churn,
             np.asarray([c.co_purchases for c in request.candidates], dtype=np.float32),
         )
         reply = ranking_pb2.RankResponse()
-        for position, score, because in zip(ranked.order, ranked.scores, ranked.because):
-            reply.candidates.add(
-                item_id=request.candidates[position].item_id,
-                score=float(score),
-                because_item_id=history_items[because].item_id if because >= 0 else "",
-            )
+        for position in top(scores, request.k):
+            reply.candidates.add(item_id=request.candidates[position].item_id, score=float(scores[position]))
         return reply
+
+
+FEATURE_FIELDS = ("long_term_similarity", "short_term_similarity", "context_similarity", "model_similarity",
+                  "disliked_similarity")
+
+
+def candidate_features(candidates) -> Features:
+    """The candidates' features as parallel float32 arrays; non-finite values
+    are refused, naming the first candidate that has one."""
+    columns = np.asarray(
+        [[getattr(c.features, name) for name in FEATURE_FIELDS] for c in candidates], dtype=np.float32
+    ).reshape(len(candidates), len(FEATURE_FIELDS))
+    finite = np.isfinite(columns)
+    if not finite.all():
+        row, column = np.argwhere(~finite)[0]
+        raise InvalidArgument(f"candidates[{row}].features.{FEATURE_FIELDS[column]}", "must be finite")
+    return Features(*(np.ascontiguousarray(columns[:, i]) for i in range(len(FEATURE_FIELDS))))
