@@ -394,14 +394,18 @@ def test_autoscalers_and_disruption_budgets(manifests):
         else:
             assert metrics == [{"type": "Resource", "resource": {"name": "cpu", "target": {"type": "Utilization", "averageUtilization": metrics[0]["resource"]["target"]["averageUtilization"]}}}]
             assert all("cpu" in c["resources"]["requests"] for c in containers(workload))
+    budgets = {}
     for pdb in manifests.of("PodDisruptionBudget"):
-        assert pdb["spec"]["minAvailable"] == 1
+        # One pod down at a time, at any scale; never a budget that blocks a
+        # drain (minAvailable on a single pod would).
+        assert pdb["spec"] == {**pdb["spec"], "maxUnavailable": 1} and "minAvailable" not in pdb["spec"]
         (workload,) = manifests.selected(pdb["spec"]["selector"])
-        name = workload["metadata"]["name"]
-        # A budget of 1 on a single pod would block every node drain.
-        minimum = hpas[name]["spec"]["minReplicas"] if name in hpas else workload["spec"].get("replicas", 1)
-        assert minimum > 1, name
-    assert {p["metadata"]["name"] for p in manifests.of("PodDisruptionBudget")} == set(hpas)
+        budgets[workload["metadata"]["name"]] = pdb
+    deployments = {d["metadata"]["name"] for d in manifests.of("Deployment")}
+    assert deployments <= set(hpas) and deployments <= set(budgets)
+    assert set(budgets) == deployments | {"profile"}
+    # profile runs one replica: its replicas keep state in memory (k8s/base/profile.yaml).
+    assert manifests.workload("profile")["spec"]["replicas"] == 1 and "profile" not in hpas
 
 
 def test_gpu_overlay_puts_triton_and_faiss_on_gpus(overlay, manifests):
@@ -505,8 +509,9 @@ def environment(manifests: Manifests, workload: dict) -> dict[str, str]:
 
 
 def resolve(manifests: Manifests, address: str) -> tuple[dict, dict]:
-    """The Service and its port that `host:port` names (short or cluster DNS name)."""
-    host, _, port = address.rpartition(":")
+    """The Service and its port that `host:port` or `dns:///host:port` names
+    (short or cluster DNS name)."""
+    host, _, port = address.removeprefix("dns:///").rpartition(":")
     name = host.split(".")[0]
     assert host in (name, f"{name}.{NAMESPACE}", f"{name}.{NAMESPACE}.svc", f"{name}.{NAMESPACE}.svc.cluster.local"), address
     service = manifests.get("Service", name)
@@ -550,6 +555,44 @@ def test_addresses_point_at_services_that_exist(manifests):
             assert target_port["name"] == "grpc", f"{component}.{field}={address}"
     embedding = EmbeddingConfig.from_env(environment(manifests, manifests.workload("embedding")))
     assert embedding.encoder == "triton"
+
+
+# Platform services a caller dials over the channel factory (round_robin):
+# every downstream address but Triton's (its own client, not balanced yet).
+BALANCED = ("profile", "embedding", "ranking")
+
+
+def test_each_backend_has_a_headless_service_for_its_callers(manifests):
+    for component in BALANCED:
+        workload = manifests.workload(component)
+        (container,) = containers(workload)
+        service = manifests.get("Service", f"{component}-headless")
+        spec = service["spec"]
+        assert spec["clusterIP"] == "None", component
+        # A pod still loading must not be in the answer callers balance over.
+        assert not spec.get("publishNotReadyAddresses"), component
+        assert manifests.selected(spec["selector"]) == [workload]
+        (port,) = [p for p in spec["ports"] if p["name"] == "grpc"]
+        assert container_port(container, port["targetPort"]) == container_port(container, "grpc")
+        assert port["port"] == container_port(container, "grpc")["containerPort"]
+
+
+def test_callers_dial_the_headless_services_over_dns(manifests):
+    dialled = set()
+    for component, service in SERVICES.items():
+        config = service.config.from_env(environment(manifests, manifests.workload(component)))
+        for field, target in service.downstream.items():
+            if target not in BALANCED:
+                continue
+            address = getattr(config, field)
+            # dns:/// is what gives round_robin every address; a bare name
+            # resolves the same but a ClusterIP name would yield one address.
+            assert re.fullmatch(rf"dns:///{target}-headless\.{NAMESPACE}\.svc\.cluster\.local:\d+", address), \
+                f"{component}.{field}={address}"
+            target_service, _ = resolve(manifests, address)
+            assert target_service["spec"]["clusterIP"] == "None"
+            dialled.add(target)
+    assert dialled == set(BALANCED)
 
 
 # --- network policies ------------------------------------------------------------

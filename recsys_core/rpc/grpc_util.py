@@ -23,6 +23,7 @@ from google.protobuf import descriptor_pool
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from recsys_core import errors
+from recsys_core.rpc import balancing
 from recsys_core.rpc.access import AccessInterceptor, AccessPolicy, AuthConfig, Authenticator
 from recsys_core.rpc.metrics import ServerMetrics, listen_host
 from recsys_core.rpc.transport import Security
@@ -51,11 +52,14 @@ _PASSED_THROUGH = {
 # Messages are capped so a hostile request cannot make a server buffer
 # gigabytes; 64 MiB fits a SearchItems reply with embeddings for k=500.
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-CHANNEL_OPTIONS = [
+_MESSAGE_LIMITS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.keepalive_time_ms", 30_000),
 ]
+# Clients: round_robin, retries of reads, keepalive (recsys_core/rpc/balancing.py).
+CHANNEL_OPTIONS = [*_MESSAGE_LIMITS, *balancing.CLIENT_OPTIONS]
+# Servers: the keepalive pings clients send are welcome; connections age out.
+SERVER_OPTIONS = [*_MESSAGE_LIMITS, *balancing.SERVER_OPTIONS]
 
 
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
@@ -125,7 +129,10 @@ def channel(target: str, security: Security, service: str) -> grpc.Channel:
     platform's services: `service` is the callee's name ("profile"), whose
     certificate the channel checks; `security` is the caller's own (mutual
     TLS with its certificate, or plaintext when it is explicitly in
-    development mode). recsys_core/rpc/transport.py says what is checked."""
+    development mode). recsys_core/rpc/transport.py says what is checked.
+
+    `target` is `host:port`, or on Kubernetes `dns:///<name>-headless...:port`
+    so that round_robin sees every replica (recsys_core/rpc/balancing.py)."""
     return security.channel(target, service, CHANNEL_OPTIONS)
 
 
@@ -549,14 +556,14 @@ def build_server(
         interceptors = [metrics.interceptor(), _BlockingHandlers(blocking)]
         if access is not None:
             interceptors.insert(1, AccessInterceptor(access))
-        return grpc.aio.server(options=CHANNEL_OPTIONS, interceptors=interceptors)
+        return grpc.aio.server(options=SERVER_OPTIONS, interceptors=interceptors)
 
     server = loop.run(make)
     serving = ServingHealth(server, full_service_names, loop)
     health_server = None
     if health_port is not None:
         async def make_health() -> grpc.aio.Server:
-            return grpc.aio.server(options=CHANNEL_OPTIONS)
+            return grpc.aio.server(options=SERVER_OPTIONS)
 
         health_server = loop.run(make_health)
         health_pb2_grpc.add_HealthServicer_to_server(serving.servicer, health_server)
