@@ -106,8 +106,10 @@ run: setup
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# The full Amazon data when ../shared is beside the clone (the figures in
+# docs/performance.md), else the bundled subset; BENCH_ARGS adds options.
 bench: setup
-	$(PY) bench/recommend.py
+	$(PY) bench/recommend.py --data $(AMAZON_DATA) $(BENCH_ARGS)
 
 # ghz into .tools/bin (once, from the Go module proxy), the request data from
 # data/, then bounded ghz runs against the local stack and the echo ceiling.
