@@ -401,6 +401,51 @@ class _BlockingHandlers(WrappingInterceptor):
         return grpc.unary_stream_rpc_method_handler(unary_stream, **options)
 
 
+class _Undecodable:
+    """What a request body that does not parse becomes, for the handler to refuse."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: Exception):
+        self.error = error
+
+
+class _DecodingInterceptor(WrappingInterceptor):
+    """An undecodable request body is the caller's mistake: INVALID_ARGUMENT
+    and one log line. Left to grpc, it is INTERNAL with a traceback logged per
+    request ("Exception deserializing request!"), an easy log flood."""
+
+    def wrap(self, handler: grpc.RpcMethodHandler, full_method: str) -> grpc.RpcMethodHandler:
+        decode = handler.request_deserializer
+        # Unary calls only: the one streaming method with a request is health's
+        # Watch, whose handler writes through the context rather than yielding.
+        if decode is None or handler.unary_unary is None:
+            return handler
+
+        def tolerant(raw: bytes):
+            try:
+                return decode(raw)
+            except Exception as error:  # protobuf's DecodeError, or anything a parser raises
+                return _Undecodable(error)
+
+        async def refuse(request: _Undecodable, context) -> None:
+            log.warning("%s: undecodable request body from %s (%s)", full_method, context.peer(),
+                        type(request.error).__name__)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"the request body is not a valid {full_method.rsplit('/', 1)[-1]} request")
+
+        behavior = handler.unary_unary
+
+        async def unary_unary(request, context):
+            if isinstance(request, _Undecodable):
+                return await refuse(request, context)
+            result = behavior(request, context)
+            return await result if inspect.isawaitable(result) else result
+
+        return grpc.unary_unary_rpc_method_handler(
+            unary_unary, request_deserializer=tolerant, response_serializer=handler.response_serializer)
+
+
 # How long a draining server keeps accepting calls after turning NOT_SERVING.
 SETTLE_SECONDS = 1.0
 
@@ -505,6 +550,7 @@ class ManagedServer:
 def build_server(
     address: str, workers: int, full_service_names: list[str], name: str, metrics_port: int | None = None,
     security: Security | None = None, auth: AuthConfig | None = None, public: bool = False,
+    max_request_bytes: int | None = None,
     health_port: int | None = None,
 ) -> tuple[ManagedServer, int]:
     """A server with health, reflection and the metrics interceptor registered
@@ -553,10 +599,14 @@ def build_server(
         # maximum_concurrent_rpcs: on an aio server it counts open streams too.
         # The access rules come before the servicer sees a request, after metrics
         # (refusals are counted).
-        interceptors = [metrics.interceptor(), _BlockingHandlers(blocking)]
+        interceptors = [metrics.interceptor(), _DecodingInterceptor(), _BlockingHandlers(blocking)]
         if access is not None:
-            interceptors.insert(1, AccessInterceptor(access))
-        return grpc.aio.server(options=SERVER_OPTIONS, interceptors=interceptors)
+            interceptors.insert(2, AccessInterceptor(access))
+        options = SERVER_OPTIONS
+        if max_request_bytes is not None:
+            options = [*[o for o in SERVER_OPTIONS if o[0] != "grpc.max_receive_message_length"],
+                       ("grpc.max_receive_message_length", max_request_bytes)]
+        return grpc.aio.server(options=options, interceptors=interceptors)
 
     server = loop.run(make)
     serving = ServingHealth(server, full_service_names, loop)

@@ -19,7 +19,11 @@ def from_vector(vector: common_pb2.Vector, field: str = "vector") -> np.ndarray:
     raw = vector.float32_le
     if len(raw) % FLOAT32_LE.itemsize:
         raise InvalidArgument(field, f"float32_le holds {len(raw)} bytes, not a whole number of float32 values")
-    return np.frombuffer(raw, dtype=FLOAT32_LE)
+    values = np.frombuffer(raw, dtype=FLOAT32_LE)
+    # A NaN would score every candidate NaN and order them arbitrarily.
+    if not np.isfinite(values).all():
+        raise InvalidArgument(field, "holds NaN or infinite values")
+    return values
 
 
 def has_values(vector: common_pb2.Vector) -> bool:

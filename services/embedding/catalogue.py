@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 from recsys_core.index.embedding_cache import EmbeddingCache, encode_cached
 from recsys_core.models.encoder import Encoder
-from recsys_core.errors import InvalidArgument, NotFound, Unavailable
+from recsys_core.errors import InvalidArgument, NotFound, Unavailable, check_id_characters, quoted
 from recsys_core.models.model_serving import IdVectors
 from recsys_core.index.kinds import IndexSettings
 from recsys_core.index.vector_index import VectorIndex
@@ -61,7 +61,7 @@ class Catalogue:
         known = self.index.categories()
         for name in categories:
             if name not in known:
-                raise InvalidArgument(field, f"unknown category {name!r}; known: {', '.join(sorted(known))}")
+                raise InvalidArgument(field, f"unknown category {quoted(name)}; known: {', '.join(sorted(known))}")
         return list(dict.fromkeys(categories))
 
     def check_vectors(self, vectors: list[np.ndarray], field: str = "vectors") -> np.ndarray:
@@ -83,6 +83,8 @@ class Catalogue:
         for position, record in enumerate(records):
             if not record.item_id or len(record.item_id) > MAX_ID_CHARS:
                 raise InvalidArgument(f"items[{position}].item_id", f"must be 1..{MAX_ID_CHARS} characters")
+            check_id_characters(record.item_id, f"items[{position}].item_id")
+            check_id_characters(record.category, f"items[{position}].category")
             if not record.category or len(record.category) > MAX_ID_CHARS:
                 raise InvalidArgument(f"items[{position}].category", f"must be 1..{MAX_ID_CHARS} characters")
             if not (record.text.strip() or record.title.strip()):

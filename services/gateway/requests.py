@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Sequence
 
-from recsys_core.errors import InvalidArgument
+from recsys_core.errors import InvalidArgument, check_id_characters, quoted
 
 MAX_K = 500
 MAX_USER_ID_CHARS = 128
@@ -25,7 +25,7 @@ def check_user_id(user_id: str) -> str:
         raise InvalidArgument("user_id", "must not be empty")
     if len(user_id) > MAX_USER_ID_CHARS:
         raise InvalidArgument("user_id", f"is {len(user_id)} characters, the limit is {MAX_USER_ID_CHARS}")
-    return user_id
+    return check_id_characters(user_id, "user_id")
 
 
 def check_item_id(item_id: str, field: str) -> str:
@@ -33,7 +33,7 @@ def check_item_id(item_id: str, field: str) -> str:
         raise InvalidArgument(field, "must not be empty")
     if len(item_id) > MAX_ITEM_ID_CHARS:
         raise InvalidArgument(field, f"is {len(item_id)} characters, the limit is {MAX_ITEM_ID_CHARS}")
-    return item_id
+    return check_id_characters(item_id, field)
 
 
 def check_categories(categories: Sequence[str], known: Collection[str]) -> list[str]:
@@ -41,7 +41,7 @@ def check_categories(categories: Sequence[str], known: Collection[str]) -> list[
     list is not available yet and the embedding service will check instead."""
     for name in categories:
         if known and name not in known:
-            raise InvalidArgument("categories", f"unknown category {name!r}; known: {', '.join(sorted(known))}")
+            raise InvalidArgument("categories", f"unknown category {quoted(name)}; known: {', '.join(sorted(known))}")
     return list(dict.fromkeys(categories))
 
 

@@ -60,6 +60,7 @@ def create_server(config: GatewayConfig) -> tuple[ManagedServer, int]:
     server, port = build_server(
         config.address, config.workers, [SERVICE_NAME], "gateway", metrics_port=config.metrics_port,
         security=config.security, auth=config.auth, health_port=config.health_port, public=True,
+        max_request_bytes=config.max_request_bytes,
     )
     register_metrics(server)
     composer = Composer(config, run_cpu=server.blocking.run_admitted)

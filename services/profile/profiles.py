@@ -12,7 +12,7 @@ from typing import Protocol
 import numpy as np
 
 from recsys_core.signals.copurchase import CoPurchases
-from recsys_core.errors import DeadlineExceeded, InvalidArgument, NotFound, Unavailable
+from recsys_core.errors import DeadlineExceeded, InvalidArgument, NotFound, Unavailable, check_id_characters
 from recsys_core.signals.reviews import Preferences, ReviewOpinions, opinions_of_reviews, preferences
 from recsys_core.signals.interests import NO_DRIFT, ClusterSettings, Drift, DriftSettings
 from services.profile.interests import Interest, interest_vector, read_interests
@@ -107,7 +107,7 @@ def check_user_id(user_id: str, field_name: str = "user_id") -> str:
         raise InvalidArgument(field_name, "must not be empty")
     if len(user_id) > MAX_ID_CHARS:
         raise InvalidArgument(field_name, f"is {len(user_id)} characters, the limit is {MAX_ID_CHARS}")
-    return user_id
+    return check_id_characters(user_id, field_name)
 
 
 class ItemCache:
@@ -191,6 +191,7 @@ class ProfileBook:
             check_user_id(event.user_id, f"events[{i}].user_id")
             if not event.item_id or len(event.item_id) > MAX_ID_CHARS:
                 raise InvalidArgument(f"events[{i}].item_id", f"must be 1..{MAX_ID_CHARS} characters")
+            check_id_characters(event.item_id, f"events[{i}].item_id")
             if event.type not in EVENT_TYPES:
                 raise InvalidArgument(f"events[{i}].type", "must be VIEW, PURCHASE, RATING or REVIEW")
             if event.timestamp < 0 or event.timestamp > now + MAX_FUTURE_SECONDS:
