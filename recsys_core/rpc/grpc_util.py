@@ -439,8 +439,8 @@ class _DecodingInterceptor(WrappingInterceptor):
         async def unary_unary(request, context):
             if isinstance(request, _Undecodable):
                 return await refuse(request, context)
-            result = behavior(request, context)
-            return await result if inspect.isawaitable(result) else result
+            # Always a coroutine: _BlockingHandlers, further in, makes plain handlers async.
+            return await behavior(request, context)
 
         return grpc.unary_unary_rpc_method_handler(
             unary_unary, request_deserializer=tolerant, response_serializer=handler.response_serializer)
