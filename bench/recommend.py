@@ -3,6 +3,7 @@ a bare Python gRPC echo server as the ceiling.
 
     python bench/recommend.py [--data DIR] [--requests N] [--concurrency 1,4,16]
                               [--seconds S] [--json OUT] [--idle-streams N]
+                              [--transport mtls|plaintext]
 
 All four services run as real processes (recsys_cli.stack.LocalStack),
 with the local Triton server when the stack's encoder runs there, on a free
@@ -403,6 +404,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--encoder", choices=("triton", "onnx"),
                         help="where the text encoder runs: a local Triton server or onnxruntime inside the "
                              "embedding service (default: LocalStack's default)")
+    parser.add_argument("--transport", default="mtls", choices=("mtls", "mtls-plaintext-gateway", "plaintext"),
+                        help="mtls (default, as `recsys serve`), or plaintext everywhere (development only); "
+                             "bench/transport.py compares the two in one run")
     parser.add_argument("--idle-streams", type=int, default=0, metavar="N",
                         help="also measure Recommend with N idle health Watch streams open on the gateway")
     parser.add_argument("--echo-server", type=int, metavar="PORT", help=argparse.SUPPRESS)
@@ -448,6 +452,7 @@ def run(args) -> int:
     abort = threading.Event()
     state = tempfile.TemporaryDirectory(prefix="recsys-bench-")
     stack_options = {"encoder": args.encoder} if args.encoder else {}
+    stack_options["transport"] = args.transport
     stack = LocalStack(data_dir=data_dir, gateway_port=free_port(), state_dir=Path(state.name), **stack_options)
     encoder = getattr(stack, "encoder", "onnx")
     echo = EchoProcess(workers)
@@ -460,12 +465,12 @@ def run(args) -> int:
         with StartupProgress(stack):
             stack.start()
         startup_seconds = round(time.monotonic() - started, 1)
-        print(f"all services SERVING after {startup_seconds:.0f}s; gateway at {stack.addresses['gateway']}",
-              flush=True)
+        print(f"all services SERVING after {startup_seconds:.0f}s; {stack.describe_transport()}", flush=True)
         echo.start()
         print(f"echo server ({workers} workers, like the gateway) at {echo.address}", flush=True)
 
-        # As a caller of the platform: the gateway's TLS port with a token (LocalStack's admin token).
+        # As a caller of the platform: the gateway's port (TLS unless --transport says otherwise)
+        # with a token (LocalStack's admin token).
         gateway_channel = stack.channel("gateway")
         echo_channel = grpc.insecure_channel(echo.address, options=CHANNEL_OPTIONS)
         channels += [gateway_channel, echo_channel]
@@ -542,6 +547,7 @@ def run(args) -> int:
                 "call_timeout_seconds": CALL_TIMEOUT_SECONDS, "gateway_workers": workers, "echo_workers": workers,
                 "mean_request_bytes": round(mean_request_bytes, 1),
                 "encoder": encoder,
+                "transport": args.transport,
                 "idle_streams": args.idle_streams,
             },
             "startup_seconds": startup_seconds,
