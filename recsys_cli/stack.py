@@ -75,6 +75,13 @@ class LocalStack:
     # (the gateway's port in plaintext: grpcurl -plaintext), "plaintext" (nothing encrypted,
     # development only). Certificates and the token key are made once into state_dir/tls.
     transport: str = "mtls"
+    # OpenTelemetry spans of every service (recsys_core/rpc/tracing.py): "off",
+    # "otlp" (to tracing_endpoint, else OTEL_EXPORTER_OTLP_ENDPOINT, else
+    # http://localhost:4317), "file" (JSON lines in state_dir/traces/<service>.jsonl)
+    # or "console" (each service's stdout). Off: the services' own environment decides.
+    tracing: str = "off"
+    tracing_endpoint: str = ""
+    tracing_sample_ratio: float | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
     addresses: dict[str, str] = field(default_factory=dict)
@@ -145,6 +152,7 @@ class LocalStack:
             # Local development: grpcurl and ghz may describe the API.
             env[prefix + "REFLECTION"] = "1"
         env["GATEWAY_PUBLIC_TLS"] = "true" if self.gateway_tls else "false"
+        env.update(self.tracing_environment())
         env.update({
             "PYTHONUNBUFFERED": "1",
             "HF_HUB_OFFLINE": "1",
@@ -173,6 +181,37 @@ class LocalStack:
             env["PROFILE_USER_TOWER_TRITON_URL"] = self.triton.grpc_url
         env.update(self.extra_env)
         return env
+
+    @property
+    def trace_dir(self) -> Path:
+        return Path(self.state_dir) / "traces"
+
+    def tracing_environment(self) -> dict[str, str]:
+        """<SERVICE>_TRACING* for every service, as `tracing` says; nothing when off."""
+        if self.tracing == "off":
+            return {}
+        env = {}
+        if self.tracing == "file":
+            self.trace_dir.mkdir(parents=True, exist_ok=True)
+        for name in SERVICES:
+            prefix = name.upper() + "_TRACING"
+            env[prefix] = self.tracing
+            if self.tracing_endpoint:
+                env[prefix + "_ENDPOINT"] = self.tracing_endpoint
+            if self.tracing_sample_ratio is not None:
+                env[prefix + "_SAMPLE_RATIO"] = str(self.tracing_sample_ratio)
+            if self.tracing == "file":
+                env[prefix + "_FILE"] = str(self.trace_dir / f"{name}.jsonl")
+        return env
+
+    def describe_tracing(self) -> str:
+        if self.tracing == "off":
+            return "off (recsys serve --tracing otlp|file|console turns it on)"
+        endpoint = self.tracing_endpoint or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or "http://localhost:4317"
+        where = {"otlp": f"OTLP/gRPC to {endpoint}", "file": f"JSON lines in {self.trace_dir}/<service>.jsonl",
+                 "console": "each service's stdout"}[self.tracing]
+        ratio = "" if self.tracing_sample_ratio is None else f", {self.tracing_sample_ratio:g} of traces sampled"
+        return f"every service, {where}{ratio}"
 
     def start(self, timeout: float = 1800.0) -> None:
         repo, models = self.model_repo, [paths.TEXT_ENCODER_MODEL]
@@ -240,7 +279,8 @@ class LocalStack:
 
 
 def serve(data: Path, port: int, encoder: str, model_dir: Path | None, retail: Path | None,
-          show_example: bool, transport: str = "mtls") -> int:
+          show_example: bool, transport: str = "mtls", tracing: str = "off", tracing_endpoint: str = "",
+          tracing_sample_ratio: float | None = None) -> int:
     """`recsys serve`: the whole stack on this machine until SIGTERM or Ctrl-C,
     with an example shopper's recommendations and profile once it is up."""
     from recsys_cli.client import call_profile, call_recommend, example_shopper, print_profile, print_recommendations
@@ -258,7 +298,8 @@ def serve(data: Path, port: int, encoder: str, model_dir: Path | None, retail: P
             return 2
     stack = LocalStack(data_dir=data_dir, gateway_port=port, encoder=encoder,
                        model_dir=model.path if model else None,
-                       retail_dir=Path(retail).resolve() if retail else None, transport=transport)
+                       retail_dir=Path(retail).resolve() if retail else None, transport=transport,
+                       tracing=tracing, tracing_endpoint=tracing_endpoint, tracing_sample_ratio=tracing_sample_ratio)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
@@ -277,6 +318,7 @@ def serve(data: Path, port: int, encoder: str, model_dir: Path | None, retail: P
     print(f"\nall services SERVING; gateway at {gateway}", flush=True)
     tls = stack.security.directory
     print(f"transport: {stack.describe_transport()}", flush=True)
+    print(f"tracing: {stack.describe_tracing()}", flush=True)
     print(f"certificates: {tls} (CA {tls / 'ca.crt'}); admin token: {tls / ADMIN_TOKEN_FILE} "
           f"(`recsys` commands read both from there)", flush=True)
     if stack.gateway_tls:

@@ -17,7 +17,6 @@ import subprocess
 import sys
 import threading
 import time
-from concurrent import futures
 
 import grpc
 import pytest
@@ -31,6 +30,7 @@ from recsys.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from recsys.ranking.v1 import ranking_pb2, ranking_pb2_grpc
 from recsys.common.v1 import common_pb2
 from recsys_core.rpc.envconfig import ConfigError
+from recsys_core.rpc.otlp_receiver import OtlpReceiver
 from recsys_core.rpc.tracing import TracingConfig, trace_logging
 from tests.conftest import gateway_channel, secured, service_channel, start, tls_material
 
@@ -271,42 +271,13 @@ def test_with_tracing_off_nothing_is_installed_and_no_span_is_made(stack, client
 
 # -- OTLP, to a real collector -------------------------------------------------------
 
-class Collector:
-    """An OTLP/gRPC trace collector in this process: what it was sent."""
-
-    def __init__(self):
-        from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
-
-        collector = self
-        self.requests = []
-
-        class Servicer(trace_service_pb2_grpc.TraceServiceServicer):
-            def Export(self, request, context):
-                collector.requests.append(request)
-                return trace_service_pb2.ExportTraceServiceResponse()
-
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Servicer(), self.server)
-        self.port = self.server.add_insecure_port("127.0.0.1:0")
-        self.server.start()
-
-    def spans(self):
-        for request in self.requests:
-            for resource_spans in request.resource_spans:
-                attributes = {a.key: a.value.string_value for a in resource_spans.resource.attributes}
-                for scope_spans in resource_spans.scope_spans:
-                    for span in scope_spans.spans:
-                        yield attributes, span
-
-
 def test_spans_reach_an_otlp_collector():
+    """The production exporter, over OTLP/gRPC to a receiver in this process."""
     from services.ranking.config import RankingConfig
     from services.ranking.server import create_server
 
-    collector = Collector()
-    try:
-        config = RankingConfig.from_env({"RANKING_TRACING": "otlp",
-                                         "RANKING_TRACING_ENDPOINT": f"http://127.0.0.1:{collector.port}"})
+    with OtlpReceiver() as collector:
+        config = RankingConfig.from_env({"RANKING_TRACING": "otlp", "RANKING_TRACING_ENDPOINT": collector.endpoint})
         server, address = start(create_server(RankingConfig(address="127.0.0.1:0", tracing=config.tracing,
                                                             **secured("ranking"))))
         try:
@@ -314,15 +285,12 @@ def test_spans_reach_an_otlp_collector():
                 reply = ranking_pb2_grpc.RankingServiceStub(channel).Rank(ranking_pb2.RankRequest(
                     candidates=[ranking_pb2.Candidate(item_id="a", features=common_pb2.CandidateFeatures())]), timeout=5)
             assert [c.item_id for c in reply.candidates] == ["a"]
-            assert server.tracing.force_flush()
         finally:
-            server.stop(None).wait(10)
+            server.stop(None).wait(10)  # stopping sends what is still buffered
         spans = list(collector.spans())
         assert [(resource["service.name"], span.name) for resource, span in spans] == [
             ("recsys-ranking", "/recsys.ranking.v1.RankingService/Rank")]
         assert spans[0][1].kind == spans[0][1].SPAN_KIND_SERVER
-    finally:
-        collector.server.stop(None)
 
 
 # -- configuration ----------------------------------------------------------------

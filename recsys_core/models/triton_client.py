@@ -173,6 +173,11 @@ class TritonModelClient:
             return self._infer_once(inputs, rows, timeout, None)
         from opentelemetry import propagate, trace
 
+        # Only as part of a traced call: encoding the catalogue at start would
+        # otherwise make one trace per batch.
+        if not trace.get_current_span().is_recording():
+            return self._infer_once(inputs, rows, timeout, None)
+
         host, _, port = self.url.rpartition(":")
         attributes = {"rpc.system": "grpc", "rpc.service": "inference.GRPCInferenceService", "rpc.method": "ModelInfer",
                       "server.address": host, "server.port": int(port) if port.isdigit() else 0,

@@ -186,7 +186,6 @@ class Tracing:
         resource = Resource.create({"service.name": SERVICE_NAME_PREFIX + service, "service.namespace": "recsys"})
         provider = TracerProvider(resource=resource, sampler=ParentBased(TraceIdRatioBased(config.sample_ratio)))
         provider.add_span_processor(BatchSpanProcessor(config.exporter or _exporter(config)))
-        log.info("%s: %s", service, config.describe())
         return cls(service, config, provider)
 
     def _filter(self):
