@@ -55,11 +55,11 @@ class Receiver:
     def stop(self) -> None:
         self.process.stdin.close()  # it stops, and says how many spans it got
         try:
-            out, _ = self.process.communicate(timeout=30)
+            self.process.wait(30)
         except subprocess.TimeoutExpired:
             self.process.kill()
-            out, _ = self.process.communicate()
-        for line in out.splitlines():
+            self.process.wait()
+        for line in self.process.stdout.read().splitlines():
             if line.startswith("spans "):
                 self.spans = int(line.split()[1])
 
