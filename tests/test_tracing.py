@@ -75,12 +75,13 @@ def traced(triton_server, value_model, tmp_path_factory, exporter):
 
 
 def flushed(servers, exporter, complete=lambda spans: True, timeout: float = 10.0) -> list:
-    """The spans exported so far, once `complete(spans)`: a server span ends
-    just after its reply is sent, so the caller may hear before it is done."""
+    """The spans `servers` (ManagedServers or Tracings, by name) exported so far,
+    once `complete(spans)`: a server span ends just after its reply is sent,
+    so the caller may hear before it is done."""
     give_up = time.monotonic() + timeout
     while True:
         for server in servers.values():
-            assert server.tracing.force_flush()
+            assert getattr(server, "tracing", server).force_flush()
         spans = list(exporter.get_finished_spans())
         if complete(spans) or time.monotonic() > give_up:
             return spans
@@ -267,6 +268,44 @@ def test_with_tracing_off_nothing_is_installed_and_no_span_is_made(stack, client
     assert global_exporter.get_finished_spans() == ()
     [line] = [line for line in log_lines.getvalue().splitlines() if f"denied {RECOMMEND}" in line]
     assert "trace_id=" not in line
+
+
+def test_plaintext_development_channels_carry_the_trace_beside_the_declared_identity():
+    """In plaintext mode an aio channel has two interceptors adding metadata
+    (the caller's declared identity, the trace context): both arrive."""
+    from recsys_core.rpc.grpc_util import aio_channel
+    from recsys_core.rpc.runtime import EventLoopThread
+    from recsys_core.rpc.tracing import Tracing
+    from recsys_core.rpc.transport import Security
+    from services.ranking.config import RankingConfig
+    from services.ranking.server import create_server
+
+    spans_out = InMemorySpanExporter()
+    tracing = TracingConfig(mode="console", exporter=spans_out)
+    server, address = start(create_server(RankingConfig(address="127.0.0.1:0", security=Security.plaintext("ranking"),
+                                                        tracing=tracing)))
+    gateway = Tracing.start(tracing, "gateway")
+    loop = EventLoopThread("test-caller")
+    request = ranking_pb2.RankRequest(candidates=[ranking_pb2.Candidate(item_id="a", features=common_pb2.CandidateFeatures())])
+
+    async def rank():
+        async with aio_channel(address, Security.plaintext("gateway"), "ranking", gateway) as channel:
+            return await ranking_pb2_grpc.RankingServiceStub(channel).Rank(request, timeout=5)
+
+    try:
+        # Rank is for the gateway's identity only (recsys_core/rpc/access.py): declared, here.
+        assert [c.item_id for c in loop.run(rank).candidates] == ["a"]
+        # The client span ends in a done-callback of the call, on the caller's loop.
+        spans = flushed({"ranking": server, "gateway": gateway}, spans_out,
+                        lambda spans: {span.kind for span in spans} == {CLIENT, SERVER})
+    finally:
+        server.stop(None).wait(10)
+        gateway.shutdown()
+        loop.stop()
+    [client] = [span for span in spans if span.kind == CLIENT]
+    [served] = [span for span in spans if span.kind == SERVER]
+    assert (service_of(client), service_of(served)) == ("gateway", "ranking")
+    assert parent_id(served) == client.context.span_id and served.context.trace_id == client.context.trace_id
 
 
 # -- OTLP, to a real collector -------------------------------------------------------
