@@ -11,6 +11,7 @@ real OTLP/gRPC to a small collector in this process."""
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 import subprocess
@@ -381,3 +382,27 @@ def test_a_service_with_bad_tracing_settings_does_not_start(tmp_path):
                           text=True, timeout=60, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert done.returncode != 0
     assert "RANKING_TRACING='zipkin' must be one of off, otlp, console, file" in done.stderr
+
+
+# -- the benchmark ------------------------------------------------------------------
+
+@pytest.mark.integration
+def test_the_tracing_benchmark_measures_both_sides(tmp_path, exported_encoder):
+    """bench/tracing.py end to end, small: two stacks as real processes, and
+    the spans of the traced one received over OTLP."""
+    from recsys_core.data import paths
+
+    out = tmp_path / "tracing.json"
+    run = subprocess.run(
+        [sys.executable, str(paths.REPO_ROOT / "bench" / "tracing.py"), "--requests", "15", "--concurrency", "1",
+         "--seconds", "10", "--json", str(out)],
+        cwd=paths.REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    report = json.loads(out.read_text())
+    [row] = report["summary"]
+    assert row["off_p99_ms"] > 0 and row["on_p99_ms"] > 0 and row["p99_ms_ratio"] > 0
+    runs = {run["tracing"]: run for run in report["runs"]}
+    assert runs["off"]["levels"][0]["ok"] == runs["on"]["levels"][0]["ok"] == 15
+    # Every traced Recommend is at least the gateway's span and one call downstream, each end.
+    assert runs["on"]["spans_received"] >= 3 * runs["on"]["recommend_calls"]
+    assert "spans_received" not in runs["off"]
