@@ -25,7 +25,7 @@ def cmd_serve(args) -> int:
     transport = "plaintext" if args.insecure else "mtls-plaintext-gateway" if args.plaintext_gateway else "mtls"
     return serve(args.data, args.port, args.encoder, args.model, args.retail, show_example=not args.no_example,
                  transport=transport, tracing=args.tracing, tracing_endpoint=args.tracing_endpoint,
-                 tracing_sample_ratio=args.tracing_sample_ratio)
+                 tracing_sample_ratio=args.tracing_sample_ratio, triton_tracing_url=args.tracing_triton)
 
 
 def sample_ratio(value: str) -> float:
@@ -105,6 +105,9 @@ def main(argv: list[str] | None = None) -> int:
                             "an OpenTelemetry Collector); default OTEL_EXPORTER_OTLP_ENDPOINT, else http://localhost:4317")
     serve.add_argument("--tracing-sample-ratio", type=sample_ratio, metavar="R",
                        help="share of requests traced, 0..1 (default 1: every one)")
+    serve.add_argument("--tracing-triton", default="", metavar="URL",
+                       help="Triton's own spans too, as OTLP/HTTP to URL, e.g. http://localhost:4318/v1/traces "
+                            "(they continue the embedding service's trace)")
     serve.set_defaults(run=cmd_serve)
     # Security material (docs/operations.md, "Security"); these parse their own arguments.
     commands.add_parser("certs", add_help=False, help="make a CA and per-service certificates (recsys certs --out DIR)")

@@ -82,6 +82,9 @@ class LocalStack:
     tracing: str = "off"
     tracing_endpoint: str = ""
     tracing_sample_ratio: float | None = None
+    # Triton's own spans (OTLP/HTTP, e.g. http://localhost:4318/v1/traces), which
+    # continue the embedding service's trace; empty: Triton traces nothing.
+    triton_tracing_url: str = ""
     extra_env: dict[str, str] = field(default_factory=dict)
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
     addresses: dict[str, str] = field(default_factory=dict)
@@ -206,12 +209,14 @@ class LocalStack:
 
     def describe_tracing(self) -> str:
         if self.tracing == "off":
-            return "off (recsys serve --tracing otlp|file|console turns it on)"
+            return "off (recsys serve --tracing otlp|file|console turns it on)" + (
+                f"; Triton's own to {self.triton_tracing_url}" if self.triton_tracing_url else "")
         endpoint = self.tracing_endpoint or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or "http://localhost:4317"
         where = {"otlp": f"OTLP/gRPC to {endpoint}", "file": f"JSON lines in {self.trace_dir}/<service>.jsonl",
                  "console": "each service's stdout"}[self.tracing]
         ratio = "" if self.tracing_sample_ratio is None else f", {self.tracing_sample_ratio:g} of traces sampled"
-        return f"every service, {where}{ratio}"
+        triton = f"; Triton's own spans to {self.triton_tracing_url}" if self.triton_tracing_url else ""
+        return f"every service, {where}{ratio}{triton}"
 
     def start(self, timeout: float = 1800.0) -> None:
         repo, models = self.model_repo, [paths.TEXT_ENCODER_MODEL]
@@ -226,11 +231,13 @@ class LocalStack:
             models.append(model_serving.USER_TOWER_MODEL)
         # The user tower runs on Triton whichever way the encoder runs.
         if self.encoder == "triton" or self.model_dir is not None:
-            from recsys_core.models.triton import TritonServer
+            from recsys_core.models.triton import TritonServer, tracing_args
 
             log.info("starting Triton Inference Server on %s", repo)
             self.triton = TritonServer(repo, log_path=Path(self.state_dir) / "triton.log", models=models,
-                                       startup_timeout=180.0 if self.model_dir is not None else 60.0).start()
+                                       startup_timeout=180.0 if self.model_dir is not None else 60.0,
+                                       extra_args=tracing_args(self.triton_tracing_url) if self.triton_tracing_url else ()
+                                       ).start()
             self.addresses["triton"] = self.triton.grpc_url
             self.addresses["triton-metrics"] = f"127.0.0.1:{self.triton.metrics_port}"
             log.info("Triton ready at %s (log %s)", self.triton.grpc_url, self.triton.log_path)
@@ -280,7 +287,7 @@ class LocalStack:
 
 def serve(data: Path, port: int, encoder: str, model_dir: Path | None, retail: Path | None,
           show_example: bool, transport: str = "mtls", tracing: str = "off", tracing_endpoint: str = "",
-          tracing_sample_ratio: float | None = None) -> int:
+          tracing_sample_ratio: float | None = None, triton_tracing_url: str = "") -> int:
     """`recsys serve`: the whole stack on this machine until SIGTERM or Ctrl-C,
     with an example shopper's recommendations and profile once it is up."""
     from recsys_cli.client import call_profile, call_recommend, example_shopper, print_profile, print_recommendations
@@ -299,7 +306,8 @@ def serve(data: Path, port: int, encoder: str, model_dir: Path | None, retail: P
     stack = LocalStack(data_dir=data_dir, gateway_port=port, encoder=encoder,
                        model_dir=model.path if model else None,
                        retail_dir=Path(retail).resolve() if retail else None, transport=transport,
-                       tracing=tracing, tracing_endpoint=tracing_endpoint, tracing_sample_ratio=tracing_sample_ratio)
+                       tracing=tracing, tracing_endpoint=tracing_endpoint, tracing_sample_ratio=tracing_sample_ratio,
+                       triton_tracing_url=triton_tracing_url)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())

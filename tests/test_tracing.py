@@ -31,7 +31,7 @@ from recsys.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from recsys.ranking.v1 import ranking_pb2, ranking_pb2_grpc
 from recsys.common.v1 import common_pb2
 from recsys_core.rpc.envconfig import ConfigError
-from recsys_core.rpc.otlp_receiver import OtlpReceiver
+from recsys_core.rpc.otlp_receiver import OtlpHttpReceiver, OtlpReceiver
 from recsys_core.rpc.tracing import TracingConfig, trace_logging
 from tests.conftest import gateway_channel, secured, service_channel, start, tls_material
 
@@ -240,6 +240,34 @@ def test_the_embedding_service_traces_its_call_to_triton(traced, exporter, clien
     assert infer.context.trace_id == caller.get_span_context().trace_id
     assert infer.attributes["triton.model.name"] == EmbeddingConfig().triton_model
     assert infer.attributes["triton.rows"] == 2 and infer.attributes["rpc.method"] == "ModelInfer"
+
+
+def test_triton_continues_the_trace_of_the_call_to_it(exported_encoder, exported_review_classifier, tmp_path):
+    """With its own tracing on (recsys_core.models.triton.tracing_args), Triton
+    reads the traceparent our client sends: its spans join our trace under
+    the client's ModelInfer span."""
+    from recsys_core.data import paths
+    from recsys_core.models.triton import TritonServer, tracing_args
+    from recsys_core.models.triton_encoder import TritonEncoder
+
+    ours = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(ours))
+    tracer = provider.get_tracer("test")
+    with OtlpHttpReceiver() as collector:
+        flags = [*tracing_args(collector.url), "--trace-config", "opentelemetry,bsp_schedule_delay=100"]
+        with TritonServer(paths.MODEL_REPO, extra_args=flags, log_path=tmp_path / "triton.log") as server:
+            with TritonEncoder(server.grpc_url, tracer=tracer) as encoder:
+                with tracer.start_as_current_span("a traced call"):
+                    encoder.encode(["a red running shoe"])
+                give_up = time.monotonic() + 20
+                while not any(span["name"] == "InferRequest" for span in collector.spans) and time.monotonic() < give_up:
+                    time.sleep(0.1)
+    [client] = [span for span in ours.get_finished_spans() if span.name.endswith("/ModelInfer")]
+    [request] = [span for span in collector.spans if span["name"] == "InferRequest"]
+    assert request["trace_id"] == format(client.context.trace_id, "032x")
+    assert request["parent_span_id"] == format(client.context.span_id, "016x")
+    assert request["resource"]["service.name"] == "recsys-triton"
 
 
 def test_with_tracing_off_nothing_is_installed_and_no_span_is_made(stack, client_span, log_lines, shopper):

@@ -1,5 +1,6 @@
 """A minimal OTLP/gRPC trace receiver: what a collector's port 4317 answers,
-keeping (or only counting) the spans it is sent.
+keeping (or only counting) the spans it is sent; and an OTLP/HTTP one (port
+4318's /v1/traces), what Triton's own tracing sends.
 
 For the tests and benchmarks, where the services' real OTLP exporter needs
 something to talk to and no collector is at hand; not a collector (no
@@ -70,6 +71,85 @@ class OtlpReceiver:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+class OtlpHttpReceiver:
+    """OTLP/HTTP traces (POST /v1/traces, JSON or protobuf): what Triton's own
+    OpenTelemetry tracing sends (`--trace-config opentelemetry,url=...`). Keeps
+    (trace id, span id, parent span id, name, resource attributes) per span,
+    ids in hex."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0):
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        receiver = self
+        self.spans: list[dict] = []
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                json_body = "json" in (self.headers.get("Content-Type") or "")
+                try:
+                    receiver._keep(_json_spans(body) if json_body else _protobuf_spans(body))
+                except Exception:  # noqa: BLE001 - a malformed export is refused, not fatal
+                    self.send_response(400)
+                    self.end_headers()
+                    return
+                reply = b"{}" if json_body else trace_service_pb2.ExportTraceServiceResponse().SerializeToString()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json" if json_body else "application/x-protobuf")
+                self.send_header("Content-Length", str(len(reply)))
+                self.end_headers()
+                self.wfile.write(reply)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer((host, port), Handler)
+        self.port = self.server.server_address[1]
+        self.url = f"http://{host}:{self.port}/v1/traces"
+        threading.Thread(target=self.server.serve_forever, name="otlp-http", daemon=True).start()
+
+    def _keep(self, spans: list[dict]) -> None:
+        self.spans.extend(spans)
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def __enter__(self) -> "OtlpHttpReceiver":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _json_spans(body: bytes) -> list[dict]:
+    """OTLP/JSON: ids are hex strings (not protobuf JSON's base64)."""
+    import json
+
+    spans = []
+    for resource_spans in json.loads(body).get("resourceSpans", []):
+        resource = {a["key"]: next(iter(a["value"].values()), "") for a in
+                    resource_spans.get("resource", {}).get("attributes", [])}
+        for scope_spans in resource_spans.get("scopeSpans", []):
+            for span in scope_spans.get("spans", []):
+                spans.append({"trace_id": span["traceId"].lower(), "span_id": span["spanId"].lower(),
+                              "parent_span_id": span.get("parentSpanId", "").lower(), "name": span["name"],
+                              "resource": resource})
+    return spans
+
+
+def _protobuf_spans(body: bytes) -> list[dict]:
+    request = trace_service_pb2.ExportTraceServiceRequest.FromString(body)
+    spans = []
+    for resource_spans in request.resource_spans:
+        resource = {a.key: a.value.string_value for a in resource_spans.resource.attributes}
+        for scope_spans in resource_spans.scope_spans:
+            for span in scope_spans.spans:
+                spans.append({"trace_id": span.trace_id.hex(), "span_id": span.span_id.hex(),
+                              "parent_span_id": span.parent_span_id.hex(), "name": span.name, "resource": resource})
+    return spans
 
 
 def main(argv: list[str] | None = None) -> int:
