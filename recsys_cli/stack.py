@@ -234,10 +234,10 @@ class LocalStack:
             from recsys_core.models.triton import TritonServer, tracing_args
 
             log.info("starting Triton Inference Server on %s", repo)
+            traced = tracing_args(self.triton_tracing_url) if self.triton_tracing_url else ()
             self.triton = TritonServer(repo, log_path=Path(self.state_dir) / "triton.log", models=models,
                                        startup_timeout=180.0 if self.model_dir is not None else 60.0,
-                                       extra_args=tracing_args(self.triton_tracing_url) if self.triton_tracing_url else ()
-                                       ).start()
+                                       extra_args=traced).start()
             self.addresses["triton"] = self.triton.grpc_url
             self.addresses["triton-metrics"] = f"127.0.0.1:{self.triton.metrics_port}"
             log.info("Triton ready at %s (log %s)", self.triton.grpc_url, self.triton.log_path)

@@ -100,6 +100,10 @@ def service_of(span) -> str:
     return span.resource.attributes["service.name"].removeprefix("recsys-")
 
 
+def one_candidate() -> ranking_pb2.RankRequest:
+    return ranking_pb2.RankRequest(candidates=[ranking_pb2.Candidate(item_id="a", features=common_pb2.CandidateFeatures())])
+
+
 def parent_id(span):
     return span.parent.span_id if span.parent is not None else None
 
@@ -261,7 +265,7 @@ def test_triton_continues_the_trace_of_the_call_to_it(exported_encoder, exported
                 with tracer.start_as_current_span("a traced call"):
                     encoder.encode(["a red running shoe"])
                 give_up = time.monotonic() + 20
-                while not any(span["name"] == "InferRequest" for span in collector.spans) and time.monotonic() < give_up:
+                while time.monotonic() < give_up and not any(s["name"] == "InferRequest" for s in collector.spans):
                     time.sleep(0.1)
     [client] = [span for span in ours.get_finished_spans() if span.name.endswith("/ModelInfer")]
     [request] = [span for span in collector.spans if span["name"] == "InferRequest"]
@@ -315,11 +319,10 @@ def test_plaintext_development_channels_carry_the_trace_beside_the_declared_iden
                                                         tracing=tracing)))
     gateway = Tracing.start(tracing, "gateway")
     loop = EventLoopThread("test-caller")
-    request = ranking_pb2.RankRequest(candidates=[ranking_pb2.Candidate(item_id="a", features=common_pb2.CandidateFeatures())])
 
     async def rank():
         async with aio_channel(address, Security.plaintext("gateway"), "ranking", gateway) as channel:
-            return await ranking_pb2_grpc.RankingServiceStub(channel).Rank(request, timeout=5)
+            return await ranking_pb2_grpc.RankingServiceStub(channel).Rank(one_candidate(), timeout=5)
 
     try:
         # Rank is for the gateway's identity only (recsys_core/rpc/access.py): declared, here.
@@ -350,8 +353,7 @@ def test_spans_reach_an_otlp_collector():
                                                             **secured("ranking"))))
         try:
             with service_channel(address, "ranking") as channel:
-                reply = ranking_pb2_grpc.RankingServiceStub(channel).Rank(ranking_pb2.RankRequest(
-                    candidates=[ranking_pb2.Candidate(item_id="a", features=common_pb2.CandidateFeatures())]), timeout=5)
+                reply = ranking_pb2_grpc.RankingServiceStub(channel).Rank(one_candidate(), timeout=5)
             assert [c.item_id for c in reply.candidates] == ["a"]
         finally:
             server.stop(None).wait(10)  # stopping sends what is still buffered

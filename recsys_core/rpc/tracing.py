@@ -44,7 +44,6 @@ from urllib.parse import urlparse
 
 from recsys_core.rpc.envconfig import ConfigError, EnvReader
 
-log = logging.getLogger(__name__)
 
 MODES = ("off", "otlp", "console", "file")
 DEFAULT_ENDPOINT = "http://localhost:4317"
