@@ -100,8 +100,9 @@ $(ENSEMBLE_MEMBERS): $(ENCODER)
 
 export: $(ENCODER) $(ENSEMBLE_MEMBERS)
 
+# TRACING=otlp|file|console: OpenTelemetry spans of every service (docs/operations.md, "Tracing").
 run: setup
-	$(VENV)/bin/recsys serve $(RUN_ARGS)
+	$(VENV)/bin/recsys serve $(if $(TRACING),--tracing $(TRACING)) $(RUN_ARGS)
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -24,7 +24,18 @@ def cmd_serve(args) -> int:
 
     transport = "plaintext" if args.insecure else "mtls-plaintext-gateway" if args.plaintext_gateway else "mtls"
     return serve(args.data, args.port, args.encoder, args.model, args.retail, show_example=not args.no_example,
-                 transport=transport)
+                 transport=transport, tracing=args.tracing, tracing_endpoint=args.tracing_endpoint,
+                 tracing_sample_ratio=args.tracing_sample_ratio, triton_tracing_url=args.tracing_triton)
+
+
+def sample_ratio(value: str) -> float:
+    try:
+        ratio = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
+    if not 0.0 <= ratio <= 1.0:
+        raise argparse.ArgumentTypeError(f"{value} must be between 0 and 1")
+    return ratio
 
 
 
@@ -86,6 +97,17 @@ def main(argv: list[str] | None = None) -> int:
                        help="the gateway's port in plaintext (mTLS between services stays): grpcurl -plaintext")
     serve.add_argument("--insecure", action="store_true",
                        help="no TLS anywhere (development only; callers' identities are not verified)")
+    serve.add_argument("--tracing", choices=("off", "otlp", "file", "console"), default="off",
+                       help="OpenTelemetry spans of every call in every service: otlp (to --tracing-endpoint), "
+                            "file (var/traces/<service>.jsonl), console (stdout); default off")
+    serve.add_argument("--tracing-endpoint", default="", metavar="URL",
+                       help="OTLP/gRPC collector for --tracing otlp, e.g. http://localhost:4317 (Jaeger, Tempo, "
+                            "an OpenTelemetry Collector); default OTEL_EXPORTER_OTLP_ENDPOINT, else http://localhost:4317")
+    serve.add_argument("--tracing-sample-ratio", type=sample_ratio, metavar="R",
+                       help="share of requests traced, 0..1 (default 1: every one)")
+    serve.add_argument("--tracing-triton", default="", metavar="URL",
+                       help="Triton's own spans too, as OTLP/HTTP to URL, e.g. http://localhost:4318/v1/traces "
+                            "(they continue the embedding service's trace)")
     serve.set_defaults(run=cmd_serve)
     # Security material (docs/operations.md, "Security"); these parse their own arguments.
     commands.add_parser("certs", add_help=False, help="make a CA and per-service certificates (recsys certs --out DIR)")

@@ -75,6 +75,16 @@ class LocalStack:
     # (the gateway's port in plaintext: grpcurl -plaintext), "plaintext" (nothing encrypted,
     # development only). Certificates and the token key are made once into state_dir/tls.
     transport: str = "mtls"
+    # OpenTelemetry spans of every service (recsys_core/rpc/tracing.py): "off",
+    # "otlp" (to tracing_endpoint, else OTEL_EXPORTER_OTLP_ENDPOINT, else
+    # http://localhost:4317), "file" (JSON lines in state_dir/traces/<service>.jsonl)
+    # or "console" (each service's stdout). Off: the services' own environment decides.
+    tracing: str = "off"
+    tracing_endpoint: str = ""
+    tracing_sample_ratio: float | None = None
+    # Triton's own spans (OTLP/HTTP, e.g. http://localhost:4318/v1/traces), which
+    # continue the embedding service's trace; empty: Triton traces nothing.
+    triton_tracing_url: str = ""
     extra_env: dict[str, str] = field(default_factory=dict)
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
     addresses: dict[str, str] = field(default_factory=dict)
@@ -145,6 +155,7 @@ class LocalStack:
             # Local development: grpcurl and ghz may describe the API.
             env[prefix + "REFLECTION"] = "1"
         env["GATEWAY_PUBLIC_TLS"] = "true" if self.gateway_tls else "false"
+        env.update(self.tracing_environment())
         env.update({
             "PYTHONUNBUFFERED": "1",
             "HF_HUB_OFFLINE": "1",
@@ -174,6 +185,39 @@ class LocalStack:
         env.update(self.extra_env)
         return env
 
+    @property
+    def trace_dir(self) -> Path:
+        return Path(self.state_dir) / "traces"
+
+    def tracing_environment(self) -> dict[str, str]:
+        """<SERVICE>_TRACING* for every service, as `tracing` says; nothing when off."""
+        if self.tracing == "off":
+            return {}
+        env = {}
+        if self.tracing == "file":
+            self.trace_dir.mkdir(parents=True, exist_ok=True)
+        for name in SERVICES:
+            prefix = name.upper() + "_TRACING"
+            env[prefix] = self.tracing
+            if self.tracing_endpoint:
+                env[prefix + "_ENDPOINT"] = self.tracing_endpoint
+            if self.tracing_sample_ratio is not None:
+                env[prefix + "_SAMPLE_RATIO"] = str(self.tracing_sample_ratio)
+            if self.tracing == "file":
+                env[prefix + "_FILE"] = str(self.trace_dir / f"{name}.jsonl")
+        return env
+
+    def describe_tracing(self) -> str:
+        if self.tracing == "off":
+            return "off (recsys serve --tracing otlp|file|console turns it on)" + (
+                f"; Triton's own to {self.triton_tracing_url}" if self.triton_tracing_url else "")
+        endpoint = self.tracing_endpoint or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or "http://localhost:4317"
+        where = {"otlp": f"OTLP/gRPC to {endpoint}", "file": f"JSON lines in {self.trace_dir}/<service>.jsonl",
+                 "console": "each service's stdout"}[self.tracing]
+        ratio = "" if self.tracing_sample_ratio is None else f", {self.tracing_sample_ratio:g} of traces sampled"
+        triton = f"; Triton's own spans to {self.triton_tracing_url}" if self.triton_tracing_url else ""
+        return f"every service, {where}{ratio}{triton}"
+
     def start(self, timeout: float = 1800.0) -> None:
         repo, models = self.model_repo, [paths.TEXT_ENCODER_MODEL]
         if self.model_dir is not None:
@@ -187,11 +231,13 @@ class LocalStack:
             models.append(model_serving.USER_TOWER_MODEL)
         # The user tower runs on Triton whichever way the encoder runs.
         if self.encoder == "triton" or self.model_dir is not None:
-            from recsys_core.models.triton import TritonServer
+            from recsys_core.models.triton import TritonServer, tracing_args
 
             log.info("starting Triton Inference Server on %s", repo)
+            traced = tracing_args(self.triton_tracing_url) if self.triton_tracing_url else ()
             self.triton = TritonServer(repo, log_path=Path(self.state_dir) / "triton.log", models=models,
-                                       startup_timeout=180.0 if self.model_dir is not None else 60.0).start()
+                                       startup_timeout=180.0 if self.model_dir is not None else 60.0,
+                                       extra_args=traced).start()
             self.addresses["triton"] = self.triton.grpc_url
             self.addresses["triton-metrics"] = f"127.0.0.1:{self.triton.metrics_port}"
             log.info("Triton ready at %s (log %s)", self.triton.grpc_url, self.triton.log_path)
@@ -240,7 +286,8 @@ class LocalStack:
 
 
 def serve(data: Path, port: int, encoder: str, model_dir: Path | None, retail: Path | None,
-          show_example: bool, transport: str = "mtls") -> int:
+          show_example: bool, transport: str = "mtls", tracing: str = "off", tracing_endpoint: str = "",
+          tracing_sample_ratio: float | None = None, triton_tracing_url: str = "") -> int:
     """`recsys serve`: the whole stack on this machine until SIGTERM or Ctrl-C,
     with an example shopper's recommendations and profile once it is up."""
     from recsys_cli.client import call_profile, call_recommend, example_shopper, print_profile, print_recommendations
@@ -258,7 +305,9 @@ def serve(data: Path, port: int, encoder: str, model_dir: Path | None, retail: P
             return 2
     stack = LocalStack(data_dir=data_dir, gateway_port=port, encoder=encoder,
                        model_dir=model.path if model else None,
-                       retail_dir=Path(retail).resolve() if retail else None, transport=transport)
+                       retail_dir=Path(retail).resolve() if retail else None, transport=transport,
+                       tracing=tracing, tracing_endpoint=tracing_endpoint, tracing_sample_ratio=tracing_sample_ratio,
+                       triton_tracing_url=triton_tracing_url)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
@@ -277,6 +326,7 @@ def serve(data: Path, port: int, encoder: str, model_dir: Path | None, retail: P
     print(f"\nall services SERVING; gateway at {gateway}", flush=True)
     tls = stack.security.directory
     print(f"transport: {stack.describe_transport()}", flush=True)
+    print(f"tracing: {stack.describe_tracing()}", flush=True)
     print(f"certificates: {tls} (CA {tls / 'ca.crt'}); admin token: {tls / ADMIN_TOKEN_FILE} "
           f"(`recsys` commands read both from there)", flush=True)
     if stack.gateway_tls:

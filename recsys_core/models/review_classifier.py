@@ -124,8 +124,8 @@ class TritonReviewClassifier(TritonTextClient):
     OUTPUT = POSITIVE_PROBABILITY
 
     def __init__(self, url: str, model_name: str = MODEL_NAME, *, version: int | str | None = None,
-                 timeout: float = DEFAULT_TIMEOUT):
-        super().__init__(url, model_name, version=version, timeout=timeout)
+                 timeout: float = DEFAULT_TIMEOUT, tracer=None):
+        super().__init__(url, model_name, version=version, timeout=timeout, tracer=tracer)
         if self.output_width != 1:
             self.close()
             raise ValueError(f"model {model_name} at {url}: {POSITIVE_PROBABILITY} must have one value per review")

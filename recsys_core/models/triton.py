@@ -160,6 +160,17 @@ def server_env(base: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+def tracing_args(url: str, service_name: str = "recsys-triton") -> list[str]:
+    """tritonserver flags for OpenTelemetry traces of every inference, sent as
+    OTLP/HTTP to `url` (a collector's `http://host:4318/v1/traces`). Triton
+    continues the trace of a request that carries `traceparent` (our Triton
+    client sends it when its service traces): its InferRequest span is then a
+    child of the client's ModelInfer span."""
+    return ["--trace-config", "mode=opentelemetry", "--trace-config", "level=TIMESTAMPS",
+            "--trace-config", "rate=1", "--trace-config", f"opentelemetry,url={url}",
+            "--trace-config", f"opentelemetry,resource=service.name={service_name}"]
+
+
 class TritonServer:
     """A tritonserver subprocess serving `repo`; a context manager.
 

@@ -58,13 +58,16 @@ class TritonModelClient:
     OUTPUT: str
 
     def __init__(self, url: str, model_name: str, *, version: int | str | None = None,
-                 timeout: float = DEFAULT_TIMEOUT):
+                 timeout: float = DEFAULT_TIMEOUT, tracer=None):
         import tritonclient.grpc.aio as aioclient
         from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
         self.url = url
         self.model_name = model_name
         self.timeout = timeout
+        # An OpenTelemetry tracer (the service's, when its tracing is on): each
+        # inference is then a client span, its context sent to Triton.
+        self._tracer = tracer
         self._client_module = aioclient
         self._server_error = InferenceServerException
         self._triton_dtype = np_to_triton_dtype
@@ -166,6 +169,29 @@ class TritonModelClient:
         return tensor
 
     def _infer(self, inputs: dict[str, np.ndarray], rows: int, timeout: float) -> np.ndarray:
+        if self._tracer is None:
+            return self._infer_once(inputs, rows, timeout, None)
+        from opentelemetry import propagate, trace
+
+        # Only as part of a traced call: encoding the catalogue at start would
+        # otherwise make one trace per batch.
+        if not trace.get_current_span().is_recording():
+            return self._infer_once(inputs, rows, timeout, None)
+
+        host, _, port = self.url.rpartition(":")
+        attributes = {"rpc.system": "grpc", "rpc.service": "inference.GRPCInferenceService", "rpc.method": "ModelInfer",
+                      "server.address": host, "server.port": int(port) if port.isdigit() else 0,
+                      "triton.model.name": self.model_name, "triton.model.version": self.version, "triton.rows": rows}
+        with self._tracer.start_as_current_span("/inference.GRPCInferenceService/ModelInfer",
+                                                kind=trace.SpanKind.CLIENT, attributes=attributes):
+            # traceparent in the call's metadata: Triton's own OpenTelemetry
+            # tracing (--trace-config mode=opentelemetry) continues this trace.
+            headers: dict[str, str] = {}
+            propagate.inject(headers)
+            return self._infer_once(inputs, rows, timeout, headers)
+
+    def _infer_once(self, inputs: dict[str, np.ndarray], rows: int, timeout: float,
+                    headers: dict[str, str] | None) -> np.ndarray:
         tensors = [self._tensor(name, array) for name, array in inputs.items()]
         deadline = time.monotonic() + timeout
         for attempt in range(len(RETRY_BACKOFF_SECONDS) + 1):
@@ -177,6 +203,7 @@ class TritonModelClient:
                     model_version=self.version,
                     outputs=[self._client_module.InferRequestedOutput(self.OUTPUT)],
                     client_timeout=budget,
+                    headers=headers,
                 ), budget)
                 break
             except self._server_error as exc:
@@ -188,6 +215,10 @@ class TritonModelClient:
                     or time.monotonic() + retry_in >= deadline
                 ):
                     raise error from exc
+                if headers is not None:
+                    from opentelemetry import trace
+
+                    trace.get_current_span().add_event("retry", {"error": str(error)[:200], "attempt": attempt + 1})
                 time.sleep(retry_in)
         outputs = result.as_numpy(self.OUTPUT)
         if outputs is None or len(outputs) != rows or outputs.size != rows * self.output_width:

@@ -29,8 +29,9 @@ class TritonEncoder(TritonTextClient):
         *,
         version: int | str | None = None,
         timeout: float = DEFAULT_TIMEOUT,
+        tracer=None,
     ):
-        super().__init__(url, model_name, version=version, timeout=timeout)
+        super().__init__(url, model_name, version=version, timeout=timeout, tracer=tracer)
         self.dimension = self.output_width
 
     def encode(self, texts: list[str], timeout: float | None = None) -> np.ndarray:

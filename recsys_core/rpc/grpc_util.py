@@ -26,6 +26,7 @@ from recsys_core import errors
 from recsys_core.rpc import balancing
 from recsys_core.rpc.access import AccessInterceptor, AccessPolicy, AuthConfig, Authenticator
 from recsys_core.rpc.metrics import ServerMetrics, listen_host
+from recsys_core.rpc.tracing import Tracing, TracingConfig, trace_logging
 from recsys_core.rpc.transport import Security
 from recsys_core.rpc.runtime import BlockingPool, EventLoopThread, PoolFull, WrappingInterceptor
 
@@ -124,7 +125,7 @@ class Deadline:
         return remaining
 
 
-def channel(target: str, security: Security, service: str) -> grpc.Channel:
+def channel(target: str, security: Security, service: str, tracing: Tracing | None = None) -> grpc.Channel:
     """The one way a service (or a tool) opens a channel to one of the
     platform's services: `service` is the callee's name ("profile"), whose
     certificate the channel checks; `security` is the caller's own (mutual
@@ -132,13 +133,17 @@ def channel(target: str, security: Security, service: str) -> grpc.Channel:
     development mode). recsys_core/rpc/transport.py says what is checked.
 
     `target` is `host:port`, or on Kubernetes `dns:///<name>-headless...:port`
-    so that round_robin sees every replica (recsys_core/rpc/balancing.py)."""
-    return security.channel(target, service, CHANNEL_OPTIONS)
+    so that round_robin sees every replica (recsys_core/rpc/balancing.py).
+
+    With the caller's `tracing` on (ManagedServer.tracing), every call is a
+    client span and carries the trace context (recsys_core/rpc/tracing.py)."""
+    return (tracing or Tracing.OFF).intercept_channel(security.channel(target, service, CHANNEL_OPTIONS))
 
 
-def aio_channel(target: str, security: Security, service: str) -> grpc.aio.Channel:
+def aio_channel(target: str, security: Security, service: str, tracing: Tracing | None = None) -> grpc.aio.Channel:
     """As `channel`, for grpc.aio stubs (bound to the running event loop)."""
-    return security.aio_channel(target, service, CHANNEL_OPTIONS)
+    return security.aio_channel(target, service, CHANNEL_OPTIONS,
+                                interceptors=(tracing or Tracing.OFF).aio_client_interceptors())
 
 
 def status_code(error: BaseException) -> grpc.StatusCode | None:
@@ -479,6 +484,9 @@ class ManagedServer:
         register(servicer, self.grpc_server)
 
     health_server: grpc.aio.Server | None = None
+    # Its spans' provider and tracer (recsys_core/rpc/tracing.py), for the
+    # channels and clients the service opens; Tracing.OFF unless configured.
+    tracing: Tracing = Tracing.OFF
 
     def start(self) -> None:
         self.loop.run(self.grpc_server.start)
@@ -520,6 +528,7 @@ class ManagedServer:
             self.metrics.close_http()
             self.blocking.shutdown()
             self.loop.stop()
+            self.tracing.shutdown()  # the last spans out before the process may exit
             stopped.set()
 
         self.loop.submit(drain).add_done_callback(finish)
@@ -551,7 +560,7 @@ def build_server(
     address: str, workers: int, full_service_names: list[str], name: str, metrics_port: int | None = None,
     security: Security | None = None, auth: AuthConfig | None = None, public: bool = False,
     max_request_bytes: int | None = None,
-    health_port: int | None = None,
+    health_port: int | None = None, tracing: TracingConfig | None = None,
 ) -> tuple[ManagedServer, int]:
     """A server with health, reflection and the metrics interceptor registered
     and `address` bound; with a `metrics_port` (0: a free one) also the
@@ -576,6 +585,11 @@ def build_server(
     plaintext listener on the host of `address` serves grpc.health.v1 alone:
     the same statuses, nothing else.
 
+    With `tracing` on, every call is a span (the first interceptor, so the
+    span covers the others) continuing the caller's trace; off: nothing is
+    installed (recsys_core/rpc/tracing.py). `ManagedServer.tracing` is for
+    the service's own channels and clients.
+
     Callers add their servicers, start loading, then start it. Raises if a
     port cannot be bound, and ConfigError without certificates.
     """
@@ -589,6 +603,7 @@ def build_server(
         reflection_on = security.reflection
     else:
         access, credentials, reflection_on = None, None, True
+    traced = Tracing.start(tracing, name)
     metrics = ServerMetrics()
     blocking = BlockingPool(workers, workers * 16, name)
     loop = EventLoopThread(name)
@@ -602,6 +617,7 @@ def build_server(
         interceptors = [metrics.interceptor(), _DecodingInterceptor(), _BlockingHandlers(blocking)]
         if access is not None:
             interceptors.insert(2, AccessInterceptor(access))
+        interceptors = [*traced.server_interceptors(), *interceptors]
         options = SERVER_OPTIONS
         if max_request_bytes is not None:
             options = [*[o for o in SERVER_OPTIONS if o[0] != "grpc.max_receive_message_length"],
@@ -629,6 +645,7 @@ def build_server(
         )
     managed = ManagedServer(loop, server, serving, name, blocking, metrics)
     managed.health_server = health_server
+    managed.tracing = traced
     if credentials is None:
         port = server.add_insecure_port(address)
     else:
@@ -649,10 +666,11 @@ def build_server(
 
 
 def setup_logging(service: str) -> None:
-    logging.basicConfig(
-        level=logging.INFO,
-        format=f"%(asctime)s {service} %(levelname)s %(name)s: %(message)s",
-    )
+    """Every service's log lines; inside a traced call they end with its
+    trace_id and span_id (recsys_core/rpc/tracing.py)."""
+    logging.basicConfig(level=logging.INFO)
+    for handler in logging.getLogger().handlers:
+        trace_logging(handler, service)
 
 
 def serve_main(service: str, config_type, create_server: Callable) -> int:
@@ -663,6 +681,7 @@ def serve_main(service: str, config_type, create_server: Callable) -> int:
     server, port = create_server(config)
     server.start()
     security = getattr(config, "security", None)
-    log.info("%s listening on port %d%s", service, port,
-             "" if security is None else ": " + (security.describe_public() if service == "gateway" else security.describe()))
+    log.info("%s listening on port %d%s; %s", service, port,
+             "" if security is None else ": " + (security.describe_public() if service == "gateway" else security.describe()),
+             server.tracing.config.describe())
     return server.run_until_terminated(config.grace_seconds)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import threading
 from collections.abc import Awaitable, Callable
 from concurrent import futures
@@ -119,7 +120,8 @@ class BlockingPool:
         thread picked the call up also drops the call."""
         self._take()
         try:
-            future = self._executor.submit(function, *args, **kwargs)
+            # In the caller's context: its trace span (logs, spans of calls made there).
+            future = self._executor.submit(contextvars.copy_context().run, function, *args, **kwargs)
         except BaseException:
             self._release(None)
             raise
@@ -145,7 +147,8 @@ class BlockingPool:
         never refused half-way through. For CPU work between awaits that
         would otherwise hold the loop, which accepts new calls and answers
         health checks."""
-        return await asyncio.wrap_future(self._executor.submit(function, *args, **kwargs))
+        return await asyncio.wrap_future(
+            self._executor.submit(contextvars.copy_context().run, function, *args, **kwargs))
 
     def _take(self) -> None:
         with self._lock:

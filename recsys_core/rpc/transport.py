@@ -213,35 +213,40 @@ class Security:
         return client_channel(target, ca=self.ca_path, cert=self.cert_path, key=self.key_path, token=token,
                               server_name=service, options=options)
 
-    def aio_channel(self, target: str, service: str, options=(), token: str | None = None) -> grpc.aio.Channel:
-        """As `channel`, for grpc.aio (it belongs to the event loop running when it is made)."""
+    def aio_channel(self, target: str, service: str, options=(), token: str | None = None,
+                    interceptors=()) -> grpc.aio.Channel:
+        """As `channel`, for grpc.aio (it belongs to the event loop running when it is made);
+        `interceptors` (grpc.aio client interceptors: tracing) see every call."""
         if self.insecure:
             return client_channel(target, plaintext=True, token=token, options=options,
-                                  declare_identity=self.service, aio=True)
+                                  declare_identity=self.service, aio=True, interceptors=interceptors)
         self.check()
         return client_channel(target, ca=self.ca_path, cert=self.cert_path, key=self.key_path, token=token,
-                              server_name=service, options=options, aio=True)
+                              server_name=service, options=options, aio=True, interceptors=interceptors)
 
 
 def client_channel(target: str, *, ca: str | None = None, cert: str | None = None, key: str | None = None,
                    token: str | None = None, plaintext: bool = False, server_name: str | None = None,
-                   options=(), declare_identity: str | None = None, aio: bool = False):
+                   options=(), declare_identity: str | None = None, aio: bool = False, interceptors=()):
     """A channel for any caller: TLS checked against `ca` (None: the system's
     roots), with a client certificate when `cert` and `key` are given, the
     server's name checked as `server_name` (None: the target's host); or
-    plaintext when asked. `token` goes with every call as a bearer token."""
+    plaintext when asked. `token` goes with every call as a bearer token.
+    `interceptors`: more grpc.aio client interceptors (aio channels only)."""
     options = list(options)
-    interceptors = []
+    aio_interceptors = list(interceptors)
+    pairs = []
     if plaintext:
         if token:
-            interceptors.append(("authorization", f"Bearer {token}"))
+            pairs.append(("authorization", f"Bearer {token}"))
         if declare_identity:
-            interceptors.append((DEV_IDENTITY_HEADER, declare_identity))
+            pairs.append((DEV_IDENTITY_HEADER, declare_identity))
         if aio:
-            return grpc.aio.insecure_channel(target, options=options,
-                                             interceptors=[_AioMetadata(interceptors)] if interceptors else None)
+            if pairs:
+                aio_interceptors.append(_AioMetadata(pairs))
+            return grpc.aio.insecure_channel(target, options=options, interceptors=aio_interceptors or None)
         channel = grpc.insecure_channel(target, options=options)
-        return grpc.intercept_channel(channel, _Metadata(interceptors)) if interceptors else channel
+        return grpc.intercept_channel(channel, _Metadata(pairs)) if pairs else channel
     credentials = grpc.ssl_channel_credentials(
         root_certificates=_read(ca, "CA") if ca else None,
         private_key=_read(key, "key") if cert and key else None,
@@ -252,7 +257,7 @@ def client_channel(target: str, *, ca: str | None = None, cert: str | None = Non
     if server_name:
         options += [("grpc.ssl_target_name_override", server_name), ("grpc.default_authority", server_name)]
     if aio:
-        return grpc.aio.secure_channel(target, credentials, options=options)
+        return grpc.aio.secure_channel(target, credentials, options=options, interceptors=aio_interceptors or None)
     return grpc.secure_channel(target, credentials, options=options)
 
 

@@ -7,6 +7,7 @@ from recsys_core.data import paths
 from recsys_core.index.kinds import INDEX_KINDS, IndexSettings
 from recsys_core.models.encoder import DEFAULT_PRECISION, PRECISIONS
 from recsys_core.rpc.access import AuthConfig
+from recsys_core.rpc.tracing import TracingConfig
 from recsys_core.rpc.transport import Security
 from recsys_core.rpc.envconfig import ConfigError, EnvReader
 
@@ -29,6 +30,9 @@ class EmbeddingConfig:
     health_port: int | None = None
     security: Security = Security(service="embedding")
     auth: AuthConfig = AuthConfig()
+    # OpenTelemetry spans of every call, off by default: EMBEDDING_TRACING=otlp|console|file,
+    # EMBEDDING_TRACING_* and the standard OTEL_* (recsys_core/rpc/tracing.py; docs/operations.md, "Tracing").
+    tracing: TracingConfig = TracingConfig()
     # Catalogue loaded at start; empty means start with an empty catalogue.
     data_dir: str = str(paths.BUNDLED_DATA_DIR)
     # Online-retail invoices whose products join the catalogue (category
@@ -77,6 +81,7 @@ class EmbeddingConfig:
             health_port=env.optional_int("HEALTH_PORT", minimum=1, maximum=65535),
             security=Security.from_env(env, "embedding"),
             auth=AuthConfig.from_env(env),
+            tracing=TracingConfig.from_env(env),
             data_dir=env.str("DATA_DIR", cls.data_dir),
             retail_dir=env.optional_path("RETAIL_DIR", cls.retail_dir),
             model_repo=env.str("MODEL_REPO", cls.model_repo),

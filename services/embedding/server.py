@@ -28,12 +28,13 @@ ENCODER_HEALTH_NAME = "text_encoder"
 ENCODER_POLL_SECONDS = 1.0
 
 
-def load_encoder(config: EmbeddingConfig, model: ModelDir | None = None) -> Encoder:
-    """The configured encoder; with a trained `model`, that model's encoder."""
+def load_encoder(config: EmbeddingConfig, model: ModelDir | None = None, tracer=None) -> Encoder:
+    """The configured encoder; with a trained `model`, that model's encoder.
+    A `tracer` (ManagedServer.tracing.tracer) spans each call to Triton."""
     if config.encoder == "triton":
         from recsys_core.models.triton_encoder import TritonEncoder
 
-        encoder = TritonEncoder(config.triton_url, config.triton_model)
+        encoder = TritonEncoder(config.triton_url, config.triton_model, tracer=tracer)
         # Where the served weights are also on this disk, their fingerprint
         # lets Triton share cached item vectors with the in-process encoder
         # (the two give the same vectors: tests/test_triton.py, and for the
@@ -83,10 +84,10 @@ def watch_encoder(catalogue: Catalogue, serving: ServingHealth, stop: threading.
             return
 
 
-def load_catalogue(config: EmbeddingConfig, show_progress: bool = True) -> Catalogue:
+def load_catalogue(config: EmbeddingConfig, show_progress: bool = True, tracer=None) -> Catalogue:
     faiss.omp_set_num_threads(config.faiss_threads)
     model = open_model_dir(config.model_dir) if config.model_dir else None
-    encoder = load_encoder(config, model)
+    encoder = load_encoder(config, model, tracer)
     # Keyed by the encoder's weights: a fine-tuned encoder never reads the
     # pretrained one's vectors (ID vectors are added after the cache).
     cache = EmbeddingCache(Path(config.cache_dir) if config.cache_dir else None, encoder.fingerprint)
@@ -141,7 +142,7 @@ def create_server(config: EmbeddingConfig) -> tuple[ManagedServer, int]:
     health turns SERVING once it is in."""
     server, port = build_server(
         config.address, config.workers, [SERVICE_NAME], "embedding", metrics_port=config.metrics_port,
-        security=config.security, auth=config.auth, health_port=config.health_port,
+        security=config.security, auth=config.auth, health_port=config.health_port, tracing=config.tracing,
     )
     servicer = EmbeddingServicer(server.readiness, config, server.blocking)
     server.add(embedding_pb2_grpc.add_EmbeddingServiceServicer_to_server, servicer)
@@ -150,7 +151,7 @@ def create_server(config: EmbeddingConfig) -> tuple[ManagedServer, int]:
     server.metrics.registry.register(collector)
 
     def load() -> None:
-        catalogue = load_catalogue(config)
+        catalogue = load_catalogue(config, tracer=server.tracing.tracer)
         servicer.attach(catalogue)
         collector.catalogue = catalogue
         threading.Thread(

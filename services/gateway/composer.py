@@ -92,8 +92,11 @@ def rank_request(profile, candidates, popularity, co_purchases: dict[str, int], 
 
 
 class Composer:
-    def __init__(self, config: GatewayConfig, run_cpu=run_inline):
+    def __init__(self, config: GatewayConfig, run_cpu=run_inline, tracing=None):
         self.config = config
+        # The gateway server's tracing (ManagedServer.tracing): a client span
+        # per downstream call, the trace context sent along.
+        self._tracing = tracing
         # Runs the message work between calls (parsing the candidates,
         # building Rank's request, wording the reply) off the event loop: the
         # server's pool (BlockingPool.run_admitted), so that a burst of large
@@ -108,7 +111,7 @@ class Composer:
         loop they are made on, the gateway server's, which runs every call."""
         if self._channels:
             return
-        self._channels = [aio_channel(address, self.config.security, service) for address, service in (
+        self._channels = [aio_channel(address, self.config.security, service, self._tracing) for address, service in (
             (self.config.profile_address, "profile"), (self.config.embedding_address, "embedding"),
             (self.config.ranking_address, "ranking"))]
         self._profile = profile_pb2_grpc.ProfileServiceStub(self._channels[0])

@@ -3,6 +3,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from recsys_core.rpc.access import AuthConfig
+from recsys_core.rpc.tracing import TracingConfig
 from recsys_core.rpc.transport import Security
 from recsys_core.rpc.envconfig import EnvReader
 
@@ -23,6 +24,9 @@ class GatewayConfig:
     health_port: int | None = None
     security: Security = Security(service="gateway")
     auth: AuthConfig = AuthConfig()
+    # OpenTelemetry spans of every call, off by default: GATEWAY_TRACING=otlp|console|file,
+    # GATEWAY_TRACING_* and the standard OTEL_* (recsys_core/rpc/tracing.py; docs/operations.md, "Tracing").
+    tracing: TracingConfig = TracingConfig()
     profile_address: str = "127.0.0.1:50053"
     embedding_address: str = "127.0.0.1:50052"
     ranking_address: str = "127.0.0.1:50054"
@@ -53,6 +57,7 @@ class GatewayConfig:
             health_port=env.optional_int("HEALTH_PORT", minimum=1, maximum=65535),
             security=Security.from_env(env, "gateway", public=True),
             auth=AuthConfig.from_env(env),
+            tracing=TracingConfig.from_env(env),
             profile_address=env.str("PROFILE_ADDRESS", cls.profile_address),
             embedding_address=env.str("EMBEDDING_ADDRESS", cls.embedding_address),
             ranking_address=env.str("RANKING_ADDRESS", cls.ranking_address),

@@ -60,10 +60,10 @@ def create_server(config: GatewayConfig) -> tuple[ManagedServer, int]:
     server, port = build_server(
         config.address, config.workers, [SERVICE_NAME], "gateway", metrics_port=config.metrics_port,
         security=config.security, auth=config.auth, health_port=config.health_port, public=True,
-        max_request_bytes=config.max_request_bytes,
+        max_request_bytes=config.max_request_bytes, tracing=config.tracing,
     )
     register_metrics(server)
-    composer = Composer(config, run_cpu=server.blocking.run_admitted)
+    composer = Composer(config, run_cpu=server.blocking.run_admitted, tracing=server.tracing)
     servicer = GatewayServicer(server.readiness, composer, config, server.blocking)
     server.add(gateway_pb2_grpc.add_GatewayServiceServicer_to_server, servicer)
     server.after_drain(composer.close)

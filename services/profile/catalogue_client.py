@@ -14,8 +14,8 @@ LOOKUP_BATCH = 2000
 
 
 class EmbeddingServiceLookup:
-    def __init__(self, address: str, security: Security):
-        self.channel = channel(address, security, "embedding")
+    def __init__(self, address: str, security: Security, tracing=None):
+        self.channel = channel(address, security, "embedding", tracing)
         self.stub = embedding_pb2_grpc.EmbeddingServiceStub(self.channel)
 
     def lookup(self, item_ids: Sequence[str], timeout: float) -> dict[str, ItemInfo]:

@@ -18,9 +18,10 @@ class ReviewReader:
     connection: Triton may come up after the profile service (Kubernetes
     starts them independently), and profiles must not wait for it."""
 
-    def __init__(self, url: str, model_name: str):
+    def __init__(self, url: str, model_name: str, tracer=None):
         self.url = url
         self.model_name = model_name
+        self.tracer = tracer
         self._client = None
         self._lock = threading.Lock()
 
@@ -30,7 +31,7 @@ class ReviewReader:
                 from recsys_core.models.review_classifier import TritonReviewClassifier
 
                 try:
-                    self._client = TritonReviewClassifier(self.url, self.model_name)
+                    self._client = TritonReviewClassifier(self.url, self.model_name, tracer=self.tracer)
                 except Unavailable:
                     raise
                 except Exception as error:  # noqa: BLE001 - a model not (yet) loaded, a refused connection
@@ -47,5 +48,5 @@ class ReviewReader:
                 self._client = None
 
 
-def connect(url: str, model_name: str) -> ReviewReader | None:
-    return ReviewReader(url, model_name) if url else None
+def connect(url: str, model_name: str, tracer=None) -> ReviewReader | None:
+    return ReviewReader(url, model_name, tracer) if url else None

@@ -12,6 +12,7 @@ from prometheus_client import Counter
 from recsys.profile.v1 import profile_pb2, profile_pb2_grpc
 from recsys_core.data import shopping
 from recsys_core.rpc.grpc_util import ManagedServer, build_server, serve_main
+from recsys_core.rpc.tracing import Tracing
 from services.profile.catalogue_client import EmbeddingServiceLookup
 from services.profile.config import ProfileConfig
 from services.profile.profiles import ProfileBook
@@ -80,7 +81,7 @@ def load_value_model(config: ProfileConfig) -> ValueModel | None:
     return model
 
 
-def load_book(config: ProfileConfig) -> ProfileBook:
+def load_book(config: ProfileConfig, tracing: Tracing = Tracing.OFF) -> ProfileBook:
     store = open_store(config)
     clocks: dict[str, int] = {}
     if config.data_path is not None:
@@ -89,15 +90,15 @@ def load_book(config: ProfileConfig) -> ProfileBook:
         clocks.update(load_retail_events(store, config.retail_path))
     book = ProfileBook(
         store,
-        EmbeddingServiceLookup(config.embedding_address, config.security),
+        EmbeddingServiceLookup(config.embedding_address, config.security, tracing),
         interest_window=config.interest_window,
         max_events_per_request=config.max_events_per_request,
         profile_cache_size=config.profile_cache_size,
         drift_settings=config.drift_settings,
         cluster_settings=config.cluster_settings,
-        user_tower=connect(config.user_tower_triton_url, config.user_tower_model),
+        user_tower=connect(config.user_tower_triton_url, config.user_tower_model, tracing.tracer),
         value_model=load_value_model(config),
-        review_classifier=connect_reviews(config.review_triton_url, config.review_model),
+        review_classifier=connect_reviews(config.review_triton_url, config.review_model, tracing.tracer),
         value_clock=config.value_clock,
         category_clocks=clocks,
     )
@@ -126,12 +127,12 @@ def create_server(config: ProfileConfig) -> tuple[ManagedServer, int]:
     turns SERVING once it is in."""
     server, port = build_server(
         config.address, config.workers, [SERVICE_NAME], "profile", metrics_port=config.metrics_port,
-        security=config.security, auth=config.auth, health_port=config.health_port,
+        security=config.security, auth=config.auth, health_port=config.health_port, tracing=config.tracing,
     )
     register_metrics(server)
     servicer = ProfileServicer(server.readiness, config, server.blocking)
     server.add(profile_pb2_grpc.add_ProfileServiceServicer_to_server, servicer)
-    server.readiness.start(lambda: servicer.attach(load_book(config)))
+    server.readiness.start(lambda: servicer.attach(load_book(config, server.tracing)))
     return server, port
 
 

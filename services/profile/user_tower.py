@@ -33,8 +33,8 @@ class ShopperVectors(TritonModelClient):
     OUTPUT = ut.SHOPPER_VECTOR
 
     def __init__(self, url: str, model_name: str = MODEL_NAME, *, version: int | str | None = None,
-                 timeout: float = DEFAULT_TIMEOUT):
-        super().__init__(url, model_name, version=version, timeout=timeout)
+                 timeout: float = DEFAULT_TIMEOUT, tracer=None):
+        super().__init__(url, model_name, version=version, timeout=timeout, tracer=tracer)
         self.dimension = self.output_width
         # The installer writes the longest history a served version reads;
         # sending more would only be cut off there.
@@ -72,6 +72,6 @@ def shopper_interest(item_ids: Sequence[str], vectors: dict[str, np.ndarray], to
         return None
 
 
-def connect(url: str, model_name: str = MODEL_NAME) -> ShopperVectors | None:
+def connect(url: str, model_name: str = MODEL_NAME, tracer=None) -> ShopperVectors | None:
     """The user tower at `url`, or None when no url is configured (no model served)."""
-    return ShopperVectors(url, model_name) if url else None
+    return ShopperVectors(url, model_name, tracer=tracer) if url else None

@@ -3,6 +3,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from recsys_core.rpc.access import AuthConfig
+from recsys_core.rpc.tracing import TracingConfig
 from recsys_core.rpc.transport import Security
 from recsys_core.rpc.envconfig import EnvReader
 from recsys_core.ranking.scoring import SERVING_WEIGHTS
@@ -24,6 +25,9 @@ class RankingConfig:
     health_port: int | None = None
     security: Security = Security(service="ranking")
     auth: AuthConfig = AuthConfig()
+    # OpenTelemetry spans of every call, off by default: RANKING_TRACING=otlp|console|file,
+    # RANKING_TRACING_* and the standard OTEL_* (recsys_core/rpc/tracing.py; docs/operations.md, "Tracing").
+    tracing: TracingConfig = TracingConfig()
     # Defaults and their reasons: recsys_core/ranking/scoring.py, SERVING_WEIGHTS.
     long_term_weight: float = SERVING_WEIGHTS.long_term
     short_term_weight: float = SERVING_WEIGHTS.short_term
@@ -50,6 +54,7 @@ class RankingConfig:
             health_port=env.optional_int("HEALTH_PORT", minimum=1, maximum=65535),
             security=Security.from_env(env, "ranking"),
             auth=AuthConfig.from_env(env),
+            tracing=TracingConfig.from_env(env),
             long_term_weight=env.float("LONG_TERM_WEIGHT", cls.long_term_weight, minimum=0),
             short_term_weight=env.float("SHORT_TERM_WEIGHT", cls.short_term_weight, minimum=0),
             context_weight=env.float("CONTEXT_WEIGHT", cls.context_weight, minimum=0),
