@@ -94,12 +94,14 @@ class Catalogue:
     # -- catalogue ----------------------------------------------------------
 
     def upsert(self, records: Sequence[ItemRecord], show_progress: bool = False, only_new: bool = False,
-               save_cache: bool = False) -> tuple[int, int]:
+               save_cache: bool | None = None) -> tuple[int, int]:
         """Encode and index items; unchanged texts come from the cache. Every
         record is validated before anything is written, so a bad batch changes
         nothing. With a store, the batch is durable there before this returns
         and before this replica indexes it; `only_new` keeps items the store
-        has (seeding). `save_cache`: also write the vector cache file (start-up)."""
+        has (seeding). `save_cache`: also write the vector cache file; by
+        default only without a store, whose own copy of every vector makes
+        rewriting the file (80 MB on the full data) per upsert a waste."""
         for position, record in enumerate(records):
             if not record.item_id or len(record.item_id) > MAX_ID_CHARS:
                 raise InvalidArgument(f"items[{position}].item_id", f"must be 1..{MAX_ID_CHARS} characters")
@@ -111,6 +113,8 @@ class Catalogue:
                 raise InvalidArgument(f"items[{position}].text", "an item needs a title or text to be embedded")
         # Later duplicates in one batch win, as a sequence of upserts would.
         records = list({r.item_id: r for r in records}.values())
+        if save_cache is None:
+            save_cache = self.store is None
         vectors = self._encode(records, show_progress, save_cache)
         if self.store is None:
             return self._index(records, vectors)
