@@ -11,7 +11,8 @@ import redis
 from recsys_core.errors import Unavailable
 from recsys_core.store.catalogue_redis import READ_CHUNK, WRITE_CHUNK, RedisCatalogueStore
 from recsys_core.store.catalogue_sqlite import SQLiteCatalogueStore
-from recsys_core.store.catalogue_store import CatalogueEntry, open_catalogue_store
+from recsys_core.store.catalogue_backends import open_catalogue_store
+from recsys_core.store.catalogue_store import CatalogueEntry
 from recsys_core.store.redis_store import DurabilityError
 
 TEST_KEYS = ("recsys:catalogue:*", "testcat:*")

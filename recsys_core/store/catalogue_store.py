@@ -18,7 +18,6 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -76,19 +75,3 @@ def vector_from(data: bytes) -> np.ndarray:
 def latest(entries: Sequence[CatalogueEntry]) -> list[CatalogueEntry]:
     """One entry per item: a later duplicate in a batch wins, as a sequence of writes would."""
     return list({entry.item_id: entry for entry in entries}.values())
-
-
-def open_catalogue_store(kind: str, path: str = "", redis_url: str = "", prefix: str = "",
-                         username: str = "", password_file: str = "", durability: str = "always") -> CatalogueStore:
-    """The store an embedding configuration selects (EMBEDDING_CATALOGUE_STORE=sqlite|redis)."""
-    if kind == "redis":
-        from recsys_core.store.catalogue_redis import DEFAULT_PREFIX, RedisCatalogueStore
-
-        password = Path(password_file).read_text().strip() if password_file else None
-        return RedisCatalogueStore(redis_url, prefix=prefix or DEFAULT_PREFIX, durability=durability,
-                                   username=username or None, password=password)
-    if kind == "sqlite":
-        from recsys_core.store.catalogue_sqlite import SQLiteCatalogueStore
-
-        return SQLiteCatalogueStore(path)
-    raise ValueError(f"catalogue store must be one of {STORES}, got {kind!r}")

@@ -16,7 +16,8 @@ from recsys_core.models.encoder import METADATA_FILE, Encoder, OnnxEncoder, late
 from recsys_core.rpc.grpc_util import ManagedServer, ServingHealth, build_server, serve_main
 from recsys_core.index.embedding_cache import EmbeddingCache
 from recsys_core.models.model_serving import ModelDir, open_model_dir
-from recsys_core.store.catalogue_store import CatalogueStore, open_catalogue_store
+from recsys_core.store.catalogue_backends import open_catalogue_store
+from recsys_core.store.catalogue_store import CatalogueStore
 from services.embedding.catalogue import Catalogue, records_from_frame
 from services.embedding.config import EmbeddingConfig
 from services.embedding.servicer import EmbeddingServicer
