@@ -181,6 +181,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backend", choices=("sqlite", "redis"), default="sqlite")
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--writers", type=int, default=8)
+    parser.add_argument("--data", type=Path, default=None,
+                        help="a data directory to seed the catalogue from (e.g. data, the bundled set: "
+                             "upserts into a catalogue of realistic size); default 40 bundled items")
+    parser.add_argument("--cache-dir", type=Path, default=None,
+                        help="the vector cache (default: a fresh one; recsys_core.data.paths.cache_dir() "
+                             "spares encoding a --data set again)")
     args = parser.parse_args(argv)
 
     from recsys_cli.certs import LocalSecurity
@@ -196,14 +202,21 @@ def main(argv: list[str] | None = None) -> int:
         store = f"{redis_server.catalogue_url} recsys:catalogue:"
     else:
         store = str(work / "catalogue.sqlite3")
-    data_dir = tiny_data_dir(work / "data")
-    replicas = [start_replica(replica_config(args.backend, store, data_dir, work / "cache", **security))
-                for _ in range(2)]
+    data_dir = args.data or tiny_data_dir(work / "data")
+    cache_dir = args.cache_dir or work / "cache"
+    began = time.monotonic()
+    replicas = [start_replica(replica_config(args.backend, store, data_dir, cache_dir, **security))]
+    first_start = time.monotonic() - began
+    began = time.monotonic()
+    replicas.append(start_replica(replica_config(args.backend, store, data_dir, cache_dir, **security)))
+    second_start = time.monotonic() - began
     channels = [material.security("admin").channel(address, "embedding", token=token) for _, address in replicas]
     try:
         result = race(channels, writers=args.writers, seconds=args.seconds)
         problems = settled(channels, result)
-        print(json.dumps({"backend": args.backend, "writers": args.writers, **result.summary(),
+        print(json.dumps({"backend": args.backend, "writers": args.writers, "data": str(args.data or "40 items"),
+                          "first_replica_start_s": round(first_start, 1),
+                          "second_replica_start_s": round(second_start, 1), **result.summary(),
                           "problems": problems}, indent=2))
         return 0 if not result.errors and not problems else 1
     finally:
