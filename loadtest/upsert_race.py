@@ -141,6 +141,28 @@ def settled(channels: list[grpc.Channel], result: RaceResult, within: float = 5.
         time.sleep(0.1)
 
 
+def propagation(channels: list[grpc.Channel], samples: int = 20, limit: float = 5.0) -> list[float]:
+    """Seconds from an UpsertItems acknowledged by channels[0] until
+    channels[1] returns the item (GetItems polled every 5 ms), per sample."""
+    from recsys.common.v1 import common_pb2
+    from recsys.embedding.v1 import embedding_pb2, embedding_pb2_grpc
+
+    writer, reader = (embedding_pb2_grpc.EmbeddingServiceStub(c) for c in channels[:2])
+    seconds = []
+    for n in range(samples):
+        item_id = f"propagation-{time.time_ns()}-{n}"
+        writer.UpsertItems(embedding_pb2.UpsertItemsRequest(items=[common_pb2.Item(
+            item_id=item_id, category="Propagation", title="Probe", text=f"Propagation probe {n}")]), timeout=30)
+        acknowledged = time.monotonic()
+        while time.monotonic() - acknowledged < limit:
+            reply = reader.GetItems(embedding_pb2.GetItemsRequest(item_ids=[item_id], skip_missing=True), timeout=10)
+            if reply.items:
+                break
+            time.sleep(0.005)
+        seconds.append(time.monotonic() - acknowledged)
+    return seconds
+
+
 def tiny_data_dir(directory: Path, items: int = 40) -> Path:
     """The first `items` bundled items, as a data directory the embedding service seeds from."""
     import pandas as pd
@@ -214,9 +236,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = race(channels, writers=args.writers, seconds=args.seconds)
         problems = settled(channels, result)
+        delays = sorted(propagation(channels))
         print(json.dumps({"backend": args.backend, "writers": args.writers, "data": str(args.data or "40 items"),
                           "first_replica_start_s": round(first_start, 1),
                           "second_replica_start_s": round(second_start, 1), **result.summary(),
+                          "propagation_ms": {"p50": round(delays[len(delays) // 2] * 1000),
+                                             "max": round(delays[-1] * 1000)},
                           "problems": problems}, indent=2))
         return 0 if not result.errors and not problems else 1
     finally:
