@@ -1,6 +1,7 @@
 """Embedding service: text encoder, item catalogue and FAISS index."""
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
 import threading
@@ -202,10 +203,18 @@ def create_server(config: EmbeddingConfig) -> tuple[ManagedServer, int]:
         threading.Thread(
             target=watch_encoder, args=(catalogue, server.serving, server.stopping), name="encoder-watch", daemon=True
         ).start()
-        threading.Thread(
+        follower = threading.Thread(
             target=follow_catalogue, args=(catalogue, server.stopping, config.catalogue_poll_seconds),
             name="catalogue-follow", daemon=True,
-        ).start()
+        )
+        follower.start()
+
+        async def close_store() -> None:
+            # Once no call uses it: the follower stops with `stopping`, set before the drain.
+            await asyncio.to_thread(follower.join, config.catalogue_poll_seconds + 5)
+            catalogue.store.close()
+
+        server.after_drain(close_store)
 
     server.readiness.start(load)
     return server, port
