@@ -59,6 +59,12 @@ def replicas(request, tmp_path, data_dir, exported_encoder):
         server.stop(None)
 
 
+def seeded_ids(data_dir) -> list[str]:
+    from recsys_core.data import shopping
+
+    return list(shopping.load_items(data_dir).item_id)
+
+
 def stub(channel):
     return embedding_pb2_grpc.EmbeddingServiceStub(channel)
 
@@ -137,3 +143,39 @@ def test_concurrent_upserts_through_two_replicas_never_fail_and_lose_nothing(rep
     _, c = replicas.start()
     assert missing(c, result.acknowledged) == []
     assert states(c, result.shared) == states(a, result.shared)
+
+
+def test_replicas_serve_through_a_redis_outage_and_follow_again_after_it(tmp_path, data_dir, exported_encoder):
+    """Redis down: reads keep answering from each replica's index, an upsert is
+    UNAVAILABLE (nothing acknowledged, nothing lost); back up, the followers
+    resume and propagation is within the bound again."""
+    import grpc
+
+    from recsys_core.store.local_redis import LocalRedis, redis_server_binary
+
+    if redis_server_binary() is None:
+        pytest.skip("redis-server is not installed")
+    server = LocalRedis(tmp_path / "redis").start()
+    config = replica_config("redis", f"{server.catalogue_url} recsys:catalogue:", data_dir, tmp_path / "cache",
+                            **secured("embedding"))
+    started = [start_replica(config) for _ in range(2)]
+    try:
+        a, b = (service_channel(address, "embedding") for _, address in started)
+        first_id = seeded_ids(data_dir)[0]
+        server.kill()
+        assert held(b, first_id) is not None, "reads answer from the index while the store is down"
+        with pytest.raises(grpc.RpcError) as refused:
+            stub(a).UpsertItems(embedding_pb2.UpsertItemsRequest(items=[gadget("down-1", "Gadgets", "A lamp")]),
+                                timeout=30)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        server.start()
+        stub(a).UpsertItems(embedding_pb2.UpsertItemsRequest(items=[gadget("up-1", "Gadgets", "A desk lamp")]),
+                            timeout=30)
+        found, _ = wait_for(lambda: held(b, "up-1"), PROPAGATION_SECONDS + 1.0)
+        assert found is not None, "the follower resumed once Redis was back"
+        assert held(b, "down-1") is None, "the refused upsert was not stored"
+    finally:
+        for replica, _ in started:
+            replica.stop(None)
+        server.stop()
+
