@@ -20,9 +20,11 @@ catches up by the same query, and nothing needs trimming.
 A write is safe to retry (storing an item's state again changes nothing but
 its number), so the client retries writes on a lost connection too.
 
-Redis Cluster: one script touches every key of a batch, so they must share a
-slot; a hash tag in the prefix does that, e.g. "recsys:catalogue:{c}:" (the
-whole catalogue then lives on one shard: about 2 KB per item).
+A single Redis primary (with replicas for failover), not Redis Cluster yet:
+this client is not cluster-aware. One script touches every key of a batch,
+so on a cluster they would have to share a slot: a hash tag in the prefix
+would do it ("recsys:catalogue:{c}:"), the whole catalogue then on one shard
+(about 2 KB per item).
 """
 from __future__ import annotations
 
