@@ -182,3 +182,41 @@ def test_sqlite_store_is_durable_in_wal_with_full_sync(tmp_path):
     assert connection.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert connection.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
     store.close()
+
+
+WRITER_PROCESS = """
+import sys
+import numpy as np
+from recsys_core.store.catalogue_sqlite import SQLiteCatalogueStore
+from recsys_core.store.catalogue_store import CatalogueEntry
+
+store = SQLiteCatalogueStore(sys.argv[1])
+for n in range(40):
+    vector = np.full(8, n, dtype=np.float32)
+    store.put([CatalogueEntry(f"{sys.argv[2]}-{n}", "Toys", "t", "x", "", "fp", vector),
+               CatalogueEntry("shared", "Toys", "t", sys.argv[2], "", "fp", vector)])
+print("done")
+"""
+
+
+def test_sqlite_writers_in_separate_processes_share_one_file(tmp_path):
+    """As `recsys serve --replicas N` runs them: SQLite's file locks, not only
+    its in-process ones, serialise the writers; none fails, nothing is lost."""
+    import os
+    import subprocess
+    import sys
+
+    path = tmp_path / "catalogue.sqlite3"
+    SQLiteCatalogueStore(path).close()
+    from recsys_core.data.paths import REPO_ROOT
+
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    writers = [subprocess.Popen([sys.executable, "-c", WRITER_PROCESS, str(path), f"p{n}"], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for n in range(3)]
+    outcomes = [writer.communicate(timeout=120) for writer in writers]
+    assert [w.returncode for w in writers] == [0, 0, 0], [err[-500:] for _, err in outcomes]
+    store = SQLiteCatalogueStore(path)
+    entries, version = store.changes(0)
+    assert {e.item_id for e in entries} == {"shared"} | {f"p{p}-{n}" for p in range(3) for n in range(40)}
+    assert version == store.version() == 120, "one number per write, none taken twice"
+    store.close()
