@@ -112,8 +112,12 @@ def test_an_upsert_through_one_replica_is_served_by_the_other_within_a_second_an
     moved = gadget("gadget-1", "Optics", "A pocket telescope, now with a tripod")
     reply = stub(b).UpsertItems(embedding_pb2.UpsertItemsRequest(items=[moved]), timeout=30)
     assert (reply.inserted, reply.updated) == (0, 1)
-    found, _ = wait_for(lambda: (lambda i: i if i is not None and i.category == "Optics" else None)(held(a, "gadget-1")),
-                        PROPAGATION_SECONDS)
+
+    def moved_on_a():
+        item = held(a, "gadget-1")
+        return item if item is not None and item.category == "Optics" else None
+
+    found, _ = wait_for(moved_on_a, PROPAGATION_SECONDS)
     assert found is not None and found.text == moved.text
     categories = {c.name: c.items for c in stub(a).ListCategories(embedding_pb2.ListCategoriesRequest(),
                                                                   timeout=10).categories}
