@@ -141,7 +141,7 @@ class RedisCatalogueStore(CatalogueStore):
             listed = self._guard(self._data.zrangebyscore, self._items_key, f"({cursor}", "+inf", 0, READ_CHUNK,
                                  True)
             if not listed:
-                return entries, cursor
+                return latest(entries), cursor
             full = len(listed) == READ_CHUNK
             if full:
                 # Items of one write share a number: stop before the last
@@ -164,7 +164,8 @@ class RedisCatalogueStore(CatalogueStore):
             # write's other items are not skipped.
             cursor = int(listed[-1][1])
             if not full:
-                return entries, cursor
+                # An item written again while we paged is listed twice: its later read wins.
+                return latest(entries), cursor
 
     def close(self) -> None:
         self._data.close()
