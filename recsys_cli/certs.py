@@ -145,7 +145,8 @@ def make_certs(out: Path, identities=IDENTITIES, namespace: str = NAMESPACE,
 
 def write_redis_acl(out: Path) -> None:
     """Redis ACL users (recsys_core/store/local_redis.acl_lines) for the redis-acl
-    Secret (users.acl) and the profile service's password (profile-redis Secret)."""
+    Secret (users.acl), the profile service's password (profile-redis Secret)
+    and the embedding service's (embedding-redis Secret: the shared catalogue)."""
     from recsys_core.store.local_redis import acl_lines, make_passwords
 
     if (out / "users.acl").is_file():
@@ -153,6 +154,7 @@ def write_redis_acl(out: Path) -> None:
     passwords = make_passwords()
     _write(out / "users.acl", ("\n".join(acl_lines(passwords)) + "\n").encode(), private=True)
     _write(out / "profile.password", passwords["profile"].encode(), private=True)
+    _write(out / "embedding.password", passwords["embedding"].encode(), private=True)
     _write(out / "admin.password", passwords["admin"].encode(), private=True)
 
 

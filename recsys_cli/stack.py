@@ -166,6 +166,10 @@ class LocalStack:
             "PROFILE_ADDRESS": self.addresses["profile"],
             "PROFILE_DATA_DIR": str(self.data_dir),
             "PROFILE_STORE_PATH": str(store),
+            # One catalogue store per data set, as the profile's, unless the
+            # caller names one; every embedding replica of the stack opens the same file.
+            "EMBEDDING_CATALOGUE_PATH": os.environ.get("EMBEDDING_CATALOGUE_PATH") or str(
+                self.state_dir / f"catalogue-{Path(self.data_dir).resolve().name}.sqlite3"),
             "PROFILE_EMBEDDING_ADDRESS": self.addresses["embedding"],
             "RANKING_ADDRESS": self.addresses["ranking"],
             "GATEWAY_ADDRESS": self.addresses["gateway"],

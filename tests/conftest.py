@@ -169,6 +169,7 @@ def stack(triton_server, value_model, tmp_path_factory):
     servers = {}
     servers["embedding"], embedding = start(create_embedding(
         EmbeddingConfig(address="127.0.0.1:0", encoder="triton", triton_url=triton_server.grpc_url,
+                        catalogue_path=str(tmp_path_factory.mktemp("catalogue") / "catalogue.sqlite3"),
                         **secured("embedding"))
     ))
     servers["ranking"], ranking = start(create_ranking(RankingConfig(address="127.0.0.1:0", **secured("ranking"))))

@@ -153,6 +153,7 @@ def servers(tmp_path_factory):
             retail_dir="", embedding_address=nowhere, **secured("profile", reflection=False))),
         "embedding": create_embedding(EmbeddingConfig(
             address="127.0.0.1:0", data_dir="", retail_dir="", encoder="triton", triton_url=nowhere,
+            catalogue_path=str(tmp_path_factory.mktemp("auth") / "catalogue.sqlite3"),
             **secured("embedding", reflection=False))),
         "gateway": create_gateway(GatewayConfig(
             address="127.0.0.1:0", profile_address=nowhere, embedding_address=nowhere, ranking_address=nowhere,

@@ -70,3 +70,43 @@ def test_domain_errors_name_the_field(encoder):
     with pytest.raises(NotFound, match=r"item_ids\[1\]"):
         catalogue.get(["n1", "zzz"])
     assert [r.item_id for r in catalogue.get(["n1", "zzz"], skip_missing=True)] == ["n1"]
+
+
+# -- with the shared store ------------------------------------------------------
+
+
+def shared_catalogues(encoder, tmp_path, count=2):
+    from recsys_core.store.catalogue_sqlite import SQLiteCatalogueStore
+
+    return [Catalogue(encoder, EmbeddingCache(None, encoder.fingerprint), use_gpu=False,
+                      store=SQLiteCatalogueStore(tmp_path / "catalogue.sqlite3")) for _ in range(count)]
+
+
+def test_a_replica_indexes_what_another_upserted_once_it_syncs(encoder, tmp_path):
+    writer, reader = shared_catalogues(encoder, tmp_path)
+    assert writer.upsert(RECORDS) == (4, 0)
+    assert len(writer) == 4, "the writer indexes its own upsert before it returns"
+    assert len(reader) == 0 and reader.sync() == 4 and reader.sync() == 0
+    np.testing.assert_allclose(reader.embeddings(["t1"]), writer.embeddings(["t1"]))
+    assert writer.upsert([ItemRecord("t1", "Beauty", "Train soap", "Soap shaped like a train")]) == (0, 1)
+    assert reader.sync() == 1
+    assert reader.get(["t1"])[0].category == "Beauty"
+    assert reader.categories() == {"Beauty": 3, "Toys": 1}, "the item left its old category's index"
+
+
+def test_seeding_never_undoes_an_upsert(encoder, tmp_path):
+    (catalogue,) = shared_catalogues(encoder, tmp_path, 1)
+    catalogue.upsert([ItemRecord("n1", "Beauty", "Blue nail polish", "Blue now")])
+    assert catalogue.upsert(RECORDS, only_new=True) == (3, 0)
+    assert catalogue.get(["n1"])[0].text == "Blue now"
+
+
+def test_vectors_of_another_encoder_are_encoded_again_not_mixed(encoder, tmp_path):
+    from recsys_core.store.catalogue_store import CatalogueEntry
+
+    (catalogue,) = shared_catalogues(encoder, tmp_path, 1)
+    text = "Wooden train set with tracks"
+    catalogue.store.put([CatalogueEntry("t1", "Toys", "Train", text, "", "another-encoder",
+                                        np.ones(encoder.dimension, np.float32))])
+    catalogue.sync()
+    np.testing.assert_allclose(catalogue.embeddings(["t1"])[0], encoder.encode([text])[0], atol=1e-5)

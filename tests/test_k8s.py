@@ -85,6 +85,7 @@ EXPECTED_EDGES = {
     ("gateway", "ranking", "50054/TCP"),
     ("profile", "embedding", "50052/TCP"),
     ("profile", "redis", "6379/TCP"),
+    ("embedding", "redis", "6379/TCP"),
     ("embedding", "triton", "8001/TCP"),
     ("profile", "triton", "8001/TCP"),
     *{("monitoring", name, "9090/TCP") for name in SERVICES},
@@ -779,6 +780,14 @@ def test_redis_runs_with_its_acl_file_and_profile_has_its_user(manifests):
     assert mount["readOnly"] and volumes[mount["name"]]["secret"]["secretName"] == "redis-acl"
     profile = SERVICES["profile"].config.from_env(environment(manifests, manifests.workload("profile")))
     assert profile.redis_username == "profile" and profile.redis_password_file.startswith("/etc/recsys/redis/")
+    # The embedding replicas share the catalogue there, as their own user, its password from its Secret.
+    embedding = manifests.workload("embedding")
+    catalogue = SERVICES["embedding"].config.from_env(environment(manifests, embedding))
+    assert catalogue.catalogue_store == "redis" and catalogue.catalogue_redis_username == "embedding"
+    mounts = {m["mountPath"]: m for c in containers(embedding) for m in c["volumeMounts"]}
+    volumes = {v["name"]: v for v in embedding["spec"]["template"]["spec"]["volumes"]}
+    mount = mounts[str(Path(catalogue.catalogue_redis_password_file).parent)]
+    assert mount["readOnly"] and volumes[mount["name"]]["secret"]["secretName"] == "embedding-redis"
 
 
 def test_cert_manager_certificates_fill_the_secrets_the_services_mount(manifests):

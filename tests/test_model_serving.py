@@ -102,7 +102,7 @@ def model_stack(served, model, small_data, tmp_path_factory):
     servers["embedding"], embedding = start(create_embedding(EmbeddingConfig(
         address="127.0.0.1:0", data_dir=str(small_data), encoder="triton", triton_url=served.triton.grpc_url,
         model_repo=str(served.repo), model_dir=str(model.path), cache_dir=str(state / "cache"),
-        **secured("embedding"))))
+        catalogue_path=str(state / "catalogue.sqlite3"), **secured("embedding"))))
     servers["ranking"], ranking = start(create_ranking(RankingConfig(address="127.0.0.1:0", **ONLY_THE_MODEL, **secured("ranking"))))
     servers["profile"], profile = start(create_profile(ProfileConfig(
         address="127.0.0.1:0", store_path=str(state / "events.sqlite3"), data_dir=str(small_data),

@@ -207,7 +207,8 @@ def test_triton_down_embed_texts_unavailable_fast_while_recommendations_go_on(st
 
     triton = TritonServer(paths.MODEL_REPO, log_path=tmp_path / "server.log").start()
     embedding_server, embedding = start(create_embedding(
-        EmbeddingConfig(address="127.0.0.1:0", encoder="triton", triton_url=triton.grpc_url, **secured("embedding"))
+        EmbeddingConfig(address="127.0.0.1:0", encoder="triton", triton_url=triton.grpc_url,
+                        catalogue_path=str(tmp_path / "catalogue.sqlite3"), **secured("embedding"))
     ))
     gateway_server, gateway = start(create_gateway(GatewayConfig(
         address="127.0.0.1:0", profile_address=stack.profile, embedding_address=embedding,

@@ -58,9 +58,13 @@ class EmbeddingCache:
 
 
 def encode_cached(
-    encoder: Encoder, cache: EmbeddingCache, keys: Sequence[str], texts: Sequence[str], show_progress: bool = False
+    encoder: Encoder, cache: EmbeddingCache, keys: Sequence[str], texts: Sequence[str], show_progress: bool = False,
+    save: bool = True,
 ) -> np.ndarray:
-    """Embeddings of `texts`, from the cache where the same key had the same text."""
+    """Embeddings of `texts`, from the cache where the same key had the same text.
+    `save`: write the cache file when something was encoded (batch work); an
+    online upsert passes False, as rewriting every vector (80 MB on the full
+    data) for a few new ones would cost more than encoding them."""
     digests = [text_digest(t) for t in texts]
     vectors = np.zeros((len(texts), encoder.dimension), dtype=np.float32)
     missing = []
@@ -79,5 +83,6 @@ def encode_cached(
             cache.store([keys[p] for p in chunk], [digests[p] for p in chunk], encoded)
             progress.update(len(chunk))
         progress.close()
-        cache.save()
+        if save:
+            cache.save()
     return vectors

@@ -27,6 +27,9 @@ from recsys_core.index.kinds import IndexSettings
 
 log = logging.getLogger(__name__)
 
+# The least the vector storage grows by (1.5 MiB at 384 dimensions).
+GROWTH_MIN_ROWS = 1024
+
 SubIndex = Union[kinds.FlatSubIndex, kinds.HnswSubIndex, kinds.IvfPqSubIndex]
 
 
@@ -88,7 +91,12 @@ class VectorIndex:
         self._row_of: dict[str, int] = {}
         self._item_of_row: list[str] = []
         self._category_of_row: list[str] = []
-        self._vectors = np.zeros((0, dimension), dtype=np.float32)
+        # Rows of every item, a view of the first rows of _storage: the
+        # storage grows by a quarter at a time, so an upsert of a few items
+        # into a big catalogue (every replica applies each one) does not copy
+        # all vectors, and the spare room stays a fraction of the whole.
+        self._storage = np.zeros((0, dimension), dtype=np.float32)
+        self._vectors = self._storage
         # None: the index over every item; a name: that category's.
         self._scopes: dict[str | None, SubIndex] = {None: kinds.FlatSubIndex(dimension)}
         self._gpu_resources = faiss.StandardGpuResources() if self.use_gpu else None
@@ -133,9 +141,13 @@ class VectorIndex:
                     updated_rows.append(row)
             removed = self._removals(updated_rows)
             if new_rows:
-                grown = np.zeros((len(self._item_of_row), self.dimension), dtype=np.float32)
-                grown[: len(self._vectors)] = self._vectors
-                self._vectors = grown
+                needed = len(self._item_of_row)
+                if needed > len(self._storage):
+                    grown = np.zeros((max(needed, len(self._storage) * 5 // 4, GROWTH_MIN_ROWS), self.dimension),
+                                     dtype=np.float32)
+                    grown[: len(self._vectors)] = self._vectors
+                    self._storage = grown
+                self._vectors = self._storage[:needed]
             rows = np.asarray([self._row_of[i] for i in item_ids], dtype=np.int64)
             self._vectors[rows] = vectors
             for row, category in zip(rows, categories):

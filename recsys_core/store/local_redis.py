@@ -30,18 +30,23 @@ DURABLE_ARGS = ("--appendonly", "yes", "--appendfsync", "always", "--save", "")
 PROFILE_ACL = ("-@all +@read +@write +@scripting +@transaction +@connection -@dangerous "
                "+info +config|get")
 PROFILE_KEYS = ("recsys:profile:*",)
+# The embedding service's user: the shared catalogue (recsys_core/store/catalogue_redis.py)
+# and nothing else; the same commands as the profile's.
+CATALOGUE_ACL = PROFILE_ACL
+CATALOGUE_KEYS = ("recsys:catalogue:*",)
 
 
-def acl_lines(passwords: dict[str, str], profile_keys=PROFILE_KEYS) -> list[str]:
-    """ACL users: `default` off (no unauthenticated access), `profile` (the
-    service; its key prefix only), `admin` (operators: everything). Passwords
-    as SHA-256 hashes, as an ACL file holds them."""
+def acl_lines(passwords: dict[str, str], profile_keys=PROFILE_KEYS, catalogue_keys=CATALOGUE_KEYS) -> list[str]:
+    """ACL users: `default` off (no unauthenticated access), `profile` and
+    `embedding` (the services; each its own key prefix only), `admin`
+    (operators: everything). Passwords as SHA-256 hashes, as an ACL file holds them."""
     import hashlib
 
     def digest(user: str) -> str:
         return "#" + hashlib.sha256(passwords[user].encode()).hexdigest()
 
     keys = " ".join(f"~{pattern}" for pattern in profile_keys)
+    catalogue = " ".join(f"~{pattern}" for pattern in catalogue_keys)
     return [
         # `off`: no connection can be the default user. Its permissions stay
         # whole because Redis 7.0 replays MULTI/EXEC from the append-only file
@@ -49,6 +54,7 @@ def acl_lines(passwords: dict[str, str], profile_keys=PROFILE_KEYS) -> list[str]
         # acknowledged events would be lost).
         "user default off resetpass ~* &* +@all",
         f"user profile on {digest('profile')} resetkeys {keys} resetchannels {PROFILE_ACL}",
+        f"user embedding on {digest('embedding')} resetkeys {catalogue} resetchannels {CATALOGUE_ACL}",
         f"user admin on {digest('admin')} ~* &* +@all",
         # Kubernetes' readiness probe: PING and nothing else, no secret needed.
         "user probe on nopass resetkeys resetchannels -@all +ping",
@@ -58,7 +64,8 @@ def acl_lines(passwords: dict[str, str], profile_keys=PROFILE_KEYS) -> list[str]
 def make_passwords() -> dict[str, str]:
     import secrets
 
-    return {"profile": secrets.token_urlsafe(24), "admin": secrets.token_urlsafe(24)}
+    return {"profile": secrets.token_urlsafe(24), "embedding": secrets.token_urlsafe(24),
+            "admin": secrets.token_urlsafe(24)}
 
 
 def redis_server_binary() -> str | None:
@@ -83,8 +90,10 @@ def free_port() -> int:
 
 class LocalRedis:
     def __init__(self, directory: Path | str, port: int | None = None, extra_args: tuple[str, ...] = (),
-                 profile_keys: tuple[str, ...] = PROFILE_KEYS, passwords: dict[str, str] | None = None):
-        """With ACL users (acl_lines): `url` is the profile user's, `admin_url` the operators'."""
+                 profile_keys: tuple[str, ...] = PROFILE_KEYS, passwords: dict[str, str] | None = None,
+                 catalogue_keys: tuple[str, ...] = CATALOGUE_KEYS):
+        """With ACL users (acl_lines): `url` is the profile user's, `catalogue_url`
+        the embedding service's, `admin_url` the operators'."""
         binary = redis_server_binary()
         if binary is None:
             raise FileNotFoundError(
@@ -97,7 +106,7 @@ class LocalRedis:
         self.extra_args = tuple(extra_args)
         self.passwords = passwords or make_passwords()
         self.acl_file = self.directory / "users.acl"
-        self.acl_file.write_text("\n".join(acl_lines(self.passwords, profile_keys)) + "\n")
+        self.acl_file.write_text("\n".join(acl_lines(self.passwords, profile_keys, catalogue_keys)) + "\n")
         os.chmod(self.acl_file, 0o600)
         self.process: subprocess.Popen | None = None
 
@@ -105,6 +114,11 @@ class LocalRedis:
     def url(self) -> str:
         """The profile service's: its ACL user and password."""
         return f"redis://profile:{self.passwords['profile']}@{HOST}:{self.port}/0"
+
+    @property
+    def catalogue_url(self) -> str:
+        """The embedding service's: its ACL user (the catalogue's keys only)."""
+        return f"redis://embedding:{self.passwords['embedding']}@{HOST}:{self.port}/0"
 
     @property
     def admin_url(self) -> str:
@@ -183,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     server = LocalRedis(args.dir, args.port).start()
     print(f"redis-server on {HOST}:{server.port} (data in {args.dir}, ACL users in {server.acl_file}); "
-          f"PROFILE_STORE=redis PROFILE_REDIS_URL={server.url}",
+          f"PROFILE_STORE=redis PROFILE_REDIS_URL={server.url}; "
+          f"EMBEDDING_CATALOGUE_STORE=redis EMBEDDING_CATALOGUE_REDIS_URL={server.catalogue_url}",
           flush=True)
     try:
         server.process.wait()

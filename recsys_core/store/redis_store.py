@@ -134,6 +134,44 @@ def _safe_url(url: str) -> str:
     return scheme + sep + rest
 
 
+def check_server(reader: redis.Redis, url: str, durability: str, setting: str, what: str) -> None:
+    """Refuse a Redis that could lose acknowledged writes at `durability`
+    (DURABILITY_LEVELS); `setting` names the variable that relaxes the check,
+    `what` the data at risk. Shared by every store kept in Redis."""
+    info = reader.info("server")
+    major = int(str(info["redis_version"]).split(".")[0])
+    if major < 7:
+        raise DurabilityError(f"Redis {info['redis_version']} at {_safe_url(url)}: 7.0 or later is needed")
+    if durability == "unchecked":
+        log.warning("Redis persistence is not checked (%s=unchecked): acknowledged %s may be lost", setting, what)
+        return
+    try:
+        config = {}
+        for name in ("appendonly", "appendfsync", "no-appendfsync-on-rewrite", "maxmemory-policy"):
+            config.update(reader.config_get(name))
+    except redis.exceptions.ResponseError as exc:
+        raise DurabilityError(
+            f"cannot read the persistence settings of {_safe_url(url)} ({exc}); "
+            f"set {setting}=unchecked if you know they are durable"
+        ) from exc
+    allowed_fsync = ("always",) if durability == "always" else ("always", "everysec")
+    problems = []
+    if config.get("appendonly") != "yes":
+        problems.append("appendonly is not yes")
+    if config.get("appendfsync") not in allowed_fsync:
+        problems.append(f"appendfsync is {config.get('appendfsync')}, not {' or '.join(allowed_fsync)}")
+    if config.get("no-appendfsync-on-rewrite") != "no":
+        problems.append("no-appendfsync-on-rewrite is not no (fsync pauses during AOF rewrites)")
+    # Keys without a TTL are never evicted by volatile-* policies; ours have none.
+    policy = config.get("maxmemory-policy", "")
+    if not (policy == "noeviction" or policy.startswith("volatile-")):
+        problems.append(f"maxmemory-policy is {policy}: Redis may evict stored {what}")
+    if problems:
+        raise DurabilityError(
+            f"Redis at {_safe_url(url)} could lose acknowledged {what} ({setting}={durability}): {'; '.join(problems)}"
+        )
+
+
 def _event(user_id: str, payload: str) -> StoredEvent:
     # Records written before events carried money have five fields.
     item_id, category, type_, ts, rating, *money = json.loads(payload)
@@ -185,39 +223,7 @@ class RedisEventStore(EventStore):
             raise ResourceExhausted(f"event store (Redis) is out of memory, nothing stored: {exc}") from exc
 
     def _check_server(self) -> None:
-        info = self._reader.info("server")
-        major = int(str(info["redis_version"]).split(".")[0])
-        if major < 7:
-            raise DurabilityError(f"Redis {info['redis_version']} at {_safe_url(self.url)}: 7.0 or later is needed")
-        if self.durability == "unchecked":
-            log.warning("Redis persistence is not checked (durability=unchecked): acknowledged events may be lost")
-            return
-        try:
-            config = {}
-            for name in ("appendonly", "appendfsync", "no-appendfsync-on-rewrite", "maxmemory-policy"):
-                config.update(self._reader.config_get(name))
-        except redis.exceptions.ResponseError as exc:
-            raise DurabilityError(
-                f"cannot read the persistence settings of {_safe_url(self.url)} ({exc}); "
-                "set PROFILE_REDIS_DURABILITY=unchecked if you know they are durable"
-            ) from exc
-        allowed_fsync = ("always",) if self.durability == "always" else ("always", "everysec")
-        problems = []
-        if config.get("appendonly") != "yes":
-            problems.append("appendonly is not yes")
-        if config.get("appendfsync") not in allowed_fsync:
-            problems.append(f"appendfsync is {config.get('appendfsync')}, not {' or '.join(allowed_fsync)}")
-        if config.get("no-appendfsync-on-rewrite") != "no":
-            problems.append("no-appendfsync-on-rewrite is not no (fsync pauses during AOF rewrites)")
-        # Keys without a TTL are never evicted by volatile-* policies; ours have none.
-        policy = config.get("maxmemory-policy", "")
-        if not (policy == "noeviction" or policy.startswith("volatile-")):
-            problems.append(f"maxmemory-policy is {policy}: Redis may evict stored events")
-        if problems:
-            raise DurabilityError(
-                f"Redis at {_safe_url(self.url)} could lose acknowledged events "
-                f"(PROFILE_REDIS_DURABILITY={self.durability}): {'; '.join(problems)}"
-            )
+        check_server(self._reader, self.url, self.durability, "PROFILE_REDIS_DURABILITY", "events")
 
     # -- writing -----------------------------------------------------------
 

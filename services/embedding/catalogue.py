@@ -1,4 +1,10 @@
-"""The item catalogue and its embedding index: the embedding service's domain."""
+"""The item catalogue and its embedding index: the embedding service's domain.
+
+With a store (recsys_core/store/catalogue_store.py) the catalogue is shared:
+an upsert is written to the store first, and every replica's index follows
+the store's changes in the order of its sequence (`sync`), the replica that
+took the upsert included. So all replicas converge on the same state, and a
+replica that starts reads everything from the store."""
 from __future__ import annotations
 
 import logging
@@ -13,6 +19,7 @@ from recsys_core.errors import InvalidArgument, NotFound, Unavailable, check_id_
 from recsys_core.models.model_serving import IdVectors
 from recsys_core.index.kinds import IndexSettings
 from recsys_core.index.vector_index import VectorIndex
+from recsys_core.store.catalogue_store import CatalogueEntry, CatalogueStore
 
 log = logging.getLogger(__name__)
 
@@ -30,9 +37,15 @@ class ItemRecord:
 
 class Catalogue:
     def __init__(self, encoder: Encoder, cache: EmbeddingCache, use_gpu: bool | None = None,
-                 id_vectors: IdVectors | None = None, index_settings: IndexSettings | None = None):
+                 id_vectors: IdVectors | None = None, index_settings: IndexSettings | None = None,
+                 store: CatalogueStore | None = None):
         self.encoder = encoder
         self.cache = cache
+        # None: this process's catalogue alone (unit tests, benchmarks).
+        self.store = store
+        # The store's version this index reflects; `sync` applies what came after.
+        self.applied_version = 0
+        self._sync_lock = threading.Lock()
         # A trained model's: an item it was trained on is indexed as
         # encoder(text) + its ID vector, as the model scored it.
         self.id_vectors = id_vectors
@@ -47,6 +60,9 @@ class Catalogue:
 
     def __len__(self) -> int:
         return len(self._items)
+
+    def __contains__(self, item_id: str) -> bool:
+        return item_id in self._items
 
     @property
     def dimension(self) -> int:
@@ -77,9 +93,15 @@ class Catalogue:
 
     # -- catalogue ----------------------------------------------------------
 
-    def upsert(self, records: Sequence[ItemRecord], show_progress: bool = False) -> tuple[int, int]:
+    def upsert(self, records: Sequence[ItemRecord], show_progress: bool = False, only_new: bool = False,
+               save_cache: bool | None = None) -> tuple[int, int]:
         """Encode and index items; unchanged texts come from the cache. Every
-        record is validated before anything is written, so a bad batch changes nothing."""
+        record is validated before anything is written, so a bad batch changes
+        nothing. With a store, the batch is durable there before this returns
+        and before this replica indexes it; `only_new` keeps items the store
+        has (seeding). `save_cache`: also write the vector cache file; by
+        default only without a store, whose own copy of every vector makes
+        rewriting the file (80 MB on the full data) per upsert a waste."""
         for position, record in enumerate(records):
             if not record.item_id or len(record.item_id) > MAX_ID_CHARS:
                 raise InvalidArgument(f"items[{position}].item_id", f"must be 1..{MAX_ID_CHARS} characters")
@@ -91,23 +113,73 @@ class Catalogue:
                 raise InvalidArgument(f"items[{position}].text", "an item needs a title or text to be embedded")
         # Later duplicates in one batch win, as a sequence of upserts would.
         records = list({r.item_id: r for r in records}.values())
+        if save_cache is None:
+            save_cache = self.store is None
+        vectors = self._encode(records, show_progress, save_cache)
+        if self.store is None:
+            return self._index(records, vectors)
+        fingerprint = self.encoder.fingerprint
+        written = self.store.put(
+            [CatalogueEntry(r.item_id, r.category, r.title, r.text, r.category_path, fingerprint, v)
+             for r, v in zip(records, vectors)],
+            only_new=only_new,
+        )
+        # Applied in the store's order with every other replica's writes, so
+        # an older write of the same item never lands after this one.
+        self.sync(show_progress=show_progress, save_cache=save_cache)
+        return written.inserted, written.updated
+
+    def sync(self, show_progress: bool = False, save_cache: bool = False) -> int:
+        """Index the store's changes since the version applied last: every
+        replica's background task calls this a few times a second. Returns
+        how many items changed."""
+        if self.store is None:
+            return 0
+        with self._sync_lock:
+            if self.store.version() <= self.applied_version:
+                return 0
+            entries, version = self.store.changes(self.applied_version)
+            if entries:
+                records = [ItemRecord(e.item_id, e.category, e.title, e.text, e.category_path) for e in entries]
+                vectors = np.zeros((len(entries), self.dimension), dtype=np.float32)
+                foreign = []
+                for position, entry in enumerate(entries):
+                    if entry.encoder == self.encoder.fingerprint and len(entry.vector) == self.dimension:
+                        vectors[position] = entry.vector
+                    else:
+                        foreign.append(position)
+                if foreign:
+                    # Written by a replica with other weights (a rollout of a
+                    # new encoder): encoded here, never mixed into this index.
+                    log.info("re-encoding %d catalogue items stored by another encoder", len(foreign))
+                    vectors[foreign] = self._encode([records[p] for p in foreign], show_progress, save_cache)
+                self._index(records, vectors)
+            self.applied_version = version
+            return len(entries)
+
+    def _encode(self, records: Sequence[ItemRecord], show_progress: bool, save_cache: bool) -> np.ndarray:
         texts = [r.text.strip() or r.title.strip() for r in records]
-        vectors = encode_cached(self.encoder, self.cache, [r.item_id for r in records], texts, show_progress)
+        return encode_cached(self.encoder, self.cache, [r.item_id for r in records], texts, show_progress,
+                             save=save_cache)
+
+    def _index(self, records: Sequence[ItemRecord], vectors: np.ndarray) -> tuple[int, int]:
         if self.id_vectors is not None:
             vectors = self.id_vectors.add_to([r.item_id for r in records], vectors)
         with self._write_lock:
+            # Records first: a search that finds a new item can always read
+            # it; `get` hides it until its vector is indexed too.
+            for record in records:
+                self._items[record.item_id] = record
             inserted, updated = self.index.upsert(
                 [r.item_id for r in records], [r.category for r in records], vectors
             )
-            for record in records:
-                self._items[record.item_id] = record
         return inserted, updated
 
     def get(self, item_ids: Sequence[str], skip_missing: bool = False, field: str = "item_ids") -> list[ItemRecord]:
         found = []
         for position, item_id in enumerate(item_ids):
             record = self._items.get(item_id)
-            if record is None:
+            if record is None or not self.index.contains(item_id):
                 if skip_missing:
                     continue
                 raise NotFound(f"{field}[{position}]: no item {item_id!r} in the catalogue")

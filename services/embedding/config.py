@@ -10,6 +10,8 @@ from recsys_core.rpc.access import AuthConfig
 from recsys_core.rpc.tracing import TracingConfig
 from recsys_core.rpc.transport import Security
 from recsys_core.rpc.envconfig import ConfigError, EnvReader
+from recsys_core.store.catalogue_store import STORES
+from recsys_core.store.redis_store import DURABILITY_LEVELS
 
 ENCODER_BACKENDS = ("onnx", "triton")
 
@@ -33,7 +35,24 @@ class EmbeddingConfig:
     # OpenTelemetry spans of every call, off by default: EMBEDDING_TRACING=otlp|console|file,
     # EMBEDDING_TRACING_* and the standard OTEL_* (recsys_core/rpc/tracing.py; docs/operations.md, "Tracing").
     tracing: TracingConfig = TracingConfig()
-    # Catalogue loaded at start; empty means start with an empty catalogue.
+    # The catalogue store every replica shares (docs/operations.md,
+    # "Catalogue store"): sqlite, one WAL file (catalogue_path) that the
+    # replicas of one machine open together; or redis (catalogue_redis_url),
+    # with the embedding service's ACL user. Replicas follow its changes
+    # every catalogue_poll_seconds.
+    catalogue_store: str = "sqlite"
+    catalogue_path: str = str(paths.REPO_ROOT / "var" / "catalogue.sqlite3")
+    catalogue_redis_url: str = "redis://127.0.0.1:6379/0"
+    catalogue_redis_prefix: str = "recsys:catalogue:"
+    # The ACL user's name and a file holding its password (a Kubernetes
+    # Secret), or both in the URL (redis://user:password@host:port/0).
+    catalogue_redis_username: str = ""
+    catalogue_redis_password_file: str = ""
+    # always | everysec | unchecked, as the profile's Redis store (docs/profiles.md).
+    catalogue_redis_durability: str = "always"
+    catalogue_poll_seconds: float = 0.2
+    # Items added to the store at start where it lacks them (the first start
+    # seeds it; later starts read the store, upserts included). Empty: none.
     data_dir: str = str(paths.BUNDLED_DATA_DIR)
     # Online-retail invoices whose products join the catalogue (category
     # Online_Retail); empty means none.
@@ -82,6 +101,17 @@ class EmbeddingConfig:
             security=Security.from_env(env, "embedding"),
             auth=AuthConfig.from_env(env),
             tracing=TracingConfig.from_env(env),
+            catalogue_store=env.choice("CATALOGUE_STORE", cls.catalogue_store, STORES),
+            catalogue_path=env.str("CATALOGUE_PATH", cls.catalogue_path),
+            catalogue_redis_url=env.str("CATALOGUE_REDIS_URL", cls.catalogue_redis_url),
+            catalogue_redis_prefix=env.str("CATALOGUE_REDIS_PREFIX", cls.catalogue_redis_prefix),
+            catalogue_redis_username=env.str("CATALOGUE_REDIS_USERNAME", cls.catalogue_redis_username),
+            catalogue_redis_password_file=env.str("CATALOGUE_REDIS_PASSWORD_FILE", cls.catalogue_redis_password_file),
+            catalogue_redis_durability=env.choice("CATALOGUE_REDIS_DURABILITY", cls.catalogue_redis_durability,
+                                                  DURABILITY_LEVELS),
+            # Above a second a change could not reach every replica within the 1 s bound.
+            catalogue_poll_seconds=env.float("CATALOGUE_POLL_SECONDS", cls.catalogue_poll_seconds, minimum=0.01,
+                                             maximum=1.0),
             data_dir=env.str("DATA_DIR", cls.data_dir),
             retail_dir=env.optional_path("RETAIL_DIR", cls.retail_dir),
             model_repo=env.str("MODEL_REPO", cls.model_repo),

@@ -1,6 +1,7 @@
 """Embedding service: text encoder, item catalogue and FAISS index."""
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
 import threading
@@ -16,6 +17,8 @@ from recsys_core.models.encoder import METADATA_FILE, Encoder, OnnxEncoder, late
 from recsys_core.rpc.grpc_util import ManagedServer, ServingHealth, build_server, serve_main
 from recsys_core.index.embedding_cache import EmbeddingCache
 from recsys_core.models.model_serving import ModelDir, open_model_dir
+from recsys_core.store.catalogue_backends import open_catalogue_store
+from recsys_core.store.catalogue_store import CatalogueStore
 from services.embedding.catalogue import Catalogue, records_from_frame
 from services.embedding.config import EmbeddingConfig
 from services.embedding.servicer import EmbeddingServicer
@@ -84,19 +87,34 @@ def watch_encoder(catalogue: Catalogue, serving: ServingHealth, stop: threading.
             return
 
 
+def open_store(config: EmbeddingConfig) -> CatalogueStore:
+    return open_catalogue_store(
+        config.catalogue_store, path=config.catalogue_path, redis_url=config.catalogue_redis_url,
+        prefix=config.catalogue_redis_prefix, username=config.catalogue_redis_username,
+        password_file=config.catalogue_redis_password_file, durability=config.catalogue_redis_durability,
+    )
+
+
 def load_catalogue(config: EmbeddingConfig, show_progress: bool = True, tracer=None) -> Catalogue:
+    """The catalogue from the shared store, seeded with the configured data
+    where the store lacks their items (the first start of an empty store)."""
     faiss.omp_set_num_threads(config.faiss_threads)
     model = open_model_dir(config.model_dir) if config.model_dir else None
     encoder = load_encoder(config, model, tracer)
     # Keyed by the encoder's weights: a fine-tuned encoder never reads the
-    # pretrained one's vectors (ID vectors are added after the cache).
+    # pretrained one's vectors (ID vectors are added after the cache). Only a
+    # start-up accelerator now: the store holds every item's vector.
     cache = EmbeddingCache(Path(config.cache_dir) if config.cache_dir else None, encoder.fingerprint)
     id_vectors = model.id_vectors() if model is not None else None
+    store = open_store(config)
     catalogue = Catalogue(encoder, cache, use_gpu=config.use_gpu, id_vectors=id_vectors,
-                          index_settings=config.index)
+                          index_settings=config.index, store=store)
     if model is not None:
         log.info("serving model %s: encoder %s, %d items with ID vectors", model.path, encoder.fingerprint,
                  len(id_vectors) if id_vectors is not None else 0)
+    catalogue.sync(show_progress=show_progress, save_cache=True)
+    log.info("read %d items from the catalogue store %r (version %d)", len(catalogue), store,
+             catalogue.applied_version)
     frames = []
     if config.data_path is not None:
         frames.append(shopping.load_items(config.data_path))
@@ -106,12 +124,35 @@ def load_catalogue(config: EmbeddingConfig, show_progress: bool = True, tracer=N
         frames.append(shopping.with_text(retail_items_and_events(config.retail_path)[0]))
     if frames:
         items = pd.concat(frames, ignore_index=True)
-        log.info("indexing %d items from %s", len(items),
-                 ", ".join(str(p) for p in (config.data_path, config.retail_path) if p))
-        catalogue.upsert(records_from_frame(items), show_progress=show_progress)
+        missing = [r for r in records_from_frame(items) if r.item_id not in catalogue]
+        if missing:
+            log.info("adding %d of %d items from %s to the catalogue store", len(missing), len(items),
+                     ", ".join(str(p) for p in (config.data_path, config.retail_path) if p))
+            catalogue.upsert(missing, show_progress=show_progress, only_new=True, save_cache=True)
     log.info("catalogue holds %d items in %d categories; index kinds: %s", len(catalogue),
              len(catalogue.categories()), {scope or "(all)": kind for scope, kind in catalogue.index.kinds().items()})
     return catalogue
+
+
+def follow_catalogue(catalogue: Catalogue, stop: threading.Event, interval: float) -> None:
+    """Apply other replicas' upserts to this one's index as they land in the
+    store. Searches go on meanwhile: the index is locked only while a
+    change is applied. A store that cannot be read is tried again each
+    interval, while the index serves what it has."""
+    failing = False
+    while not stop.wait(interval):
+        try:
+            changed = catalogue.sync()
+        except Exception:
+            if not failing:
+                log.exception("cannot follow the catalogue store; serving the index as it is")
+            failing = True
+            continue
+        if failing:
+            log.warning("following the catalogue store again (version %d)", catalogue.applied_version)
+        failing = False
+        if changed:
+            log.debug("applied %d catalogue changes (version %d)", changed, catalogue.applied_version)
 
 
 class CatalogueCollector:
@@ -128,10 +169,16 @@ class CatalogueCollector:
         ready = GaugeMetricFamily(
             "recsys_embedding_encoder_ready", "1 while the text encoder answers (EmbedTexts works), else 0."
         )
+        version = GaugeMetricFamily(
+            "recsys_embedding_catalogue_version",
+            "The catalogue store's version this replica's index reflects (replicas in step show the same).",
+        )
         catalogue = self.catalogue
         if catalogue is not None:
             for category, count in sorted(catalogue.categories().items()):
                 items.add_metric([category], count)
+            version.add_metric([], catalogue.applied_version)
+            yield version
         ready.add_metric([], 1.0 if catalogue is not None and catalogue.encoder_ready else 0.0)
         yield items
         yield ready
@@ -157,6 +204,18 @@ def create_server(config: EmbeddingConfig) -> tuple[ManagedServer, int]:
         threading.Thread(
             target=watch_encoder, args=(catalogue, server.serving, server.stopping), name="encoder-watch", daemon=True
         ).start()
+        follower = threading.Thread(
+            target=follow_catalogue, args=(catalogue, server.stopping, config.catalogue_poll_seconds),
+            name="catalogue-follow", daemon=True,
+        )
+        follower.start()
+
+        async def close_store() -> None:
+            # Once no call uses it: the follower stops with `stopping`, set before the drain.
+            await asyncio.to_thread(follower.join, config.catalogue_poll_seconds + 5)
+            catalogue.store.close()
+
+        server.after_drain(close_store)
 
     server.readiness.start(load)
     return server, port

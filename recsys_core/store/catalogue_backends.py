@@ -1,0 +1,22 @@
+"""Opening the catalogue store an embedding configuration selects.
+
+Kept apart from the backends so that neither backend imports the other."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from recsys_core.store.catalogue_redis import DEFAULT_PREFIX, RedisCatalogueStore
+from recsys_core.store.catalogue_sqlite import SQLiteCatalogueStore
+from recsys_core.store.catalogue_store import STORES, CatalogueStore
+
+
+def open_catalogue_store(kind: str, path: str = "", redis_url: str = "", prefix: str = "",
+                         username: str = "", password_file: str = "", durability: str = "always") -> CatalogueStore:
+    """The store an embedding configuration selects (EMBEDDING_CATALOGUE_STORE=sqlite|redis)."""
+    if kind == "redis":
+        password = Path(password_file).read_text().strip() if password_file else None
+        return RedisCatalogueStore(redis_url, prefix=prefix or DEFAULT_PREFIX, durability=durability,
+                                   username=username or None, password=password)
+    if kind == "sqlite":
+        return SQLiteCatalogueStore(path)
+    raise ValueError(f"catalogue store must be one of {STORES}, got {kind!r}")
