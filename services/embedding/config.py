@@ -7,6 +7,7 @@ from recsys_core.data import paths
 from recsys_core.index.kinds import INDEX_KINDS, IndexSettings
 from recsys_core.models.encoder import DEFAULT_PRECISION, PRECISIONS
 from recsys_core.rpc.access import AuthConfig
+from recsys_core.rpc.limits import DEFAULTS as LIMIT_DEFAULTS, ServerLimits, service_limits
 from recsys_core.rpc.transport import Security
 from recsys_core.rpc.envconfig import ConfigError, EnvReader
 
@@ -29,6 +30,10 @@ class EmbeddingConfig:
     health_port: int | None = None
     security: Security = Security(service="embedding")
     auth: AuthConfig = AuthConfig()
+    # Request size, streams per connection, calls per second per caller:
+    # EMBEDDING_MAX_REQUEST_BYTES, _MAX_CONCURRENT_STREAMS, _RATE_LIMIT_PER_SECOND,
+    # _RATE_LIMIT_BURST (recsys_core/rpc/limits.py; docs/operations.md, "Limits").
+    limits: ServerLimits = LIMIT_DEFAULTS["embedding"]
     # Catalogue loaded at start; empty means start with an empty catalogue.
     data_dir: str = str(paths.BUNDLED_DATA_DIR)
     # Online-retail invoices whose products join the catalogue (category
@@ -77,6 +82,7 @@ class EmbeddingConfig:
             health_port=env.optional_int("HEALTH_PORT", minimum=1, maximum=65535),
             security=Security.from_env(env, "embedding"),
             auth=AuthConfig.from_env(env),
+            limits=service_limits(env, "embedding"),
             data_dir=env.str("DATA_DIR", cls.data_dir),
             retail_dir=env.optional_path("RETAIL_DIR", cls.retail_dir),
             model_repo=env.str("MODEL_REPO", cls.model_repo),

@@ -3,6 +3,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from recsys_core.rpc.access import AuthConfig
+from recsys_core.rpc.limits import DEFAULTS as LIMIT_DEFAULTS, ServerLimits, service_limits
 from recsys_core.rpc.transport import Security
 from recsys_core.rpc.envconfig import EnvReader
 
@@ -23,6 +24,10 @@ class GatewayConfig:
     health_port: int | None = None
     security: Security = Security(service="gateway")
     auth: AuthConfig = AuthConfig()
+    # Request size, streams per connection, calls per second per caller:
+    # GATEWAY_MAX_REQUEST_BYTES, _MAX_CONCURRENT_STREAMS, _RATE_LIMIT_PER_SECOND,
+    # _RATE_LIMIT_BURST (recsys_core/rpc/limits.py; docs/operations.md, "Limits").
+    limits: ServerLimits = LIMIT_DEFAULTS["gateway"]
     profile_address: str = "127.0.0.1:50053"
     embedding_address: str = "127.0.0.1:50052"
     ranking_address: str = "127.0.0.1:50054"
@@ -38,9 +43,6 @@ class GatewayConfig:
     # How long to wait at start for the embedding service's catalogue.
     startup_timeout_seconds: float = 900.0
     categories_refresh_seconds: float = 30.0
-    # The largest request the public port reads: a Recommend is a few hundred
-    # bytes, and 100 requests of 8 MiB once took the gateway from 61 to 870 MB.
-    max_request_bytes: int = 4 * 1024 * 1024
 
     @classmethod
     def from_env(cls, environ=None) -> "GatewayConfig":
@@ -53,6 +55,7 @@ class GatewayConfig:
             health_port=env.optional_int("HEALTH_PORT", minimum=1, maximum=65535),
             security=Security.from_env(env, "gateway", public=True),
             auth=AuthConfig.from_env(env),
+            limits=service_limits(env, "gateway"),
             profile_address=env.str("PROFILE_ADDRESS", cls.profile_address),
             embedding_address=env.str("EMBEDDING_ADDRESS", cls.embedding_address),
             ranking_address=env.str("RANKING_ADDRESS", cls.ranking_address),
@@ -61,7 +64,6 @@ class GatewayConfig:
             max_candidates=env.int("MAX_CANDIDATES", cls.max_candidates, minimum=1),
             explain_history=env.int("EXPLAIN_HISTORY", cls.explain_history, minimum=0),
             max_context_items=env.int("MAX_CONTEXT_ITEMS", cls.max_context_items, minimum=0),
-            max_request_bytes=env.int("MAX_REQUEST_BYTES", cls.max_request_bytes, minimum=1024),
             startup_timeout_seconds=env.float("STARTUP_TIMEOUT_SECONDS", cls.startup_timeout_seconds, minimum=1),
             categories_refresh_seconds=env.float("CATEGORIES_REFRESH_SECONDS", cls.categories_refresh_seconds, minimum=0),
         )

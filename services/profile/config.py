@@ -5,6 +5,7 @@ from pathlib import Path
 
 from recsys_core.data import paths
 from recsys_core.rpc.access import AuthConfig
+from recsys_core.rpc.limits import DEFAULTS as LIMIT_DEFAULTS, ServerLimits, service_limits
 from recsys_core.rpc.transport import Security
 from recsys_core.rpc.envconfig import EnvReader
 from recsys_core.signals.interests import ClusterSettings, DriftSettings
@@ -26,6 +27,10 @@ class ProfileConfig:
     health_port: int | None = None
     security: Security = Security(service="profile")
     auth: AuthConfig = AuthConfig()
+    # Request size, streams per connection, calls per second per caller:
+    # PROFILE_MAX_REQUEST_BYTES, _MAX_CONCURRENT_STREAMS, _RATE_LIMIT_PER_SECOND,
+    # _RATE_LIMIT_BURST (recsys_core/rpc/limits.py; docs/operations.md, "Limits").
+    limits: ServerLimits = LIMIT_DEFAULTS["profile"]
     # Event store backend: "sqlite" (store_path) or "redis" (redis_url); docs/profiles.md.
     store: str = "sqlite"
     store_path: str = str(paths.REPO_ROOT / "var" / "profile.sqlite3")
@@ -86,6 +91,7 @@ class ProfileConfig:
             health_port=env.optional_int("HEALTH_PORT", minimum=1, maximum=65535),
             security=Security.from_env(env, "profile"),
             auth=AuthConfig.from_env(env),
+            limits=service_limits(env, "profile"),
             store=env.choice("STORE", cls.store, ("sqlite", "redis")),
             store_path=env.str("STORE_PATH", cls.store_path),
             redis_url=env.str("REDIS_URL", cls.redis_url),

@@ -126,7 +126,7 @@ def create_server(config: ProfileConfig) -> tuple[ManagedServer, int]:
     turns SERVING once it is in."""
     server, port = build_server(
         config.address, config.workers, [SERVICE_NAME], "profile", metrics_port=config.metrics_port,
-        security=config.security, auth=config.auth, health_port=config.health_port,
+        security=config.security, auth=config.auth, limits=config.limits, health_port=config.health_port,
     )
     register_metrics(server)
     servicer = ProfileServicer(server.readiness, config, server.blocking)

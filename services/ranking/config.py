@@ -3,6 +3,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from recsys_core.rpc.access import AuthConfig
+from recsys_core.rpc.limits import DEFAULTS as LIMIT_DEFAULTS, ServerLimits, service_limits
 from recsys_core.rpc.transport import Security
 from recsys_core.rpc.envconfig import EnvReader
 from recsys_core.ranking.scoring import SERVING_WEIGHTS
@@ -24,6 +25,10 @@ class RankingConfig:
     health_port: int | None = None
     security: Security = Security(service="ranking")
     auth: AuthConfig = AuthConfig()
+    # Request size, streams per connection, calls per second per caller:
+    # RANKING_MAX_REQUEST_BYTES, _MAX_CONCURRENT_STREAMS, _RATE_LIMIT_PER_SECOND,
+    # _RATE_LIMIT_BURST (recsys_core/rpc/limits.py; docs/operations.md, "Limits").
+    limits: ServerLimits = LIMIT_DEFAULTS["ranking"]
     # Defaults and their reasons: recsys_core/ranking/scoring.py, SERVING_WEIGHTS.
     long_term_weight: float = SERVING_WEIGHTS.long_term
     short_term_weight: float = SERVING_WEIGHTS.short_term
@@ -50,6 +55,7 @@ class RankingConfig:
             health_port=env.optional_int("HEALTH_PORT", minimum=1, maximum=65535),
             security=Security.from_env(env, "ranking"),
             auth=AuthConfig.from_env(env),
+            limits=service_limits(env, "ranking"),
             long_term_weight=env.float("LONG_TERM_WEIGHT", cls.long_term_weight, minimum=0),
             short_term_weight=env.float("SHORT_TERM_WEIGHT", cls.short_term_weight, minimum=0),
             context_weight=env.float("CONTEXT_WEIGHT", cls.context_weight, minimum=0),
