@@ -66,9 +66,15 @@ FEATURE_FIELDS = ("long_term_similarity", "short_term_similarity", "context_simi
                   "disliked_similarity")
 
 
+# Every feature is a cosine similarity. A little room for float32 rounding;
+# far beyond it a finite value (3.4e38) overflows the weighted sum to an
+# infinite or NaN score, and the order of the reply means nothing.
+FEATURE_BOUND = 1.001
+
+
 def candidate_features(candidates) -> Features:
     """The candidates' features as parallel float32 arrays; non-finite values
-    are refused, naming the first candidate that has one."""
+    and values outside [-1, 1] are refused, naming the first candidate that has one."""
     columns = np.asarray(
         [[getattr(c.features, name) for name in FEATURE_FIELDS] for c in candidates], dtype=np.float32
     ).reshape(len(candidates), len(FEATURE_FIELDS))
@@ -76,4 +82,9 @@ def candidate_features(candidates) -> Features:
     if not finite.all():
         row, column = np.argwhere(~finite)[0]
         raise InvalidArgument(f"candidates[{row}].features.{FEATURE_FIELDS[column]}", "must be finite")
+    outside = np.abs(columns) > FEATURE_BOUND
+    if outside.any():
+        row, column = np.argwhere(outside)[0]
+        raise InvalidArgument(f"candidates[{row}].features.{FEATURE_FIELDS[column]}",
+                              f"is {columns[row, column]:g}; a similarity is between -1 and 1")
     return Features(*(np.ascontiguousarray(columns[:, i]) for i in range(len(FEATURE_FIELDS))))
