@@ -102,11 +102,10 @@ class Oversized:
         return self
 
     def __exit__(self, *exc):
-        self.process.stdin.close()
         try:
-            out, _ = self.process.communicate(timeout=60)
+            out, _ = self.process.communicate(input="", timeout=60)  # closing stdin stops the sender
             self.codes = json.loads(out.strip().splitlines()[-1]) if out.strip() else {}
-        except (subprocess.TimeoutExpired, ValueError):
+        except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
 
