@@ -158,29 +158,26 @@ def server_options(limits: ServerLimits) -> list[tuple[str, int]]:
 
 # -- repeated fields and text ---------------------------------------------------------
 
-def _values(message, name: str) -> tuple[list, bool]:
-    descriptor = message.DESCRIPTOR.fields_by_name[name]
-    value = getattr(message, name)
-    repeated = descriptor.is_repeated
-    return (list(value) if repeated else [value]), repeated
-
-
 def _check_path(message, path: str, limit: int, what: str, shown: str = "") -> None:
     head, _, rest = path.partition(".")
-    values, repeated = _values(message, head)
+    repeated = message.DESCRIPTOR.fields_by_name[head].is_repeated
+    value = getattr(message, head)
     name = f"{shown}{head}"
     if rest:
-        for position, inner in enumerate(values):
-            _check_path(inner, rest, limit, what, f"{name}[{position}]." if repeated else f"{name}.")
+        if repeated:
+            for position, inner in enumerate(value):
+                _check_path(inner, rest, limit, what, f"{name}[{position}].")
+        else:
+            _check_path(value, rest, limit, what, f"{name}.")
         return
     if what == "count":
-        if len(values) > limit:
-            raise InvalidArgument(name, f"at most {limit:,} per request, got {len(values):,}")
-        return
-    for position, value in enumerate(values):
         if len(value) > limit:
+            raise InvalidArgument(name, f"at most {limit:,} per request, got {len(value):,}")
+        return
+    for position, text in enumerate(value if repeated else (value,)):
+        if len(text) > limit:
             raise InvalidArgument(f"{name}[{position}]" if repeated else name,
-                                  f"is {len(value):,} characters, the limit is {limit:,}")
+                                  f"is {len(text):,} characters, the limit is {limit:,}")
 
 
 def check_request(limits: MethodLimits, request) -> None:
