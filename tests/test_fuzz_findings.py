@@ -16,14 +16,15 @@ def candidates(**features) -> list:
             ranking_pb2.Candidate(item_id="b", features=common_pb2.CandidateFeatures(**features))]
 
 
-@pytest.mark.parametrize("value", [3.4e38, -3.4e38, 2.0])
-def test_rank_refuses_features_outside_a_similarity_range(value):
+@pytest.mark.parametrize("value", [3.4e38, -3.4e38, 2e6])
+def test_rank_refuses_features_beyond_any_similarity(value):
     """A finite 3.4e38 overflowed the weighted sum: infinite and NaN scores."""
     with pytest.raises(InvalidArgument, match=r"candidates\[1\]\.features\.model_similarity: is .*; a similarity "
-                                              r"is between -1 and 1"):
+                                              r"lies within \+-1e\+06"):
         candidate_features(candidates(model_similarity=value))
 
 
-def test_rank_takes_similarities_at_the_ends_of_the_range():
-    features = candidate_features(candidates(long_term_similarity=1.0, disliked_similarity=-1.0))
-    assert features.long_term.tolist() == [0.0, 1.0] and np.isfinite(features.disliked).all()
+def test_rank_takes_similarities_of_vectors_that_are_not_unit():
+    """A trained model's item vectors (encoder output plus ID vector) give similarities above 1."""
+    features = candidate_features(candidates(long_term_similarity=1.0, model_similarity=7.5, disliked_similarity=-1.0))
+    assert features.model.tolist() == [0.0, 7.5] and np.isfinite(features.disliked).all()

@@ -66,15 +66,16 @@ FEATURE_FIELDS = ("long_term_similarity", "short_term_similarity", "context_simi
                   "disliked_similarity")
 
 
-# Every feature is a cosine similarity. A little room for float32 rounding;
-# far beyond it a finite value (3.4e38) overflows the weighted sum to an
-# infinite or NaN score, and the order of the reply means nothing.
-FEATURE_BOUND = 1.001
+# Features are similarities: cosines for the pretrained encoder's unit
+# vectors, a little more with a trained model's (encoder output plus an ID
+# vector, not unit). Far beyond that a finite value (3.4e38) overflows the
+# weighted sum to an infinite or NaN score, and the reply's order means nothing.
+FEATURE_BOUND = 1e6
 
 
 def candidate_features(candidates) -> Features:
     """The candidates' features as parallel float32 arrays; non-finite values
-    and values outside [-1, 1] are refused, naming the first candidate that has one."""
+    and values beyond +-FEATURE_BOUND are refused, naming the first candidate that has one."""
     columns = np.asarray(
         [[getattr(c.features, name) for name in FEATURE_FIELDS] for c in candidates], dtype=np.float32
     ).reshape(len(candidates), len(FEATURE_FIELDS))
@@ -86,5 +87,5 @@ def candidate_features(candidates) -> Features:
     if outside.any():
         row, column = np.argwhere(outside)[0]
         raise InvalidArgument(f"candidates[{row}].features.{FEATURE_FIELDS[column]}",
-                              f"is {columns[row, column]:g}; a similarity is between -1 and 1")
+                              f"is {columns[row, column]:g}; a similarity lies within +-{FEATURE_BOUND:g}")
     return Features(*(np.ascontiguousarray(columns[:, i]) for i in range(len(FEATURE_FIELDS))))
