@@ -19,6 +19,7 @@ streams, quiet again, back to back in the same run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -89,6 +90,9 @@ def serve_echo(port: int, workers: int) -> int:
     return 0
 
 
+STREAMS_PER_CONNECTION = 100
+
+
 def hold_watches(address: str, count: int, ca: str = "") -> int:
     """Opens `count` health Watch streams on `address`, reads each one's first
     status (so each is open on the server), says so on stdout, and holds them
@@ -97,11 +101,19 @@ def hold_watches(address: str, count: int, ca: str = "") -> int:
 
     from recsys_core.rpc.transport import client_channel
 
-    # The gateway's TLS port (checked against `ca`), or plaintext without one.
-    with client_channel(address, ca=ca, server_name="gateway") if ca else grpc.insecure_channel(address) as channel:
-        health = health_pb2_grpc.HealthStub(channel)
+    # The gateway's TLS port (checked against `ca`), or plaintext without one;
+    # a connection of its own per STREAMS_PER_CONNECTION streams, since the
+    # gateway lets one connection open at most GATEWAY_MAX_CONCURRENT_STREAMS.
+    own = [("grpc.use_local_subchannel_pool", 1)]
+    channels = [client_channel(address, ca=ca, server_name="gateway", options=own) if ca
+                else grpc.insecure_channel(address, options=own)
+                for _ in range(-(-count // STREAMS_PER_CONNECTION))]
+    with contextlib.ExitStack() as closing:
+        for channel in channels:
+            closing.enter_context(channel)
         # The deadline bounds a holder whose parent vanished without closing stdin.
-        streams = [health.Watch(health_pb2.HealthCheckRequest(), timeout=3600) for _ in range(count)]
+        streams = [health_pb2_grpc.HealthStub(channels[n // STREAMS_PER_CONNECTION]).Watch(
+            health_pb2.HealthCheckRequest(), timeout=3600) for n in range(count)]
         for stream in streams:
             next(stream)
         print(f"open {count}", flush=True)

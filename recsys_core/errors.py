@@ -27,6 +27,10 @@ class ResourceExhausted(RecsysError):
     pass
 
 
+class PermissionDenied(RecsysError):
+    """A known caller asks for something its role does not allow (a new category without admin)."""
+
+
 class DeadlineExceeded(RecsysError):
     pass
 

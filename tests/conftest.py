@@ -139,6 +139,10 @@ class Stack:
         """As an admin: the admin certificate and token (the gateway: TLS and the token)."""
         return channel_to(name, getattr(self, name))
 
+    def stop(self) -> None:
+        for server in self.servers.values():
+            server.stop(None)
+
 
 @pytest.fixture(scope="session")
 def value_model():
@@ -153,10 +157,9 @@ def value_model():
     return default_artifact_path()
 
 
-@pytest.fixture(scope="session")
-def stack(triton_server, value_model, tmp_path_factory):
+def start_stack(triton_url: str, store_path: Path) -> Stack:
     """All four services on the bundled data with the encoder on Triton, as
-    `recsys serve` runs them, but in this process so tests can reach their objects."""
+    `recsys serve` runs them, in this process; the profile's events in `store_path`."""
     from services.embedding.config import EmbeddingConfig
     from services.embedding.server import create_server as create_embedding
     from services.gateway.config import GatewayConfig
@@ -168,24 +171,28 @@ def stack(triton_server, value_model, tmp_path_factory):
 
     servers = {}
     servers["embedding"], embedding = start(create_embedding(
-        EmbeddingConfig(address="127.0.0.1:0", encoder="triton", triton_url=triton_server.grpc_url,
-                        catalogue_path=str(tmp_path_factory.mktemp("catalogue") / "catalogue.sqlite3"),
-                        **secured("embedding"))
+        EmbeddingConfig(address="127.0.0.1:0", encoder="triton", triton_url=triton_url,
+                        catalogue_path=str(Path(store_path).parent / "catalogue.sqlite3"), **secured("embedding"))
     ))
     servers["ranking"], ranking = start(create_ranking(RankingConfig(address="127.0.0.1:0", **secured("ranking"))))
-    store = tmp_path_factory.mktemp("profile") / "events.sqlite3"
     servers["profile"], profile = start(
-        create_profile(ProfileConfig(address="127.0.0.1:0", store_path=str(store), embedding_address=embedding,
-                                     review_triton_url=triton_server.grpc_url, **secured("profile")))
+        create_profile(ProfileConfig(address="127.0.0.1:0", store_path=str(store_path), embedding_address=embedding,
+                                     review_triton_url=triton_url, **secured("profile")))
     )
     gateway_config = GatewayConfig(
         address="127.0.0.1:0", profile_address=profile, embedding_address=embedding, ranking_address=ranking,
         **secured("gateway"),
     )
     servers["gateway"], gateway = start(create_gateway(gateway_config))
-    yield Stack(embedding=embedding, profile=profile, ranking=ranking, gateway=gateway, servers=servers)
-    for server in servers.values():
-        server.stop(None)
+    return Stack(embedding=embedding, profile=profile, ranking=ranking, gateway=gateway, servers=servers)
+
+
+@pytest.fixture(scope="session")
+def stack(triton_server, value_model, tmp_path_factory):
+    """All four services (start_stack), shared by the session, so tests can reach their objects."""
+    stack = start_stack(triton_server.grpc_url, tmp_path_factory.mktemp("profile") / "events.sqlite3")
+    yield stack
+    stack.stop()
 
 
 @pytest.fixture(scope="session")

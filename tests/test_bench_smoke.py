@@ -71,3 +71,20 @@ def test_hops_bench_counts_four_calls_in_four_steps_and_one_for_cold_start(tmp_p
     cold = results["cold start"]
     assert (cold["calls"], cold["levels"], set(cold["methods"])) == (1, 1, {"GetShopperSignals"})
     assert cold["paths"] == {"2": 2}  # RECOMMENDATION_PATH_COLD_START, both
+
+
+def test_abuse_bench_measures_recommend_quiet_and_abused(tmp_path, exported_encoder):
+    """bench/abuse.py end to end, small: Recommend answers throughout, and
+    every oversized request is refused with RESOURCE_EXHAUSTED."""
+    out = tmp_path / "abuse.json"
+    run = subprocess.run(
+        [sys.executable, str(paths.REPO_ROOT / "bench" / "abuse.py"), "--requests", "20", "--concurrency", "2",
+         "--seconds", "10", "--idle-streams", "150", "--oversized", "10", "--oversized-mib", "5", "--json", str(out)],
+        cwd=paths.REPO_ROOT, capture_output=True, text=True, timeout=240,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    report = json.loads(out.read_text())
+    for phase in ("quiet", "abused", "quiet_again"):
+        assert report[phase]["ok"] == 20 and report[phase]["errors"] == {}, (phase, report[phase]["errors"])
+    assert set(report["oversized_codes"]) == {"RESOURCE_EXHAUSTED"} and report["oversized_codes"]["RESOURCE_EXHAUSTED"] >= 10
+    assert report["p99_ratio"] > 0

@@ -28,6 +28,16 @@ def in_flight(server, service: str, method: str) -> float:
     ) or 0.0
 
 
+def gateway_connections(address: str, count: int) -> list[grpc.Channel]:
+    """Channels to the gateway, each on a connection of its own: one
+    connection carries at most GATEWAY_MAX_CONCURRENT_STREAMS (128) streams."""
+    from recsys_core.rpc.transport import client_channel
+    from tests.conftest import admin_token, tls_material
+
+    return [client_channel(address, ca=str(tls_material().ca), token=admin_token(), server_name="gateway",
+                           options=[("grpc.use_local_subchannel_pool", 1)]) for _ in range(count)]
+
+
 def open_watches(channel: grpc.Channel, count: int) -> list:
     """`count` Watch streams, each read up to its first status so it is open
     on the server; their deadline ends them should the test fail midway."""
@@ -49,8 +59,10 @@ def wait_until(condition, seconds: float, what: str) -> None:
 def test_idle_watch_streams_leave_recommend_and_health_checks_answering(stack, dataset):
     gateway_server, profile_server = stack.servers["gateway"], stack.servers["profile"]
     shoppers = list(dataset.interactions.user_id.unique()[:10])
+    connections = gateway_connections(stack.gateway, 10)
     with stack.channel("gateway") as gateway_channel, stack.channel("profile") as profile_channel:
-        watched = {"gateway": open_watches(gateway_channel, IDLE_STREAMS),
+        watched = {"gateway": [stream for connection in connections
+                               for stream in open_watches(connection, IDLE_STREAMS // len(connections))],
                    "profile": open_watches(profile_channel, IDLE_STREAMS)}
         try:
             # All of them are open on the servers at once, not queued.
@@ -70,6 +82,8 @@ def test_idle_watch_streams_leave_recommend_and_health_checks_answering(stack, d
         finally:
             for stream in watched["gateway"] + watched["profile"]:
                 stream.cancel()
+            for connection in connections:
+                connection.close()
         wait_until(lambda: in_flight(gateway_server, *WATCH) == 0 and in_flight(profile_server, *WATCH) == 0,
                    30, "cancelled Watch streams still in flight")
 

@@ -31,6 +31,7 @@ import inspect
 import json
 import logging
 from collections.abc import Callable, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -405,6 +406,21 @@ def decide(rule: Rule | None, caller: Caller, request, tenant_of: Callable[[str]
 
 # -- the server side ------------------------------------------------------------------
 
+# The caller of the call being handled, once the access rules let it in: each
+# call runs in a task of its own, so servicers (on the event loop, not in the
+# blocking pool) and inner interceptors read their own call's caller.
+_CALLER: ContextVar[Caller | None] = ContextVar("recsys_caller", default=None)
+
+
+def current_caller() -> Caller | None:
+    """Who made the call being handled; None for open methods and servers without access control."""
+    return _CALLER.get()
+
+
+def is_admin(caller: Caller | None) -> bool:
+    return caller is not None and caller.principal is not None and caller.principal.has(ADMIN)
+
+
 @dataclass
 class AccessPolicy:
     """What one server checks: its authenticator (tokens) and the rules."""
@@ -451,6 +467,7 @@ class AccessInterceptor(WrappingInterceptor):
         else:
             try:
                 decide(rule, caller, request, self.policy.tenant_of)
+                _CALLER.set(caller)
                 return
             except Unauthenticated as error:
                 code, reason = grpc.StatusCode.UNAUTHENTICATED, str(error)

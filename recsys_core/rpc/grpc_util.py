@@ -25,6 +25,8 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from recsys_core import errors
 from recsys_core.rpc import balancing
 from recsys_core.rpc.access import AccessInterceptor, AccessPolicy, AuthConfig, Authenticator
+from recsys_core.rpc.limits import (FieldLimitsInterceptor, RateLimitInterceptor, ServerLimits, request_bytes_limit,
+                                    server_options)
 from recsys_core.rpc.metrics import ServerMetrics, listen_host
 from recsys_core.rpc.tracing import Tracing, TracingConfig, trace_logging
 from recsys_core.rpc.transport import Security
@@ -38,6 +40,7 @@ _STATUS_OF_ERROR = {
     errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
     errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+    errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
 }
 
 # A downstream service's answer that the caller should hear unchanged: the
@@ -415,10 +418,26 @@ class _Undecodable:
         self.error = error
 
 
+class _Oversized:
+    """A request body over its method's limit (recsys_core/rpc/limits.py), left unparsed."""
+
+    __slots__ = ("size", "limit")
+
+    def __init__(self, size: int, limit: int):
+        self.size, self.limit = size, limit
+
+
 class _DecodingInterceptor(WrappingInterceptor):
     """An undecodable request body is the caller's mistake: INVALID_ARGUMENT
     and one log line. Left to grpc, it is INTERNAL with a traceback logged per
-    request ("Exception deserializing request!"), an easy log flood."""
+    request ("Exception deserializing request!"), an easy log flood.
+
+    A body over its method's size limit (`limits`) is not parsed at all:
+    RESOURCE_EXHAUSTED, as grpc answers a body over the server's limit."""
+
+    def __init__(self, limits: ServerLimits | None = None):
+        super().__init__()
+        self.limits = limits
 
     def wrap(self, handler: grpc.RpcMethodHandler, full_method: str) -> grpc.RpcMethodHandler:
         decode = handler.request_deserializer
@@ -426,8 +445,12 @@ class _DecodingInterceptor(WrappingInterceptor):
         # Watch, whose handler writes through the context rather than yielding.
         if decode is None or handler.unary_unary is None:
             return handler
+        method_name = full_method.rsplit('/', 1)[-1]
+        limit = request_bytes_limit(full_method, self.limits) if self.limits is not None else None
 
         def tolerant(raw: bytes):
+            if limit is not None and len(raw) > limit:
+                return _Oversized(len(raw), limit)
             try:
                 return decode(raw)
             except Exception as error:  # protobuf's DecodeError, or anything a parser raises
@@ -437,13 +460,17 @@ class _DecodingInterceptor(WrappingInterceptor):
             log.warning("%s: undecodable request body from %s (%s)", full_method, context.peer(),
                         type(request.error).__name__)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"the request body is not a valid {full_method.rsplit('/', 1)[-1]} request")
+                                f"the request body is not a valid {method_name} request")
 
         behavior = handler.unary_unary
 
         async def unary_unary(request, context):
             if isinstance(request, _Undecodable):
                 return await refuse(request, context)
+            if isinstance(request, _Oversized):
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                    f"the request is {request.size:,} bytes; {method_name} takes at most "
+                                    f"{request.limit:,}")
             # Always a coroutine: _BlockingHandlers, further in, makes plain handlers async.
             return await behavior(request, context)
 
@@ -559,7 +586,7 @@ class ManagedServer:
 def build_server(
     address: str, workers: int, full_service_names: list[str], name: str, metrics_port: int | None = None,
     security: Security | None = None, auth: AuthConfig | None = None, public: bool = False,
-    max_request_bytes: int | None = None,
+    limits: ServerLimits | None = None,
     health_port: int | None = None, tracing: TracingConfig | None = None,
 ) -> tuple[ManagedServer, int]:
     """A server with health, reflection and the metrics interceptor registered
@@ -590,6 +617,12 @@ def build_server(
     installed (recsys_core/rpc/tracing.py). `ManagedServer.tracing` is for
     the service's own channels and clients.
 
+    `limits` (recsys_core/rpc/limits.py): the largest request the server
+    reads (and each method's, from the LIMITS table), the streams a
+    connection may open, and the calls per second each authenticated caller
+    may make; the LIMITS table's caps on repeated fields and text hold
+    everywhere. None: the transport's 64 MiB, no stream or rate limit.
+
     Callers add their servicers, start loading, then start it. Raises if a
     port cannot be bound, and ConfigError without certificates.
     """
@@ -613,15 +646,20 @@ def build_server(
         # plain handlers then become async ones that run in the pool. No
         # maximum_concurrent_rpcs: on an aio server it counts open streams too.
         # The access rules come before the servicer sees a request, after metrics
-        # (refusals are counted).
-        interceptors = [metrics.interceptor(), _DecodingInterceptor(), _BlockingHandlers(blocking)]
+        # (refusals are counted) and decoding (with the size limits); then the
+        # caller's rate, known once access has identified it, and the LIMITS
+        # table's caps on fields.
+        interceptors = [metrics.interceptor(), _DecodingInterceptor(limits)]
         if access is not None:
-            interceptors.insert(2, AccessInterceptor(access))
+            interceptors.append(AccessInterceptor(access))
+        if limits is not None and limits.rate_limited:
+            interceptors.append(RateLimitInterceptor(limits))
+        interceptors += [FieldLimitsInterceptor(), _BlockingHandlers(blocking)]
         interceptors = [*traced.server_interceptors(), *interceptors]
         options = SERVER_OPTIONS
-        if max_request_bytes is not None:
-            options = [*[o for o in SERVER_OPTIONS if o[0] != "grpc.max_receive_message_length"],
-                       ("grpc.max_receive_message_length", max_request_bytes)]
+        if limits is not None:
+            own = dict(server_options(limits))
+            options = [*[o for o in SERVER_OPTIONS if o[0] not in own], *own.items()]
         return grpc.aio.server(options=options, interceptors=interceptors)
 
     server = loop.run(make)

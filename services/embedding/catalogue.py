@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 from recsys_core.index.embedding_cache import EmbeddingCache, encode_cached
 from recsys_core.models.encoder import Encoder
-from recsys_core.errors import InvalidArgument, NotFound, Unavailable, check_id_characters, quoted
+from recsys_core.errors import InvalidArgument, NotFound, PermissionDenied, Unavailable, check_id_characters, quoted
 from recsys_core.models.model_serving import IdVectors
 from recsys_core.index.kinds import IndexSettings
 from recsys_core.index.vector_index import VectorIndex
@@ -94,14 +94,17 @@ class Catalogue:
     # -- catalogue ----------------------------------------------------------
 
     def upsert(self, records: Sequence[ItemRecord], show_progress: bool = False, only_new: bool = False,
-               save_cache: bool | None = None) -> tuple[int, int]:
+               save_cache: bool | None = None, new_categories: bool = True) -> tuple[int, int]:
         """Encode and index items; unchanged texts come from the cache. Every
         record is validated before anything is written, so a bad batch changes
         nothing. With a store, the batch is durable there before this returns
         and before this replica indexes it; `only_new` keeps items the store
         has (seeding). `save_cache`: also write the vector cache file; by
         default only without a store, whose own copy of every vector makes
-        rewriting the file (80 MB on the full data) per upsert a waste."""
+        rewriting the file (80 MB on the full data) per upsert a waste.
+        Without `new_categories` (a caller who is not an admin), every item's
+        category must be in the catalogue already: a category is part of the
+        public API (Recommend's filter), not something a feed invents."""
         for position, record in enumerate(records):
             if not record.item_id or len(record.item_id) > MAX_ID_CHARS:
                 raise InvalidArgument(f"items[{position}].item_id", f"must be 1..{MAX_ID_CHARS} characters")
@@ -111,6 +114,12 @@ class Catalogue:
                 raise InvalidArgument(f"items[{position}].category", f"must be 1..{MAX_ID_CHARS} characters")
             if not (record.text.strip() or record.title.strip()):
                 raise InvalidArgument(f"items[{position}].text", "an item needs a title or text to be embedded")
+        if not new_categories:
+            known = self.index.categories()
+            for position, record in enumerate(records):
+                if record.category not in known:
+                    raise PermissionDenied(f"items[{position}].category: {quoted(record.category)} is not in the "
+                                           "catalogue; only admin callers may add a category")
         # Later duplicates in one batch win, as a sequence of upserts would.
         records = list({r.item_id: r for r in records}.values())
         if save_cache is None:
@@ -182,7 +191,7 @@ class Catalogue:
             if record is None or not self.index.contains(item_id):
                 if skip_missing:
                     continue
-                raise NotFound(f"{field}[{position}]: no item {item_id!r} in the catalogue")
+                raise NotFound(f"{field}[{position}]: no item {quoted(item_id)} in the catalogue")
             found.append(record)
         return found
 

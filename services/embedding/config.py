@@ -8,6 +8,7 @@ from recsys_core.index.kinds import INDEX_KINDS, IndexSettings
 from recsys_core.models.encoder import DEFAULT_PRECISION, PRECISIONS
 from recsys_core.rpc.access import AuthConfig
 from recsys_core.rpc.tracing import TracingConfig
+from recsys_core.rpc.limits import DEFAULTS as LIMIT_DEFAULTS, ServerLimits, service_limits
 from recsys_core.rpc.transport import Security
 from recsys_core.rpc.envconfig import ConfigError, EnvReader
 from recsys_core.store.catalogue_store import STORES
@@ -51,6 +52,10 @@ class EmbeddingConfig:
     # always | everysec | unchecked, as the profile's Redis store (docs/profiles.md).
     catalogue_redis_durability: str = "always"
     catalogue_poll_seconds: float = 0.2
+    # Request size, streams per connection, calls per second per caller:
+    # EMBEDDING_MAX_REQUEST_BYTES, _MAX_CONCURRENT_STREAMS, _RATE_LIMIT_PER_SECOND,
+    # _RATE_LIMIT_BURST (recsys_core/rpc/limits.py; docs/operations.md, "Limits").
+    limits: ServerLimits = LIMIT_DEFAULTS["embedding"]
     # Items added to the store at start where it lacks them (the first start
     # seeds it; later starts read the store, upserts included). Empty: none.
     data_dir: str = str(paths.BUNDLED_DATA_DIR)
@@ -112,6 +117,7 @@ class EmbeddingConfig:
             # Above a second a change could not reach every replica within the 1 s bound.
             catalogue_poll_seconds=env.float("CATALOGUE_POLL_SECONDS", cls.catalogue_poll_seconds, minimum=0.01,
                                              maximum=1.0),
+            limits=service_limits(env, "embedding"),
             data_dir=env.str("DATA_DIR", cls.data_dir),
             retail_dir=env.optional_path("RETAIL_DIR", cls.retail_dir),
             model_repo=env.str("MODEL_REPO", cls.model_repo),

@@ -189,7 +189,8 @@ def create_server(config: EmbeddingConfig) -> tuple[ManagedServer, int]:
     health turns SERVING once it is in."""
     server, port = build_server(
         config.address, config.workers, [SERVICE_NAME], "embedding", metrics_port=config.metrics_port,
-        security=config.security, auth=config.auth, health_port=config.health_port, tracing=config.tracing,
+        security=config.security, auth=config.auth, limits=config.limits, health_port=config.health_port,
+        tracing=config.tracing,
     )
     servicer = EmbeddingServicer(server.readiness, config, server.blocking)
     server.add(embedding_pb2_grpc.add_EmbeddingServiceServicer_to_server, servicer)

@@ -4,6 +4,7 @@ from dataclasses import dataclass
 
 from recsys_core.rpc.access import AuthConfig
 from recsys_core.rpc.tracing import TracingConfig
+from recsys_core.rpc.limits import DEFAULTS as LIMIT_DEFAULTS, ServerLimits, service_limits
 from recsys_core.rpc.transport import Security
 from recsys_core.rpc.envconfig import EnvReader
 
@@ -27,6 +28,10 @@ class GatewayConfig:
     # OpenTelemetry spans of every call, off by default: GATEWAY_TRACING=otlp|console|file,
     # GATEWAY_TRACING_* and the standard OTEL_* (recsys_core/rpc/tracing.py; docs/operations.md, "Tracing").
     tracing: TracingConfig = TracingConfig()
+    # Request size, streams per connection, calls per second per caller:
+    # GATEWAY_MAX_REQUEST_BYTES, _MAX_CONCURRENT_STREAMS, _RATE_LIMIT_PER_SECOND,
+    # _RATE_LIMIT_BURST (recsys_core/rpc/limits.py; docs/operations.md, "Limits").
+    limits: ServerLimits = LIMIT_DEFAULTS["gateway"]
     profile_address: str = "127.0.0.1:50053"
     embedding_address: str = "127.0.0.1:50052"
     ranking_address: str = "127.0.0.1:50054"
@@ -42,9 +47,6 @@ class GatewayConfig:
     # How long to wait at start for the embedding service's catalogue.
     startup_timeout_seconds: float = 900.0
     categories_refresh_seconds: float = 30.0
-    # The largest request the public port reads: a Recommend is a few hundred
-    # bytes, and 100 requests of 8 MiB once took the gateway from 61 to 870 MB.
-    max_request_bytes: int = 4 * 1024 * 1024
 
     @classmethod
     def from_env(cls, environ=None) -> "GatewayConfig":
@@ -58,6 +60,7 @@ class GatewayConfig:
             security=Security.from_env(env, "gateway", public=True),
             auth=AuthConfig.from_env(env),
             tracing=TracingConfig.from_env(env),
+            limits=service_limits(env, "gateway"),
             profile_address=env.str("PROFILE_ADDRESS", cls.profile_address),
             embedding_address=env.str("EMBEDDING_ADDRESS", cls.embedding_address),
             ranking_address=env.str("RANKING_ADDRESS", cls.ranking_address),
@@ -66,7 +69,6 @@ class GatewayConfig:
             max_candidates=env.int("MAX_CANDIDATES", cls.max_candidates, minimum=1),
             explain_history=env.int("EXPLAIN_HISTORY", cls.explain_history, minimum=0),
             max_context_items=env.int("MAX_CONTEXT_ITEMS", cls.max_context_items, minimum=0),
-            max_request_bytes=env.int("MAX_REQUEST_BYTES", cls.max_request_bytes, minimum=1024),
             startup_timeout_seconds=env.float("STARTUP_TIMEOUT_SECONDS", cls.startup_timeout_seconds, minimum=1),
             categories_refresh_seconds=env.float("CATEGORIES_REFRESH_SECONDS", cls.categories_refresh_seconds, minimum=0),
         )

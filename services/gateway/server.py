@@ -59,8 +59,8 @@ def create_server(config: GatewayConfig) -> tuple[ManagedServer, int]:
                           "GATEWAY_AUTH_JWT_KEY_FILE and/or GATEWAY_AUTH_API_KEYS_FILE (docs/operations.md, \"Security\")")
     server, port = build_server(
         config.address, config.workers, [SERVICE_NAME], "gateway", metrics_port=config.metrics_port,
-        security=config.security, auth=config.auth, health_port=config.health_port, public=True,
-        max_request_bytes=config.max_request_bytes, tracing=config.tracing,
+        security=config.security, auth=config.auth, limits=config.limits, health_port=config.health_port, public=True,
+        tracing=config.tracing,
     )
     register_metrics(server)
     composer = Composer(config, run_cpu=server.blocking.run_admitted, tracing=server.tracing)

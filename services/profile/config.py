@@ -6,6 +6,7 @@ from pathlib import Path
 from recsys_core.data import paths
 from recsys_core.rpc.access import AuthConfig
 from recsys_core.rpc.tracing import TracingConfig
+from recsys_core.rpc.limits import DEFAULTS as LIMIT_DEFAULTS, ServerLimits, service_limits
 from recsys_core.rpc.transport import Security
 from recsys_core.rpc.envconfig import EnvReader
 from recsys_core.signals.interests import ClusterSettings, DriftSettings
@@ -30,6 +31,10 @@ class ProfileConfig:
     # OpenTelemetry spans of every call, off by default: PROFILE_TRACING=otlp|console|file,
     # PROFILE_TRACING_* and the standard OTEL_* (recsys_core/rpc/tracing.py; docs/operations.md, "Tracing").
     tracing: TracingConfig = TracingConfig()
+    # Request size, streams per connection, calls per second per caller:
+    # PROFILE_MAX_REQUEST_BYTES, _MAX_CONCURRENT_STREAMS, _RATE_LIMIT_PER_SECOND,
+    # _RATE_LIMIT_BURST (recsys_core/rpc/limits.py; docs/operations.md, "Limits").
+    limits: ServerLimits = LIMIT_DEFAULTS["profile"]
     # Event store backend: "sqlite" (store_path) or "redis" (redis_url); docs/profiles.md.
     store: str = "sqlite"
     store_path: str = str(paths.REPO_ROOT / "var" / "profile.sqlite3")
@@ -91,6 +96,7 @@ class ProfileConfig:
             security=Security.from_env(env, "profile"),
             auth=AuthConfig.from_env(env),
             tracing=TracingConfig.from_env(env),
+            limits=service_limits(env, "profile"),
             store=env.choice("STORE", cls.store, ("sqlite", "redis")),
             store_path=env.str("STORE_PATH", cls.store_path),
             redis_url=env.str("REDIS_URL", cls.redis_url),

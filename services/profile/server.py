@@ -127,7 +127,8 @@ def create_server(config: ProfileConfig) -> tuple[ManagedServer, int]:
     turns SERVING once it is in."""
     server, port = build_server(
         config.address, config.workers, [SERVICE_NAME], "profile", metrics_port=config.metrics_port,
-        security=config.security, auth=config.auth, health_port=config.health_port, tracing=config.tracing,
+        security=config.security, auth=config.auth, limits=config.limits, health_port=config.health_port,
+        tracing=config.tracing,
     )
     register_metrics(server)
     servicer = ProfileServicer(server.readiness, config, server.blocking)

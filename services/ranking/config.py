@@ -4,6 +4,7 @@ from dataclasses import dataclass
 
 from recsys_core.rpc.access import AuthConfig
 from recsys_core.rpc.tracing import TracingConfig
+from recsys_core.rpc.limits import DEFAULTS as LIMIT_DEFAULTS, ServerLimits, service_limits
 from recsys_core.rpc.transport import Security
 from recsys_core.rpc.envconfig import EnvReader
 from recsys_core.ranking.scoring import SERVING_WEIGHTS
@@ -28,6 +29,10 @@ class RankingConfig:
     # OpenTelemetry spans of every call, off by default: RANKING_TRACING=otlp|console|file,
     # RANKING_TRACING_* and the standard OTEL_* (recsys_core/rpc/tracing.py; docs/operations.md, "Tracing").
     tracing: TracingConfig = TracingConfig()
+    # Request size, streams per connection, calls per second per caller:
+    # RANKING_MAX_REQUEST_BYTES, _MAX_CONCURRENT_STREAMS, _RATE_LIMIT_PER_SECOND,
+    # _RATE_LIMIT_BURST (recsys_core/rpc/limits.py; docs/operations.md, "Limits").
+    limits: ServerLimits = LIMIT_DEFAULTS["ranking"]
     # Defaults and their reasons: recsys_core/ranking/scoring.py, SERVING_WEIGHTS.
     long_term_weight: float = SERVING_WEIGHTS.long_term
     short_term_weight: float = SERVING_WEIGHTS.short_term
@@ -55,6 +60,7 @@ class RankingConfig:
             security=Security.from_env(env, "ranking"),
             auth=AuthConfig.from_env(env),
             tracing=TracingConfig.from_env(env),
+            limits=service_limits(env, "ranking"),
             long_term_weight=env.float("LONG_TERM_WEIGHT", cls.long_term_weight, minimum=0),
             short_term_weight=env.float("SHORT_TERM_WEIGHT", cls.short_term_weight, minimum=0),
             context_weight=env.float("CONTEXT_WEIGHT", cls.context_weight, minimum=0),

@@ -30,7 +30,8 @@ def register_metrics(server: ManagedServer) -> None:
 def create_server(config: RankingConfig) -> tuple[ManagedServer, int]:
     server, port = build_server(
         config.address, config.workers, [SERVICE_NAME], "ranking", metrics_port=config.metrics_port,
-        security=config.security, auth=config.auth, health_port=config.health_port, tracing=config.tracing,
+        security=config.security, auth=config.auth, limits=config.limits, health_port=config.health_port,
+        tracing=config.tracing,
     )
     register_metrics(server)
     server.add(ranking_pb2_grpc.add_RankingServiceServicer_to_server, RankingServicer(config, server.blocking))

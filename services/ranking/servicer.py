@@ -66,9 +66,16 @@ FEATURE_FIELDS = ("long_term_similarity", "short_term_similarity", "context_simi
                   "disliked_similarity")
 
 
+# Features are similarities: cosines for the pretrained encoder's unit
+# vectors, a little more with a trained model's (encoder output plus an ID
+# vector, not unit). Far beyond that a finite value (3.4e38) overflows the
+# weighted sum to an infinite or NaN score, and the reply's order means nothing.
+FEATURE_BOUND = 1e6
+
+
 def candidate_features(candidates) -> Features:
     """The candidates' features as parallel float32 arrays; non-finite values
-    are refused, naming the first candidate that has one."""
+    and values beyond +-FEATURE_BOUND are refused, naming the first candidate that has one."""
     columns = np.asarray(
         [[getattr(c.features, name) for name in FEATURE_FIELDS] for c in candidates], dtype=np.float32
     ).reshape(len(candidates), len(FEATURE_FIELDS))
@@ -76,4 +83,9 @@ def candidate_features(candidates) -> Features:
     if not finite.all():
         row, column = np.argwhere(~finite)[0]
         raise InvalidArgument(f"candidates[{row}].features.{FEATURE_FIELDS[column]}", "must be finite")
+    outside = np.abs(columns) > FEATURE_BOUND
+    if outside.any():
+        row, column = np.argwhere(outside)[0]
+        raise InvalidArgument(f"candidates[{row}].features.{FEATURE_FIELDS[column]}",
+                              f"is {columns[row, column]:g}; a similarity lies within +-{FEATURE_BOUND:g}")
     return Features(*(np.ascontiguousarray(columns[:, i]) for i in range(len(FEATURE_FIELDS))))
