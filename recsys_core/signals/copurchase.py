@@ -99,6 +99,28 @@ class CoPurchases:
         if fold:
             self._start_fold()
 
+    def remove_user(self, user_id: str) -> int:
+        """Takes the shopper's basket out of every count, as if they had
+        never bought anything: -1 into the delta for each pair of their
+        items. Returns how many distinct items they had."""
+        with self._lock:
+            owned = self._items_of.pop(user_id, None)
+            if not owned:
+                return 0
+            rows = owned.tolist()
+            delta = self._delta
+            for position, row in enumerate(rows):
+                mine = delta.setdefault(row, {})
+                for other in rows[:position]:
+                    mine[other] = mine.get(other, 0) - 1
+                    theirs = delta.setdefault(other, {})
+                    theirs[row] = theirs.get(row, 0) - 1
+            self._delta_counts += len(rows) * (len(rows) - 1)
+            fold = self._should_fold()
+        if fold:
+            self._start_fold()
+        return len(rows)
+
     def _add(self, user_id: str, item_id: str, category: str) -> tuple[array, int, int] | None:
         """Records the shopper's item; when the pair is new, (their items,
         how many they had before, its row) for the caller to count. Not a
@@ -318,11 +340,14 @@ def _merge(matrix: sp.csr_matrix, delta: dict[int, dict[int, int]], size: int) -
     rows = np.repeat(np.fromiter(delta, dtype=np.int64, count=len(delta)),
                      np.fromiter(map(len, delta.values()), dtype=np.int64, count=len(delta)))
     columns = np.fromiter((c for counts in delta.values() for c in counts), dtype=np.int32, count=len(rows))
-    values = np.fromiter((n for counts in delta.values() for n in counts.values()), dtype=np.uint32,
+    # Signed: a forgotten shopper's pairs are -1s (remove_user).
+    values = np.fromiter((n for counts in delta.values() for n in counts.values()), dtype=np.int32,
                          count=len(rows))
     added = sp.csr_matrix((values, (rows, columns)), shape=(size, size))
-    # uint32 so that a uint16 count cannot wrap; _compact narrows it again.
-    return _compact(_grown(matrix, size).astype(np.uint32) + added)
+    # int32 so that a uint16 count cannot wrap; _compact narrows it again.
+    merged = (_grown(matrix, size).astype(np.int32) + added).tocsr()
+    merged.eliminate_zeros()
+    return _compact(merged)
 
 
 def _sum_rows(matrix: sp.csr_matrix, rows: np.ndarray, size: int) -> np.ndarray:
