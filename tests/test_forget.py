@@ -34,7 +34,7 @@ from recsys_core.signals.copurchase import CoPurchases
 from recsys_core.store.events import PURCHASE, StoredEvent, tombstone_of
 from services.profile.popularity import Popularity
 from tests.conftest import (
-    STORE_BACKENDS, gateway_channel, secured, service_channel, start, tls_material, unique_redis_prefix,
+    STORE_BACKENDS, admin_token, gateway_channel, secured, service_channel, start, tls_material, unique_redis_prefix,
 )
 
 REVIEW = "zebra-striped marmalade umbrella, would forget again"
@@ -464,6 +464,27 @@ def test_a_returning_shopper_starts_over(world):
     assert [e.timestamp for e in profile.recent_history] == [new.timestamp]
 
 
+def test_recsys_delete_user_forgets_with_the_callers_token(world, monkeypatch, capsys):
+    from recsys_cli import main as cli
+
+    shopper = sorted(set(world.events["user_id"]) - {world.victim, world.bystander, world.co_shopper,
+                                                    world.returner})[-1]
+    monkeypatch.setenv("RECSYS_GATEWAY", world.gateway)
+    monkeypatch.setenv("RECSYS_GATEWAY_CA", str(tls_material().ca))
+    monkeypatch.setenv("RECSYS_TOKEN", shopper_token(world.victim))
+    assert cli.main(["delete-user", shopper]) == 1
+    assert "PERMISSION_DENIED" in capsys.readouterr().err
+    monkeypatch.setenv("RECSYS_TOKEN", shopper_token(shopper))
+    assert cli.main(["delete-user", shopper]) == 0
+    events = len(world.events[world.events["user_id"] == shopper])
+    assert f"forgot {shopper}: {events} events on" in capsys.readouterr().out
+    assert cli.main(["delete-user", shopper, "--json"]) == 0
+    assert '"events_removed": 0' in capsys.readouterr().out
+    monkeypatch.setenv("RECSYS_TOKEN", admin_token())  # a shopper's token is refused first: the id is not theirs
+    assert cli.main(["delete-user", "bad\x00id"]) == 1
+    assert "INVALID_ARGUMENT" in capsys.readouterr().err
+
+
 def changed_copy(data_dir, out):
     """The data set with its rows in reverse: the same events under another
     marker, so a profile service starting on it loads them again into the
@@ -501,4 +522,5 @@ def test_a_restart_does_not_bring_the_shopper_back(world, tmp_path):
         with sqlite3.connect(world.config.store_path) as connection:
             assert connection.execute("SELECT COUNT(*) FROM events WHERE user_id = ?",
                                       (world.victim,)).fetchone() == (0,)
-            assert connection.execute("SELECT COUNT(*) FROM forgotten").fetchone() == (2,)
+            # The victim, the returner and the shopper `recsys delete-user` forgot.
+            assert connection.execute("SELECT COUNT(*) FROM forgotten").fetchone() == (3,)
