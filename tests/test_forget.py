@@ -112,6 +112,30 @@ def test_nothing_of_a_forgotten_shopper_is_left_in_the_storage(open_event_store)
     assert "other" in dump  # the dump does show shoppers' keys: the check can fail
 
 
+def test_redis_forgets_the_keys_of_records_written_before_they_carried_them(open_event_store):
+    """Stores written by earlier versions: the idempotency key is not in the
+    record, and forgetting finds it in the `idem` hash by sequence number."""
+    if open_event_store.backend != "redis":
+        pytest.skip("the record format of the Redis store")
+    import json
+
+    import redis
+
+    store = open_event_store()
+    store.append(shoppers_events())
+    client = redis.Redis.from_url(open_event_store.redis_url, decode_responses=True)
+    events_key = open_event_store.prefix + "u:victim:e"
+    old = []
+    for record in client.lrange(events_key, 0, -1):
+        number, _, payload = record.partition(" ")
+        old.append(f"{number} {json.dumps(json.loads(payload)[:7], separators=(',', ':'))}")
+    client.delete(events_key)
+    client.rpush(events_key, *old)
+    client.hset(open_event_store.prefix + "idem", "other-key", "5")  # another shopper's: stays
+    assert store.forget_user("victim") == 4
+    assert client.hgetall(open_event_store.prefix + "idem") == {"other-key": "5"}
+
+
 def test_a_bulk_load_skips_forgotten_shoppers_and_late_events_are_dropped(open_event_store):
     """The tombstone: a data set loaded after the forgetting (a new marker)
     does not bring the shopper's events back, and events dated before the

@@ -18,7 +18,7 @@ Keys, all under `prefix` (default "recsys:profile:"):
     reviews         hash    sequence number -> review text (only events with one)
     forgotten       hash    tombstone (events.tombstone_of: SHA-256 of a user id) -> unix
                             seconds it was forgotten at (forget_user)
-    u:<user>:e      list    the shopper's events, oldest first: "<seq> <JSON>"
+    u:<user>:e      list    the shopper's events, oldest first: "<seq> <JSON>" (RECORD_FIELDS)
     u:<user>:c      hash    category -> the shopper's events in it
     u:<user>:s      zset    item_id -> the sequence number of its latest event
 
@@ -137,8 +137,8 @@ return stored
 #       forgotten_at, tombstone, m, then per record its items field, in order,
 #       then m pairs of an idempotency key and the sequence number it names.
 # The caller reads the records and makes the fields (they are JSON that Lua's
-# cjson would write differently), and finds the idempotency keys of the
-# records' sequence numbers (HSCAN; keys may well name the shopper); the
+# cjson would write differently) and takes the records' idempotency keys
+# (keys may well name the shopper); the
 # script removes them only if the list is still what was read (its length and
 # last record, whose sequence number is unique), else returns -1 and the
 # caller reads again. A key is dropped only while it still names its record.
@@ -194,8 +194,13 @@ def _safe_url(url: str) -> str:
     return scheme + sep + rest
 
 
+# Fields of an event record: item, category, type, ts, rating, amount, order,
+# idempotency key. Records written before events carried money have five,
+# before forget_user seven (no key: forgetting walks the `idem` hash for them).
+RECORD_FIELDS = 8
+
+
 def _event(user_id: str, payload: str) -> StoredEvent:
-    # Records written before events carried money have five fields.
     item_id, category, type_, ts, rating, *money = json.loads(payload)
     amount, order_id = (money + [None, None])[:2]
     return StoredEvent(user_id, item_id, category, type_, ts, rating, amount=amount, order_id=order_id)
@@ -296,7 +301,7 @@ class RedisEventStore(EventStore):
                 _compact([e.item_id, e.category]),
                 e.category,
                 e.item_id,
-                _compact([e.item_id, e.category, e.type, e.ts, e.rating, e.amount, e.order_id]),
+                _compact([e.item_id, e.category, e.type, e.ts, e.rating, e.amount, e.order_id, e.idempotency_key]),
                 e.review or "",
                 tombstone_of(e.user_id),
                 "" if e.ts is None else int(e.ts),
@@ -353,8 +358,16 @@ class RedisEventStore(EventStore):
         keys += [events_key, categories_key, seen_key, self.prefix + "idem"]
         for _ in range(FORGET_ATTEMPTS):
             records = self._guard(self._reader.lrange, events_key, 0, -1)
-            fields = [_compact(json.loads(record.partition(" ")[2])[:2]) for record in records]
-            idempotency = self._idempotency_keys({record.partition(" ")[0] for record in records})
+            fields, idempotency, unknown = [], [], set()
+            for record in records:
+                number, _, payload = record.partition(" ")
+                values = json.loads(payload)
+                fields.append(_compact(values[:2]))
+                if len(values) < RECORD_FIELDS:
+                    unknown.add(number)
+                elif values[RECORD_FIELDS - 1] is not None:
+                    idempotency.append((values[RECORD_FIELDS - 1], number))
+            idempotency += self._idempotency_keys(unknown)
             removed = self._guard(self._forget, keys, [
                 len(records), records[-1] if records else "", now, tombstone_of(user_id), len(idempotency),
                 *fields, *itertools.chain.from_iterable(idempotency),
@@ -364,11 +377,11 @@ class RedisEventStore(EventStore):
         raise Unavailable(f"forgetting a shopper: their events kept changing over {FORGET_ATTEMPTS} tries; retry")
 
     def _idempotency_keys(self, numbers: set[str]) -> list[tuple[str, str]]:
-        """(key, sequence number) of the idempotency keys naming `numbers`:
-        a walk over every key (HSCAN, in steps that never block Redis for
-        long), so a forget costs in proportion to the keys stored; rare
-        beside appends, which stay as fast as before."""
-        if not numbers:
+        """(key, sequence number) of the idempotency keys naming `numbers`,
+        records written before they carried their key: a walk over every key
+        (HSCAN, in steps that never block Redis for long), so it costs in
+        proportion to the keys stored; only for stores written by earlier versions."""
+        if not numbers or not self._guard(self._reader.exists, self.prefix + "idem"):
             return []
 
         def walk():
