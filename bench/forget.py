@@ -3,7 +3,7 @@ transaction and a WAL checkpoint; Redis: the records read, the idempotency
 keys walked with HSCAN, one script) and the co-purchase counts in memory
 (CoPurchases.remove_user, then the fold that merges the -1s), per shopper.
 
-    python bench/forget.py [--data DIR] [--shoppers N] [--keyed N] [--backend sqlite|redis|both] [--json OUT]
+    python bench/forget.py [--data DIR] [--shoppers N] [--keyed N] [--backend sqlite|redis|both|none] [--json OUT]
 
 The data set is loaded into a fresh store of each backend (Redis: a local
 redis-server with the durable settings the store requires), then `--keyed`
@@ -86,7 +86,8 @@ def main(argv=None) -> int:
     parser.add_argument("--data", type=Path, default=paths.BUNDLED_DATA_DIR)
     parser.add_argument("--shoppers", type=int, default=50)
     parser.add_argument("--keyed", type=int, default=100_000, help="events appended with idempotency keys")
-    parser.add_argument("--backend", choices=("sqlite", "redis", "both"), default="both")
+    parser.add_argument("--backend", choices=("sqlite", "redis", "both", "none"), default="both",
+                        help="none: the co-purchase counts only")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
 
