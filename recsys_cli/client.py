@@ -211,3 +211,28 @@ def profile(address: str, user_id: str, history: int, timeout: float | None, as_
     if timeline:
         print(f"timeline written to {timeline}", file=sys.stderr)
     return 0
+
+
+def delete_user(address: str, user_id: str, timeout: float | None, as_json: bool) -> int:
+    """`recsys delete-user`: forget a shopper through the gateway, with
+    RECSYS_TOKEN (the shopper's own token, or an admin's)."""
+    import grpc
+
+    from recsys.gateway.v1 import gateway_pb2_grpc
+    from recsys.profile.v1 import profile_pb2
+
+    try:
+        with gateway_channel(address) as channel:
+            reply = gateway_pb2_grpc.GatewayServiceStub(channel).DeleteUser(
+                profile_pb2.DeleteUserRequest(user_id=user_id), timeout=timeout or 30.0)
+    except grpc.RpcError as error:
+        print(f"recsys delete-user: {error.code().name}: {error.details()}", file=sys.stderr)
+        return 1
+    if as_json:
+        print(json.dumps({"user_id": reply.user_id, "events_removed": reply.events_removed,
+                          "items_affected": reply.items_affected}))
+    elif reply.events_removed:
+        print(f"forgot {reply.user_id}: {reply.events_removed} events on {reply.items_affected} items removed")
+    else:
+        print(f"nothing to forget for {reply.user_id}: no events stored (never seen, or forgotten before)")
+    return 0

@@ -55,6 +55,12 @@ def cmd_profile(args) -> int:
                    args.timeline, args.timeline_events)
 
 
+def cmd_delete_user(args) -> int:
+    from recsys_cli.client import delete_user
+
+    return delete_user(gateway_address(), args.user_id, args.timeout, args.json)
+
+
 DELEGATED = {
     "export": "export the encoder to model_repo/ (fp32 and int8 ONNX)",
     "evaluate": "offline evaluation on the published benchmark protocol",
@@ -133,6 +139,13 @@ def main(argv: list[str] | None = None) -> int:
     profile.add_argument("--timeline", metavar="PNG", help="also plot the shopper's interests over time")
     profile.add_argument("--timeline-events", type=int, default=200, help="events the timeline covers")
     profile.set_defaults(run=cmd_profile)
+
+    delete_user = commands.add_parser(
+        "delete-user", help="forget a shopper: their events, profile and share of every count (via RECSYS_GATEWAY)")
+    delete_user.add_argument("user_id")
+    delete_user.add_argument("--timeout", type=float, default=30.0)
+    delete_user.add_argument("--json", action="store_true")
+    delete_user.set_defaults(run=cmd_delete_user)
 
     # These parse their own arguments (see `recsys NAME --help`).
     for name, helptext in DELEGATED.items():

@@ -86,6 +86,39 @@ class Caller:
             parts.append("anonymous")
         return " ".join(parts) + (f" from {self.peer}" if self.peer else "")
 
+    def identity(self) -> str:
+        """Who the caller is, without where from (an audit line records who
+        asked, not a shopper's network address)."""
+        return Caller(self.principal, self.service).describe()
+
+
+# The caller of the call being handled, set by the access check once it lets
+# the call through: handlers that keep an audit trail read it (current_caller).
+_CALLER: ContextVar[Caller | None] = ContextVar("recsys_access_caller", default=None)
+
+
+def current_caller() -> Caller | None:
+    """The checked caller of the call this task handles; None where no access
+    check ran (a server without security, or an open method)."""
+    return _CALLER.get()
+
+
+# The audit trail: one line per call that changed what the platform keeps
+# about someone, naming who asked. Its own logger, so that operators can send
+# it somewhere kept longer than the service logs.
+audit_log = logging.getLogger("recsys.audit")
+
+
+def audit(service: str, method: str, **fields) -> None:
+    """`audit <service> <method> k=v ... requested_by=<caller>`: the caller
+    as the access check saw it (token subject, roles, certificate), without
+    their address. Fields are the caller's to choose: ids and counts, never
+    anything else about a shopper."""
+    caller = current_caller()
+    who = caller.identity() if caller is not None else "unchecked"
+    audit_log.info("audit %s %s %s requested_by=%s", service, method,
+                   " ".join(f"{key}={value}" for key, value in fields.items()), who)
+
 
 class Unauthenticated(Exception):
     """No valid credential (missing, malformed, expired, bad signature)."""
@@ -305,6 +338,9 @@ class Rule:
     # belongs to no shopper, e.g. similar items).
     service_tokens: bool = False
     shopper_tokens: bool = False
+    # With shopper_field: also a service token of the shopper's tenant. Off
+    # where only the shopper themselves (or an admin) may act, e.g. forgetting them.
+    tenant_services: bool = True
     admin: bool = True
 
     def describe(self) -> str:
@@ -314,7 +350,8 @@ class Rule:
         if self.any_caller:
             who.append("any authenticated caller")
         if self.shopper_field:
-            who.append(f"the shopper named by `{self.shopper_field}` (own token), their tenant's service token")
+            who.append(f"the shopper named by `{self.shopper_field}` (own token)"
+                       + (", their tenant's service token" if self.tenant_services else ""))
         if self.shopper_tokens:
             who.append("shopper tokens")
         if self.service_tokens:
@@ -332,6 +369,11 @@ def services(*names: str) -> Rule:
 
 def shopper_data(field_name: str = "user_id") -> Rule:
     return Rule(shopper_field=field_name)
+
+
+def shopper_only(field_name: str = "user_id") -> Rule:
+    """The shopper's own token (or an admin's), not their tenant's services."""
+    return Rule(shopper_field=field_name, tenant_services=False)
 
 
 OPEN = Rule(open=True)
@@ -355,6 +397,8 @@ RULES: dict[str, Rule] = {
     # The public API. A shopper's data: their own token, their tenant's service token, admin.
     "/recsys.gateway.v1.GatewayService/Recommend": shopper_data("user_id"),
     "/recsys.gateway.v1.GatewayService/GetProfile": shopper_data("user_id"),
+    # Forgetting a shopper: only they themselves or an admin, never a service on their behalf.
+    "/recsys.gateway.v1.GatewayService/DeleteUser": shopper_only("user_id"),
     # Item-to-item: no shopper's data; any valid token.
     "/recsys.gateway.v1.GatewayService/SimilarItems": Rule(shopper_tokens=True, service_tokens=True),
     # Internal reads: only the services that make them (their certificates), or admin.
@@ -371,6 +415,8 @@ RULES: dict[str, Rule] = {
     "/recsys.ranking.v1.RankingService/Rank": services(GATEWAY),
     # Internal writes: only writer identities' certificates, or admin.
     "/recsys.profile.v1.ProfileService/IngestEvents": services(INGEST),
+    # The gateway passes on what it checked (the shopper's own token, or an admin's).
+    "/recsys.profile.v1.ProfileService/DeleteUser": services(GATEWAY),
     "/recsys.embedding.v1.EmbeddingService/UpsertItems": services(CATALOGUE),
 }
 
@@ -398,7 +444,7 @@ def decide(rule: Rule | None, caller: Caller, request, tenant_of: Callable[[str]
             tenant = tenant_of(user_id)
             if principal.has(SHOPPER) and principal.subject == user_id and (tenant is None or principal.tenant == tenant):
                 return
-            if principal.has(SERVICE) and tenant is not None and principal.tenant == tenant:
+            if rule.tenant_services and principal.has(SERVICE) and tenant is not None and principal.tenant == tenant:
                 return
             raise Denied(f"{rule.shopper_field} names a shopper this caller may not see")
     raise Denied("caller not allowed for this method")

@@ -27,16 +27,20 @@ WRITE = "write"
 # same keys (docs/profiles.md, "Retries"). UpsertItems changes only the
 # replica that answers it (docs/operations.md, "Known limits"); resending it
 # elsewhere would change a second replica behind the caller's back.
+# DeleteUser is idempotent (a second call removes nothing and answers 0), but
+# it destroys data: resending is the caller's decision, after reading the reply.
 METHODS: dict[str, str] = {
     "/recsys.gateway.v1.GatewayService/Recommend": READ,
     "/recsys.gateway.v1.GatewayService/SimilarItems": READ,
     "/recsys.gateway.v1.GatewayService/GetProfile": READ,
+    "/recsys.gateway.v1.GatewayService/DeleteUser": WRITE,
     "/recsys.profile.v1.ProfileService/GetProfile": READ,
     "/recsys.profile.v1.ProfileService/GetPopularItems": READ,
     "/recsys.profile.v1.ProfileService/GetItemPopularity": READ,
     "/recsys.profile.v1.ProfileService/GetCoPurchasedItems": READ,
     "/recsys.profile.v1.ProfileService/GetShopperSignals": READ,
     "/recsys.profile.v1.ProfileService/IngestEvents": WRITE,
+    "/recsys.profile.v1.ProfileService/DeleteUser": WRITE,
     "/recsys.embedding.v1.EmbeddingService/EmbedTexts": READ,
     "/recsys.embedding.v1.EmbeddingService/SearchItems": READ,
     "/recsys.embedding.v1.EmbeddingService/RetrieveCandidates": READ,

@@ -75,6 +75,7 @@ LIMITS: dict[str, MethodLimits] = {
     "/recsys.gateway.v1.GatewayService/SimilarItems": MethodLimits(
         64 * KiB, counts={"categories": _CATEGORIES}, chars={"item_id": ID_CHARS}),
     "/recsys.gateway.v1.GatewayService/GetProfile": MethodLimits(4 * KiB, chars={"user_id": ID_CHARS}),
+    "/recsys.gateway.v1.GatewayService/DeleteUser": MethodLimits(4 * KiB, chars={"user_id": ID_CHARS}),
     # Embedding.
     "/recsys.embedding.v1.EmbeddingService/SearchItems": MethodLimits(
         counts={"vectors": 64, "categories": _CATEGORIES, "exclude_item_ids": _EXCLUDED}),
@@ -87,6 +88,7 @@ LIMITS: dict[str, MethodLimits] = {
     # Profile.
     "/recsys.profile.v1.ProfileService/IngestEvents": MethodLimits(chars=_EVENT),
     "/recsys.profile.v1.ProfileService/GetProfile": MethodLimits(4 * KiB, chars={"user_id": ID_CHARS}),
+    "/recsys.profile.v1.ProfileService/DeleteUser": MethodLimits(4 * KiB, chars={"user_id": ID_CHARS}),
     "/recsys.profile.v1.ProfileService/GetPopularItems": MethodLimits(
         counts={"categories": _CATEGORIES, "exclude_item_ids": _EXCLUDED}),
     "/recsys.profile.v1.ProfileService/GetItemPopularity": MethodLimits(counts={"item_ids": 10_000}),

@@ -67,6 +67,10 @@ class CoPurchases:
         self._items_of: dict[str, array] = {}
         self._matrix = _empty_matrix(0)
         self._frozen: dict[int, dict[int, int]] = {}
+        # Forgotten shoppers' pairs as -1s (remove_user): signed sparse
+        # layers beside the delta, the second one while a fold merges it.
+        self._removed: sp.csr_matrix | None = None
+        self._frozen_removed: sp.csr_matrix | None = None
         self._delta: dict[int, dict[int, int]] = {}
         self._delta_counts = 0
 
@@ -98,6 +102,32 @@ class CoPurchases:
             fold = self._should_fold()
         if fold:
             self._start_fold()
+
+    def remove_user(self, user_id: str) -> int:
+        """Takes the shopper's basket out of every count, as if they had
+        never bought anything: a -1 for each pair of their items, in a
+        sparse layer that the next fold merges. The pairs are made outside
+        the lock (a shopper with 2,000 items has 4 million), so reads and
+        adds wait only for a sparse addition. Returns how many distinct
+        items they had."""
+        while True:
+            with self._lock:
+                owned = self._items_of.get(user_id)
+                if not owned:
+                    return 0
+                rows, size = np.array(owned, dtype=np.int32), self._size
+            pairs = _basket_pairs(rows, size)
+            with self._lock:
+                owned = self._items_of.get(user_id)
+                if owned is None or len(owned) != len(rows):
+                    continue  # they bought something new meanwhile (baskets only grow): again
+                del self._items_of[user_id]
+                self._removed = _signed_sum(self._removed, pairs, self._size)
+                self._delta_counts += pairs.nnz
+                fold = self._should_fold()
+            if fold:
+                self._start_fold()
+            return len(rows)
 
     def _add(self, user_id: str, item_id: str, category: str) -> tuple[array, int, int] | None:
         """Records the shopper's item; when the pair is new, (their items,
@@ -162,6 +192,7 @@ class CoPurchases:
         counts.eliminate_zeros()
         self._matrix = _compact(counts)
         self._delta, self._frozen, self._delta_counts = {}, {}, 0
+        self._removed = self._frozen_removed = None
 
     def _should_fold(self) -> bool:
         """Under the lock: freeze the delta when it is due and no fold runs."""
@@ -174,6 +205,8 @@ class CoPurchases:
         """Under the lock: the delta becomes the frozen counts a fold merges."""
         self._folding = True
         self._frozen, self._delta, self._delta_counts = self._delta, {}, 0
+        self._frozen_removed = _signed_sum(self._frozen_removed, self._removed, self._size)
+        self._removed = None
 
     def _start_fold(self) -> None:
         if self._fold_in_background:
@@ -184,17 +217,19 @@ class CoPurchases:
 
     def _fold(self) -> None:
         with self._lock:
-            matrix, frozen, size = self._matrix, self._frozen, self._size
+            matrix, frozen, removed, size = self._matrix, self._frozen, self._frozen_removed, self._size
         # Both are left unchanged by everyone else until the swap below.
         try:
             merged = _merge(matrix, frozen, size)
+            if removed is not None:
+                merged = _merge_removed(merged, removed, size)
         except BaseException:
             with self._lock:
                 self._folding = False  # the frozen counts stay read; the next add retries
             raise
         with self._lock:
             if self._matrix is matrix:
-                self._matrix, self._frozen = merged, {}
+                self._matrix, self._frozen, self._frozen_removed = merged, {}, None
             # else a bulk load recounted everything meanwhile, the frozen
             # counts included, and cleared them: the merge is stale.
             self._folding = False
@@ -216,7 +251,8 @@ class CoPurchases:
             matrix = self._matrix
             return {"items": self._size, "shoppers": len(self._items_of), "nonzero": matrix.nnz,
                     "matrix_bytes": matrix.data.nbytes + matrix.indices.nbytes + matrix.indptr.nbytes,
-                    "delta_entries": sum(len(row) for layer in (self._frozen, self._delta) for row in layer.values()),
+                    "delta_entries": sum(len(row) for layer in (self._frozen, self._delta) for row in layer.values())
+                    + sum(layer.nnz for layer in (self._frozen_removed, self._removed) if layer is not None),
                     "folding": self._folding}
 
     # -- reading -------------------------------------------------------------
@@ -267,6 +303,9 @@ class CoPurchases:
                 return np.empty(0, dtype=object), np.empty(0, dtype=np.int64)
             size = self._size
             scores = _sum_rows(self._matrix, rows, size)
+            for removed in (self._frozen_removed, self._removed):
+                if removed is not None:
+                    scores += _sum_rows(removed, rows, size)
             for layer in (self._frozen, self._delta):
                 for row in rows.tolist():
                     counts = layer.get(row)
@@ -312,6 +351,31 @@ def _grown(matrix: sp.csr_matrix, size: int) -> sp.csr_matrix:
         return matrix
     indptr = np.concatenate([matrix.indptr, np.full(size - matrix.shape[0], matrix.indptr[-1])])
     return sp.csr_matrix((matrix.data, matrix.indices, indptr), shape=(size, size))
+
+
+def _basket_pairs(rows: np.ndarray, size: int) -> sp.csr_matrix:
+    """int32 [size, size]: -1 at (a, b) for every two different items a, b
+    of one basket (`rows`, distinct): a shopper's share of the counts."""
+    n = len(rows)
+    pair_rows, pair_columns = np.repeat(rows, n), np.tile(rows, n)
+    different = pair_rows != pair_columns
+    return sp.csr_matrix((np.full(int(different.sum()), -1, dtype=np.int32),
+                          (pair_rows[different], pair_columns[different])), shape=(size, size))
+
+
+def _signed_sum(layer: sp.csr_matrix | None, more: sp.csr_matrix | None, size: int) -> sp.csr_matrix | None:
+    """Two signed layers as one, grown to `size` (either may be None)."""
+    if layer is None or more is None:
+        return more if layer is None else layer
+    return (_grown(layer, size) + _grown(more, size)).tocsr()
+
+
+def _merge_removed(matrix: sp.csr_matrix, removed: sp.csr_matrix, size: int) -> sp.csr_matrix:
+    """The matrix less forgotten shoppers' pairs (their -1s); pairs they
+    alone had are gone."""
+    merged = (_grown(matrix, size).astype(np.int32) + _grown(removed, size)).tocsr()
+    merged.eliminate_zeros()
+    return _compact(merged)
 
 
 def _merge(matrix: sp.csr_matrix, delta: dict[int, dict[int, int]], size: int) -> sp.csr_matrix:

@@ -10,6 +10,7 @@ events through this module too, so it never imports a service.
 """
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -49,6 +50,21 @@ def benchmark_stored_events(events) -> Iterator[StoredEvent]:
         )
 
 
+def tombstone_of(user_id: str) -> str:
+    """How a forgotten shopper is remembered: the SHA-256 of their id, so the
+    tombstone does not list who was forgotten in the clear (a short id can be
+    guessed back from its hash, so this is not anonymisation; it keeps a dump
+    of the store from being a list of names)."""
+    return hashlib.sha256(user_id.encode("utf-8")).hexdigest()
+
+
+def superseded(event_ts: int | None, forgotten_at: int | None) -> bool:
+    """Whether a forgotten shopper's event is from before they were forgotten
+    (or undated): such an event is never stored again. Events after it are a
+    returning shopper's, who starts over as a new one."""
+    return forgotten_at is not None and (event_ts is None or event_ts < forgotten_at)
+
+
 class EventStore(Protocol):
     """What the profile book needs from a store of shoppers' events.
 
@@ -56,16 +72,33 @@ class EventStore(Protocol):
     checks them against each one:
     - append() is all-or-nothing and durable once it returns;
     - an idempotency key is stored at most once, even by concurrent appends;
-    - a shopper's events come back in the order they were appended.
+    - a shopper's events come back in the order they were appended;
+    - forget_user() removes a shopper's events and every count made of them in
+      one atomic step, and leaves a tombstone (tombstone_of, with the time):
+      bulk_load() never stores a forgotten shopper's events, and append()
+      drops those dated before the forgetting (`superseded`).
     """
 
     def append(self, events: Sequence[StoredEvent]) -> list[bool]:
         """Store the batch atomically. Returns, per event, whether it was new
-        (False: its idempotency key was stored before, or earlier in the batch)."""
+        (False: its idempotency key was stored before, or earlier in the batch,
+        or it is a forgotten shopper's from before the forgetting)."""
         ...
 
     def bulk_load(self, events: Iterable[StoredEvent], total: int, marker: str, show_progress: bool = True) -> bool:
-        """Load a data set once: does nothing (False) when `marker` was loaded before."""
+        """Load a data set once: does nothing (False) when `marker` was loaded
+        before. Forgotten shoppers' events are skipped."""
+        ...
+
+    def forget_user(self, user_id: str, now: int | None = None) -> int:
+        """Remove the shopper's events (reviews, category and item counts with
+        them) atomically, and record the tombstone with `now` (default the
+        wall clock). Returns how many events were removed: 0 when there were
+        none, so calling it again is harmless."""
+        ...
+
+    def forgotten_at(self, user_id: str) -> int | None:
+        """When the shopper was last forgotten (unix seconds), or None."""
         ...
 
     def meta(self, key: str) -> str | None:

@@ -16,7 +16,9 @@ Keys, all under `prefix` (default "recsys:profile:"):
     idem            hash    idempotency key -> the sequence number of its event
     meta            hash    key -> value (bulk-load markers and progress)
     reviews         hash    sequence number -> review text (only events with one)
-    u:<user>:e      list    the shopper's events, oldest first: "<seq> <JSON>"
+    forgotten       hash    tombstone (events.tombstone_of: SHA-256 of a user id) -> unix
+                            seconds it was forgotten at (forget_user)
+    u:<user>:e      list    the shopper's events, oldest first: "<seq> <JSON>" (RECORD_FIELDS)
     u:<user>:c      hash    category -> the shopper's events in it
     u:<user>:s      zset    item_id -> the sequence number of its latest event
 
@@ -30,6 +32,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import replace
 
@@ -39,7 +42,7 @@ from redis.retry import Retry
 from tqdm import tqdm
 
 from recsys_core.errors import ResourceExhausted, Unavailable
-from recsys_core.store.events import EventStore, StoredEvent
+from recsys_core.store.events import EventStore, StoredEvent, tombstone_of
 
 log = logging.getLogger(__name__)
 
@@ -55,12 +58,14 @@ DURABILITY_LEVELS = ("always", "everysec", "unchecked")
 # milliseconds and costs one fsync.
 BULK_CHUNK = 1000
 
-# KEYS: seq, count, items, idem, meta, reviews, then per event: its shopper's
-#       events list, categories hash and seen zset.
+# KEYS: seq, count, items, idem, meta, reviews, forgotten, then per event: its
+#       shopper's events list, categories hash and seen zset.
 # ARGV: n, bulk marker ('' for append), events already loaded, total,
 #       then per event: idempotency key ('' for none), items field, category,
-#       item_id, record JSON, review ('' for none).
-# Returns per event 1 (stored) or 0 (duplicate key); when bulk loading,
+#       item_id, record JSON, review ('' for none), the shopper's tombstone,
+#       timestamp ('' for none).
+# Returns per event 1 (stored) or 0 (duplicate key, or a forgotten shopper's
+# event from before the forgetting: events.superseded); when bulk loading,
 # {-1} if the marker is loaded already, {-2, progress} if another loader moved on.
 # Nothing in the loop can fail once it started (the keys are ours and of the
 # right types, and without the allow-oom flag Redis refuses to start the script
@@ -80,11 +85,19 @@ if marker ~= '' then
 end
 local stored = {}
 local added = 0
+local any_forgotten = redis.call('EXISTS', KEYS[7]) == 1
 for i = 0, n - 1 do
-  local a = 5 + i * 6
-  local k = 7 + i * 3
+  local a = 5 + i * 8
+  local k = 8 + i * 3
   local key = ARGV[a]
-  if key ~= '' and redis.call('HEXISTS', KEYS[4], key) == 1 then
+  local superseded = false
+  if any_forgotten then
+    local at = redis.call('HGET', KEYS[7], ARGV[a + 6])
+    if at then
+      superseded = ARGV[a + 7] == '' or tonumber(ARGV[a + 7]) < tonumber(at)
+    end
+  end
+  if superseded or (key ~= '' and redis.call('HEXISTS', KEYS[4], key) == 1) then
     stored[i + 1] = 0
   else
     local seq = redis.call('INCR', KEYS[1])
@@ -116,6 +129,53 @@ if marker ~= '' then
 end
 return stored
 """
+
+
+# KEYS: count, items, reviews, forgotten, the shopper's events list,
+#       categories hash and seen zset, idem.
+# ARGV: how many records the caller read, the last of them ('' for none),
+#       forgotten_at, tombstone, m, then per record its items field, in order,
+#       then m pairs of an idempotency key and the sequence number it names.
+# The caller reads the records and makes the fields (they are JSON that Lua's
+# cjson would write differently) and takes the records' idempotency keys
+# (keys may well name the shopper); the
+# script removes them only if the list is still what was read (its length and
+# last record, whose sequence number is unique), else returns -1 and the
+# caller reads again. A key is dropped only while it still names its record.
+# Returns the number of events removed.
+_FORGET_SCRIPT = """#!lua
+local n = tonumber(ARGV[1])
+local m = tonumber(ARGV[5])
+if redis.call('LLEN', KEYS[5]) ~= n or (n > 0 and redis.call('LINDEX', KEYS[5], -1) ~= ARGV[2]) then
+  return -1
+end
+local records = redis.call('LRANGE', KEYS[5], 0, -1)
+for i = 1, n do
+  local field = ARGV[5 + i]
+  if redis.call('HINCRBY', KEYS[2], field, -1) <= 0 then
+    redis.call('HDEL', KEYS[2], field)
+  end
+  redis.call('HDEL', KEYS[3], string.match(records[i], '^(%d+) '))
+end
+for j = 0, m - 1 do
+  local key = ARGV[6 + n + 2 * j]
+  if redis.call('HGET', KEYS[8], key) == ARGV[7 + n + 2 * j] then
+    redis.call('HDEL', KEYS[8], key)
+  end
+end
+if n > 0 then
+  redis.call('DECRBY', KEYS[1], n)
+end
+redis.call('DEL', KEYS[5], KEYS[6], KEYS[7])
+local before = tonumber(redis.call('HGET', KEYS[4], ARGV[4]) or '0')
+if tonumber(ARGV[3]) > before then
+  redis.call('HSET', KEYS[4], ARGV[4], ARGV[3])
+end
+return n
+"""
+# Reads of the list and a script run: only when ingestion for this very
+# shopper keeps changing the list in between.
+FORGET_ATTEMPTS = 10
 
 
 class DurabilityError(RuntimeError):
@@ -170,10 +230,13 @@ def check_server(reader: redis.Redis, url: str, durability: str, setting: str, w
         raise DurabilityError(
             f"Redis at {_safe_url(url)} could lose acknowledged {what} ({setting}={durability}): {'; '.join(problems)}"
         )
+# Fields of an event record: item, category, type, ts, rating, amount, order,
+# idempotency key. Records written before events carried money have five,
+# before forget_user seven (no key: forgetting walks the `idem` hash for them).
+RECORD_FIELDS = 8
 
 
 def _event(user_id: str, payload: str) -> StoredEvent:
-    # Records written before events carried money have five fields.
     item_id, category, type_, ts, rating, *money = json.loads(payload)
     amount, order_id = (money + [None, None])[:2]
     return StoredEvent(user_id, item_id, category, type_, ts, rating, amount=amount, order_id=order_id)
@@ -202,7 +265,8 @@ class RedisEventStore(EventStore):
         # restart broke.
         self._reader = redis.Redis.from_url(url, retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), 3), **common)
         self._write = self._writer.register_script(_WRITE_SCRIPT)
-        self._fixed_keys = [prefix + name for name in ("seq", "count", "items", "idem", "meta", "reviews")]
+        self._forget = self._writer.register_script(_FORGET_SCRIPT)
+        self._fixed_keys = [prefix + name for name in ("seq", "count", "items", "idem", "meta", "reviews", "forgotten")]
         self._guard(self._check_server)
 
     def __repr__(self) -> str:
@@ -241,8 +305,10 @@ class RedisEventStore(EventStore):
                 _compact([e.item_id, e.category]),
                 e.category,
                 e.item_id,
-                _compact([e.item_id, e.category, e.type, e.ts, e.rating, e.amount, e.order_id]),
+                _compact([e.item_id, e.category, e.type, e.ts, e.rating, e.amount, e.order_id, e.idempotency_key]),
                 e.review or "",
+                tombstone_of(e.user_id),
+                "" if e.ts is None else int(e.ts),
             ))
         return self._guard(self._write, keys, args)
 
@@ -289,7 +355,50 @@ class RedisEventStore(EventStore):
                 if not chunk:
                     raise ValueError(f"bulk load of {marker}: {total} events announced, only {position} given")
 
+    def forget_user(self, user_id: str, now: int | None = None) -> int:
+        now = int(time.time()) if now is None else int(now)
+        events_key, categories_key, seen_key = self._user_keys(user_id)
+        keys = [self.prefix + name for name in ("count", "items", "reviews", "forgotten")]
+        keys += [events_key, categories_key, seen_key, self.prefix + "idem"]
+        for _ in range(FORGET_ATTEMPTS):
+            records = self._guard(self._reader.lrange, events_key, 0, -1)
+            fields, idempotency, unknown = [], [], set()
+            for record in records:
+                number, _, payload = record.partition(" ")
+                values = json.loads(payload)
+                fields.append(_compact(values[:2]))
+                if len(values) < RECORD_FIELDS:
+                    unknown.add(number)
+                elif values[RECORD_FIELDS - 1] is not None:
+                    idempotency.append((values[RECORD_FIELDS - 1], number))
+            idempotency += self._idempotency_keys(unknown)
+            removed = self._guard(self._forget, keys, [
+                len(records), records[-1] if records else "", now, tombstone_of(user_id), len(idempotency),
+                *fields, *itertools.chain.from_iterable(idempotency),
+            ])
+            if removed >= 0:
+                return int(removed)
+        raise Unavailable(f"forgetting a shopper: their events kept changing over {FORGET_ATTEMPTS} tries; retry")
+
+    def _idempotency_keys(self, numbers: set[str]) -> list[tuple[str, str]]:
+        """(key, sequence number) of the idempotency keys naming `numbers`,
+        records written before they carried their key: a walk over every key
+        (HSCAN, in steps that never block Redis for long), so it costs in
+        proportion to the keys stored; only for stores written by earlier versions."""
+        if not numbers or not self._guard(self._reader.exists, self.prefix + "idem"):
+            return []
+
+        def walk():
+            return [(key, seq) for key, seq in self._reader.hscan_iter(self.prefix + "idem", count=1000)
+                    if seq in numbers]
+
+        return self._guard(walk)
+
     # -- reading -----------------------------------------------------------
+
+    def forgotten_at(self, user_id: str) -> int | None:
+        at = self._guard(self._reader.hget, self.prefix + "forgotten", tombstone_of(user_id))
+        return None if at is None else int(at)
 
     def meta(self, key: str) -> str | None:
         return self._guard(self._reader.hget, self.prefix + "meta", key)

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 
 from tqdm import tqdm
 
-from recsys_core.store.events import EventStore, StoredEvent
+from recsys_core.store.events import EventStore, StoredEvent, superseded, tombstone_of
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
@@ -32,6 +33,7 @@ CREATE TABLE IF NOT EXISTS events (
 );
 CREATE INDEX IF NOT EXISTS events_by_user ON events (user_id, id);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS forgotten (user_hash TEXT PRIMARY KEY, forgotten_at INTEGER NOT NULL);
 """
 
 
@@ -61,6 +63,9 @@ class SQLiteEventStore(EventStore):
         self._write_lock = threading.Lock()
         self._local = threading.local()
         self._writer = self._connect()
+        # A forgotten shopper's rows are overwritten with zeros as they are
+        # deleted, not left readable in free pages of the file.
+        self._writer.execute("PRAGMA secure_delete=ON")
         self._writer.executescript(SCHEMA)
         self._migrate()
 
@@ -97,7 +102,13 @@ class SQLiteEventStore(EventStore):
             cursor = self._writer.cursor()
             cursor.execute("BEGIN IMMEDIATE")
             try:
+                # Read inside the transaction: a forget_user cannot slip in
+                # between the check and the insert.
+                tombstones = self._tombstones(cursor, {event.user_id for event in events})
                 for event in events:
+                    if tombstones and superseded(event.ts, tombstones.get(event.user_id)):
+                        stored.append(False)
+                        continue
                     cursor.execute(
                         INSERT_EVENT, _row(event),
                     )
@@ -116,14 +127,59 @@ class SQLiteEventStore(EventStore):
             cursor = self._writer.cursor()
             cursor.execute("BEGIN IMMEDIATE")
             try:
-                rows = map(_row, tqdm(events, total=total, desc="loading events", unit="event", disable=not show_progress))
-                cursor.executemany(INSERT_EVENT, rows)
+                forgotten = dict(cursor.execute("SELECT user_hash, forgotten_at FROM forgotten").fetchall())
+                shown = tqdm(events, total=total, desc="loading events", unit="event", disable=not show_progress)
+                if forgotten:
+                    shown = (e for e in shown if not superseded(e.ts, forgotten.get(tombstone_of(e.user_id))))
+                cursor.executemany(INSERT_EVENT, map(_row, shown))
                 cursor.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (f"loaded:{marker}", str(total)))
                 cursor.execute("COMMIT")
             except BaseException:
                 cursor.execute("ROLLBACK")
                 raise
         return True
+
+    @staticmethod
+    def _tombstones(cursor: sqlite3.Cursor, user_ids) -> dict[str, int]:
+        """user_id -> forgotten_at, for those of `user_ids` who were forgotten."""
+        if cursor.execute("SELECT 1 FROM forgotten LIMIT 1").fetchone() is None:
+            return {}
+        found = {}
+        for user_id in user_ids:
+            row = cursor.execute("SELECT forgotten_at FROM forgotten WHERE user_hash = ?",
+                                 (tombstone_of(user_id),)).fetchone()
+            if row is not None:
+                found[user_id] = row[0]
+        return found
+
+    def forget_user(self, user_id: str, now: int | None = None) -> int:
+        """One transaction: the events go (item counts and co-purchases are
+        read from them, so nothing else holds the shopper) and the tombstone
+        is written. Then a checkpoint, best effort, so the deleted rows'
+        pages leave the WAL file too."""
+        now = int(time.time()) if now is None else int(now)
+        with self._write_lock:
+            cursor = self._writer.cursor()
+            cursor.execute("BEGIN IMMEDIATE")
+            try:
+                removed = cursor.execute("DELETE FROM events WHERE user_id = ?", (user_id,)).rowcount
+                cursor.execute(
+                    "INSERT INTO forgotten (user_hash, forgotten_at) VALUES (?, ?) ON CONFLICT (user_hash)"
+                    " DO UPDATE SET forgotten_at = MAX(forgotten_at, excluded.forgotten_at)",
+                    (tombstone_of(user_id), now),
+                )
+                cursor.execute("COMMIT")
+            except BaseException:
+                cursor.execute("ROLLBACK")
+                raise
+            # Readers may hold old pages: then the WAL is overwritten later, as usual.
+            cursor.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        return removed
+
+    def forgotten_at(self, user_id: str) -> int | None:
+        row = self._reader().execute("SELECT forgotten_at FROM forgotten WHERE user_hash = ?",
+                                     (tombstone_of(user_id),)).fetchone()
+        return None if row is None else row[0]
 
     def meta(self, key: str) -> str | None:
         row = self._reader().execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()

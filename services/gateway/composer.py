@@ -334,6 +334,13 @@ class Composer:
             profile_pb2.GetProfileRequest(user_id=user_id, history_limit=history_limit), timeout=deadline.left()
         )
 
+    async def delete_user(self, user_id: str, deadline: Deadline) -> profile_pb2.DeleteUserResponse:
+        """Forget the shopper: the profile service holds everything made of
+        their events (the gateway and the embedding service keep nothing of
+        a shopper between calls)."""
+        rq.check_user_id(user_id)
+        return await self.profile.DeleteUser(profile_pb2.DeleteUserRequest(user_id=user_id), timeout=deadline.left())
+
     async def similar_items(self, item_id: str, k: int, categories: list[str], deadline: Deadline) -> list[Recommendation]:
         rq.check_item_id(item_id, "item_id")
         rq.check_k(k)

@@ -8,6 +8,7 @@ RESOURCE_EXHAUSTED as for every other server.
 from __future__ import annotations
 
 from recsys.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from recsys_core.rpc.access import audit
 from recsys_core.rpc.grpc_util import Deadline, Readiness, handle_errors
 from recsys_core.rpc.runtime import BlockingPool
 from services.gateway.composer import COLD_START, FALLBACK, PERSONALISED, Composer, Recommendation
@@ -57,6 +58,19 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             return await self.composer.shopper_profile(
                 request.user_id, request.history_limit, Deadline(context, self.config.request_timeout_seconds),
             )
+
+    @handle_errors
+    async def DeleteUser(self, request, context):
+        self.readiness.require()
+        with self.blocking.admitted():
+            reply = await self.composer.delete_user(
+                request.user_id, Deadline(context, self.config.request_timeout_seconds),
+            )
+        # The profile service logs the gateway's certificate as the caller;
+        # this line names who asked the gateway.
+        audit("gateway", "DeleteUser", user_id=reply.user_id, events_removed=reply.events_removed,
+              items_affected=reply.items_affected)
+        return reply
 
     @handle_errors
     async def SimilarItems(self, request, context):

@@ -29,6 +29,24 @@ class Popularity:
             if self._ranked is not None:
                 self._rank(item_id)
 
+    def remove(self, item_id: str, events: int) -> None:
+        """Takes `events` off the item's count (a forgotten shopper's); an
+        item left with none is gone, as if it never had any, and so is a
+        category left without items."""
+        with self._lock:
+            if item_id not in self._counts:
+                return
+            if self._ranked is not None:
+                self._unrank(item_id)
+            left = self._counts[item_id] - events
+            if left > 0:
+                self._counts[item_id] = left
+                if self._ranked is not None:
+                    self._rank(item_id)
+            else:
+                del self._counts[item_id]
+                del self._category[item_id]
+
     def add_many(self, rows: Iterable[tuple[str, str, int]]) -> None:
         # Many rows at once: one sort on the next read is cheaper than moving
         # each item.

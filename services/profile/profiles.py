@@ -55,6 +55,20 @@ class ItemInfo:
     category_path: str = ""
 
 
+# Locks that keep ingestion and forgetting of one shopper apart, by a hash of
+# the id: a few, so that unrelated shoppers' batches rarely wait on each other.
+SHOPPER_LOCKS = 64
+
+
+@dataclass(frozen=True)
+class Forgotten:
+    """What forgetting a shopper removed."""
+
+    user_id: str
+    events: int
+    items: int
+
+
 @dataclass(frozen=True)
 class ShopperSignals:
     profile: "Profile"
@@ -177,6 +191,14 @@ class ProfileBook:
         self._profiles: OrderedDict[str, Profile] = OrderedDict()
         self._profile_cache_size = profile_cache_size
         self._cache_lock = threading.Lock()
+        # Bumped by every forget: a profile read from the store while a
+        # shopper was being forgotten is not cached (it may be theirs).
+        self._forgets = 0
+        self._shopper_locks = [threading.Lock() for _ in range(SHOPPER_LOCKS)]
+
+    def _locks_of(self, user_ids) -> list[threading.Lock]:
+        # In one order, so two batches never wait on each other's locks.
+        return [self._shopper_locks[n] for n in sorted({hash(u) % SHOPPER_LOCKS for u in user_ids})]
 
     # -- ingestion --------------------------------------------------------
 
@@ -235,11 +257,20 @@ class ProfileBook:
             )
             for e in events
         ]
-        stored = self.store.append(rows)
-        new_rows = [row for row, is_new in zip(rows, stored) if is_new]
-        for row in new_rows:
-            self.popularity.add(row.item_id, row.category)
-            self.co_purchases.add(row.user_id, row.item_id, row.category)
+        locks = self._locks_of(e.user_id for e in events)
+        for lock in locks:
+            lock.acquire()
+        try:
+            # The store and the counts in memory change together for a shopper
+            # being forgotten meanwhile (forget holds their lock).
+            stored = self.store.append(rows)
+            new_rows = [row for row, is_new in zip(rows, stored) if is_new]
+            for row in new_rows:
+                self.popularity.add(row.item_id, row.category)
+                self.co_purchases.add(row.user_id, row.item_id, row.category)
+        finally:
+            for lock in reversed(locks):
+                lock.release()
         with self._cache_lock:
             for row in new_rows:
                 self._clocks[row.category] = max(self._clocks.get(row.category, row.ts), row.ts)
@@ -248,6 +279,40 @@ class ProfileBook:
                 self._profiles.pop(user_id, None)
         accepted = sum(stored)
         return accepted, len(stored) - accepted
+
+    # -- forgetting ---------------------------------------------------------
+
+    def forget(self, user_id: str) -> Forgotten:
+        """Removes the shopper's events from the store (with a tombstone, so
+        no bulk load brings them back) and everything in memory made of them:
+        their share of item popularity and co-purchase counts, their cached
+        profile and the cached readings of their reviews. Idempotent: a
+        shopper with no events left gives Forgotten(events=0)."""
+        check_user_id(user_id)
+        [lock] = self._locks_of([user_id])
+        with lock:
+            events = self.store.user_events(user_id)
+            reviews = self.store.user_reviews(user_id, len(events)) if events else []
+            with self._cache_lock:
+                self._forgets += 1
+            removed = self.store.forget_user(user_id)
+            per_item: dict[str, int] = {}
+            for event in events:
+                per_item[event.item_id] = per_item.get(event.item_id, 0) + 1
+            for item_id, count in per_item.items():
+                self.popularity.remove(item_id, count)
+            self.co_purchases.remove_user(user_id)
+            with self._cache_lock:
+                self._forgets += 1
+                self._profiles.pop(user_id, None)
+                for review in reviews:
+                    self._opinions.pop(review.review, None)
+        if removed != len(events):
+            # Under the shopper's lock nothing else writes their events, so
+            # only another process on the same store (a second replica) can
+            # make these differ; the counts in memory followed what was read.
+            log.warning("forgetting a shopper: read %d events, the store removed %d", len(events), removed)
+        return Forgotten(user_id=user_id, events=removed, items=len(per_item))
 
     # -- reading ------------------------------------------------------------
 
@@ -321,6 +386,7 @@ class ProfileBook:
             cached = self._profiles.get(user_id)
             if cached is not None:
                 self._profiles.move_to_end(user_id)
+            forgets = self._forgets
         if cached is not None:
             return self._with_current_value(cached)
         events = self.store.user_events(user_id, limit=self.interest_window)
@@ -348,6 +414,8 @@ class ProfileBook:
             preferences=review_preferences,
         )
         with self._cache_lock:
+            if self._forgets != forgets:
+                return profile  # read while someone was being forgotten: not kept
             self._profiles[user_id] = profile
             while len(self._profiles) > self._profile_cache_size:
                 self._profiles.popitem(last=False)

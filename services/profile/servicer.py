@@ -3,6 +3,7 @@ blocking pool (the store, the embedding lookups and the maths block), build the 
 from __future__ import annotations
 
 from recsys.profile.v1 import profile_pb2, profile_pb2_grpc
+from recsys_core.rpc.access import audit
 from recsys_core.rpc.grpc_util import Readiness, handle_errors, Deadline
 from recsys_core.rpc.runtime import BlockingPool
 from recsys_core.rpc.messages import to_vector
@@ -180,3 +181,12 @@ class ProfileServicer(profile_pb2_grpc.ProfileServiceServicer):
     async def GetItemPopularity(self, request, context):
         counts, max_count = await self.blocking.run(self.book.item_popularity, list(request.item_ids))
         return profile_pb2.GetItemPopularityResponse(events=counts, max_events=max_count)
+
+    @handle_errors
+    async def DeleteUser(self, request, context):
+        book = self.book
+        forgotten = await self.blocking.run(book.forget, request.user_id)
+        audit("profile", "DeleteUser", user_id=forgotten.user_id, events_removed=forgotten.events,
+              items_affected=forgotten.items)
+        return profile_pb2.DeleteUserResponse(user_id=forgotten.user_id, events_removed=forgotten.events,
+                                              items_affected=forgotten.items)
