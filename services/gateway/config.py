@@ -38,6 +38,11 @@ class GatewayConfig:
     # How long to wait at start for the embedding service's catalogue.
     startup_timeout_seconds: float = 900.0
     categories_refresh_seconds: float = 30.0
+    # The last resort when the profile service is down: its most popular
+    # items (with titles) as last fetched, refreshed in the background at
+    # most this often while Recommend calls come in.
+    popular_cache_items: int = 500
+    popular_refresh_seconds: float = 60.0
     # The largest request the public port reads: a Recommend is a few hundred
     # bytes, and 100 requests of 8 MiB once took the gateway from 61 to 870 MB.
     max_request_bytes: int = 4 * 1024 * 1024
@@ -64,4 +69,6 @@ class GatewayConfig:
             max_request_bytes=env.int("MAX_REQUEST_BYTES", cls.max_request_bytes, minimum=1024),
             startup_timeout_seconds=env.float("STARTUP_TIMEOUT_SECONDS", cls.startup_timeout_seconds, minimum=1),
             categories_refresh_seconds=env.float("CATEGORIES_REFRESH_SECONDS", cls.categories_refresh_seconds, minimum=0),
+            popular_cache_items=env.int("POPULAR_CACHE_ITEMS", cls.popular_cache_items, minimum=0, maximum=1000),
+            popular_refresh_seconds=env.float("POPULAR_REFRESH_SECONDS", cls.popular_refresh_seconds, minimum=0.1),
         )
