@@ -23,8 +23,11 @@ def cmd_serve(args) -> int:
     from recsys_cli.stack import serve
 
     transport = "plaintext" if args.insecure else "mtls-plaintext-gateway" if args.plaintext_gateway else "mtls"
+    if args.replicas < 1:
+        print(f"recsys serve: --replicas must be at least 1, got {args.replicas}", file=sys.stderr)
+        return 2
     return serve(args.data, args.port, args.encoder, args.model, args.retail, show_example=not args.no_example,
-                 transport=transport)
+                 transport=transport, replicas=args.replicas)
 
 
 
@@ -86,6 +89,9 @@ def main(argv: list[str] | None = None) -> int:
                        help="the gateway's port in plaintext (mTLS between services stays): grpcurl -plaintext")
     serve.add_argument("--insecure", action="store_true",
                        help="no TLS anywhere (development only; callers' identities are not verified)")
+    serve.add_argument("--replicas", type=int, default=1,
+                       help="processes of each service, balanced by their callers; any that exits is restarted "
+                            "(profile stays 1 on SQLite; docs/operations.md, \"Replicas and supervision locally\")")
     serve.set_defaults(run=cmd_serve)
     # Security material (docs/operations.md, "Security"); these parse their own arguments.
     commands.add_parser("certs", add_help=False, help="make a CA and per-service certificates (recsys certs --out DIR)")

@@ -307,7 +307,7 @@ class LocalStack:
 
 
 def serve(data: Path, port: int, encoder: str, model_dir: Path | None, retail: Path | None,
-          show_example: bool, transport: str = "mtls") -> int:
+          show_example: bool, transport: str = "mtls", replicas: int = 1) -> int:
     """`recsys serve`: the whole stack on this machine until SIGTERM or Ctrl-C,
     with an example shopper's recommendations and profile once it is up."""
     from recsys_cli.client import call_profile, call_recommend, example_shopper, print_profile, print_recommendations
@@ -325,7 +325,8 @@ def serve(data: Path, port: int, encoder: str, model_dir: Path | None, retail: P
             return 2
     stack = LocalStack(data_dir=data_dir, gateway_port=port, encoder=encoder,
                        model_dir=model.path if model else None,
-                       retail_dir=Path(retail).resolve() if retail else None, transport=transport)
+                       retail_dir=Path(retail).resolve() if retail else None, transport=transport,
+                       replicas=replicas)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
@@ -342,6 +343,11 @@ def serve(data: Path, port: int, encoder: str, model_dir: Path | None, retail: P
         return 1
     gateway = stack.addresses["gateway"]
     print(f"\nall services SERVING; gateway at {gateway}", flush=True)
+    if replicas > 1:
+        print(f"replicas (each restarted if it exits): " + ", ".join(
+            f"{name} {len(stack.children(name))}" for name in SERVICES) +
+            ("" if stack.replica_count("profile") == replicas else
+             " (profile: one process, its SQLite store has one writer; PROFILE_STORE=redis shares one)"), flush=True)
     tls = stack.security.directory
     print(f"transport: {stack.describe_transport()}", flush=True)
     print(f"certificates: {tls} (CA {tls / 'ca.crt'}); admin token: {tls / ADMIN_TOKEN_FILE} "

@@ -20,18 +20,37 @@ import logging
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-
-from recsys_core.models.triton import _die_with_parent
 
 log = logging.getLogger(__name__)
 
 BACKOFF_SECONDS = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
 STABLE_SECONDS = 30.0
 POLL_SECONDS = 0.05
+
+
+# The child sets PR_SET_PDEATHSIG itself, then execs the command (the
+# setting survives exec): a preexec_fn would run Python between fork and
+# exec in a copy of this process, whose other threads (gRPC's, the load's)
+# may hold locks; that child crashed with SIGSEGV within 11 ms here.
+_DIE_WITH_PARENT = (
+    "import ctypes, os, signal, sys\n"
+    "ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)\n"
+    "if os.getppid() != int(sys.argv[1]):\n"
+    "    sys.exit(143)\n"  # the parent is already gone
+    "os.execv(sys.argv[2], sys.argv[2:])\n"
+)
+
+
+def dying_with_parent(command: Sequence[str]) -> list[str]:
+    """`command`, run so that it gets SIGTERM when the thread that started it ends (Linux)."""
+    if not sys.platform.startswith("linux"):
+        return list(command)
+    return [sys.executable, "-c", _DIE_WITH_PARENT, str(os.getpid()), *command]
 
 
 def backoff(failures: int) -> float:
@@ -73,8 +92,8 @@ class Child:
         return self.process.pid if self.process is not None else None
 
     def spawn(self) -> None:
-        self.process = subprocess.Popen(self.command, env=self.env, cwd=self.cwd, stdin=subprocess.DEVNULL,
-                                        start_new_session=True, preexec_fn=_die_with_parent)
+        self.process = subprocess.Popen(dying_with_parent(self.command), env=self.env, cwd=self.cwd,
+                                        stdin=subprocess.DEVNULL, start_new_session=True)
         self.started_at = time.monotonic()
 
     def running(self) -> bool:
@@ -144,6 +163,8 @@ class Supervisor:
         # threads end, since a child dies with the thread that started it.
         self._stopped = threading.Event()
         self._restarting: set[int] = set()
+        self._held: set[int] = set()
+        self._released: set[int] = set()
         self._restart_on_exit = threading.Event()
         self._threads: list[threading.Thread] = []
         self._locks: dict[int, threading.Lock] = {}
@@ -189,7 +210,11 @@ class Supervisor:
                 return
             code = child.process.returncode if child.process is not None else None
             child.cleanup()
-            planned = id(child) in self._restarting
+            while id(child) in self._held:
+                if self._stopping.wait(POLL_SECONDS):
+                    return
+            planned = id(child) in self._restarting or id(child) in self._released
+            self._released.discard(id(child))
             if not planned and not self._restart_on_exit.is_set():
                 log.error("%s (pid %s) exited with code %s while starting", child.name, child.pid, code)
                 return
@@ -225,6 +250,18 @@ class Supervisor:
         child.terminate()
         if not child.wait(grace):
             child.kill()
+
+    def hold(self, child: Child, grace: float = 15.0) -> None:
+        """Stops a child and keeps it stopped (a stage taken down) until release()."""
+        self._held.add(id(child))
+        child.terminate()
+        if not child.wait(grace):
+            child.kill()
+
+    def release(self, child: Child) -> None:
+        """Starts a held child again, at once."""
+        self._released.add(id(child))
+        self._held.discard(id(child))
 
     def stop(self, grace: float = 15.0) -> None:
         """SIGTERM tier by tier (gateway first, Triton last), each drained

@@ -54,6 +54,8 @@ PERSONALISED, COLD_START, FALLBACK = "personalised", "cold_start", "fallback"
 # Stages a reply can go without (gateway.v1.Stage).
 PROFILE, EMBEDDING, RANKING = "profile", "embedding", "ranking"
 MAX_CO_PURCHASED = 1000  # GetShopperSignals' limit
+WARN_EVERY_SECONDS = 5.0
+_last_warned: dict[str, float] = {}
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,14 @@ class Recommendation:
 
 def is_unavailable(error: BaseException) -> bool:
     return status_code(error) == grpc.StatusCode.UNAVAILABLE
+
+
+def describe(error: grpc.RpcError) -> str:
+    """One line for the log: the status and its details."""
+    code = status_code(error)
+    if code is None:
+        return str(error)
+    return f"{code.name}: {error.details()}"
 
 
 def popular_recommendations(items, titles) -> list[Recommendation]:
@@ -197,7 +207,7 @@ class Composer:
                 timeout=max(deadline - time.monotonic(), 0.05))
             titles = {entry.item.item_id: entry.item.title for entry in found.items}
         except grpc.RpcError as error:
-            log.warning("popular items cached without titles: %s", error)
+            log.warning("popular items cached without titles: %s", describe(error))
         if not titles and self._popular_cache:
             titles = {p.item_id: title for p, title in self._popular_cache}
         self._popular_cache = [(p, titles.get(p.item_id, "")) for p in reply.items]
@@ -217,7 +227,7 @@ class Composer:
                 await self.refresh_popular(timeout=2.0)
             except grpc.RpcError as error:
                 log.warning("could not refresh the popular-items cache, keeping %d items: %s",
-                            len(self._popular_cache), error)
+                            len(self._popular_cache), describe(error))
             finally:
                 # A failed refresh is tried again after a short pause, not at once on the next call.
                 self._popular_fetched = max(self._popular_fetched,
@@ -241,7 +251,12 @@ class Composer:
         except grpc.RpcError as error:
             if not is_unavailable(error):
                 raise
-            log.warning("%s unavailable, answering without it: %s", stage, error.details() if isinstance(error, grpc.aio.AioRpcError) else error)
+            # One line per stage every few seconds, not one per call of a busy gateway.
+            now = time.monotonic()
+            if now - _last_warned.get(stage, float("-inf")) >= WARN_EVERY_SECONDS:
+                _last_warned[stage] = now
+                log.warning("%s unavailable, answering without it (this warning at most every %.0f s): %s",
+                            stage, WARN_EVERY_SECONDS, describe(error))
             if stage not in skipped:
                 skipped.append(stage)
             return None

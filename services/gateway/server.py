@@ -12,7 +12,7 @@ from recsys.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from recsys_core.rpc.envconfig import ConfigError
 from recsys_core.rpc.grpc_util import ManagedServer, build_server, serve_main
 from recsys_core.rpc.runtime import EventLoopThread
-from services.gateway.composer import Composer
+from services.gateway.composer import Composer, describe
 from services.gateway.config import GatewayConfig
 from services.gateway.servicer import PATHS, STAGES, GatewayServicer
 
@@ -43,7 +43,7 @@ def wait_for_catalogue(composer: Composer, config: GatewayConfig, loop: EventLoo
         count = loop.run(lambda: composer.refresh_popular(timeout=2.0))
         log.info("%d popular items cached", count)
     except grpc.RpcError as error:
-        log.warning("no popular items cached yet (the profile service did not answer): %s", error)
+        log.warning("no popular items cached yet (the profile service did not answer): %s", describe(error))
 
 
 def register_metrics(server: ManagedServer) -> None:
