@@ -248,7 +248,7 @@ def stages_down(stack: LocalStack, stages=STAGES, hold: float = 10.0, settle: fl
         for child in children:
             stack.supervisor.release(child)
         event.recovery = max(wait_back(stack, c, r, released) for c, r in zip(children, restarts))
-        event.ended = time.time()
+        event.figures["serving"] = event.ended = time.time()
         events.append(event)
     time.sleep(settle)
     return events
@@ -271,15 +271,14 @@ def summarise(events: list[Event], calls: list[Call]) -> list[Event]:
                              in_flight_at_start=len(in_flight),
                              ok_share=(len(during) - len(failed)) / len(during) if during else None)
         stage = STAGE_NUMBERS.get(event.target)
-        if event.scenario == "stage-down" and stage is not None and "released" in event.figures:
-            released = event.figures["released"]
-            skipped = [c for c in calls if c.started >= released and c.code == "OK" and stage in c.skipped]
-            whole = [c for c in calls if c.started >= released and c.code == "OK" and stage not in c.skipped]
+        if event.scenario == "stage-down" and stage is not None and "serving" in event.figures:
+            # Recovery counts from the stage SERVING again (its start-up, loading
+            # included, is the supervisor's "back" column).
+            serving = event.figures["serving"]
             event.figures["degraded_replies"] = sum(1 for c in during if c.code == "OK" and stage in c.skipped)
-            if whole:
-                # The last degraded reply after the release: when the stage was used again.
-                last = max((c.started for c in skipped), default=released)
-                event.figures["whole_again_after"] = max(last - released, 0.0)
+            if any(c.started >= serving and c.code == "OK" and stage not in c.skipped for c in calls):
+                last = max((c.started for c in calls if c.started >= serving and stage in c.skipped), default=serving)
+                event.figures["whole_again_after"] = last - serving
     return events
 
 
@@ -295,7 +294,7 @@ def print_table(events: list[Event]) -> None:
         if "degraded_replies" in f:
             notes.append(f"{f['degraded_replies']} replies without it")
         if "whole_again_after" in f:
-            notes.append(f"whole again {f['whole_again_after']:.2f} s after release")
+            notes.append(f"whole again {f['whole_again_after']:.2f} s after it was SERVING")
         back = f"{e.recovery:.2f}" if e.recovery is not None else "-"
         print(f"{e.scenario:<11} {e.target:<10} {back:>8} {f['calls']:>6} {f['failed']:>6} "
               f"{f['in_flight_at_start']:>9} {share:>7}  {'; '.join(notes)}")

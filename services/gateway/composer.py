@@ -171,6 +171,8 @@ class Composer:
         return self._ranking
 
     async def close(self) -> None:
+        if self._popular_refresh is not None:
+            self._popular_refresh.cancel()
         channels, self._channels = self._channels, []
         await asyncio.gather(*(channel.close() for channel in channels))
 
@@ -187,7 +189,7 @@ class Composer:
             try:
                 return await self.refresh_categories(min(deadline.left(), 1.0))
             except grpc.RpcError as error:
-                log.warning("could not refresh categories, keeping the cached list: %s", error)
+                log.warning("could not refresh categories, keeping the cached list: %s", describe(error))
         return self._categories
 
     # -- popular items, cached: the last resort -------------------------------
