@@ -68,6 +68,7 @@ class Call:
     ended: float
     code: str  # "OK" or the status code's name
     skipped: tuple[int, ...] = ()
+    error: str = ""
 
 
 @dataclass
@@ -129,7 +130,7 @@ class PythonLoad:
                     reply = stub.Recommend(request, timeout=CALL_TIMEOUT)
                     call = Call(started, time.time(), "OK", tuple(reply.skipped_stages))
                 except grpc.RpcError as error:
-                    call = Call(started, time.time(), error.code().name)
+                    call = Call(started, time.time(), error.code().name, error=error.details() or "")
                 with self._lock:
                     self.calls.append(call)
 
@@ -172,7 +173,7 @@ class GhzLoad:
         for detail in report.get("details") or []:
             ended = datetime.fromisoformat(detail["timestamp"].replace("Z", "+00:00")).timestamp()
             code = "OK" if detail.get("status") == "OK" else (detail.get("status") or "ERROR")
-            calls.append(Call(ended - detail["latency"] / 1e9, ended, code))
+            calls.append(Call(ended - detail["latency"] / 1e9, ended, code, error=detail.get("error") or ""))
         return sorted(calls, key=lambda c: c.started)
 
 
@@ -268,6 +269,7 @@ def summarise(events: list[Event], calls: list[Call]) -> list[Event]:
         in_flight = [c for c in calls if c.started < event.began < c.ended]
         event.figures.update(calls=len(during), failed=len(failed),
                              failed_codes=sorted({c.code for c in failed}),
+                             errors=sorted({c.error for c in failed})[:5],
                              in_flight_at_start=len(in_flight),
                              ok_share=(len(during) - len(failed)) / len(during) if during else None)
         stage = STAGE_NUMBERS.get(event.target)
@@ -290,7 +292,7 @@ def print_table(events: list[Event]) -> None:
         share = f"{100 * f['ok_share']:.2f}" if f.get("ok_share") is not None else "-"
         notes = []
         if f.get("failed_codes"):
-            notes.append("codes " + ",".join(f["failed_codes"]))
+            notes.append("codes " + ",".join(f["failed_codes"]) + ": " + " | ".join(f.get("errors", []))[:200])
         if "degraded_replies" in f:
             notes.append(f"{f['degraded_replies']} replies without it")
         if "whole_again_after" in f:

@@ -242,6 +242,11 @@ class LocalStack:
         return transport.channel(child.address, child.name, CHANNEL_OPTIONS)
 
     def wait_serving(self, child: Child, timeout: float) -> None:
+        """Until `child` answers SERVING; Triton's restart itself waits for its models."""
+        if isinstance(child, TritonChild):
+            if not child.server.is_running():
+                raise RuntimeError(f"Triton at {child.address} is not running")
+            return
         wait_until_serving(child.health_address, timeout, child.process, channel=lambda: self.replica_channel(child))
 
     def start(self, timeout: float = 1800.0) -> None:

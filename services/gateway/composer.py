@@ -189,6 +189,8 @@ class Composer:
             try:
                 return await self.refresh_categories(min(deadline.left(), 1.0))
             except grpc.RpcError as error:
+                # Tried again in a second, not by every call while embedding is down.
+                self._categories_fetched = time.monotonic() - self.config.categories_refresh_seconds + 1.0
                 log.warning("could not refresh categories, keeping the cached list: %s", describe(error))
         return self._categories
 
