@@ -59,9 +59,14 @@ RETRY_POLICY = {
     # connection broke before it answered. RESOURCE_EXHAUSTED: our servers
     # answer it at once, before doing any work, when their blocking pool is
     # full (recsys_core/rpc/runtime.py), so another replica may well have
-    # room. Nothing else: DEADLINE_EXCEEDED has no time left, and the other
-    # codes would be answered the same by every replica.
-    "retryableStatusCodes": ["UNAVAILABLE", "RESOURCE_EXHAUSTED"],
+    # room. CANCELLED from the server: a replica that stops (drain, rolling
+    # restart) cancels the calls that reached it but no handler yet, which a
+    # read may safely send again (a rolling restart of embedding under ghz
+    # load failed one Recommend this way, docs/operations.md "Chaos under
+    # load"); a call the client cancelled is never resent. Nothing else:
+    # DEADLINE_EXCEEDED has no time left, and the other codes would be
+    # answered the same by every replica.
+    "retryableStatusCodes": ["UNAVAILABLE", "RESOURCE_EXHAUSTED", "CANCELLED"],
 }
 
 # Resends stop while more than half of a channel's attempts fail: each

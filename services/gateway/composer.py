@@ -68,7 +68,10 @@ class Recommendation:
 
 
 def is_unavailable(error: BaseException) -> bool:
-    return status_code(error) == grpc.StatusCode.UNAVAILABLE
+    """The callee could not answer: down, draining, or restarting. CANCELLED
+    counts: a gRPC error (not asyncio's cancellation of our own handler) with
+    that code comes from a replica that cancelled the call as it stopped."""
+    return status_code(error) in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
 
 
 def describe(error: grpc.RpcError) -> str:
