@@ -12,6 +12,7 @@ import pytest
 from recsys.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from recsys_cli.stack import free_port
 from tests.conftest import gateway_channel, secured, start
+from tests.test_metrics import scrape, value
 
 pytestmark = pytest.mark.integration
 
@@ -64,6 +65,10 @@ def test_profile_down_answers_from_what_is_left_and_recovers_within_5s(stack, ga
             assert reply.path == FALLBACK and list(reply.skipped_stages) == [gateway_pb2.STAGE_PROFILE]
             assert len(reply.items) == 10 and context not in {i.item_id for i in reply.items}
             assert all(i.reason for i in reply.items)
+            # Counted by stage, and each stage shown from the start.
+            samples = scrape(gateway.metrics_port)
+            assert value(samples, "recsys_recommend_skipped_stages_total", stage="profile") == 2
+            assert ("recsys_recommend_skipped_stages_total", (("stage", "ranking"),)) in samples
 
             time.sleep(3)
             profile = start_profile(port, store, stack.embedding)
