@@ -260,11 +260,16 @@ STAGE_NUMBERS = {"embedding": gateway_pb2.STAGE_EMBEDDING, "ranking": gateway_pb
 
 
 def summarise(events: list[Event], calls: list[Call], replies_known: bool = True) -> list[Event]:
-    """Each event's figures: calls sent during it (and SETTLE after), failed
-    ones, those in flight at its start; for a stage, when replies were whole again."""
+    """Each event's figures: calls that ended during it (and up to SETTLE
+    after, but before the next action), failed ones, those in flight at its
+    start; for a stage, when replies were whole again."""
+    starts = sorted(e.began for e in events)
     for event in events:
-        until = event.ended + SETTLE_SECONDS
-        during = [c for c in calls if event.began <= c.started <= until]
+        # Until SETTLE after it, but never into the next action's window.
+        later = [began for began in starts if began > event.began]
+        until = min(event.ended + SETTLE_SECONDS, later[0] if later else float("inf"))
+        # By when a call ended: one in flight at the action fails after it.
+        during = [c for c in calls if event.began <= c.ended < until]
         failed = [c for c in during if c.code != "OK"]
         in_flight = [c for c in calls if c.started < event.began < c.ended]
         event.figures.update(calls=len(during), failed=len(failed),
