@@ -23,9 +23,13 @@ def cmd_serve(args) -> int:
     from recsys_cli.stack import serve
 
     transport = "plaintext" if args.insecure else "mtls-plaintext-gateway" if args.plaintext_gateway else "mtls"
+    if args.replicas < 1:
+        print(f"recsys serve: --replicas must be at least 1, got {args.replicas}", file=sys.stderr)
+        return 2
     return serve(args.data, args.port, args.encoder, args.model, args.retail, show_example=not args.no_example,
                  transport=transport, tracing=args.tracing, tracing_endpoint=args.tracing_endpoint,
-                 tracing_sample_ratio=args.tracing_sample_ratio, triton_tracing_url=args.tracing_triton)
+                 tracing_sample_ratio=args.tracing_sample_ratio, triton_tracing_url=args.tracing_triton,
+                 replicas=args.replicas)
 
 
 def sample_ratio(value: str) -> float:
@@ -114,6 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--tracing-triton", default="", metavar="URL",
                        help="Triton's own spans too, as OTLP/HTTP to URL, e.g. http://localhost:4318/v1/traces "
                             "(they continue the embedding service's trace)")
+    serve.add_argument("--replicas", type=int, default=1,
+                       help="processes of each service, balanced by their callers; any that exits is restarted "
+                            "(profile stays 1 on SQLite; docs/operations.md, \"Replicas and supervision locally\")")
     serve.set_defaults(run=cmd_serve)
     # Security material (docs/operations.md, "Security"); these parse their own arguments.
     commands.add_parser("certs", add_help=False, help="make a CA and per-service certificates (recsys certs --out DIR)")

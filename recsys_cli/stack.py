@@ -17,12 +17,16 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from recsys_cli.certs import ADMIN_TOKEN_FILE, LocalSecurity
+from recsys_cli.supervisor import Child, Supervisor, TritonChild
 from recsys_core.data import paths
 from recsys_core.rpc.grpc_util import CHANNEL_OPTIONS
 from recsys_core.rpc.transport import Security, client_channel
 
 log = logging.getLogger(__name__)
 SERVICES = ("embedding", "profile", "ranking", "gateway")
+# Stop order (supervisor tiers): the gateway first, so no new work reaches
+# the others while they drain; Triton last, as embedding may still need it.
+TIERS = {"gateway": 0, "embedding": 1, "profile": 1, "ranking": 1, "triton": 2}
 TRANSPORTS = ("mtls", "mtls-plaintext-gateway", "plaintext")
 # Which shoppers belong to which tenant: retail customers and the Amazon benchmark's.
 LOCAL_TENANTS = "retail=retail-,amazon="
@@ -86,8 +90,20 @@ class LocalStack:
     # continue the embedding service's trace; empty: Triton traces nothing.
     triton_tracing_url: str = ""
     extra_env: dict[str, str] = field(default_factory=dict)
-    processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+    # Processes per service (`recsys serve --replicas N`): each on a port of
+    # its own, its callers balancing over all of them with round_robin on a
+    # static list (`ipv4:127.0.0.1:p1,127.0.0.1:p2`); the gateway's replicas
+    # share the public port (SO_REUSEPORT, which gRPC servers set: the kernel
+    # spreads connections over them as a Service would) and each answers
+    # health on a plaintext port of its own. profile runs one process unless
+    # its store is shared (PROFILE_STORE=redis): SQLite has one writer.
+    replicas: int = 1
+    # Restart a service that exits (with backoff: recsys_cli/supervisor.py).
+    restart: bool = True
     addresses: dict[str, str] = field(default_factory=dict)
+    # Each replica's own address (its health address for the gateway).
+    replica_addresses: dict[str, list[str]] = field(default_factory=dict)
+    supervisor: Supervisor = field(default_factory=Supervisor)
     triton: object | None = None
     serving_repo: Path | None = None
     security: LocalSecurity | None = None
@@ -134,12 +150,32 @@ class LocalStack:
         return security.ghz_args(name, token=self.admin_token,
                                  plaintext=(self.transport == "plaintext" or name == "gateway" and not self.gateway_tls))
 
+    def replica_count(self, name: str) -> int:
+        if name == "profile":
+            store = self.extra_env.get("PROFILE_STORE", os.environ.get("PROFILE_STORE", "sqlite"))
+            return self.replicas if store == "redis" else 1
+        return self.replicas
+
     def environment(self) -> dict[str, str]:
-        ports = {"gateway": self.gateway_port, **{name: free_port() for name in ("embedding", "profile", "ranking")}}
-        self.addresses.update({name: f"127.0.0.1:{port}" for name, port in ports.items()})
-        # Each process its own Prometheus endpoint: "<service>-metrics" -> host:port (GET /metrics).
-        metrics_ports = {name: free_port() for name in SERVICES}
-        self.addresses.update({f"{name}-metrics": f"127.0.0.1:{port}" for name, port in metrics_ports.items()})
+        """The environment every process shares; `replica_environments` adds each one's own ports."""
+        ports = {"gateway": [self.gateway_port],
+                 **{name: [free_port() for _ in range(self.replica_count(name))]
+                    for name in ("embedding", "profile", "ranking")}}
+        # What callers dial: one address, or a static list round_robin balances over.
+        for name, replica_ports in ports.items():
+            listed = [f"127.0.0.1:{port}" for port in replica_ports]
+            self.addresses[name] = listed[0] if len(listed) == 1 else "ipv4:" + ",".join(listed)
+            self.replica_addresses[name] = listed
+        self._ports = ports
+        if self.replica_count("gateway") > 1:
+            self._gateway_health = [free_port() for _ in range(self.replica_count("gateway"))]
+            self.replica_addresses["gateway"] = [f"127.0.0.1:{port}" for port in self._gateway_health]
+        # Each process its own Prometheus endpoint: "<service>-metrics" -> host:port (GET /metrics),
+        # "<service>-<i>-metrics" for replica i > 0.
+        self._metrics = {name: [free_port() for _ in range(self.replica_count(name))] for name in SERVICES}
+        for name, metrics_ports in self._metrics.items():
+            for index, port in enumerate(metrics_ports):
+                self.addresses[f"{name}-metrics" if index == 0 else f"{name}-{index}-metrics"] = f"127.0.0.1:{port}"
         # Each data set gets its own store, so switching --data never mixes events.
         store = self.state_dir / f"profile-{Path(self.data_dir).resolve().name}.sqlite3"
         security = self.prepare_security()
@@ -159,11 +195,9 @@ class LocalStack:
         env.update({
             "PYTHONUNBUFFERED": "1",
             "HF_HUB_OFFLINE": "1",
-            "EMBEDDING_ADDRESS": self.addresses["embedding"],
             "EMBEDDING_DATA_DIR": str(self.data_dir),
             "EMBEDDING_RETAIL_DIR": str(self.retail_dir or ""),
             "PROFILE_RETAIL_DIR": str(self.retail_dir or ""),
-            "PROFILE_ADDRESS": self.addresses["profile"],
             "PROFILE_DATA_DIR": str(self.data_dir),
             "PROFILE_STORE_PATH": str(store),
             # One catalogue store per data set, as the profile's, unless the
@@ -171,12 +205,9 @@ class LocalStack:
             "EMBEDDING_CATALOGUE_PATH": os.environ.get("EMBEDDING_CATALOGUE_PATH") or str(
                 self.state_dir / f"catalogue-{Path(self.data_dir).resolve().name}.sqlite3"),
             "PROFILE_EMBEDDING_ADDRESS": self.addresses["embedding"],
-            "RANKING_ADDRESS": self.addresses["ranking"],
-            "GATEWAY_ADDRESS": self.addresses["gateway"],
             "GATEWAY_PROFILE_ADDRESS": self.addresses["profile"],
             "GATEWAY_EMBEDDING_ADDRESS": self.addresses["embedding"],
             "GATEWAY_RANKING_ADDRESS": self.addresses["ranking"],
-            **{f"{name.upper()}_METRICS_PORT": str(port) for name, port in metrics_ports.items()},
         })
         env["EMBEDDING_ENCODER"] = self.encoder
         env["EMBEDDING_MODEL_REPO"] = str(self.serving_repo or self.model_repo)
@@ -222,6 +253,50 @@ class LocalStack:
         triton = f"; Triton's own spans to {self.triton_tracing_url}" if self.triton_tracing_url else ""
         return f"every service, {where}{ratio}{triton}"
 
+    def replica_environments(self, name: str, env: dict[str, str]) -> list[dict[str, str]]:
+        """Replica i of `name`: its address and metrics port (gateway: its health port)."""
+        prefix, count = name.upper() + "_", self.replica_count(name)
+        environments = []
+        for index in range(count):
+            own = dict(env)
+            port = self._ports[name][0 if name == "gateway" else index]
+            own[prefix + "ADDRESS"] = f"127.0.0.1:{port}"
+            own[prefix + "METRICS_PORT"] = str(self._metrics[name][index])
+            if name == "gateway" and count > 1:
+                own["GATEWAY_HEALTH_PORT"] = str(self._gateway_health[index])
+            environments.append(own)
+        return environments
+
+    @property
+    def processes(self) -> dict[str, subprocess.Popen]:
+        """The first replica's process of each service (what the benchmarks watch)."""
+        first = {}
+        for child in self.supervisor.children:
+            if child.name in SERVICES and child.process is not None:
+                first.setdefault(child.name, child.process)
+        return first
+
+    def children(self, name: str) -> list[Child]:
+        return self.supervisor.named(name)
+
+    def replica_channel(self, child: Child) -> grpc.Channel:
+        """A channel to one replica, for its health: plaintext to a gateway replica's health port."""
+        if child.name == "gateway" and child.health_address != child.address:
+            return grpc.insecure_channel(child.health_address)
+        if child.name == "gateway":
+            return self.channel("gateway", token=None)
+        security = self.prepare_security()
+        transport = Security.plaintext("admin") if self.transport == "plaintext" else security.security("admin")
+        return transport.channel(child.address, child.name, CHANNEL_OPTIONS)
+
+    def wait_serving(self, child: Child, timeout: float) -> None:
+        """Until `child` answers SERVING; Triton's restart itself waits for its models."""
+        if isinstance(child, TritonChild):
+            if not child.server.is_running():
+                raise RuntimeError(f"Triton at {child.address} is not running")
+            return
+        wait_until_serving(child.health_address, timeout, child.process, channel=lambda: self.replica_channel(child))
+
     def start(self, timeout: float = 1800.0) -> None:
         repo, models = self.model_repo, [paths.TEXT_ENCODER_MODEL]
         if self.model_dir is not None:
@@ -246,17 +321,24 @@ class LocalStack:
             self.addresses["triton-metrics"] = f"127.0.0.1:{self.triton.metrics_port}"
             log.info("Triton ready at %s (log %s)", self.triton.grpc_url, self.triton.log_path)
         env = self.environment()
+        if self.triton is not None:
+            self.supervisor.add(TritonChild("triton", self.triton, tier=TIERS["triton"]))
         for name in SERVICES:
-            self.processes[name] = subprocess.Popen(
-                [sys.executable, "-m", f"services.{name}.server"], env=env, cwd=paths.REPO_ROOT
-            )
+            for own, address in zip(self.replica_environments(name, env), self.replica_addresses[name]):
+                self.supervisor.add(Child(name, [sys.executable, "-m", f"services.{name}.server"], own,
+                                          paths.REPO_ROOT, tier=TIERS[name],
+                                          address=own[name.upper() + "_ADDRESS"], health_address=address))
         try:
-            for name in SERVICES:
-                wait_until_serving(self.addresses[name], timeout, self.processes[name],
-                                   channel=lambda name=name: self.channel(name, token=None))
+            # Exits while starting are errors to report, not to retry.
+            self.supervisor.start(restart_on_exit=False)
+            for child in self.supervisor.children:
+                if child.name in SERVICES:
+                    self.wait_serving(child, timeout)
         except BaseException:
             self.stop()
             raise
+        if self.restart:
+            self.supervisor.enable_restarts()
 
     def pids(self) -> dict[str, int]:
         pids = {name: process.pid for name, process in self.processes.items()}
@@ -265,19 +347,9 @@ class LocalStack:
         return pids
 
     def stop(self, grace: float = 15.0) -> None:
-        # The gateway first, so no new work reaches the others while they drain.
-        for name in reversed(SERVICES):
-            process = self.processes.get(name)
-            if process is not None and process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + grace
-        for process in self.processes.values():
-            try:
-                process.wait(max(deadline - time.monotonic(), 0.1))
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        # Last: the embedding service may still be draining calls that need it.
+        """Drains and stops every process, gateway first, Triton last; kills
+        what did not stop within `grace`, and anything their groups left."""
+        self.supervisor.stop(grace)
         if self.triton is not None:
             self.triton.stop()
 
@@ -291,7 +363,7 @@ class LocalStack:
 
 def serve(data: Path, port: int, encoder: str, model_dir: Path | None, retail: Path | None,
           show_example: bool, transport: str = "mtls", tracing: str = "off", tracing_endpoint: str = "",
-          tracing_sample_ratio: float | None = None, triton_tracing_url: str = "") -> int:
+          tracing_sample_ratio: float | None = None, triton_tracing_url: str = "", replicas: int = 1) -> int:
     """`recsys serve`: the whole stack on this machine until SIGTERM or Ctrl-C,
     with an example shopper's recommendations and profile once it is up."""
     from recsys_cli.client import call_profile, call_recommend, example_shopper, print_profile, print_recommendations
@@ -311,7 +383,7 @@ def serve(data: Path, port: int, encoder: str, model_dir: Path | None, retail: P
                        model_dir=model.path if model else None,
                        retail_dir=Path(retail).resolve() if retail else None, transport=transport,
                        tracing=tracing, tracing_endpoint=tracing_endpoint, tracing_sample_ratio=tracing_sample_ratio,
-                       triton_tracing_url=triton_tracing_url)
+                       triton_tracing_url=triton_tracing_url, replicas=replicas)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
@@ -328,6 +400,11 @@ def serve(data: Path, port: int, encoder: str, model_dir: Path | None, retail: P
         return 1
     gateway = stack.addresses["gateway"]
     print(f"\nall services SERVING; gateway at {gateway}", flush=True)
+    if replicas > 1:
+        print(f"replicas (each restarted if it exits): " + ", ".join(
+            f"{name} {len(stack.children(name))}" for name in SERVICES) +
+            ("" if stack.replica_count("profile") == replicas else
+             " (profile: one process, its SQLite store has one writer; PROFILE_STORE=redis shares one)"), flush=True)
     tls = stack.security.directory
     print(f"transport: {stack.describe_transport()}", flush=True)
     print(f"tracing: {stack.describe_tracing()}", flush=True)

@@ -59,7 +59,7 @@ def test_service_config_retries_exactly_the_reads():
     assert all(n.get("method") for n in method_config["name"])
     policy = method_config["retryPolicy"]
     assert 2 <= policy["maxAttempts"] <= 4
-    assert set(policy["retryableStatusCodes"]) == {"UNAVAILABLE", "RESOURCE_EXHAUSTED"}
+    assert set(policy["retryableStatusCodes"]) == {"UNAVAILABLE", "RESOURCE_EXHAUSTED", "CANCELLED"}
     throttling = config["retryThrottling"]
     # Written as 1 (no decimal point) gRPC refunds nothing and resends stop after a few failures.
     assert throttling["maxTokens"] > 0 and isinstance(throttling["tokenRatio"], float)

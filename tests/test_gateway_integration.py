@@ -244,7 +244,7 @@ def test_ranking_down_falls_back_to_retrieval_order(gateway_config_for, multi_ca
             reply = gateway_pb2_grpc.GatewayServiceStub(channel).Recommend(
                 gateway_pb2.RecommendRequest(user_id=multi_category_shopper, k=10), timeout=10
             )
-        assert reply.path == FALLBACK
+        assert reply.path == FALLBACK and list(reply.skipped_stages) == [gateway_pb2.STAGE_RANKING]
         assert len(reply.items) == 10
     finally:
         server.stop(None)
@@ -458,7 +458,7 @@ def test_embedding_down_falls_back_to_popular_items(gateway_config_for, multi_ca
             reply = gateway_pb2_grpc.GatewayServiceStub(channel).Recommend(
                 gateway_pb2.RecommendRequest(user_id=multi_category_shopper, k=10), timeout=10
             )
-        assert reply.path == FALLBACK
+        assert reply.path == FALLBACK and list(reply.skipped_stages) == [gateway_pb2.STAGE_EMBEDDING]
         assert len(reply.items) == 10
         assert not {i.item_id for i in reply.items} & seen_items(dataset, multi_category_shopper)
     finally:

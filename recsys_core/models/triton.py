@@ -211,6 +211,10 @@ class TritonServer:
         return f"http://{HOST}:{self.metrics_port}/metrics"
 
     @property
+    def process(self) -> subprocess.Popen | None:
+        return self._process
+
+    @property
     def pid(self) -> int | None:
         return self._process.pid if self._process else None
 
@@ -258,7 +262,10 @@ class TritonServer:
             raise TritonStartError(
                 f"this tritonserver cannot load {unloadable} from {self.repo}: no such model, or its backend "
                 f"(or an ensemble step's) is not among {sorted(wheel_backends())}")
-        self.http_port, self.grpc_port, self.metrics_port = _free_ports(3)
+        # Started again after stop() (or a crash), it keeps its ports: its
+        # clients (the embedding service) find it where it was.
+        if not self.grpc_port:
+            self.http_port, self.grpc_port, self.metrics_port = _free_ports(3)
         self._workdir = Path(tempfile.mkdtemp(prefix="recsys-triton-"))
         if self.log_path is None:
             self.log_path = self._workdir / "tritonserver.log"
@@ -339,6 +346,13 @@ class TritonServer:
                         pass
                     process.wait()
             code = process.returncode
+            # Whatever is left of its group: a Triton that was killed (or
+            # crashed) leaves its Python backend stubs running, re-parented
+            # to init; they are still in its process group.
+            try:
+                os.killpg(process.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
         if self._log_file is not None:
             self._log_file.close()
             self._log_file = None

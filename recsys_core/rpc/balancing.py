@@ -63,9 +63,14 @@ RETRY_POLICY = {
     # connection broke before it answered. RESOURCE_EXHAUSTED: our servers
     # answer it at once, before doing any work, when their blocking pool is
     # full (recsys_core/rpc/runtime.py), so another replica may well have
-    # room. Nothing else: DEADLINE_EXCEEDED has no time left, and the other
-    # codes would be answered the same by every replica.
-    "retryableStatusCodes": ["UNAVAILABLE", "RESOURCE_EXHAUSTED"],
+    # room. CANCELLED from the server: a replica that stops (drain, rolling
+    # restart) cancels the calls that reached it but no handler yet, which a
+    # read may safely send again (a rolling restart of embedding under ghz
+    # load failed one Recommend this way, docs/operations.md "Chaos under
+    # load"); a call the client cancelled is never resent. Nothing else:
+    # DEADLINE_EXCEEDED has no time left, and the other codes would be
+    # answered the same by every replica.
+    "retryableStatusCodes": ["UNAVAILABLE", "RESOURCE_EXHAUSTED", "CANCELLED"],
 }
 
 # Resends stop while more than half of a channel's attempts fail: each
@@ -114,6 +119,18 @@ SERVER_MIN_PING_INTERVAL_MS = 10_000
 MAX_CONNECTION_AGE_MS = 300_000
 MAX_CONNECTION_AGE_GRACE_MS = 30_000
 
+# Reconnecting to a replica whose connection failed: gRPC's defaults wait
+# 1 s, then 1.6 times longer after each failed attempt, up to 120 s, so a
+# service down for half a minute was found again only 10 s or more after it
+# came back. Here: 250 ms, growing to at most 2 s (gRPC adds ±20 % jitter),
+# so a replica that is back is used within 2.4 s, well inside the 5 s the
+# platform promises for recovery (tests/test_chaos.py). A failed attempt to
+# a local or in-cluster address costs one refused SYN, so trying every 2 s
+# is cheap; an address that black-holes SYNs is bounded by the connect
+# timeout (gRPC's default 20 s), not by these.
+INITIAL_RECONNECT_BACKOFF_MS = 250
+MAX_RECONNECT_BACKOFF_MS = 2_000
+
 CLIENT_OPTIONS = [
     ("grpc.service_config", service_config()),
     # A DNS TXT record must not replace the policy above.
@@ -124,6 +141,8 @@ CLIENT_OPTIONS = [
     ("grpc.keepalive_permit_without_calls", 1),
     # 0: no limit on pings sent while no data flows (idle channels keep pinging).
     ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.initial_reconnect_backoff_ms", INITIAL_RECONNECT_BACKOFF_MS),
+    ("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS),
 ]
 
 SERVER_OPTIONS = [

@@ -9,6 +9,24 @@ A Recommend for a known shopper is four calls in four steps:
 profile.GetShopperSignals (profile, co-purchases), embedding.RetrieveCandidates
 (search plus every vector feature), profile.GetItemPopularity, ranking.Rank
 (ids and features, no vectors); an unknown shopper is one call.
+
+Degrade, never fail: a stage whose service answers UNAVAILABLE (down,
+restarting, every replica gone) is skipped, the reply is made from what is
+left and names the stages it went without (RecommendResponse.skipped_stages):
+
+- ranking down: candidates in retrieval order;
+- embedding down: popular items from the profile service (titles from the
+  popular-items cache below);
+- profile down: the items being looked at still retrieve and rank (without
+  popularity or co-purchases); otherwise the gateway's cache of the profile
+  service's most popular items, refreshed in the background while it
+  answers (GATEWAY_POPULAR_REFRESH_SECONDS): the last resort, which needs
+  no other service at all. Only a gateway that never reached the profile
+  service since it started has nothing to answer with (UNAVAILABLE).
+
+Why a cache in the gateway rather than popular items from the embedding
+service: popularity is the profile service's knowledge (events), and the
+cache keeps a useful answer when *both* other stages are down.
 """
 from __future__ import annotations
 
@@ -33,7 +51,11 @@ from services.gateway.config import GatewayConfig
 log = logging.getLogger(__name__)
 
 PERSONALISED, COLD_START, FALLBACK = "personalised", "cold_start", "fallback"
+# Stages a reply can go without (gateway.v1.Stage).
+PROFILE, EMBEDDING, RANKING = "profile", "embedding", "ranking"
 MAX_CO_PURCHASED = 1000  # GetShopperSignals' limit
+WARN_EVERY_SECONDS = 5.0
+_last_warned: dict[str, float] = {}
 
 
 @dataclass(frozen=True)
@@ -46,7 +68,18 @@ class Recommendation:
 
 
 def is_unavailable(error: BaseException) -> bool:
-    return status_code(error) == grpc.StatusCode.UNAVAILABLE
+    """The callee could not answer: down, draining, or restarting. CANCELLED
+    counts: a gRPC error (not asyncio's cancellation of our own handler) with
+    that code comes from a replica that cancelled the call as it stopped."""
+    return status_code(error) in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+
+
+def describe(error: grpc.RpcError) -> str:
+    """One line for the log: the status and its details."""
+    code = status_code(error)
+    if code is None:
+        return str(error)
+    return f"{code.name}: {error.details()}"
 
 
 def popular_recommendations(items, titles) -> list[Recommendation]:
@@ -105,6 +138,11 @@ class Composer:
         self._channels: list[grpc.aio.Channel] = []
         self._categories: frozenset[str] = frozenset()
         self._categories_fetched = 0.0
+        # The last resort (see the module's doc): popular items and titles.
+        self._popular_cache: list[tuple[profile_pb2.PopularItem, str]] = []
+        self._popular_fetched = float("-inf")
+        self._popular_titles: dict[str, str] = {}
+        self._popular_refresh: asyncio.Task | None = None
 
     def _connect(self) -> None:
         """The channels, made on first use: aio channels belong to the event
@@ -139,6 +177,8 @@ class Composer:
         return self._ranking
 
     async def close(self) -> None:
+        if self._popular_refresh is not None:
+            self._popular_refresh.cancel()
         channels, self._channels = self._channels, []
         await asyncio.gather(*(channel.close() for channel in channels))
 
@@ -155,8 +195,81 @@ class Composer:
             try:
                 return await self.refresh_categories(min(deadline.left(), 1.0))
             except grpc.RpcError as error:
-                log.warning("could not refresh categories, keeping the cached list: %s", error)
+                # Tried again in a second, not by every call while embedding is down.
+                self._categories_fetched = time.monotonic() - self.config.categories_refresh_seconds + 1.0
+                log.warning("could not refresh categories, keeping the cached list: %s", describe(error))
         return self._categories
+
+    # -- popular items, cached: the last resort -------------------------------
+
+    async def refresh_popular(self, timeout: float) -> int:
+        """The profile service's most popular items with their titles, kept
+        for when it is down. Titles are optional (embedding may be down too)."""
+        if self.config.popular_cache_items <= 0:
+            return 0
+        deadline = time.monotonic() + timeout
+        reply = await self.profile.GetPopularItems(
+            profile_pb2.GetPopularItemsRequest(k=self.config.popular_cache_items), timeout=timeout)
+        titles = {}
+        try:
+            found = await self.embedding.GetItems(
+                embedding_pb2.GetItemsRequest(item_ids=[p.item_id for p in reply.items], skip_missing=True),
+                timeout=max(deadline - time.monotonic(), 0.05))
+            titles = {entry.item.item_id: entry.item.title for entry in found.items}
+        except grpc.RpcError as error:
+            log.warning("popular items cached without titles: %s", describe(error))
+        if not titles and self._popular_cache:
+            titles = {p.item_id: title for p, title in self._popular_cache}
+        self._popular_cache = [(p, titles.get(p.item_id, "")) for p in reply.items]
+        self._popular_titles = {p.item_id: title for p, title in self._popular_cache if title}
+        self._popular_fetched = time.monotonic()
+        return len(self._popular_cache)
+
+    def _refresh_popular_soon(self) -> None:
+        """In the background, at most every popular_refresh_seconds: never on a call's path."""
+        if time.monotonic() - self._popular_fetched < self.config.popular_refresh_seconds:
+            return
+        if self._popular_refresh is not None and not self._popular_refresh.done():
+            return
+
+        async def refresh():
+            try:
+                await self.refresh_popular(timeout=2.0)
+            except grpc.RpcError as error:
+                log.warning("could not refresh the popular-items cache, keeping %d items: %s",
+                            len(self._popular_cache), describe(error))
+            finally:
+                # A failed refresh is tried again after a short pause, not at once on the next call.
+                self._popular_fetched = max(self._popular_fetched,
+                                            time.monotonic() - self.config.popular_refresh_seconds + 1.0)
+
+        self._popular_refresh = asyncio.get_running_loop().create_task(refresh())
+
+    def cached_popular(self, k: int, categories: list[str], exclude: list[str]) -> list[Recommendation]:
+        if not self._popular_cache:
+            raise Unavailable("the profile service is unavailable and this gateway has no popular items cached yet")
+        wanted, excluded = set(categories), set(exclude)
+        chosen = [(p, title) for p, title in self._popular_cache
+                  if p.item_id not in excluded and (not wanted or p.category in wanted)][:k]
+        return popular_recommendations([p for p, _ in chosen], [title for _, title in chosen])
+
+    @staticmethod
+    async def _optional(stage: str, skipped: list[str], call):
+        """`call`'s reply, or None with `stage` noted as skipped when its service is unavailable."""
+        try:
+            return await call
+        except grpc.RpcError as error:
+            if not is_unavailable(error):
+                raise
+            # One line per stage every few seconds, not one per call of a busy gateway.
+            now = time.monotonic()
+            if now - _last_warned.get(stage, float("-inf")) >= WARN_EVERY_SECONDS:
+                _last_warned[stage] = now
+                log.warning("%s unavailable, answering without it (this warning at most every %.0f s): %s",
+                            stage, WARN_EVERY_SECONDS, describe(error))
+            if stage not in skipped:
+                skipped.append(stage)
+            return None
 
     # -- helpers -----------------------------------------------------------------
 
@@ -169,22 +282,33 @@ class Composer:
         )
         return {entry.item.item_id: entry for entry in reply.items}
 
-    async def _popular(self, k: int, categories: list[str], exclude: list[str], deadline: Deadline, with_titles: bool):
-        reply = await self.profile.GetPopularItems(
-            profile_pb2.GetPopularItemsRequest(k=k, categories=categories, exclude_item_ids=exclude),
-            timeout=deadline.left(),
-        )
+    async def _popular(self, k: int, categories: list[str], exclude: list[str], deadline: Deadline,
+                       skipped: list[str]) -> list[Recommendation]:
+        """Popular items: the profile service's, titled by the embedding
+        service (or the cache's titles when it is down); the cached ones when
+        the profile service is down too."""
+        reply = None
+        if PROFILE not in skipped:
+            reply = await self._optional(PROFILE, skipped, self.profile.GetPopularItems(
+                profile_pb2.GetPopularItemsRequest(k=k, categories=categories, exclude_item_ids=exclude),
+                timeout=deadline.left()))
+        if reply is None:
+            return self.cached_popular(k, categories, exclude)
         titles = {}
-        if with_titles and reply.items:
-            titles = {i: e.item.title for i, e in (await self._items([p.item_id for p in reply.items], deadline, False)).items()}
-        return popular_recommendations(reply.items, [titles.get(p.item_id, "") for p in reply.items])
+        if reply.items and EMBEDDING not in skipped:
+            found = await self._optional(EMBEDDING, skipped, self._items([p.item_id for p in reply.items], deadline, False))
+            titles = {i: e.item.title for i, e in (found or {}).items()}
+        return popular_recommendations(
+            reply.items, [titles.get(p.item_id) or self._popular_titles.get(p.item_id, "") for p in reply.items])
 
     # -- public operations ----------------------------------------------------
 
     async def recommend(
         self, user_id: str, k: int, categories: list[str], exclude_seen: bool, context_ids: list[str], deadline: Deadline,
         spread_interests: bool = False, explore_slots: int = 0,
-    ) -> tuple[list[Recommendation], str]:
+    ) -> tuple[list[Recommendation], str, list[str]]:
+        """The recommendations, the path that made them, and the stages
+        skipped on the way (PROFILE, EMBEDDING, RANKING; empty: none)."""
         rq.check_user_id(user_id)
         rq.check_k(k)
         explore_slots = rq.check_exploration(spread_interests, explore_slots, k)
@@ -192,7 +316,9 @@ class Composer:
         categories = rq.check_categories(categories, await self.known_categories(deadline))
 
         pool = min(max(self.config.min_candidates, 3 * k), self.config.max_candidates)
-        signals = await self.profile.GetShopperSignals(
+        self._refresh_popular_soon()
+        skipped: list[str] = []
+        signals = await self._optional(PROFILE, skipped, self.profile.GetShopperSignals(
             profile_pb2.GetShopperSignalsRequest(
                 user_id=user_id, history_limit=max(self.config.explain_history, 1),
                 # On a product page, what was bought with that product; else with the shopper's items.
@@ -202,14 +328,18 @@ class Composer:
                 popular_k=0 if context_ids else k, include_centroids=spread_interests,
             ),
             timeout=deadline.left(),
-        )
-        profile = signals.profile
+        ))
+        # Without the profile service: an empty profile (no vectors, no
+        # history, nothing seen), so only the context items retrieve.
+        profile = signals.profile if signals is not None else profile_pb2.GetProfileResponse()
         # model_interest: a served model's shopper vector (recsys serve --model),
         # which retrieves the items that model scores highest.
         vectors = {name: getattr(profile, name) for name in ("long_term_interest", "short_term_interest", "model_interest")
                    if has_values(getattr(profile, name))}
         if not vectors and not context_ids:
-            return popular_recommendations(signals.popular, signals.popular_titles), COLD_START
+            if signals is None:
+                return self.cached_popular(k, categories, context_ids), FALLBACK, skipped
+            return popular_recommendations(signals.popular, signals.popular_titles), COLD_START, skipped
         # Each interest retrieves its own neighbourhood, so that a minor
         # interest has candidates to fill its slots with.
         interests = list(profile.interests) if spread_interests else []
@@ -220,31 +350,35 @@ class Composer:
         excluded = set(exclude)
         # Other shoppers' baskets: candidates the shopper's vectors alone would
         # not retrieve, above all in a category they never shopped in.
-        co_purchases = {item.item_id: item.shoppers for item in signals.co_purchased if item.item_id not in excluded}
+        co_purchased = signals.co_purchased if signals is not None else []
+        co_purchases = {item.item_id: item.shoppers for item in co_purchased if item.item_id not in excluded}
         history = list(profile.recent_history[: self.config.explain_history])
         self._connect()
-        try:
-            raw = await self._retrieve_raw(
-                embedding_pb2.RetrieveCandidatesRequest(
-                    **vectors, context_item_ids=context_ids, interest_centroids=[i.centroid for i in interests],
-                    extra_item_ids=list(co_purchases), history_item_ids=[h.item_id for h in history],
-                    disliked_item_ids=list(profile.preferences.disliked_item_ids), k=pool, categories=categories,
-                    exclude_item_ids=exclude,
-                ),
-                timeout=deadline.left(),
-            )
-        except grpc.RpcError as error:
-            if not is_unavailable(error):
-                raise
-            return await self._fallback(k, categories, exclude, deadline)
+        raw = await self._optional(EMBEDDING, skipped, self._retrieve_raw(
+            embedding_pb2.RetrieveCandidatesRequest(
+                **vectors, context_item_ids=context_ids, interest_centroids=[i.centroid for i in interests],
+                extra_item_ids=list(co_purchases), history_item_ids=[h.item_id for h in history],
+                disliked_item_ids=list(profile.preferences.disliked_item_ids), k=pool, categories=categories,
+                exclude_item_ids=exclude,
+            ),
+            timeout=deadline.left(),
+        ))
+        if raw is None:
+            # The embedding service is down: popular items beat an error for a storefront.
+            return await self._popular(k, categories, exclude, deadline, skipped), FALLBACK, skipped
         retrieved, candidates, ids = await self._cpu(parse_candidates, raw)
         if not candidates:
-            return await self._popular(k, categories, exclude, deadline, with_titles=True), COLD_START
-        popularity = await self.profile.GetItemPopularity(
-            profile_pb2.GetItemPopularityRequest(item_ids=ids), timeout=deadline.left()
-        )
+            popular = await self._popular(k, categories, exclude, deadline, skipped)
+            return popular, (FALLBACK if skipped else COLD_START), skipped
+        popularity = None
+        if PROFILE not in skipped:
+            popularity = await self._optional(PROFILE, skipped, self.profile.GetItemPopularity(
+                profile_pb2.GetItemPopularityRequest(item_ids=ids), timeout=deadline.left()))
+        if popularity is None:
+            # Ranked on similarity and the rest; no popularity prior.
+            popularity = profile_pb2.GetItemPopularityResponse(events=[0] * len(ids), max_events=0)
         request = await self._cpu(rank_request, profile, candidates, popularity, co_purchases, 0 if interests else k)
-        ranked = await self._rank(request, deadline)
+        ranked = await self._rank(request, deadline, skipped)
         if ranked is None:
             # Ranking is down: retrieval similarity alone still orders well.
             ordered = sorted(candidates, key=lambda c: -c.retrieval_score)[:k]
@@ -252,9 +386,10 @@ class Composer:
                 Recommendation(c.item.item_id, c.item.category, c.item.title, c.retrieval_score,
                                "close to your recent interests")
                 for c in ordered
-            ], FALLBACK
-        return await self._cpu(self._compose, ranked, candidates, retrieved, interests, profile, history,
-                               co_purchases, k, explore_slots), PERSONALISED
+            ], FALLBACK, skipped
+        recommendations = await self._cpu(self._compose, ranked, candidates, retrieved, interests, profile, history,
+                                          co_purchases, k, explore_slots)
+        return recommendations, (FALLBACK if skipped else PERSONALISED), skipped
 
     def _compose(self, ranked, candidates, retrieved, interests, profile, history, co_purchases, k: int,
                  explore_slots: int) -> list[Recommendation]:
@@ -307,26 +442,9 @@ class Composer:
                                 else rq.interest_reason(interests[interest].label))
         return [ranked[position] for position in chosen], reasons
 
-    async def _rank(self, request: ranking_pb2.RankRequest, deadline: Deadline):
-        try:
-            reply = await self.ranking.Rank(request, timeout=deadline.left())
-        except grpc.RpcError as error:
-            if not is_unavailable(error):
-                raise
-            log.warning("ranking unavailable, answering in retrieval order")
-            return None
-        return list(reply.candidates)
-
-    async def _fallback(self, k, categories, exclude, deadline):
-        """The embedding service is down: popular items from the profile
-        service, without titles, beat an error for a storefront."""
-        log.warning("embedding service unavailable, answering with popular items")
-        try:
-            return await self._popular(k, categories, exclude, deadline, with_titles=False), FALLBACK
-        except grpc.RpcError as error:
-            if is_unavailable(error):
-                raise Unavailable("the profile and embedding services are both unavailable") from error
-            raise
+    async def _rank(self, request: ranking_pb2.RankRequest, deadline: Deadline, skipped: list[str]):
+        reply = await self._optional(RANKING, skipped, self.ranking.Rank(request, timeout=deadline.left()))
+        return None if reply is None else list(reply.candidates)
 
     async def shopper_profile(self, user_id: str, history_limit: int, deadline: Deadline) -> profile_pb2.GetProfileResponse:
         rq.check_user_id(user_id)

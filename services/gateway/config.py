@@ -47,6 +47,11 @@ class GatewayConfig:
     # How long to wait at start for the embedding service's catalogue.
     startup_timeout_seconds: float = 900.0
     categories_refresh_seconds: float = 30.0
+    # The last resort when the profile service is down: its most popular
+    # items (with titles) as last fetched, refreshed in the background at
+    # most this often while Recommend calls come in.
+    popular_cache_items: int = 500
+    popular_refresh_seconds: float = 60.0
 
     @classmethod
     def from_env(cls, environ=None) -> "GatewayConfig":
@@ -71,4 +76,6 @@ class GatewayConfig:
             max_context_items=env.int("MAX_CONTEXT_ITEMS", cls.max_context_items, minimum=0),
             startup_timeout_seconds=env.float("STARTUP_TIMEOUT_SECONDS", cls.startup_timeout_seconds, minimum=1),
             categories_refresh_seconds=env.float("CATEGORIES_REFRESH_SECONDS", cls.categories_refresh_seconds, minimum=0),
+            popular_cache_items=env.int("POPULAR_CACHE_ITEMS", cls.popular_cache_items, minimum=0, maximum=1000),
+            popular_refresh_seconds=env.float("POPULAR_REFRESH_SECONDS", cls.popular_refresh_seconds, minimum=0.1),
         )

@@ -12,9 +12,9 @@ from recsys.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from recsys_core.rpc.envconfig import ConfigError
 from recsys_core.rpc.grpc_util import ManagedServer, build_server, serve_main
 from recsys_core.rpc.runtime import EventLoopThread
-from services.gateway.composer import Composer
+from services.gateway.composer import Composer, describe
 from services.gateway.config import GatewayConfig
-from services.gateway.servicer import PATHS, GatewayServicer
+from services.gateway.servicer import PATHS, STAGES, GatewayServicer
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name
@@ -29,7 +29,7 @@ def wait_for_catalogue(composer: Composer, config: GatewayConfig, loop: EventLoo
         try:
             categories = loop.run(lambda: composer.refresh_categories(timeout=2.0))
             log.info("catalogue categories: %s", ", ".join(sorted(categories)))
-            return
+            break
         except grpc.RpcError as error:
             if time.monotonic() > give_up:
                 raise TimeoutError(
@@ -37,10 +37,18 @@ def wait_for_catalogue(composer: Composer, config: GatewayConfig, loop: EventLoo
                     f"{config.startup_timeout_seconds:.0f}s: {error.details() if isinstance(error, grpc.Call) else error}"
                 ) from error
             time.sleep(0.5)
+    # The popular-items cache, Recommend's last resort, filled before the
+    # first call where the profile service answers; else at the first calls.
+    try:
+        count = loop.run(lambda: composer.refresh_popular(timeout=2.0))
+        log.info("%d popular items cached", count)
+    except grpc.RpcError as error:
+        log.warning("no popular items cached yet (the profile service did not answer): %s", describe(error))
 
 
 def register_metrics(server: ManagedServer) -> None:
-    """recsys_recommendations_total{path}: which path answered each Recommend."""
+    """recsys_recommendations_total{path}: which path answered each Recommend;
+    recsys_recommend_skipped_stages_total{stage}: the stages replies went without."""
     answered = Counter(
         "recsys_recommendations_total", "Recommend replies by the path that produced them.", ["path"],
         registry=server.metrics.registry,
@@ -48,9 +56,20 @@ def register_metrics(server: ManagedServer) -> None:
     path_of = {number: name for name, number in PATHS.items()}
     for name in path_of.values():
         answered.labels(name)  # every path shows, at 0, from the start
-    server.metrics.on_reply(
-        SERVICE_NAME, "Recommend", lambda _request, reply: answered.labels(path_of.get(reply.path, "unspecified")).inc()
+    skipped = Counter(
+        "recsys_recommend_skipped_stages", "Recommend replies made without a stage whose service was unavailable.",
+        ["stage"], registry=server.metrics.registry,
     )
+    stage_of = {number: name for name, number in STAGES.items()}
+    for name in stage_of.values():
+        skipped.labels(name)
+
+    def count(_request, reply) -> None:
+        answered.labels(path_of.get(reply.path, "unspecified")).inc()
+        for stage in reply.skipped_stages:
+            skipped.labels(stage_of.get(stage, "unspecified")).inc()
+
+    server.metrics.on_reply(SERVICE_NAME, "Recommend", count)
 
 
 def create_server(config: GatewayConfig) -> tuple[ManagedServer, int]:

@@ -11,13 +11,19 @@ from recsys.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from recsys_core.rpc.access import audit
 from recsys_core.rpc.grpc_util import Deadline, Readiness, handle_errors
 from recsys_core.rpc.runtime import BlockingPool
-from services.gateway.composer import COLD_START, FALLBACK, PERSONALISED, Composer, Recommendation
+from services.gateway.composer import (COLD_START, EMBEDDING, FALLBACK, PERSONALISED, PROFILE, RANKING, Composer,
+                                       Recommendation)
 from services.gateway.config import GatewayConfig
 
 PATHS = {
     PERSONALISED: gateway_pb2.RECOMMENDATION_PATH_PERSONALISED,
     COLD_START: gateway_pb2.RECOMMENDATION_PATH_COLD_START,
     FALLBACK: gateway_pb2.RECOMMENDATION_PATH_FALLBACK,
+}
+STAGES = {
+    PROFILE: gateway_pb2.STAGE_PROFILE,
+    EMBEDDING: gateway_pb2.STAGE_EMBEDDING,
+    RANKING: gateway_pb2.STAGE_RANKING,
 }
 
 
@@ -39,7 +45,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     async def Recommend(self, request, context):
         self.readiness.require()
         with self.blocking.admitted():
-            recommendations, path = await self.composer.recommend(
+            recommendations, path, skipped = await self.composer.recommend(
                 user_id=request.user_id,
                 k=request.k,
                 categories=list(request.categories),
@@ -49,7 +55,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
                 spread_interests=request.spread_interests,
                 explore_slots=request.explore_slots,
             )
-        return gateway_pb2.RecommendResponse(items=item_messages(recommendations), path=PATHS[path])
+        return gateway_pb2.RecommendResponse(items=item_messages(recommendations), path=PATHS[path],
+                                             skipped_stages=[STAGES[stage] for stage in skipped])
 
     @handle_errors
     async def GetProfile(self, request, context):
