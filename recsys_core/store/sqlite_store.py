@@ -65,7 +65,7 @@ class SQLiteEventStore(EventStore):
         self._writer = self._connect()
         # A forgotten shopper's rows are overwritten with zeros as they are
         # deleted, not left readable in free pages of the file.
-        self._writer.execute("PRAGMA secure_delete=ON")
+        self._writer.execute("PRAGMA secure_delete=ON").fetchall()
         self._writer.executescript(SCHEMA)
         self._migrate()
 
@@ -173,7 +173,10 @@ class SQLiteEventStore(EventStore):
                 cursor.execute("ROLLBACK")
                 raise
             # Readers may hold old pages: then the WAL is overwritten later, as usual.
-            cursor.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            # Read to the end: a PRAGMA's statement left stepped once counts as a
+            # write in progress, and the next COMMIT on this connection fails.
+            cursor.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+            cursor.close()
         return removed
 
     def forgotten_at(self, user_id: str) -> int | None:
