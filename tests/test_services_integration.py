@@ -84,9 +84,9 @@ def test_a_service_is_not_serving_until_loaded(exported_encoder, tmp_path):
 
     original = profile_server.load_book
 
-    def slow_load(config):
+    def slow_load(*args, **kwargs):
         gate.wait(10)
-        return original(config)
+        return original(*args, **kwargs)
 
     profile_server.load_book = slow_load
     try:
