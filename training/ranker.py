@@ -57,6 +57,9 @@ class Pools:
     candidates: list[np.ndarray] = field(default_factory=list)  # item indices
     matrices: list[np.ndarray] = field(default_factory=list)
     hand: list[np.ndarray] = field(default_factory=list)  # the hand-weighted scores
+    # What a Rank request carries for each shopper, as `feature_matrix` takes
+    # it: (vector features, popularity, max popularity, drift, co-purchases).
+    inputs: list[tuple] = field(default_factory=list)
     source_hits: dict[str, np.ndarray] = field(default_factory=dict)  # target in each source's list
 
     def labels(self) -> list[np.ndarray]:
@@ -102,7 +105,9 @@ def build_pools(split: protocol.CategorySplit, stage: str, rows: list[int], vect
         n = len(history)
         long_term = unit_mix(history_vectors, recency_weights(n, settings.drift.long_decay))
         short_term = unit_mix(history_vectors, recency_weights(n, settings.drift.short_decay))
-        drift = measure_drift(history_vectors, np.ones(n), [grains[i] for i in history], settings.drift).score
+        # Rounded as the wire's float32 rounds it (measure_drift can exceed 1 by an ulp).
+        drift = float(np.float32(min(measure_drift(history_vectors, np.ones(n), [grains[i] for i in history],
+                                                   settings.drift).score, 1.0)))
         lists = {}
         for source, query in (("long_term", long_term), ("short_term", short_term)):
             lists[source] = _top(vectors @ query, settings.per_source, seen) if query is not None else \
@@ -123,6 +128,7 @@ def build_pools(split: protocol.CategorySplit, stage: str, rows: list[int], vect
         most = np.full(len(pool), max_popularity, dtype=np.float32)
         co = np.asarray([co_counts.get(i, 0) for i in pool], dtype=np.float32)
         pools.candidates.append(pool)
+        pools.inputs.append((vector_features, counts, most, drift, co))
         pools.matrices.append(feature_matrix(vector_features, counts, most, drift, None, co))
         pools.hand.append(score_features(vector_features, counts, most, SERVING_WEIGHTS, drift, None, co))
     pools.source_hits = hits
@@ -153,6 +159,8 @@ def lightgbm_params(threads: int, seed: int) -> dict:
         "bagging_freq": 1, "lambda_l2": 1.0, "num_threads": threads, "seed": seed, "verbose": -1,
         # The label is one item per shopper: NDCG over the top 20 is what is measured.
         "lambdarank_truncation_level": 20,
+        # The same data gives the same model whatever the threads do.
+        "deterministic": True, "force_col_wise": True,
     }
 
 
@@ -208,24 +216,46 @@ class RankerResult:
     manifest: dict
 
 
+@dataclass(frozen=True)
+class CategoryData:
+    """What pooling needs of one category, from its training part only."""
+    split: protocol.CategorySplit
+    vectors: np.ndarray  # unit item vectors over the split's items
+    grains: list[str]  # each item's interest category, for drift
+    index: CoPurchases
+    popularity: np.ndarray  # training events per item
+
+    def pools(self, stage: str, rows: list[int], settings: PoolSettings = PoolSettings(),
+              progress: bool = False) -> Pools:
+        return build_pools(self.split, stage, rows, self.vectors, self.grains, self.index, self.popularity, settings,
+                           progress)
+
+
+def prepare(dataset: shopping.Dataset, category: str, vectors_of) -> CategoryData:
+    """`vectors_of(split)`: the split's item vectors (the encoder's, cached)."""
+    split = protocol.category_split(dataset.interactions, dataset.items, category)
+    vectors = np.asarray(vectors_of(split), dtype=np.float32)
+    vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+    meta = dataset.items.drop_duplicates("item_id").set_index("item_id")
+    grains = [interest_category(str(meta.category.get(i, category)), str(meta.category_path.get(i, "") or ""))
+              if i in meta.index else category for i in split.item_ids]
+    index = training_copurchases(dataset.interactions[dataset.interactions.category == category])
+    popularity = popularity_scorer(split)([np.array([])])[0]
+    return CategoryData(split, vectors, grains, index, popularity)
+
+
 def train_ranker(dataset: shopping.Dataset, category: str, vectors_of, settings: PoolSettings = PoolSettings(),
                  threads: int = 2, seed: int = 0, max_shoppers: int | None = None, ablation: bool = True,
                  progress: bool = False, data_label: str = "") -> RankerResult:
     """Pools, fit, test report. `vectors_of(split)`: the split's item vectors."""
     started = time.monotonic()
-    split = protocol.category_split(dataset.interactions, dataset.items, category)
-    vectors = np.asarray(vectors_of(split), dtype=np.float32)
-    vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
-    meta = dataset.items.set_index("item_id")
-    grains = [interest_category(str(meta.category.get(i, category)), str(meta.category_path.get(i, "") or ""))
-              if i in meta.index else category for i in split.item_ids]
-    index = training_copurchases(dataset.interactions[dataset.interactions.category == category])
-    popularity = popularity_scorer(split)([np.array([])])[0]
+    category_data = prepare(dataset, category, vectors_of)
+    split = category_data.split
     rows = list(range(len(split.users)))
     if max_shoppers and len(rows) > max_shoppers:
         rows = sorted(np.random.default_rng(seed).choice(rows, max_shoppers, replace=False).tolist())
-    valid = build_pools(split, "valid", rows, vectors, grains, index, popularity, settings, progress)
-    test = build_pools(split, "test", rows, vectors, grains, index, popularity, settings, progress)
+    valid = category_data.pools("valid", rows, settings, progress)
+    test = category_data.pools("test", rows, settings, progress)
     names = list(FEATURE_NAMES)
     booster, best_iteration, held_out = fit(valid, names, threads, seed)
     learned = evaluate_scores(test, score_pools(booster, test, names), split.num_items)

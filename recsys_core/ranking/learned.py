@@ -153,6 +153,14 @@ class LearnedRanker:
         return self.booster.predict(matrix[:, self.columns], num_threads=1).astype(np.float32)
 
 
+def score_learned(ranker: LearnedRanker, features: Features, popularity: np.ndarray, max_popularity: np.ndarray,
+                  drift_score: float | None = None, churn_probability: float | None = None,
+                  co_purchases: np.ndarray | None = None) -> np.ndarray:
+    """`scoring.score_features`' counterpart: the model's score per candidate."""
+    return ranker.score(feature_matrix(features, popularity, max_popularity, drift_score, churn_probability,
+                                       co_purchases))
+
+
 def manifest_path_of(model_path: str | Path) -> Path:
     model_path = Path(model_path)
     return model_path.with_name(model_path.name + MANIFEST_SUFFIX)
