@@ -311,6 +311,43 @@ def save(result: RankerResult, out: Path) -> None:
     LearnedRanker.load(out)
 
 
+def markdown(manifest: dict, command: str) -> str:
+    """The manifest as docs/results.md's tables: test figures beside the hand
+    weights and each source alone, the pool's recall, the ablation and the
+    importances."""
+    test, pool = manifest["test"], manifest["pool"]
+    row = "| {} | {recall@10:.4f} | {ndcg@10:.4f} | {recall@20:.4f} | {ndcg@20:.4f} | {mrr:.4f} |"
+    lines = [f"### {manifest['data']['category']}: {manifest['data']['shoppers']} shoppers\n", "```sh", command, "```",
+             "", "| order of the pooled candidates (test positions) | Recall@10 | NDCG@10 | Recall@20 | NDCG@20 | MRR |",
+             "|---|---|---|---|---|---|",
+             row.format("**learned (LambdaRank)**", **test["learned"]),
+             row.format("hand-set weights (the ranking service's default)", **test["hand_weighted"])]
+    lines += [row.format(f"{name} alone", **metrics) for name, metrics in test.get("single_source", {}).items()]
+    sources = ", ".join(f"{source} {recall:.4f}" for source, recall in pool["source_recall_test"].items())
+    lines += ["", f"Candidate pool: {pool['per_source']} per source (+{pool['popular']} popular), "
+                  f"{pool['mean_size']} candidates on average; the test item is in the pool for "
+                  f"{pool['recall_test']:.4f} of shoppers (validation: {pool['recall_valid']:.4f}), which bounds "
+                  f"every order's recall. Each source's own list: {sources}.", ""]
+    training = manifest["training"]
+    lines.append(f"Trained in {training['minutes']} min (wall, pools included), best iteration "
+                 f"{training['best_iteration']}, held-out validation NDCG@10 {training['held_out_ndcg@10']:.4f}.\n")
+    if manifest.get("ablation_without_group"):
+        lines += ["| retrained without the group | features | NDCG@10 | change | Recall@10 | iterations |",
+                  "|---|---|---|---|---|---|"]
+        full = test["learned"]["ndcg@10"]
+        for group, metrics in manifest["ablation_without_group"].items():
+            members = ", ".join(manifest["feature_groups"][group])
+            lines.append(f"| {group} | {members} | {metrics['ndcg@10']:.4f} | {metrics['ndcg@10'] - full:+.4f} | "
+                         f"{metrics['recall@10']:.4f} | {metrics['iterations']} |")
+        lines.append("")
+    lines += ["| feature | share of the gain |", "|---|---|"]
+    lines += [f"| {name} | {share:.3f} |" for name, share in manifest["importance_gain_share"].items() if share > 0]
+    unused = [name for name, share in manifest["importance_gain_share"].items() if share <= 0]
+    if unused:
+        lines.append(f"\nUnused (no signal in this data): {', '.join(unused)}.")
+    return "\n".join(lines) + "\n"
+
+
 def train_ranker_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="recsys train-ranker", description=(
         "Train the ranking service's LightGBM LambdaRank model on one category: candidates pooled as the "
@@ -328,6 +365,7 @@ def train_ranker_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-ablation", action="store_true", help="skip retraining without each feature group")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--markdown", type=Path, help="also write the figures as docs/results.md's tables here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     if args.per_source < 1 or args.popular < 0 or args.threads < 1:
@@ -344,6 +382,10 @@ def train_ranker_main(argv: list[str] | None = None) -> int:
         max_shoppers=args.max_shoppers, ablation=not args.no_ablation, progress=not args.no_progress,
         data_label=str(args.data))
     save(result, args.out)
+    if args.markdown:
+        command = "recsys train-ranker " + " ".join(argv if argv is not None else sys.argv[2:])
+        with paths.replacing(args.markdown) as tmp:
+            tmp.write_text(markdown(result.manifest, command))
     print(json.dumps({"out": str(args.out), **{k: result.manifest[k] for k in ("pool", "test",
                                                                                "ablation_without_group")},
                       "importance_gain_share": result.manifest["importance_gain_share"]}, indent=2))
