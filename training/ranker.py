@@ -149,7 +149,10 @@ def pool_ranks(pools: Pools, scores: list[np.ndarray], num_items: int) -> np.nda
 
 
 def evaluate_scores(pools: Pools, scores: list[np.ndarray], num_items: int) -> dict[str, float]:
-    return protocol.metrics_from_ranks(pool_ranks(pools, scores, num_items))
+    """The protocol's metrics, plus recall@100: the candidates a page of 10
+    could be re-ranked from if the pool were cut to 100 in this order."""
+    ranks = pool_ranks(pools, scores, num_items)
+    return {**protocol.metrics_from_ranks(ranks), "recall@100": float((ranks < 100).mean())}
 
 
 def lightgbm_params(threads: int, seed: int) -> dict:
@@ -316,18 +319,24 @@ def markdown(manifest: dict, command: str) -> str:
     weights and each source alone, the pool's recall, the ablation and the
     importances."""
     test, pool = manifest["test"], manifest["pool"]
-    row = "| {} | {recall@10:.4f} | {ndcg@10:.4f} | {recall@20:.4f} | {ndcg@20:.4f} | {mrr:.4f} |"
+    def row(name: str, metrics: dict) -> str:
+        recall_100 = f"{metrics['recall@100']:.4f}" if "recall@100" in metrics else ""
+        return (f"| {name} | {metrics['recall@10']:.4f} | {metrics['ndcg@10']:.4f} | {metrics['recall@20']:.4f} | "
+                f"{metrics['ndcg@20']:.4f} | {metrics['mrr']:.4f} | {recall_100} |")
+
     lines = [f"### {manifest['data']['category']}: {manifest['data']['shoppers']} shoppers\n", "```sh", command, "```",
-             "", "| order of the pooled candidates (test positions) | Recall@10 | NDCG@10 | Recall@20 | NDCG@20 | MRR |",
-             "|---|---|---|---|---|---|",
-             row.format("**learned (LambdaRank)**", **test["learned"]),
-             row.format("hand-set weights (the ranking service's default)", **test["hand_weighted"])]
-    lines += [row.format(f"{name} alone", **metrics) for name, metrics in test.get("single_source", {}).items()]
+             "", "| order of the pooled candidates (test positions) | Recall@10 | NDCG@10 | Recall@20 | NDCG@20 | MRR | "
+                 "Recall@100 |",
+             "|---|---|---|---|---|---|---|",
+             row("**learned (LambdaRank)**", test["learned"]),
+             row("hand-set weights (the ranking service's default)", test["hand_weighted"])]
+    lines += [row(f"{name} alone", metrics) for name, metrics in test.get("single_source", {}).items()]
     sources = ", ".join(f"{source} {recall:.4f}" for source, recall in pool["source_recall_test"].items())
     lines += ["", f"Candidate pool: {pool['per_source']} per source (+{pool['popular']} popular), "
                   f"{pool['mean_size']} candidates on average; the test item is in the pool for "
                   f"{pool['recall_test']:.4f} of shoppers (validation: {pool['recall_valid']:.4f}), which bounds "
-                  f"every order's recall. Each source's own list: {sources}.", ""]
+                  f"every order's recall; Recall@100 is the pool cut to 100 in each order. Each source's own "
+                  f"list: {sources}.", ""]
     training = manifest["training"]
     lines.append(f"Trained in {training['minutes']} min (wall, pools included), best iteration "
                  f"{training['best_iteration']}, held-out validation NDCG@10 {training['held_out_ndcg@10']:.4f}.\n")
@@ -375,12 +384,18 @@ def train_ranker_main(argv: list[str] | None = None) -> int:
         parser.error(f"--category {args.category}: not in {args.data}")
     from training.items import default_encoder, split_item_vectors
 
+    from threadpoolctl import threadpool_limits
+
     encoder = default_encoder()
-    result = train_ranker(
-        dataset, args.category, lambda split: split_item_vectors(split, dataset.items, encoder, not args.no_progress),
-        PoolSettings(per_source=args.per_source, popular=args.popular), threads=args.threads, seed=args.seed,
-        max_shoppers=args.max_shoppers, ablation=not args.no_ablation, progress=not args.no_progress,
-        data_label=str(args.data))
+    # numpy's BLAS would start a thread per core for every small product of
+    # the pooling; on a shared machine that made it ten times slower.
+    with threadpool_limits(args.threads):
+        result = train_ranker(
+            dataset, args.category,
+            lambda split: split_item_vectors(split, dataset.items, encoder, not args.no_progress),
+            PoolSettings(per_source=args.per_source, popular=args.popular), threads=args.threads, seed=args.seed,
+            max_shoppers=args.max_shoppers, ablation=not args.no_ablation, progress=not args.no_progress,
+            data_label=str(args.data))
     save(result, args.out)
     if args.markdown:
         command = "recsys train-ranker " + " ".join(argv if argv is not None else sys.argv[2:])
