@@ -250,7 +250,19 @@ def prepare(dataset: shopping.Dataset, category: str, vectors_of) -> CategoryDat
 def train_ranker(dataset: shopping.Dataset, category: str, vectors_of, settings: PoolSettings = PoolSettings(),
                  threads: int = 2, seed: int = 0, max_shoppers: int | None = None, ablation: bool = True,
                  progress: bool = False, data_label: str = "") -> RankerResult:
-    """Pools, fit, test report. `vectors_of(split)`: the split's item vectors."""
+    """Pools, fit, test report. `vectors_of(split)`: the split's item vectors.
+    numpy's BLAS is held to `threads` too: it would start a thread per core
+    for every small product of the pooling, which on a shared machine made
+    pooling ten times slower."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(threads):
+        return _train_ranker(dataset, category, vectors_of, settings, threads, seed, max_shoppers, ablation, progress,
+                             data_label)
+
+
+def _train_ranker(dataset, category, vectors_of, settings, threads, seed, max_shoppers, ablation, progress,
+                  data_label) -> RankerResult:
     started = time.monotonic()
     category_data = prepare(dataset, category, vectors_of)
     split = category_data.split
@@ -384,18 +396,12 @@ def train_ranker_main(argv: list[str] | None = None) -> int:
         parser.error(f"--category {args.category}: not in {args.data}")
     from training.items import default_encoder, split_item_vectors
 
-    from threadpoolctl import threadpool_limits
-
     encoder = default_encoder()
-    # numpy's BLAS would start a thread per core for every small product of
-    # the pooling; on a shared machine that made it ten times slower.
-    with threadpool_limits(args.threads):
-        result = train_ranker(
-            dataset, args.category,
-            lambda split: split_item_vectors(split, dataset.items, encoder, not args.no_progress),
-            PoolSettings(per_source=args.per_source, popular=args.popular), threads=args.threads, seed=args.seed,
-            max_shoppers=args.max_shoppers, ablation=not args.no_ablation, progress=not args.no_progress,
-            data_label=str(args.data))
+    result = train_ranker(
+        dataset, args.category, lambda split: split_item_vectors(split, dataset.items, encoder, not args.no_progress),
+        PoolSettings(per_source=args.per_source, popular=args.popular), threads=args.threads, seed=args.seed,
+        max_shoppers=args.max_shoppers, ablation=not args.no_ablation, progress=not args.no_progress,
+        data_label=str(args.data))
     save(result, args.out)
     if args.markdown:
         command = "recsys train-ranker " + " ".join(argv if argv is not None else sys.argv[2:])
