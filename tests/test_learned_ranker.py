@@ -114,12 +114,15 @@ def rank_request(inputs) -> ranking_pb2.RankRequest:
 
 
 def served_scores(address: str, pools) -> list[np.ndarray]:
-    """Each test shopper's pool ranked by the service: scores back in pool order."""
+    """Each test shopper's pool ranked by the service, all requests in flight
+    at once (the model scores in several of the server's threads together):
+    scores back in pool order."""
     scores = []
     with service_channel(address, "ranking") as channel:
         stub = ranking_pb2_grpc.RankingServiceStub(channel)
-        for inputs in pools.inputs:
-            reply = stub.Rank(rank_request(inputs), timeout=10)
+        calls = [stub.Rank.future(rank_request(inputs), timeout=60) for inputs in pools.inputs]
+        for inputs, call in zip(pools.inputs, calls):
+            reply = call.result()
             scored = np.full(len(inputs[0]), -np.inf, dtype=np.float32)
             for candidate in reply.candidates:
                 scored[int(candidate.item_id)] = candidate.score
