@@ -4,6 +4,7 @@ a bare Python gRPC echo server as the ceiling.
     python bench/recommend.py [--data DIR] [--requests N] [--concurrency 1,4,16]
                               [--seconds S] [--json OUT] [--idle-streams N]
                               [--transport mtls|plaintext]
+                              [--ranking-model MODEL]
 
 All four services run as real processes (recsys_cli.stack.LocalStack),
 with the local Triton server when the stack's encoder runs there, on a free
@@ -15,6 +16,11 @@ With --idle-streams N, each level also measures Recommend while N idle
 health Watch streams are open on the gateway (held by another process of
 this script, --hold-watches), and once more after they closed: quiet, with
 streams, quiet again, back to back in the same run.
+
+With --ranking-model MODEL the ranking service scores with that LightGBM
+model (`recsys train-ranker`, RANKING_MODEL) instead of the hand-set
+weights: run once without and once with it, on the same quiet machine, and
+compare the p99s (docs/performance.md, "Learned ranker").
 """
 from __future__ import annotations
 
@@ -421,6 +427,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "bench/transport.py compares the two in one run")
     parser.add_argument("--idle-streams", type=int, default=0, metavar="N",
                         help="also measure Recommend with N idle health Watch streams open on the gateway")
+    parser.add_argument("--ranking-model", metavar="MODEL",
+                        help="serve this `recsys train-ranker` model in the ranking service (default: hand weights)")
     parser.add_argument("--echo-server", type=int, metavar="PORT", help=argparse.SUPPRESS)
     parser.add_argument("--hold-watches", nargs=3, metavar=("ADDRESS", "N", "CA"), help=argparse.SUPPRESS)
     parser.add_argument("--workers", type=int, help=argparse.SUPPRESS)
@@ -465,6 +473,8 @@ def run(args) -> int:
     state = tempfile.TemporaryDirectory(prefix="recsys-bench-")
     stack_options = {"encoder": args.encoder} if args.encoder else {}
     stack_options["transport"] = args.transport
+    if args.ranking_model:
+        stack_options["extra_env"] = {"RANKING_MODEL": str(Path(args.ranking_model).resolve())}
     stack = LocalStack(data_dir=data_dir, gateway_port=free_port(), state_dir=Path(state.name), **stack_options)
     encoder = getattr(stack, "encoder", "onnx")
     echo = EchoProcess(workers)
@@ -561,6 +571,7 @@ def run(args) -> int:
                 "encoder": encoder,
                 "transport": args.transport,
                 "idle_streams": args.idle_streams,
+                "ranking_model": str(Path(args.ranking_model).resolve()) if args.ranking_model else None,
             },
             "startup_seconds": startup_seconds,
             "levels": levels,

@@ -174,6 +174,14 @@ def main(argv: list[str] | None = None) -> int:
 
         return train_value_main(argv[1:])
 
+    # The ranking service's learned model (docs/results.md, "Learned ranker"); parses its own arguments.
+    commands.add_parser("train-ranker", add_help=False,
+                        help="train the ranking service's LightGBM LambdaRank model (RANKING_MODEL) on one category")
+    if argv and argv[0] == "train-ranker":
+        from training.ranker import train_ranker_main
+
+        return train_ranker_main(argv[1:])
+
     # Review sentiment (docs/profiles.md "Preferences from review text"); these parse their own arguments.
     commands.add_parser("train-reviews", add_help=False,
                         help="fine-tune MiniLM for review sentiment, export it to model_repo/review_sentiment")

@@ -452,8 +452,26 @@ def render(results: dict) -> None:
                   loc="upper right", fontsize=7)
     figure.tight_layout(rect=(0, 0, 1, 0.97))
     figure.savefig(docs / "results.png", dpi=110)
+    page = docs / "results.md"
     (docs / "results.md").write_text(RESULTS_TEMPLATE.format(command=command, tables="\n".join(lines),
+                                                             ranker=kept_section(page, RANKER_HEADING),
                                                              limits=LIMITS.strip()))
+
+
+RANKER_HEADING = "## Learned ranker"
+
+
+def kept_section(page: Path, heading: str) -> str:
+    """A section another command writes (`recsys train-ranker --markdown`,
+    pasted under `heading`), kept as it is when the page is rendered again."""
+    if not page.is_file():
+        return ""
+    text = page.read_text()
+    start = text.find("\n" + heading + "\n")
+    if start < 0:
+        return ""
+    end = text.find("\n## ", start + len(heading) + 2)
+    return text[start + 1:end + 1 if end >= 0 else len(text)]
 
 
 def targets_section(groups: dict[str, list[tuple[str, dict]]]) -> str:
@@ -586,7 +604,7 @@ Reproduce (full data beside the clone):
 ![NDCG@10 per model](results.png)
 
 {tables}
-## Limits of these figures
+{ranker}## Limits of these figures
 
 {limits}
 """

@@ -27,7 +27,9 @@ one implementation while no vector has to travel to the ranking service:
 embedding service where the item vectors are), `score_features` the rest
 (weights, drift, popularity, co-purchases; the ranking service). `score`
 and `rank` chain both for callers that hold the vectors (training/).
-Learned ranking replaces this later.
+With RANKING_MODEL the ranking service scores with a learned model instead
+(recsys_core/ranking/learned.py), over feature rows built from the same
+`Features` and request fields; these weights stay the default.
 """
 from __future__ import annotations
 

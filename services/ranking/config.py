@@ -47,6 +47,11 @@ class RankingConfig:
     model_weight: float = SERVING_WEIGHTS.model
     co_purchase_weight: float = SERVING_WEIGHTS.co_purchase
     max_candidates: int = 5000
+    # A LightGBM model from `recsys train-ranker` (its manifest beside it,
+    # MODEL.json) scores the candidates instead of the weights above; unset:
+    # the weights. A model that cannot be read or asks for features this
+    # service does not compute stops the service at start.
+    model: str = ""
 
     @classmethod
     def from_env(cls, environ=None) -> "RankingConfig":
@@ -74,4 +79,5 @@ class RankingConfig:
             model_weight=env.float("MODEL_WEIGHT", cls.model_weight, minimum=0),
             co_purchase_weight=env.float("CO_PURCHASE_WEIGHT", cls.co_purchase_weight, minimum=0),
             max_candidates=env.int("MAX_CANDIDATES", cls.max_candidates, minimum=1),
+            model=env.str("MODEL", cls.model),
         )

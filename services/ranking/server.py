@@ -7,6 +7,8 @@ import sys
 from prometheus_client import Histogram
 
 from recsys.ranking.v1 import ranking_pb2, ranking_pb2_grpc
+from recsys_core.ranking.learned import LearnedRanker, ModelError
+from recsys_core.rpc.envconfig import ConfigError
 from recsys_core.rpc.grpc_util import ManagedServer, build_server, serve_main
 from services.ranking.config import RankingConfig
 from services.ranking.servicer import RankingServicer
@@ -27,15 +29,31 @@ def register_metrics(server: ManagedServer) -> None:
     server.metrics.on_reply(SERVICE_NAME, "Rank", lambda request, _reply: candidates.observe(len(request.candidates)))
 
 
+def load_model(config: RankingConfig) -> LearnedRanker | None:
+    """RANKING_MODEL's model, or None for the hand weights; a bad one stops
+    the start (ConfigError naming the variable) before any port is bound."""
+    if not config.model:
+        log.info("ranking with the hand-set weights (RANKING_MODEL unset)")
+        return None
+    try:
+        ranker = LearnedRanker.load(config.model)
+    except ModelError as error:
+        raise ConfigError(f"RANKING_MODEL: {error}") from error
+    log.info("ranking with the learned model %s (%d features, %d trees)", config.model,
+             len(ranker.feature_names), ranker.booster.num_trees())
+    return ranker
+
+
 def create_server(config: RankingConfig) -> tuple[ManagedServer, int]:
+    ranker = load_model(config)
     server, port = build_server(
         config.address, config.workers, [SERVICE_NAME], "ranking", metrics_port=config.metrics_port,
         security=config.security, auth=config.auth, limits=config.limits, health_port=config.health_port,
         tracing=config.tracing,
     )
     register_metrics(server)
-    server.add(ranking_pb2_grpc.add_RankingServiceServicer_to_server, RankingServicer(config, server.blocking))
-    # Nothing to load: ready as soon as it is built.
+    server.add(ranking_pb2_grpc.add_RankingServiceServicer_to_server, RankingServicer(config, server.blocking, ranker))
+    # The model, if any, is loaded already: ready as soon as it is built.
     server.readiness.start(lambda: None)
     return server, port
 

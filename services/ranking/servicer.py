@@ -9,13 +9,16 @@ from recsys_core.rpc.grpc_util import handle_errors
 from recsys_core.rpc.runtime import BlockingPool
 from services.ranking.config import RankingConfig
 from recsys_core.signals.interests import DriftSettings
+from recsys_core.ranking.learned import LearnedRanker, score_learned
 from recsys_core.ranking.scoring import Features, Weights, check_shares, score_features, top
 
 
 class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
-    def __init__(self, config: RankingConfig, blocking: BlockingPool):
+    def __init__(self, config: RankingConfig, blocking: BlockingPool, ranker: LearnedRanker | None = None):
         self.config = config
         self.blocking = blocking
+        # The learned model when RANKING_MODEL names one, else None: the weights.
+        self.ranker = ranker
         self.weights = Weights(
             long_term=config.long_term_weight,
             short_term=config.short_term_weight,
@@ -46,16 +49,15 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
         churn = user.churn_probability if user.HasField("churn_probability") else None
         check_shares(drift, churn)
         features = candidate_features(request.candidates)
-        scores = await self.blocking.run(
-            score_features,
-            features,
-            np.asarray([c.popularity for c in request.candidates], dtype=np.float32),
-            np.asarray([c.max_popularity for c in request.candidates], dtype=np.float32),
-            self.weights,
-            drift,
-            churn,
-            np.asarray([c.co_purchases for c in request.candidates], dtype=np.float32),
-        )
+        popularity = np.asarray([c.popularity for c in request.candidates], dtype=np.float32)
+        max_popularity = np.asarray([c.max_popularity for c in request.candidates], dtype=np.float32)
+        co_purchases = np.asarray([c.co_purchases for c in request.candidates], dtype=np.float32)
+        if self.ranker is not None:
+            scores = await self.blocking.run(score_learned, self.ranker, features, popularity, max_popularity,
+                                             drift, churn, co_purchases)
+        else:
+            scores = await self.blocking.run(score_features, features, popularity, max_popularity, self.weights,
+                                             drift, churn, co_purchases)
         reply = ranking_pb2.RankResponse()
         for position in top(scores, request.k):
             reply.candidates.add(item_id=request.candidates[position].item_id, score=float(scores[position]))
