@@ -97,5 +97,17 @@ class EventStore(Protocol):
     def count(self) -> int:
         ...
 
+    def user_version(self, user_id: str) -> int | None:
+        """A number that moves whenever the shopper's events change, through
+        any process; None where only this process writes (SQLite), whose
+        cache is dropped by its own ingest."""
+        ...
+
+    def shared_signals(self):
+        """(popularity, co-purchases) kept by the store as events are
+        appended and read from it, the same for every process sharing it
+        (Redis); None where the caller counts them in memory (SQLite)."""
+        ...
+
     def close(self) -> None:
         ...

@@ -9,6 +9,9 @@ missing) or the one RECSYS_REDIS_SERVER names.
     with LocalRedis(tmp_dir) as server:
         store = RedisEventStore(server.url)
 
+LocalRedisCluster starts several such servers as the masters of one Redis
+Cluster (slots split evenly, no replicas), for the cluster tests.
+
 CLI: `python -m recsys_core.store.local_redis --dir var/redis --port 6379` serves until Ctrl-C.
 """
 from __future__ import annotations
@@ -27,8 +30,10 @@ DURABLE_ARGS = ("--appendonly", "yes", "--appendfsync", "always", "--save", "")
 # What the profile service's ACL user may do: its own keys only; reads, writes,
 # its Lua write script, transactions, and the two checks it makes at start
 # (INFO, CONFIG GET for the persistence settings). Nothing dangerous else.
+# In a Redis Cluster it also reads the slot map (CLUSTER SLOTS/SHARDS) and
+# follows ASK redirections while slots move.
 PROFILE_ACL = ("-@all +@read +@write +@scripting +@transaction +@connection -@dangerous "
-               "+info +config|get")
+               "+info +config|get +cluster|slots +cluster|shards +cluster|myid +asking")
 PROFILE_KEYS = ("recsys:profile:*",)
 
 
@@ -171,6 +176,78 @@ class LocalRedis:
 
     def __enter__(self) -> "LocalRedis":
         return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+CLUSTER_SLOTS = 16384
+
+
+class LocalRedisCluster:
+    """`masters` LocalRedis servers with cluster-enabled yes, joined into one
+    cluster: slots assigned with CLUSTER ADDSLOTSRANGE, nodes introduced with
+    CLUSTER MEET (no redis-cli needed). Same ACL users and durable settings on
+    every node; `url` is the profile user's URL of the first node, which
+    RedisCluster uses as its seed, and `nodes` all of them."""
+
+    def __init__(self, directory: Path | str, masters: int = 3, profile_keys: tuple[str, ...] = PROFILE_KEYS,
+                 passwords: dict[str, str] | None = None):
+        self.passwords = passwords or make_passwords()
+        self.servers = [
+            LocalRedis(Path(directory) / f"node{n}", profile_keys=profile_keys, passwords=self.passwords,
+                       extra_args=("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                                   "--cluster-node-timeout", "5000"))
+            for n in range(masters)
+        ]
+
+    @property
+    def url(self) -> str:
+        return self.servers[0].url
+
+    @property
+    def admin_url(self) -> str:
+        return self.servers[0].admin_url
+
+    @property
+    def nodes(self) -> list[str]:
+        return [f"{HOST}:{server.port}" for server in self.servers]
+
+    def start(self, timeout: float = 30.0) -> "LocalRedisCluster":
+        import redis
+
+        for server in self.servers:
+            server.start()
+        admins = [redis.Redis.from_url(server.admin_url, decode_responses=True) for server in self.servers]
+        try:
+            if admins[0].cluster("info").get("cluster_state") != "ok":
+                share = CLUSTER_SLOTS // len(self.servers)
+                for n, admin in enumerate(admins):
+                    last = CLUSTER_SLOTS - 1 if n == len(admins) - 1 else (n + 1) * share - 1
+                    admin.execute_command("CLUSTER", "ADDSLOTSRANGE", n * share, last)
+                for server in self.servers[1:]:
+                    admins[0].execute_command("CLUSTER", "MEET", HOST, server.port)
+            give_up = time.monotonic() + timeout
+            while not all(admin.cluster("info").get("cluster_state") == "ok"
+                          and len(admin.cluster("slots")) == len(admins) for admin in admins):
+                if time.monotonic() > give_up:
+                    raise TimeoutError(f"Redis Cluster on {self.nodes} not ok within {timeout:.0f}s")
+                time.sleep(0.1)
+        finally:
+            for admin in admins:
+                admin.close()
+        return self
+
+    def stop(self) -> None:
+        for server in self.servers:
+            server.stop()
+
+    def __enter__(self) -> "LocalRedisCluster":
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
 
     def __exit__(self, *exc) -> None:
         self.stop()

@@ -100,6 +100,9 @@ class Profile:
     model_interest: np.ndarray | None = None
     value: ValueForecast | None = None
     preferences: Preferences | None = None
+    # The store's user_version() when the profile was read: a cached profile
+    # whose shopper changed through another replica is read again.
+    version: int | None = None
 
 
 def check_user_id(user_id: str, field_name: str = "user_id") -> str:
@@ -169,10 +172,18 @@ class ProfileBook:
         self.value_clock = value_clock
         # Latest event time per category: the "now" of a historical data set.
         self._clocks = dict(category_clocks or {})
-        self.popularity = Popularity()
-        self.popularity.add_many(store.item_counts())
-        self.co_purchases = CoPurchases()
-        self.co_purchases.add_many(store.user_items())
+        shared = store.shared_signals()
+        # With a shared store (Redis) the counts live in it, kept by append()
+        # and read by every replica alike; otherwise (SQLite, one process)
+        # they are counted here, in memory, from the store at start.
+        self._count_locally = shared is None
+        if shared is None:
+            self.popularity = Popularity()
+            self.popularity.add_many(store.item_counts())
+            self.co_purchases = CoPurchases()
+            self.co_purchases.add_many(store.user_items())
+        else:
+            self.popularity, self.co_purchases = shared
         self.item_cache = ItemCache()
         self._profiles: OrderedDict[str, Profile] = OrderedDict()
         self._profile_cache_size = profile_cache_size
@@ -237,9 +248,10 @@ class ProfileBook:
         ]
         stored = self.store.append(rows)
         new_rows = [row for row, is_new in zip(rows, stored) if is_new]
-        for row in new_rows:
-            self.popularity.add(row.item_id, row.category)
-            self.co_purchases.add(row.user_id, row.item_id, row.category)
+        if self._count_locally:
+            for row in new_rows:
+                self.popularity.add(row.item_id, row.category)
+                self.co_purchases.add(row.user_id, row.item_id, row.category)
         with self._cache_lock:
             for row in new_rows:
                 self._clocks[row.category] = max(self._clocks.get(row.category, row.ts), row.ts)
@@ -321,7 +333,9 @@ class ProfileBook:
             cached = self._profiles.get(user_id)
             if cached is not None:
                 self._profiles.move_to_end(user_id)
-        if cached is not None:
+        # Read before the events: a write in between makes the next read fresh.
+        version = self.store.user_version(user_id)
+        if cached is not None and cached.version == version:
             return self._with_current_value(cached)
         events = self.store.user_events(user_id, limit=self.interest_window)
         if not events:
@@ -346,6 +360,7 @@ class ProfileBook:
             model_interest=shopper_interest([e.item_id for e in events], vectors, self.user_tower, timeout),
             value=self._value(user_id, events, count, per_category),
             preferences=review_preferences,
+            version=version,
         )
         with self._cache_lock:
             self._profiles[user_id] = profile
@@ -378,7 +393,8 @@ class ProfileBook:
         # Ties break by item id so every replica answers alike.
         top = self.co_purchases.most_shared(list(anchors) or seen[:CO_PURCHASE_HISTORY], k, categories,
                                             exclude=excluded, leave_out_user=user_id)
-        return [(item_id, self.co_purchases.category(item_id), shoppers) for item_id, shoppers in top]
+        category_of = self.co_purchases.categories_of([item_id for item_id, _ in top])
+        return [(item_id, category_of.get(item_id, ""), shoppers) for item_id, shoppers in top]
 
     def shopper_signals(self, user_id: str, timeout: Callable[[], float], co_purchase_k: int, categories: Sequence[str],
                         exclude: Sequence[str], anchors: Sequence[str], include_seen: bool,
@@ -412,4 +428,4 @@ class ProfileBook:
     def item_popularity(self, item_ids: Sequence[str]) -> tuple[list[int], int]:
         if len(item_ids) > MAX_POPULAR_K * 10:
             raise InvalidArgument("item_ids", f"at most {MAX_POPULAR_K * 10} ids per request")
-        return self.popularity.counts(item_ids), self.popularity.max_count()
+        return self.popularity.counts_and_max(item_ids)

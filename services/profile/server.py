@@ -81,7 +81,7 @@ def load_value_model(config: ProfileConfig) -> ValueModel | None:
 
 
 def load_book(config: ProfileConfig) -> ProfileBook:
-    store = open_store(config)
+    store = open_store(config, sweep=True)
     clocks: dict[str, int] = {}
     if config.data_path is not None:
         clocks.update(load_dataset_events(store, config.data_path))
