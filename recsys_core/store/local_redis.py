@@ -194,10 +194,13 @@ class LocalRedisCluster:
     def __init__(self, directory: Path | str, masters: int = 3, profile_keys: tuple[str, ...] = PROFILE_KEYS,
                  passwords: dict[str, str] | None = None):
         self.passwords = passwords or make_passwords()
+        self.bus_ports = [free_port() for _ in range(masters)]
         self.servers = [
             LocalRedis(Path(directory) / f"node{n}", profile_keys=profile_keys, passwords=self.passwords,
+                       # The bus port on a free port of its own: the default,
+                       # port + 10000, may be taken or past 65535.
                        extra_args=("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
-                                   "--cluster-node-timeout", "5000"))
+                                   "--cluster-node-timeout", "5000", "--cluster-port", str(self.bus_ports[n])))
             for n in range(masters)
         ]
 
@@ -225,8 +228,8 @@ class LocalRedisCluster:
                 for n, admin in enumerate(admins):
                     last = CLUSTER_SLOTS - 1 if n == len(admins) - 1 else (n + 1) * share - 1
                     admin.execute_command("CLUSTER", "ADDSLOTSRANGE", n * share, last)
-                for server in self.servers[1:]:
-                    admins[0].execute_command("CLUSTER", "MEET", HOST, server.port)
+                for server, bus_port in zip(self.servers[1:], self.bus_ports[1:]):
+                    admins[0].execute_command("CLUSTER", "MEET", HOST, server.port, bus_port)
             give_up = time.monotonic() + timeout
             while not all(admin.cluster("info").get("cluster_state") == "ok"
                           and len(admin.cluster("slots")) == len(admins) for admin in admins):

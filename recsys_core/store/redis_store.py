@@ -244,8 +244,12 @@ for _ = 1, tonumber(ARGV[1]) do
           redis.call('ZREM', key, item)
         end
       end
-      redis.call('HSET', KEYS[2], item, category)
-      redis.call('SADD', KEYS[5], category)
+      if events > 0 then
+        redis.call('HSET', KEYS[2], item, category)
+        redis.call('SADD', KEYS[5], category)
+      elseif redis.call('ZCARD', zset) == 0 then
+        redis.call('SREM', KEYS[5], category)  -- its last events were forgotten
+      end
       redis.call('INCRBY', KEYS[4], events)
     end
     a = a + 4
