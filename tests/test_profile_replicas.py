@@ -181,3 +181,134 @@ def test_concurrent_writers_on_several_handles_count_exactly(open_shared_store):
         thread.join(120)
     assert not errors
     assert_same_counts(stores[0], events)
+
+
+# -- two real profile servers on one store --------------------------------------------
+
+import grpc  # noqa: E402
+
+from recsys.common.v1 import common_pb2  # noqa: E402
+from recsys.profile.v1 import profile_pb2, profile_pb2_grpc  # noqa: E402
+from tests.conftest import secured, service_channel, start  # noqa: E402
+
+
+@pytest.fixture(scope="module", params=REDIS_SETUPS)
+def replicas(request, stack):
+    """Two profile servers (replicas A and B) on one fresh Redis store: on
+    one server, then on the 3-master cluster. No data set is loaded: the
+    tests' own events are all there is, so every count is known exactly."""
+    from services.profile.config import ProfileConfig
+    from services.profile.server import create_server as create_profile
+
+    if request.param == "redis":
+        url, mode = request.getfixturevalue("redis_server").url, "single"
+    else:
+        url, mode = request.getfixturevalue("redis_cluster").url, "cluster"
+    config = ProfileConfig(address="127.0.0.1:0", store="redis", redis_url=url, redis_mode=mode,
+                           redis_prefix=unique_redis_prefix(), data_dir="", retail_dir="",
+                           embedding_address=stack.embedding, **secured("profile"))
+    servers = [start(create_profile(config)) for _ in range(2)]
+    channels = [service_channel(address, "profile") for _, address in servers]
+    yield [profile_pb2_grpc.ProfileServiceStub(channel) for channel in channels]
+    for channel in channels:
+        channel.close()
+    for server, _ in servers:
+        server.stop(None)
+
+
+def event_of(user_id, item_id, key="", type_=common_pb2.EVENT_TYPE_PURCHASE):
+    return common_pb2.Event(user_id=user_id, item_id=item_id, type=type_, idempotency_key=key)
+
+
+def ingest(stub, events):
+    reply = stub.IngestEvents(profile_pb2.IngestEventsRequest(events=events), timeout=30)
+    return reply.accepted, reply.duplicates
+
+
+def popularity_of(stub, item_ids):
+    reply = stub.GetItemPopularity(profile_pb2.GetItemPopularityRequest(item_ids=item_ids), timeout=10)
+    return list(reply.events), reply.max_events
+
+
+def co_purchased(stub, user_id, k=20):
+    reply = stub.GetCoPurchasedItems(profile_pb2.GetCoPurchasedItemsRequest(user_id=user_id, k=k), timeout=10)
+    return [(i.item_id, i.category, i.shoppers) for i in reply.items]
+
+
+def test_what_one_replica_ingests_the_other_serves(replicas, dataset):
+    a, b = replicas
+    items = dataset.items.item_id.iloc[100:104].tolist()
+    category = dict(zip(dataset.items.item_id, dataset.items.category))
+    assert ingest(a, [event_of("alice", items[0])]) == (1, 0)
+    profile = b.GetProfile(profile_pb2.GetProfileRequest(user_id="alice"), timeout=10)
+    assert profile.known and profile.event_count == 1  # B caches alice's profile now
+    assert ingest(a, [event_of("alice", items[1]), event_of("bob", items[0]), event_of("bob", items[2])]) == (3, 0)
+    profile = b.GetProfile(profile_pb2.GetProfileRequest(user_id="alice"), timeout=10)
+    assert profile.event_count == 2 and profile.recent_history[0].item_id == items[1], \
+        "B's cached profile follows what A ingested"
+    assert popularity_of(b, items) == ([2, 1, 1, 0], 2)
+    popular = b.GetPopularItems(profile_pb2.GetPopularItemsRequest(k=3), timeout=10).items
+    assert [(p.item_id, p.events) for p in popular] == [(items[0], 2)] + sorted([(items[1], 1), (items[2], 1)])
+    # Bob bought items[0] beside items[2]: alice, who has items[0], is offered items[2].
+    assert co_purchased(b, "alice") == [(items[2], category[items[2]], 1)]
+    assert co_purchased(a, "alice") == co_purchased(b, "alice")
+    code = None
+    try:
+        b.GetPopularItems(profile_pb2.GetPopularItemsRequest(k=3, categories=["No_Such_Category"]), timeout=10)
+    except grpc.RpcError as error:
+        code = error.code()
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_one_event_sent_to_both_replicas_is_counted_once(replicas, dataset):
+    a, b = replicas
+    item_id = dataset.items.item_id.iloc[110]
+    before, _ = popularity_of(a, [item_id])
+    for n in range(5):
+        event = event_of("carol", item_id, key=f"carol-order-{n}")
+        calls = [stub.IngestEvents.future(profile_pb2.IngestEventsRequest(events=[event]), timeout=30)
+                 for stub in (a, b, a, b)]
+        replies = sorted((call.result().accepted, call.result().duplicates) for call in calls)
+        assert replies == [(0, 1), (0, 1), (0, 1), (1, 0)], f"carol-order-{n}: {replies}"
+    assert popularity_of(b, [item_id])[0] == [before[0] + 5]
+    assert b.GetProfile(profile_pb2.GetProfileRequest(user_id="carol"), timeout=10).event_count == 5
+
+
+def test_concurrent_ingestion_through_both_replicas_counts_exactly(replicas, dataset):
+    """Several clients send keyed batches, each batch through both replicas
+    at about the same time (a retry to the other replica): afterwards both
+    replicas give the counts of the events once each."""
+    a, b = replicas
+    rng = random.Random(5)
+    pool = dataset.items.iloc[200:230]
+    category = dict(zip(pool.item_id, pool.category))
+    shoppers = [f"concurrent-{n}" for n in range(6)]
+    events = [event_of(rng.choice(shoppers), rng.choice(list(category)), key=f"c-{n}") for n in range(180)]
+    batches = [events[start:start + 5] for start in range(0, len(events), 5)]
+    errors = []
+
+    def client(number):
+        try:
+            for batch in batches[number::4]:
+                for stub in ((a, b) if rng.random() < 0.5 else (b, a)):
+                    ingest(stub, batch)
+        except Exception as error:  # reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(300)
+    assert not errors
+    popularity, pairs = in_memory_counts([StoredEvent(e.user_id, e.item_id, category[e.item_id], e.type, 0)
+                                          for e in events])
+    items = sorted(category)
+    for stub in (a, b):
+        assert popularity_of(stub, items)[0] == popularity.counts(items)
+        for shopper in shoppers:
+            seen = sorted({e.item_id for e in events if e.user_id == shopper})
+            expected = pairs.most_shared(seen, 20, exclude=seen, leave_out_user=shopper)
+            assert co_purchased(stub, shopper) == [(i, category[i], n) for i, n in expected]
+            count = stub.GetProfile(profile_pb2.GetProfileRequest(user_id=shopper), timeout=10).event_count
+            assert count == sum(1 for e in events if e.user_id == shopper)

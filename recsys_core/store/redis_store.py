@@ -433,8 +433,8 @@ class RedisEventStore(EventStore):
         except redis.exceptions.OutOfMemoryError as exc:
             # Refused before the script ran (it lacks the allow-oom flag): nothing stored.
             raise ResourceExhausted(f"event store (Redis) is out of memory, nothing stored: {exc}") from exc
-        except redis.exceptions.ClusterDownError as exc:
-            raise Unavailable(f"event store (Redis Cluster) is down: {exc}") from exc
+        except (redis.exceptions.ClusterDownError, redis.exceptions.RedisClusterException) as exc:
+            raise Unavailable(f"event store (Redis Cluster) unavailable: {exc}") from exc
 
     def _primaries(self) -> dict:
         return {"target_nodes": RedisCluster.PRIMARIES} if self.mode == "cluster" else {}
@@ -641,7 +641,9 @@ class RedisEventStore(EventStore):
             try:
                 while self.settle_pending(limit=1000) == 1000 and not self._stop.is_set():
                     pass
-            except Exception:  # the next round tries again
+            except Unavailable as error:  # the next round tries again
+                log.warning("pending count updates not applied this round: %s", error)
+            except Exception:
                 log.exception("applying pending count updates failed")
 
     def bulk_load(self, events: Iterable[StoredEvent], total: int, marker: str, show_progress: bool = True) -> bool:

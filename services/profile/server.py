@@ -131,6 +131,7 @@ def create_server(config: ProfileConfig) -> tuple[ManagedServer, int]:
     register_metrics(server)
     servicer = ProfileServicer(server.readiness, config, server.blocking)
     server.add(profile_pb2_grpc.add_ProfileServiceServicer_to_server, servicer)
+    server.after_drain(servicer.close)
     server.readiness.start(lambda: servicer.attach(load_book(config)))
     return server, port
 
