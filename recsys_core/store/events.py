@@ -54,7 +54,8 @@ class EventStore(Protocol):
 
     Every implementation keeps these promises, and tests/test_profile_domain.py
     checks them against each one:
-    - append() is all-or-nothing and durable once it returns;
+    - append() is all-or-nothing and durable once it returns (on a Redis
+      Cluster all-or-nothing per shopper: no transaction spans slots);
     - an idempotency key is stored at most once, even by concurrent appends;
     - a shopper's events come back in the order they were appended.
     """

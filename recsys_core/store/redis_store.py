@@ -61,6 +61,15 @@ counter either applies op n before it or finds it there). `{pend}` entries
 are removed only when their shopper's pending list is empty and they were
 not touched since they were read.
 
+On one server, step 1 for all the shoppers of a batch runs in one
+MULTI/EXEC: the batch is stored whole or not at all, also when Redis dies
+while writing it (an unfinished MULTI/EXEC block at the end of the AOF is
+dropped on restart). On a cluster no transaction spans slots: a batch over
+several shoppers is stored whole per shopper, and a crash between two
+shoppers' scripts leaves some stored and the caller with an error; its
+re-send with the same idempotency keys stores the rest and nothing twice
+(send keys, or one shopper per batch, where that matters).
+
 Idempotency keys are per shopper (a retry always carries the same shopper):
 the same key from two shoppers stores both events. Two replicas that get the
 same event at once store it once: step 1 is atomic in the shopper's slot.
@@ -506,13 +515,17 @@ class RedisEventStore(EventStore):
 
     # -- writing -----------------------------------------------------------
 
-    def _run_scripts(self, calls: list[tuple]) -> list:
+    def _run_scripts(self, calls: list[tuple], atomic: bool = False) -> list:
         """(script, keys, args) calls, each in one slot: pipelined on one
-        server; one after the other on a cluster (redis-py does not pipeline
-        scripts across a cluster's nodes)."""
+        server (`atomic`: in one MULTI/EXEC, which Redis runs and writes to
+        its AOF as one block); one after the other on a cluster (redis-py
+        does not pipeline scripts across a cluster's nodes, and no
+        transaction spans slots)."""
         if self.mode == "cluster" or len(calls) == 1:
             return [self._guard(script, keys, args) for script, keys, args in calls]
-        with self._writer.pipeline(transaction=False) as pipe:
+        # The pipeline loads missing scripts before MULTI, so no EVALSHA in
+        # the transaction fails on NOSCRIPT alone.
+        with self._writer.pipeline(transaction=atomic) as pipe:
             for script, keys, args in calls:
                 script(keys, args, client=pipe)
             return self._guard(pipe.execute)
@@ -536,7 +549,9 @@ class RedisEventStore(EventStore):
                     e.review or "",
                 ))
             calls.append((self._store, self._user_keys(user_id), args))
-        replies = self._run_scripts(calls)
+        # On one server a batch over several shoppers is stored whole or not
+        # at all; on a cluster, whole per shopper (module docstring).
+        replies = self._run_scripts(calls, atomic=True)
         return {user_id: (_lua_list(flags), [json.loads(r) for r in _lua_list(pending)])
                 for user_id, (flags, pending) in zip(batches, replies)}
 
