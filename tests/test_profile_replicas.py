@@ -122,10 +122,10 @@ def test_a_crash_between_storing_and_counting_loses_no_count_and_counts_none_twi
     # Dies after the counts are applied, before they leave the pending list.
     real_run = crashed._run_scripts
 
-    def run_then_crash_before_done(calls):
+    def run_then_crash_before_done(calls, **kwargs):
         if calls and calls[0][0] is crashed._done:
             raise Crash
-        return real_run(calls)
+        return real_run(calls, **kwargs)
 
     monkeypatch.setattr(crashed, "_run_scripts", run_then_crash_before_done)
     with pytest.raises(Crash):
