@@ -20,7 +20,8 @@ that decides the slot:
                              updates numbered per shopper), bulk:<marker>
                              (the last position of a bulk load stored)
     {u:<user>}:p     list    pending count updates: JSON [op, [[item, category,
-                             events]...], [[new item, [items had before], +1]...]]
+                             events]...], [items new to the shopper], [items
+                             they had before], +1 (or -1: forget_user)]
     {pop}:all        zset    item_id -> -events (negated: ties come in item id order)
     {pop}:c:<cat>    zset    the same, per category
     {pop}:cat        hash    item_id -> category
@@ -149,7 +150,8 @@ local last = loaded
 local stored = {}
 local counts = {}
 local order = {}
-local pairs = {}
+local prior = nil
+local new_items = {}
 local added = 0
 for i = 0, n - 1 do
   local a = 3 + i * 6
@@ -177,7 +179,10 @@ for i = 0, n - 1 do
     redis.call('RPUSH', KEYS[1], seq .. ' ' .. ARGV[a + 4])
     redis.call('HINCRBY', KEYS[2], category, 1)
     if not redis.call('ZSCORE', KEYS[3], item) then
-      pairs[#pairs + 1] = {item, redis.call('ZRANGE', KEYS[3], 0, -1), 1}
+      if not prior then
+        prior = redis.call('ZRANGE', KEYS[3], 0, -1)
+      end
+      new_items[#new_items + 1] = item
     end
     redis.call('ZADD', KEYS[3], seq, item)
     if ARGV[a + 5] ~= '' then
@@ -199,7 +204,7 @@ if added > 0 then
   for _, entry in ipairs(order) do
     popularity[#popularity + 1] = {entry[1], entry[2], counts[entry[3]]}
   end
-  redis.call('RPUSH', KEYS[7], cjson.encode({op, popularity, pairs}))
+  redis.call('RPUSH', KEYS[7], cjson.encode({op, popularity, new_items, prior or {}, 1}))
 end
 if marker ~= '' and last > loaded then
   redis.call('HSET', KEYS[6], 'bulk:' .. marker, last)
@@ -227,10 +232,10 @@ if #records > 0 then
   for _, entry in ipairs(order) do
     popularity[#popularity + 1] = {entry[1], entry[2], counts[entry[3]]}
   end
-  -- '' for the item: every pair among the seen items, spelt out by the applier.
-  local pairs = {{'', redis.call('ZRANGE', KEYS[3], 0, -1), -1}}
+  -- Every pair among the seen items: all of them "new", none before, taken back.
+  local seen = redis.call('ZRANGE', KEYS[3], 0, -1)
   local op = redis.call('HINCRBY', KEYS[6], 'op', 1)
-  redis.call('RPUSH', KEYS[7], cjson.encode({op, popularity, pairs}))
+  redis.call('RPUSH', KEYS[7], cjson.encode({op, popularity, seen, {}, -1}))
   redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5])
   redis.call('HDEL', KEYS[6], 'seq')
 end
@@ -271,22 +276,24 @@ return 1
 """
 
 # Step 2, co-purchases of one item. KEYS: cp, done.
-# ARGV: ops, then per op: user, op, m, then m times (other item, change).
+# ARGV: the item, ops, then per op: user, op, change (+1, or -1 when
+# forgetting), the other items joined by newlines (the item itself among
+# them is skipped). Ids hold no control characters (they are refused at
+# ingestion), and one string per op keeps a basket of thousands cheap to send.
 _PAIRS_SCRIPT = """#!lua
-local a = 2
-for _ = 1, tonumber(ARGV[1]) do
-  local user, op, m = ARGV[a], tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
-  a = a + 3
-  local fresh = op > tonumber(redis.call('HGET', KEYS[2], user) or '0')
-  for _ = 1, m do
-    if fresh and redis.call('HINCRBY', KEYS[1], ARGV[a], ARGV[a + 1]) <= 0 then
-      redis.call('HDEL', KEYS[1], ARGV[a])
+local item = ARGV[1]
+local a = 3
+for _ = 1, tonumber(ARGV[2]) do
+  local user, op, change = ARGV[a], tonumber(ARGV[a + 1]), ARGV[a + 2]
+  if op > tonumber(redis.call('HGET', KEYS[2], user) or '0') then
+    for other in string.gmatch(ARGV[a + 3], '[^\\n]+') do
+      if other ~= item and redis.call('HINCRBY', KEYS[1], other, change) <= 0 then
+        redis.call('HDEL', KEYS[1], other)
+      end
     end
-    a = a + 2
-  end
-  if fresh then
     redis.call('HSET', KEYS[2], user, op)
   end
+  a = a + 4
 end
 return 1
 """
@@ -563,38 +570,31 @@ class RedisEventStore(EventStore):
             return
         categories: dict[str, int] = {}
         popularity_args: list = [0]
-        item_ops: dict[str, list] = defaultdict(list)  # item -> [user, op, m, (other, change)...] per op
+        item_ops: dict[str, list] = defaultdict(list)  # item -> (user, op, change, others) per op
         for user_id, records in pending.items():
-            for op, counts, pairs in sorted(records, key=lambda record: record[0]):
-                counts, pairs = _lua_list(counts), _lua_list(pairs)
+            for op, counts, new_items, prior, change in sorted(records, key=lambda record: record[0]):
+                counts, new_items, prior = _lua_list(counts), _lua_list(new_items), _lua_list(prior)
                 popularity_args[0] += 1
                 popularity_args.extend((user_id, op, len(counts)))
                 for item_id, category, events in counts:
                     index = categories.setdefault(category, 6 + len(categories))
                     popularity_args.extend((item_id, category, index, events))
-                changes: dict[str, dict[str, int]] = defaultdict(dict)
-                for item_id, others, change in pairs:
-                    others = _lua_list(others)
-                    if item_id == "":  # every pair among `others` (forget_user)
-                        for before, other in enumerate(others):
-                            for earlier in others[:before]:
-                                changes[earlier][other] = changes[earlier].get(other, 0) + change
-                                changes[other][earlier] = changes[other].get(earlier, 0) + change
-                        continue
-                    for other in others:
-                        changes[item_id][other] = changes[item_id].get(other, 0) + change
-                        changes[other][item_id] = changes[other].get(item_id, 0) + change
-                for item_id, row in changes.items():
-                    item_ops[item_id].append((user_id, op, row))
+                # Each new item pairs with every item had before and every
+                # other new one; each item had before with every new one.
+                if new_items:
+                    everything = "\n".join(prior + new_items)
+                    for item_id in new_items:
+                        item_ops[item_id].append((user_id, op, change, everything))
+                    joined_new = "\n".join(new_items)
+                    for item_id in prior:
+                        item_ops[item_id].append((user_id, op, change, joined_new))
         calls = [(self._popularity,
                   [self._pop[name] for name in ("all", "cat", "done", "n", "cats")]
                   + [self._category_key(c) for c in categories], popularity_args)]
         for item_id, ops in item_ops.items():
-            args: list = [len(ops)]
-            for user_id, op, row in ops:
-                args.extend((user_id, op, len(row)))
-                for other, change in row.items():
-                    args.extend((other, change))
+            args: list = [item_id, len(ops)]
+            for op_args in ops:
+                args.extend(op_args)
             calls.append((self._pairs, list(self._item_keys(item_id)), args))
         self._run_scripts(calls)
         self._run_scripts([(self._done, [self._user_keys(user_id)[6]], [max(r[0] for r in records)])
