@@ -302,9 +302,11 @@ def profile_backend(request, stack):
     from services.profile.server import create_server as create_profile
 
     server = request.getfixturevalue("redis_server")
+    # Without the retail set: its 6.9 million co-purchase counts take minutes
+    # to load into Redis, and no test here reads retail shoppers.
     config = ProfileConfig(address="127.0.0.1:0", store="redis", redis_url=server.url,
                            redis_prefix=unique_redis_prefix(), embedding_address=stack.embedding,
-                           **secured("profile"))
+                           retail_dir="", **secured("profile"))
     profile, address = start(create_profile(config))
     yield address
     profile.stop(None)
