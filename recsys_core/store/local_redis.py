@@ -12,7 +12,8 @@ missing) or the one RECSYS_REDIS_SERVER names.
 LocalRedisCluster starts several such servers as the masters of one Redis
 Cluster (slots split evenly, no replicas), for the cluster tests.
 
-CLI: `python -m recsys_core.store.local_redis --dir var/redis --port 6379` serves until Ctrl-C.
+CLI: `python -m recsys_core.store.local_redis --dir var/redis --port 6379` serves until Ctrl-C
+(`--cluster-masters 3`: a Redis Cluster of three masters on free ports).
 """
 from __future__ import annotations
 
@@ -260,13 +261,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dir", default="var/redis", help="where the append-only file lives")
     parser.add_argument("--port", type=int, default=6379)
+    parser.add_argument("--cluster-masters", type=int, default=0,
+                        help="start a Redis Cluster of this many masters on free ports instead")
     args = parser.parse_args(argv)
-    server = LocalRedis(args.dir, args.port).start()
-    print(f"redis-server on {HOST}:{server.port} (data in {args.dir}, ACL users in {server.acl_file}); "
-          f"PROFILE_STORE=redis PROFILE_REDIS_URL={server.url}",
-          flush=True)
+    if args.cluster_masters:
+        server = LocalRedisCluster(args.dir, masters=args.cluster_masters).start()
+        print(f"Redis Cluster on {','.join(server.nodes)} (data in {args.dir}); PROFILE_STORE=redis "
+              f"PROFILE_REDIS_MODE=cluster PROFILE_REDIS_URL={server.url}", flush=True)
+    else:
+        server = LocalRedis(args.dir, args.port).start()
+        print(f"redis-server on {HOST}:{server.port} (data in {args.dir}, ACL users in {server.acl_file}); "
+              f"PROFILE_STORE=redis PROFILE_REDIS_URL={server.url}",
+              flush=True)
     try:
-        server.process.wait()
+        (server.servers[0] if args.cluster_masters else server).process.wait()
     except KeyboardInterrupt:
         pass
     finally:
