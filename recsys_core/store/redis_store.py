@@ -99,6 +99,7 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Collection, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
 import redis
@@ -127,6 +128,9 @@ BULK_CHUNK = 1000
 # long; after it the background sweep applies them (the writer died).
 PENDING_GRACE_SECONDS = 30.0
 SWEEP_EVERY_SECONDS = 10.0
+# On a cluster, the scripts of one batch (one per shopper, per counter slot)
+# go out from this many threads at once.
+CLUSTER_WRITE_THREADS = 8
 # The layout version this module writes; older stores are refused (below).
 LAYOUT = "2"
 
@@ -427,6 +431,7 @@ class RedisEventStore(EventStore):
         self._meta = prefix + "meta"
         self._guard(self._check_server)
         self._guard(self._check_layout)
+        self._cluster_pool = ThreadPoolExecutor(max_workers=CLUSTER_WRITE_THREADS, thread_name_prefix="redis-store")
         self._stop = threading.Event()
         self._sweeper = None
         if sweep:
@@ -528,8 +533,13 @@ class RedisEventStore(EventStore):
         its AOF as one block); one after the other on a cluster (redis-py
         does not pipeline scripts across a cluster's nodes, and no
         transaction spans slots)."""
-        if self.mode == "cluster" or len(calls) == 1:
-            return [self._guard(script, keys, args) for script, keys, args in calls]
+        if len(calls) == 1:
+            script, keys, args = calls[0]
+            return [self._guard(script, keys, args)]
+        if self.mode == "cluster":
+            # Every call of one batch is on keys of its own, so their order
+            # does not matter: sent at once, from a few threads.
+            return list(self._cluster_pool.map(lambda call: self._guard(*call), calls))
         # The pipeline loads missing scripts before MULTI, so no EVALSHA in
         # the transaction fails on NOSCRIPT alone.
         with self._writer.pipeline(transaction=atomic) as pipe:
@@ -780,6 +790,7 @@ class RedisEventStore(EventStore):
         self._stop.set()
         if self._sweeper is not None:
             self._sweeper.join(5)
+        self._cluster_pool.shutdown(wait=True)
         self._writer.close()
         self._reader.close()
 
