@@ -530,7 +530,7 @@ class RedisEventStore(EventStore):
     def _run_scripts(self, calls: list[tuple], atomic: bool = False) -> list:
         """(script, keys, args) calls, each in one slot: pipelined on one
         server (`atomic`: in one MULTI/EXEC, which Redis runs and writes to
-        its AOF as one block); one after the other on a cluster (redis-py
+        its AOF as one block); each its own call on a cluster (redis-py
         does not pipeline scripts across a cluster's nodes, and no
         transaction spans slots)."""
         if len(calls) == 1:
