@@ -213,6 +213,8 @@ def gateway_config_for(stack):
 # -- the profile service's event stores -------------------------------------------
 
 STORE_BACKENDS = ("sqlite", "redis")
+# The event-store suite runs on a Redis Cluster too.
+STORE_SETUPS = ("sqlite", "redis", "redis-cluster")
 
 
 @pytest.fixture(scope="session")
@@ -232,6 +234,19 @@ def redis_server(tmp_path_factory):
         yield server
 
 
+@pytest.fixture(scope="session")
+def redis_cluster(redis_server, tmp_path_factory):
+    """A real Redis Cluster of 3 masters (redis-server with cluster-enabled
+    yes, durable as the store requires, the same ACL users), on free loopback
+    ports, shared by the session; tests keep apart by key prefix. Needs
+    `redis_server` only to skip (fail in CI) without redis-server."""
+    from recsys_core.store.local_redis import LocalRedisCluster
+
+    with LocalRedisCluster(tmp_path_factory.mktemp("redis-cluster"), masters=3,
+                           profile_keys=("recsys:profile:*", "test:*")) as cluster:
+        yield cluster
+
+
 def unique_redis_prefix() -> str:
     import uuid
 
@@ -246,6 +261,7 @@ class StoreOpener:
     path: str = ""
     redis_url: str = ""
     prefix: str = ""
+    redis_mode: str = "single"
 
     def __post_init__(self):
         self.opened = []
@@ -255,17 +271,21 @@ class StoreOpener:
         from recsys_core.store.backends import open_store
 
         store = open_store(ProfileConfig(store=self.backend, store_path=self.path, redis_url=self.redis_url,
-                                         redis_prefix=self.prefix))
+                                         redis_prefix=self.prefix, redis_mode=self.redis_mode))
         self.opened.append(store)
         return store
 
 
-@pytest.fixture(params=STORE_BACKENDS)
+@pytest.fixture(params=STORE_SETUPS)
 def open_event_store(request, tmp_path):
-    """Opens stores of the parameter's backend on one fresh storage."""
+    """Opens stores of the parameter's backend on one fresh storage: SQLite,
+    one Redis server, a Redis Cluster."""
     if request.param == "redis":
         server = request.getfixturevalue("redis_server")
         opener = StoreOpener("redis", redis_url=server.url, prefix=unique_redis_prefix())
+    elif request.param == "redis-cluster":
+        cluster = request.getfixturevalue("redis_cluster")
+        opener = StoreOpener("redis", redis_url=cluster.url, prefix=unique_redis_prefix(), redis_mode="cluster")
     else:
         opener = StoreOpener("sqlite", path=str(tmp_path / "events.sqlite3"))
     yield opener
@@ -275,7 +295,7 @@ def open_event_store(request, tmp_path):
 
 @pytest.fixture
 def event_store(open_event_store):
-    """A fresh, empty event store: once SQLite, once Redis."""
+    """A fresh, empty event store: once SQLite, once Redis, once a Redis Cluster."""
     return open_event_store()
 
 
@@ -290,9 +310,11 @@ def profile_backend(request, stack):
     from services.profile.server import create_server as create_profile
 
     server = request.getfixturevalue("redis_server")
+    # Without the retail set: its 6.9 million co-purchase counts take minutes
+    # to load into Redis, and no test here reads retail shoppers.
     config = ProfileConfig(address="127.0.0.1:0", store="redis", redis_url=server.url,
                            redis_prefix=unique_redis_prefix(), embedding_address=stack.embedding,
-                           **secured("profile"))
+                           retail_dir="", **secured("profile"))
     profile, address = start(create_profile(config))
     yield address
     profile.stop(None)

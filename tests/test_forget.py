@@ -1,7 +1,7 @@
 """Forgetting a shopper (issue #17, part 4): DeleteUser on the gateway and the
 profile service, every store and every read path.
 
-The stores (both backends): forget_user removes the events and every count
+The stores (SQLite, one Redis server, a Redis Cluster): forget_user removes the events and every count
 made of them, leaves nothing of the shopper readable in the storage, keeps a
 tombstone that bulk loads and late events respect, and is idempotent. The
 services: after a DeleteUser no read path returns anything of the shopper,
@@ -10,7 +10,7 @@ events, and a restart (also one that loads the data set again) does not bring
 them back. Who may ask, and the audit line.
 
 Destructive: the servers here are this module's own (a profile service on its
-own store, once per backend, and a gateway in front of it), beside the
+own store, once per store setup, and a gateway in front of it), beside the
 session stack's embedding and ranking services.
 """
 from __future__ import annotations
@@ -34,7 +34,7 @@ from recsys_core.signals.copurchase import CoPurchases
 from recsys_core.store.events import PURCHASE, StoredEvent, tombstone_of
 from services.profile.popularity import Popularity
 from tests.conftest import (
-    STORE_BACKENDS, admin_token, gateway_channel, secured, service_channel, start, tls_material, unique_redis_prefix,
+    STORE_SETUPS, admin_token, gateway_channel, secured, service_channel, start, tls_material, unique_redis_prefix,
 )
 
 REVIEW = "zebra-striped marmalade umbrella, would forget again"
@@ -98,42 +98,20 @@ def test_nothing_of_a_forgotten_shopper_is_left_in_the_storage(open_event_store)
         assert tombstone_of("victim").encode() in raw
         return
     import redis
+    from redis.cluster import RedisCluster
 
-    client = redis.Redis.from_url(open_event_store.redis_url, decode_responses=True)
+    client = (RedisCluster if open_event_store.redis_mode == "cluster" else redis.Redis).from_url(
+        open_event_store.redis_url, decode_responses=True)
     everything = []
     for key in client.scan_iter(match=open_event_store.prefix + "*"):
         kind = client.type(key)
         value = {"string": client.get, "hash": client.hgetall, "list": lambda k: client.lrange(k, 0, -1),
-                 "zset": lambda k: client.zrange(k, 0, -1, withscores=True)}[kind](key)
+                 "set": client.smembers, "zset": lambda k: client.zrange(k, 0, -1, withscores=True)}[kind](key)
         everything.append(f"{key} {value}")
     dump = "\n".join(everything)
     assert "victim" not in dump and REVIEW not in dump
     assert tombstone_of("victim") in dump
     assert "other" in dump  # the dump does show shoppers' keys: the check can fail
-
-
-def test_redis_forgets_the_keys_of_records_written_before_they_carried_them(open_event_store):
-    """Stores written by earlier versions: the idempotency key is not in the
-    record, and forgetting finds it in the `idem` hash by sequence number."""
-    if open_event_store.backend != "redis":
-        pytest.skip("the record format of the Redis store")
-    import json
-
-    import redis
-
-    store = open_event_store()
-    store.append(shoppers_events())
-    client = redis.Redis.from_url(open_event_store.redis_url, decode_responses=True)
-    events_key = open_event_store.prefix + "u:victim:e"
-    old = []
-    for record in client.lrange(events_key, 0, -1):
-        number, _, payload = record.partition(" ")
-        old.append(f"{number} {json.dumps(json.loads(payload)[:7], separators=(',', ':'))}")
-    client.delete(events_key)
-    client.rpush(events_key, *old)
-    client.hset(open_event_store.prefix + "idem", "other-key", "5")  # another shopper's: stays
-    assert store.forget_user("victim") == 4
-    assert client.hgetall(open_event_store.prefix + "idem") == {"other-key": "5"}
 
 
 def test_a_bulk_load_skips_forgotten_shoppers_and_late_events_are_dropped(open_event_store):
@@ -265,6 +243,10 @@ def profile_config(backend, request, tmp_path, data_dir):
     if backend == "redis":
         server = request.getfixturevalue("redis_server")
         return ProfileConfig(store="redis", redis_url=server.url, redis_prefix=unique_redis_prefix(), **base)
+    if backend == "redis-cluster":
+        cluster = request.getfixturevalue("redis_cluster")
+        return ProfileConfig(store="redis", redis_url=cluster.url, redis_mode="cluster",
+                             redis_prefix=unique_redis_prefix(), **base)
     return ProfileConfig(store_path=str(tmp_path / "events.sqlite3"), **base)
 
 
@@ -294,7 +276,7 @@ def co_purchase_reply(stub, user_id, anchors):
     return [(i.item_id, i.category, i.shoppers) for i in reply.items]
 
 
-@pytest.fixture(scope="module", params=STORE_BACKENDS)
+@pytest.fixture(scope="module", params=STORE_SETUPS)
 def world(request, tmp_path_factory):
     """A profile service on its own store of the bundled data, a gateway in
     front of it; what every read path says about the victim before, then the

@@ -34,7 +34,8 @@ from services.ranking.config import RankingConfig
 
 REPO = Path(__file__).resolve().parent.parent
 K8S = REPO / "k8s"
-OVERLAYS = ("cpu", "gpu")
+# cpu-redis: the cpu overlay with profile on the Redis store, as stateless replicas.
+OVERLAYS = ("cpu", "gpu", "cpu-redis")
 TOOLS = REPO / ".tools" / "bin"
 KUBERNETES_VERSION = "1.30.0"
 SCHEMAS = K8S / "schemas" / f"v{KUBERNETES_VERSION}-standalone-strict"
@@ -250,10 +251,20 @@ def test_prometheus_adapter_rule_is_valid_and_serves_the_triton_hpa_metric(k8s_t
 # --- structure ---------------------------------------------------------------
 
 
+def profile_store(manifests: Manifests) -> str:
+    return ProfileConfig.from_env(environment(manifests, manifests.workload("profile"))).store
+
+
+def stateful(manifests: Manifests) -> tuple[str, ...]:
+    """profile keeps a SQLite volume of its own, unless it runs on the Redis
+    store: then its replicas hold no state (a Deployment with an HPA)."""
+    return tuple(c for c in STATEFUL if not (c == "profile" and profile_store(manifests) == "redis"))
+
+
 def test_every_component_has_its_objects(manifests):
     for component in COMPONENTS:
         workload = manifests.workload(component)
-        assert workload["kind"] == ("StatefulSet" if component in STATEFUL else "Deployment"), component
+        assert workload["kind"] == ("StatefulSet" if component in stateful(manifests) else "Deployment"), component
         account = manifests.get("ServiceAccount", component)
         assert account["automountServiceAccountToken"] is False
         spec = pod_spec(workload)
@@ -261,7 +272,7 @@ def test_every_component_has_its_objects(manifests):
         service = manifests.get("Service", component)
         assert manifests.selected(service["spec"]["selector"]) == [workload]
     assert all(o["metadata"].get("namespace") == NAMESPACE for o in manifests.objects if o["kind"] != "Namespace")
-    for component in STATEFUL:
+    for component in stateful(manifests):
         claims = manifests.workload(component)["spec"]["volumeClaimTemplates"]
         mounted = {m["name"] for c in containers(manifests.workload(component)) for m in c.get("volumeMounts", [])}
         assert {c["metadata"]["name"] for c in claims} <= mounted
@@ -345,10 +356,15 @@ def test_stateful_paths_and_caches_are_on_writable_volumes(manifests):
         return any(path == m or path.startswith(m.rstrip("/") + "/") for m in mounts)
 
     profile = manifests.workload("profile")
-    store = ProfileConfig.from_env(environment(manifests, profile)).store_path
-    claims = {c["metadata"]["name"] for c in profile["spec"]["volumeClaimTemplates"]}
-    store_mount = [m for c in containers(profile) for m in c["volumeMounts"] if store.startswith(m["mountPath"] + "/")]
-    assert store_mount and store_mount[0]["name"] in claims, "PROFILE_STORE_PATH is not on the claimed volume"
+    if profile_store(manifests) == "sqlite":
+        store = ProfileConfig.from_env(environment(manifests, profile)).store_path
+        claims = {c["metadata"]["name"] for c in profile["spec"]["volumeClaimTemplates"]}
+        store_mount = [m for c in containers(profile) for m in c["volumeMounts"]
+                       if store.startswith(m["mountPath"] + "/")]
+        assert store_mount and store_mount[0]["name"] in claims, "PROFILE_STORE_PATH is not on the claimed volume"
+    else:
+        # Stateless: every event is in Redis, nothing of the pod's is kept.
+        assert profile["kind"] == "Deployment" and "volumeClaimTemplates" not in profile["spec"]
     embedding = manifests.workload("embedding")
     env = environment(manifests, embedding)
     assert mounted(embedding, EmbeddingConfig.from_env(env).cache_dir)
@@ -382,7 +398,8 @@ def test_gateway_startup_probe_outlasts_its_wait_for_the_catalogue(manifests):
 
 def test_autoscalers_and_disruption_budgets(manifests):
     hpas = {h["spec"]["scaleTargetRef"]["name"]: h for h in manifests.of("HorizontalPodAutoscaler")}
-    assert set(hpas) == {"gateway", "embedding", "ranking", "triton"}
+    on_redis = profile_store(manifests) == "redis"
+    assert set(hpas) == {"gateway", "embedding", "ranking", "triton"} | ({"profile"} if on_redis else set())
     for name, hpa in hpas.items():
         target = hpa["spec"]["scaleTargetRef"]
         workload = manifests.workload(name)
@@ -405,8 +422,9 @@ def test_autoscalers_and_disruption_budgets(manifests):
     deployments = {d["metadata"]["name"] for d in manifests.of("Deployment")}
     assert deployments <= set(hpas) and deployments <= set(budgets)
     assert set(budgets) == deployments | {"profile"}
-    # profile runs one replica: its replicas keep state in memory (k8s/base/profile.yaml).
-    assert manifests.workload("profile")["spec"]["replicas"] == 1 and "profile" not in hpas
+    if not on_redis:
+        # On SQLite profile runs one replica: one writer on its own volume (k8s/base/profile.yaml).
+        assert manifests.workload("profile")["spec"]["replicas"] == 1 and "profile" not in hpas
 
 
 def test_gpu_overlay_puts_triton_and_faiss_on_gpus(overlay, manifests):

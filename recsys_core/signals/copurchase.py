@@ -261,6 +261,9 @@ class CoPurchases:
         row = self._row_of.get(item_id)
         return "" if row is None else self._category_names[self._codes[row]]
 
+    def categories_of(self, item_ids: Sequence[str]) -> dict[str, str]:
+        return {item_id: self.category(item_id) for item_id in item_ids}
+
     def related(self, history: Sequence[str], categories: Collection[str] = (), exclude: Collection[str] = (),
                 leave_out_user: str | None = None) -> dict[str, int]:
         """Items bought beside the history's items, with the shoppers behind

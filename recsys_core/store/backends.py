@@ -8,8 +8,10 @@ from recsys_core.store.redis_store import RedisEventStore
 from recsys_core.store.sqlite_store import SQLiteEventStore
 
 
-def open_store(config) -> EventStore:
-    """The store a ProfileConfig selects (PROFILE_STORE=sqlite|redis)."""
+def open_store(config, sweep: bool = False) -> EventStore:
+    """The store a ProfileConfig selects (PROFILE_STORE=sqlite|redis).
+    `sweep`: the Redis store applies count updates that a writer died
+    before applying (a serving profile replica sets it)."""
     if config.store == "redis":
         password = None
         password_file = getattr(config, "redis_password_file", "")
@@ -18,5 +20,7 @@ def open_store(config) -> EventStore:
 
             password = Path(password_file).read_text().strip()
         return RedisEventStore(config.redis_url, prefix=config.redis_prefix, durability=config.redis_durability,
-                               username=getattr(config, "redis_username", "") or None, password=password)
+                               username=getattr(config, "redis_username", "") or None, password=password,
+                               mode=getattr(config, "redis_mode", "single"),
+                               cluster_nodes=getattr(config, "redis_cluster_nodes", ()), sweep=sweep)
     return SQLiteEventStore(config.store_path)

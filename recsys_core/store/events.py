@@ -70,13 +70,18 @@ class EventStore(Protocol):
 
     Every implementation keeps these promises, and tests/test_profile_domain.py
     checks them against each one:
-    - append() is all-or-nothing and durable once it returns;
+    - append() is all-or-nothing and durable once it returns (on a Redis
+      Cluster all-or-nothing per shopper: no transaction spans slots);
     - an idempotency key is stored at most once, even by concurrent appends;
     - a shopper's events come back in the order they were appended;
     - forget_user() removes a shopper's events and every count made of them in
       one atomic step, and leaves a tombstone (tombstone_of, with the time):
       bulk_load() never stores a forgotten shopper's events, and append()
-      drops those dated before the forgetting (`superseded`).
+      drops those dated before the forgetting (`superseded`). The store's
+      counts are those of item_counts() and user_items(); a store with
+      shared_signals() (Redis) also takes the shopper's share off those, as
+      one more idempotent count update in the same step, applied before
+      forget_user() returns, so its caller must not subtract it again.
     """
 
     def append(self, events: Sequence[StoredEvent]) -> list[bool]:
@@ -128,6 +133,18 @@ class EventStore(Protocol):
         ...
 
     def count(self) -> int:
+        ...
+
+    def user_version(self, user_id: str) -> int | None:
+        """A number that moves whenever the shopper's events change, through
+        any process; None where only this process writes (SQLite), whose
+        cache is dropped by its own ingest."""
+        ...
+
+    def shared_signals(self):
+        """(popularity, co-purchases) kept by the store as events are
+        appended and read from it, the same for every process sharing it
+        (Redis); None where the caller counts them in memory (SQLite)."""
         ...
 
     def close(self) -> None:

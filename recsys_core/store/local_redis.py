@@ -9,7 +9,11 @@ missing) or the one RECSYS_REDIS_SERVER names.
     with LocalRedis(tmp_dir) as server:
         store = RedisEventStore(server.url)
 
-CLI: `python -m recsys_core.store.local_redis --dir var/redis --port 6379` serves until Ctrl-C.
+LocalRedisCluster starts several such servers as the masters of one Redis
+Cluster (slots split evenly, no replicas), for the cluster tests.
+
+CLI: `python -m recsys_core.store.local_redis --dir var/redis --port 6379` serves until Ctrl-C
+(`--cluster-masters 3`: a Redis Cluster of three masters on free ports).
 """
 from __future__ import annotations
 
@@ -27,8 +31,10 @@ DURABLE_ARGS = ("--appendonly", "yes", "--appendfsync", "always", "--save", "")
 # What the profile service's ACL user may do: its own keys only; reads, writes,
 # its Lua write script, transactions, and the two checks it makes at start
 # (INFO, CONFIG GET for the persistence settings). Nothing dangerous else.
+# In a Redis Cluster it also reads the slot map (CLUSTER SLOTS/SHARDS) and
+# follows ASK redirections while slots move.
 PROFILE_ACL = ("-@all +@read +@write +@scripting +@transaction +@connection -@dangerous "
-               "+info +config|get")
+               "+info +config|get +cluster|slots +cluster|shards +cluster|myid +asking")
 PROFILE_KEYS = ("recsys:profile:*",)
 # The embedding service's user: the shared catalogue (recsys_core/store/catalogue_redis.py)
 # and nothing else; the same commands as the profile's.
@@ -190,18 +196,100 @@ class LocalRedis:
         self.stop()
 
 
+CLUSTER_SLOTS = 16384
+
+
+class LocalRedisCluster:
+    """`masters` LocalRedis servers with cluster-enabled yes, joined into one
+    cluster: slots assigned with CLUSTER ADDSLOTSRANGE, nodes introduced with
+    CLUSTER MEET (no redis-cli needed). Same ACL users and durable settings on
+    every node; `url` is the profile user's URL of the first node, which
+    RedisCluster uses as its seed, and `nodes` all of them."""
+
+    def __init__(self, directory: Path | str, masters: int = 3, profile_keys: tuple[str, ...] = PROFILE_KEYS,
+                 passwords: dict[str, str] | None = None):
+        self.passwords = passwords or make_passwords()
+        self.bus_ports = [free_port() for _ in range(masters)]
+        self.servers = [
+            LocalRedis(Path(directory) / f"node{n}", profile_keys=profile_keys, passwords=self.passwords,
+                       # The bus port on a free port of its own: the default,
+                       # port + 10000, may be taken or past 65535.
+                       extra_args=("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                                   "--cluster-node-timeout", "5000", "--cluster-port", str(self.bus_ports[n])))
+            for n in range(masters)
+        ]
+
+    @property
+    def url(self) -> str:
+        return self.servers[0].url
+
+    @property
+    def admin_url(self) -> str:
+        return self.servers[0].admin_url
+
+    @property
+    def nodes(self) -> list[str]:
+        return [f"{HOST}:{server.port}" for server in self.servers]
+
+    def start(self, timeout: float = 30.0) -> "LocalRedisCluster":
+        import redis
+
+        for server in self.servers:
+            server.start()
+        admins = [redis.Redis.from_url(server.admin_url, decode_responses=True) for server in self.servers]
+        try:
+            if admins[0].cluster("info").get("cluster_state") != "ok":
+                share = CLUSTER_SLOTS // len(self.servers)
+                for n, admin in enumerate(admins):
+                    last = CLUSTER_SLOTS - 1 if n == len(admins) - 1 else (n + 1) * share - 1
+                    admin.execute_command("CLUSTER", "ADDSLOTSRANGE", n * share, last)
+                for server, bus_port in zip(self.servers[1:], self.bus_ports[1:]):
+                    admins[0].execute_command("CLUSTER", "MEET", HOST, server.port, bus_port)
+            give_up = time.monotonic() + timeout
+            while not all(admin.cluster("info").get("cluster_state") == "ok"
+                          and len(admin.cluster("slots")) == len(admins) for admin in admins):
+                if time.monotonic() > give_up:
+                    raise TimeoutError(f"Redis Cluster on {self.nodes} not ok within {timeout:.0f}s")
+                time.sleep(0.1)
+        finally:
+            for admin in admins:
+                admin.close()
+        return self
+
+    def stop(self) -> None:
+        for server in self.servers:
+            server.stop()
+
+    def __enter__(self) -> "LocalRedisCluster":
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dir", default="var/redis", help="where the append-only file lives")
     parser.add_argument("--port", type=int, default=6379)
+    parser.add_argument("--cluster-masters", type=int, default=0,
+                        help="start a Redis Cluster of this many masters on free ports instead")
     args = parser.parse_args(argv)
-    server = LocalRedis(args.dir, args.port).start()
-    print(f"redis-server on {HOST}:{server.port} (data in {args.dir}, ACL users in {server.acl_file}); "
-          f"PROFILE_STORE=redis PROFILE_REDIS_URL={server.url}; "
-          f"EMBEDDING_CATALOGUE_STORE=redis EMBEDDING_CATALOGUE_REDIS_URL={server.catalogue_url}",
-          flush=True)
+    if args.cluster_masters:
+        server = LocalRedisCluster(args.dir, masters=args.cluster_masters).start()
+        print(f"Redis Cluster on {','.join(server.nodes)} (data in {args.dir}); PROFILE_STORE=redis "
+              f"PROFILE_REDIS_MODE=cluster PROFILE_REDIS_URL={server.url}", flush=True)
+    else:
+        server = LocalRedis(args.dir, args.port).start()
+        print(f"redis-server on {HOST}:{server.port} (data in {args.dir}, ACL users in {server.acl_file}); "
+              f"PROFILE_STORE=redis PROFILE_REDIS_URL={server.url}; "
+              f"EMBEDDING_CATALOGUE_STORE=redis EMBEDDING_CATALOGUE_REDIS_URL={server.catalogue_url}",
+              flush=True)
     try:
-        server.process.wait()
+        (server.servers[0] if args.cluster_masters else server).process.wait()
     except KeyboardInterrupt:
         pass
     finally:

@@ -233,5 +233,11 @@ class SQLiteEventStore(EventStore):
     def count(self) -> int:
         return self._reader().execute("SELECT COUNT(*) FROM events").fetchone()[0]
 
+    def user_version(self, user_id: str) -> None:
+        return None  # one process writes: its ingest drops its cached profiles
+
+    def shared_signals(self) -> None:
+        return None  # counted in the one process's memory
+
     def close(self) -> None:
         self._writer.close()

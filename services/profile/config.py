@@ -8,8 +8,18 @@ from recsys_core.rpc.access import AuthConfig
 from recsys_core.rpc.tracing import TracingConfig
 from recsys_core.rpc.limits import DEFAULTS as LIMIT_DEFAULTS, ServerLimits, service_limits
 from recsys_core.rpc.transport import Security
-from recsys_core.rpc.envconfig import EnvReader
+from recsys_core.rpc.envconfig import ConfigError, EnvReader
 from recsys_core.signals.interests import ClusterSettings, DriftSettings
+
+
+def cluster_nodes(text: str) -> tuple[str, ...]:
+    """PROFILE_REDIS_CLUSTER_NODES: host:port entries, comma-separated."""
+    nodes = tuple(node.strip() for node in text.split(",") if node.strip())
+    for node in nodes:
+        host, _, port = node.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(f"PROFILE_REDIS_CLUSTER_NODES: {node!r} is not host:port")
+    return nodes
 
 
 @dataclass(frozen=True)
@@ -39,6 +49,11 @@ class ProfileConfig:
     store: str = "sqlite"
     store_path: str = str(paths.REPO_ROOT / "var" / "profile.sqlite3")
     redis_url: str = "redis://127.0.0.1:6379/0"
+    # "single": one Redis server (redis_url); "cluster": a Redis Cluster found
+    # from redis_url's node and redis_cluster_nodes (host:port,host:port), with
+    # redis_url's credentials. docs/operations.md, "Profile replicas".
+    redis_mode: str = "single"
+    redis_cluster_nodes: tuple[str, ...] = ()
     redis_prefix: str = "recsys:profile:"
     # The service's Redis ACL user and a file holding its password (a mounted
     # Secret); or both in redis_url (redis://user:password@host:port/0).
@@ -100,6 +115,8 @@ class ProfileConfig:
             store=env.choice("STORE", cls.store, ("sqlite", "redis")),
             store_path=env.str("STORE_PATH", cls.store_path),
             redis_url=env.str("REDIS_URL", cls.redis_url),
+            redis_mode=env.choice("REDIS_MODE", cls.redis_mode, ("single", "cluster")),
+            redis_cluster_nodes=cluster_nodes(env.str("REDIS_CLUSTER_NODES", "")),
             redis_prefix=env.str("REDIS_PREFIX", cls.redis_prefix),
             redis_username=env.str("REDIS_USERNAME", cls.redis_username),
             redis_password_file=env.str("REDIS_PASSWORD_FILE", cls.redis_password_file),

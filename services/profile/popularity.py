@@ -77,6 +77,9 @@ class Popularity:
     def counts(self, item_ids: Sequence[str]) -> list[int]:
         return [self._counts.get(i, 0) for i in item_ids]
 
+    def counts_and_max(self, item_ids: Sequence[str]) -> tuple[list[int], int]:
+        return self.counts(item_ids), self.max_count()
+
     def max_count(self) -> int:
         with self._lock:
             ranked = self._rankings()[None]

@@ -114,6 +114,9 @@ class Profile:
     model_interest: np.ndarray | None = None
     value: ValueForecast | None = None
     preferences: Preferences | None = None
+    # The store's user_version() when the profile was read: a cached profile
+    # whose shopper changed through another replica is read again.
+    version: int | None = None
 
 
 def check_user_id(user_id: str, field_name: str = "user_id") -> str:
@@ -183,10 +186,18 @@ class ProfileBook:
         self.value_clock = value_clock
         # Latest event time per category: the "now" of a historical data set.
         self._clocks = dict(category_clocks or {})
-        self.popularity = Popularity()
-        self.popularity.add_many(store.item_counts())
-        self.co_purchases = CoPurchases()
-        self.co_purchases.add_many(store.user_items())
+        shared = store.shared_signals()
+        # With a shared store (Redis) the counts live in it, kept by append()
+        # and read by every replica alike; otherwise (SQLite, one process)
+        # they are counted here, in memory, from the store at start.
+        self._count_locally = shared is None
+        if shared is None:
+            self.popularity = Popularity()
+            self.popularity.add_many(store.item_counts())
+            self.co_purchases = CoPurchases()
+            self.co_purchases.add_many(store.user_items())
+        else:
+            self.popularity, self.co_purchases = shared
         self.item_cache = ItemCache()
         self._profiles: OrderedDict[str, Profile] = OrderedDict()
         self._profile_cache_size = profile_cache_size
@@ -265,9 +276,10 @@ class ProfileBook:
             # being forgotten meanwhile (forget holds their lock).
             stored = self.store.append(rows)
             new_rows = [row for row, is_new in zip(rows, stored) if is_new]
-            for row in new_rows:
-                self.popularity.add(row.item_id, row.category)
-                self.co_purchases.add(row.user_id, row.item_id, row.category)
+            if self._count_locally:
+                for row in new_rows:
+                    self.popularity.add(row.item_id, row.category)
+                    self.co_purchases.add(row.user_id, row.item_id, row.category)
         finally:
             for lock in reversed(locks):
                 lock.release()
@@ -299,9 +311,12 @@ class ProfileBook:
             per_item: dict[str, int] = {}
             for event in events:
                 per_item[event.item_id] = per_item.get(event.item_id, 0) + 1
-            for item_id, count in per_item.items():
-                self.popularity.remove(item_id, count)
-            self.co_purchases.remove_user(user_id)
+            # A shared store (Redis) takes the shopper's share off its own
+            # counts within forget_user; only counts kept here are ours to fix.
+            if self._count_locally:
+                for item_id, count in per_item.items():
+                    self.popularity.remove(item_id, count)
+                self.co_purchases.remove_user(user_id)
             with self._cache_lock:
                 self._forgets += 1
                 self._profiles.pop(user_id, None)
@@ -387,7 +402,9 @@ class ProfileBook:
             if cached is not None:
                 self._profiles.move_to_end(user_id)
             forgets = self._forgets
-        if cached is not None:
+        # Read before the events: a write in between makes the next read fresh.
+        version = self.store.user_version(user_id)
+        if cached is not None and cached.version == version:
             return self._with_current_value(cached)
         events = self.store.user_events(user_id, limit=self.interest_window)
         if not events:
@@ -412,6 +429,7 @@ class ProfileBook:
             model_interest=shopper_interest([e.item_id for e in events], vectors, self.user_tower, timeout),
             value=self._value(user_id, events, count, per_category),
             preferences=review_preferences,
+            version=version,
         )
         with self._cache_lock:
             if self._forgets != forgets:
@@ -446,7 +464,8 @@ class ProfileBook:
         # Ties break by item id so every replica answers alike.
         top = self.co_purchases.most_shared(list(anchors) or seen[:CO_PURCHASE_HISTORY], k, categories,
                                             exclude=excluded, leave_out_user=user_id)
-        return [(item_id, self.co_purchases.category(item_id), shoppers) for item_id, shoppers in top]
+        category_of = self.co_purchases.categories_of([item_id for item_id, _ in top])
+        return [(item_id, category_of.get(item_id, ""), shoppers) for item_id, shoppers in top]
 
     def shopper_signals(self, user_id: str, timeout: Callable[[], float], co_purchase_k: int, categories: Sequence[str],
                         exclude: Sequence[str], anchors: Sequence[str], include_seen: bool,
@@ -480,4 +499,4 @@ class ProfileBook:
     def item_popularity(self, item_ids: Sequence[str]) -> tuple[list[int], int]:
         if len(item_ids) > MAX_POPULAR_K * 10:
             raise InvalidArgument("item_ids", f"at most {MAX_POPULAR_K * 10} ids per request")
-        return self.popularity.counts(item_ids), self.popularity.max_count()
+        return self.popularity.counts_and_max(item_ids)

@@ -82,7 +82,7 @@ def load_value_model(config: ProfileConfig) -> ValueModel | None:
 
 
 def load_book(config: ProfileConfig, tracing: Tracing = Tracing.OFF) -> ProfileBook:
-    store = open_store(config)
+    store = open_store(config, sweep=True)
     clocks: dict[str, int] = {}
     if config.data_path is not None:
         clocks.update(load_dataset_events(store, config.data_path))
@@ -133,6 +133,7 @@ def create_server(config: ProfileConfig) -> tuple[ManagedServer, int]:
     register_metrics(server)
     servicer = ProfileServicer(server.readiness, config, server.blocking)
     server.add(profile_pb2_grpc.add_ProfileServiceServicer_to_server, servicer)
+    server.after_drain(servicer.close)
     server.readiness.start(lambda: servicer.attach(load_book(config, server.tracing)))
     return server, port
 

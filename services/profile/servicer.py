@@ -108,6 +108,11 @@ class ProfileServicer(profile_pb2_grpc.ProfileServiceServicer):
     def attach(self, book: ProfileBook) -> None:
         self._book = book
 
+    async def close(self) -> None:
+        """Once drained: the store's connections and its background sweep go."""
+        if self._book is not None:
+            self._book.store.close()
+
     @property
     def book(self) -> ProfileBook:
         self.readiness.require()
