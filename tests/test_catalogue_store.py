@@ -220,3 +220,30 @@ def test_sqlite_writers_in_separate_processes_share_one_file(tmp_path):
     assert {e.item_id for e in entries} == {"shared"} | {f"p{p}-{n}" for p in range(3) for n in range(40)}
     assert version == store.version() == 120, "one number per write, none taken twice"
     store.close()
+
+
+OPENER_PROCESS = """
+import sys
+from recsys_core.store.catalogue_sqlite import SQLiteCatalogueStore
+for n in range(int(sys.argv[2])):
+    SQLiteCatalogueStore(f"{sys.argv[1]}/catalogue-{n}.sqlite3").close()
+print("done")
+"""
+
+
+def test_replicas_starting_together_open_a_new_file_without_failing(tmp_path):
+    """`recsys serve --replicas N` starts the embedding replicas at once on a
+    catalogue file none has made yet: the switch to WAL needs the file alone,
+    and SQLite refuses it ("database is locked") instead of waiting; each
+    process here opens 300 fresh files in step with seven others."""
+    import os
+    import subprocess
+    import sys
+
+    from recsys_core.data.paths import REPO_ROOT
+
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    openers = [subprocess.Popen([sys.executable, "-c", OPENER_PROCESS, str(tmp_path), "300"], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(8)]
+    outcomes = [opener.communicate(timeout=120) for opener in openers]
+    assert [o.returncode for o in openers] == [0] * 8, [err[-300:] for _, err in outcomes if err]

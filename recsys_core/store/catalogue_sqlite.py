@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -61,7 +62,20 @@ class SQLiteCatalogueStore(CatalogueStore):
     def _connect(self) -> sqlite3.Connection:
         connection = sqlite3.connect(self.path, timeout=BUSY_SECONDS, check_same_thread=False,
                                      isolation_level=None)
-        connection.execute("PRAGMA journal_mode=WAL")
+        # Replicas starting together open a new file at once: switching it to
+        # WAL needs the file to itself, and SQLite answers "database is
+        # locked" at once instead of waiting on the busy timeout, so wait here.
+        deadline = time.monotonic() + BUSY_SECONDS
+        pause = 0.01
+        while True:
+            try:
+                connection.execute("PRAGMA journal_mode=WAL").fetchall()
+                break
+            except sqlite3.OperationalError as error:
+                if "locked" not in str(error) or time.monotonic() + pause > deadline:
+                    raise
+                time.sleep(pause)
+                pause = min(pause * 2, 0.5)
         connection.execute("PRAGMA synchronous=FULL")
         return connection
 
