@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import inspect
 import json
 import logging
 from collections.abc import Callable, Mapping
@@ -38,7 +37,7 @@ from pathlib import Path
 import grpc
 
 from recsys_core.rpc.envconfig import ConfigError, EnvReader
-from recsys_core.rpc.runtime import WrappingInterceptor
+from recsys_core.rpc.runtime import WrappingInterceptor, guarded
 from recsys_core.rpc.transport import DEV_IDENTITY_HEADER, identity_of
 
 log = logging.getLogger(__name__)
@@ -93,7 +92,9 @@ class Caller:
 
 
 # The caller of the call being handled, set by the access check once it lets
-# the call through: handlers that keep an audit trail read it (current_caller).
+# the call through: handlers that keep an audit trail, inner interceptors (the
+# rate limit) and the servicers read it (current_caller). Each call runs in a
+# task of its own, so each reads its own call's caller.
 _CALLER: ContextVar[Caller | None] = ContextVar("recsys_access_caller", default=None)
 
 
@@ -452,17 +453,6 @@ def decide(rule: Rule | None, caller: Caller, request, tenant_of: Callable[[str]
 
 # -- the server side ------------------------------------------------------------------
 
-# The caller of the call being handled, once the access rules let it in: each
-# call runs in a task of its own, so servicers (on the event loop, not in the
-# blocking pool) and inner interceptors read their own call's caller.
-_CALLER: ContextVar[Caller | None] = ContextVar("recsys_caller", default=None)
-
-
-def current_caller() -> Caller | None:
-    """Who made the call being handled; None for open methods and servers without access control."""
-    return _CALLER.get()
-
-
 def is_admin(caller: Caller | None) -> bool:
     return caller is not None and caller.principal is not None and caller.principal.has(ADMIN)
 
@@ -527,57 +517,10 @@ class AccessInterceptor(WrappingInterceptor):
         rule = self.policy.rules.get(full_method)
         if rule is not None and rule.open:
             return handler
-        check = self._check
-        options = {"request_deserializer": handler.request_deserializer,
-                    "response_serializer": handler.response_serializer}
         if rule is not None and rule.shopper_field and handler.request_streaming:
             raise NotImplementedError(f"{full_method}: a shopper rule needs a unary request")
-        if handler.unary_unary is not None:
-            behavior = handler.unary_unary
 
-            async def unary_unary(request, context):
-                await check(full_method, rule, request, context)
-                return await _maybe_await(behavior(request, context))
+        async def check(request, context):
+            await self._check(full_method, rule, request, context)
 
-            return grpc.unary_unary_rpc_method_handler(unary_unary, **options)
-        if handler.unary_stream is not None:
-            behavior = handler.unary_stream
-
-            async def unary_stream(request, context):
-                await check(full_method, rule, request, context)
-                async for reply in _iterate(behavior(request, context)):
-                    yield reply
-
-            return grpc.unary_stream_rpc_method_handler(unary_stream, **options)
-        if handler.stream_unary is not None:
-            behavior = handler.stream_unary
-
-            async def stream_unary(requests, context):
-                await check(full_method, rule, None, context)
-                return await _maybe_await(behavior(requests, context))
-
-            return grpc.stream_unary_rpc_method_handler(stream_unary, **options)
-        behavior = handler.stream_stream
-
-        async def stream_stream(requests, context):
-            await check(full_method, rule, None, context)
-            async for reply in _iterate(behavior(requests, context)):
-                yield reply
-
-        return grpc.stream_stream_rpc_method_handler(stream_stream, **options)
-
-
-async def _maybe_await(value):
-    return await value if inspect.isawaitable(value) else value
-
-
-async def _iterate(replies):
-    if hasattr(replies, "__aiter__"):
-        async for reply in replies:
-            yield reply
-    else:
-        if inspect.isawaitable(replies):
-            replies = await replies
-        if replies is not None:
-            for reply in replies:
-                yield reply
+        return guarded(handler, check)

@@ -35,7 +35,7 @@ import grpc
 from recsys_core.errors import InvalidArgument
 from recsys_core.rpc.access import Caller, current_caller
 from recsys_core.rpc.envconfig import EnvReader
-from recsys_core.rpc.runtime import WrappingInterceptor
+from recsys_core.rpc.runtime import WrappingInterceptor, guarded
 
 log = logging.getLogger(__name__)
 
@@ -201,18 +201,14 @@ class FieldLimitsInterceptor(WrappingInterceptor):
         limits = self.table.get(full_method)
         if limits is None or handler.unary_unary is None or not (limits.counts or limits.chars):
             return handler
-        behavior = handler.unary_unary
 
-        async def unary_unary(request, context):
+        async def check(request, context):
             try:
                 check_request(limits, request)
             except InvalidArgument as error:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
-            return await behavior(request, context)
 
-        return grpc.unary_unary_rpc_method_handler(
-            unary_unary, request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer)
+        return guarded(handler, check)
 
 
 # -- calls per caller -----------------------------------------------------------------
@@ -289,52 +285,9 @@ class RateLimitInterceptor(WrappingInterceptor):
                 f"(burst {self.limits.rate_burst}); retry later")
 
     def wrap(self, handler, full_method: str):
-        options = {"request_deserializer": handler.request_deserializer,
-                   "response_serializer": handler.response_serializer}
-        allowed, message = self._allowed, self._message
-        if handler.unary_unary is not None:
-            behavior = handler.unary_unary
+        async def check(request, context):
+            if not self._allowed(full_method, context):
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, self._message())
 
-            async def unary_unary(request, context):
-                if not allowed(full_method, context):
-                    await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, message())
-                return await behavior(request, context)
-
-            return grpc.unary_unary_rpc_method_handler(unary_unary, **options)
-        if handler.unary_stream is not None:
-            behavior = handler.unary_stream
-
-            async def unary_stream(request, context):
-                if not allowed(full_method, context):
-                    await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, message())
-                result = behavior(request, context)
-                if hasattr(result, "__aiter__"):
-                    async for reply in result:
-                        yield reply
-                else:
-                    await result
-
-            return grpc.unary_stream_rpc_method_handler(unary_stream, **options)
-        # Request streams (reflection): counted once, when they open.
-        if handler.stream_unary is not None:
-            behavior = handler.stream_unary
-
-            async def stream_unary(requests, context):
-                if not allowed(full_method, context):
-                    await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, message())
-                return await behavior(requests, context)
-
-            return grpc.stream_unary_rpc_method_handler(stream_unary, **options)
-        behavior = handler.stream_stream
-
-        async def stream_stream(requests, context):
-            if not allowed(full_method, context):
-                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, message())
-            result = behavior(requests, context)
-            if hasattr(result, "__aiter__"):
-                async for reply in result:
-                    yield reply
-            else:
-                await result
-
-        return grpc.stream_stream_rpc_method_handler(stream_stream, **options)
+        # Request streams (reflection) are counted once, when they open.
+        return guarded(handler, check)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import inspect
 import threading
 from collections.abc import Awaitable, Callable
 from concurrent import futures
@@ -189,3 +190,61 @@ class WrappingInterceptor(grpc.aio.ServerInterceptor):
 
     def wrap(self, handler: grpc.RpcMethodHandler, full_method: str) -> grpc.RpcMethodHandler:
         raise NotImplementedError
+
+
+def guarded(handler: grpc.RpcMethodHandler,
+            guard: Callable[[object, grpc.aio.ServicerContext], Awaitable[None]]) -> grpc.RpcMethodHandler:
+    """`handler` with `await guard(request, context)` before its behaviour, for
+    every kind of method; request streams pass None (nothing is read before
+    the call opens). The guard refuses a call by aborting its context."""
+    options = {"request_deserializer": handler.request_deserializer,
+               "response_serializer": handler.response_serializer}
+    if handler.unary_unary is not None:
+        behavior = handler.unary_unary
+
+        async def unary_unary(request, context):
+            await guard(request, context)
+            return await _maybe_await(behavior(request, context))
+
+        return grpc.unary_unary_rpc_method_handler(unary_unary, **options)
+    if handler.unary_stream is not None:
+        behavior = handler.unary_stream
+
+        async def unary_stream(request, context):
+            await guard(request, context)
+            async for reply in _iterate(behavior(request, context)):
+                yield reply
+
+        return grpc.unary_stream_rpc_method_handler(unary_stream, **options)
+    if handler.stream_unary is not None:
+        behavior = handler.stream_unary
+
+        async def stream_unary(requests, context):
+            await guard(None, context)
+            return await _maybe_await(behavior(requests, context))
+
+        return grpc.stream_unary_rpc_method_handler(stream_unary, **options)
+    behavior = handler.stream_stream
+
+    async def stream_stream(requests, context):
+        await guard(None, context)
+        async for reply in _iterate(behavior(requests, context)):
+            yield reply
+
+    return grpc.stream_stream_rpc_method_handler(stream_stream, **options)
+
+
+async def _maybe_await(value):
+    return await value if inspect.isawaitable(value) else value
+
+
+async def _iterate(replies):
+    if hasattr(replies, "__aiter__"):
+        async for reply in replies:
+            yield reply
+    else:
+        if inspect.isawaitable(replies):
+            replies = await replies
+        if replies is not None:
+            for reply in replies:
+                yield reply
