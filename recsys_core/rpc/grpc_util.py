@@ -241,11 +241,15 @@ class Readiness:
         self.ready = threading.Event()
         self.failed = threading.Event()
         self.error: BaseException | None = None
+        # Run after loading, before SERVING (ManagedServer opens a deferred port here).
+        self.before_serving: Callable[[], None] | None = None
 
     def start(self, load: Callable[[], None]) -> threading.Thread:
         def run():
             try:
                 load()
+                if self.before_serving is not None:
+                    self.before_serving()
             except BaseException as exc:  # noqa: BLE001 - reported through `failed`
                 log.exception("%s failed to load", self.name)
                 self.error = exc
@@ -480,6 +484,44 @@ class _DecodingInterceptor(WrappingInterceptor):
 
 # How long a draining server keeps accepting calls after turning NOT_SERVING.
 SETTLE_SECONDS = 1.0
+# How often a lame duck looks whether its clients have left.
+_LAME_DUCK_POLL_SECONDS = 0.1
+
+
+def _tcp_sockets(port: int, status: str) -> list:
+    """This process's TCP sockets on local `port` in `status` (psutil's names: LISTEN, ESTABLISHED)."""
+    import psutil
+
+    return [c for c in psutil.Process().net_connections("tcp") if c.laddr and c.laddr.port == port
+            and c.status == status]
+
+
+def listener_fds(port: int) -> set[int]:
+    """The descriptors of this process's listening sockets on `port`."""
+    return {c.fd for c in _tcp_sockets(port, "LISTEN")}
+
+
+def close_listeners(fds: set[int]) -> int:
+    """Stop accepting connections on the listening sockets `fds` while the
+    connections already accepted go on: gRPC offers no call for it, so the
+    sockets are shut down under it (gRPC then logs once "Closing acceptor.
+    Failed accept4: Invalid argument" and closes them). A listener shut down
+    leaves its SO_REUSEPORT group at once, so the kernel hands new
+    connections to the replicas that share the port. Returns how many were
+    closed."""
+    import socket
+
+    closed = 0
+    for fd in fds:
+        borrowed = socket.socket(fileno=fd)
+        try:
+            borrowed.shutdown(socket.SHUT_RD)
+            closed += 1
+        except OSError as error:
+            log.warning("could not close listener %d: %s", fd, error)
+        finally:
+            borrowed.detach()  # gRPC owns the descriptor and closes it
+    return closed
 
 
 class ManagedServer:
@@ -501,6 +543,14 @@ class ManagedServer:
         self._stopped: threading.Event | None = None
         self._stop_lock = threading.Lock()
         self._after_drain: list[Callable[[], Awaitable[None]]] = []
+        # Set by build_server: the port callers use, its binding when it
+        # opens only once loaded, and the connection age of a lame duck.
+        self.port = 0
+        self._bind: Callable[[], int] | None = None
+        self._started = threading.Event()
+        self.connection_age_seconds: float | None = None
+        # The listening sockets this server opened (not another's in the same process).
+        self._listeners: set[int] = set()
 
     @property
     def metrics_port(self) -> int | None:
@@ -516,9 +566,50 @@ class ManagedServer:
     tracing: Tracing = Tracing.OFF
 
     def start(self) -> None:
-        self.loop.run(self.grpc_server.start)
+        """Serve. A port bound only once loaded (build_server: a health port
+        and a fixed port) opens when loading ends; health answers from now."""
         if self.health_server is not None:
             self.loop.run(self.health_server.start)
+        if self._bind is None:
+            before = listener_fds(self.port) if self.connection_age_seconds is not None else set()
+            self.loop.run(self.grpc_server.start)
+            if self.connection_age_seconds is not None:
+                self._listeners = listener_fds(self.port) - before
+        self._started.set()
+
+    def _open_deferred_port(self) -> None:
+        self._started.wait()
+        if self.stopping.is_set():
+            return  # stopped while loading: the port never opens
+
+        async def bind_and_start() -> None:
+            if self.stopping.is_set():
+                return
+            before = listener_fds(self.port)
+            if self._bind() == 0:
+                raise OSError(f"could not bind port {self.port} for {self.readiness.name}")
+            await self.grpc_server.start()
+            self._listeners = listener_fds(self.port) - before
+            log.info("%s accepting calls on port %d", self.readiness.name, self.port)
+
+        self.loop.run(bind_and_start)
+
+    async def _lame_duck(self, budget: float) -> None:
+        """Let callers leave before the server stops: stop accepting
+        connections, then wait (at most `budget` seconds) until every open
+        connection has been closed by its client after the GOAWAY its age
+        brings (counted by port: one server per port in a process). Calls on them go on being served all the while, so none is
+        caught by stop(), which cancels the calls that reach it after it
+        began (a C-core server's drain does; seen as CANCELLED replies in a
+        rolling restart of the gateway)."""
+        closed = await asyncio.to_thread(close_listeners, self._listeners)
+        give_up = time.monotonic() + budget
+        remaining = await asyncio.to_thread(_tcp_sockets, self.port, "ESTABLISHED")
+        while remaining and time.monotonic() < give_up:
+            await asyncio.sleep(_LAME_DUCK_POLL_SECONDS)
+            remaining = await asyncio.to_thread(_tcp_sockets, self.port, "ESTABLISHED")
+        log.info("lame duck: %d listener(s) closed, %d connection(s) still open after %.1fs", closed,
+                 len(remaining), budget - max(0.0, give_up - time.monotonic()))
 
     def after_drain(self, close: Callable[[], Awaitable[None]]) -> None:
         """`close()` is awaited on the loop once in-flight calls are done
@@ -537,14 +628,24 @@ class ManagedServer:
 
         async def drain():
             await self.serving.shutdown()
-            if grace:
+            # A port that opens once loaded and has not opened yet has no caller to wait for.
+            serving_calls = self._bind is None or self.readiness.ready.is_set()
+            left = grace or 0
+            if grace and serving_calls:
                 # Calls that reached the transport but were not yet handed to
                 # a handler are cancelled by stop(), not drained: keep taking
                 # them for a moment while health says NOT_SERVING and callers
                 # and balancers turn away (seen as CANCELLED replies to a burst
                 # that arrived just before SIGTERM).
                 await asyncio.sleep(min(SETTLE_SECONDS, grace))
-            await self.grpc_server.stop(grace)
+                left = grace - min(SETTLE_SECONDS, grace)
+                if self.connection_age_seconds is not None and left > 0:
+                    # Each connection's GOAWAY comes within its age (gRPC adds
+                    # up to 10 %), then the client's next call reconnects elsewhere.
+                    budget = min(left * 0.75, self.connection_age_seconds * 1.1 + 0.5)
+                    await self._lame_duck(budget)
+                    left -= budget
+            await self.grpc_server.stop(left if grace else grace)
             if self.health_server is not None:
                 await self.health_server.stop(0)
             for close in self._after_drain:
@@ -588,6 +689,7 @@ def build_server(
     security: Security | None = None, auth: AuthConfig | None = None, public: bool = False,
     limits: ServerLimits | None = None,
     health_port: int | None = None, tracing: TracingConfig | None = None,
+    connection_age_seconds: float | None = None,
 ) -> tuple[ManagedServer, int]:
     """A server with health, reflection and the metrics interceptor registered
     and `address` bound; with a `metrics_port` (0: a free one) also the
@@ -610,7 +712,17 @@ def build_server(
 
     With a `health_port` (Kubernetes: its gRPC probes speak no TLS), a second,
     plaintext listener on the host of `address` serves grpc.health.v1 alone:
-    the same statuses, nothing else.
+    the same statuses, nothing else; and `address`, when it names a port,
+    opens only once the service has loaded, so that a replica starting on a
+    port its siblings share (SO_REUSEPORT: `recsys serve --replicas` runs
+    the gateway so) or behind a balancer takes no connection it would answer
+    "still loading".
+
+    `connection_age_seconds`: each connection is closed (GOAWAY, calls on it
+    finishing) after about that long, and a draining server first turns
+    lame duck: it stops accepting connections and waits for its clients to
+    leave, up to that age, before it stops. For the gateway, whose outside
+    callers resend nothing. None: the platform's 5 minutes, no lame duck.
 
     With `tracing` on, every call is a span (the first interceptor, so the
     span covers the others) continuing the caller's trace; off: nothing is
@@ -657,9 +769,10 @@ def build_server(
         interceptors += [FieldLimitsInterceptor(), _BlockingHandlers(blocking)]
         interceptors = [*traced.server_interceptors(), *interceptors]
         options = SERVER_OPTIONS
-        if limits is not None:
-            own = dict(server_options(limits))
-            options = [*[o for o in SERVER_OPTIONS if o[0] not in own], *own.items()]
+        own = dict(server_options(limits)) if limits is not None else {}
+        if connection_age_seconds is not None:
+            own["grpc.max_connection_age_ms"] = int(connection_age_seconds * 1000)
+        options = [*[o for o in SERVER_OPTIONS if o[0] not in own], *own.items()]
         return grpc.aio.server(options=options, interceptors=interceptors)
 
     server = loop.run(make)
@@ -684,10 +797,20 @@ def build_server(
     managed = ManagedServer(loop, server, serving, name, blocking, metrics)
     managed.health_server = health_server
     managed.tracing = traced
-    if credentials is None:
-        port = server.add_insecure_port(address)
+    managed.connection_age_seconds = connection_age_seconds
+
+    def bind() -> int:
+        if credentials is None:
+            return server.add_insecure_port(address)
+        return server.add_secure_port(address, credentials)
+
+    fixed_port = int(address.rpartition(":")[2] or 0)
+    if health_server is not None and fixed_port:
+        port = managed.port = fixed_port
+        managed._bind = bind
+        managed.readiness.before_serving = managed._open_deferred_port
     else:
-        port = server.add_secure_port(address, credentials)
+        port = managed.port = bind()
     if port == 0:
         managed.stop(0)
         raise OSError(f"could not bind {address}")

@@ -23,6 +23,12 @@ class GatewayConfig:
     # A plaintext port serving grpc.health.v1 alone, for Kubernetes' gRPC
     # probes (they speak no TLS); unset: none.
     health_port: int | None = None
+    # Callers' connections are closed (GOAWAY, their calls finishing) after
+    # about this long, and a draining gateway waits up to that long for its
+    # callers to reconnect elsewhere before it stops: outside callers resend
+    # nothing, and a call that reaches a stopping server is cancelled
+    # (docs/operations.md, "Draining"). Keep it below grace_seconds.
+    connection_age_seconds: float = 5.0
     security: Security = Security(service="gateway")
     auth: AuthConfig = AuthConfig()
     # OpenTelemetry spans of every call, off by default: GATEWAY_TRACING=otlp|console|file,
@@ -62,6 +68,8 @@ class GatewayConfig:
             grace_seconds=env.float("GRACE_SECONDS", cls.grace_seconds, minimum=0),
             metrics_port=env.int("METRICS_PORT", cls.metrics_port, minimum=0, maximum=65535),
             health_port=env.optional_int("HEALTH_PORT", minimum=1, maximum=65535),
+            connection_age_seconds=env.float("CONNECTION_AGE_SECONDS", cls.connection_age_seconds, minimum=0.1,
+                                             maximum=3600),
             security=Security.from_env(env, "gateway", public=True),
             auth=AuthConfig.from_env(env),
             tracing=TracingConfig.from_env(env),

@@ -79,7 +79,7 @@ def create_server(config: GatewayConfig) -> tuple[ManagedServer, int]:
     server, port = build_server(
         config.address, config.workers, [SERVICE_NAME], "gateway", metrics_port=config.metrics_port,
         security=config.security, auth=config.auth, limits=config.limits, health_port=config.health_port, public=True,
-        tracing=config.tracing,
+        tracing=config.tracing, connection_age_seconds=config.connection_age_seconds,
     )
     register_metrics(server)
     composer = Composer(config, run_cpu=server.blocking.run_admitted, tracing=server.tracing)
