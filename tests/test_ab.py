@@ -248,3 +248,170 @@ def test_exposure_log_drops_and_counts_when_full_and_never_waits():
     assert sum(accepted) == 5 + 3  # three places freed by the batch in flight
     assert counted == {"recorded": float(sum(sent)), "dropped_queue_full": float(25 - sum(accepted))}
     assert sum(sent) == sum(accepted)
+
+
+# -- over gRPC ------------------------------------------------------------------------------
+
+def candidates(similarities):
+    from recsys.common.v1 import common_pb2
+    from recsys.ranking.v1 import ranking_pb2
+
+    return [ranking_pb2.Candidate(item_id=f"i{i}", popularity=3, max_popularity=10,
+                                  features=common_pb2.CandidateFeatures(long_term_similarity=s))
+            for i, s in enumerate(similarities)]
+
+
+@pytest.mark.integration
+def test_ranking_serves_registry_versions_side_by_side_and_refuses_unknown_ones(ranker_registry):
+    from recsys.ranking.v1 import ranking_pb2, ranking_pb2_grpc
+    from services.ranking.config import RankingConfig
+    from services.ranking.server import create_server
+    from tests.conftest import secured, service_channel, start
+
+    with pytest.raises(ConfigError, match="RANKING_MODEL_VERSIONS: ranker/9 is not in the model registry"):
+        create_server(RankingConfig(address="127.0.0.1:0", model_registry=str(ranker_registry.root),
+                                    model_versions=(9,), **secured("ranking")))
+    server, address = start(create_server(RankingConfig(
+        address="127.0.0.1:0", model_registry=str(ranker_registry.root), model_versions=(1,), **secured("ranking"))))
+    try:
+        with service_channel(address, "ranking") as channel:
+            stub = ranking_pb2_grpc.RankingServiceStub(channel)
+            request = ranking_pb2.RankRequest(candidates=candidates([0.3, 0.9, 0.1, 0.6]))
+            orders = {}
+            for asked in ("ranker/1", "ranker/2", "hand", ""):
+                request.model_version = asked
+                reply = stub.Rank(request, timeout=10)
+                orders[asked] = [c.item_id for c in reply.candidates]
+                assert reply.model_version == (asked or "hand")
+            assert orders["ranker/1"] == ["i1", "i3", "i0", "i2"]
+            # The second version learnt the opposite order: best and worst swap.
+            assert (orders["ranker/2"][0], orders["ranker/2"][-1]) == ("i2", "i1")
+            assert orders["hand"] == orders[""]
+            for asked, code, message in (("ranker/9", grpc.StatusCode.FAILED_PRECONDITION, "ranker/9 is not in"),
+                                         ("ranker/x", grpc.StatusCode.INVALID_ARGUMENT, "model_version")):
+                request.model_version = asked
+                with pytest.raises(grpc.RpcError) as refused:
+                    stub.Rank(request, timeout=10)
+                assert refused.value.code() == code and message in refused.value.details()
+    finally:
+        server.stop(None)
+
+
+def wait_for(condition, seconds=30.0):
+    give_up = time.monotonic() + seconds
+    while not (found := condition()):
+        assert time.monotonic() < give_up, "timed out"
+        time.sleep(0.1)
+    return found
+
+
+@pytest.mark.integration
+def test_two_ranker_arms_over_the_stack_and_ab_report_attributes_a_purchase(stack, dataset, ranker_registry,
+                                                                            tmp_path, tmp_path_factory, capsys):
+    """Real servers: the stack's profile and embedding, a ranking service
+    holding two registry versions, a gateway with two arms. Each reply names
+    its arm and the version that ranked it, a shopper keeps their arm, the
+    exposures reach the store, and a purchase of a shown item counts for
+    its arm in `recsys ab-report`."""
+    from recsys.common.v1 import common_pb2
+    from recsys.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+    from recsys.profile.v1 import profile_pb2_grpc
+    from recsys_cli.abreport import ab_report_main
+    from recsys_core.store.sqlite_store import SQLiteEventStore
+    from services.gateway.config import GatewayConfig
+    from services.gateway.server import create_server as create_gateway
+    from services.ranking.config import RankingConfig
+    from services.ranking.server import create_server as create_ranking
+    from tests.conftest import gateway_channel, secured, service_channel, start
+
+    salt = "test-ab-stack"
+    ranking_server, ranking = start(create_ranking(RankingConfig(
+        address="127.0.0.1:0", model_registry=str(ranker_registry.root), **secured("ranking"))))
+    servers = [ranking_server]
+    try:
+        def gateway(arms):
+            server, address = start(create_gateway(GatewayConfig(
+                address="127.0.0.1:0", profile_address=stack.profile, embedding_address=stack.embedding,
+                ranking_address=ranking, ab_arms=parse_arms(arms), ab_salt=salt, exposure_flush_seconds=0.05,
+                **secured("gateway"))))
+            servers.append(server)
+            return address
+
+        address = gateway("control=ranker/1:50,treatment=ranker/2:50")
+        users = sorted(dataset.events.user_id.unique())[:12]
+        experiment = Experiment(salt, parse_arms("control=ranker/1:50,treatment=ranker/2:50"))
+        expected = {user: experiment.assign(user).name for user in users}
+        assert set(expected.values()) == {"control", "treatment"}
+        version_of = {"control": "ranker/1", "treatment": "ranker/2"}
+        shown = {}
+        with gateway_channel(address) as channel:
+            stub = gateway_pb2_grpc.GatewayServiceStub(channel)
+            for _ in range(2):
+                for user in users:
+                    reply = stub.Recommend(gateway_pb2.RecommendRequest(user_id=user, k=10), timeout=30)
+                    assert reply.path == gateway_pb2.RECOMMENDATION_PATH_PERSONALISED
+                    assert reply.arm == expected[user], user
+                    assert reply.model_version == version_of[reply.arm]
+                    shown.setdefault(user, [i.item_id for i in reply.items])
+        [path] = list(tmp_path_factory.getbasetemp().glob("profile*/events.sqlite3"))
+        store = SQLiteEventStore(path)
+        try:
+            mine = wait_for(lambda: (found := [e for e in store.exposures() if e.experiment == salt])
+                            and len(found) == 2 * len(users) and found)
+        finally:
+            store.close()
+        assert {(e.user_id, e.arm, e.model_version) for e in mine} == {
+            (u, expected[u], version_of[expected[u]]) for u in users}
+        assert all(list(e.item_ids) == shown[e.user_id] for e in mine)
+
+        buyer = next(u for u in users if expected[u] == "control")
+        viewer = next(u for u in users if expected[u] == "treatment")
+        with service_channel(stack.profile, "profile") as channel:
+            profile = profile_pb2_grpc.ProfileServiceStub(channel)
+            profile.IngestEvents(profile_pb2.IngestEventsRequest(events=[
+                common_pb2.Event(user_id=buyer, item_id=shown[buyer][2], type=common_pb2.EVENT_TYPE_PURCHASE,
+                                 amount=12.5, idempotency_key=f"{salt}-buy"),
+                common_pb2.Event(user_id=viewer, item_id=shown[viewer][0], type=common_pb2.EVENT_TYPE_VIEW,
+                                 idempotency_key=f"{salt}-view"),
+            ]), timeout=30)
+            # The exposure write is the gateway's alone.
+            with pytest.raises(grpc.RpcError) as refused:
+                with service_channel(stack.profile, "profile", identity="ingest", token=None) as ingest:
+                    profile_pb2_grpc.ProfileServiceStub(ingest).RecordExposures(
+                        profile_pb2.RecordExposuresRequest(exposures=[profile_pb2.Exposure(
+                            exposure_id="x", user_id=buyer, experiment=salt, arm="control")]), timeout=10)
+            assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            with pytest.raises(grpc.RpcError) as refused:
+                profile.RecordExposures(profile_pb2.RecordExposuresRequest(exposures=[profile_pb2.Exposure(
+                    exposure_id="x", user_id=buyer, experiment=salt, arm="")]), timeout=10)
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "exposures[0].arm: must not be empty" in refused.value.details()
+
+        plot = tmp_path / "ab.png"
+        capsys.readouterr()
+        assert ab_report_main(["--store", "sqlite", "--store-path", str(path), "--experiment", salt, "--json",
+                               "--arms", "control,treatment", "--resamples", "200", "--plot", str(plot)]) == 0
+        result = {arm["arm"]: arm for arm in json.loads(capsys.readouterr().out)["arms"]}
+        control, treatment = result["control"], result["treatment"]
+        assert (control["conversions"], control["value"]) == (1, 12.5)
+        assert (treatment["conversions"], treatment["value"]) == (0, 0.0)
+        assert control["shoppers"] == sum(a == "control" for a in expected.values())
+        assert control["exposures"] == 2 * control["shoppers"]
+        # The buyer's two exposures both hit (the purchase follows both); the viewer's too.
+        assert control["metrics"]["hit_rate"]["value"] == pytest.approx(2 / control["exposures"])
+        assert treatment["metrics"]["hit_rate"]["value"] == pytest.approx(2 / treatment["exposures"])
+        assert treatment["metrics"]["ndcg"]["value"] > 0
+        assert control["model_versions"] == {"ranker/1": control["exposures"]}
+        assert plot.read_bytes()[:4] == b"\x89PNG"
+
+        # An arm naming a version ranking cannot load: the shopper still gets
+        # a list, unranked, and the reply says nothing ranked it.
+        broken = gateway("a=ranker/9:1,b=ranker/9:1")
+        with gateway_channel(broken) as channel:
+            reply = gateway_pb2_grpc.GatewayServiceStub(channel).Recommend(
+                gateway_pb2.RecommendRequest(user_id=users[0], k=5), timeout=30)
+        assert reply.arm in ("a", "b") and reply.model_version == "" and len(reply.items) == 5
+        assert list(reply.skipped_stages) == [gateway_pb2.STAGE_RANKING]
+    finally:
+        for server in servers:
+            server.stop(None)
