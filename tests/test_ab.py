@@ -337,7 +337,7 @@ def test_two_ranker_arms_over_the_stack_and_ab_report_attributes_a_purchase(stac
             return address
 
         address = gateway("control=ranker/1:50,treatment=ranker/2:50")
-        users = sorted(dataset.events.user_id.unique())[:12]
+        users = sorted(dataset.interactions.user_id.unique())[:12]
         experiment = Experiment(salt, parse_arms("control=ranker/1:50,treatment=ranker/2:50"))
         expected = {user: experiment.assign(user).name for user in users}
         assert set(expected.values()) == {"control", "treatment"}
@@ -352,13 +352,19 @@ def test_two_ranker_arms_over_the_stack_and_ab_report_attributes_a_purchase(stac
                     assert reply.arm == expected[user], user
                     assert reply.model_version == version_of[reply.arm]
                     shown.setdefault(user, [i.item_id for i in reply.items])
-        [path] = list(tmp_path_factory.getbasetemp().glob("profile*/events.sqlite3"))
-        store = SQLiteEventStore(path)
-        try:
-            mine = wait_for(lambda: (found := [e for e in store.exposures() if e.experiment == salt])
-                            and len(found) == 2 * len(users) and found)
-        finally:
-            store.close()
+        def recorded():
+            # The stack's store (start_stack: a session folder named profile<n>).
+            for path in tmp_path_factory.getbasetemp().glob("profile*/events.sqlite3"):
+                store = SQLiteEventStore(path)
+                try:
+                    found = [e for e in store.exposures() if e.experiment == salt]
+                finally:
+                    store.close()
+                if len(found) == 2 * len(users):
+                    return path, found
+            return None
+
+        path, mine = wait_for(recorded)
         assert {(e.user_id, e.arm, e.model_version) for e in mine} == {
             (u, expected[u], version_of[expected[u]]) for u in users}
         assert all(list(e.item_ids) == shown[e.user_id] for e in mine)
