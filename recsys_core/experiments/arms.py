@@ -40,14 +40,14 @@ class Arm:
 
 def check_model_version(value: str) -> str:
     """"hand" or "ranker/<n>", as RankRequest.model_version takes them."""
-    if value == HAND or _RANKER.match(value):
+    if value == HAND or _RANKER.fullmatch(value):
         return value
     raise ArmsError(f"model {value!r}: expected 'hand' or 'ranker/<version>' (a version of the registry's rankers)")
 
 
 def ranker_version(model_version: str) -> int | None:
     """The registry version a "ranker/<n>" names; None for "hand"."""
-    found = _RANKER.match(model_version)
+    found = _RANKER.fullmatch(model_version)
     return int(found.group(1)) if found else None
 
 
@@ -65,7 +65,7 @@ def parse_arms(spec: str) -> tuple[Arm, ...]:
         if not equals or not colon:
             raise ArmsError(f"{part!r}: expected name=model:weight, e.g. control=ranker/3:50")
         name, model = name.strip(), model.strip()
-        if not _NAME.match(name):
+        if not _NAME.fullmatch(name):
             raise ArmsError(f"{part!r}: an arm's name is 1..64 of A-Z a-z 0-9 _ . -")
         check_model_version(model)
         try:

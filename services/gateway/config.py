@@ -113,6 +113,6 @@ def ab_settings(env: EnvReader) -> dict:
     if arms and not salt:
         raise ConfigError("GATEWAY_AB_SALT: required with GATEWAY_AB_ARMS (the experiment's id; a new one "
                           "reshuffles shoppers across arms)")
-    if salt and not re.match(r"^[A-Za-z0-9_./:-]{1,64}$", salt):
+    if salt and not re.fullmatch(r"[A-Za-z0-9_./:-]{1,64}", salt):
         raise ConfigError("GATEWAY_AB_SALT: 1..64 of A-Z a-z 0-9 _ . / : - (it names the experiment in the reports)")
     return {"ab_arms": arms, "ab_salt": salt}

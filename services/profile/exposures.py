@@ -32,7 +32,7 @@ class IncomingExposure:
 def _label(value: str, name: str, required: bool) -> None:
     if required and not value:
         raise InvalidArgument(name, "must not be empty")
-    if len(value) > MAX_LABEL_CHARS or not _LABEL.match(value):
+    if len(value) > MAX_LABEL_CHARS or not _LABEL.fullmatch(value):
         raise InvalidArgument(name, f"at most {MAX_LABEL_CHARS} of A-Z a-z 0-9 _ . / : -, got {value[:80]!r}")
 
 
