@@ -420,3 +420,27 @@ def test_two_ranker_arms_over_the_stack_and_ab_report_attributes_a_purchase(stac
     finally:
         for server in servers:
             server.stop(None)
+
+
+def test_exposure_log_sends_what_it_holds_when_closed():
+    """A batch being filled or sent when the gateway drains goes out on close, with the queue."""
+    from services.gateway.exposures import ExposureLog, exposure as make
+
+    received: list[str] = []
+
+    async def send(request, timeout):
+        received.extend(e.exposure_id for e in request.exposures)
+        return profile_pb2.RecordExposuresResponse(recorded=len(request.exposures))
+
+    async def scenario():
+        log = ExposureLog(send, capacity=100, batch=50, flush_seconds=30.0)
+        offered = [make("u", "e", "a", "", ["i"]) for _ in range(7)]
+        for item in offered:
+            log.offer(item)
+        await asyncio.sleep(0.1)  # the task holds all 7, waiting 30 s for more
+        assert received == [] and log.pending() == 0
+        await log.close()
+        return [e.exposure_id for e in offered]
+
+    offered = asyncio.run(scenario())
+    assert received == offered

@@ -50,6 +50,8 @@ class ExposureLog:
         self.capacity, self.batch, self.flush_seconds = capacity, batch, flush_seconds
         self._queue: asyncio.Queue | None = None
         self._task: asyncio.Task | None = None
+        # The batch the task is filling or sending.
+        self._current: list[profile_pb2.Exposure] = []
         self.counts = Counter("recsys_gateway_exposures", "A/B exposures by what became of them: recorded, "
                               "duplicate, dropped_queue_full, dropped_send_failed.", ["outcome"], registry=registry)
         for outcome in OUTCOMES:
@@ -71,7 +73,9 @@ class ExposureLog:
         return 0 if self._queue is None else self._queue.qsize()
 
     async def _take_batch(self) -> list[profile_pb2.Exposure]:
-        batch = [await self._queue.get()]
+        # Taken into self._current, so that close() finds what the task held.
+        batch = self._current
+        batch.append(await self._queue.get())
         give_up = time.monotonic() + self.flush_seconds
         while len(batch) < self.batch:
             left = give_up - time.monotonic()
@@ -87,6 +91,7 @@ class ExposureLog:
         while True:
             batch = await self._take_batch()
             await self._deliver(batch)
+            self._current = []
 
     async def _deliver(self, batch: list[profile_pb2.Exposure]) -> None:
         request = profile_pb2.RecordExposuresRequest(exposures=batch)
@@ -110,7 +115,13 @@ class ExposureLog:
         if self._task is None:
             return
         self._task.cancel()
-        left: list[profile_pb2.Exposure] = []
+        try:
+            await self._task
+        except asyncio.CancelledError:
+            pass
+        # The batch the task held (perhaps sent already: stored once by id) and the queue.
+        left: list[profile_pb2.Exposure] = list(self._current)
+        self._current = []
         while not self._queue.empty():
             left.append(self._queue.get_nowait())
         give_up = time.monotonic() + timeout
