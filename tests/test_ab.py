@@ -444,3 +444,18 @@ def test_exposure_log_sends_what_it_holds_when_closed():
 
     offered = asyncio.run(scenario())
     assert received == offered
+
+
+def test_ranking_names_its_own_model_and_reads_the_versions_to_load(ranker_registry, tmp_path):
+    from services.ranking.config import RankingConfig
+    from services.ranking.servicer import model_label
+
+    in_registry = ranker_registry.get("ranker", 2).path / "ranker.txt"
+    assert model_label(str(in_registry)) == "ranker/2"
+    loose = tmp_path / "beauty.txt"
+    loose.write_text("x")
+    assert model_label(str(loose)) == str(loose)
+    base = {"RANKING_INSECURE": "1"}
+    assert RankingConfig.from_env({**base, "RANKING_MODEL_VERSIONS": "3, ranker/4"}).model_versions == (3, 4)
+    with pytest.raises(ConfigError, match="RANKING_MODEL_VERSIONS: 'x' is not a ranker version"):
+        RankingConfig.from_env({**base, "RANKING_MODEL_VERSIONS": "3,x"})
