@@ -459,3 +459,23 @@ def test_ranking_names_its_own_model_and_reads_the_versions_to_load(ranker_regis
     assert RankingConfig.from_env({**base, "RANKING_MODEL_VERSIONS": "3, ranker/4"}).model_versions == (3, 4)
     with pytest.raises(ConfigError, match="RANKING_MODEL_VERSIONS: 'x' is not a ranker version"):
         RankingConfig.from_env({**base, "RANKING_MODEL_VERSIONS": "3,x"})
+
+
+def test_the_report_reads_exposures_and_events_from_each_store(event_store):
+    """collect() over SQLite, Redis and a Redis Cluster: the latest experiment
+    by default, its exposures, and the events that attribute to them."""
+    event_store.append([StoredEvent("u1", "i2", "C", PURCHASE, 1500, amount=4.0),
+                        StoredEvent("u2", "i9", "C", PURCHASE, 1600, amount=9.0)])
+    event_store.record_exposures([
+        StoredExposure("old", "u1", "exp-0", "a", "ranker/1", 100, ("i2",)),
+        StoredExposure("x1", "u1", "exp-1", "a", "ranker/1", 1000, ("i1", "i2")),
+        StoredExposure("x2", "u2", "exp-1", "b", "ranker/2", 1100, ("i3",)),
+    ])
+    collected = report.collect(event_store)
+    assert collected.experiment == "exp-1" and collected.experiments == ["exp-0", "exp-1"]
+    assert {e.exposure_id for e in collected.exposures} == {"x1", "x2"}
+    outcomes = {o.arm: o for o in report.attribute(collected.exposures, collected.events_of)}
+    assert (outcomes["a"].conversions, outcomes["a"].value, outcomes["a"].hit) == (1, 4.0, 1.0)
+    assert (outcomes["b"].conversions, outcomes["b"].hit) == (0, 0.0)
+    assert report.collect(event_store, experiment="exp-0").exposures[0].exposure_id == "old"
+    assert report.collect(event_store, since=1050).experiment == "exp-1"

@@ -57,7 +57,8 @@ class RankingConfig:
     # "ranker/<n>"), loaded on first use and kept, at most max_model_versions;
     # model_versions ("3,4") are loaded at start, so that their first
     # requests do not wait, and a missing one stops the start. Unset
-    # registry: requests naming a version are refused (FAILED_PRECONDITION).
+    # registry: the registry's default (RECSYS_MODEL_REGISTRY, else
+    # var/models). A version it lacks is refused (FAILED_PRECONDITION).
     model_registry: str = ""
     model_versions: tuple[int, ...] = ()
     max_model_versions: int = 8

@@ -50,7 +50,9 @@ def load_model(config: RankingConfig) -> LearnedRanker | None:
 def load_versions(config: RankingConfig) -> RankerVersions:
     """The registry's rankers A/B arms may name; RANKING_MODEL_VERSIONS
     loaded now, so a missing one stops the start (ConfigError)."""
-    registry = Registry(config.model_registry) if config.model_registry else None
+    # Unset: the registry's default (RECSYS_MODEL_REGISTRY, else var/models),
+    # where `recsys train-ranker` versions land locally.
+    registry = Registry(config.model_registry or None)
     versions = RankerVersions(registry, capacity=config.max_model_versions)
     for version in config.model_versions:
         try:
