@@ -51,6 +51,15 @@ class RankerVersions:
         with self._lock:
             return list(self._held)
 
+    def held_ranker(self, version: int) -> LearnedRanker | None:
+        """The ranker of `version` if it is held (no loading, no disk): the
+        fast path a request takes once its version is in."""
+        with self._lock:
+            ranker = self._held.get(version)
+            if ranker is not None:
+                self._held.move_to_end(version)
+            return ranker
+
     def get(self, version: int) -> LearnedRanker:
         """The ranker of `version`, loading it once; FailedPrecondition when
         there is no registry, no such version, or a model that cannot be served."""

@@ -75,7 +75,6 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
             reply.candidates.add(item_id=request.candidates[position].item_id, score=float(scores[position]))
         return reply
 
-
     async def _model(self, asked: str) -> tuple[LearnedRanker | None, str]:
         """The model a request names and its label: None for the weights."""
         if not asked:
@@ -85,6 +84,9 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
         version = ranker_version(asked)
         if version is None:
             raise InvalidArgument("model_version", f"{quoted(asked)}: expected 'hand' or 'ranker/<version>'")
+        held = self.versions.held_ranker(version)
+        if held is not None:
+            return held, asked
         # A first use reads the file: off the event loop.
         return await self.blocking.run(self.versions.get, version), asked
 
