@@ -226,7 +226,8 @@ def as_text(reports: Sequence[ArmReport], experiment: str, window_seconds: int, 
             d = r.versus_first
             lines.append(f"  {r.arm} - {reports[0].arm}: hit@{k} {_interval(d['hit_rate'], True)}, "
                          f"NDCG@{k} {_interval(d['ndcg'], False)}, conv./exposure "
-                         f"{_interval(d['conversion_rate'], True)}, value/shopper {_interval(d['value_per_shopper'], False)}")
+                         f"{_interval(d['conversion_rate'], True)}, "
+                         f"value/shopper {_interval(d['value_per_shopper'], False)}")
     return "\n".join(lines)
 
 
