@@ -201,11 +201,12 @@ def as_json(reports: Sequence[ArmReport], **context) -> str:
     return json.dumps({**context, "arms": [asdict(r) for r in reports]}, indent=2)
 
 
-def _interval(estimate: Estimate, percent: bool) -> str:
+def _interval(estimate: Estimate, percent: bool, digits: int = 2) -> str:
     if math.isnan(estimate.value):
         return "-"
     scale, unit = (100.0, "%") if percent else (1.0, "")
-    return (f"{estimate.value * scale:.2f}{unit} [{estimate.low * scale:.2f}, {estimate.high * scale:.2f}]")
+    return (f"{estimate.value * scale:.{digits}f}{unit} [{estimate.low * scale:.{digits}f}, "
+            f"{estimate.high * scale:.{digits}f}]")
 
 
 def as_text(reports: Sequence[ArmReport], experiment: str, window_seconds: int, k: int) -> str:
@@ -217,7 +218,7 @@ def as_text(reports: Sequence[ArmReport], experiment: str, window_seconds: int, 
     for r in reports:
         m = r.metrics
         lines.append(f"{r.arm:<14}{r.shoppers:>9}{r.exposures:>10}  {_interval(m['hit_rate'], True):<24}"
-                     f"{_interval(m['ndcg'], False):<24}{r.conversions:>6}  {_interval(m['conversion_rate'], True):<24}"
+                     f"{_interval(m['ndcg'], False, 3):<24}{r.conversions:>6}  {_interval(m['conversion_rate'], True):<24}"
                      f"{r.value:>10.2f}  {_interval(m['value_per_shopper'], False):<24}")
     for r in reports:
         ranked = ", ".join(f"{v or 'unranked'}: {n}" for v, n in sorted(r.model_versions.items()))
@@ -225,7 +226,7 @@ def as_text(reports: Sequence[ArmReport], experiment: str, window_seconds: int, 
         if r.versus_first:
             d = r.versus_first
             lines.append(f"  {r.arm} - {reports[0].arm}: hit@{k} {_interval(d['hit_rate'], True)}, "
-                         f"NDCG@{k} {_interval(d['ndcg'], False)}, conv./exposure "
+                         f"NDCG@{k} {_interval(d['ndcg'], False, 3)}, conv./exposure "
                          f"{_interval(d['conversion_rate'], True)}, "
                          f"value/shopper {_interval(d['value_per_shopper'], False)}")
     return "\n".join(lines)
