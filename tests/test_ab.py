@@ -337,7 +337,16 @@ def test_two_ranker_arms_over_the_stack_and_ab_report_attributes_a_purchase(stac
             return address
 
         address = gateway("control=ranker/1:50,treatment=ranker/2:50")
-        users = sorted(dataset.interactions.user_id.unique())[:12]
+        # Shoppers of this test's own, known from a few views of popular
+        # items, so that the session's other tests see their shoppers unchanged.
+        users = [f"ab-shopper-{n}" for n in range(12)]
+        popular = dataset.interactions.item_id.value_counts().index[:20].tolist()
+        with service_channel(stack.profile, "profile") as channel:
+            profile_pb2_grpc.ProfileServiceStub(channel).IngestEvents(profile_pb2.IngestEventsRequest(events=[
+                common_pb2.Event(user_id=user, item_id=popular[(n + j) % len(popular)],
+                                 type=common_pb2.EVENT_TYPE_VIEW, timestamp=int(time.time()) - 60,
+                                 idempotency_key=f"{salt}-{user}-{j}")
+                for n, user in enumerate(users) for j in range(3)]), timeout=30)
         experiment = Experiment(salt, parse_arms("control=ranker/1:50,treatment=ranker/2:50"))
         expected = {user: experiment.assign(user).name for user in users}
         assert set(expected.values()) == {"control", "treatment"}
