@@ -50,6 +50,12 @@ def test_assignment_is_stable_and_respects_the_weights_on_10k_ids():
     other = [Experiment("exp-2", arms).assign(u).name for u in ids(10_000)]
     agree = sum(a == b for a, b in zip(first, other)) / 10_000
     assert abs(agree - (0.2 ** 2 + 0.8 ** 2)) < 0.02
+    # Pinned: the bucket is SHA-256's, not Python's per-process hash(), so
+    # another process (a replica, a restart) computes the same; changing the
+    # definition would reshuffle every running experiment.
+    from recsys_core.experiments.arms import bucket
+
+    assert (bucket("exp-1", "shopper-0", 1000), bucket("exp-1", "A2V5R832QCSOMX", 1000)) == (238, 373)
     # A parked arm (weight 0) gets nobody.
     parked = Experiment("exp-1", parse_arms("old=ranker/1:0,new=ranker/2:5"))
     assert {parked.assign(u).name for u in ids(1000)} == {"new"}
