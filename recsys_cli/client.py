@@ -24,13 +24,17 @@ def print_recommendations(reply, as_json: bool) -> None:
     if as_json:
         print(json.dumps({
             "path": path,
+            # A/B arms (docs/operations.md, "A/B arms"): empty without an experiment.
+            "arm": reply.arm,
+            "model_version": reply.model_version,
             "items": [
                 {"item_id": i.item_id, "category": i.category, "title": i.title, "score": round(i.score, 4), "reason": i.reason}
                 for i in reply.items
             ],
         }, indent=2))
         return
-    print(f"path: {path}")
+    print(f"path: {path}" + (f"  arm: {reply.arm}" if reply.arm else "")
+          + (f"  ranked by: {reply.model_version}" if reply.model_version else ""))
     print(f"{'#':>3}  {'item':<12} {'category':<20} {'score':>6}  title / reason")
     for rank, item in enumerate(reply.items, 1):
         print(f"{rank:>3}  {item.item_id:<12} {item.category[:20]:<20} {item.score:>6.3f}  {item.title[:70]}")

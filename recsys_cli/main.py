@@ -182,6 +182,14 @@ def main(argv: list[str] | None = None) -> int:
 
         return train_ranker_main(argv[1:])
 
+    # A/B arms' results (docs/operations.md, "A/B arms"); parses its own arguments.
+    commands.add_parser("ab-report", add_help=False,
+                        help="per-arm hit rate, NDCG, conversions and value of an A/B experiment, with intervals")
+    if argv and argv[0] == "ab-report":
+        from recsys_cli.abreport import ab_report_main
+
+        return ab_report_main(argv[1:])
+
     # Review sentiment (docs/profiles.md "Preferences from review text"); these parse their own arguments.
     commands.add_parser("train-reviews", add_help=False,
                         help="fine-tune MiniLM for review sentiment, export it to model_repo/review_sentiment")

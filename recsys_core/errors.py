@@ -35,6 +35,12 @@ class DeadlineExceeded(RecsysError):
     pass
 
 
+class FailedPrecondition(RecsysError):
+    """The request is well formed but the service is not set up to answer it
+    (a model version it cannot load): sending it again will not help, fixing
+    the configuration will."""
+
+
 # C0 and C1 control characters (NUL included), and the bidirectional marks,
 # embeddings, overrides and isolates that make an id display as another.
 _NOT_IN_IDS = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")

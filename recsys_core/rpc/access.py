@@ -418,6 +418,8 @@ RULES: dict[str, Rule] = {
     "/recsys.profile.v1.ProfileService/IngestEvents": services(INGEST),
     # The gateway passes on what it checked (the shopper's own token, or an admin's).
     "/recsys.profile.v1.ProfileService/DeleteUser": services(GATEWAY),
+    # What the gateway showed in which A/B arm: only the gateway records it.
+    "/recsys.profile.v1.ProfileService/RecordExposures": services(GATEWAY),
     "/recsys.embedding.v1.EmbeddingService/UpsertItems": services(CATALOGUE),
 }
 

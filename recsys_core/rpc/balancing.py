@@ -41,6 +41,9 @@ METHODS: dict[str, str] = {
     "/recsys.profile.v1.ProfileService/GetShopperSignals": READ,
     "/recsys.profile.v1.ProfileService/IngestEvents": WRITE,
     "/recsys.profile.v1.ProfileService/DeleteUser": WRITE,
+    # Idempotent by exposure_id, but a write: the gateway's exposure log
+    # resends a failed batch itself (services/gateway/exposures.py).
+    "/recsys.profile.v1.ProfileService/RecordExposures": WRITE,
     "/recsys.embedding.v1.EmbeddingService/EmbedTexts": READ,
     "/recsys.embedding.v1.EmbeddingService/SearchItems": READ,
     "/recsys.embedding.v1.EmbeddingService/RetrieveCandidates": READ,

@@ -95,6 +95,11 @@ LIMITS: dict[str, MethodLimits] = {
     "/recsys.profile.v1.ProfileService/GetCoPurchasedItems": MethodLimits(
         counts={"categories": _CATEGORIES, "exclude_item_ids": _EXCLUDED, "anchor_item_ids": 1_000},
         chars={"user_id": ID_CHARS}),
+    # A/B exposures: a batch of up to 1,000 replies of up to 500 items each.
+    "/recsys.profile.v1.ProfileService/RecordExposures": MethodLimits(
+        counts={"exposures": 1_000, "exposures.item_ids": 500},
+        chars={"exposures.exposure_id": ID_CHARS, "exposures.user_id": ID_CHARS, "exposures.experiment": 64,
+               "exposures.arm": 64, "exposures.model_version": 64, "exposures.item_ids": ID_CHARS}),
     "/recsys.profile.v1.ProfileService/GetShopperSignals": MethodLimits(
         counts={"categories": _CATEGORIES, "exclude_item_ids": _EXCLUDED, "anchor_item_ids": 1_000},
         chars={"user_id": ID_CHARS}),

@@ -35,6 +35,21 @@ class StoredEvent:
     order_id: str | None = None
 
 
+@dataclass(frozen=True)
+class StoredExposure:
+    """One Recommend reply as a shopper saw it in an A/B arm
+    (docs/operations.md, "A/B arms"): what later events are attributed by."""
+
+    exposure_id: str
+    user_id: str
+    experiment: str
+    arm: str
+    model_version: str
+    ts: int
+    # In the order shown: position 1 first.
+    item_ids: tuple[str, ...]
+
+
 def benchmark_stored_events(events) -> Iterator[StoredEvent]:
     """Rows of the benchmark's interactions (recsys_core.data.shopping) as the store
     keeps them. They are reviews of bought items: purchases, or ratings where
@@ -145,6 +160,17 @@ class EventStore(Protocol):
         """(popularity, co-purchases) kept by the store as events are
         appended and read from it, the same for every process sharing it
         (Redis); None where the caller counts them in memory (SQLite)."""
+        ...
+
+    def record_exposures(self, exposures: Sequence[StoredExposure]) -> list[bool]:
+        """Store A/B exposures, durable once it returns. Per exposure, whether
+        it was new (False: its exposure_id was stored before, or it is a
+        forgotten shopper's from before the forgetting). forget_user()
+        removes a shopper's exposures with their events."""
+        ...
+
+    def exposures(self, since: int | None = None) -> Iterator[StoredExposure]:
+        """Every stored exposure (shown at or after `since`), in no promised order."""
         ...
 
     def close(self) -> None:

@@ -37,6 +37,9 @@ the `done` marks, `{pend}`) does not name them in the clear:
     {pend}           zset    <t> -> when they last wrote (ms): shoppers that
                              may have pending count updates
     meta             hash    bulk-load markers (loaded:<m>) and progress (loading:<m>)
+    {u:<t>}:x        list    the shopper's A/B exposures (record_exposures), JSON
+                             [exposure_id, user, experiment, arm, model_version, ts, [items]]
+    {u:<t>}:xi       set     their exposure ids (a re-sent exposure is stored once)
 
 Writing a batch (append), in three steps per shopper:
 
@@ -117,7 +120,7 @@ from redis.retry import Retry
 from tqdm import tqdm
 
 from recsys_core.errors import ResourceExhausted, Unavailable
-from recsys_core.store.events import EventStore, StoredEvent, tombstone_of
+from recsys_core.store.events import EventStore, StoredEvent, StoredExposure, tombstone_of
 
 log = logging.getLogger(__name__)
 
@@ -232,6 +235,25 @@ if marker ~= '' and last > loaded then
   redis.call('HSET', KEYS[6], 'bulk:' .. marker, last)
 end
 return {stored, redis.call('LRANGE', KEYS[7], 0, -1)}
+"""
+
+# Store one shopper's A/B exposures. KEYS: x, xi, m of the shopper.
+# ARGV: per exposure: id, ts, record JSON. Returns the stored flags: 0 for an
+# id stored before, or one dated before the shopper was forgotten.
+_EXPOSE_SCRIPT = """#!lua
+local forgotten = tonumber(redis.call('HGET', KEYS[3], 'forgotten') or '-1')
+local stored = {}
+for i = 1, #ARGV, 3 do
+  if forgotten >= 0 and tonumber(ARGV[i + 1]) < forgotten then
+    stored[#stored + 1] = 0
+  elseif redis.call('SADD', KEYS[2], ARGV[i]) == 1 then
+    redis.call('RPUSH', KEYS[1], ARGV[i + 2])
+    stored[#stored + 1] = 1
+  else
+    stored[#stored + 1] = 0
+  end
+end
+return stored
 """
 
 # Forget one shopper: delete their events, queue negated counts, and keep the
@@ -489,6 +511,7 @@ class RedisEventStore(EventStore):
                                                 **common)
         self._store = self._writer.register_script(_STORE_SCRIPT)
         self._forget = self._writer.register_script(_FORGET_SCRIPT)
+        self._expose = self._writer.register_script(_EXPOSE_SCRIPT)
         self._popularity = self._writer.register_script(_POPULARITY_SCRIPT)
         self._pairs = self._writer.register_script(_PAIRS_SCRIPT)
         self._done = self._writer.register_script(_DONE_SCRIPT)
@@ -691,12 +714,52 @@ class RedisEventStore(EventStore):
         tag = tombstone_of(user_id)
         marked = self._mark_pending([user_id])
         removed, pending = self._guard(self._forget, self._shopper_keys(tag), [now])
+        # Their exposures too; after the tombstone is written, so no exposure
+        # from before it is stored again (the expose script checks it).
+        self._guard(self._writer.delete, *self._exposure_keys(tag))
         left = self._apply({tag: [json.loads(r) for r in _lua_list(pending)]})
         if not left.get(tag):
             # Nothing pending: out of {pend} now rather than at the next
             # sweep (unless someone wrote for them since).
             self._guard(self._unpend, [self._pending_index], [tag, repr(marked)])
         return int(removed)
+
+    def _exposure_keys(self, tag: str) -> list[str]:
+        base = f"{self.prefix}{{u:{tag}}}:"
+        return [base + "x", base + "xi"]
+
+    def record_exposures(self, exposures) -> list[bool]:
+        by_user: dict[str, list[int]] = defaultdict(list)
+        for position, exposure in enumerate(exposures):
+            by_user[exposure.user_id].append(position)
+        calls = []
+        for user_id, positions in by_user.items():
+            tag = tombstone_of(user_id)
+            args = []
+            for position in positions:
+                e = exposures[position]
+                args += [e.exposure_id, e.ts, _compact([e.exposure_id, e.user_id, e.experiment, e.arm,
+                                                        e.model_version, e.ts, list(e.item_ids)])]
+            calls.append((self._expose, [*self._exposure_keys(tag), self._shopper_keys(tag)[5]], args))
+        flags = [False] * len(exposures)
+        for positions, reply in zip(by_user.values(), self._run_scripts(calls, atomic=True)):
+            for position, flag in zip(positions, _lua_list(reply)):
+                flags[position] = bool(flag)
+        return flags
+
+    def exposures(self, since: int | None = None) -> Iterator[StoredExposure]:
+        keys = self._reader.scan_iter(match=self.prefix + "{u:*}:x", count=1000)
+        while batch := list(itertools.islice(keys, 500)):
+            with self._reader.pipeline(transaction=False) as pipe:
+                for key in batch:
+                    pipe.lrange(key, 0, -1)
+                replies = self._guard(pipe.execute)
+            for records in replies:
+                for record in records:
+                    exposure_id, user_id, experiment, arm, model_version, ts, item_ids = json.loads(record)
+                    if since is None or ts >= since:
+                        yield StoredExposure(exposure_id, user_id, experiment, arm, model_version, ts,
+                                             tuple(item_ids))
 
     def forgotten_at(self, user_id: str) -> int | None:
         at = self._guard(self._reader.hget, self._user_keys(user_id)[5], "forgotten")

@@ -6,6 +6,7 @@ the machine. docs/profiles.md ("Storage") has the details.
 """
 from __future__ import annotations
 
+import json
 import sqlite3
 import threading
 import time
@@ -15,7 +16,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from recsys_core.store.events import EventStore, StoredEvent, superseded, tombstone_of
+from recsys_core.store.events import EventStore, StoredEvent, StoredExposure, superseded, tombstone_of
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
@@ -34,6 +35,18 @@ CREATE TABLE IF NOT EXISTS events (
 CREATE INDEX IF NOT EXISTS events_by_user ON events (user_id, id);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS forgotten (user_hash TEXT PRIMARY KEY, forgotten_at INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS exposures (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    exposure_id TEXT NOT NULL UNIQUE,
+    user_id TEXT NOT NULL,
+    experiment TEXT NOT NULL,
+    arm TEXT NOT NULL,
+    model_version TEXT NOT NULL,
+    ts INTEGER NOT NULL,
+    item_ids TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS exposures_by_user ON exposures (user_id, id);
+CREATE INDEX IF NOT EXISTS exposures_by_time ON exposures (ts);
 """
 
 
@@ -163,6 +176,7 @@ class SQLiteEventStore(EventStore):
             cursor.execute("BEGIN IMMEDIATE")
             try:
                 removed = cursor.execute("DELETE FROM events WHERE user_id = ?", (user_id,)).rowcount
+                cursor.execute("DELETE FROM exposures WHERE user_id = ?", (user_id,))
                 cursor.execute(
                     "INSERT INTO forgotten (user_hash, forgotten_at) VALUES (?, ?) ON CONFLICT (user_hash)"
                     " DO UPDATE SET forgotten_at = MAX(forgotten_at, excluded.forgotten_at)",
@@ -178,6 +192,41 @@ class SQLiteEventStore(EventStore):
             cursor.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
             cursor.close()
         return removed
+
+    def record_exposures(self, exposures) -> list[bool]:
+        stored = []
+        with self._write_lock:
+            cursor = self._writer.cursor()
+            cursor.execute("BEGIN IMMEDIATE")
+            try:
+                tombstones = self._tombstones(cursor, {e.user_id for e in exposures})
+                for e in exposures:
+                    if tombstones and superseded(e.ts, tombstones.get(e.user_id)):
+                        stored.append(False)
+                        continue
+                    cursor.execute(
+                        "INSERT OR IGNORE INTO exposures (exposure_id, user_id, experiment, arm, model_version, ts,"
+                        " item_ids) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        (e.exposure_id, e.user_id, e.experiment, e.arm, e.model_version, e.ts,
+                         json.dumps(list(e.item_ids))))
+                    stored.append(cursor.rowcount == 1)
+                cursor.execute("COMMIT")
+            except BaseException:
+                cursor.execute("ROLLBACK")
+                raise
+        return stored
+
+    def exposures(self, since: int | None = None) -> Iterator[StoredExposure]:
+        connection = self._connect()
+        try:
+            rows = connection.execute(
+                "SELECT exposure_id, user_id, experiment, arm, model_version, ts, item_ids FROM exposures"
+                " WHERE ts >= ? ORDER BY id", (since if since is not None else -2**62,))
+            for exposure_id, user_id, experiment, arm, model_version, ts, item_ids in rows:
+                yield StoredExposure(exposure_id, user_id, experiment, arm, model_version, ts,
+                                     tuple(json.loads(item_ids)))
+        finally:
+            connection.close()
 
     def forgotten_at(self, user_id: str) -> int | None:
         row = self._reader().execute("SELECT forgotten_at FROM forgotten WHERE user_hash = ?",

@@ -305,10 +305,12 @@ class Composer:
 
     async def recommend(
         self, user_id: str, k: int, categories: list[str], exclude_seen: bool, context_ids: list[str], deadline: Deadline,
-        spread_interests: bool = False, explore_slots: int = 0,
-    ) -> tuple[list[Recommendation], str, list[str]]:
-        """The recommendations, the path that made them, and the stages
-        skipped on the way (PROFILE, EMBEDDING, RANKING; empty: none)."""
+        spread_interests: bool = False, explore_slots: int = 0, model_version: str = "",
+    ) -> tuple[list[Recommendation], str, list[str], str]:
+        """The recommendations, the path that made them, the stages skipped
+        on the way (PROFILE, EMBEDDING, RANKING; empty: none), and the model
+        that ranked them as ranking names it ("" when nothing ranked them).
+        `model_version`: the model an A/B arm asks ranking for ("" for its own)."""
         rq.check_user_id(user_id)
         rq.check_k(k)
         explore_slots = rq.check_exploration(spread_interests, explore_slots, k)
@@ -338,8 +340,8 @@ class Composer:
                    if has_values(getattr(profile, name))}
         if not vectors and not context_ids:
             if signals is None:
-                return self.cached_popular(k, categories, context_ids), FALLBACK, skipped
-            return popular_recommendations(signals.popular, signals.popular_titles), COLD_START, skipped
+                return self.cached_popular(k, categories, context_ids), FALLBACK, skipped, ""
+            return popular_recommendations(signals.popular, signals.popular_titles), COLD_START, skipped, ""
         # Each interest retrieves its own neighbourhood, so that a minor
         # interest has candidates to fill its slots with.
         interests = list(profile.interests) if spread_interests else []
@@ -365,11 +367,11 @@ class Composer:
         ))
         if raw is None:
             # The embedding service is down: popular items beat an error for a storefront.
-            return await self._popular(k, categories, exclude, deadline, skipped), FALLBACK, skipped
+            return await self._popular(k, categories, exclude, deadline, skipped), FALLBACK, skipped, ""
         retrieved, candidates, ids = await self._cpu(parse_candidates, raw)
         if not candidates:
             popular = await self._popular(k, categories, exclude, deadline, skipped)
-            return popular, (FALLBACK if skipped else COLD_START), skipped
+            return popular, (FALLBACK if skipped else COLD_START), skipped, ""
         popularity = None
         if PROFILE not in skipped:
             popularity = await self._optional(PROFILE, skipped, self.profile.GetItemPopularity(
@@ -378,7 +380,8 @@ class Composer:
             # Ranked on similarity and the rest; no popularity prior.
             popularity = profile_pb2.GetItemPopularityResponse(events=[0] * len(ids), max_events=0)
         request = await self._cpu(rank_request, profile, candidates, popularity, co_purchases, 0 if interests else k)
-        ranked = await self._rank(request, deadline, skipped)
+        request.model_version = model_version
+        ranked, ranked_by = await self._rank(request, deadline, skipped)
         if ranked is None:
             # Ranking is down: retrieval similarity alone still orders well.
             ordered = sorted(candidates, key=lambda c: -c.retrieval_score)[:k]
@@ -386,10 +389,10 @@ class Composer:
                 Recommendation(c.item.item_id, c.item.category, c.item.title, c.retrieval_score,
                                "close to your recent interests")
                 for c in ordered
-            ], FALLBACK, skipped
+            ], FALLBACK, skipped, ""
         recommendations = await self._cpu(self._compose, ranked, candidates, retrieved, interests, profile, history,
                                           co_purchases, k, explore_slots)
-        return recommendations, (FALLBACK if skipped else PERSONALISED), skipped
+        return recommendations, (FALLBACK if skipped else PERSONALISED), skipped, ranked_by
 
     def _compose(self, ranked, candidates, retrieved, interests, profile, history, co_purchases, k: int,
                  explore_slots: int) -> list[Recommendation]:
@@ -443,8 +446,23 @@ class Composer:
         return [ranked[position] for position in chosen], reasons
 
     async def _rank(self, request: ranking_pb2.RankRequest, deadline: Deadline, skipped: list[str]):
-        reply = await self._optional(RANKING, skipped, self.ranking.Rank(request, timeout=deadline.left()))
-        return None if reply is None else list(reply.candidates)
+        """The ranked candidates and the model ranking says scored them; (None, "") when ranking was skipped."""
+        try:
+            reply = await self._optional(RANKING, skipped, self.ranking.Rank(request, timeout=deadline.left()))
+        except grpc.RpcError as error:
+            # An A/B arm naming a version ranking cannot load: the shopper
+            # still gets a list (retrieval order, as with ranking down), and
+            # the reply's empty model_version shows it in the exposure log.
+            if not request.model_version or status_code(error) != grpc.StatusCode.FAILED_PRECONDITION:
+                raise
+            now = time.monotonic()
+            if now - _last_warned.get("model_version", float("-inf")) >= WARN_EVERY_SECONDS:
+                _last_warned["model_version"] = now
+                log.warning("ranking cannot serve %s, answering unranked (this warning at most every %.0f s): %s",
+                            request.model_version, WARN_EVERY_SECONDS, describe(error))
+            skipped.append(RANKING)
+            return None, ""
+        return (None, "") if reply is None else (list(reply.candidates), reply.model_version)
 
     async def shopper_profile(self, user_id: str, history_limit: int, deadline: Deadline) -> profile_pb2.GetProfileResponse:
         rq.check_user_id(user_id)

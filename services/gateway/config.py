@@ -1,12 +1,15 @@
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+
+from recsys_core.experiments.arms import Arm, ArmsError, Experiment, parse_arms
 
 from recsys_core.rpc.access import AuthConfig
 from recsys_core.rpc.tracing import TracingConfig
 from recsys_core.rpc.limits import DEFAULTS as LIMIT_DEFAULTS, ServerLimits, service_limits
 from recsys_core.rpc.transport import Security
-from recsys_core.rpc.envconfig import EnvReader
+from recsys_core.rpc.envconfig import ConfigError, EnvReader
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,22 @@ class GatewayConfig:
     # most this often while Recommend calls come in.
     popular_cache_items: int = 500
     popular_refresh_seconds: float = 60.0
+    # A/B arms (docs/operations.md, "A/B arms"): GATEWAY_AB_ARMS
+    # `control=ranker/3:50,treatment=ranker/4:50` and GATEWAY_AB_SALT, the
+    # experiment's id, which the stable hash of each shopper's arm is salted
+    # with (required with arms). Unset: no experiment, no exposure log.
+    ab_arms: tuple[Arm, ...] = ()
+    ab_salt: str = ""
+    # The exposure log: replies waiting to be recorded beyond this many are
+    # dropped (and counted), never waited for; sent in batches of at most
+    # exposure_batch, at least every exposure_flush_seconds.
+    exposure_queue: int = 10_000
+    exposure_batch: int = 200
+    exposure_flush_seconds: float = 1.0
+
+    @property
+    def experiment(self) -> Experiment | None:
+        return Experiment(self.ab_salt, self.ab_arms) if self.ab_arms else None
 
     @classmethod
     def from_env(cls, environ=None) -> "GatewayConfig":
@@ -86,4 +105,22 @@ class GatewayConfig:
             categories_refresh_seconds=env.float("CATEGORIES_REFRESH_SECONDS", cls.categories_refresh_seconds, minimum=0),
             popular_cache_items=env.int("POPULAR_CACHE_ITEMS", cls.popular_cache_items, minimum=0, maximum=1000),
             popular_refresh_seconds=env.float("POPULAR_REFRESH_SECONDS", cls.popular_refresh_seconds, minimum=0.1),
+            **ab_settings(env),
+            exposure_queue=env.int("EXPOSURE_QUEUE", cls.exposure_queue, minimum=1, maximum=1_000_000),
+            exposure_batch=env.int("EXPOSURE_BATCH", cls.exposure_batch, minimum=1, maximum=1000),
+            exposure_flush_seconds=env.float("EXPOSURE_FLUSH_SECONDS", cls.exposure_flush_seconds, minimum=0.01),
         )
+
+
+def ab_settings(env: EnvReader) -> dict:
+    try:
+        arms = parse_arms(env.str("AB_ARMS", ""))
+    except ArmsError as error:
+        raise ConfigError(f"GATEWAY_AB_ARMS: {error}") from None
+    salt = env.str("AB_SALT", "").strip()
+    if arms and not salt:
+        raise ConfigError("GATEWAY_AB_SALT: required with GATEWAY_AB_ARMS (the experiment's id; a new one "
+                          "reshuffles shoppers across arms)")
+    if salt and not re.fullmatch(r"[A-Za-z0-9_./:-]{1,64}", salt):
+        raise ConfigError("GATEWAY_AB_SALT: 1..64 of A-Z a-z 0-9 _ . / : - (it names the experiment in the reports)")
+    return {"ab_arms": arms, "ab_salt": salt}

@@ -14,6 +14,7 @@ from recsys_core.rpc.grpc_util import ManagedServer, build_server, serve_main
 from recsys_core.rpc.runtime import EventLoopThread
 from services.gateway.composer import Composer, describe
 from services.gateway.config import GatewayConfig
+from services.gateway.exposures import ExposureLog
 from services.gateway.servicer import PATHS, STAGES, GatewayServicer
 
 log = logging.getLogger(__name__)
@@ -83,7 +84,15 @@ def create_server(config: GatewayConfig) -> tuple[ManagedServer, int]:
     )
     register_metrics(server)
     composer = Composer(config, run_cpu=server.blocking.run_admitted, tracing=server.tracing)
-    servicer = GatewayServicer(server.readiness, composer, config, server.blocking)
+    exposures = None
+    if config.experiment is not None:
+        log.info("A/B %s", config.experiment.describe())
+        exposures = ExposureLog(lambda request, timeout: composer.profile.RecordExposures(request, timeout=timeout),
+                                config.exposure_queue, config.exposure_batch, config.exposure_flush_seconds,
+                                registry=server.metrics.registry)
+        # What is still queued goes out before the channels close.
+        server.after_drain(exposures.close)
+    servicer = GatewayServicer(server.readiness, composer, config, server.blocking, exposures)
     server.add(gateway_pb2_grpc.add_GatewayServiceServicer_to_server, servicer)
     server.after_drain(composer.close)
     server.readiness.start(lambda: wait_for_catalogue(composer, config, server.loop))

@@ -14,6 +14,7 @@ from recsys_core.rpc.runtime import BlockingPool
 from services.gateway.composer import (COLD_START, EMBEDDING, FALLBACK, PERSONALISED, PROFILE, RANKING, Composer,
                                        Recommendation)
 from services.gateway.config import GatewayConfig
+from services.gateway.exposures import ExposureLog, exposure
 
 PATHS = {
     PERSONALISED: gateway_pb2.RECOMMENDATION_PATH_PERSONALISED,
@@ -35,17 +36,23 @@ def item_messages(recommendations: list[Recommendation]) -> list[gateway_pb2.Rec
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
-    def __init__(self, readiness: Readiness, composer: Composer, config: GatewayConfig, blocking: BlockingPool):
+    def __init__(self, readiness: Readiness, composer: Composer, config: GatewayConfig, blocking: BlockingPool,
+                 exposures: ExposureLog | None = None):
         self.readiness = readiness
         self.composer = composer
         self.config = config
         self.blocking = blocking
+        # A/B arms (GATEWAY_AB_ARMS): the shopper's arm picks the ranking
+        # model; what was shown goes to the exposure log. None: no experiment.
+        self.experiment = config.experiment
+        self.exposures = exposures
 
     @handle_errors
     async def Recommend(self, request, context):
         self.readiness.require()
+        arm = self.experiment.assign(request.user_id) if self.experiment is not None and request.user_id else None
         with self.blocking.admitted():
-            recommendations, path, skipped = await self.composer.recommend(
+            recommendations, path, skipped, ranked_by = await self.composer.recommend(
                 user_id=request.user_id,
                 k=request.k,
                 categories=list(request.categories),
@@ -54,9 +61,14 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
                 deadline=Deadline(context, self.config.request_timeout_seconds),
                 spread_interests=request.spread_interests,
                 explore_slots=request.explore_slots,
+                model_version=arm.model_version if arm is not None else "",
             )
+        if arm is not None and recommendations and self.exposures is not None:
+            self.exposures.offer(exposure(request.user_id, self.experiment.salt, arm.name, ranked_by,
+                                          [r.item_id for r in recommendations]))
         return gateway_pb2.RecommendResponse(items=item_messages(recommendations), path=PATHS[path],
-                                             skipped_stages=[STAGES[stage] for stage in skipped])
+                                             skipped_stages=[STAGES[stage] for stage in skipped],
+                                             arm=arm.name if arm is not None else "", model_version=ranked_by)
 
     @handle_errors
     async def GetProfile(self, request, context):

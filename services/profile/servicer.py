@@ -7,6 +7,7 @@ from recsys_core.rpc.access import audit
 from recsys_core.rpc.grpc_util import Readiness, handle_errors, Deadline
 from recsys_core.rpc.runtime import BlockingPool
 from recsys_core.rpc.messages import to_vector
+from services.profile import exposures
 from services.profile.config import ProfileConfig
 from services.profile.profiles import DEFAULT_HISTORY, MAX_HISTORY, IncomingEvent, ProfileBook
 from recsys_core.errors import InvalidArgument
@@ -195,3 +196,16 @@ class ProfileServicer(profile_pb2_grpc.ProfileServiceServicer):
               items_affected=forgotten.items)
         return profile_pb2.DeleteUserResponse(user_id=forgotten.user_id, events_removed=forgotten.events,
                                               items_affected=forgotten.items)
+
+    @handle_errors
+    async def RecordExposures(self, request, context):
+        incoming = [
+            exposures.IncomingExposure(
+                exposure_id=e.exposure_id, user_id=e.user_id, experiment=e.experiment, arm=e.arm,
+                model_version=e.model_version, timestamp=e.timestamp, item_ids=list(e.item_ids),
+            )
+            for e in request.exposures
+        ]
+        store = self.book.store
+        recorded, duplicates = await self.blocking.run(exposures.record, store, incoming)
+        return profile_pb2.RecordExposuresResponse(recorded=recorded, duplicates=duplicates)

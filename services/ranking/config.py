@@ -6,7 +6,7 @@ from recsys_core.rpc.access import AuthConfig
 from recsys_core.rpc.tracing import TracingConfig
 from recsys_core.rpc.limits import DEFAULTS as LIMIT_DEFAULTS, ServerLimits, service_limits
 from recsys_core.rpc.transport import Security
-from recsys_core.rpc.envconfig import EnvReader
+from recsys_core.rpc.envconfig import ConfigError, EnvReader
 from recsys_core.ranking.scoring import SERVING_WEIGHTS
 
 
@@ -52,6 +52,16 @@ class RankingConfig:
     # the weights. A model that cannot be read or asks for features this
     # service does not compute stops the service at start.
     model: str = ""
+    # A/B arms (docs/operations.md, "A/B arms"): the model registry whose
+    # ranker versions a Rank request may name (RankRequest.model_version
+    # "ranker/<n>"), loaded on first use and kept, at most max_model_versions;
+    # model_versions ("3,4") are loaded at start, so that their first
+    # requests do not wait, and a missing one stops the start. Unset
+    # registry: the registry's default (RECSYS_MODEL_REGISTRY, else
+    # var/models). A version it lacks is refused (FAILED_PRECONDITION).
+    model_registry: str = ""
+    model_versions: tuple[int, ...] = ()
+    max_model_versions: int = 8
 
     @classmethod
     def from_env(cls, environ=None) -> "RankingConfig":
@@ -80,4 +90,18 @@ class RankingConfig:
             co_purchase_weight=env.float("CO_PURCHASE_WEIGHT", cls.co_purchase_weight, minimum=0),
             max_candidates=env.int("MAX_CANDIDATES", cls.max_candidates, minimum=1),
             model=env.str("MODEL", cls.model),
+            model_registry=env.str("MODEL_REGISTRY", cls.model_registry),
+            model_versions=parse_versions(env.str("MODEL_VERSIONS", "")),
+            max_model_versions=env.int("MAX_MODEL_VERSIONS", cls.max_model_versions, minimum=1, maximum=64),
         )
+
+
+def parse_versions(spec: str) -> tuple[int, ...]:
+    """RANKING_MODEL_VERSIONS: "3,4" (or "ranker/3,ranker/4")."""
+    versions = []
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        number = part.removeprefix("ranker/")
+        if not number.isdigit() or int(number) < 1:
+            raise ConfigError(f"RANKING_MODEL_VERSIONS: {part!r} is not a ranker version (e.g. 3 or ranker/3)")
+        versions.append(int(number))
+    return tuple(versions)

@@ -7,7 +7,10 @@ import sys
 from prometheus_client import Histogram
 
 from recsys.ranking.v1 import ranking_pb2, ranking_pb2_grpc
+from recsys_core.errors import FailedPrecondition
+from recsys_core.models.registry import Registry
 from recsys_core.ranking.learned import LearnedRanker, ModelError
+from recsys_core.ranking.versions import RankerVersions
 from recsys_core.rpc.envconfig import ConfigError
 from recsys_core.rpc.grpc_util import ManagedServer, build_server, serve_main
 from services.ranking.config import RankingConfig
@@ -44,15 +47,32 @@ def load_model(config: RankingConfig) -> LearnedRanker | None:
     return ranker
 
 
+def load_versions(config: RankingConfig) -> RankerVersions:
+    """The registry's rankers A/B arms may name; RANKING_MODEL_VERSIONS
+    loaded now, so a missing one stops the start (ConfigError)."""
+    # Unset: the registry's default (RECSYS_MODEL_REGISTRY, else var/models),
+    # where `recsys train-ranker` versions land locally.
+    registry = Registry(config.model_registry or None)
+    versions = RankerVersions(registry, capacity=config.max_model_versions)
+    for version in config.model_versions:
+        try:
+            versions.get(version)
+        except FailedPrecondition as error:
+            raise ConfigError(f"RANKING_MODEL_VERSIONS: {error}") from error
+    return versions
+
+
 def create_server(config: RankingConfig) -> tuple[ManagedServer, int]:
     ranker = load_model(config)
+    versions = load_versions(config)
     server, port = build_server(
         config.address, config.workers, [SERVICE_NAME], "ranking", metrics_port=config.metrics_port,
         security=config.security, auth=config.auth, limits=config.limits, health_port=config.health_port,
         tracing=config.tracing,
     )
     register_metrics(server)
-    server.add(ranking_pb2_grpc.add_RankingServiceServicer_to_server, RankingServicer(config, server.blocking, ranker))
+    server.add(ranking_pb2_grpc.add_RankingServiceServicer_to_server, RankingServicer(config, server.blocking, ranker,
+                                                                                       versions))
     # The model, if any, is loaded already: ready as soon as it is built.
     server.readiness.start(lambda: None)
     return server, port

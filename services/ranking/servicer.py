@@ -1,10 +1,16 @@
 """gRPC face of the scorer: parse, call the domain, build the reply."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 
 from recsys.ranking.v1 import ranking_pb2, ranking_pb2_grpc
-from recsys_core.errors import InvalidArgument
+from recsys_core.errors import InvalidArgument, quoted
+from recsys_core.experiments.arms import HAND, ranker_version
+from recsys_core.models.registry import MANIFEST
+from recsys_core.ranking.versions import RankerVersions
 from recsys_core.rpc.grpc_util import handle_errors
 from recsys_core.rpc.runtime import BlockingPool
 from services.ranking.config import RankingConfig
@@ -14,11 +20,15 @@ from recsys_core.ranking.scoring import Features, Weights, check_shares, score_f
 
 
 class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
-    def __init__(self, config: RankingConfig, blocking: BlockingPool, ranker: LearnedRanker | None = None):
+    def __init__(self, config: RankingConfig, blocking: BlockingPool, ranker: LearnedRanker | None = None,
+                 versions: RankerVersions | None = None):
         self.config = config
         self.blocking = blocking
         # The learned model when RANKING_MODEL names one, else None: the weights.
         self.ranker = ranker
+        self.default_label = HAND if ranker is None else model_label(config.model)
+        # Registry versions an A/B arm's request names (RankRequest.model_version).
+        self.versions = versions if versions is not None else RankerVersions(None)
         self.weights = Weights(
             long_term=config.long_term_weight,
             short_term=config.short_term_weight,
@@ -37,7 +47,8 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
     @handle_errors
     async def Rank(self, request, context):
         if not request.candidates:
-            return ranking_pb2.RankResponse()
+            _, label = await self._model(request.model_version)
+            return ranking_pb2.RankResponse(model_version=label)
         if len(request.candidates) > self.config.max_candidates:
             raise InvalidArgument(
                 "candidates", f"at most {self.config.max_candidates} candidates, got {len(request.candidates)}"
@@ -52,16 +63,43 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
         popularity = np.asarray([c.popularity for c in request.candidates], dtype=np.float32)
         max_popularity = np.asarray([c.max_popularity for c in request.candidates], dtype=np.float32)
         co_purchases = np.asarray([c.co_purchases for c in request.candidates], dtype=np.float32)
-        if self.ranker is not None:
-            scores = await self.blocking.run(score_learned, self.ranker, features, popularity, max_popularity,
+        ranker, label = await self._model(request.model_version)
+        if ranker is not None:
+            scores = await self.blocking.run(score_learned, ranker, features, popularity, max_popularity,
                                              drift, churn, co_purchases)
         else:
             scores = await self.blocking.run(score_features, features, popularity, max_popularity, self.weights,
                                              drift, churn, co_purchases)
-        reply = ranking_pb2.RankResponse()
+        reply = ranking_pb2.RankResponse(model_version=label)
         for position in top(scores, request.k):
             reply.candidates.add(item_id=request.candidates[position].item_id, score=float(scores[position]))
         return reply
+
+    async def _model(self, asked: str) -> tuple[LearnedRanker | None, str]:
+        """The model a request names and its label: None for the weights."""
+        if not asked:
+            return self.ranker, self.default_label
+        if asked == HAND:
+            return None, HAND
+        version = ranker_version(asked)
+        if version is None:
+            raise InvalidArgument("model_version", f"{quoted(asked)}: expected 'hand' or 'ranker/<version>'")
+        held = self.versions.held_ranker(version)
+        if held is not None:
+            return held, asked
+        # A first use reads the file: off the event loop.
+        return await self.blocking.run(self.versions.get, version), asked
+
+
+def model_label(path: str) -> str:
+    """How replies name RANKING_MODEL's model: its registry label when the
+    file sits in a registry version, else its path."""
+    folder = Path(path).resolve().parent
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+        return f"{manifest['kind']}/{int(manifest['version'])}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return path
 
 
 FEATURE_FIELDS = ("long_term_similarity", "short_term_similarity", "context_similarity", "model_similarity",
