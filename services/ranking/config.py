@@ -6,7 +6,7 @@ from recsys_core.rpc.access import AuthConfig
 from recsys_core.rpc.tracing import TracingConfig
 from recsys_core.rpc.limits import DEFAULTS as LIMIT_DEFAULTS, ServerLimits, service_limits
 from recsys_core.rpc.transport import Security
-from recsys_core.rpc.envconfig import EnvReader
+from recsys_core.rpc.envconfig import ConfigError, EnvReader
 from recsys_core.ranking.scoring import SERVING_WEIGHTS
 
 
@@ -52,6 +52,13 @@ class RankingConfig:
     # the weights. A model that cannot be read or asks for features this
     # service does not compute stops the service at start.
     model: str = ""
+    # A model registry (recsys_core/models/registry.py; RANKING_MODEL_REGISTRY):
+    # the service serves its promoted ranker version, polls PROMOTED every
+    # model_poll_seconds and swaps a newly promoted one in without a restart
+    # (one that fails to load is refused and the old one keeps ranking).
+    # Before any is promoted: the weights. Exclusive with `model`.
+    model_registry: str = ""
+    model_poll_seconds: float = 1.0
 
     @classmethod
     def from_env(cls, environ=None) -> "RankingConfig":
@@ -80,4 +87,11 @@ class RankingConfig:
             co_purchase_weight=env.float("CO_PURCHASE_WEIGHT", cls.co_purchase_weight, minimum=0),
             max_candidates=env.int("MAX_CANDIDATES", cls.max_candidates, minimum=1),
             model=env.str("MODEL", cls.model),
+            model_registry=env.str("MODEL_REGISTRY", cls.model_registry),
+            model_poll_seconds=env.float("MODEL_POLL_SECONDS", cls.model_poll_seconds, minimum=0.05, maximum=60),
         )
+
+    def __post_init__(self):
+        if self.model and self.model_registry:
+            raise ConfigError("RANKING_MODEL and RANKING_MODEL_REGISTRY are exclusive: serve one file, or the "
+                              "registry's promoted ranker")

@@ -5,6 +5,7 @@ import numpy as np
 
 from recsys.ranking.v1 import ranking_pb2, ranking_pb2_grpc
 from recsys_core.errors import InvalidArgument
+from recsys_core.models.hot_swap import Loaded, Served
 from recsys_core.rpc.grpc_util import handle_errors
 from recsys_core.rpc.runtime import BlockingPool
 from services.ranking.config import RankingConfig
@@ -14,11 +15,17 @@ from recsys_core.ranking.scoring import Features, Weights, check_shares, score_f
 
 
 class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
-    def __init__(self, config: RankingConfig, blocking: BlockingPool, ranker: LearnedRanker | None = None):
+    def __init__(self, config: RankingConfig, blocking: BlockingPool,
+                 ranker: LearnedRanker | Served[LearnedRanker | None] | None = None):
         self.config = config
         self.blocking = blocking
-        # The learned model when RANKING_MODEL names one, else None: the weights.
-        self.ranker = ranker
+        # The learned model (RANKING_MODEL's, or the registry's promoted
+        # version, swapped on promotion), or None: the weights.
+        self.models = ranker if isinstance(ranker, Served) else Served(Loaded(ranker))
+
+    @property
+    def ranker(self) -> LearnedRanker | None:
+        return self.models.current.value
         self.weights = Weights(
             long_term=config.long_term_weight,
             short_term=config.short_term_weight,
@@ -37,7 +44,7 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
     @handle_errors
     async def Rank(self, request, context):
         if not request.candidates:
-            return ranking_pb2.RankResponse()
+            return ranking_pb2.RankResponse(model_version=self.models.current.label)
         if len(request.candidates) > self.config.max_candidates:
             raise InvalidArgument(
                 "candidates", f"at most {self.config.max_candidates} candidates, got {len(request.candidates)}"
@@ -52,13 +59,15 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
         popularity = np.asarray([c.popularity for c in request.candidates], dtype=np.float32)
         max_popularity = np.asarray([c.max_popularity for c in request.candidates], dtype=np.float32)
         co_purchases = np.asarray([c.co_purchases for c in request.candidates], dtype=np.float32)
-        if self.ranker is not None:
-            scores = await self.blocking.run(score_learned, self.ranker, features, popularity, max_popularity,
+        # Read once: a swap during this call does not change who scores it.
+        loaded = self.models.current
+        if loaded.value is not None:
+            scores = await self.blocking.run(score_learned, loaded.value, features, popularity, max_popularity,
                                              drift, churn, co_purchases)
         else:
             scores = await self.blocking.run(score_features, features, popularity, max_popularity, self.weights,
                                              drift, churn, co_purchases)
-        reply = ranking_pb2.RankResponse()
+        reply = ranking_pb2.RankResponse(model_version=loaded.label)
         for position in top(scores, request.k):
             reply.candidates.add(item_id=request.candidates[position].item_id, score=float(scores[position]))
         return reply
