@@ -169,6 +169,17 @@ def small_catalogue(out: Path, items: int) -> Path:
     return out
 
 
+def triton_repository(out: Path) -> Path:
+    """A serving repository for Triton holding text_encoder alone (the
+    committed config and versions, linked): promotions add versions here,
+    never to the committed model_repo/."""
+    from recsys_core.data import paths
+    from recsys_core.models import model_serving
+
+    model_serving.serving_repository_of(out, paths.MODEL_REPO, (paths.TEXT_ENCODER_MODEL,))
+    return out
+
+
 # -- the measurement -----------------------------------------------------------
 
 
@@ -282,13 +293,9 @@ def main(argv: list[str] | None = None) -> int:
                "EMBEDDING_MODEL_POLL_SECONDS": "0.2", "EMBEDDING_GRACE_SECONDS": "2",
                "EMBEDDING_ENCODER": args.encoder}
         if args.encoder == "triton":
-            from recsys_core.models import model_serving
             from recsys_core.models.triton import TritonServer
 
-            repo = work / "model_repo"
-            model_serving.replace_serving_repository(repo, paths.MODEL_REPO)
-            shutil.copytree(paths.MODEL_REPO / paths.TEXT_ENCODER_MODEL, repo / paths.TEXT_ENCODER_MODEL,
-                            symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
+            repo = triton_repository(work / "model_repo")
             triton = TritonServer(repo, log_path=work / "triton.log", startup_timeout=300).start()
             env.update(EMBEDDING_TRITON_URL=triton.grpc_url, EMBEDDING_MODEL_REPO=str(repo))
         processes.append(start_service("embedding", env, work / "embedding.log"))

@@ -238,6 +238,37 @@ def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 @pytest.mark.integration
 def test_embedding_swaps_encoder_and_index_together_under_load(versions, tmp_path, caplog):
+    server = swap_under_load(versions, tmp_path, caplog)
+    assert server.metrics.registry.get_sample_value("recsys_embedding_model_version") == versions["seq2"].version
+    assert server.metrics.registry.get_sample_value("recsys_embedding_model_swaps") == 1
+
+
+@pytest.mark.integration
+def test_triton_loads_the_promoted_encoder_as_a_new_version_and_unloads_the_old(versions, tmp_path, caplog):
+    """The same under Triton (explicit model control): the promoted encoder
+    becomes text_encoder version 2 of the served repository, loaded beside
+    version 1 for the swap; version 1 is unloaded after it."""
+    from promotion import triton_repository
+
+    from recsys_core.models.triton import TritonServer
+    from services.embedding.config import EmbeddingConfig
+    from services.embedding.promotion import served_triton_versions
+
+    repo = triton_repository(tmp_path / "model_repo")
+    with TritonServer(repo, log_path=tmp_path / "triton.log", startup_timeout=300) as triton:
+        config = dict(encoder="triton", triton_url=triton.grpc_url, model_repo=str(repo))
+        swap_under_load(versions, tmp_path, caplog, **config)
+        probe = EmbeddingConfig(**config)
+        wait_for(lambda: served_triton_versions(probe) == {2}, "Triton serving version 2 alone", seconds=30)
+        assert (repo / paths.TEXT_ENCODER_MODEL / "2" / "encoder.json").is_file()
+        assert not (paths.MODEL_REPO / paths.TEXT_ENCODER_MODEL / "2").exists(), "the committed repository was written"
+
+
+def swap_under_load(versions, tmp_path, caplog, **config):
+    """An embedding service on sequence/1 answering EmbedTexts,
+    RetrieveCandidates and SearchItems in three threads while sequence/2 is
+    promoted, then a broken version; checks every reply and returns the
+    (stopped) server for its metrics."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     from conftest import secured, service_channel, start
@@ -270,7 +301,7 @@ def test_embedding_swaps_encoder_and_index_together_under_load(versions, tmp_pat
         address="127.0.0.1:0", data_dir=str(versions["data"]), retail_dir="",
         catalogue_path=str(tmp_path / "catalogue.sqlite3"), cache_dir=str(tmp_path / "cache"),
         model_registry=str(registry.root), model_poll_seconds=0.05, grace_seconds=0.5, encoder_threads=1,
-        **secured("embedding"))))
+        **config, **secured("embedding"))))
     not_serving = []
     try:
         with service_channel(address, "embedding") as channel:
@@ -322,7 +353,6 @@ def test_embedding_swaps_encoder_and_index_together_under_load(versions, tmp_pat
         assert load.labels() == {first.label, second.label}
         assert_never_back(load, first.label, second.label)
         assert not_serving == []
-        assert server.metrics.registry.get_sample_value("recsys_embedding_model_version") == second.version
-        assert server.metrics.registry.get_sample_value("recsys_embedding_model_swaps") == 1
+        return server
     finally:
         server.stop(None)
