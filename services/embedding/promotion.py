@@ -36,6 +36,7 @@ from recsys_core.models.model_serving import ModelDir, ModelDirError, open_model
 from recsys_core.models.registry import ModelVersion, Registry
 from services.embedding.catalogue import Catalogue
 from services.embedding.config import EmbeddingConfig
+from services.embedding.loading import load_encoder, open_catalogue
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +64,6 @@ def model_encoder(config: EmbeddingConfig, model: ModelDir | None, version: Mode
     """The encoder of `model` (None: the pretrained one). With Triton, the
     model's encoder is installed as a text_encoder version of the served
     repository and loaded beside what Triton serves; the client is pinned to it."""
-    from services.embedding.server import load_encoder
-
     if model is None or config.encoder != "triton":
         return load_encoder(config, model, tracer)
     from recsys_core.models import triton_control
@@ -97,8 +96,6 @@ def served_triton_versions(config: EmbeddingConfig) -> set[int]:
 
 def swap_in(config: EmbeddingConfig, served: Served[Catalogue], version: ModelVersion, tracer=None) -> Catalogue:
     """Build `version`'s catalogue beside the serving one and make it current."""
-    from services.embedding.server import open_catalogue
-
     old = served.current.value
     model = open_model_dir(version.path)
     if model.dimension != old.dimension:
