@@ -198,12 +198,12 @@ def start_service(name: str, env: dict[str, str], log_path: Path) -> subprocess.
                             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
 
-def wait_serving(address: str, seconds: float) -> None:
+def wait_serving(channel, seconds: float) -> None:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     deadline = time.monotonic() + seconds
-    with grpc.insecure_channel(address) as channel:
+    if True:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             try:
@@ -213,20 +213,18 @@ def wait_serving(address: str, seconds: float) -> None:
             except grpc.RpcError:
                 pass
             time.sleep(0.2)
-    raise TimeoutError(f"{address} not SERVING within {seconds:.0f} s")
+    raise TimeoutError(f"not SERVING within {seconds:.0f} s")
 
 
-def make_calls(embedding: str, ranking: str, item_ids: list[str], versions: Counter, lock: threading.Lock):
-    """One Recommend's embedding and ranking calls, back to back, as one
-    loop call; the model_version of every reply is counted."""
-    import grpc
-
+def make_calls(embedding, ranking, versions: Counter, lock: threading.Lock):
+    """One Recommend's embedding and ranking calls (on these channels), back
+    to back, as one loop call; the model_version of every reply is counted."""
     from recsys.embedding.v1 import embedding_pb2, embedding_pb2_grpc
     from recsys.ranking.v1 import ranking_pb2, ranking_pb2_grpc
     from recsys.common.v1 import common_pb2
 
-    retrieve = embedding_pb2_grpc.EmbeddingServiceStub(grpc.insecure_channel(embedding)).RetrieveCandidates
-    rank = ranking_pb2_grpc.RankingServiceStub(grpc.insecure_channel(ranking)).Rank
+    retrieve = embedding_pb2_grpc.EmbeddingServiceStub(embedding).RetrieveCandidates
+    rank = ranking_pb2_grpc.RankingServiceStub(ranking).Rank
 
     def call(item_id: str, timeout: float):
         found = retrieve(embedding_pb2.RetrieveCandidatesRequest(context_item_ids=[item_id], k=50), timeout=timeout)
@@ -287,7 +285,19 @@ def main(argv: list[str] | None = None) -> int:
         registry.promote("ranker", ranker_a.version, "bench: start")
         data = small_catalogue(work / "data", args.items)
         embedding, ranking = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
-        env = {"EMBEDDING_ADDRESS": embedding, "EMBEDDING_INSECURE": "1", "EMBEDDING_DATA_DIR": str(data),
+        # The services as deployed: mTLS and tokens (recsys serve's local CA).
+        from recsys_cli.certs import LocalSecurity
+        from recsys_core.rpc.grpc_util import CHANNEL_OPTIONS
+
+        security = LocalSecurity.ensure(work / "tls")
+        admin = security.security("admin")
+        token = security.write_admin_token().read_text().strip()
+
+        def secured(name: str) -> dict[str, str]:
+            prefix = name.upper() + "_"
+            return {prefix + "TLS_DIR": str(security.tls_dir(name)), prefix + "AUTH_JWT_KEY_FILE": str(security.jwt_key)}
+
+        env = {"EMBEDDING_ADDRESS": embedding, **secured("embedding"), "EMBEDDING_DATA_DIR": str(data),
                "EMBEDDING_RETAIL_DIR": "", "EMBEDDING_CATALOGUE_PATH": str(work / "catalogue.sqlite3"),
                "EMBEDDING_CACHE_DIR": str(work / "cache"), "EMBEDDING_MODEL_REGISTRY": str(registry.root),
                "EMBEDDING_MODEL_POLL_SECONDS": "0.2", "EMBEDDING_GRACE_SECONDS": "2",
@@ -300,17 +310,21 @@ def main(argv: list[str] | None = None) -> int:
             env.update(EMBEDDING_TRITON_URL=triton.grpc_url, EMBEDDING_MODEL_REPO=str(repo))
         processes.append(start_service("embedding", env, work / "embedding.log"))
         processes.append(start_service("ranking", {
-            "RANKING_ADDRESS": ranking, "RANKING_INSECURE": "1", "RANKING_MODEL_REGISTRY": str(registry.root),
+            "RANKING_ADDRESS": ranking, **secured("ranking"), "RANKING_MODEL_REGISTRY": str(registry.root),
             "RANKING_MODEL_POLL_SECONDS": "0.2"}, work / "ranking.log"))
-        wait_serving(ranking, 60)
-        wait_serving(embedding, 900)
+        embedding_channel = admin.channel(embedding, "embedding", CHANNEL_OPTIONS, token=token)
+        ranking_channel = admin.channel(ranking, "ranking", CHANNEL_OPTIONS, token=token)
+        wait_serving(ranking_channel, 60)
+        wait_serving(embedding_channel, 900)
         from recsys_core.data import shopping
 
         item_ids = list(shopping.load_items(data).item_id)[:500]
         versions: Counter = Counter()
         lock = threading.Lock()
-        call = make_calls(embedding, ranking, item_ids, versions, lock)
-        phase(call, item_ids, args.concurrency, 2.0)  # warm-up, not reported
+        call = make_calls(embedding_channel, ranking_channel, versions, lock)
+        warmup = phase(call, item_ids, args.concurrency, 2.0)  # not reported
+        if warmup["error_count"]:
+            raise RuntimeError(f"calls fail before any promotion: {warmup['errors']} (logs: {work})")
         versions.clear()
         results = {"quiet": phase(call, item_ids, args.concurrency, args.seconds)}
         quiet_versions = dict(versions)

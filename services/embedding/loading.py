@@ -68,23 +68,30 @@ def open_store(config: EmbeddingConfig) -> CatalogueStore:
 
 
 def open_catalogue(config: EmbeddingConfig, encoder: Encoder, model: ModelDir | None, store: CatalogueStore,
-                   show_progress: bool = False, model_version: str = "") -> Catalogue:
+                   show_progress: bool = False, model_version: str = "", build_encoder: Encoder | None = None
+                   ) -> Catalogue:
     """A catalogue of `encoder` (and `model`'s ID vectors) over `store`,
     every item of the store indexed: at start, and beside the serving one
     when a model is promoted (items stored under another encoder are
-    encoded again, never mixed in)."""
+    encoded again, never mixed in). `build_encoder`, the same weights (its
+    fingerprint must match), encodes the store's items instead of `encoder`:
+    a promotion's single-threaded one, so the build leaves the cores to calls."""
+    if build_encoder is not None and build_encoder.fingerprint != encoder.fingerprint:
+        raise ValueError(f"the build encoder ({build_encoder.fingerprint}) is not the serving one ({encoder.fingerprint})")
     # Keyed by the encoder's weights: a fine-tuned encoder never reads the
     # pretrained one's vectors (ID vectors are added after the cache). Only a
     # start-up accelerator now: the store holds every item's vector.
     cache = EmbeddingCache(Path(config.cache_dir) if config.cache_dir else None, encoder.fingerprint)
     id_vectors = model.id_vectors() if model is not None else None
-    catalogue = Catalogue(encoder, cache, use_gpu=config.use_gpu, id_vectors=id_vectors,
+    catalogue = Catalogue(build_encoder or encoder, cache, use_gpu=config.use_gpu, id_vectors=id_vectors,
                           index_settings=config.index, store=store, model_version=model_version)
     if model is not None:
         log.info("serving model %s%s: encoder %s, %d items with ID vectors", model.path,
                  f" ({model_version})" if model_version else "", encoder.fingerprint,
                  len(id_vectors) if id_vectors is not None else 0)
     catalogue.sync(show_progress=show_progress, save_cache=True)
+    # Before any call sees it: the same weights, so the index stays one encoder's.
+    catalogue.encoder = encoder
     log.info("read %d items from the catalogue store %r (version %d)", len(catalogue), store,
              catalogue.applied_version)
     return catalogue

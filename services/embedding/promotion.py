@@ -25,12 +25,13 @@ old one keeps serving.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from pathlib import Path
 
 from recsys_core.data import paths
 from recsys_core.models import model_serving
-from recsys_core.models.encoder import Encoder
+from recsys_core.models.encoder import Encoder, OnnxEncoder
 from recsys_core.models.hot_swap import Loaded, Served, follow_promotions
 from recsys_core.models.model_serving import ModelDir, ModelDirError, open_model_dir
 from recsys_core.models.registry import ModelVersion, Registry
@@ -41,6 +42,8 @@ from services.embedding.loading import load_encoder, open_catalogue
 log = logging.getLogger(__name__)
 
 KIND = "sequence"
+# The build's nice value: served calls first, the new version's encoding after.
+BUILD_NICENESS = 19
 
 
 def promoted_model(config: EmbeddingConfig) -> tuple[ModelDir | None, ModelVersion | None]:
@@ -105,7 +108,9 @@ def swap_in(config: EmbeddingConfig, served: Served[Catalogue], version: ModelVe
                             f"version {old.dimension}: a new dimension needs a new deployment")
     encoder = model_encoder(config, model, version, tracer)
     try:
-        catalogue = open_catalogue(config, encoder, model, old.store, model_version=version.label)
+        catalogue = in_background(lambda: open_catalogue(
+            config, encoder, model, old.store, model_version=version.label,
+            build_encoder=build_encoder(config, model, encoder)))
         # Upserts the old version applied while this one was built.
         catalogue.sync()
     except BaseException:
@@ -115,6 +120,42 @@ def swap_in(config: EmbeddingConfig, served: Served[Catalogue], version: ModelVe
     log.info("swapped %s in for %s: %d items re-indexed under encoder %s", version.label,
              old.model_version or "the pretrained encoder", len(catalogue), encoder.fingerprint)
     return old
+
+
+def build_encoder(config: EmbeddingConfig, model: ModelDir, serving: Encoder) -> Encoder | None:
+    """What re-encodes the catalogue for a promotion: in process, a second
+    session of the same weights on one thread (the serving encoder's
+    threads would take every core from the calls while it builds); with
+    Triton, the served version itself (None)."""
+    if config.encoder == "triton":
+        return None
+    return OnnxEncoder(model.encoder_dir, threads=1, precision=config.precision)
+
+
+def in_background(build):
+    """`build()` in a thread of its own at the lowest CPU priority (Linux
+    threads each have a nice value; one that cannot be changed is left), so
+    the calls being served get the cores first and the build the rest.
+    Its own thread: a thread cannot raise its priority again unprivileged,
+    and the next promotion's serving encoder must not inherit it."""
+    result: dict = {}
+
+    def run():
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BUILD_NICENESS)
+        except (AttributeError, OSError):
+            pass
+        try:
+            result["value"] = build()
+        except BaseException as error:  # re-raised in the caller's thread
+            result["error"] = error
+
+    thread = threading.Thread(target=run, name="model-build", daemon=True)
+    thread.start()
+    thread.join()
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
 
 
 def retire(config: EmbeddingConfig, served: Served[Catalogue], old: Catalogue) -> None:
