@@ -213,6 +213,29 @@ def test_ranking_swaps_the_promoted_ranker_under_load_and_refuses_a_bad_one(vers
         server.stop(None)
 
 
+@pytest.mark.integration
+def test_ranking_serves_the_weights_until_a_ranker_is_promoted(versions, tmp_path):
+    from conftest import secured, service_channel, start
+    from recsys.ranking.v1 import ranking_pb2_grpc
+    from services.ranking.config import RankingConfig
+    from services.ranking.server import create_server
+
+    registry = Registry(tmp_path / "registry")
+    server, address = start(create_server(RankingConfig(
+        address="127.0.0.1:0", model_registry=str(registry.root), model_poll_seconds=0.05, **secured("ranking"))))
+    try:
+        with service_channel(address, "ranking") as channel:
+            stub = ranking_pb2_grpc.RankingServiceStub(channel)
+            weighted = stub.Rank(rank_request(), timeout=10)
+            assert weighted.model_version == "" and weighted.candidates[0].item_id == "i0"
+            low = registry.add("ranker", versions["rank_low"].path / "ranker.txt")
+            registry.promote("ranker", low.version, "test: the first ranker")
+            wait_for(lambda: stub.Rank(rank_request(), timeout=10).model_version == low.label, "the ranker serving")
+            assert stub.Rank(rank_request(), timeout=10).candidates[0].item_id in {"i5", "i1"}
+    finally:
+        server.stop(None)
+
+
 def test_a_bad_promoted_ranker_stops_the_start_and_the_two_sources_exclude_each_other(versions):
     from recsys_core.rpc.envconfig import ConfigError
     from services.ranking.config import RankingConfig

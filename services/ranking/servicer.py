@@ -22,10 +22,6 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
         # The learned model (RANKING_MODEL's, or the registry's promoted
         # version, swapped on promotion), or None: the weights.
         self.models = ranker if isinstance(ranker, Served) else Served(Loaded(ranker))
-
-    @property
-    def ranker(self) -> LearnedRanker | None:
-        return self.models.current.value
         self.weights = Weights(
             long_term=config.long_term_weight,
             short_term=config.short_term_weight,
@@ -40,6 +36,10 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
                 short_share_drifting=config.drift_short_share_drifting,
             ),
         )
+
+    @property
+    def ranker(self) -> LearnedRanker | None:
+        return self.models.current.value
 
     @handle_errors
     async def Rank(self, request, context):
