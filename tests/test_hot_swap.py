@@ -378,3 +378,21 @@ def swap_under_load(versions, tmp_path, caplog, **config):
         return server
     finally:
         server.stop(None)
+
+
+def test_embedding_refuses_what_a_swap_cannot_serve(versions):
+    from recsys_core.models.model_serving import ModelDirError, open_model_dir
+    from recsys_core.rpc.envconfig import ConfigError
+    from services.embedding.config import EmbeddingConfig
+    from services.embedding.promotion import model_encoder
+
+    with pytest.raises(ConfigError, match="exclusive"):
+        EmbeddingConfig(model_dir="a", model_registry="b")
+    with pytest.raises(ConfigError, match="EMBEDDING_TRITON_MODEL"):
+        EmbeddingConfig(model_registry="b", encoder="triton", triton_model="text_encoder_ensemble")
+    # Promotions install encoder versions: never into the committed repository.
+    second = versions["seq2"]
+    with pytest.raises(ModelDirError, match="committed"):
+        model_encoder(EmbeddingConfig(encoder="triton", model_registry="b", model_repo=str(paths.MODEL_REPO)),
+                      open_model_dir(second.path), second)
+    assert not (paths.MODEL_REPO / paths.TEXT_ENCODER_MODEL / "2").exists()
