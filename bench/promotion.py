@@ -1,7 +1,8 @@
 """p99 of the embedding and ranking calls of a Recommend while a new model
 is promoted (issue #19, hot swap: 0 failed calls, p99 within 2x of quiet).
 
-    python bench/promotion.py [--items N] [--concurrency C] [--seconds S] [--encoder onnx|triton] [--json OUT]
+    python bench/promotion.py [--items N] [--concurrency C] [--seconds S] [--encoder onnx|triton]
+                              [--swap-timeout S] [--keep] [--json OUT]
 
 Starts the embedding and ranking services as processes of their own (so
 the measuring client does not share their interpreter), each serving a
@@ -238,12 +239,12 @@ def make_calls(embedding, ranking, versions: Counter, lock: threading.Lock):
     return call
 
 
-def phase(call, item_ids: list[str], concurrency: int, seconds: float, until=None) -> dict:
-    """A closed loop for `seconds`, or longer while `until()` is false (at most 10x)."""
+def phase(call, item_ids: list[str], concurrency: int, seconds: float, until=None, at_most: float = 0) -> dict:
+    """A closed loop for `seconds`, or longer while `until()` is false (at most `at_most` seconds)."""
     abort = threading.Event()
     result: dict = {}
     runner = threading.Thread(target=lambda: result.update(
-        closed_loop(call, item_ids, concurrency, 10**9, seconds * 10 if until else seconds, abort)))
+        closed_loop(call, item_ids, concurrency, 10**9, max(seconds, at_most) if until else seconds, abort)))
     runner.start()
     started = time.monotonic()
     if until is not None:
@@ -261,7 +262,10 @@ def parse_args(argv):
     parser.add_argument("--seconds", type=float, default=10.0, help="length of each quiet phase (and the least "
                                                                      "of the promotion phase)")
     parser.add_argument("--encoder", choices=("onnx", "triton"), default="onnx")
+    parser.add_argument("--swap-timeout", type=float, default=600.0,
+                        help="longest the promotion phase waits for both services to swap")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--keep", action="store_true", help="keep the scratch folder (logs, registry) and print it")
     return parser.parse_args(argv)
 
 
@@ -334,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
         registry.promote("ranker", ranker_b.version, "bench: promotion under load")
         new = (second.label, ranker_b.label)
         results["promotion"] = phase(call, item_ids, args.concurrency, args.seconds,
-                                     until=lambda: versions.get(new, 0) > 0)
+                                     until=lambda: versions.get(new, 0) > 0, at_most=args.swap_timeout)
         swap_seconds = time.monotonic() - promoted_at
         promotion_versions = dict(versions)
         versions.clear()
@@ -354,6 +358,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             args.json.write_text(json.dumps(report, indent=2) + "\n")
         swapped = set(after_versions) == {new}
+        if not swapped:
+            print(f"the services did not both swap to {new}; their logs: {work}", file=sys.stderr)
+            args.keep = True
         return 0 if failed == 0 and swapped else 1
     finally:
         for process in processes:
@@ -365,7 +372,10 @@ def main(argv: list[str] | None = None) -> int:
                 process.kill()
         if triton is not None:
             triton.stop()
-        shutil.rmtree(work, ignore_errors=True)
+        if args.keep:
+            print(f"kept {work}", file=sys.stderr)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
