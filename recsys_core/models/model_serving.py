@@ -260,6 +260,17 @@ def serving_repository(model: ModelDir, out: Path, base: Path = paths.MODEL_REPO
     links to `base` (symbolic links, or with `copy` real files, as an image
     build needs) and to the model's files (hard links where possible).
     `models` limits what is taken from `base` (default: every model)."""
+    serving_repository_of(out, base, models, copy)
+    installed = {paths.TEXT_ENCODER_MODEL: install_encoder(model, out), USER_TOWER_MODEL: install_user_tower(model, out)}
+    log.info("model repository %s serves %s: %s", out, model.path, installed)
+    return installed
+
+
+def serving_repository_of(out: Path, base: Path = paths.MODEL_REPO, models: Sequence[str] | None = None,
+                          copy: bool = False) -> None:
+    """A serving repository at `out` (replaced if present) holding `base`'s
+    models as they are (all, or `models`), linked or with `copy` copied:
+    where a promotion (services/embedding/promotion.py) installs versions."""
     replace_serving_repository(out, base)
     for source in sorted(base.iterdir()):
         if not (source / CONFIG_FILE).is_file() or (models is not None and source.name not in models):
@@ -276,9 +287,6 @@ def serving_repository(model: ModelDir, out: Path, base: Path = paths.MODEL_REPO
             (target / CONFIG_FILE).symlink_to((source / CONFIG_FILE).resolve())
             for version in versions:
                 (target / version.name).symlink_to(version.resolve(), target_is_directory=True)
-    installed = {paths.TEXT_ENCODER_MODEL: install_encoder(model, out), USER_TOWER_MODEL: install_user_tower(model, out)}
-    log.info("model repository %s serves %s: %s", out, model.path, installed)
-    return installed
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -38,8 +38,13 @@ class ItemRecord:
 class Catalogue:
     def __init__(self, encoder: Encoder, cache: EmbeddingCache, use_gpu: bool | None = None,
                  id_vectors: IdVectors | None = None, index_settings: IndexSettings | None = None,
-                 store: CatalogueStore | None = None):
+                 store: CatalogueStore | None = None, model_version: str = ""):
         self.encoder = encoder
+        # The registry version (`sequence/3`) whose encoder and ID vectors
+        # built this index, "" for none: replies name it. A promotion builds
+        # a new Catalogue rather than changing this one, so the encoder that
+        # encodes a query is always the one that built the index it searches.
+        self.model_version = model_version
         self.cache = cache
         # None: this process's catalogue alone (unit tests, benchmarks).
         self.store = store

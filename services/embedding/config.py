@@ -68,6 +68,14 @@ class EmbeddingConfig:
     # newest version, or the in-process encoder loads it), and items it was
     # trained on add their ID vectors. Empty: the pretrained encoder alone.
     model_dir: str = ""
+    # A model registry (recsys_core/models/registry.py; EMBEDDING_MODEL_REGISTRY):
+    # the service serves its promoted `sequence` version (a model directory as
+    # above), polls PROMOTED every model_poll_seconds, and on a promotion
+    # builds the new encoder and index beside the serving ones and swaps
+    # them in one step (services/embedding/promotion.py). Before any is
+    # promoted: the pretrained encoder. Exclusive with model_dir.
+    model_registry: str = ""
+    model_poll_seconds: float = 1.0
     encoder: str = "onnx"
     triton_url: str = "127.0.0.1:8001"
     # The Triton model that encodes: text_encoder (Python backend, what the
@@ -122,6 +130,8 @@ class EmbeddingConfig:
             retail_dir=env.optional_path("RETAIL_DIR", cls.retail_dir),
             model_repo=env.str("MODEL_REPO", cls.model_repo),
             model_dir=env.str("MODEL_DIR", cls.model_dir),
+            model_registry=env.str("MODEL_REGISTRY", cls.model_registry),
+            model_poll_seconds=env.float("MODEL_POLL_SECONDS", cls.model_poll_seconds, minimum=0.05, maximum=60),
             encoder=env.choice("ENCODER", cls.encoder, ENCODER_BACKENDS),
             triton_url=env.str("TRITON_URL", cls.triton_url),
             triton_model=env.str("TRITON_MODEL", cls.triton_model),
@@ -135,6 +145,15 @@ class EmbeddingConfig:
             use_gpu=None if gpu == "auto" else gpu == "true",
             index=index_settings(env),
         )
+
+    def __post_init__(self):
+        if self.model_dir and self.model_registry:
+            raise ConfigError("EMBEDDING_MODEL_DIR and EMBEDDING_MODEL_REGISTRY are exclusive: serve one model "
+                              "directory, or the registry's promoted sequence model")
+        if self.model_registry and self.encoder == "triton" and self.triton_model != paths.TEXT_ENCODER_MODEL:
+            raise ConfigError(f"EMBEDDING_MODEL_REGISTRY with Triton installs each promoted encoder as a version "
+                              f"of {paths.TEXT_ENCODER_MODEL}: EMBEDDING_TRITON_MODEL must be that model, "
+                              f"not {self.triton_model!r}")
 
     @property
     def data_path(self) -> Path | None:

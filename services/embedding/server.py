@@ -5,7 +5,7 @@ import asyncio
 import logging
 import sys
 import threading
-from pathlib import Path
+from collections.abc import Callable
 
 import faiss
 import pandas as pd
@@ -13,14 +13,13 @@ from prometheus_client.core import GaugeMetricFamily
 
 from recsys.embedding.v1 import embedding_pb2, embedding_pb2_grpc
 from recsys_core.data import shopping
-from recsys_core.models.encoder import METADATA_FILE, Encoder, OnnxEncoder, latest_version_dir, weights
 from recsys_core.rpc.grpc_util import ManagedServer, ServingHealth, build_server, serve_main
-from recsys_core.index.embedding_cache import EmbeddingCache
-from recsys_core.models.model_serving import ModelDir, open_model_dir
-from recsys_core.store.catalogue_backends import open_catalogue_store
-from recsys_core.store.catalogue_store import CatalogueStore
+from recsys_core.models.hot_swap import Loaded, Served
+from recsys_core.models.model_serving import open_model_dir
+from services.embedding import promotion
 from services.embedding.catalogue import Catalogue, records_from_frame
 from services.embedding.config import EmbeddingConfig
+from services.embedding.loading import load_encoder, open_catalogue, open_store
 from services.embedding.servicer import EmbeddingServicer
 
 log = logging.getLogger(__name__)
@@ -31,90 +30,40 @@ ENCODER_HEALTH_NAME = "text_encoder"
 ENCODER_POLL_SECONDS = 1.0
 
 
-def load_encoder(config: EmbeddingConfig, model: ModelDir | None = None, tracer=None) -> Encoder:
-    """The configured encoder; with a trained `model`, that model's encoder.
-    A `tracer` (ManagedServer.tracing.tracer) spans each call to Triton."""
-    if config.encoder == "triton":
-        from recsys_core.models.triton_encoder import TritonEncoder
-
-        encoder = TritonEncoder(config.triton_url, config.triton_model, tracer=tracer)
-        # Where the served weights are also on this disk, their fingerprint
-        # lets Triton share cached item vectors with the in-process encoder
-        # (the two give the same vectors: tests/test_triton.py, and for the
-        # ensemble, whose weights are text_encoder_onnx's, tests/test_model_repo.py).
-        local = Path(config.model_repo) / encoder.weights_model / str(encoder.weights_version)
-        if (local / METADATA_FILE).is_file():
-            _, encoder.fingerprint, _ = weights(local, encoder.precision)
-        if model is not None:
-            check_served_encoder(encoder, model, local)
-        return encoder
-    version_dir = model.encoder_dir if model is not None else latest_version_dir(repo=Path(config.model_repo))
-    return OnnxEncoder(version_dir, threads=config.encoder_threads, precision=config.precision)
-
-
-def check_served_encoder(encoder, model: ModelDir, local: Path) -> None:
-    """Triton must serve the model's encoder: ID vectors added to another
-    encoder's vectors would index nonsense. Where the served version is on
-    this disk its weights are compared; elsewhere (Kubernetes) the model's
-    fingerprint at least keys the cache, so pretrained vectors are never reused."""
-    expected = model.encoder_fingerprint(encoder.precision)
-    if (local / METADATA_FILE).is_file():
-        if encoder.fingerprint != expected:
-            raise RuntimeError(
-                f"Triton serves {encoder.model_name} version {encoder.version} ({local}), not the encoder of "
-                f"{model.path} (fingerprint {encoder.fingerprint}, expected {expected}): install the model's "
-                f"encoder as the newest version (python -m recsys_core.models.model_serving, or recsys serve --model)")
-    else:
-        log.warning("cannot compare Triton's %s version %s with %s (not on this disk): trusting the configuration",
-                    encoder.model_name, encoder.version, model.encoder_dir)
-        encoder.fingerprint = expected
-
-
-def watch_encoder(catalogue: Catalogue, serving: ServingHealth, stop: threading.Event) -> None:
-    """Follow a remote encoder's readiness in the `text_encoder` health entry.
+def watch_encoder(current: Callable[[], Catalogue], serving: ServingHealth, stop: threading.Event) -> None:
+    """Follow a remote encoder's readiness in the `text_encoder` health entry;
+    `current()` is the serving catalogue, whose encoder a promotion replaces.
 
     The service itself stays SERVING while Triton is down: its index still
     answers SearchItems, GetItems and so every recommendation for known shoppers.
     """
-    is_ready = getattr(catalogue.encoder, "is_ready", None)
     while True:
+        catalogue = current()
+        is_ready = getattr(catalogue.encoder, "is_ready", None)
         ready = True if is_ready is None else is_ready(ENCODER_POLL_SECONDS)
         if ready != catalogue.encoder_ready:
             log.warning("text encoder %s", "ready again" if ready else "NOT ready: EmbedTexts answers UNAVAILABLE")
         catalogue.encoder_ready = ready
         serving.set_component(ENCODER_HEALTH_NAME, ready)
-        if is_ready is None or stop.wait(ENCODER_POLL_SECONDS):
+        if stop.wait(ENCODER_POLL_SECONDS):
             return
-
-
-def open_store(config: EmbeddingConfig) -> CatalogueStore:
-    return open_catalogue_store(
-        config.catalogue_store, path=config.catalogue_path, redis_url=config.catalogue_redis_url,
-        prefix=config.catalogue_redis_prefix, username=config.catalogue_redis_username,
-        password_file=config.catalogue_redis_password_file, durability=config.catalogue_redis_durability,
-    )
 
 
 def load_catalogue(config: EmbeddingConfig, show_progress: bool = True, tracer=None) -> Catalogue:
     """The catalogue from the shared store, seeded with the configured data
-    where the store lacks their items (the first start of an empty store)."""
+    where the store lacks their items (the first start of an empty store).
+    With a registry, of its promoted sequence model (or the pretrained
+    encoder before any is promoted)."""
     faiss.omp_set_num_threads(config.faiss_threads)
-    model = open_model_dir(config.model_dir) if config.model_dir else None
-    encoder = load_encoder(config, model, tracer)
-    # Keyed by the encoder's weights: a fine-tuned encoder never reads the
-    # pretrained one's vectors (ID vectors are added after the cache). Only a
-    # start-up accelerator now: the store holds every item's vector.
-    cache = EmbeddingCache(Path(config.cache_dir) if config.cache_dir else None, encoder.fingerprint)
-    id_vectors = model.id_vectors() if model is not None else None
+    if config.model_registry:
+        model, version = promotion.promoted_model(config)
+        encoder = promotion.model_encoder(config, model, version, tracer)
+        label = version.label if version is not None else ""
+    else:
+        model = open_model_dir(config.model_dir) if config.model_dir else None
+        encoder, label = load_encoder(config, model, tracer), ""
     store = open_store(config)
-    catalogue = Catalogue(encoder, cache, use_gpu=config.use_gpu, id_vectors=id_vectors,
-                          index_settings=config.index, store=store)
-    if model is not None:
-        log.info("serving model %s: encoder %s, %d items with ID vectors", model.path, encoder.fingerprint,
-                 len(id_vectors) if id_vectors is not None else 0)
-    catalogue.sync(show_progress=show_progress, save_cache=True)
-    log.info("read %d items from the catalogue store %r (version %d)", len(catalogue), store,
-             catalogue.applied_version)
+    catalogue = open_catalogue(config, encoder, model, store, show_progress, label)
     frames = []
     if config.data_path is not None:
         frames.append(shopping.load_items(config.data_path))
@@ -134,13 +83,15 @@ def load_catalogue(config: EmbeddingConfig, show_progress: bool = True, tracer=N
     return catalogue
 
 
-def follow_catalogue(catalogue: Catalogue, stop: threading.Event, interval: float) -> None:
+def follow_catalogue(current: Callable[[], Catalogue], stop: threading.Event, interval: float) -> None:
     """Apply other replicas' upserts to this one's index as they land in the
-    store. Searches go on meanwhile: the index is locked only while a
-    change is applied. A store that cannot be read is tried again each
-    interval, while the index serves what it has."""
+    store; `current()` is the serving catalogue (a promotion replaces it).
+    Searches go on meanwhile: the index is locked only while a change is
+    applied. A store that cannot be read is tried again each interval, while
+    the index serves what it has."""
     failing = False
     while not stop.wait(interval):
+        catalogue = current()
         try:
             changed = catalogue.sync()
         except Exception:
@@ -160,7 +111,11 @@ class CatalogueCollector:
     at scrape time (nothing to keep in step as items and Triton come and go)."""
 
     def __init__(self):
-        self.catalogue: Catalogue | None = None
+        self.served: Served[Catalogue] | None = None
+
+    @property
+    def catalogue(self) -> Catalogue | None:
+        return self.served.current.value if self.served is not None else None
 
     def collect(self):
         items = GaugeMetricFamily(
@@ -179,6 +134,15 @@ class CatalogueCollector:
                 items.add_metric([category], count)
             version.add_metric([], catalogue.applied_version)
             yield version
+            model = GaugeMetricFamily(
+                "recsys_embedding_model_version",
+                "Registry version of the sequence model whose encoder and index serve (0: the pretrained "
+                "encoder or EMBEDDING_MODEL_DIR's model).")
+            model.add_metric([], float(self.served.current.version or 0))
+            yield model
+            swaps = GaugeMetricFamily("recsys_embedding_model_swaps", "Promoted models swapped in since start.")
+            swaps.add_metric([], float(self.served.swaps))
+            yield swaps
         ready.add_metric([], 1.0 if catalogue is not None and catalogue.encoder_ready else 0.0)
         yield items
         yield ready
@@ -200,19 +164,30 @@ def create_server(config: EmbeddingConfig) -> tuple[ManagedServer, int]:
 
     def load() -> None:
         catalogue = load_catalogue(config, tracer=server.tracing.tracer)
-        servicer.attach(catalogue)
-        collector.catalogue = catalogue
+        served = Served(Loaded(catalogue, promotion.version_number(catalogue), catalogue.model_version))
+        servicer.attach(served)
+        collector.served = served
+
+        def current() -> Catalogue:
+            return served.current.value
+
         threading.Thread(
-            target=watch_encoder, args=(catalogue, server.serving, server.stopping), name="encoder-watch", daemon=True
+            target=watch_encoder, args=(current, server.serving, server.stopping), name="encoder-watch", daemon=True
         ).start()
         follower = threading.Thread(
-            target=follow_catalogue, args=(catalogue, server.stopping, config.catalogue_poll_seconds),
+            target=follow_catalogue, args=(current, server.stopping, config.catalogue_poll_seconds),
             name="catalogue-follow", daemon=True,
         )
         follower.start()
+        if config.model_registry:
+            threading.Thread(
+                target=promotion.follow, args=(config, served, server.stopping, server.tracing.tracer),
+                name="model-follow", daemon=True,
+            ).start()
 
         async def close_store() -> None:
             # Once no call uses it: the follower stops with `stopping`, set before the drain.
+            # Every version's catalogue shares the one store.
             await asyncio.to_thread(follower.join, config.catalogue_poll_seconds + 5)
             catalogue.store.close()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from recsys.common.v1 import common_pb2
 from recsys.embedding.v1 import embedding_pb2, embedding_pb2_grpc
+from recsys_core.models.hot_swap import Loaded, Served
 from recsys_core.rpc.access import current_caller, is_admin
 from recsys_core.rpc.grpc_util import Readiness, handle_errors, Deadline
 from recsys_core.rpc.runtime import BlockingPool
@@ -30,15 +31,21 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
         self.readiness = readiness
         self.config = config
         self.blocking = blocking
-        self._catalogue: Catalogue | None = None
+        self._served: Served[Catalogue] | None = None
 
-    def attach(self, catalogue: Catalogue) -> None:
-        self._catalogue = catalogue
+    def attach(self, catalogue: Catalogue | Served[Catalogue]) -> None:
+        """The catalogue to serve, or the versions a promotion swaps (services/embedding/promotion.py)."""
+        if isinstance(catalogue, Catalogue):
+            catalogue = Served(Loaded(catalogue, None, catalogue.model_version))
+        self._served = catalogue
 
     @property
     def catalogue(self) -> Catalogue:
+        """The serving version's catalogue (encoder and index together). Each
+        call reads it once and uses that object to the end: a promotion
+        swapping in another version meanwhile never mixes the two in a reply."""
         self.readiness.require()
-        return self._catalogue
+        return self._served.current.value
 
     @handle_errors
     async def EmbedTexts(self, request, context):
@@ -52,7 +59,8 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
             )
         )
         return embedding_pb2.EmbedTextsResponse(
-            vectors=[to_vector(v) for v in vectors], dimension=catalogue.dimension
+            vectors=[to_vector(v) for v in vectors], dimension=catalogue.dimension,
+            model_version=catalogue.model_version,
         )
 
     @handle_errors
@@ -68,7 +76,7 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
         results = catalogue.search(
             queries, request.k, self.config.max_k, list(request.categories), list(request.exclude_item_ids)
         )
-        response = embedding_pb2.SearchItemsResponse()
+        response = embedding_pb2.SearchItemsResponse(model_version=catalogue.model_version)
         for hits in results:
             result = response.results.add()
             if request.include_items and hits:
@@ -115,6 +123,7 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
         """In the pool: the reply is large enough that building it off the loop pays."""
         found = retrieve(catalogue, query, self.config.max_k)
         response = embedding_pb2.RetrieveCandidatesResponse(
+            model_version=catalogue.model_version,
             context_items=[item_message(r, with_text=False) for r in found.context],
             history_items=[item_message(r, with_text=False) for r in found.history],
         )
@@ -154,10 +163,11 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
 
     @handle_errors
     async def GetItems(self, request, context):
+        catalogue = self.catalogue
         records, embeddings = await self.blocking.run(
-            self._records, self.catalogue, list(request.item_ids), request.skip_missing, request.include_embeddings
+            self._records, catalogue, list(request.item_ids), request.skip_missing, request.include_embeddings
         )
-        response = embedding_pb2.GetItemsResponse()
+        response = embedding_pb2.GetItemsResponse(model_version=catalogue.model_version)
         for position, record in enumerate(records):
             entry = response.items.add(item=item_message(record))
             if embeddings is not None:
@@ -179,4 +189,5 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
                 for name, count in sorted(categories.items())
             ],
             dimension=catalogue.dimension,
+            model_version=catalogue.model_version,
         )

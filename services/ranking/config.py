@@ -62,6 +62,12 @@ class RankingConfig:
     model_registry: str = ""
     model_versions: tuple[int, ...] = ()
     max_model_versions: int = 8
+    # With a registry set (RANKING_MODEL_REGISTRY), the service also serves its
+    # promoted ranker version by default, polls PROMOTED every
+    # model_poll_seconds and swaps a newly promoted one in without a restart
+    # (one that fails to load is refused and the old one keeps ranking).
+    # Before any is promoted: the weights. Exclusive with `model`.
+    model_poll_seconds: float = 1.0
 
     @classmethod
     def from_env(cls, environ=None) -> "RankingConfig":
@@ -93,7 +99,13 @@ class RankingConfig:
             model_registry=env.str("MODEL_REGISTRY", cls.model_registry),
             model_versions=parse_versions(env.str("MODEL_VERSIONS", "")),
             max_model_versions=env.int("MAX_MODEL_VERSIONS", cls.max_model_versions, minimum=1, maximum=64),
+            model_poll_seconds=env.float("MODEL_POLL_SECONDS", cls.model_poll_seconds, minimum=0.05, maximum=60),
         )
+
+    def __post_init__(self):
+        if self.model and self.model_registry:
+            raise ConfigError("RANKING_MODEL and RANKING_MODEL_REGISTRY are exclusive: serve one file, or the "
+                              "registry's promoted ranker")
 
 
 def parse_versions(spec: str) -> tuple[int, ...]:

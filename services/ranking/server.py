@@ -3,13 +3,17 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
+from pathlib import Path
 
 from prometheus_client import Histogram
+from prometheus_client.core import GaugeMetricFamily
 
 from recsys.ranking.v1 import ranking_pb2, ranking_pb2_grpc
 from recsys_core.errors import FailedPrecondition
-from recsys_core.models.registry import Registry
-from recsys_core.ranking.learned import LearnedRanker, ModelError
+from recsys_core.models.hot_swap import Loaded, Served, follow_promotions
+from recsys_core.models.registry import MANIFEST as VERSION_MANIFEST, ModelVersion, Registry
+from recsys_core.ranking.learned import MANIFEST_SUFFIX, LearnedRanker, ModelError
 from recsys_core.ranking.versions import RankerVersions
 from recsys_core.rpc.envconfig import ConfigError
 from recsys_core.rpc.grpc_util import ManagedServer, build_server, serve_main
@@ -62,8 +66,72 @@ def load_versions(config: RankingConfig) -> RankerVersions:
     return versions
 
 
+RANKER_KIND = "ranker"
+
+
+def ranker_file(folder: Path) -> Path:
+    """The model file of a registry ranker version: what `recsys train-ranker`
+    wrote (ranker.txt and its ranker.txt.json), the registry's manifest aside."""
+    files = [p for p in folder.iterdir() if p.is_file() and p.name != VERSION_MANIFEST
+             and not p.name.endswith(MANIFEST_SUFFIX)]
+    if len(files) != 1:
+        raise ModelError(f"{folder}: expected one LightGBM model file beside {VERSION_MANIFEST}, found "
+                         f"{sorted(p.name for p in files) or 'none'}")
+    return files[0]
+
+
+def load_version(version: ModelVersion) -> Loaded[LearnedRanker]:
+    ranker = LearnedRanker.load(ranker_file(version.path))
+    log.info("ranker %s loaded from %s (%d features, %d trees)", version.label, version.path,
+             len(ranker.feature_names), ranker.booster.num_trees())
+    return Loaded(ranker, version.version, version.label)
+
+
+def initial_models(config: RankingConfig) -> Served[LearnedRanker | None]:
+    """What ranks at start: RANKING_MODEL's file, the registry's promoted
+    ranker, or the hand weights (a None ranker). A bad model stops the start."""
+    if not config.model_registry:
+        return Served(Loaded(load_model(config)))
+    promoted = Registry(config.model_registry).promoted(RANKER_KIND)
+    if promoted is None:
+        log.info("no ranker promoted in %s yet: ranking with the hand-set weights until one is",
+                 config.model_registry)
+        return Served(Loaded(None))
+    try:
+        return Served(load_version(promoted))
+    except ModelError as error:
+        raise ConfigError(f"RANKING_MODEL_REGISTRY: promoted {promoted.label}: {error}") from error
+
+
+class RankerCollector:
+    """The serving ranker version (0: none from the registry) and swaps so far."""
+
+    def __init__(self, models: Served):
+        self.models = models
+
+    def collect(self):
+        version = GaugeMetricFamily("recsys_ranking_model_version",
+                                    "Registry version of the ranker serving (0: RANKING_MODEL's file or the weights).")
+        version.add_metric([], float(self.models.current.version or 0))
+        yield version
+        swaps = GaugeMetricFamily("recsys_ranking_model_swaps", "Rankers swapped in since start.")
+        swaps.add_metric([], float(self.models.swaps))
+        yield swaps
+
+
+def follow_rankers(config: RankingConfig, models: Served, stop: threading.Event) -> None:
+    def swap(version: ModelVersion) -> None:
+        # Loaded whole before the swap: a model that fails to load raises
+        # here, and follow_promotions logs it and keeps the old one.
+        models.add(load_version(version))
+        log.info("ranking with %s", version.label)
+
+    follow_promotions(Registry(config.model_registry), RANKER_KIND, swap, stop, config.model_poll_seconds,
+                      already=models.current.version, name="ranking")
+
+
 def create_server(config: RankingConfig) -> tuple[ManagedServer, int]:
-    ranker = load_model(config)
+    models = initial_models(config)
     versions = load_versions(config)
     server, port = build_server(
         config.address, config.workers, [SERVICE_NAME], "ranking", metrics_port=config.metrics_port,
@@ -71,8 +139,12 @@ def create_server(config: RankingConfig) -> tuple[ManagedServer, int]:
         tracing=config.tracing,
     )
     register_metrics(server)
-    server.add(ranking_pb2_grpc.add_RankingServiceServicer_to_server, RankingServicer(config, server.blocking, ranker,
-                                                                                       versions))
+    server.metrics.registry.register(RankerCollector(models))
+    server.add(ranking_pb2_grpc.add_RankingServiceServicer_to_server,
+               RankingServicer(config, server.blocking, models, versions))
+    if config.model_registry:
+        threading.Thread(target=follow_rankers, args=(config, models, server.stopping), name="ranker-follow",
+                         daemon=True).start()
     # The model, if any, is loaded already: ready as soon as it is built.
     server.readiness.start(lambda: None)
     return server, port

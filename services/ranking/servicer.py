@@ -9,6 +9,7 @@ import numpy as np
 from recsys.ranking.v1 import ranking_pb2, ranking_pb2_grpc
 from recsys_core.errors import InvalidArgument, quoted
 from recsys_core.experiments.arms import HAND, ranker_version
+from recsys_core.models.hot_swap import Loaded, Served
 from recsys_core.models.registry import MANIFEST
 from recsys_core.ranking.versions import RankerVersions
 from recsys_core.rpc.grpc_util import handle_errors
@@ -20,13 +21,15 @@ from recsys_core.ranking.scoring import Features, Weights, check_shares, score_f
 
 
 class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
-    def __init__(self, config: RankingConfig, blocking: BlockingPool, ranker: LearnedRanker | None = None,
+    def __init__(self, config: RankingConfig, blocking: BlockingPool,
+                 ranker: LearnedRanker | Served[LearnedRanker | None] | None = None,
                  versions: RankerVersions | None = None):
         self.config = config
         self.blocking = blocking
-        # The learned model when RANKING_MODEL names one, else None: the weights.
-        self.ranker = ranker
-        self.default_label = HAND if ranker is None else model_label(config.model)
+        # What a request naming no version gets: the learned model
+        # (RANKING_MODEL's, or the registry's promoted version, swapped on
+        # promotion), or None: the weights.
+        self.models = ranker if isinstance(ranker, Served) else Served(Loaded(ranker))
         # Registry versions an A/B arm's request names (RankRequest.model_version).
         self.versions = versions if versions is not None else RankerVersions(None)
         self.weights = Weights(
@@ -43,6 +46,10 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
                 short_share_drifting=config.drift_short_share_drifting,
             ),
         )
+
+    @property
+    def ranker(self) -> LearnedRanker | None:
+        return self.models.current.value
 
     @handle_errors
     async def Rank(self, request, context):
@@ -75,15 +82,23 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
             reply.candidates.add(item_id=request.candidates[position].item_id, score=float(scores[position]))
         return reply
 
+    def default_label(self, ranker: LearnedRanker | None) -> str:
+        return HAND if ranker is None else model_label(self.config.model)
+
     async def _model(self, asked: str) -> tuple[LearnedRanker | None, str]:
         """The model a request names and its label: None for the weights."""
         if not asked:
-            return self.ranker, self.default_label
+            # Read once: a swap during this call does not change who scores it.
+            loaded = self.models.current
+            return loaded.value, loaded.label or self.default_label(loaded.value)
         if asked == HAND:
             return None, HAND
         version = ranker_version(asked)
         if version is None:
             raise InvalidArgument("model_version", f"{quoted(asked)}: expected 'hand' or 'ranker/<version>'")
+        promoted = self.models.get(version)
+        if promoted is not None:
+            return promoted.value, asked
         held = self.versions.held_ranker(version)
         if held is not None:
             return held, asked

@@ -1,0 +1,47 @@
+"""Which versions of a model Triton serves, through its model control API.
+
+Our tritonserver runs with --model-control-mode=explicit (recsys_core/models/
+triton.py), so a model is loaded, reloaded and unloaded only when a client
+asks. A hot swap (services/embedding/promotion.py) installs the new
+encoder as the next numbered version of the model's folder, asks Triton to
+serve exactly the old and the new version, moves its clients to the new one,
+then asks for the new one alone, which unloads the old.
+
+The load request carries the model's own config (as Triton reports it) with
+its version_policy replaced by `specific: versions`: the config file on disk
+(`latest: {num_versions: 2}`) is left as it is for a restart.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+
+from recsys_core import errors
+
+LOAD_TIMEOUT_SECONDS = 300.0
+
+
+def serve_versions(url: str, model_name: str, versions: Iterable[int], timeout: float = LOAD_TIMEOUT_SECONDS) -> list[int]:
+    """Make Triton at `url` serve exactly `versions` of `model_name`;
+    returns them sorted. Raises errors.Unavailable when Triton cannot be
+    reached or a version did not become ready (the versions served before
+    stay as they were: Triton swaps a model in only once it loaded)."""
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    wanted = sorted({int(v) for v in versions})
+    if not wanted:
+        raise ValueError("at least one version must stay served")
+    client = grpcclient.InferenceServerClient(url)
+    try:
+        config = client.get_model_config(model_name, as_json=True, client_timeout=timeout)["config"]
+        config["version_policy"] = {"specific": {"versions": wanted}}
+        client.load_model(model_name, config=json.dumps(config), client_timeout=timeout)
+        not_ready = [v for v in wanted if not client.is_model_ready(model_name, str(v), client_timeout=timeout)]
+    except InferenceServerException as error:
+        raise errors.Unavailable(f"Triton at {url} did not load {model_name} versions {wanted}: {error}") from error
+    finally:
+        client.close()
+    if not_ready:
+        raise errors.Unavailable(f"Triton at {url} loaded {model_name} but versions {not_ready} are not ready")
+    return wanted

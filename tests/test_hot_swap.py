@@ -1,0 +1,398 @@
+"""Hot swap (issue #19): the embedding and ranking services serve the
+registry's promoted version and swap a newly promoted one in under load,
+without a failed call, a reply that mixes two versions, or health leaving
+SERVING; a version that fails to load is refused and the old one stays."""
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+
+from recsys_core.data import paths, shopping
+from recsys_core.models.hot_swap import Loaded, Served, follow_promotions
+from recsys_core.models.registry import Registry
+
+sys.path.insert(0, str(paths.REPO_ROOT / "bench"))
+from promotion import ranker_version, sequence_version, small_catalogue  # noqa: E402
+
+SWAP_SECONDS = 60
+CATALOGUE_ITEMS = 60
+
+
+# -- the holder and the loop -------------------------------------------------------
+
+
+def test_served_swaps_whole_versions_and_keeps_others_by_number():
+    served = Served(Loaded("pretrained"))
+    assert served.current.value == "pretrained" and served.current.version is None
+    first = Loaded("one", 1, "sequence/1")
+    assert served.add(first).value == "pretrained"
+    assert served.current is first and served.swaps == 1
+    # An arm's version: loaded and reachable by number, not the default.
+    assert served.add(Loaded("two", 2, "sequence/2"), current=False) is None
+    assert served.current is first and served.get(2).value == "two" and served.versions() == [1, 2]
+    with pytest.raises(ValueError, match="current"):
+        served.retire(1)
+    served.retire(2)
+    assert served.get(2) is None and served.get() is first
+
+
+def test_follow_promotions_loads_each_new_version_once_and_survives_a_failing_one(tmp_path, caplog):
+    registry = Registry(tmp_path / "registry")
+    source = tmp_path / "artifact"
+    source.mkdir()
+    (source / "weights.txt").write_text("w")
+    for _ in range(3):
+        registry.add("ranker", source)
+    registry.promote("ranker", 1)
+    loaded, stop = [], threading.Event()
+
+    def load(version):
+        if version.version == 3:
+            raise RuntimeError("cannot read weights")
+        loaded.append(version.version)
+
+    thread = threading.Thread(target=follow_promotions,
+                              args=(registry, "ranker", load, stop, 0.02), kwargs={"already": 1})
+    thread.start()
+    try:
+        time.sleep(0.2)
+        assert loaded == [], "the version loaded at start was loaded again"
+        registry.promote("ranker", 2)
+        wait_for(lambda: loaded == [2], "version 2 loaded")
+        with caplog.at_level(logging.ERROR, "recsys_core.models.hot_swap"):
+            registry.promote("ranker", 3)
+            wait_for(lambda: "refused ranker/3" in caplog.text, "version 3 refused with a log line")
+        registry.promote("ranker", 1)
+        wait_for(lambda: loaded == [2, 1], "a rollback to version 1 loaded")
+    finally:
+        stop.set()
+        thread.join(5)
+    assert not thread.is_alive()
+
+
+def wait_for(condition, what: str, seconds: float = SWAP_SECONDS, load: "Load | None" = None) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline or (load is not None and load.failures):
+            raise AssertionError(f"not within {seconds} s: {what}" + (
+                f"; the load's failures: {load.failures[:3]}" if load is not None and load.failures else ""))
+        time.sleep(0.02)
+
+
+# -- registries ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def versions(exported_encoder, tmp_path_factory):
+    """Two sequence versions (the pretrained encoder; the same with its
+    output dimensions permuted, so every vector differs) and three rankers
+    (ascending, descending by long-term similarity; one not a model)."""
+    work = tmp_path_factory.mktemp("hot-swap")
+    registry = Registry(work / "registry")
+    made = {
+        "seq1": registry.add("sequence", sequence_version(exported_encoder, work / "seq1")),
+        "seq2": registry.add("sequence", sequence_version(exported_encoder, work / "seq2", permute_seed=1)),
+        "rank_high": registry.add("ranker", ranker_version(work / "r1" / "ranker.txt", descending=True)),
+        "rank_low": registry.add("ranker", ranker_version(work / "r2" / "ranker.txt", descending=False)),
+    }
+    garbage = work / "r3" / "ranker.txt"
+    garbage.parent.mkdir()
+    garbage.write_text("not a model\n")
+    made["rank_bad"] = registry.add("ranker", garbage)
+    broken = work / "seq-broken"
+    broken.mkdir()
+    (broken / "notes.txt").write_text("a training that never wrote its manifest\n")
+    made["seq_broken"] = registry.add("sequence", broken)
+    made["registry"] = registry
+    made["data"] = small_catalogue(work / "data", CATALOGUE_ITEMS)
+    return made
+
+
+class Load:
+    """`threads` threads calling `call(thread, n)` back to back until stopped;
+    failures and each thread's sequence of reply versions are kept."""
+
+    def __init__(self, call, threads: int = 3):
+        self.call, self.stop = call, threading.Event()
+        self.failures: list[str] = []
+        self.seen: list[list[str]] = [[] for _ in range(threads)]
+        self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(threads)]
+
+    def _run(self, index: int) -> None:
+        n = 0
+        while not self.stop.is_set():
+            try:
+                self.seen[index].append(self.call(index, n))
+            except grpc.RpcError as error:
+                self.failures.append(f"{error.code()}: {error.details()}")
+            except AssertionError as error:
+                self.failures.append(f"inconsistent reply: {error}")
+            n += 1
+
+    def __enter__(self):
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(30)
+
+    def labels(self) -> set[str]:
+        return {label for seen in self.seen for label in seen}
+
+    def count(self, label: str) -> int:
+        return sum(seen.count(label) for seen in self.seen)
+
+
+def assert_never_back(load: Load, old: str, new: str) -> None:
+    """Calls of one thread are sequential: once one saw the new version, no
+    later call may see the old (it started after the swap)."""
+    for seen in load.seen:
+        if new in seen:
+            assert old not in seen[seen.index(new):], f"{old} answered after {new}: {seen}"
+
+
+# -- ranking ----------------------------------------------------------------------
+
+
+def rank_request():
+    from recsys.common.v1 import common_pb2
+    from recsys.ranking.v1 import ranking_pb2
+
+    similarities = [0.9, -0.8, 0.1, -0.2, 0.7, -0.95, 0.3]
+    return ranking_pb2.RankRequest(k=3, candidates=[
+        ranking_pb2.Candidate(item_id=f"i{n}", features=common_pb2.CandidateFeatures(long_term_similarity=s))
+        for n, s in enumerate(similarities)])
+
+
+@pytest.mark.integration
+def test_ranking_swaps_the_promoted_ranker_under_load_and_refuses_a_bad_one(versions, caplog):
+    from conftest import secured, service_channel, start
+    from recsys.ranking.v1 import ranking_pb2_grpc
+    from services.ranking.config import RankingConfig
+    from services.ranking.server import create_server
+
+    registry, high, low = versions["registry"], versions["rank_high"], versions["rank_low"]
+    registry.promote("ranker", high.version, "test: start")
+    server, address = start(create_server(RankingConfig(
+        address="127.0.0.1:0", model_registry=str(registry.root), model_poll_seconds=0.05, **secured("ranking"))))
+    # What each version puts first (trees score in steps: one of the highest
+    # similarities, or one of the lowest).
+    expected_top = {high.label: {"i0", "i4"}, low.label: {"i5", "i1"}}
+    try:
+        with service_channel(address, "ranking") as channel:
+            stub = ranking_pb2_grpc.RankingServiceStub(channel)
+
+            def call(_thread, _n):
+                reply = stub.Rank(rank_request(), timeout=10)
+                assert reply.candidates[0].item_id in expected_top[reply.model_version], reply
+                return reply.model_version
+
+            with Load(call) as load:
+                wait_for(lambda: load.count(high.label) > 20, "ranker/1 answering", load=load)
+                registry.promote("ranker", low.version, "test: swap under load")
+                wait_for(lambda: load.count(low.label) > 20, "the promoted ranker answering", load=load)
+                with caplog.at_level(logging.ERROR):
+                    registry.promote("ranker", versions["rank_bad"].version, "test: a broken ranker")
+                    wait_for(lambda: f"refused {versions['rank_bad'].label}" in caplog.text, "the bad ranker refused", load=load)
+                after_refusal = load.count(low.label)
+                wait_for(lambda: load.count(low.label) > after_refusal + 20, "the old ranker still answering", load=load)
+        assert load.failures == []
+        assert load.labels() == {high.label, low.label}
+        assert_never_back(load, high.label, low.label)
+        assert server.metrics.registry.get_sample_value("recsys_ranking_model_version") == low.version
+    finally:
+        server.stop(None)
+
+
+@pytest.mark.integration
+def test_ranking_serves_the_weights_until_a_ranker_is_promoted(versions, tmp_path):
+    from conftest import secured, service_channel, start
+    from recsys.ranking.v1 import ranking_pb2_grpc
+    from services.ranking.config import RankingConfig
+    from services.ranking.server import create_server
+
+    registry = Registry(tmp_path / "registry")
+    server, address = start(create_server(RankingConfig(
+        address="127.0.0.1:0", model_registry=str(registry.root), model_poll_seconds=0.05, **secured("ranking"))))
+    try:
+        with service_channel(address, "ranking") as channel:
+            stub = ranking_pb2_grpc.RankingServiceStub(channel)
+            weighted = stub.Rank(rank_request(), timeout=10)
+            assert weighted.model_version == "hand" and weighted.candidates[0].item_id == "i0"
+            low = registry.add("ranker", versions["rank_low"].path / "ranker.txt")
+            registry.promote("ranker", low.version, "test: the first ranker")
+            wait_for(lambda: stub.Rank(rank_request(), timeout=10).model_version == low.label, "the ranker serving")
+            assert stub.Rank(rank_request(), timeout=10).candidates[0].item_id in {"i5", "i1"}
+    finally:
+        server.stop(None)
+
+
+def test_a_bad_promoted_ranker_stops_the_start_and_the_two_sources_exclude_each_other(versions):
+    from recsys_core.rpc.envconfig import ConfigError
+    from services.ranking.config import RankingConfig
+    from services.ranking.server import initial_models
+
+    registry = versions["registry"]
+    registry.promote("ranker", versions["rank_bad"].version, "test: bad at start")
+    with pytest.raises(ConfigError, match="RANKING_MODEL_REGISTRY: promoted ranker/3"):
+        initial_models(RankingConfig(model_registry=str(registry.root)))
+    with pytest.raises(ConfigError, match="exclusive"):
+        RankingConfig.from_env({"RANKING_INSECURE": "1", "RANKING_MODEL": "a.txt",
+                                "RANKING_MODEL_REGISTRY": str(registry.root)})
+    registry.promote("ranker", versions["rank_high"].version, "test: back to a good one")
+
+
+# -- embedding ------------------------------------------------------------------
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+
+
+@pytest.mark.integration
+def test_embedding_swaps_encoder_and_index_together_under_load(versions, tmp_path, caplog):
+    server = swap_under_load(versions, tmp_path, caplog)
+    assert server.metrics.registry.get_sample_value("recsys_embedding_model_version") == versions["seq2"].version
+    assert server.metrics.registry.get_sample_value("recsys_embedding_model_swaps") == 1
+
+
+@pytest.mark.integration
+def test_triton_loads_the_promoted_encoder_as_a_new_version_and_unloads_the_old(versions, tmp_path, caplog):
+    """The same under Triton (explicit model control): the promoted encoder
+    becomes text_encoder version 2 of the served repository, loaded beside
+    version 1 for the swap; version 1 is unloaded after it."""
+    from promotion import triton_repository
+
+    from recsys_core.models.triton import TritonServer
+    from services.embedding.config import EmbeddingConfig
+    from services.embedding.promotion import served_triton_versions
+
+    repo = triton_repository(tmp_path / "model_repo")
+    with TritonServer(repo, log_path=tmp_path / "triton.log", startup_timeout=300) as triton:
+        config = dict(encoder="triton", triton_url=triton.grpc_url, model_repo=str(repo))
+        swap_under_load(versions, tmp_path, caplog, **config)
+        probe = EmbeddingConfig(**config)
+        wait_for(lambda: served_triton_versions(probe) == {2}, "Triton serving version 2 alone", seconds=30)
+        assert (repo / paths.TEXT_ENCODER_MODEL / "2" / "encoder.json").is_file()
+        assert not (paths.MODEL_REPO / paths.TEXT_ENCODER_MODEL / "2").exists(), "the committed repository was written"
+
+
+def swap_under_load(versions, tmp_path, caplog, **config):
+    """An embedding service on sequence/1 answering EmbedTexts,
+    RetrieveCandidates and SearchItems in three threads while sequence/2 is
+    promoted, then a broken version; checks every reply and returns the
+    (stopped) server for its metrics."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from conftest import secured, service_channel, start
+    from recsys.embedding.v1 import embedding_pb2, embedding_pb2_grpc
+    from recsys_core.models.encoder import OnnxEncoder
+    from recsys_core.models.model_serving import open_model_dir
+    from recsys_core.rpc.messages import from_vector, to_vector
+    from services.embedding.config import EmbeddingConfig
+    from services.embedding.server import create_server
+
+    registry, first, second = versions["registry"], versions["seq1"], versions["seq2"]
+    registry.promote("sequence", first.version, "test: start")
+    items = shopping.load_items(versions["data"])
+    texts = dict(zip(items.item_id, items.text))
+    ids = list(items.item_id)
+    # Every item's vector under each version, encoded here as the service does.
+    encoders = {v.label: OnnxEncoder(open_model_dir(v.path).encoder_dir) for v in (first, second)}
+    expected = {label: dict(zip(ids, encoder.encode([texts[i] for i in ids]))) for label, encoder in encoders.items()}
+    other = {first.label: second.label, second.label: first.label}
+
+    def check(label: str, item_ids, vectors) -> None:
+        """Each vector is its item's under `label`'s encoder, not the other's."""
+        mine = np.stack([expected[label][i] for i in item_ids])
+        theirs = np.stack([expected[other[label]][i] for i in item_ids])
+        got = np.stack(vectors)
+        assert (cosine(got, mine) > 0.98).all(), f"vectors not {label}'s"
+        assert (cosine(got, theirs) < 0.9).all(), f"vectors of {other[label]} in a {label} reply"
+
+    server, address = start(create_server(EmbeddingConfig(
+        address="127.0.0.1:0", data_dir=str(versions["data"]), retail_dir="",
+        catalogue_path=str(tmp_path / "catalogue.sqlite3"), cache_dir=str(tmp_path / "cache"),
+        model_registry=str(registry.root), model_poll_seconds=0.05, grace_seconds=0.5, encoder_threads=1,
+        **config, **secured("embedding"))))
+    not_serving = []
+    try:
+        with service_channel(address, "embedding") as channel:
+            stub = embedding_pb2_grpc.EmbeddingServiceStub(channel)
+            health = health_pb2_grpc.HealthStub(channel)
+            assert stub.ListCategories(embedding_pb2.ListCategoriesRequest(), timeout=10).model_version == first.label
+
+            def call(thread: int, n: int) -> str:
+                item_id = ids[(thread * 37 + n) % len(ids)]
+                kind = n % 3
+                if kind == 0:  # a text query is encoded by the version that answers
+                    reply = stub.EmbedTexts(embedding_pb2.EmbedTextsRequest(texts=[texts[item_id]]), timeout=10)
+                    check(reply.model_version, [item_id], [from_vector(v) for v in reply.vectors])
+                elif kind == 1:  # the query (a context item's vector) and the index from one version
+                    reply = stub.RetrieveCandidates(embedding_pb2.RetrieveCandidatesRequest(
+                        context_item_ids=[item_id], k=10, include_embeddings=True), timeout=10)
+                    found = [c.item.item_id for c in reply.candidates]
+                    assert found[0] == item_id, "the context item is not its own nearest neighbour"
+                    check(reply.model_version, found, [from_vector(c.embedding) for c in reply.candidates])
+                else:
+                    query = expected[first.label][item_id]
+                    reply = stub.SearchItems(embedding_pb2.SearchItemsRequest(
+                        vectors=[to_vector(query)], k=5, include_items=True), timeout=10)
+                    hits = reply.results[0].hits
+                    check(reply.model_version, [h.item_id for h in hits], [from_vector(h.embedding) for h in hits])
+                return reply.model_version
+
+            def watch_health():
+                while not load.stop.is_set():
+                    status = health.Check(health_pb2.HealthCheckRequest(), timeout=5).status
+                    if status != health_pb2.HealthCheckResponse.SERVING:
+                        not_serving.append(status)
+                    time.sleep(0.05)
+
+            with Load(call) as load:
+                watcher = threading.Thread(target=watch_health, daemon=True)
+                watcher.start()
+                wait_for(lambda: load.count(first.label) > 10, "sequence/1 answering", load=load)
+                registry.promote("sequence", second.version, "test: swap under load")
+                wait_for(lambda: load.count(second.label) > 10, "the promoted version answering", load=load)
+                with caplog.at_level(logging.ERROR):
+                    registry.promote("sequence", versions["seq_broken"].version, "test: a broken model")
+                    wait_for(lambda: f"refused {versions['seq_broken'].label}" in caplog.text,
+                             "the broken version refused", load=load)
+                after_refusal = load.count(second.label)
+                wait_for(lambda: load.count(second.label) > after_refusal + 5, "the old version still answering", load=load)
+            watcher.join(10)
+        assert load.failures == []
+        assert load.labels() == {first.label, second.label}
+        assert_never_back(load, first.label, second.label)
+        assert not_serving == []
+        return server
+    finally:
+        server.stop(None)
+
+
+def test_embedding_refuses_what_a_swap_cannot_serve(versions):
+    from recsys_core.models.model_serving import ModelDirError, open_model_dir
+    from recsys_core.rpc.envconfig import ConfigError
+    from services.embedding.config import EmbeddingConfig
+    from services.embedding.promotion import model_encoder
+
+    with pytest.raises(ConfigError, match="exclusive"):
+        EmbeddingConfig(model_dir="a", model_registry="b")
+    with pytest.raises(ConfigError, match="EMBEDDING_TRITON_MODEL"):
+        EmbeddingConfig(model_registry="b", encoder="triton", triton_model="text_encoder_ensemble")
+    # Promotions install encoder versions: never into the committed repository.
+    second = versions["seq2"]
+    with pytest.raises(ModelDirError, match="committed"):
+        model_encoder(EmbeddingConfig(encoder="triton", model_registry="b", model_repo=str(paths.MODEL_REPO)),
+                      open_model_dir(second.path), second)
+    assert not (paths.MODEL_REPO / paths.TEXT_ENCODER_MODEL / "2").exists()
