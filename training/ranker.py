@@ -39,7 +39,7 @@ from recsys_core.ranking.scoring import SERVING_WEIGHTS, UserVectors, features, 
 from recsys_core.signals.copurchase import CoPurchases
 from recsys_core.signals.interests import DriftSettings, interest_category, measure_drift, recency_weights, \
     unit_mix
-from training import protocol
+from training import protocol, versions
 from training.baselines import popularity_scorer
 from training.crosscat import training_copurchases
 
@@ -387,6 +387,7 @@ def train_ranker_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-ablation", action="store_true", help="skip retraining without each feature group")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--markdown", type=Path, help="also write the figures as docs/results.md's tables here")
+    versions.add_register_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     if args.per_source < 1 or args.popular < 0 or args.threads < 1:
@@ -407,6 +408,12 @@ def train_ranker_main(argv: list[str] | None = None) -> int:
         command = "recsys train-ranker " + " ".join(argv if argv is not None else sys.argv[2:])
         with paths.replacing(args.markdown) as tmp:
             tmp.write_text(markdown(result.manifest, command))
+    registered = versions.register(
+        args, "ranker", args.out, versions.data_window(dataset.interactions[dataset.interactions.category == args.category]),
+        {"test": result.manifest["test"]["learned"], "hand_weighted_test": result.manifest["test"]["hand_weighted"],
+         "held_out_ndcg@10": result.manifest["training"]["held_out_ndcg@10"]}, data=str(args.data))
+    if registered:
+        print(f"registered {registered.label}", file=sys.stderr)
     print(json.dumps({"out": str(args.out), **{k: result.manifest[k] for k in ("pool", "test",
                                                                                "ablation_without_group")},
                       "importance_gain_share": result.manifest["importance_gain_share"]}, indent=2))
