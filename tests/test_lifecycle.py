@@ -219,6 +219,25 @@ def test_retrain_says_what_is_wrong(tmp_path, monkeypatch, capsys):
         recsys(args + ["--tolerance", "-1"])
 
 
+@pytest.mark.integration
+def test_train_ranker_register_adds_a_version_with_its_window_and_test_metrics(tmp_path, exported_encoder, capsys):
+    registry = tmp_path / "reg"
+    out = tmp_path / "ranker.txt"
+    assert recsys(["train-ranker", "--data", str(paths.BUNDLED_DATA_DIR), "--category", "Office_Products",
+                   "--out", str(out), "--no-ablation", "--no-progress", "--max-shoppers", "100",
+                   "--register", "--registry", str(registry)]) == 0
+    (version,) = Registry(registry).versions("ranker")
+    assert (version.path / "ranker.txt").read_bytes() == out.read_bytes() and (version.path / "ranker.txt.json").is_file()
+    manifest = version.manifest
+    assert manifest["data_window"]["events"] == 3408 and manifest["data_window"]["shoppers"] == 330
+    assert manifest["data_window"]["categories"] == ["Office_Products"] and manifest["shoppers_trained_on"] == 100
+    assert manifest["metrics"]["test"]["users"] == 100 and 0 <= manifest["metrics"]["test"]["ndcg@10"] <= 1
+    assert Registry(registry).promoted("ranker") is None  # registering is not promoting
+    capsys.readouterr()
+    assert recsys(["models", "--registry", str(registry)]) == 0
+    assert "  ranker/1" in capsys.readouterr().out
+
+
 # -- one real cycle --------------------------------------------------------
 
 CATEGORY = "Office_Products"  # the bundled set's smallest: 330 shoppers, 1.4k items

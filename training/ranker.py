@@ -411,7 +411,8 @@ def train_ranker_main(argv: list[str] | None = None) -> int:
     registered = versions.register(
         args, "ranker", args.out, versions.data_window(dataset.interactions[dataset.interactions.category == args.category]),
         {"test": result.manifest["test"]["learned"], "hand_weighted_test": result.manifest["test"]["hand_weighted"],
-         "held_out_ndcg@10": result.manifest["training"]["held_out_ndcg@10"]}, data=str(args.data))
+         "held_out_ndcg@10": result.manifest["training"]["held_out_ndcg@10"]}, data=str(args.data),
+        shoppers_trained_on=result.manifest["data"]["shoppers"])
     if registered:
         print(f"registered {registered.label}", file=sys.stderr)
     print(json.dumps({"out": str(args.out), **{k: result.manifest[k] for k in ("pool", "test",
