@@ -238,6 +238,26 @@ def test_train_ranker_register_adds_a_version_with_its_window_and_test_metrics(t
     assert "  ranker/1" in capsys.readouterr().out
 
 
+def test_retrain_reads_the_redis_store_the_profile_config_names(redis_server, tmp_path, monkeypatch, capsys):
+    """PROFILE_STORE=redis: the job opens the store as the profile service
+    does and counts the holdout cases from what it read (too few here: skip)."""
+    from conftest import unique_redis_prefix
+    from recsys_core.store.redis_store import RedisEventStore
+
+    prefix = unique_redis_prefix()
+    store = RedisEventStore(redis_server.url, prefix=prefix)
+    store.append([StoredEvent(f"s{s}", f"i{s}-{n}", "Beauty", PURCHASE, 1_000 * DAY + n * DAY)
+                  for s in range(3) for n in range(4)])
+    store.close()
+    monkeypatch.setenv("PROFILE_STORE", "redis")
+    monkeypatch.setenv("PROFILE_REDIS_URL", redis_server.url)
+    monkeypatch.setenv("PROFILE_REDIS_PREFIX", prefix)
+    assert recsys(["retrain", "--registry", str(tmp_path / "reg"), "--no-progress", "--holdout-days", "1.5",
+                   "--min-holdout", "4"]) == 0
+    decision = json.loads(capsys.readouterr().out)
+    assert decision["decision"] == "skip" and decision["why"].startswith("3 holdout cases in the last 1.5 days")
+
+
 # -- one real cycle --------------------------------------------------------
 
 CATEGORY = "Office_Products"  # the bundled set's smallest: 330 shoppers, 1.4k items
