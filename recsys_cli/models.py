@@ -15,7 +15,7 @@ from recsys_core.models.registry import ENV, KINDS, ModelVersion, Registry
 # The figure each kind is judged by, first found wins: (metrics group, name).
 KEY_METRICS = {
     "sequence": (("holdout", "ndcg@10"), ("valid", "ndcg@10")),
-    "ranker": (("test", "ndcg@10"), (None, "held_out_ndcg@10")),
+    "ranker": (("holdout", "ndcg@10"), ("test", "ndcg@10"), (None, "held_out_ndcg@10")),
     "value": ((None, "churn_roc_auc"), (None, "spend_3m_spearman")),
 }
 

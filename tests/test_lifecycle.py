@@ -351,3 +351,35 @@ def test_a_worse_candidate_is_not_promoted_and_an_equal_one_is(cycle, tmp_path):
                                progress=False)
     assert equal["candidate"]["ndcg@10"] == equal["promoted"]["ndcg@10"]
     assert equal["decision"] == "promote" and registry.promoted("sequence").version == equal["version"]
+
+
+@pytest.mark.integration
+def test_retrain_ranker_compares_with_the_promoted_ranker_on_the_same_pools(tmp_path, exported_encoder, monkeypatch,
+                                                                             capsys):
+    dataset = shopping.Dataset.load(paths.BUNDLED_DATA_DIR)
+    store = SQLiteEventStore(tmp_path / "events.sqlite3")
+    store.append(list(benchmark_stored_events(dataset.interactions[dataset.interactions.category == CATEGORY])))
+    store.close()
+    monkeypatch.setenv("PROFILE_STORE_PATH", str(tmp_path / "events.sqlite3"))
+    registry = Registry(tmp_path / "reg")
+    args = ["retrain", "--kind", "ranker", "--categories", CATEGORY, "--max-shoppers", "100", "--no-progress",
+            "--registry", str(registry.root), "--min-holdout", "50"]
+    assert recsys(args) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert first["decision"] == "promote" and first["promoted"] is None and first["candidate"]["users"] == 100
+    assert recsys(args) == 0  # nothing new in the store
+    assert json.loads(capsys.readouterr().out)["decision"] == "skip"
+    # The same data and seed again: LightGBM is deterministic, so the candidate
+    # equals the promoted ranker on the same pools, which is not worse.
+    assert recsys(args + ["--force", "--tolerance", "0"]) == 0
+    second = json.loads(capsys.readouterr().out)
+    assert second["promoted"]["version"] == 1
+    assert {k: v for k, v in second["promoted"].items() if k != "version"} == second["candidate"]
+    assert second["decision"] == "promote" and registry.promoted("ranker").version == 2
+    version = registry.get("ranker", 2)
+    assert version.manifest["parent"] == 1 and version.manifest["category"] == CATEGORY
+    model = lifecycle.ranker_file(version)
+    assert json.loads(model.with_name(model.name + ".json").read_text())["test"]["compared"]["ranker/1"] == \
+        second["candidate"]
+    with pytest.raises(SystemExit):
+        recsys(["retrain", "--kind", "ranker", "--registry", str(registry.root)])  # which category?

@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 from recsys_core.data import shopping
 from recsys_core.models import promotion
-from recsys_core.models.registry import ModelVersion, Registry, now_iso
+from recsys_core.models.registry import MANIFEST, ModelVersion, Registry, now_iso
 from recsys_core.store.events import EventStore
 from training import modeldir, protocol, seqmodel, twotower
 from training.protocol import CategorySplit
@@ -158,33 +158,43 @@ def consider(registry: Registry, candidate_dir: Path, windows: Windows, items: p
     candidate = evaluate_model(candidate_dir, windows.holdout, items, progress, "candidate")
     promoted = None if parent is None else evaluate_model(parent.path, windows.holdout, items, progress,
                                                           parent.label)
+    return decide(registry, KIND, candidate_dir, candidate, promoted, parent=parent, tolerance=tolerance,
+                  holdout=windows.describe(), window=window or data_window(windows.train_events), metrics=metrics,
+                  **notes)
+
+
+def decide(registry: Registry, kind: str, source: Path, candidate: dict, promoted: dict | None, *,
+           parent: ModelVersion | None, tolerance: float, holdout: dict, window: dict, metrics: dict | None = None,
+           **notes) -> dict:
+    """The not-worse rule on two sets of numbers measured on the same
+    holdout; adds `source` as the next `kind` version with the decision in
+    its manifest, promotes it when not worse, logs the decision as one JSON line."""
     promote = not_worse(candidate, promoted, tolerance)
     decision = {
-        "event": "retrain_decision", "kind": KIND, "at": now_iso(),
+        "event": "retrain_decision", "kind": kind, "at": now_iso(),
         "decision": "promote" if promote else "keep",
         "rule": f"candidate ndcg@10 >= promoted ndcg@10 - {tolerance}",
         "tolerance": tolerance,
-        "holdout": windows.describe(),
+        "holdout": holdout,
         "candidate": rounded(candidate),
         "promoted": None if parent is None else {"version": parent.version, **rounded(promoted)},
     }
-    added = registry.add(KIND, candidate_dir, parent=None if parent is None else parent.version,
-                         data_window=window or data_window(windows.train_events),
+    added = registry.add(kind, source, parent=None if parent is None else parent.version, data_window=window,
                          metrics={"holdout": rounded(candidate), **(metrics or {})}, retrain=decision, **notes)
     decision["version"] = added.version
     if promote:
         # Another promotion (a person's) while this one was evaluated wins:
         # the candidate was compared with a version that is no longer served.
-        record = registry.promotion_record(KIND)
+        record = registry.promotion_record(kind)
         now = None if record is None else record.get("version")
         if now != (None if parent is None else parent.version):
             decision["decision"] = "keep"
-            decision["why"] = f"{KIND}/{now} was promoted while the candidate was evaluated"
+            decision["why"] = f"{kind}/{now} was promoted while the candidate was evaluated"
         else:
             reason = ("first version" if parent is None else
                       f"retrain: holdout ndcg@10 {candidate['ndcg@10']:.4f} vs {parent.label} "
                       f"{promoted['ndcg@10']:.4f} (tolerance {tolerance})")
-            promotion.promote(registry, KIND, added.version, reason)
+            promotion.promote(registry, kind, added.version, reason)
     log.info(json.dumps(decision, sort_keys=True))
     return decision
 
@@ -251,8 +261,66 @@ def retrain(store: EventStore, registry: Registry, items: pd.DataFrame, categori
                         progress=progress, source_store=source or repr(store))
 
 
-def skip(why: str) -> dict:
-    decision = {"event": "retrain_decision", "kind": KIND, "at": now_iso(), "decision": "skip", "why": why}
+def ranker_file(version: ModelVersion) -> Path:
+    """The LightGBM file of a ranker version: the file with its `<file>.json` manifest beside it."""
+    found = [p for p in version.path.iterdir() if p.is_file() and p.name != MANIFEST
+             and p.with_name(p.name + ".json").is_file()]
+    if len(found) != 1:
+        raise RetrainError(f"{version.label}: expected one model file with its manifest, found {len(found)}")
+    return found[0]
+
+
+def retrain_ranker(store: EventStore, registry: Registry, items: pd.DataFrame, category: str,
+                   settings: RetrainSettings = RetrainSettings(), progress: bool = True, source: str = "",
+                   max_shoppers: int | None = None, threads: int = 2, work_dir: Path | None = None) -> dict:
+    """The ranking service's LightGBM model retrained on the store's events
+    of one category (`recsys train-ranker`'s protocol: trained on each
+    shopper's second-to-last item, so the holdout, each shopper's newest
+    event, is never trained on), and the promoted ranker scored on the same
+    test pools; the same not-worse rule. LightGBM trains from scratch in
+    seconds: no warm start, the parent is the version it was compared with."""
+    from recsys_core.ranking.learned import LearnedRanker
+    from training import ranker as ranking
+    from training.items import default_encoder, split_item_vectors
+
+    events = store_events(store, progress)
+    known = sorted(set(events.category) & set(items.category))
+    if category not in known:
+        raise RetrainError(f"category {category!r} has no stored events or no catalogue items (have: {known})")
+    in_category = events[events.category == category]
+    window = data_window(in_category)
+    snapshot = {k: window[k] for k in ("events", "last_event")}
+    parent = registry.promoted("ranker")
+    if parent is not None and not settings.force and parent.manifest.get("data_window", {}).get("store") == snapshot:
+        return skip(f"no new {category} events since {parent.label}", "ranker")
+    promoted_model = None if parent is None else LearnedRanker.load(ranker_file(parent))
+    dataset = shopping.Dataset(items=items, interactions=in_category.drop(columns="type"))
+    encoder = default_encoder()
+    result = ranking.train_ranker(
+        dataset, category, lambda split: split_item_vectors(split, items, encoder, progress), threads=threads,
+        seed=settings.seed, max_shoppers=max_shoppers, ablation=False, progress=progress, data_label=source,
+        compare=None if promoted_model is None else {parent.label: promoted_model})
+    test = result.manifest["test"]
+    candidate = test["learned"]
+    if candidate["users"] < settings.min_holdout:
+        return skip(f"{candidate['users']} {category} shoppers to test on, fewer than --min-holdout "
+                    f"{settings.min_holdout}", "ranker")
+    promoted = None if parent is None else test["compared"][parent.label]
+    work_root = Path(work_dir) if work_dir is not None else registry.root
+    work_root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".retrain-", dir=work_root) as work:
+        path = Path(work) / f"ranker-{category}.txt"
+        ranking.save(result, path)
+        return decide(registry, "ranker", path, candidate, promoted, parent=parent, tolerance=settings.tolerance,
+                      holdout={"cases": candidate["users"], "protocol": result.manifest["data"]["evaluated_on"]},
+                      window={**window, "store": snapshot},
+                      metrics={"hand_weighted": test["hand_weighted"],
+                               "held_out_ndcg@10": result.manifest["training"]["held_out_ndcg@10"]},
+                      source_store=source, category=category)
+
+
+def skip(why: str, kind: str = KIND) -> dict:
+    decision = {"event": "retrain_decision", "kind": kind, "at": now_iso(), "decision": "skip", "why": why}
     log.info(json.dumps(decision, sort_keys=True))
     return decision
 
@@ -267,6 +335,10 @@ def retrain_main(argv: list[str] | None, open_store: Callable[[], EventStore], s
         "evaluate it and the promoted version on the newest events (each shopper's last event in the holdout "
         "window, history before it, never trained on) and promote it only if its NDCG@10 is not worse than "
         "the promoted one's by more than --tolerance. Prints the decision as one JSON line."))
+    parser.add_argument("--kind", choices=("sequence", "ranker"), default="sequence",
+                        help="sequence: the two-tower model (default); ranker: the ranking service's LightGBM "
+                             "model of one category (--categories C)")
+    parser.add_argument("--max-shoppers", type=int, help="ranker: a random sample of the category's shoppers")
     parser.add_argument("--registry", type=Path, help="model registry (default $RECSYS_MODEL_REGISTRY, else var/models)")
     parser.add_argument("--items", type=Path, default=default_items,
                         help="the catalogue's texts: a directory with items.csv.gz (default: %(default)s)")
@@ -290,6 +362,8 @@ def retrain_main(argv: list[str] | None, open_store: Callable[[], EventStore], s
             or args.max_minutes <= 0:
         parser.error("--holdout-days and --max-minutes must be > 0, --tolerance >= 0, --min-holdout and "
                      "--max-epochs >= 1")
+    if args.kind == "ranker" and len(args.categories or ()) != 1:
+        parser.error("--kind ranker: one category (--categories C): the ranker is trained per category")
     from training.commands import torch_threads
 
     torch_threads(args.threads)
@@ -303,8 +377,13 @@ def retrain_main(argv: list[str] | None, open_store: Callable[[], EventStore], s
     try:
         store = open_store()
         try:
-            decision = retrain(store, Registry(args.registry), items, args.categories, settings,
-                               progress=not args.no_progress, source=store_label)
+            if args.kind == "ranker":
+                decision = retrain_ranker(store, Registry(args.registry), items, args.categories[0], settings,
+                                          progress=not args.no_progress, source=store_label,
+                                          max_shoppers=args.max_shoppers, threads=args.threads or 2)
+            else:
+                decision = retrain(store, Registry(args.registry), items, args.categories, settings,
+                                   progress=not args.no_progress, source=store_label)
         finally:
             store.close()
     except (RetrainError, shopping.DataError) as error:

@@ -249,8 +249,10 @@ def prepare(dataset: shopping.Dataset, category: str, vectors_of) -> CategoryDat
 
 def train_ranker(dataset: shopping.Dataset, category: str, vectors_of, settings: PoolSettings = PoolSettings(),
                  threads: int = 2, seed: int = 0, max_shoppers: int | None = None, ablation: bool = True,
-                 progress: bool = False, data_label: str = "") -> RankerResult:
+                 progress: bool = False, data_label: str = "", compare: dict | None = None) -> RankerResult:
     """Pools, fit, test report. `vectors_of(split)`: the split's item vectors.
+    `compare`: label -> a LearnedRanker (e.g. the promoted version) scored on
+    the same test pools, into the manifest's test.compared.
     numpy's BLAS is held to `threads` too: it would start a thread per core
     for every small product of the pooling, which on a shared machine made
     pooling ten times slower."""
@@ -258,11 +260,11 @@ def train_ranker(dataset: shopping.Dataset, category: str, vectors_of, settings:
 
     with threadpool_limits(threads):
         return _train_ranker(dataset, category, vectors_of, settings, threads, seed, max_shoppers, ablation, progress,
-                             data_label)
+                             data_label, compare or {})
 
 
 def _train_ranker(dataset, category, vectors_of, settings, threads, seed, max_shoppers, ablation, progress,
-                  data_label) -> RankerResult:
+                  data_label, compare) -> RankerResult:
     started = time.monotonic()
     category_data = prepare(dataset, category, vectors_of)
     split = category_data.split
@@ -303,7 +305,11 @@ def _train_ranker(dataset, category, vectors_of, settings, threads, seed, max_sh
                  "source_recall_test": {s: round(float(h.mean()), 4) for s, h in test.source_hits.items()}},
         "training": {"params": lightgbm_params(threads, seed), "best_iteration": best_iteration,
                      "held_out_ndcg@10": round(held_out, 4), "minutes": None},
-        "test": {"learned": rounded(learned), "hand_weighted": rounded(hand), "single_source": single},
+        "test": {"learned": rounded(learned), "hand_weighted": rounded(hand), "single_source": single,
+                 **({"compared": {label: rounded(evaluate_scores(test, score_pools(other.booster, test,
+                                                                                     list(other.feature_names)),
+                                                                 split.num_items))
+                                  for label, other in compare.items()}} if compare else {})},
         "ablation_without_group": groups,
         "importance_gain_share": importance,
     }
