@@ -235,10 +235,9 @@ def retrain(store: EventStore, registry: Registry, items: pd.DataFrame, categori
         raise RetrainError("the event store holds no events of any catalogue category")
     store_window = data_window(events[events.category.isin(categories)])
     parent = registry.promoted(KIND)
-    if parent is not None and not settings.force:
-        seen = parent.manifest.get("data_window", {}).get("store")
-        if seen == {k: store_window[k] for k in ("events", "last_event")}:
-            return skip(f"no new events since {parent.label} ({seen['events']} events, last at {seen['last_event']})")
+    if not settings.force and (seen := already_seen(registry, KIND, store_window)):
+        return skip(f"no new events since {seen.label} ({store_window['events']} events, "
+                    f"last at {store_window['last_event']})")
     windows = holdout_window(events, items, categories, settings.holdout_days)
     if len(windows.holdout.users) < settings.min_holdout:
         return skip(f"{len(windows.holdout.users)} holdout cases in the last {settings.holdout_days:g} days, "
@@ -259,6 +258,15 @@ def retrain(store: EventStore, registry: Registry, items: pd.DataFrame, categori
                         metrics={"valid": rounded(result.best_valid), "epochs": result.epochs,
                                  "minutes": round(result.seconds / 60, 2)},
                         progress=progress, source_store=source or repr(store))
+
+
+def already_seen(registry: Registry, kind: str, store_window: dict) -> ModelVersion | None:
+    """The newest version, when it was retrained on a store of this size and
+    newest event: promoted or kept, training again on the same events would
+    only repeat it."""
+    latest = registry.latest(kind)
+    seen = None if latest is None else (latest.manifest.get("data_window") or {}).get("store")
+    return latest if seen == {k: store_window[k] for k in ("events", "last_event")} else None
 
 
 def ranker_file(version: ModelVersion) -> Path:
@@ -291,8 +299,8 @@ def retrain_ranker(store: EventStore, registry: Registry, items: pd.DataFrame, c
     window = data_window(in_category)
     snapshot = {k: window[k] for k in ("events", "last_event")}
     parent = registry.promoted("ranker")
-    if parent is not None and not settings.force and parent.manifest.get("data_window", {}).get("store") == snapshot:
-        return skip(f"no new {category} events since {parent.label}", "ranker")
+    if not settings.force and (seen := already_seen(registry, "ranker", window)):
+        return skip(f"no new {category} events since {seen.label}", "ranker")
     promoted_model = None if parent is None else LearnedRanker.load(ranker_file(parent))
     dataset = shopping.Dataset(items=items, interactions=in_category.drop(columns="type"))
     encoder = default_encoder()
