@@ -258,6 +258,20 @@ def test_retrain_reads_the_redis_store_the_profile_config_names(redis_server, tm
     assert decision["decision"] == "skip" and decision["why"].startswith("3 holdout cases in the last 1.5 days")
 
 
+@pytest.mark.integration
+def test_train_value_register_adds_the_artifact_and_report(tmp_path):
+    registry = Registry(tmp_path / "reg")
+    assert recsys(["train-value", "--out", str(tmp_path / "out"), "--register", "--registry", str(registry.root)]) == 0
+    (version,) = registry.versions("value")
+    assert sorted(p.name for p in version.path.iterdir()) == ["report.json", "value_model.joblib", MANIFEST]
+    report = json.loads((version.path / "report.json").read_text())
+    window = version.manifest["data_window"]
+    assert [window["first_event"], window["last_event"]] == report["cutoffs"]["data"]
+    assert window["shoppers"] == report["cleaning"]["customers"] and window["events"] == report["cleaning"]["kept_lines"]
+    assert version.manifest["metrics"]["churn_roc_auc"] == report["churn"]["model"]["roc_auc"]
+    assert version.manifest["model_version"] == report["model_version"]
+
+
 # -- one real cycle --------------------------------------------------------
 
 CATEGORY = "Office_Products"  # the bundled set's smallest: 330 shoppers, 1.4k items
