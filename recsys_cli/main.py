@@ -190,6 +190,16 @@ def main(argv: list[str] | None = None) -> int:
 
         return ab_report_main(argv[1:])
 
+    # The model registry (docs/operations.md, "Model lifecycle"); these parse their own arguments.
+    commands.add_parser("models", add_help=False, help="list the model registry's versions and which is promoted")
+    commands.add_parser("promote", add_help=False, help="promote a registry version (admin; logs who and why)")
+    commands.add_parser("retrain", add_help=False,
+                        help="retrain on the event store, warm from the promoted version; promote if not worse")
+    if argv and argv[0] in ("models", "promote", "retrain"):
+        from recsys_cli import models as model_lifecycle
+
+        return model_lifecycle.main(argv[0], argv[1:])
+
     # Review sentiment (docs/profiles.md "Preferences from review text"); these parse their own arguments.
     commands.add_parser("train-reviews", add_help=False,
                         help="fine-tune MiniLM for review sentiment, export it to model_repo/review_sentiment")

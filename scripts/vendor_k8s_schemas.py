@@ -44,10 +44,12 @@ LOCAL_PREFIX = "#/$defs/"
 # Every kind that k8s/ renders (and the prometheus-adapter snippet).
 KINDS = (
     "configmap-v1",
+    "cronjob-batch-v1",
     "deployment-apps-v1",
     "horizontalpodautoscaler-autoscaling-v2",
     "namespace-v1",
     "networkpolicy-networking-v1",
+    "persistentvolumeclaim-v1",
     "poddisruptionbudget-policy-v1",
     "service-v1",
     "serviceaccount-v1",

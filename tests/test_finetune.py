@@ -28,7 +28,7 @@ def trained(tmp_path_factory, exported_encoder):
     out = tmp_path_factory.mktemp("finetuned") / "model"
     assert commands.train_main(["--data", str(paths.BUNDLED_DATA_DIR), "--categories", "Beauty", "--out", str(out),
                                 "--finetune-layers", "1", "--encoder-batch", "32", "--max-epochs", "2", "--max-minutes", "10",
-                                "--no-progress"]) == 0
+                                "--no-progress", "--register", "--registry", str(out.parent / "registry")]) == 0
     return out
 
 
@@ -147,6 +147,22 @@ def test_item_vectors_with_ids_are_text_plus_id(trained):
     ids = np.load(trained / modeldir.ITEMS_DIR / modeldir.ID_VECTORS_FILE)
     item_ids = json.loads((trained / modeldir.ITEMS_DIR / modeldir.ITEM_IDS_FILE).read_text())
     assert ids.shape == (len(item_ids), manifest["encoder"]["dimension"]) and np.abs(ids).max() > 0
+
+
+def test_train_register_adds_the_model_directory_as_a_sequence_version(trained, dataset):
+    """`recsys train --register`: the directory as the next version, its data
+    window the category's events, its metrics the best validation figures."""
+    from recsys_core.models.registry import Registry
+
+    (version,) = Registry(trained.parent / "registry").versions("sequence")
+    assert (version.path / "manifest.json").read_text() == (trained / "manifest.json").read_text()
+    beauty = dataset.interactions[dataset.interactions.category == "Beauty"]
+    window = version.manifest["data_window"]
+    assert window["events"] == len(beauty) and window["shoppers"] == beauty.user_id.nunique()
+    assert window["categories"] == ["Beauty"] and window["first_event"] < window["last_event"]
+    best = json.loads((trained / "manifest.json").read_text())["training"]["best_valid"]
+    assert version.manifest["metrics"]["valid"] == best and version.manifest["parent"] is None
+    assert Registry(trained.parent / "registry").promoted("sequence") is None
 
 
 def test_train_rejects_bad_arguments(capsys):

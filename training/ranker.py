@@ -39,7 +39,7 @@ from recsys_core.ranking.scoring import SERVING_WEIGHTS, UserVectors, features, 
 from recsys_core.signals.copurchase import CoPurchases
 from recsys_core.signals.interests import DriftSettings, interest_category, measure_drift, recency_weights, \
     unit_mix
-from training import protocol
+from training import protocol, versions
 from training.baselines import popularity_scorer
 from training.crosscat import training_copurchases
 
@@ -249,8 +249,10 @@ def prepare(dataset: shopping.Dataset, category: str, vectors_of) -> CategoryDat
 
 def train_ranker(dataset: shopping.Dataset, category: str, vectors_of, settings: PoolSettings = PoolSettings(),
                  threads: int = 2, seed: int = 0, max_shoppers: int | None = None, ablation: bool = True,
-                 progress: bool = False, data_label: str = "") -> RankerResult:
+                 progress: bool = False, data_label: str = "", compare: dict | None = None) -> RankerResult:
     """Pools, fit, test report. `vectors_of(split)`: the split's item vectors.
+    `compare`: label -> a LearnedRanker (e.g. the promoted version) scored on
+    the same test pools, into the manifest's test.compared.
     numpy's BLAS is held to `threads` too: it would start a thread per core
     for every small product of the pooling, which on a shared machine made
     pooling ten times slower."""
@@ -258,11 +260,11 @@ def train_ranker(dataset: shopping.Dataset, category: str, vectors_of, settings:
 
     with threadpool_limits(threads):
         return _train_ranker(dataset, category, vectors_of, settings, threads, seed, max_shoppers, ablation, progress,
-                             data_label)
+                             data_label, compare or {})
 
 
 def _train_ranker(dataset, category, vectors_of, settings, threads, seed, max_shoppers, ablation, progress,
-                  data_label) -> RankerResult:
+                  data_label, compare) -> RankerResult:
     started = time.monotonic()
     category_data = prepare(dataset, category, vectors_of)
     split = category_data.split
@@ -303,7 +305,11 @@ def _train_ranker(dataset, category, vectors_of, settings, threads, seed, max_sh
                  "source_recall_test": {s: round(float(h.mean()), 4) for s, h in test.source_hits.items()}},
         "training": {"params": lightgbm_params(threads, seed), "best_iteration": best_iteration,
                      "held_out_ndcg@10": round(held_out, 4), "minutes": None},
-        "test": {"learned": rounded(learned), "hand_weighted": rounded(hand), "single_source": single},
+        "test": {"learned": rounded(learned), "hand_weighted": rounded(hand), "single_source": single,
+                 **({"compared": {label: rounded(evaluate_scores(test, score_pools(other.booster, test,
+                                                                                     list(other.feature_names)),
+                                                                 split.num_items))
+                                  for label, other in compare.items()}} if compare else {})},
         "ablation_without_group": groups,
         "importance_gain_share": importance,
     }
@@ -387,6 +393,7 @@ def train_ranker_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-ablation", action="store_true", help="skip retraining without each feature group")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--markdown", type=Path, help="also write the figures as docs/results.md's tables here")
+    versions.add_register_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     if args.per_source < 1 or args.popular < 0 or args.threads < 1:
@@ -407,6 +414,13 @@ def train_ranker_main(argv: list[str] | None = None) -> int:
         command = "recsys train-ranker " + " ".join(argv if argv is not None else sys.argv[2:])
         with paths.replacing(args.markdown) as tmp:
             tmp.write_text(markdown(result.manifest, command))
+    registered = versions.register(
+        args, "ranker", args.out, versions.data_window(dataset.interactions[dataset.interactions.category == args.category]),
+        {"test": result.manifest["test"]["learned"], "hand_weighted_test": result.manifest["test"]["hand_weighted"],
+         "held_out_ndcg@10": result.manifest["training"]["held_out_ndcg@10"]}, data=str(args.data),
+        shoppers_trained_on=result.manifest["data"]["shoppers"])
+    if registered:
+        print(f"registered {registered.label}", file=sys.stderr)
     print(json.dumps({"out": str(args.out), **{k: result.manifest[k] for k in ("pool", "test",
                                                                                "ablation_without_group")},
                       "importance_gain_share": result.manifest["importance_gain_share"]}, indent=2))

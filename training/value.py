@@ -37,6 +37,7 @@ import numpy as np
 import pandas as pd
 
 from recsys_core.data import shopping
+from training import versions
 from recsys_core.signals.btyd import BTYD
 from recsys_core.data.shopping import DataError
 from recsys_core.data.paths import BUNDLED_DATA_DIR, replacing, shared_data_dir
@@ -654,6 +655,7 @@ def train_value_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="threads for tree fitting (the machine is shared)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true")
+    versions.add_register_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     from threadpoolctl import threadpool_limits
@@ -670,8 +672,32 @@ def train_value_main(argv: list[str] | None = None) -> int:
         report["plots"] = [str(p) for p in plot_report(report, args.plots)]
     del report["_plot_data"]
     (out_dir / "report.json").write_text(json.dumps(report, indent=2))
+    if args.register:
+        register_value(args, out_dir, report)
     if args.json:
         print(json.dumps(report, indent=2))
     else:
         print_report(report)
     return 0
+
+
+def register_value(args, out_dir: Path, report: dict) -> None:
+    """The served artifact and its report, as the next `value` version: the
+    data window is the invoices' span, the metrics the held-out figures."""
+    import shutil
+    import tempfile
+
+    churn, s3, s12 = report["churn"]["model"], report["spend_3m"]["model"], report["spend_12m"]["model"]
+    window = {"first_event": report["cutoffs"]["data"][0], "last_event": report["cutoffs"]["data"][1],
+              "events": report["cleaning"]["kept_lines"], "shoppers": report["cleaning"]["customers"],
+              "histories": report["churn_without_amounts"]["data"]}
+    metrics = {"churn_roc_auc": churn["roc_auc"], "churn_ece": churn["ece"], "spend_3m_spearman": s3["spearman"],
+               "spend_12m_spearman": s12["spearman"]}
+    with tempfile.TemporaryDirectory() as staging:
+        folder = Path(staging) / "value"
+        folder.mkdir()
+        shutil.copy2(out_dir / ARTIFACT_FILE, folder / ARTIFACT_FILE)
+        shutil.copy2(out_dir / "report.json", folder / "report.json")
+        registered = versions.register(args, "value", folder, window, metrics, data=str(args.data),
+                                       model_version=report["model_version"])
+    print(f"registered {registered.label}", file=sys.stderr)

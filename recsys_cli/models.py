@@ -1,0 +1,126 @@
+"""`recsys models`, `recsys promote` and `recsys retrain`: the model
+registry from the command line (docs/operations.md, "Model lifecycle")."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from recsys_core import errors
+from recsys_core.models import promotion
+from recsys_core.models.registry import ENV, KINDS, ModelVersion, Registry
+
+# The figure each kind is judged by, first found wins: (metrics group, name).
+KEY_METRICS = {
+    "sequence": (("holdout", "ndcg@10"), ("valid", "ndcg@10")),
+    "ranker": (("holdout", "ndcg@10"), ("test", "ndcg@10"), (None, "held_out_ndcg@10")),
+    "value": ((None, "churn_roc_auc"), (None, "spend_3m_spearman")),
+}
+
+
+def key_metrics(version: ModelVersion) -> dict[str, float]:
+    metrics, found = version.manifest.get("metrics") or {}, {}
+    for group, name in KEY_METRICS.get(version.kind, ()):
+        source = metrics if group is None else metrics.get(group) or {}
+        if isinstance(source, dict) and isinstance(source.get(name), (int, float)):
+            found[name if group is None else f"{group} {name}"] = source[name]
+    return found
+
+
+def describe(version: ModelVersion, promoted: int | None) -> dict:
+    manifest = version.manifest
+    window = manifest.get("data_window") or {}
+    decision = (manifest.get("retrain") or {}).get("decision")
+    return {"kind": version.kind, "version": version.version, "created": manifest.get("created"),
+            "parent": manifest.get("parent"), "promoted": version.version == promoted,
+            "window": {k: window.get(k) for k in ("first_event", "last_event", "events", "shoppers")},
+            "metrics": key_metrics(version), "retrain": decision, "path": str(version.path)}
+
+
+def models_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="recsys models", description=(
+        "List the model registry's versions: version, created, parent (warm-started from), data window, "
+        "key metrics, and which one is PROMOTED (*)."))
+    parser.add_argument("--kind", choices=KINDS, action="append", help="only this kind (repeatable; default every one)")
+    parser.add_argument("--registry", type=Path, help=f"model registry (default ${ENV}, else var/models)")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    registry = Registry(args.registry)
+    rows = []
+    for kind in args.kind or KINDS:
+        record = registry.promotion_record(kind)
+        promoted = None if record is None else int(record["version"])
+        rows += [describe(v, promoted) for v in registry.versions(kind)]
+    if args.json:
+        print(json.dumps({"registry": str(registry.root), "versions": rows}, indent=2))
+        return 0
+    if not rows:
+        print(f"no versions in {registry.root}")
+        return 0
+    print(f"{'':1} {'model':<12} {'created':<25} {'parent':>6} {'window':<43} {'events':>7} {'shoppers':>8}  metrics")
+    for row in rows:
+        window = row["window"]
+        span = f"{(window['first_event'] or '-')[:19]} .. {(window['last_event'] or '-')[:19]}"
+        metrics = ", ".join(f"{k} {v:.4f}" for k, v in row["metrics"].items())
+        if row["retrain"]:
+            metrics += f" [retrain: {row['retrain']}]"
+        print(f"{'*' if row['promoted'] else ' ':1} {row['kind'] + '/' + str(row['version']):<12} "
+              f"{row['created'] or '-':<25} {row['parent'] if row['parent'] is not None else '-':>6} {span:<43} "
+              f"{window['events'] if window['events'] is not None else '-':>7} "
+              f"{window['shoppers'] if window['shoppers'] is not None else '-':>8}  {metrics}")
+    return 0
+
+
+def promote_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="recsys promote", description=(
+        "Promote a registry version: serving loads it next (the services poll PROMOTED). An admin action: "
+        "who (RECSYS_ACTOR, else the login name; or --by) and why are logged and kept in "
+        "<registry>/<kind>/promotions.jsonl."))
+    parser.add_argument("kind", choices=KINDS)
+    parser.add_argument("version", type=int)
+    parser.add_argument("--reason", required=True, help="why (kept with the promotion)")
+    parser.add_argument("--by", help="who promotes (default: RECSYS_ACTOR, else the login name)")
+    parser.add_argument("--registry", type=Path, help=f"model registry (default ${ENV}, else var/models)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
+    if not args.reason.strip():
+        parser.error("--reason must say why")
+    registry = Registry(args.registry)
+    try:
+        chosen = promotion.promote(registry, args.kind, args.version, args.reason.strip(), by=args.by)
+    except errors.NotFound as error:
+        print(f"recsys promote: {error}", file=sys.stderr)
+        return 2
+    print(f"promoted {chosen.label} ({chosen.path})")
+    return 0
+
+
+def retrain_main(argv: list[str]) -> int:
+    """The profile service's configuration says which store to read
+    (PROFILE_STORE=sqlite: PROFILE_STORE_PATH; redis: PROFILE_REDIS_*), so the
+    job reads exactly what serving writes."""
+    from recsys_core.data import paths
+    from recsys_core.store.backends import open_store
+    from services.profile.config import ProfileConfig
+    from training.lifecycle import retrain_main as run
+
+    from training.lifecycle import RetrainError
+
+    config = ProfileConfig.from_env()
+
+    def store():
+        if config.store == "sqlite" and not Path(config.store_path).is_file():
+            # Opening would create an empty store: say what is missing instead.
+            raise RetrainError(f"no event store at {config.store_path} (PROFILE_STORE_PATH)")
+        return open_store(config)
+
+    label = f"redis {config.redis_url.rpartition('@')[2]} {config.redis_prefix}" if config.store == "redis" \
+        else f"sqlite {config.store_path}"
+    items = Path(config.data_dir) if config.data_dir else paths.BUNDLED_DATA_DIR
+    return run(argv, store, label, items)
+
+
+def main(name: str, argv: list[str]) -> int:
+    return {"models": models_main, "promote": promote_main, "retrain": retrain_main}[name](argv)
