@@ -203,7 +203,10 @@ def train_main(argv: list[str] | None = None) -> int:
         parser.error("--finetune-layers must be >= 0, --encoder-batch >= 1 and --max-minutes > 0")
     if args.init and not modeldir.is_model_dir(args.init):
         parser.error(f"--init {args.init}: not a model directory written by `recsys train`")
-    world = distributed.from_env()
+    try:
+        world = distributed.from_env()
+    except ValueError as e:
+        parser.error(str(e))
     try:
         return _train(parser, args, world)
     finally:

@@ -2,8 +2,8 @@
 
 `recsys train` started by torchrun (RANK, WORLD_SIZE, LOCAL_RANK,
 MASTER_ADDR and MASTER_PORT in the environment, WORLD_SIZE above 1) joins a
-process group: gloo (CPU tensors; the training loop keeps its tensors on the
-CPU, see docs/operations.md "Distributed training" for NCCL). Started any
+process group: gloo (the training loop keeps its tensors on the CPU;
+docs/operations.md "Distributed training" says what NCCL would need). Started any
 other way it is one process, as before: `SINGLE`.
 
 How `seqmodel.fit` splits the work (docs/operations.md says why):
@@ -123,10 +123,13 @@ def from_env() -> World:
     if size <= 1:
         return SINGLE
     backend = os.environ.get(BACKEND_ENV) or "gloo"
-    if backend not in ("gloo", "nccl"):
-        raise ValueError(f"{BACKEND_ENV}={backend!r}: gloo or nccl")
-    if backend == "nccl" and not torch.cuda.is_available():
-        raise ValueError(f"{BACKEND_ENV}=nccl needs CUDA, and this process sees no GPU")
+    if backend == "nccl":
+        # NCCL reduces CUDA tensors only; the model, the cached token states
+        # and the batches live on the CPU (docs/operations.md).
+        raise ValueError(f"{BACKEND_ENV}=nccl: recsys train trains on CPU tensors, which NCCL cannot "
+                         "reduce; use gloo (the default)")
+    if backend != "gloo":
+        raise ValueError(f"{BACKEND_ENV}={backend!r}: gloo is the backend recsys train runs on")
     timeout = datetime.timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, "1800")))
     if not dist.is_initialized():
         dist.init_process_group(backend, timeout=timeout)
