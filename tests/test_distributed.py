@@ -21,15 +21,12 @@ from training import baselines, commands, modeldir, protocol, seqmodel, twotower
 EPOCHS = 2
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 # Validation NDCG@10 of two processes may differ from one process's by this
-# much. Measured (bench/ddp_quality.py, docs/operations.md): across seeds 42,
-# 43 and 44 one process's NDCG@10 after two epochs spreads over SEED_SPREAD,
-# and at the same seed two processes landed within GAP_SEEN of one. The
-# tolerance is the seed spread: a gap larger than what changing the seed
-# does is not noise.
-SEED_SPREAD = 0.0040
-GAP_SEEN = 0.0010
-TOLERANCE = SEED_SPREAD
-
+# much. Measured under load (bench/ddp_quality.py, docs/operations.md): one
+# process at seeds 42, 43 and 44 gave 0.0478, 0.0479 and 0.0466 after two
+# epochs (standard deviation 0.0007), and two processes at the same seed
+# landed within 0.0003 of one process each time. The tolerance is three
+# seed standard deviations: a gap beyond what changing the seed does is not noise.
+TOLERANCE = 0.002
 
 @pytest.fixture(scope="module")
 def beauty(dataset):
@@ -56,7 +53,8 @@ def one_process(beauty, dataset):
     commands.torch_threads()  # as `recsys train` sets them (denormals flushed)
     config = twotower.TwoTowerConfig(max_epochs=EPOCHS)
     model = twotower.build(beauty, dataset.items, config, progress=False)
-    return seqmodel.fit(model, beauty, config, progress=False)
+    start = protocol.evaluate(seqmodel.scorer(model), beauty, "valid")["ndcg@10"]
+    return start, seqmodel.fit(model, beauty, config, progress=False)
 
 
 @pytest.mark.integration
@@ -95,15 +93,17 @@ def test_the_model_directory_is_complete_and_scores_as_recorded(two_processes, b
 
 
 @pytest.mark.integration
-def test_two_processes_match_one_within_seed_noise_and_both_beat_popularity(two_processes, one_process, beauty):
+def test_two_processes_match_one_within_seed_noise_and_both_learned(two_processes, one_process, beauty):
     out, _ = two_processes
     two = json.loads((out / modeldir.MANIFEST).read_text())["training"]["best_valid"]["ndcg@10"]
-    one = one_process.best_valid["ndcg@10"]
+    start, fit = one_process
+    one = fit.best_valid["ndcg@10"]
     popularity = protocol.evaluate(baselines.popularity_scorer(beauty), beauty, "valid")["ndcg@10"]
     assert abs(two - one) <= TOLERANCE, (one, two)
-    # Both learned: two epochs lift NDCG@10 well clear of popularity, by
-    # more than the tolerance, so matching within it says something.
-    assert one > popularity + TOLERANCE and two > popularity + TOLERANCE, (one, two, popularity)
+    # Both learned: clear of popularity, and above where training starts
+    # (the pretrained zero-shot ranking) by more than the tolerance, so
+    # matching within it says something.
+    assert min(one, two) > popularity and min(one, two) > start + TOLERANCE, (one, two, start, popularity)
 
 
 def test_in_batch_negatives_of_a_shard_are_the_whole_batchs_targets():

@@ -153,8 +153,10 @@ def train(dataset: shopping.Dataset, categories: list[str], out: Path, config: t
         model = modeldir.load_for_training(init, split, dataset.items, config, progress=progress)
     else:
         model = twotower.build(split, dataset.items, config, progress=progress)
+    model.to(world.device)
     result = seqmodel.fit(model, split, config, progress=progress, checkpoint=modeldir.checkpoint_path(out),
                           world=world)
+    model.cpu()  # the model directory is written from, and exported on, the CPU
     if world.main:
         modeldir.save(model, split, out, {
             "training": {"epochs": result.epochs, "minutes": round(result.seconds / 60, 1),

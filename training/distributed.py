@@ -2,8 +2,8 @@
 
 `recsys train` started by torchrun (RANK, WORLD_SIZE, LOCAL_RANK,
 MASTER_ADDR and MASTER_PORT in the environment, WORLD_SIZE above 1) joins a
-process group: gloo (the training loop keeps its tensors on the CPU;
-docs/operations.md "Distributed training" says what NCCL would need). Started any
+process group: NCCL where the process sees a GPU (each rank trains on
+cuda:LOCAL_RANK), gloo on CPUs (RECSYS_DIST_BACKEND overrides). Started any
 other way it is one process, as before: `SINGLE`.
 
 How `seqmodel.fit` splits the work (docs/operations.md says why):
@@ -57,6 +57,11 @@ class World:
     def main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def device(self) -> torch.device:
+        """Where this rank trains: its GPU under NCCL, else the CPU."""
+        return torch.device("cuda", self.local_rank) if self.backend == "nccl" else torch.device("cpu")
+
     def shard(self, rows: list) -> list:
         """This rank's rows of a global batch."""
         return rows[self.rank :: self.size]
@@ -65,14 +70,14 @@ class World:
         """True on every rank when it is true on any (one collective)."""
         if not self.distributed:
             return flag
-        value = torch.tensor([int(flag)])
+        value = torch.tensor([int(flag)], device=self.device)
         dist.all_reduce(value, op=dist.ReduceOp.MAX)
         return bool(value.item())
 
     def sum(self, values: list[float]) -> list[float]:
         if not self.distributed:
             return list(values)
-        tensor = torch.tensor(values, dtype=torch.float64)
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
         dist.all_reduce(tensor)
         return tensor.tolist()
 
@@ -122,14 +127,14 @@ def from_env() -> World:
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size <= 1:
         return SINGLE
-    backend = os.environ.get(BACKEND_ENV) or "gloo"
+    backend = os.environ.get(BACKEND_ENV) or ("nccl" if torch.cuda.is_available() else "gloo")
+    if backend not in ("gloo", "nccl"):
+        raise ValueError(f"{BACKEND_ENV}={backend!r}: gloo or nccl")
     if backend == "nccl":
-        # NCCL reduces CUDA tensors only; the model, the cached token states
-        # and the batches live on the CPU (docs/operations.md).
-        raise ValueError(f"{BACKEND_ENV}=nccl: recsys train trains on CPU tensors, which NCCL cannot "
-                         "reduce; use gloo (the default)")
-    if backend != "gloo":
-        raise ValueError(f"{BACKEND_ENV}={backend!r}: gloo is the backend recsys train runs on")
+        if not torch.cuda.is_available():
+            raise ValueError(f"{BACKEND_ENV}=nccl needs a GPU, and this process sees none")
+        # Before the process group: NCCL binds each rank to the current device.
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     timeout = datetime.timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, "1800")))
     if not dist.is_initialized():
         dist.init_process_group(backend, timeout=timeout)

@@ -14,7 +14,6 @@ learned positions, so the shopper's vector follows their recent interests.
 """
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import time
@@ -123,6 +122,7 @@ class SequentialRecommender(nn.Module):
 
     def encode_users(self, histories: Sequence[np.ndarray], item_matrix: torch.Tensor) -> torch.Tensor:
         batch, padding = left_pad(histories, self.config.max_len, shortest=True)
+        batch, padding = batch.to(item_matrix.device), padding.to(item_matrix.device)
         vectors = item_matrix[batch.clamp(min=0)] * (~padding).unsqueeze(-1)
         return self.user(vectors, padding)[:, -1]
 
@@ -152,7 +152,7 @@ class SequentialRecommender(nn.Module):
         valid = targets >= 0
         wanted = targets[valid]
         if self.config.negatives:
-            drawn = torch.randint(0, item_matrix.shape[0], (self.config.negatives,))
+            drawn = torch.randint(0, item_matrix.shape[0], (self.config.negatives,), device=item_matrix.device)
             negatives = wanted if in_batch is None else torch.cat([wanted, in_batch])
             candidates = torch.unique(torch.cat([negatives, drawn]))  # sorted
             logits = hidden[valid] @ item_matrix[candidates].T / self.config.temperature
@@ -255,6 +255,8 @@ def fit(model, split: CategorySplit, config: SeqConfig, progress: bool = True,
             empty = not rows
             inputs, _ = left_pad([c[:-1] for c in rows or chunk[:1]], config.max_len, shortest=True)
             targets, _ = left_pad([c[1:] for c in rows or chunk[:1]], config.max_len, shortest=True)
+            inputs, targets = inputs.to(world.device), targets.to(world.device)
+            in_batch = None if in_batch is None else in_batch.to(world.device)
             loss, positions = step(inputs, targets, in_batch)
             weighted = loss
             if world.distributed:
@@ -285,7 +287,9 @@ def fit(model, split: CategorySplit, config: SeqConfig, progress: bool = True,
                      epoch, losses[-1], metrics["ndcg@10"], metrics["recall@10"], epoch_seconds[-1],
                      (time.monotonic() - started) / 60)
             if metrics["ndcg@10"] > best:
-                best, best_state, since_best, best_metrics = metrics["ndcg@10"], copy.deepcopy(model.state_dict()), 0, metrics
+                # On the CPU whatever the device: the checkpoint loads anywhere.
+                best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+                best, since_best, best_metrics = metrics["ndcg@10"], 0, metrics
                 if checkpoint is not None and world.main:
                     checkpoint.parent.mkdir(parents=True, exist_ok=True)
                     torch.save(best_state, checkpoint.with_suffix(".tmp"))
@@ -315,7 +319,7 @@ def scorer(model: SequentialRecommender):
         with torch.no_grad():
             item_matrix = model.item_matrix()
             users = model.encode_users(histories, item_matrix)
-            return (users @ item_matrix.T).numpy()
+            return (users @ item_matrix.T).cpu().numpy()
 
     return score
 
