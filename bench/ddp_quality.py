@@ -67,14 +67,16 @@ def main(argv: list[str] | None = None) -> int:
     one = [r["ndcg@10"] for r in rows if r["processes"] == 1]
     two = [r["ndcg@10"] for r in rows if r["processes"] == 2]
     gaps = [b - a for a, b in zip(one, two)]
-    summary = {"popularity_ndcg@10": popularity,
-               "one_process": {"mean": statistics.mean(one), "stdev": statistics.stdev(one) if len(one) > 1 else None},
-               "two_processes": {"mean": statistics.mean(two), "stdev": statistics.stdev(two) if len(two) > 1 else None},
+    def spread(values: list[float]) -> dict:
+        return {"mean": statistics.mean(values), "stdev": statistics.stdev(values) if len(values) > 1 else None}
+
+    summary = {"popularity_ndcg@10": popularity, "one_process": spread(one), "two_processes": spread(two),
                "gap_same_seed": gaps}
     print(json.dumps(summary, indent=2))
     print("\n| seed | 1 process NDCG@10 | 2 processes NDCG@10 | gap | wall s (1 / 2) |")
     print("|---|---|---|---|---|")
-    for seed, a, b in zip(args.seeds, [r for r in rows if r["processes"] == 1], [r for r in rows if r["processes"] == 2]):
+    by_processes = {n: [r for r in rows if r["processes"] == n] for n in (1, 2)}
+    for seed, a, b in zip(args.seeds, by_processes[1], by_processes[2]):
         print(f"| {seed} | {a['ndcg@10']:.4f} | {b['ndcg@10']:.4f} | {b['ndcg@10'] - a['ndcg@10']:+.4f} | "
               f"{a['wall_seconds']:.0f} / {b['wall_seconds']:.0f} |")
     print(f"\npopularity NDCG@10 (valid): {popularity:.4f}")
