@@ -1,5 +1,5 @@
 """`recsys train` under torchrun: two processes on one machine over gloo
-(DistributedDataParallel), on the bundled Beauty, two epochs, against one
+(DistributedDataParallel), on the bundled Beauty, one epoch, against one
 process with the same settings (training/distributed.py)."""
 from __future__ import annotations
 
@@ -18,14 +18,18 @@ from recsys_core.data import paths
 from test_k8s import SCHEMAS, k8s_tools, kubeconform  # noqa: F401 (k8s_tools: a fixture)
 from training import baselines, commands, modeldir, protocol, seqmodel, twotower
 
-EPOCHS = 2
+# One epoch: validation peaks there on the bundled Beauty (NDCG@10 about
+# 0.050 against 0.048 after two), so the lift over the start is widest.
+EPOCHS = 1
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 # Validation NDCG@10 of two processes may differ from one process's by this
 # much. Measured under load (bench/ddp_quality.py, docs/operations.md): one
-# process at seeds 42, 43 and 44 gave 0.0478, 0.0479 and 0.0466 after two
-# epochs (standard deviation 0.0007), and two processes at the same seed
-# landed within 0.0003 of one process each time. The tolerance is three
-# seed standard deviations: a gap beyond what changing the seed does is not noise.
+# process at seeds 42, 43 and 44 spreads with a standard deviation of 0.0007
+# (two epochs), one process run twice at the same seed differed by up to
+# 0.0008 (thread scheduling in the reductions), and two processes landed
+# within 0.0006 of one process at the same seed each time. The tolerance is
+# three seed standard deviations: a gap beyond what changing the seed does
+# is not noise.
 TOLERANCE = 0.002
 
 @pytest.fixture(scope="module")
@@ -73,8 +77,7 @@ def test_both_ranks_trained_their_half_of_every_batch_in_step(two_processes, bea
     assert 0.4 < first / (first + second) < 0.6
     # DDP kept the replicas in step: the same weights on both ranks at the end.
     assert len(set(shared["fingerprints"])) == 1
-    losses = training["losses"]
-    assert len(losses) == EPOCHS and losses[-1] < losses[0]
+    assert len(training["losses"]) == EPOCHS and training["valid_history"][0][0] == EPOCHS
     # Only rank 0 reports; rank 1 ran (its process group line) but wrote nothing of its own.
     assert json.loads(run.stdout)["out"] == str(out)
     assert "rank 1 of 2 (gloo)" in run.stderr
@@ -95,14 +98,18 @@ def test_the_model_directory_is_complete_and_scores_as_recorded(two_processes, b
 @pytest.mark.integration
 def test_two_processes_match_one_within_seed_noise_and_both_learned(two_processes, one_process, beauty):
     out, _ = two_processes
-    two = json.loads((out / modeldir.MANIFEST).read_text())["training"]["best_valid"]["ndcg@10"]
+    training = json.loads((out / modeldir.MANIFEST).read_text())["training"]
+    two = training["best_valid"]["ndcg@10"]
     start, fit = one_process
     one = fit.best_valid["ndcg@10"]
+    # The recorded loss is the mean over both ranks' positions, as one
+    # process's is over all (8.82 and 8.81-8.82 at seed 42, measured).
+    assert training["losses"][0] == pytest.approx(fit.losses[0], abs=0.05)
     popularity = protocol.evaluate(baselines.popularity_scorer(beauty), beauty, "valid")["ndcg@10"]
     assert abs(two - one) <= TOLERANCE, (one, two, start)
-    # What makes the match say something: two epochs lift one process above
+    # What makes the match say something: the epoch lifts one process above
     # where training starts (the pretrained zero-shot ranking, 0.0449) by
-    # more than the tolerance (0.003 at seed 42), so two processes that
+    # more than the tolerance (0.005 at seed 42), so two processes that
     # learned nothing would fail above. Both are clear of popularity.
     assert one - start > TOLERANCE and two > start, (one, two, start)
     assert min(one, two) > popularity, (one, two, popularity)
