@@ -22,14 +22,15 @@ from training import baselines, commands, modeldir, protocol, seqmodel, twotower
 # 0.050 against 0.048 after two), so the lift over the start is widest.
 EPOCHS = 1
 TORCHRUN = Path(sys.executable).with_name("torchrun")
-# Validation NDCG@10 of two processes may differ from one process's by this
-# much. Measured under load (bench/ddp_quality.py, docs/operations.md): one
-# process at seeds 42, 43 and 44 spreads with a standard deviation of 0.0007
-# (two epochs), one process run twice at the same seed differed by up to
-# 0.0008 (thread scheduling in the reductions), and two processes landed
-# within 0.0006 of one process at the same seed each time. The tolerance is
-# three seed standard deviations: a gap beyond what changing the seed does
-# is not noise.
+# Validation NDCG@10 of two processes may differ from one process's at the
+# same seed by this much. Measured under load (bench/ddp_quality.py, seeds
+# 42-44, one and two epochs; docs/operations.md): two processes landed
+# within 0.0006 of one process at the same seed all six times, and one
+# process run twice at seed 42 differed by up to 0.0008 (thread scheduling
+# in the reductions) -- while changing the seed moves one process far more
+# (standard deviation 0.003 after one epoch, 0.0007 after two). The
+# tolerance is 2.5 times the largest same-seed difference seen, still below
+# the seed spread: two processes track one far closer than a new seed does.
 TOLERANCE = 0.002
 
 @pytest.fixture(scope="module")
