@@ -162,3 +162,18 @@ def test_the_kubernetes_job_example_rendezvouses_at_its_first_pod(k8s_tools):
     assert env["NODE_RANK"]["valueFrom"]["fieldRef"]["fieldPath"] == (
         "metadata.annotations['batch.kubernetes.io/job-completion-index']")
     assert container["args"][container["args"].index("-m") + 1:][:2] == ["recsys_cli.main", "train"]
+
+
+def test_a_backend_that_cannot_run_is_refused_before_joining(monkeypatch):
+    from training import distributed
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv(distributed.BACKEND_ENV, "mpi")
+    with pytest.raises(ValueError, match="gloo or nccl"):
+        distributed.from_env()
+    if not torch.cuda.is_available():
+        monkeypatch.setenv(distributed.BACKEND_ENV, "nccl")
+        with pytest.raises(ValueError, match="needs a GPU"):
+            distributed.from_env()
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert distributed.from_env() is distributed.SINGLE
