@@ -97,14 +97,15 @@ class World:
             return model.next_item_loss
         # broadcast_buffers=False: the two-tower item table is a buffer each
         # rank rewrites for its own targets during an epoch and recomputes
-        # whole (identically, from the synchronised encoder) after it;
-        # broadcasting 12k x 384 floats from rank 0 before every step would
-        # cost more than the step. A user tower without its correction
+        # whole (identically, from the synchronised encoder) after it, so
+        # sending the whole table (items x 384 floats) from rank 0 before
+        # every step buys nothing. A user tower without its correction
         # (correction=False) leaves parameters out of every loss, which DDP
         # must be told of; otherwise the extra graph walk is not paid.
         unused = getattr(model.config, "correction", True) is False
         return nn.parallel.DistributedDataParallel(
-            _NextItemLoss(model), broadcast_buffers=False, find_unused_parameters=unused)
+            _NextItemLoss(model), device_ids=[self.local_rank] if self.backend == "nccl" else None,
+            broadcast_buffers=False, find_unused_parameters=unused)
 
     def describe(self) -> dict:
         return {"world_size": self.size, "backend": self.backend}
