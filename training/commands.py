@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from recsys_core.data import shopping, paths
-from training import baselines, crosscat, modeldir, protocol, seqmodel, textmodel, twotower, versions
+from training import baselines, crosscat, distributed, modeldir, protocol, seqmodel, textmodel, twotower, versions
 from training.items import default_encoder, split_item_vectors
 
 log = logging.getLogger(__name__)
@@ -22,16 +22,17 @@ def add_data_argument(parser: argparse.ArgumentParser) -> None:
                         help="directory in the amazon-2014 schema (default: ../shared/data/amazon-2014)")
 
 
-def torch_threads(threads: int | None = None) -> None:
-    """`threads` torch threads (default: every core; long runs on a shared
-    machine pass 1). Denormal floats are flushed to zero: a softmax over
-    thousands of items, once peaked, fills its gradient with them, and they
-    made a backward pass 25 times slower here."""
+def torch_threads(threads: int | None = None, processes: int = 1) -> None:
+    """`threads` torch threads (default: every core, shared among the
+    `processes` training on this machine; long runs on a shared machine pass
+    1). Denormal floats are flushed to zero: a softmax over thousands of
+    items, once peaked, fills its gradient with them, and they made a
+    backward pass 25 times slower here."""
     import os
 
     import torch
 
-    torch.set_num_threads(threads or os.cpu_count() or 1)
+    torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // processes))
     torch.set_flush_denormal(True)
 
 
@@ -141,30 +142,38 @@ def report(results: dict, as_json: bool, stage: str) -> None:
 
 
 def train(dataset: shopping.Dataset, categories: list[str], out: Path, config: twotower.TwoTowerConfig,
-          init: Path | None = None, progress: bool = True, manifest: dict | None = None):
+          init: Path | None = None, progress: bool = True, manifest: dict | None = None,
+          world: distributed.World = distributed.SINGLE):
     """Train our model on `categories` jointly (from the model directory
     `init`, for transfer) and write the model directory `out`; returns
-    (model, split, fit result)."""
+    (model, split, fit result). Under torchrun every rank calls this with
+    its `world` (distributed.from_env()); only rank 0 writes `out`."""
     split = protocol.category_split(dataset.interactions, dataset.items, categories)
-    return train_split(split, dataset.items, out, config, init, progress, manifest)
+    return train_split(split, dataset.items, out, config, init, progress, manifest, world)
 
 
 def train_split(split: protocol.CategorySplit, items, out: Path, config: twotower.TwoTowerConfig,
-                init: Path | None = None, progress: bool = True, manifest: dict | None = None):
+                init: Path | None = None, progress: bool = True, manifest: dict | None = None,
+                world: distributed.World = distributed.SINGLE):
     """`train` on a split already made (`recsys retrain` makes its own, from
     the event store's events before the holdout window)."""
     if init:
         model = modeldir.load_for_training(init, split, items, config, progress=progress)
     else:
         model = twotower.build(split, items, config, progress=progress)
-    result = seqmodel.fit(model, split, config, progress=progress, checkpoint=modeldir.checkpoint_path(out))
-    modeldir.save(model, split, out, {
-        "training": {"epochs": result.epochs, "minutes": round(result.seconds / 60, 1),
-                     "epoch_seconds": result.epoch_seconds, "losses": result.losses,
-                     "valid_history": result.valid_history, "best_valid": result.best_valid,
-                     "init": str(init) if init else None},
-        **(manifest or {}),
-    })
+    model.to(world.device)
+    result = seqmodel.fit(model, split, config, progress=progress, checkpoint=modeldir.checkpoint_path(out),
+                          world=world)
+    model.cpu()  # the model directory is written from, and exported on, the CPU
+    if world.main:
+        modeldir.save(model, split, out, {
+            "training": {"epochs": result.epochs, "minutes": round(result.seconds / 60, 1),
+                         "epoch_seconds": result.epoch_seconds, "losses": result.losses,
+                         "valid_history": result.valid_history, "best_valid": result.best_valid,
+                         "init": str(init) if init else None, "world_size": world.size,
+                         **({"distributed": result.distributed} if result.distributed else {})},
+            **(manifest or {}),
+        })
     return model, split, result
 
 
@@ -205,7 +214,20 @@ def train_main(argv: list[str] | None = None) -> int:
         parser.error("--finetune-layers must be >= 0, --encoder-batch >= 1 and --max-minutes > 0")
     if args.init and not modeldir.is_model_dir(args.init):
         parser.error(f"--init {args.init}: not a model directory written by `recsys train`")
-    torch_threads(args.threads)
+    try:
+        world = distributed.from_env()
+    except ValueError as e:
+        parser.error(str(e))
+    try:
+        return _train(parser, args, world)
+    finally:
+        distributed.shutdown(world)
+
+
+def _train(parser: argparse.ArgumentParser, args, world: distributed.World) -> int:
+    if not world.main:
+        logging.getLogger().setLevel(logging.WARNING)  # rank 0 tells the story
+    torch_threads(args.threads, world.local_size)
 
     dataset = shopping.Dataset.load(args.data)
     unknown = sorted(set(args.categories) - set(dataset.interactions.category.unique()))
@@ -216,7 +238,10 @@ def train_main(argv: list[str] | None = None) -> int:
         encoder_batch=args.encoder_batch, encoder_lr=args.encoder_lr, lr=args.lr, id_lr=args.id_lr, negatives=args.negatives,
         max_minutes=args.max_minutes, max_epochs=args.max_epochs, seed=args.seed)
     _, _, result = train(dataset, args.categories, args.out, config, init=args.init,
-                         progress=not args.no_progress, manifest={"data": str(args.data)})
+                         progress=not args.no_progress and world.main, manifest={"data": str(args.data)},
+                         world=world)
+    if not world.main:
+        return 0
     trained_on = dataset.interactions[dataset.interactions.category.isin(args.categories)]
     registered = versions.register(args, "sequence", args.out, versions.data_window(trained_on),
                                    {"valid": result.best_valid, "epochs": result.epochs}, data=str(args.data))

@@ -195,7 +195,8 @@ def encode_all(encoder: FineTunableEncoder, token_states: TokenStates, progress:
     order = np.argsort(token_states.lengths(), kind="stable")
     for start in tqdm(range(0, len(order), LOWER_BATCH), desc="item table", unit="batch", disable=not progress):
         chunk = order[start : start + LOWER_BATCH]
-        out[torch.as_tensor(chunk)] = encoder.upper(*token_states.batch(chunk))
+        device = encoder.projection.weight.device  # the cached states stay on the CPU
+        out[torch.as_tensor(chunk)] = encoder.upper(*(t.to(device) for t in token_states.batch(chunk))).cpu()
     encoder.train(was_training)
     return out
 

@@ -7,7 +7,10 @@ reads it back.
                            categories, items and shoppers trained on; the model
                            config; training (epochs, minutes, seconds per epoch,
                            losses, validation NDCG@10 history, best validation
-                           metrics, the model it started from); test metrics when
+                           metrics, the model it started from, world_size: the
+                           torchrun ranks that trained it, 1 without torchrun,
+                           and under torchrun `distributed`: backend, positions
+                           per rank, each rank's weights fingerprint); test metrics when
                            measured (scripts/results.py adds them)
       encoder/             the fine-tuned MiniLM as recsys_core/models/export.py writes a
                            model_repo/text_encoder version: model.onnx (fp32),

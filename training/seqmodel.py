@@ -14,7 +14,6 @@ learned positions, so the shopper's vector follows their recent interests.
 """
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import time
@@ -27,7 +26,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from training.protocol import CategorySplit, evaluate
+from training import distributed
+from training.protocol import CategorySplit
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +122,7 @@ class SequentialRecommender(nn.Module):
 
     def encode_users(self, histories: Sequence[np.ndarray], item_matrix: torch.Tensor) -> torch.Tensor:
         batch, padding = left_pad(histories, self.config.max_len, shortest=True)
+        batch, padding = batch.to(item_matrix.device), padding.to(item_matrix.device)
         vectors = item_matrix[batch.clamp(min=0)] * (~padding).unsqueeze(-1)
         return self.user(vectors, padding)[:, -1]
 
@@ -137,19 +138,23 @@ class SequentialRecommender(nn.Module):
         """Every item's vector for one training step."""
         return self.item_matrix()
 
-    def next_item_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, int]:
+    def next_item_loss(self, inputs: torch.Tensor, targets: torch.Tensor,
+                       in_batch: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
         """Mean cross-entropy of every position's next item (inputs and targets
         [B, L] item indices, -1 where empty), and the number of positions.
         Against every item, or with `negatives`, against the batch's targets
-        (in-batch negatives) and that many items drawn uniformly."""
+        (in-batch negatives; `in_batch`, when given, is the item indices of a
+        larger batch this one is a shard of: distributed.py) and that many
+        items drawn uniformly."""
         item_matrix = self.training_matrix(targets)
         padding = inputs < 0
         hidden = self.user(item_matrix[inputs.clamp(min=0)] * (~padding).unsqueeze(-1), padding)
         valid = targets >= 0
         wanted = targets[valid]
         if self.config.negatives:
-            drawn = torch.randint(0, item_matrix.shape[0], (self.config.negatives,))
-            candidates = torch.unique(torch.cat([wanted, drawn]))  # sorted
+            drawn = torch.randint(0, item_matrix.shape[0], (self.config.negatives,), device=item_matrix.device)
+            negatives = wanted if in_batch is None else torch.cat([wanted, in_batch])
+            candidates = torch.unique(torch.cat([negatives, drawn]))  # sorted
             logits = hidden[valid] @ item_matrix[candidates].T / self.config.temperature
             wanted = torch.searchsorted(candidates, wanted)
         else:
@@ -203,19 +208,30 @@ class TrainResult:
     losses: list[float]
     valid_history: list[tuple[int, float]]
     epoch_seconds: list[float] = field(default_factory=list)
+    # Under torchrun (distributed.py): world size, backend, the positions
+    # each rank trained on, and each rank's final weights' fingerprint.
+    distributed: dict | None = None
 
 
 def fit(model, split: CategorySplit, config: SeqConfig, progress: bool = True,
-        checkpoint: Path | None = None) -> TrainResult:
+        checkpoint: Path | None = None, world: distributed.World = distributed.SINGLE) -> TrainResult:
     """Next-item training on every position (the model's `next_item_loss`),
     early stopping on validation NDCG@10; the best weights are restored, and
-    written to `checkpoint` whenever validation improves, so a stopped run keeps them."""
-    torch.manual_seed(config.seed)
+    written to `checkpoint` whenever validation improves, so a stopped run keeps them.
+    With a distributed `world`, every rank calls this together and trains on
+    its shard of each global batch (distributed.py says how)."""
+    # Dropout and sampled negatives differ per rank, as they would across
+    # the rows of one process's batch; rank 0 (and one process) keep `seed`.
+    torch.manual_seed(config.seed + world.rank)
+    # The batch order comes from the same seed on every rank: each rank then
+    # knows the whole global batch, and trains on its rows of it.
     rng = np.random.default_rng(config.seed)
     examples = training_examples(split.training_sequences(), config.max_len)
+    step = world.wrap(model)
     optimiser = torch.optim.AdamW(model.optimiser_groups(), lr=config.lr, weight_decay=config.weight_decay)
     best, best_state, best_metrics, since_best = -1.0, None, {}, 0
     losses, valid_history, epoch_seconds = [], [], []
+    positions_trained = 0
     started = time.monotonic()
     for epoch in range(1, config.max_epochs + 1):
         epoch_started = time.monotonic()
@@ -224,33 +240,57 @@ def fit(model, split: CategorySplit, config: SeqConfig, progress: bool = True,
         batches = length_batches(examples, config.batch_size, rng)
         bar = tqdm(batches, desc=f"epoch {epoch}", disable=not progress, leave=False)
         for batch in bar:
-            if (time.monotonic() - started) / 60 > config.max_minutes:
-                break  # an epoch can outlast the budget (large catalogues, a busy machine)
+            # An epoch can outlast the budget (large catalogues, a busy
+            # machine); under DDP every rank must stop at the same step.
+            if world.any((time.monotonic() - started) / 60 > config.max_minutes):
+                break
             chunk = [examples[i] for i in batch]
-            inputs, _ = left_pad([c[:-1] for c in chunk], config.max_len, shortest=True)
-            targets, _ = left_pad([c[1:] for c in chunk], config.max_len, shortest=True)
-            loss, positions = model.next_item_loss(inputs, targets)
+            rows, in_batch = chunk, None
+            if world.distributed:
+                rows = world.shard(chunk)
+                in_batch = torch.unique(torch.as_tensor(np.concatenate([c[1:] for c in chunk])))
+            # A batch with fewer rows than ranks leaves a rank none: it still
+            # steps (every rank's backward joins the gradient all-reduce), on
+            # a row weighted zero.
+            empty = not rows
+            inputs, _ = left_pad([c[:-1] for c in rows or chunk[:1]], config.max_len, shortest=True)
+            targets, _ = left_pad([c[1:] for c in rows or chunk[:1]], config.max_len, shortest=True)
+            inputs, targets = inputs.to(world.device), targets.to(world.device)
+            in_batch = None if in_batch is None else in_batch.to(world.device)
+            loss, positions = step(inputs, targets, in_batch)
+            weighted = loss
+            if world.distributed:
+                # DDP averages the ranks' gradients; weighted by its share of
+                # the batch's positions, each rank's mean loss averages into
+                # the mean over the whole batch: one process's loss.
+                positions = 0 if empty else positions
+                batch_positions = sum(min(len(c) - 1, config.max_len) for c in chunk)
+                weighted = loss * (positions * world.size / batch_positions)
             optimiser.zero_grad()
-            loss.backward()
+            weighted.backward()
             optimiser.step()
             total += loss.item() * positions
             count += positions
-            bar.set_postfix(loss=f"{total / count:.3f}")
+            bar.set_postfix(loss=f"{total / max(count, 1):.3f}")
+        positions_trained += count
+        total, count = world.sum([total, count])
         if count == 0:
             break  # the budget ran out before this epoch's first step
         model.end_epoch()
         losses.append(total / count)
         epoch_seconds.append(round(time.monotonic() - epoch_started, 1))
-        out_of_time = (time.monotonic() - started) / 60 > config.max_minutes
+        out_of_time = world.any((time.monotonic() - started) / 60 > config.max_minutes)
         if epoch % config.eval_every == 0 or out_of_time or epoch == config.max_epochs:
-            metrics = evaluate(scorer(model), split, "valid")
+            metrics = distributed.evaluate(scorer(model), split, "valid", world)
             valid_history.append((epoch, metrics["ndcg@10"]))
             log.info("epoch %d loss %.4f valid ndcg@10 %.4f recall@10 %.4f (%.0f s/epoch, %.1f min in all)",
                      epoch, losses[-1], metrics["ndcg@10"], metrics["recall@10"], epoch_seconds[-1],
                      (time.monotonic() - started) / 60)
             if metrics["ndcg@10"] > best:
-                best, best_state, since_best, best_metrics = metrics["ndcg@10"], copy.deepcopy(model.state_dict()), 0, metrics
-                if checkpoint is not None:
+                # On the CPU whatever the device: the checkpoint loads anywhere.
+                best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+                best, since_best, best_metrics = metrics["ndcg@10"], 0, metrics
+                if checkpoint is not None and world.main:
                     checkpoint.parent.mkdir(parents=True, exist_ok=True)
                     torch.save(best_state, checkpoint.with_suffix(".tmp"))
                     checkpoint.with_suffix(".tmp").replace(checkpoint)
@@ -263,8 +303,12 @@ def fit(model, split: CategorySplit, config: SeqConfig, progress: bool = True,
             break
     if best_state is not None:
         model.load_state_dict(best_state)
+    shared = None
+    if world.distributed:
+        shared = {**world.describe(), "positions_per_rank": world.gather(positions_trained),
+                  "fingerprints": world.gather(distributed.fingerprint(model))}
     return TrainResult(best_valid=best_metrics, epochs=len(losses), seconds=time.monotonic() - started,
-                       losses=losses, valid_history=valid_history, epoch_seconds=epoch_seconds)
+                       losses=losses, valid_history=valid_history, epoch_seconds=epoch_seconds, distributed=shared)
 
 
 def scorer(model: SequentialRecommender):
@@ -275,7 +319,7 @@ def scorer(model: SequentialRecommender):
         with torch.no_grad():
             item_matrix = model.item_matrix()
             users = model.encode_users(histories, item_matrix)
-            return (users @ item_matrix.T).numpy()
+            return (users @ item_matrix.T).cpu().numpy()
 
     return score
 

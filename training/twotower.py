@@ -127,13 +127,15 @@ class TextItemTower(nn.Module):
     def training_matrix(self, targets: torch.Tensor) -> torch.Tensor:
         if self.token_states is None:
             raise RuntimeError("this item tower was loaded for scoring: it has no token states to train on")
-        items = torch.unique(targets[targets >= 0])
+        device = self.table.device
+        items = torch.unique(targets[targets >= 0]).cpu()
         items = items[torch.randperm(len(items))[: self.encoder_batch]]
         # In chunks of similar length: one long text would otherwise pad every
         # other one to its length (lengths run from 10 to 128 tokens).
         items = items[np.argsort(self.token_states.lengths()[items.numpy()], kind="stable")]
-        fresh = torch.cat([self.encoder.upper(*self.token_states.batch(chunk.numpy()))
+        fresh = torch.cat([self.encoder.upper(*(t.to(device) for t in self.token_states.batch(chunk.numpy())))
                            for chunk in items.split(ENCODER_CHUNK)])
+        items = items.to(device)
         with torch.no_grad():
             self.table[items] = fresh.detach()
         text = self.table.index_put((items,), fresh)  # out of place: gradient flows into `fresh`
