@@ -2,18 +2,41 @@
 streams and 100 oversized requests leave Recommend's p99 within 2x of its
 quiet figure).
 
-    python bench/abuse.py [--data DIR] [--requests N] [--concurrency C] [--seconds S]
+    python bench/abuse.py [--data DIR] [--rounds R] [--pin auto|none|STACK/ABUSERS]
+                          [--requests N] [--concurrency C] [--seconds S]
                           [--idle-streams 1000] [--oversized 100] [--oversized-mib 8] [--json OUT]
 
-All four services run as real processes (recsys_cli.stack.LocalStack) on a
-free gateway port. Recommend is measured in a closed loop (the same varied
-requests as bench/recommend.py) three times, back to back: quiet; with
---idle-streams health Watch streams open on the gateway (held by another
-process, 100 to a connection: the gateway allows 128 streams per connection)
-and --oversized requests of --oversized-mib MiB kept in flight against it
-(another process, one thread each, sending again as soon as each is
-refused); quiet again. The abusers run in processes of their own so they do
-not share the measuring client's GIL.
+All four services (and Triton, with the default encoder) run as real
+processes (recsys_cli.stack.LocalStack) on a free gateway port. Recommend is
+measured in a closed loop (the same varied requests as bench/recommend.py):
+R rounds of a quiet loop then an abused one, then a last quiet loop. An
+abused loop has --idle-streams health Watch streams open on the gateway
+(held by a process of their own, 100 to a connection: the gateway allows
+128 streams per connection) and --oversized requests of --oversized-mib MiB
+kept in flight against it (another process, one thread each, sending again
+as soon as each is refused). The ratio is the p99 over every abused loop's
+calls to the p99 over every quiet loop's (the last quiet loop excluded):
+alternating rounds spread a drift in the machine's other load over both.
+
+Pinning (--pin, Linux CPU affinity; default auto): the stack's services,
+Triton and this process (the measuring client) run on the lower half of the
+CPUs this process may use, the two abusing processes on the upper half
+(on 2 CPUs: the stack and the client on CPU 0, the abusers on CPU 1), in
+every loop, quiet ones too, so the quiet and the abused figures have the
+same CPUs. What the abused loops then cost the stack is what the gateway
+spends on the abuse (reading and refusing the bodies, holding the
+streams), not the abusers' own work (TLS-encrypting the bodies). --pin none
+runs everything on every CPU; --pin 0/1 or 0-5/6,7 names the two sets.
+
+Each loop also prints where the CPU went, from /proc and psutil: per
+process (services, client, abusers) the CPU used and the run-queue wait
+(the time its threads were ready to run and waited for a CPU: scheduling
+contention), both in cores; the gateway's CPU by thread kind (gRPC core's
+event_engine threads, which read and refuse oversized bodies, against the
+Python threads that serve Recommend); the gateway's peak RSS; the bytes its
+connections received (`ss`); the machine's busy CPU, and the part of it no
+process of the benchmark used (other jobs). The load average is printed
+beside the ratio: figures taken on a loaded machine are not a verdict.
 """
 from __future__ import annotations
 
@@ -385,7 +408,8 @@ def run(args) -> int:
             pinned = ("not pinned: the stack, this client and the abusers share every CPU" if split is None else
                       f"the stack's services and this client on CPUs {sorted(stack_cpus)}, "
                       f"the abusers on CPUs {sorted(abuser_cpus)} (every loop, quiet ones too)")
-            print(f"{pinned}\nRecommend, closed loop, concurrency {args.concurrency}, up to {args.requests} "
+            print(f"{data_dir.name}/, encoder on {stack.encoder}, {stack.describe_transport()}; {pinned}\n"
+                  f"Recommend, closed loop, concurrency {args.concurrency}, up to {args.requests} "
                   f"requests or {args.seconds:g} s per loop; {args.rounds} round(s) of quiet then abused, "
                   f"then quiet again. CPU and run-queue wait per process in cores (CPU seconds per second):")
             loops, codes = [], Counter()

@@ -114,7 +114,17 @@ def test_limits_come_from_the_environment_with_per_service_defaults():
     profile = ProfileConfig.from_env(env).limits
     assert (profile.max_request_bytes, profile.max_concurrent_streams, profile.rate_limited) == (2097152, 64, False)
     gateway = GatewayConfig.from_env({"GATEWAY_INSECURE": "1"}).limits
-    assert gateway == limits.DEFAULTS["gateway"] and gateway.max_request_bytes == 4 * 1024 * 1024
+    assert gateway == limits.DEFAULTS["gateway"] and gateway.max_request_bytes == 64 * 1024
+
+
+def test_the_gateways_transport_refuses_what_every_gateway_method_would():
+    """gRPC copies a body within the transport's limit into Python before any
+    method limit can refuse it: at the public edge the transport's limit is
+    the largest request any gateway method takes, so none larger gets that far."""
+    own = [entry.max_request_bytes for method, entry in limits.LIMITS.items()
+           if method.startswith("/recsys.gateway.v1.GatewayService/")]
+    assert own and None not in own, "every gateway method has a size limit of its own"
+    assert limits.DEFAULTS["gateway"].max_request_bytes == max(own)
 
 
 # -- on real servers -------------------------------------------------------------------
