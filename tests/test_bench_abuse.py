@@ -3,6 +3,7 @@ between the stack and the abusers, and what it counts as each process's CPU
 and run-queue wait (the end-to-end run is in test_bench_smoke.py)."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -79,3 +80,22 @@ def test_cpu_account_tells_a_busy_process_from_an_idle_one():
     assert figures["cpus"] == os.cpu_count()
     lines = abuse.describe_cpu(figures, threads_of=("busy",))
     assert "busy" in lines[0] and "busy: peak RSS" in lines[-1]
+
+
+@pytest.mark.integration
+def test_oversized_transport_bench_reports_what_the_server_received_and_spent(tmp_path):
+    """bench/oversized_transport.py, small: a real TLS server with the gateway's
+    options refuses every request over its limit, and the figures are there."""
+    out = tmp_path / "oversized.json"
+    run = subprocess.run(
+        [sys.executable, str(paths.REPO_ROOT / "bench" / "oversized_transport.py"), "--senders", "2", "--mib", "1",
+         "--seconds", "1", "--json", str(out)],
+        cwd=paths.REPO_ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert set(report["codes"]) == {"RESOURCE_EXHAUSTED"} and report["requests"] >= 2
+    assert report["server_options"]["grpc.max_receive_message_length"] == 64 * 1024
+    assert report["server_cores"] > 0 and report["server_peak_rss_mib"] > 0
+    if report["bytes_received_per_request"] is not None:  # without `ss`, not counted
+        assert report["bytes_received_per_request"] > 64 * 1024
