@@ -137,10 +137,10 @@ class ServerLimits:
 # SimilarItems'): the gateway's transport refuses anything larger, so no
 # oversized body reaches its Python threads. With 4 MiB there, 100 callers
 # sending bodies of 3.9 MiB (refused by the decoding interceptor, after gRPC
-# had copied each into a Python bytes object on the event loop) took the
-# gateway's Python threads from 0.05 to 0.18 cores and Recommend from 49 to 2
-# requests per second (docs/performance.md, "Idle streams and oversized
-# requests together").
+# had copied each into a Python bytes object on the event loop) kept the
+# gateway's Python threads at 0.18 cores while Recommend fell from 49 to 2
+# requests per second; with 64 KiB, 0.06 cores and 7 per second, on a loaded
+# machine (docs/performance.md, "Idle streams and oversized requests together").
 GATEWAY_MAX_REQUEST_BYTES = 64 * KiB
 
 # Each service's defaults. The gateway faces the world: the size above and a
