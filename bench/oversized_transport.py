@@ -16,7 +16,7 @@ handling of the bytes. --senders threads of this process send requests of
 Printed: the answers' status codes; the MiB per second the server's
 connections received (`ss`'s bytes_received) and per request; the server's
 CPU (user + system, every thread) per MiB received and in cores; its peak
-resident memory. The server and the senders run on separate CPUs (--pin,
+resident memory, and what it still holds 2 s after the last request. The server and the senders run on separate CPUs (--pin,
 as in bench/abuse.py: default, the server on the lower half of the CPUs,
 the senders on the upper half).
 
@@ -167,6 +167,8 @@ def run(args) -> dict:
                 time.sleep(0.25)
             seconds = time.perf_counter() - begin
             cpu, received = sum(process.cpu_times()[:2]) - cpu0, gateway_bytes_received(port)
+            time.sleep(2.0)  # whatever the server frees, it has freed by now
+            rss_after = process.memory_info().rss
             for channel in channels:
                 channel.close()
         finally:
@@ -183,7 +185,8 @@ def run(args) -> dict:
         "bytes_received_per_request": None if mib is None or not requests else round(mib * 2**20 / requests),
         "server_cores": round(cpu / seconds, 3),
         "server_cpu_ms_per_mib": None if not mib else round(cpu * 1000 / mib, 3),
-        "server_peak_rss_mib": round(peak / 2**20), "load_average": [round(x, 2) for x in os.getloadavg()],
+        "server_peak_rss_mib": round(peak / 2**20), "server_rss_after_mib": round(rss_after / 2**20),
+        "load_average": [round(x, 2) for x in os.getloadavg()],
     }
 
 
@@ -202,7 +205,8 @@ def main(argv=None) -> int:
           f"{figures['bytes_received_per_request']} bytes per request "
           f"(the body is {int(args.mib * 2**20):,}: read in full before refusing if about the same)")
     print(f"  server CPU {figures['server_cores']} cores, {figures['server_cpu_ms_per_mib']} ms per MiB received; "
-          f"peak RSS {figures['server_peak_rss_mib']} MiB; load average {figures['load_average']}")
+          f"peak RSS {figures['server_peak_rss_mib']} MiB, {figures['server_rss_after_mib']} MiB 2 s after the "
+          f"last request; load average {figures['load_average']}")
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
     return 0
