@@ -121,10 +121,11 @@ def test_the_gateways_transport_refuses_what_every_gateway_method_would():
     """gRPC copies a body within the transport's limit into Python before any
     method limit can refuse it: at the public edge the transport's limit is
     the largest request any gateway method takes, so none larger gets that far."""
-    own = [entry.max_request_bytes for method, entry in limits.LIMITS.items()
-           if method.startswith("/recsys.gateway.v1.GatewayService/")]
-    assert own and None not in own, "every gateway method has a size limit of its own"
-    assert limits.DEFAULTS["gateway"].max_request_bytes == max(own)
+    service = gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"]
+    methods = [f"/{service.full_name}/{method.name}" for method in service.methods]
+    own = {method: limits.LIMITS[method].max_request_bytes if method in limits.LIMITS else None for method in methods}
+    assert None not in own.values(), f"every gateway method needs a size limit of its own in LIMITS: {own}"
+    assert limits.DEFAULTS["gateway"].max_request_bytes == max(own.values())
 
 
 # -- on real servers -------------------------------------------------------------------
