@@ -35,8 +35,10 @@ contention), both in cores; the gateway's CPU by thread kind (gRPC core's
 event_engine threads, which read and refuse oversized bodies, against the
 Python threads that serve Recommend); the gateway's peak RSS; the bytes its
 connections received (`ss`); the machine's busy CPU, and the part of it no
-process of the benchmark used (other jobs). The load average is printed
-beside the ratio: figures taken on a loaded machine are not a verdict.
+process of the benchmark used (other jobs); with pinning, how busy the
+stack's CPUs were and how much of that was not the stack's (other jobs the
+scheduler moved there, interrupts). The load average is printed beside the
+ratio: figures taken on a loaded machine are not a verdict.
 """
 from __future__ import annotations
 
@@ -104,11 +106,16 @@ class CpuAccount:
     loop and blocking pool); and the whole machine's busy CPU, whose part
     not used by these processes is other jobs'."""
 
-    def __init__(self, pids: dict[str, int]):
+    def __init__(self, pids: dict[str, int], stack_cpus: set[int] | None = None,
+                 stack_names: frozenset[str] = frozenset()):
         import psutil
 
         self.psutil = psutil
         self.pids = dict(pids)
+        # With the stack pinned: how busy its CPUs were, and how much of that
+        # was not the stack's (other jobs the scheduler moved there, interrupts).
+        self.stack_cpus = sorted(stack_cpus) if stack_cpus else None
+        self.stack_names = stack_names
         self.peak_rss: dict[str, int] = {}
         self._done = threading.Event()
         self._sampler = threading.Thread(target=self._sample_rss, name="rss-sampler", daemon=True)
@@ -135,9 +142,9 @@ class CpuAccount:
             except self.psutil.Error:
                 continue
             processes[name] = (times.user + times.system, _task_schedstats(pid))
-        machine = self.psutil.cpu_times()
-        return {"at": time.perf_counter(), "processes": processes,
-                "busy": sum(machine) - machine.idle - getattr(machine, "iowait", 0.0)}
+        per_cpu = [sum(times) - times.idle - getattr(times, "iowait", 0.0)
+                   for times in self.psutil.cpu_times(percpu=True)]
+        return {"at": time.perf_counter(), "processes": processes, "busy": sum(per_cpu), "per_cpu": per_cpu}
 
     def finish(self) -> dict:
         end = self._snapshot()
@@ -161,9 +168,17 @@ class CpuAccount:
                              "threads": {k: round(v, 3) for k, v in sorted(groups.items(), key=lambda kv: -kv[1])
                                          if v >= 0.005}}
         busy = (end["busy"] - self.start["busy"]) / seconds
-        return {"seconds": round(seconds, 2), "processes": figures,
-                "machine_busy_cores": round(busy, 3), "others_cores": round(max(0.0, busy - ours / seconds), 3),
-                "cpus": self.psutil.cpu_count(), "load_average": [round(x, 2) for x in os.getloadavg()]}
+        account = {"seconds": round(seconds, 2), "processes": figures,
+                   "machine_busy_cores": round(busy, 3), "others_cores": round(max(0.0, busy - ours / seconds), 3),
+                   "cpus": self.psutil.cpu_count(), "load_average": [round(x, 2) for x in os.getloadavg()]}
+        if self.stack_cpus:
+            on_stack = sum(end["per_cpu"][cpu] - self.start["per_cpu"][cpu] for cpu in self.stack_cpus
+                           if cpu < len(end["per_cpu"])) / seconds
+            stack = sum(f["cpu_cores"] for name, f in figures.items() if name in self.stack_names)
+            account["stack_cpus"] = {"cpus": self.stack_cpus, "busy_cores": round(on_stack, 3),
+                                     "stack_cores": round(stack, 3),
+                                     "other_work_cores": round(max(0.0, on_stack - stack), 3)}
+        return account
 
 
 def describe_cpu(account: dict, threads_of: tuple[str, ...] = ("gateway",)) -> list[str]:
@@ -171,6 +186,11 @@ def describe_cpu(account: dict, threads_of: tuple[str, ...] = ("gateway",)) -> l
         f"{name} {f['cpu_cores']:.2f} ({f['runqueue_wait']:.2f})" for name, f in account["processes"].items())]
     lines.append(f"    machine busy {account['machine_busy_cores']:.2f} of {account['cpus']} cores, of which other "
                  f"jobs {account['others_cores']:.2f}; load average {account['load_average']}")
+    if "stack_cpus" in account:
+        pinned = account["stack_cpus"]
+        lines.append(f"    the stack's CPUs {pinned['cpus']}: busy {pinned['busy_cores']:.2f} cores, the stack and "
+                     f"client {pinned['stack_cores']:.2f}, other work {pinned['other_work_cores']:.2f} "
+                     f"(other jobs, interrupts)")
     for name in threads_of:
         if name in account["processes"]:
             lines.append(f"    {name}: peak RSS {account['processes'][name]['peak_rss_mib']} MiB; CPU by thread, "
@@ -369,7 +389,7 @@ def run(args) -> int:
                 return reply
 
             def measure(label: str, kind: str | None, abusers: dict[str, int] | None = None) -> dict:
-                account = CpuAccount({**stack_pids, **(abusers or {})})
+                account = CpuAccount({**stack_pids, **(abusers or {})}, stack_cpus, frozenset(stack_pids))
                 received = gateway_bytes_received(gateway_port)
                 timing[0] = []
                 figures = closed_loop(recommend, requests, args.concurrency, args.requests, args.seconds, abort)

@@ -65,7 +65,8 @@ def test_cpu_account_tells_a_busy_process_from_an_idle_one():
     idle = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1.5)"])
     try:
         time.sleep(0.2)  # both past interpreter start-up
-        account = abuse.CpuAccount({"busy": busy.pid, "idle": idle.pid})
+        account = abuse.CpuAccount({"busy": busy.pid, "idle": idle.pid}, os.sched_getaffinity(0),
+                                   frozenset({"busy", "idle"}))
         time.sleep(0.6)
         figures = account.finish()
     finally:
@@ -78,6 +79,9 @@ def test_cpu_account_tells_a_busy_process_from_an_idle_one():
     assert 0.5 < figures["seconds"] < 5
     assert figures["machine_busy_cores"] >= processes["busy"]["cpu_cores"] - 0.05
     assert figures["cpus"] == os.cpu_count()
+    pinned = figures["stack_cpus"]
+    assert pinned["cpus"] == sorted(os.sched_getaffinity(0))
+    assert pinned["busy_cores"] >= pinned["stack_cores"] - 0.05 and pinned["stack_cores"] > 0.1
     lines = abuse.describe_cpu(figures, threads_of=("busy",))
     assert "busy" in lines[0] and "busy: peak RSS" in lines[-1]
 
