@@ -2,7 +2,8 @@
 transport: bytes received, CPU per MiB, memory.
 
     python bench/oversized_transport.py [--mib 8] [--senders 100] [--seconds 8]
-                                        [--limit BYTES] [--option NAME=INT ...] [--plaintext]
+                                        [--limit BYTES] [--option NAME=INT ...] [--server-env NAME=VALUE ...]
+                                        [--plaintext]
                                         [--pin auto|none|SERVER/SENDERS] [--json OUT]
 
 A bare grpc.aio server (a process of its own) with the gateway's server
@@ -100,6 +101,9 @@ def parse_args(argv):
     parser.add_argument("--limit", type=int, help="the server's request limit in bytes (default: the gateway's)")
     parser.add_argument("--option", action="append", default=[], metavar="NAME=INT",
                         help="another server channel argument, e.g. grpc.http2.bdp_probe=0 (repeatable)")
+    parser.add_argument("--server-env", action="append", default=[], metavar="NAME=VALUE",
+                        help="an environment variable for the server process alone, e.g. "
+                             "MALLOC_MMAP_THRESHOLD_=1048576 (repeatable)")
     parser.add_argument("--plaintext", action="store_true", help="no TLS")
     parser.add_argument("--pin", default="auto", help="CPUs, as bench/abuse.py's --pin (default auto)")
     parser.add_argument("--json", help="also write the figures to this file")
@@ -126,8 +130,9 @@ def run(args) -> dict:
         tls_dir = "" if security is None else str(security.tls_dir("gateway"))
         port = free_port()
         with forking_on(server_cpus):
+            server_env = {**os.environ, **dict(item.split("=", 1) for item in args.server_env)}
             server = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--serve", str(port), tls_dir,
-                                       json.dumps(options)], stdout=subprocess.PIPE, text=True)
+                                       json.dumps(options)], stdout=subprocess.PIPE, text=True, env=server_env)
         if sender_cpus is not None:
             os.sched_setaffinity(0, sender_cpus)
         try:
@@ -180,7 +185,7 @@ def run(args) -> dict:
         "settings": {"mib": args.mib, "senders": args.senders, "seconds": args.seconds, "tls": not args.plaintext,
                      "pinning": None if split is None else {"server": sorted(server_cpus),
                                                             "senders": sorted(sender_cpus)}},
-        "server_options": dict(options), "codes": dict(codes), "requests": requests,
+        "server_options": dict(options), "server_env": list(args.server_env), "codes": dict(codes), "requests": requests,
         "mib_received_per_s": None if mib is None else round(mib / seconds, 1),
         "bytes_received_per_request": None if mib is None or not requests else round(mib * 2**20 / requests),
         "server_cores": round(cpu / seconds, 3),
