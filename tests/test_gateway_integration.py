@@ -467,18 +467,26 @@ def test_embedding_down_falls_back_to_popular_items(gateway_config_for, multi_ca
 
 
 def test_the_public_port_refuses_requests_over_its_size_limit(stack):
-    """4 MiB at the edge (GATEWAY_MAX_REQUEST_BYTES): the transport refuses a
-    larger body before anything reads it; Recommend's own limit (64 KiB,
-    recsys_core/rpc/limits.py) refuses a smaller one unparsed; a list within
-    it but too long is the servicer's to refuse, by field."""
+    """64 KiB at the edge (GATEWAY_MAX_REQUEST_BYTES, the largest any gateway
+    method takes): the transport refuses a larger body before Python sees it;
+    GetProfile's own limit (4 KiB, recsys_core/rpc/limits.py) refuses a
+    smaller one unparsed; a list within the limit but too long is the
+    servicer's to refuse, by field."""
     with gateway_channel(stack.gateway) as channel:
-        recommend = gateway_pb2_grpc.GatewayServiceStub(channel).Recommend
-        for kibibytes, code in ((5 * 1024, grpc.StatusCode.RESOURCE_EXHAUSTED),
-                                (3 * 1024, grpc.StatusCode.RESOURCE_EXHAUSTED), (32, grpc.StatusCode.INVALID_ARGUMENT)):
+        gateway = gateway_pb2_grpc.GatewayServiceStub(channel)
+        recommend = gateway.Recommend
+        for kibibytes, code in ((5 * 1024, grpc.StatusCode.RESOURCE_EXHAUSTED), (65, grpc.StatusCode.RESOURCE_EXHAUSTED),
+                                (32, grpc.StatusCode.INVALID_ARGUMENT)):
             ids = ["B" + "0" * 1022] * kibibytes
             with pytest.raises(grpc.RpcError) as refused:
                 recommend(gateway_pb2.RecommendRequest(user_id="A2V5R832QCSOMX", k=5, context_item_ids=ids), timeout=10)
             assert refused.value.code() == code, (kibibytes, refused.value.details())
-            if kibibytes == 3 * 1024:
-                assert refused.value.details().endswith("Recommend takes at most 65,536"), refused.value.details()
+            if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                # gRPC's own words: the transport refused it, not a method limit further in.
+                assert "larger than max" in refused.value.details() and "65536" in refused.value.details(), \
+                    refused.value.details()
+        with pytest.raises(grpc.RpcError) as refused:
+            gateway.GetProfile(profile_pb2.GetProfileRequest(user_id="A" * 8 * 1024), timeout=10)
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert refused.value.details().endswith("GetProfile takes at most 4,096"), refused.value.details()
         assert recommend(gateway_pb2.RecommendRequest(user_id="A2V5R832QCSOMX", k=5), timeout=10).items

@@ -114,7 +114,18 @@ def test_limits_come_from_the_environment_with_per_service_defaults():
     profile = ProfileConfig.from_env(env).limits
     assert (profile.max_request_bytes, profile.max_concurrent_streams, profile.rate_limited) == (2097152, 64, False)
     gateway = GatewayConfig.from_env({"GATEWAY_INSECURE": "1"}).limits
-    assert gateway == limits.DEFAULTS["gateway"] and gateway.max_request_bytes == 4 * 1024 * 1024
+    assert gateway == limits.DEFAULTS["gateway"] and gateway.max_request_bytes == 64 * 1024
+
+
+def test_the_gateways_transport_refuses_what_every_gateway_method_would():
+    """gRPC copies a body within the transport's limit into Python before any
+    method limit can refuse it: at the public edge the transport's limit is
+    the largest request any gateway method takes, so none larger gets that far."""
+    service = gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"]
+    methods = [f"/{service.full_name}/{method.name}" for method in service.methods]
+    own = {method: limits.LIMITS[method].max_request_bytes if method in limits.LIMITS else None for method in methods}
+    assert None not in own.values(), f"every gateway method needs a size limit of its own in LIMITS: {own}"
+    assert limits.DEFAULTS["gateway"].max_request_bytes == max(own.values())
 
 
 # -- on real servers -------------------------------------------------------------------

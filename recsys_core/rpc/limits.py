@@ -1,12 +1,15 @@
 """How much one request, one connection and one caller may ask of a server:
 the one table of limits, and the interceptors that hold callers to it.
 
-- Request size: each service reads at most `ServerLimits.max_request_bytes`
-  per message (`<SERVICE>_MAX_REQUEST_BYTES`; the transport refuses larger
-  bodies before anything buffers them), and a method in `LIMITS` with a
-  smaller `max_request_bytes` refuses more than that before the body is
-  parsed (grpc_util's decoding interceptor). Both answer RESOURCE_EXHAUSTED,
-  the status grpc itself gives an over-long message.
+- Request size: each service takes at most `ServerLimits.max_request_bytes`
+  per message (`<SERVICE>_MAX_REQUEST_BYTES`, grpc.max_receive_message_length:
+  gRPC core refuses a larger body without Python ever seeing it, but only
+  once it has received and buffered all of it: grpcio 1.81 does not check
+  the length prefix first, grpc/grpc#43012), and a method in `LIMITS` with
+  a smaller `max_request_bytes` refuses more than that before the body is
+  parsed (grpc_util's decoding interceptor; the raw bytes have been copied
+  into Python by then, on the server's event loop). Both answer
+  RESOURCE_EXHAUSTED, the status grpc itself gives an over-long message.
 - Repeated fields and text: `LIMITS` caps how many elements a repeated field
   may hold and how many characters a string may hold, checked on the parsed
   request before the servicer sees it: INVALID_ARGUMENT naming the field and
@@ -135,12 +138,22 @@ class ServerLimits:
         return self.rate_per_second > 0
 
 
-# Each service's defaults. The gateway faces the world: 4 MiB (100 requests
-# of 8 MiB once took it from 61 to 870 MB) and a per-caller rate well above a
-# busy client's (the load tests send a few hundred per second on one token).
+# The largest request any of the gateway's methods takes (Recommend's and
+# SimilarItems'): the gateway's transport refuses anything larger, so no
+# oversized body reaches its Python threads. With 4 MiB there, 100 callers
+# sending bodies of 3.9 MiB (refused by the decoding interceptor, after gRPC
+# had copied each into a Python bytes object on the event loop) kept the
+# gateway's Python threads at 0.18 cores while Recommend fell from 49 to 2
+# requests per second; with 64 KiB, 0.06 cores and 7 per second, on a loaded
+# machine (docs/performance.md, "Idle streams and oversized requests together").
+GATEWAY_MAX_REQUEST_BYTES = 64 * KiB
+
+# Each service's defaults. The gateway faces the world: the size above and a
+# per-caller rate well above a busy client's (the load tests send a few
+# hundred per second on one token).
 DEFAULTS: dict[str, ServerLimits] = {
-    "gateway": ServerLimits(max_request_bytes=4 * MiB, max_concurrent_streams=128, rate_per_second=2_000.0,
-                            rate_burst=4_000),
+    "gateway": ServerLimits(max_request_bytes=GATEWAY_MAX_REQUEST_BYTES, max_concurrent_streams=128,
+                            rate_per_second=2_000.0, rate_burst=4_000),
     "embedding": ServerLimits(),
     "profile": ServerLimits(),
     "ranking": ServerLimits(max_request_bytes=4 * MiB),
