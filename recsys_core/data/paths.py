@@ -11,6 +11,10 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 BUNDLED_DATA_DIR = REPO_ROOT / "data"
 # A subset of the UCI Online Retail invoices (scripts/make_subset.py): shoppers with money.
 BUNDLED_RETAIL_DIR = BUNDLED_DATA_DIR / "online-retail"
+# A data directory's files (recsys_core/data/shopping.py); here so that a
+# service may name them without importing pandas.
+ITEMS_FILE = "items.csv.gz"
+INTERACTIONS_FILE = "interactions.csv.gz"
 MODEL_REPO = REPO_ROOT / "model_repo"
 TEXT_ENCODER_MODEL = "text_encoder"
 # The same encoder as a Triton ensemble without a Python stub around the

@@ -2,17 +2,19 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import sys
 import threading
+import time
+import uuid
 from pathlib import Path
 
 import faiss
-import pandas as pd
 from prometheus_client.core import GaugeMetricFamily
 
 from recsys.embedding.v1 import embedding_pb2, embedding_pb2_grpc
-from recsys_core.data import shopping
+from recsys_core.data import paths
 from recsys_core.models.encoder import METADATA_FILE, Encoder, OnnxEncoder, latest_version_dir, weights
 from recsys_core.rpc.grpc_util import ManagedServer, ServingHealth, build_server, serve_main
 from recsys_core.index.embedding_cache import EmbeddingCache
@@ -49,7 +51,8 @@ def load_encoder(config: EmbeddingConfig, model: ModelDir | None = None, tracer=
             check_served_encoder(encoder, model, local)
         return encoder
     version_dir = model.encoder_dir if model is not None else latest_version_dir(repo=Path(config.model_repo))
-    return OnnxEncoder(version_dir, threads=config.encoder_threads, precision=config.precision)
+    # Loads while the catalogue is read (load_catalogue waits for it before SERVING).
+    return OnnxEncoder(version_dir, threads=config.encoder_threads, precision=config.precision, background=True)
 
 
 def check_served_encoder(encoder, model: ModelDir, local: Path) -> None:
@@ -92,6 +95,7 @@ def open_store(config: EmbeddingConfig) -> CatalogueStore:
         config.catalogue_store, path=config.catalogue_path, redis_url=config.catalogue_redis_url,
         prefix=config.catalogue_redis_prefix, username=config.catalogue_redis_username,
         password_file=config.catalogue_redis_password_file, durability=config.catalogue_redis_durability,
+        redis_mode=config.catalogue_redis_mode, cluster_nodes=config.catalogue_redis_cluster_nodes,
     )
 
 
@@ -112,9 +116,103 @@ def load_catalogue(config: EmbeddingConfig, show_progress: bool = True, tracer=N
     if model is not None:
         log.info("serving model %s: encoder %s, %d items with ID vectors", model.path, encoder.fingerprint,
                  len(id_vectors) if id_vectors is not None else 0)
-    catalogue.sync(show_progress=show_progress, save_cache=True)
-    log.info("read %d items from the catalogue store %r (version %d)", len(catalogue), store,
-             catalogue.applied_version)
+    snapshot = snapshot_path(config, catalogue)
+    from_snapshot = catalogue.load_snapshot(*snapshot) if snapshot is not None else None
+    changed = catalogue.sync(show_progress=show_progress, save_cache=True)
+    if from_snapshot is None:
+        log.info("read %d items from the catalogue store %r (version %d)", len(catalogue), store,
+                 catalogue.applied_version)
+    else:
+        log.info("read %d items from snapshot %s (version %d), then %d changes from the catalogue store %r "
+                 "(version %d)", len(catalogue) - changed, snapshot[0], from_snapshot, changed, store,
+                 catalogue.applied_version)
+    if from_snapshot is not None and changed == 0:
+        catalogue.snapshot_version = from_snapshot
+    seed_with_data(config, catalogue, show_progress)
+    loaded = getattr(encoder, "loaded", None)
+    if loaded is not None:
+        # A broken encoder still fails the start, as it did before it loaded in the background.
+        loaded()
+    log.info("catalogue holds %d items in %d categories; index kinds: %s", len(catalogue),
+             len(catalogue.categories()), {scope or "(all)": kind for scope, kind in catalogue.index.kinds().items()})
+    return catalogue
+
+
+STORE_ID = "store_id"
+
+
+def snapshot_path(config: EmbeddingConfig, catalogue: Catalogue) -> tuple[Path, str, str] | None:
+    """Where this replica's start snapshot lives and what it must match
+    (Catalogue.load_snapshot): the store's identity, noted in the store when
+    it is first opened (a new or emptied store has a new one), and the
+    encoder's fingerprint with the model directory, whose ID vectors are in
+    the indexed vectors. None without a cache directory."""
+    if not config.cache_dir or catalogue.store is None:
+        return None
+    store_id = catalogue.store.meta(STORE_ID)
+    if store_id is None:
+        # Replicas starting together may each note one; the last stays, and a
+        # snapshot keyed by another is read past once, then written again.
+        catalogue.store.set_meta(STORE_ID, uuid.uuid4().hex)
+        store_id = catalogue.store.meta(STORE_ID)
+    key = catalogue.encoder.fingerprint
+    if config.model_dir:
+        key += "-" + hashlib.sha256(str(Path(config.model_dir).resolve()).encode()).hexdigest()[:16]
+    return Path(config.cache_dir) / "catalogue-snapshots" / f"{store_id}-{key}.npz", key, store_id
+
+
+def save_snapshot(config: EmbeddingConfig, catalogue: Catalogue) -> None:
+    """Off the start path (after SERVING) and after the drain: the next start reads it."""
+    snapshot = snapshot_path(config, catalogue)
+    if snapshot is None or catalogue.snapshot_version == catalogue.applied_version:
+        return
+    started = time.monotonic()
+    try:
+        version = catalogue.save_snapshot(*snapshot)
+    except Exception:  # noqa: BLE001 - only the next start is slower without it
+        log.exception("cannot write the catalogue snapshot %s", snapshot[0])
+        return
+    catalogue.snapshot_version = version
+    log.info("catalogue snapshot %s written (version %d, %d items, %.2f s)", snapshot[0], version, len(catalogue),
+             time.monotonic() - started)
+
+
+def seed_marker(config: EmbeddingConfig) -> str | None:
+    """Names the configured data by content: the store notes each set it was
+    seeded with, so a restart (every restart of every replica) skips reading
+    and comparing the files, most of its start-up on the bundled data."""
+    files = []
+    if config.data_path is not None:
+        files.append(config.data_path / paths.ITEMS_FILE)
+    if config.retail_path is not None:
+        files += sorted(p for p in config.retail_path.iterdir() if p.is_file())
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.name.encode() + b"\0")
+        with open(path, "rb") as content:
+            for block in iter(lambda: content.read(1 << 20), b""):
+                digest.update(block)
+    return f"seeded:{digest.hexdigest()[:32]}"
+
+
+def seed_with_data(config: EmbeddingConfig, catalogue: Catalogue, show_progress: bool) -> None:
+    """Add the configured data's items the store lacks. Items are only ever
+    added (never replaced: an upsert wins over the bundled text), so once a
+    data set's items are all in, the store's note of it is enough."""
+    marker = seed_marker(config)
+    if marker is None:
+        return
+    if catalogue.store is not None and catalogue.store.meta(marker) is not None:
+        log.info("the catalogue store holds every item of %s already",
+                 ", ".join(str(p) for p in (config.data_path, config.retail_path) if p))
+        return
+    # Only here: a restart with a seeded store needs none of this.
+    import pandas as pd
+
+    from recsys_core.data import shopping
+
     frames = []
     if config.data_path is not None:
         frames.append(shopping.load_items(config.data_path))
@@ -122,16 +220,15 @@ def load_catalogue(config: EmbeddingConfig, show_progress: bool = True, tracer=N
         from recsys_core.data.retail import retail_items_and_events
 
         frames.append(shopping.with_text(retail_items_and_events(config.retail_path)[0]))
-    if frames:
-        items = pd.concat(frames, ignore_index=True)
-        missing = [r for r in records_from_frame(items) if r.item_id not in catalogue]
-        if missing:
-            log.info("adding %d of %d items from %s to the catalogue store", len(missing), len(items),
-                     ", ".join(str(p) for p in (config.data_path, config.retail_path) if p))
-            catalogue.upsert(missing, show_progress=show_progress, only_new=True, save_cache=True)
-    log.info("catalogue holds %d items in %d categories; index kinds: %s", len(catalogue),
-             len(catalogue.categories()), {scope or "(all)": kind for scope, kind in catalogue.index.kinds().items()})
-    return catalogue
+    items = pd.concat(frames, ignore_index=True)
+    missing = [r for r in records_from_frame(items) if r.item_id not in catalogue]
+    if missing:
+        log.info("adding %d of %d items from %s to the catalogue store", len(missing), len(items),
+                 ", ".join(str(p) for p in (config.data_path, config.retail_path) if p))
+        catalogue.upsert(missing, show_progress=show_progress, only_new=True, save_cache=True)
+    if catalogue.store is not None:
+        # After the items are durable: a start that died before this seeds again (only_new: harmless).
+        catalogue.store.set_meta(marker, str(catalogue.applied_version))
 
 
 def follow_catalogue(catalogue: Catalogue, stop: threading.Event, interval: float) -> None:
@@ -210,10 +307,15 @@ def create_server(config: EmbeddingConfig) -> tuple[ManagedServer, int]:
             name="catalogue-follow", daemon=True,
         )
         follower.start()
+        if catalogue.snapshot_version != catalogue.applied_version:
+            threading.Thread(target=save_snapshot, args=(config, catalogue), name="catalogue-snapshot",
+                             daemon=True).start()
 
         async def close_store() -> None:
             # Once no call uses it: the follower stops with `stopping`, set before the drain.
             await asyncio.to_thread(follower.join, config.catalogue_poll_seconds + 5)
+            # A drained replica's state is the next start's: it then reads only what changes meanwhile.
+            await asyncio.to_thread(save_snapshot, config, catalogue)
             catalogue.store.close()
 
         server.after_drain(close_store)
