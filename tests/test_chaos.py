@@ -153,6 +153,37 @@ def test_with_one_stage_stopped_99_percent_of_calls_succeed_and_say_so(replicate
     assert event.figures["whole_again_after"] < chaos.RECOVERY_GOAL_SECONDS, event.figures
 
 
+@pytest.fixture(scope="module")
+def replicated_on_redis(exported_encoder, value_model, redis_server):
+    """`recsys serve --replicas 2 --redis`: profile's store and the catalogue
+    in a redis-server of the stack's own (`redis_server` only skips without one)."""
+    state = tempfile.TemporaryDirectory(prefix="recsys-chaos-redis-test-")
+    stack = LocalStack(gateway_port=free_port(), state_dir=Path(state.name), encoder="onnx", replicas=2, redis=True)
+    stack.start()
+    try:
+        yield stack
+    finally:
+        stack.stop()
+        state.cleanup()
+
+
+def test_with_redis_stopped_99_percent_of_calls_succeed_without_profile_and_recover(replicated_on_redis):
+    stack = replicated_on_redis
+    # On a shared store profile scales out like the others.
+    assert len(stack.children("profile")) == 2
+    events, calls = run_under_load(stack, lambda: chaos.stages_down(stack, ["redis"], hold=3.0, settle=1.0))
+    chaos.print_table(events)
+    (event,) = events
+    print("DEBUG released", event.figures["released"] - event.began, "serving", event.figures["serving"] - event.began)
+    print("DEBUG", [(round(c.started - event.began, 2), round(c.ended - event.began, 2), c.code, c.skipped) for c in calls if c.ended >= event.began - 1])
+    assert event.target == "redis" and event.figures["calls"] > 20
+    assert event.figures["ok_share"] >= 0.99, event.figures
+    # Without its store profile cannot answer: the replies say they went without it.
+    assert event.figures["degraded_replies"] > 0, event.figures
+    assert "whole_again_after" in event.figures, "no whole reply after Redis came back"
+    assert event.figures["whole_again_after"] < chaos.RECOVERY_GOAL_SECONDS, event.figures
+
+
 def test_a_child_that_keeps_failing_is_restarted_with_growing_backoff():
     from recsys_cli.supervisor import Child, Supervisor
 
