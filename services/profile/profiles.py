@@ -6,7 +6,6 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
@@ -167,7 +166,7 @@ class ProfileBook:
         drift_settings: DriftSettings = DriftSettings(),
         cluster_settings: ClusterSettings = ClusterSettings(),
         user_tower: ShopperVectors | None = None,
-        value_model: ValueModel | Future | None = None,
+        value_model: ValueModel | None = None,
         review_classifier: Callable[..., np.ndarray] | None = None,
         value_clock: str = "data",
         category_clocks: dict[str, int] | None = None,
@@ -179,11 +178,7 @@ class ProfileBook:
         self.drift_settings = drift_settings
         self.cluster_settings = cluster_settings
         self.user_tower = user_tower
-        # A Future while it still loads (server.load_book): the start does not
-        # wait for it, the first forecast does (unpickling it imports
-        # scikit-learn and SciPy, about half of a restart).
         self.value_model = value_model
-        self._value_model_lock = threading.Lock()
         # P(positive) of review texts (the Triton-served review_sentiment
         # model); None: reviews are stored but not read.
         self.review_classifier = review_classifier
@@ -354,10 +349,6 @@ class ProfileBook:
         return max(ends) if ends else int(time.time())
 
     def _value(self, user_id: str, window: list[StoredEvent], count: int, categories) -> ValueForecast | None:
-        if isinstance(self.value_model, Future):
-            with self._value_model_lock:
-                if isinstance(self.value_model, Future):
-                    self.value_model = self.value_model.result()
         if self.value_model is None:
             return None
         # Lifetime value reads the whole history, not only the interest window.

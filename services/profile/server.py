@@ -4,8 +4,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import sys
-import threading
-from concurrent.futures import Future
 from pathlib import Path
 
 import pandas as pd
@@ -83,23 +81,7 @@ def load_value_model(config: ProfileConfig) -> ValueModel | None:
     return model
 
 
-def load_value_model_later(config: ProfileConfig) -> tuple[Future, threading.Thread]:
-    """The value model, to load in a thread of its own once the rest is in:
-    GetProfile's first forecast waits for it, the start (SERVING) does not.
-    Unpickling it imports scikit-learn and SciPy, about half of a restart."""
-    future: Future = Future()
-
-    def load() -> None:
-        try:
-            future.set_result(load_value_model(config))
-        except BaseException as error:  # noqa: BLE001 - the waiting forecast raises it
-            future.set_exception(error)
-
-    return future, threading.Thread(target=load, name="value-model-load", daemon=True)
-
-
 def load_book(config: ProfileConfig, tracing: Tracing = Tracing.OFF) -> ProfileBook:
-    value_model, value_loader = load_value_model_later(config)
     store = open_store(config, sweep=True)
     clocks: dict[str, int] = {}
     if config.data_path is not None:
@@ -115,14 +97,12 @@ def load_book(config: ProfileConfig, tracing: Tracing = Tracing.OFF) -> ProfileB
         drift_settings=config.drift_settings,
         cluster_settings=config.cluster_settings,
         user_tower=connect(config.user_tower_triton_url, config.user_tower_model, tracing.tracer),
-        value_model=value_model,
+        value_model=load_value_model(config),
         review_classifier=connect_reviews(config.review_triton_url, config.review_model, tracing.tracer),
         value_clock=config.value_clock,
         category_clocks=clocks,
     )
     log.info("store %r holds %d events", store, store.count())
-    # After the rest: in parallel it would only compete for the same interpreter lock.
-    value_loader.start()
     return book
 
 
