@@ -174,8 +174,6 @@ def test_with_redis_stopped_99_percent_of_calls_succeed_without_profile_and_reco
     events, calls = run_under_load(stack, lambda: chaos.stages_down(stack, ["redis"], hold=3.0, settle=1.0))
     chaos.print_table(events)
     (event,) = events
-    print("DEBUG released", event.figures["released"] - event.began, "serving", event.figures["serving"] - event.began)
-    print("DEBUG", [(round(c.started - event.began, 2), round(c.ended - event.began, 2), c.code, c.skipped) for c in calls if c.ended >= event.began - 1])
     assert event.target == "redis" and event.figures["calls"] > 20
     assert event.figures["ok_share"] >= 0.99, event.figures
     # Without its store profile cannot answer: the replies say they went without it.
