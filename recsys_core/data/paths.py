@@ -33,6 +33,25 @@ def cache_dir() -> Path:
     return Path(os.environ.get("RECSYS_CACHE_DIR", default))
 
 
+def files_digest(files: list[Path]) -> str:
+    """A digest of files' names and contents: names a data set by what it
+    holds, so a service may keep what it derived from it across restarts."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(Path(path).name.encode() + b"\0")
+        with open(path, "rb") as content:
+            for block in iter(lambda: content.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:32]
+
+
+def directory_files(directory: Path) -> list[Path]:
+    """The regular files directly in `directory`, in name order."""
+    return sorted(p for p in Path(directory).iterdir() if p.is_file())
+
+
 def shared_data_dir() -> Path:
     """The full public data set, kept beside the clone (../shared/data/amazon-2014)."""
     return REPO_ROOT.parent / "shared" / "data" / "amazon-2014"

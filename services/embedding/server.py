@@ -185,16 +185,10 @@ def seed_marker(config: EmbeddingConfig) -> str | None:
     if config.data_path is not None:
         files.append(config.data_path / paths.ITEMS_FILE)
     if config.retail_path is not None:
-        files += sorted(p for p in config.retail_path.iterdir() if p.is_file())
+        files += paths.directory_files(config.retail_path)
     if not files:
         return None
-    digest = hashlib.sha256()
-    for path in files:
-        digest.update(path.name.encode() + b"\0")
-        with open(path, "rb") as content:
-            for block in iter(lambda: content.read(1 << 20), b""):
-                digest.update(block)
-    return f"seeded:{digest.hexdigest()[:32]}"
+    return f"seeded:{paths.files_digest(files)}"
 
 
 def seed_with_data(config: EmbeddingConfig, catalogue: Catalogue, show_progress: bool) -> None:
