@@ -12,7 +12,7 @@ from recsys_core.rpc.limits import DEFAULTS as LIMIT_DEFAULTS, ServerLimits, ser
 from recsys_core.rpc.transport import Security
 from recsys_core.rpc.envconfig import ConfigError, EnvReader
 from recsys_core.store.catalogue_store import STORES
-from recsys_core.store.redis_store import DURABILITY_LEVELS, MODES
+from recsys_core.store.redis_options import DURABILITY_LEVELS, MODES
 
 ENCODER_BACKENDS = ("onnx", "triton")
 
