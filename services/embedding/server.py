@@ -175,6 +175,22 @@ def save_snapshot(config: EmbeddingConfig, catalogue: Catalogue) -> None:
     catalogue.snapshot_version = version
     log.info("catalogue snapshot %s written (version %d, %d items, %.2f s)", snapshot[0], version, len(catalogue),
              time.monotonic() - started)
+    prune_snapshots(snapshot[0].parent)
+
+
+# Snapshots kept in one cache directory: each is the size of the index (35 MB
+# on the bundled data), and every new store (a test's, a new data set's) makes one.
+SNAPSHOTS_KEPT = 3
+
+
+def prune_snapshots(directory: Path) -> None:
+    """All but the newest SNAPSHOTS_KEPT: a stack whose snapshot went reads its store at its next start."""
+    try:
+        found = sorted(directory.glob("*.npz"), key=lambda p: p.stat().st_mtime, reverse=True)
+        for old in found[SNAPSHOTS_KEPT:]:
+            old.unlink(missing_ok=True)
+    except OSError as error:  # another replica pruning at once
+        log.debug("pruning snapshots in %s: %s", directory, error)
 
 
 def seed_marker(config: EmbeddingConfig) -> str | None:
