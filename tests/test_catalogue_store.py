@@ -264,3 +264,19 @@ def test_replicas_starting_together_open_a_new_file_without_failing(tmp_path):
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(8)]
     outcomes = [opener.communicate(timeout=120) for opener in openers]
     assert [o.returncode for o in openers] == [0] * 8, [err[-300:] for _, err in outcomes if err]
+
+
+def test_the_cluster_settings_are_read_and_checked():
+    from recsys_core.rpc.envconfig import ConfigError
+    from services.embedding.config import EmbeddingConfig
+
+    config = EmbeddingConfig.from_env({"EMBEDDING_CATALOGUE_REDIS_MODE": "cluster",
+                                       "EMBEDDING_CATALOGUE_REDIS_CLUSTER_NODES": "10.0.0.1:6379, redis-1:6380"})
+    assert (config.catalogue_redis_mode, config.catalogue_redis_cluster_nodes) == (
+        "cluster", ("10.0.0.1:6379", "redis-1:6380"))
+    with pytest.raises(ConfigError, match="EMBEDDING_CATALOGUE_REDIS_CLUSTER_NODES: 'redis-1' is not host:port"):
+        EmbeddingConfig.from_env({"EMBEDDING_CATALOGUE_REDIS_CLUSTER_NODES": "redis-1"})
+    with pytest.raises(ConfigError):
+        EmbeddingConfig.from_env({"EMBEDDING_CATALOGUE_REDIS_MODE": "sentinel"})
+    with pytest.raises(ValueError, match="braces"):
+        RedisCatalogueStore("redis://127.0.0.1:1/0", prefix="recsys:{x}:")
