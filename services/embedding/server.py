@@ -163,14 +163,17 @@ def snapshot_path(config: EmbeddingConfig, catalogue: Catalogue) -> tuple[Path, 
 
 def save_snapshot(config: EmbeddingConfig, catalogue: Catalogue) -> None:
     """Off the start path (after SERVING) and after the drain: the next start reads it."""
-    snapshot = snapshot_path(config, catalogue)
-    if snapshot is None or catalogue.snapshot_version == catalogue.applied_version:
+    if catalogue.snapshot_version == catalogue.applied_version:
         return
     started = time.monotonic()
     try:
+        # The store's id is read here too: a store that is down costs the snapshot, never the stop.
+        snapshot = snapshot_path(config, catalogue)
+        if snapshot is None:
+            return
         version = catalogue.save_snapshot(*snapshot)
     except Exception:  # noqa: BLE001 - only the next start is slower without it
-        log.exception("cannot write the catalogue snapshot %s", snapshot[0])
+        log.exception("cannot write the catalogue snapshot")
         return
     catalogue.snapshot_version = version
     log.info("catalogue snapshot %s written (version %d, %d items, %.2f s)", snapshot[0], version, len(catalogue),
