@@ -11,9 +11,11 @@ under a steady Recommend load, take processes away and count what fails.
   rolling   a rolling restart of every process, one at a time, each drained
             (SIGTERM) and SERVING again before the next: failed calls (goal 0)
   stages    each stage stopped in turn for --hold seconds (every replica of
-            embedding, of ranking, of profile; Triton): the share of Recommend
-            calls that succeed (goal >= 99 %), and, with --python-load, how
-            long after the stage is back the first whole reply came
+            embedding, of ranking, of profile; Triton; with --redis, the
+            redis-server holding profile's store and the catalogue): the share
+            of Recommend calls that succeed (goal >= 99 %), and, with
+            --python-load, how long after the stage is back the first whole
+            reply came (goal: within 5 s)
 
 The stack is `recsys_cli.stack.LocalStack` with --replicas (what
 `recsys serve --replicas N` runs; profile stays one process on SQLite) on
@@ -57,7 +59,7 @@ GHZ = REPO_ROOT / ".tools" / "bin" / "ghz"
 REQUESTS = REPO_ROOT / "loadtest" / "data" / "recommend.json"
 RECOVERY_GOAL_SECONDS = 5.0
 SERVICES = ("embedding", "ranking", "profile", "gateway")
-STAGES = ("embedding", "ranking", "profile", "triton")
+STAGES = ("embedding", "ranking", "profile", "triton", "redis")
 SETTLE_SECONDS = 2.0  # load before and after each action
 CALL_TIMEOUT = 5.0
 
@@ -235,6 +237,10 @@ def stages_down(stack: LocalStack, stages=STAGES, hold: float = 10.0, settle: fl
     """Each stage stopped (every replica of it) for `hold` seconds, then released."""
     events = []
     for name in stages:
+        if name == "redis":
+            if stack.redis_server is not None:
+                events.append(redis_down(stack, hold, settle))
+            continue
         children = stack.children(name)
         if not children:
             continue
@@ -255,8 +261,27 @@ def stages_down(stack: LocalStack, stages=STAGES, hold: float = 10.0, settle: fl
     return events
 
 
+def redis_down(stack: LocalStack, hold: float, settle: float) -> Event:
+    """The stack's redis-server stopped (SIGTERM: it saves and exits, as a
+    Redis pod that is rescheduled) for `hold` seconds, then started again on
+    the same port and files. Profile answers UNAVAILABLE meanwhile (Recommend
+    goes without its stage), embedding serves its index and retries the
+    store."""
+    time.sleep(settle)
+    event = Event("stage-down", "redis", time.time())
+    stack.redis_server.stop()
+    time.sleep(hold)
+    released = time.monotonic()
+    event.figures["released"] = time.time()
+    stack.redis_server.start()
+    event.recovery = time.monotonic() - released
+    event.figures["serving"] = event.ended = time.time()
+    return event
+
+
+# The stage a reply says it went without: Redis down takes profile's store away.
 STAGE_NUMBERS = {"embedding": gateway_pb2.STAGE_EMBEDDING, "ranking": gateway_pb2.STAGE_RANKING,
-                 "profile": gateway_pb2.STAGE_PROFILE}
+                 "profile": gateway_pb2.STAGE_PROFILE, "redis": gateway_pb2.STAGE_PROFILE}
 
 
 def summarise(events: list[Event], calls: list[Call], replies_known: bool = True) -> list[Event]:
@@ -318,6 +343,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default="kill,rolling,stages", help="scenarios, comma-separated")
     parser.add_argument("--hold", type=float, default=10.0, help="seconds each stage stays down")
     parser.add_argument("--python-load", action="store_true", help="the Python load loop instead of ghz")
+    parser.add_argument("--redis", action="store_true",
+                        help="profile's store and the catalogue in a local redis-server (recsys serve --redis): "
+                             "profile runs --replicas too, and Redis is one of the stages stopped")
     parser.add_argument("--json", type=Path, help="also write every event's figures here")
     args = parser.parse_args(argv)
     scenarios = [s for s in args.only.split(",") if s]
@@ -329,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     state = tempfile.TemporaryDirectory(prefix="recsys-chaos-")
     stack = LocalStack(gateway_port=free_port(), state_dir=Path(state.name), encoder=args.encoder,
-                       replicas=args.replicas)
+                       replicas=args.replicas, redis=args.redis)
     load_before = os.getloadavg()
     print(f"starting the stack: {args.replicas} replicas of each service (profile: "
           f"{stack.replica_count('profile')}), encoder {args.encoder} ...", flush=True)
@@ -346,7 +374,8 @@ def main(argv: list[str] | None = None) -> int:
                 elif scenario == "rolling":
                     done = rolling_restart(stack)
                 elif scenario == "stages":
-                    done = stages_down(stack, STAGES if stack.triton is not None else STAGES[:-1], hold=args.hold)
+                    done = stages_down(stack, [s for s in STAGES if s != "triton" or stack.triton is not None],
+                                       hold=args.hold)
                 else:
                     raise SystemExit(f"chaos: unknown scenario {scenario!r}")
             finally:

@@ -9,6 +9,7 @@ for a few seconds per backend; from the repository root, the 30 s run:
 
     PYTHONPATH=$PWD .venv/bin/python loadtest/upsert_race.py --backend sqlite --seconds 30
     PYTHONPATH=$PWD .venv/bin/python loadtest/upsert_race.py --backend redis --seconds 30
+    PYTHONPATH=$PWD .venv/bin/python loadtest/upsert_race.py --backend redis-cluster --seconds 30
 
 It starts the two replicas itself (in this process, real gRPC servers with
 mTLS, on a tiny catalogue cut from the bundled data, the ONNX encoder) and a
@@ -177,12 +178,14 @@ def tiny_data_dir(directory: Path, items: int = 40) -> Path:
 
 def replica_config(backend: str, store: str, data_dir: Path, cache_dir: Path, **security):
     """An embedding replica on the shared store: `store` is the SQLite file or
-    the Redis URL (with the embedding ACL user), the prefix Redis keys go under."""
+    the Redis URL (with the embedding ACL user), the prefix Redis keys go
+    under. Backend "redis-cluster": that URL is a Redis Cluster node's."""
     from services.embedding.config import EmbeddingConfig
 
     catalogue = ({"catalogue_path": store} if backend == "sqlite" else
                  {"catalogue_store": "redis", "catalogue_redis_url": store.split(" ")[0],
-                  "catalogue_redis_prefix": store.split(" ")[1]})
+                  "catalogue_redis_prefix": store.split(" ")[1],
+                  "catalogue_redis_mode": "cluster" if backend == "redis-cluster" else "single"})
     return EmbeddingConfig(address="127.0.0.1:0", encoder="onnx", data_dir=str(data_dir), retail_dir="",
                            cache_dir=str(cache_dir), use_gpu=False, **catalogue, **security)
 
@@ -193,14 +196,19 @@ def start_replica(config):
 
     server, port = create_server(config)
     server.start()
-    if not server.readiness.ready.wait(600):
-        raise RuntimeError(f"embedding replica not ready: {server.readiness.error}")
+    # A load that fails ends the wait at once (a broken store is an error, not 10 minutes).
+    give_up = time.monotonic() + 600
+    while not server.readiness.ready.wait(0.1):
+        if server.readiness.failed.is_set() or time.monotonic() > give_up:
+            server.stop(None)
+            raise RuntimeError(f"embedding replica not ready: {server.readiness.error}")
     return server, f"127.0.0.1:{port}"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--backend", choices=("sqlite", "redis"), default="sqlite")
+    parser.add_argument("--backend", choices=("sqlite", "redis", "redis-cluster"), default="sqlite",
+                        help="redis-cluster: a Redis Cluster of 3 masters started for the run")
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--writers", type=int, default=8)
     parser.add_argument("--data", type=Path, default=None,
@@ -212,15 +220,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from recsys_cli.certs import LocalSecurity
-    from recsys_core.store.local_redis import LocalRedis
+    from recsys_core.store.local_redis import LocalRedis, LocalRedisCluster
 
     work = Path(tempfile.mkdtemp(prefix="upsert-race-"))
     material = LocalSecurity.ensure(work / "tls")
     security = {"security": material.security("embedding"), "auth": material.auth()}
     token = material.token("upsert-race", ["admin"], seconds=3600)
     redis_server = None
-    if args.backend == "redis":
-        redis_server = LocalRedis(work / "redis").start()
+    if args.backend.startswith("redis"):
+        redis_server = (LocalRedis(work / "redis") if args.backend == "redis" else
+                        LocalRedisCluster(work / "redis-cluster", masters=3)).start()
         store = f"{redis_server.catalogue_url} recsys:catalogue:"
     else:
         store = str(work / "catalogue.sqlite3")

@@ -29,7 +29,7 @@ def cmd_serve(args) -> int:
     return serve(args.data, args.port, args.encoder, args.model, args.retail, show_example=not args.no_example,
                  transport=transport, tracing=args.tracing, tracing_endpoint=args.tracing_endpoint,
                  tracing_sample_ratio=args.tracing_sample_ratio, triton_tracing_url=args.tracing_triton,
-                 replicas=args.replicas)
+                 replicas=args.replicas, redis=args.redis)
 
 
 def sample_ratio(value: str) -> float:
@@ -121,6 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--replicas", type=int, default=1,
                        help="processes of each service, balanced by their callers; any that exits is restarted "
                             "(profile stays 1 on SQLite; docs/operations.md, \"Replicas and supervision locally\")")
+    serve.add_argument("--redis", action="store_true",
+                       help="keep profile's events and the catalogue in a local redis-server (state in var/redis) "
+                            "instead of SQLite files, so profile scales to --replicas too")
     serve.set_defaults(run=cmd_serve)
     # Security material (docs/operations.md, "Security"); these parse their own arguments.
     commands.add_parser("certs", add_help=False, help="make a CA and per-service certificates (recsys certs --out DIR)")

@@ -100,6 +100,13 @@ class LocalStack:
     replicas: int = 1
     # Restart a service that exits (with backoff: recsys_cli/supervisor.py).
     restart: bool = True
+    # A local redis-server (state_dir/redis, durable, with the services' ACL
+    # users) holding profile's events and counts (PROFILE_STORE=redis, so
+    # profile runs `replicas` processes too) and the catalogue
+    # (EMBEDDING_CATALOGUE_STORE=redis): the Kubernetes layout on one machine.
+    # False: SQLite files, no Redis needed (the embedded default).
+    redis: bool = False
+    redis_server: object | None = None
     addresses: dict[str, str] = field(default_factory=dict)
     # Each replica's own address (its health address for the gateway).
     replica_addresses: dict[str, list[str]] = field(default_factory=dict)
@@ -151,7 +158,7 @@ class LocalStack:
                                  plaintext=(self.transport == "plaintext" or name == "gateway" and not self.gateway_tls))
 
     def replica_count(self, name: str) -> int:
-        if name == "profile":
+        if name == "profile" and not self.redis:
             store = self.extra_env.get("PROFILE_STORE", os.environ.get("PROFILE_STORE", "sqlite"))
             return self.replicas if store == "redis" else 1
         return self.replicas
@@ -217,6 +224,10 @@ class LocalStack:
         if self.model_dir is not None:
             env["EMBEDDING_MODEL_DIR"] = str(self.model_dir)
             env["PROFILE_USER_TOWER_TRITON_URL"] = self.triton.grpc_url
+        if self.redis_server is not None:
+            env.update({"PROFILE_STORE": "redis", "PROFILE_REDIS_URL": self.redis_server.url,
+                        "EMBEDDING_CATALOGUE_STORE": "redis",
+                        "EMBEDDING_CATALOGUE_REDIS_URL": self.redis_server.catalogue_url})
         env.update(self.extra_env)
         return env
 
@@ -320,6 +331,12 @@ class LocalStack:
             self.addresses["triton"] = self.triton.grpc_url
             self.addresses["triton-metrics"] = f"127.0.0.1:{self.triton.metrics_port}"
             log.info("Triton ready at %s (log %s)", self.triton.grpc_url, self.triton.log_path)
+        if self.redis and self.redis_server is None:
+            from recsys_core.store.local_redis import LocalRedis
+
+            self.redis_server = LocalRedis(Path(self.state_dir) / "redis").start()
+            self.addresses["redis"] = f"127.0.0.1:{self.redis_server.port}"
+            log.info("redis-server on %s (log %s)", self.addresses["redis"], self.redis_server.log_path)
         env = self.environment()
         if self.triton is not None:
             self.supervisor.add(TritonChild("triton", self.triton, tier=TIERS["triton"]))
@@ -352,6 +369,9 @@ class LocalStack:
         self.supervisor.stop(grace)
         if self.triton is not None:
             self.triton.stop()
+        if self.redis_server is not None:
+            # Last: the services drained into it.
+            self.redis_server.stop()
 
     def __enter__(self) -> "LocalStack":
         self.start()
@@ -363,7 +383,8 @@ class LocalStack:
 
 def serve(data: Path, port: int, encoder: str, model_dir: Path | None, retail: Path | None,
           show_example: bool, transport: str = "mtls", tracing: str = "off", tracing_endpoint: str = "",
-          tracing_sample_ratio: float | None = None, triton_tracing_url: str = "", replicas: int = 1) -> int:
+          tracing_sample_ratio: float | None = None, triton_tracing_url: str = "", replicas: int = 1,
+          redis: bool = False) -> int:
     """`recsys serve`: the whole stack on this machine until SIGTERM or Ctrl-C,
     with an example shopper's recommendations and profile once it is up."""
     from recsys_cli.client import call_profile, call_recommend, example_shopper, print_profile, print_recommendations
@@ -383,7 +404,7 @@ def serve(data: Path, port: int, encoder: str, model_dir: Path | None, retail: P
                        model_dir=model.path if model else None,
                        retail_dir=Path(retail).resolve() if retail else None, transport=transport,
                        tracing=tracing, tracing_endpoint=tracing_endpoint, tracing_sample_ratio=tracing_sample_ratio,
-                       triton_tracing_url=triton_tracing_url, replicas=replicas)
+                       triton_tracing_url=triton_tracing_url, replicas=replicas, redis=redis)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())

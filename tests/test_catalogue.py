@@ -110,3 +110,50 @@ def test_vectors_of_another_encoder_are_encoded_again_not_mixed(encoder, tmp_pat
                                         np.ones(encoder.dimension, np.float32))])
     catalogue.sync()
     np.testing.assert_allclose(catalogue.embeddings(["t1"])[0], encoder.encode([text])[0], atol=1e-5)
+
+
+# -- the start snapshot (a restarted replica reads one file, then the delta) ------
+
+
+def state_of(catalogue):
+    ids = sorted(catalogue._items)
+    return [catalogue._items[i] for i in ids], catalogue.embeddings(ids), catalogue.categories()
+
+
+def test_a_snapshot_restores_the_index_and_the_store_adds_what_came_after(encoder, tmp_path):
+    writer, restarted, fresh = shared_catalogues(encoder, tmp_path, 3)
+    writer.upsert(RECORDS)
+    path = tmp_path / "snapshot.npz"
+    assert writer.save_snapshot(path, "key", "store-1") == writer.applied_version
+    # Written after the snapshot: an update, a move to another category, a new item.
+    writer.upsert([ItemRecord("t1", "Beauty", "Train soap", "Soap shaped like a train"),
+                   ItemRecord("n3", "Beauty", "Nail file", "A glass nail file")])
+    assert restarted.load_snapshot(path, "key", "store-1") == 1
+    assert len(restarted) == 4 and restarted.get(["t1"])[0].category == "Toys"
+    assert restarted.sync() == 2, "only the changes after the snapshot's version are read"
+    fresh.sync()
+    for mine, theirs in zip(state_of(restarted), state_of(fresh)):
+        if isinstance(mine, np.ndarray):
+            np.testing.assert_array_equal(mine, theirs)
+        else:
+            assert mine == theirs
+    assert restarted.categories() == {"Beauty": 4, "Toys": 1}
+
+
+@pytest.mark.parametrize("wrong", ["key", "store", "version", "corrupt"])
+def test_a_snapshot_that_does_not_match_is_never_used(encoder, tmp_path, wrong):
+    writer, restarted = shared_catalogues(encoder, tmp_path, 2)
+    writer.upsert(RECORDS)
+    path = tmp_path / "snapshot.npz"
+    writer.save_snapshot(path, "key", "store-1")
+    if wrong == "version":
+        # Of a store that was emptied and holds less now: the snapshot would resurrect items.
+        from recsys_core.store.catalogue_sqlite import SQLiteCatalogueStore
+
+        restarted.store = SQLiteCatalogueStore(tmp_path / "other.sqlite3")
+    elif wrong == "corrupt":
+        path.write_bytes(path.read_bytes()[:1000])
+    key, store_id = ("other-encoder", "store-1") if wrong == "key" else ("key", "store-2") if wrong == "store" \
+        else ("key", "store-1")
+    assert restarted.load_snapshot(path, key, store_id) is None
+    assert len(restarted) == 0 and restarted.applied_version == 0

@@ -35,12 +35,14 @@ def data_dir(tmp_path_factory):
     return tiny_data_dir(tmp_path_factory.mktemp("data"))
 
 
-@pytest.fixture(params=("sqlite", "redis"))
+@pytest.fixture(params=("sqlite", "redis", "redis-cluster"))
 def replicas(request, tmp_path, data_dir, exported_encoder):
-    """Starts replicas on one fresh store; all are stopped at the end."""
-    if request.param == "redis":
+    """Starts replicas on one fresh store; all are stopped at the end. On a
+    Redis Cluster (3 masters) the catalogue's keys share one slot."""
+    if request.param.startswith("redis"):
+        server = request.getfixturevalue("catalogue_redis" if request.param == "redis" else "redis_cluster")
         # A prefix of its own per test, under the embedding ACL user's keys.
-        store = f"{request.getfixturevalue('catalogue_redis').catalogue_url} recsys:catalogue:{uuid.uuid4().hex[:8]}:"
+        store = f"{server.catalogue_url} recsys:catalogue:{uuid.uuid4().hex[:8]}:"
     else:
         store = str(tmp_path / "catalogue.sqlite3")
     config = replica_config(request.param, store, data_dir, tmp_path / "cache", **secured("embedding"))

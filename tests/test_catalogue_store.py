@@ -28,16 +28,23 @@ def catalogue_redis(tmp_path_factory):
         yield server
 
 
-@pytest.fixture(params=("sqlite", "redis"))
+@pytest.fixture(params=("sqlite", "redis", "redis-cluster"))
 def open_store(request, tmp_path):
     """Opens handles on one fresh store: a SQLite file, or a key prefix in Redis
-    (through the embedding service's ACL user)."""
+    or in a 3-master Redis Cluster (through the embedding service's ACL user)."""
     opened = []
     if request.param == "redis":
         url, prefix = request.getfixturevalue("catalogue_redis").catalogue_url, f"testcat:{uuid.uuid4().hex[:12]}:"
 
         def opener():
             opened.append(open_catalogue_store("redis", redis_url=url, prefix=prefix))
+            return opened[-1]
+    elif request.param == "redis-cluster":
+        url = request.getfixturevalue("redis_cluster").catalogue_url
+        prefix = f"recsys:catalogue:{uuid.uuid4().hex[:12]}:"
+
+        def opener():
+            opened.append(open_catalogue_store("redis", redis_url=url, prefix=prefix, redis_mode="cluster"))
             return opened[-1]
     else:
         def opener():
@@ -99,6 +106,16 @@ def test_a_second_handle_sees_the_writes_of_the_first(open_store):
     assert [e.item_id for e in reader.changes(0)[0]] == ["a"]
     reader.put([entry("a", text="from the reader")])
     assert [e.text for e in writer.changes(0)[0]] == ["from the reader"]
+
+
+def test_meta_notes_are_durable_and_shared(open_store):
+    first, second = open_store(), open_store()
+    assert first.meta("seeded:abc") is None
+    first.set_meta("seeded:abc", "7")
+    assert second.meta("seeded:abc") == "7"
+    first.close()
+    assert open_store().meta("seeded:abc") == "7"
+    assert second.version() == 0, "a note is not an item write"
 
 
 def test_large_batches_are_read_back_whole(open_store):
@@ -247,3 +264,19 @@ def test_replicas_starting_together_open_a_new_file_without_failing(tmp_path):
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(8)]
     outcomes = [opener.communicate(timeout=120) for opener in openers]
     assert [o.returncode for o in openers] == [0] * 8, [err[-300:] for _, err in outcomes if err]
+
+
+def test_the_cluster_settings_are_read_and_checked():
+    from recsys_core.rpc.envconfig import ConfigError
+    from services.embedding.config import EmbeddingConfig
+
+    config = EmbeddingConfig.from_env({"EMBEDDING_CATALOGUE_REDIS_MODE": "cluster",
+                                       "EMBEDDING_CATALOGUE_REDIS_CLUSTER_NODES": "10.0.0.1:6379, redis-1:6380"})
+    assert (config.catalogue_redis_mode, config.catalogue_redis_cluster_nodes) == (
+        "cluster", ("10.0.0.1:6379", "redis-1:6380"))
+    with pytest.raises(ConfigError, match="EMBEDDING_CATALOGUE_REDIS_CLUSTER_NODES: 'redis-1' is not host:port"):
+        EmbeddingConfig.from_env({"EMBEDDING_CATALOGUE_REDIS_CLUSTER_NODES": "redis-1"})
+    with pytest.raises(ConfigError):
+        EmbeddingConfig.from_env({"EMBEDDING_CATALOGUE_REDIS_MODE": "sentinel"})
+    with pytest.raises(ValueError, match="braces"):
+        RedisCatalogueStore("redis://127.0.0.1:1/0", prefix="recsys:{x}:")

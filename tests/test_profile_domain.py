@@ -305,3 +305,31 @@ def test_data_sets_load_once_also_into_stores_of_earlier_versions(tmp_path):
     load_retail_events(store, paths.BUNDLED_RETAIL_DIR)
     assert store.count() == with_retail
     store.close()
+
+
+def test_a_restart_finds_loaded_data_sets_without_reading_their_files(tmp_path, monkeypatch):
+    from recsys_core.data import paths, shopping
+    from recsys_core.store.sqlite_store import SQLiteEventStore
+    from services.profile import server
+
+    known = server.LoadedSets(tmp_path / "notes")
+    store = SQLiteEventStore(tmp_path / "events.sqlite3")
+    clocks = server.load_dataset_events(store, paths.BUNDLED_DATA_DIR, known)
+    retail = server.load_retail_events(store, paths.BUNDLED_RETAIL_DIR, known)
+    loaded = store.count()
+
+    def no_reading(*_args, **_kwargs):
+        raise AssertionError("a loaded data set's files were read again")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(shopping, "load_interactions", no_reading)
+        patched.setattr("recsys_core.data.retail.retail_items_and_events", no_reading)
+        assert server.load_dataset_events(store, paths.BUNDLED_DATA_DIR, known) == clocks
+        assert server.load_retail_events(store, paths.BUNDLED_RETAIL_DIR, known) == retail
+    assert store.count() == loaded
+    store.close()
+    # The notes are only a hint: a store without the data set (a new one) is loaded from the files.
+    empty = SQLiteEventStore(tmp_path / "new.sqlite3")
+    assert server.load_dataset_events(empty, paths.BUNDLED_DATA_DIR, known) == clocks
+    assert empty.count() > 0
+    empty.close()

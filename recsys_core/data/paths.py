@@ -11,6 +11,10 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 BUNDLED_DATA_DIR = REPO_ROOT / "data"
 # A subset of the UCI Online Retail invoices (scripts/make_subset.py): shoppers with money.
 BUNDLED_RETAIL_DIR = BUNDLED_DATA_DIR / "online-retail"
+# A data directory's files (recsys_core/data/shopping.py); here so that a
+# service may name them without importing pandas.
+ITEMS_FILE = "items.csv.gz"
+INTERACTIONS_FILE = "interactions.csv.gz"
 MODEL_REPO = REPO_ROOT / "model_repo"
 TEXT_ENCODER_MODEL = "text_encoder"
 # The same encoder as a Triton ensemble without a Python stub around the
@@ -27,6 +31,25 @@ def cache_dir() -> Path:
     machine already computed for the same weights and texts. RECSYS_CACHE_DIR moves it."""
     default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "recsys"
     return Path(os.environ.get("RECSYS_CACHE_DIR", default))
+
+
+def files_digest(files: list[Path]) -> str:
+    """A digest of files' names and contents: names a data set by what it
+    holds, so a service may keep what it derived from it across restarts."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(Path(path).name.encode() + b"\0")
+        with open(path, "rb") as content:
+            for block in iter(lambda: content.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:32]
+
+
+def directory_files(directory: Path) -> list[Path]:
+    """The regular files directly in `directory`, in name order."""
+    return sorted(p for p in Path(directory).iterdir() if p.is_file())
 
 
 def shared_data_dir() -> Path:

@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
-ITEMS_FILE = "items.csv.gz"
-INTERACTIONS_FILE = "interactions.csv.gz"
+from recsys_core.data.paths import INTERACTIONS_FILE, ITEMS_FILE
 ITEM_COLUMNS = ("item_id", "category", "title", "brand", "description", "category_path", "generated_keywords")
 INTERACTION_COLUMNS = ("user_id", "item_id", "category", "seq", "timestamp", "rating")
 # Long descriptions add little to a title for retrieval, and the encoder

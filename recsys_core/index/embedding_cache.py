@@ -31,28 +31,42 @@ class EmbeddingCache:
     def __init__(self, cache_dir: Path | None, fingerprint: str):
         self.path = None if cache_dir is None else Path(cache_dir) / "embeddings" / f"{fingerprint}.npz"
         self._lock = threading.Lock()
-        self.vectors: dict[str, tuple[str, np.ndarray]] = {}
-        if self.path is not None and self.path.is_file():
-            with np.load(self.path, allow_pickle=False) as stored:
-                for key, digest, vector in zip(stored["keys"], stored["digests"], stored["vectors"]):
-                    self.vectors[str(key)] = (str(digest), vector)
+        self._vectors: dict[str, tuple[str, np.ndarray]] | None = None
+
+    @property
+    def vectors(self) -> dict[str, tuple[str, np.ndarray]]:
+        """Read at first use, not at construction: an embedding replica whose
+        store already holds every vector never needs the file, and reading
+        it (80 MB on the full data) would only lengthen its restart."""
+        if self._vectors is None:
+            with self._lock:
+                if self._vectors is None:
+                    vectors = {}
+                    if self.path is not None and self.path.is_file():
+                        with np.load(self.path, allow_pickle=False) as stored:
+                            for key, digest, vector in zip(stored["keys"], stored["digests"], stored["vectors"]):
+                                vectors[str(key)] = (str(digest), vector)
+                    self._vectors = vectors
+        return self._vectors
 
     def lookup(self, key: str, digest: str) -> np.ndarray | None:
         hit = self.vectors.get(key)
         return hit[1] if hit is not None and hit[0] == digest else None
 
     def store(self, keys: Sequence[str], digests: Sequence[str], vectors: np.ndarray) -> None:
+        known = self.vectors
         with self._lock:
             for key, digest, vector in zip(keys, digests, vectors):
-                self.vectors[key] = (digest, vector)
+                known[key] = (digest, vector)
 
     def save(self) -> None:
-        if self.path is None or not self.vectors:
+        known = self.vectors
+        if self.path is None or not known:
             return
         with self._lock:
-            keys = list(self.vectors)
-            digests = [self.vectors[k][0] for k in keys]
-            vectors = np.stack([self.vectors[k][1] for k in keys])
+            keys = list(known)
+            digests = [known[k][0] for k in keys]
+            vectors = np.stack([known[k][1] for k in keys])
         with replacing(self.path) as tmp:
             np.savez(tmp, keys=np.asarray(keys), digests=np.asarray(digests), vectors=vectors)
 

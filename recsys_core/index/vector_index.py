@@ -121,6 +121,12 @@ class VectorIndex:
             rows = [self._row_of[i] for i in item_ids]
             return self._vectors[rows].copy()
 
+    def export(self) -> tuple[list[str], list[str], np.ndarray]:
+        """Every item, its category and its indexed vector, in row order: what
+        `upsert` needs to build this index again (a replica's start snapshot)."""
+        with self._lock.reading():
+            return list(self._item_of_row), list(self._category_of_row), self._vectors.copy()
+
     def upsert(self, item_ids: Sequence[str], categories: Sequence[str], vectors: np.ndarray) -> tuple[int, int]:
         """Add items, or move changed ones to their new vector and category.
         Returns (inserted, updated)."""

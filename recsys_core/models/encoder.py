@@ -123,15 +123,40 @@ def in_length_order(texts: list[str], width: int, run_batch, batch_size: int = E
 
 class OnnxEncoder:
     def __init__(self, version_dir: Path, threads: int = 0, precision: str = DEFAULT_PRECISION,
-                 providers: list | None = None, spin: bool = True):
+                 providers: list | None = None, spin: bool = True, background: bool = False):
+        """`background`: create the session in a thread of its own, so the
+        caller's other start-up work (the embedding service reading its
+        index) overlaps it; `loaded()` waits for it and raises its error.
+        Fingerprint and dimension are known at once (from the metadata)."""
         weights_file, self.fingerprint, self.dimension = weights(version_dir, precision)
         self.precision = precision
-        self.session = onnx_session(weights_file, threads, providers, spin)
-        self.tokenizer = load_tokenizer(version_dir)
         # The tokenizer object is not safe to share between threads.
         self._tokenizer_lock = threading.Lock()
+        self._error: BaseException | None = None
+
+        def load() -> None:
+            try:
+                self.session = onnx_session(weights_file, threads, providers, spin)
+                self.tokenizer = load_tokenizer(version_dir)
+            except BaseException as error:  # noqa: BLE001 - raised again by loaded()
+                self._error = error
+
+        self._loader = threading.Thread(target=load, name="onnx-encoder-load", daemon=True)
+        if background:
+            self._loader.start()
+        else:
+            load()
+            self.loaded()
+
+    def loaded(self) -> "OnnxEncoder":
+        if self._loader.is_alive():
+            self._loader.join()
+        if self._error is not None:
+            raise self._error
+        return self
 
     def encode(self, texts: list[str], timeout: float | None = None) -> np.ndarray:
+        self.loaded()
         return in_length_order(texts, self.dimension, self._encode_batch)
 
     def _encode_batch(self, texts: list[str]) -> np.ndarray:

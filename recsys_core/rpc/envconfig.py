@@ -27,6 +27,15 @@ class EnvReader:
         value = self._raw(name)
         return default if value is None else value
 
+    def host_ports(self, name: str) -> tuple[str, ...]:
+        """host:port entries, comma-separated (a Redis Cluster's seed nodes); unset: none."""
+        nodes = tuple(node.strip() for node in (self._raw(name) or "").split(",") if node.strip())
+        for node in nodes:
+            host, _, port = node.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ConfigError(f"{self.prefix}{name}: {node!r} is not host:port")
+        return nodes
+
     def optional_path(self, name: str, default: str) -> str:
         """A directory setting where set-but-empty means "none" (unset means the default)."""
         value = self.environ.get(self.prefix + name)

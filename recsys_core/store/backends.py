@@ -4,7 +4,6 @@ Kept apart from the backends so that neither backend imports the other."""
 from __future__ import annotations
 
 from recsys_core.store.events import EventStore
-from recsys_core.store.redis_store import RedisEventStore
 from recsys_core.store.sqlite_store import SQLiteEventStore
 
 
@@ -13,6 +12,10 @@ def open_store(config, sweep: bool = False) -> EventStore:
     `sweep`: the Redis store applies count updates that a writer died
     before applying (a serving profile replica sets it)."""
     if config.store == "redis":
+        # Imported here: redis-py is a good part of a replica's imports, which
+        # a restart waits for, and the SQLite store needs none of it.
+        from recsys_core.store.redis_store import RedisEventStore
+
         password = None
         password_file = getattr(config, "redis_password_file", "")
         if password_file:

@@ -7,6 +7,7 @@ user's only keys; recsys_core/store/local_redis.py):
     items        zset    item_id -> the number of the write that last changed it
     i:<item_id>  hash    id, category, title, text, category_path, encoder,
                          vector (float32 bytes), seq
+    meta         hash    notes beside the items (the data sets that seeded it)
 
 A write is one Lua script: it takes the next number and stores every item of
 the batch with it, atomically (one MULTI/EXEC block in the append-only file;
@@ -20,11 +21,19 @@ catches up by the same query, and nothing needs trimming.
 A write is safe to retry (storing an item's state again changes nothing but
 its number), so the client retries writes on a lost connection too.
 
-A single Redis primary (with replicas for failover), not Redis Cluster yet:
-this client is not cluster-aware. One script touches every key of a batch,
-so on a cluster they would have to share a slot: a hash tag in the prefix
-would do it ("recsys:catalogue:{c}:"), the whole catalogue then on one shard
-(about 2 KB per item).
+On a Redis Cluster (mode "cluster", EMBEDDING_CATALOGUE_REDIS_MODE=cluster)
+every key carries the hash tag `{cat}` after the prefix
+("recsys:catalogue:{cat}:seq", "recsys:catalogue:{cat}:i:<item_id>"), so
+they all live in one slot: the write script, which touches the counter, the
+zset and every item of a batch, needs them on one node, and a single
+sequence is what lets a replica read "everything since version v" with one
+query. The catalogue therefore sits on one shard (about 2 KB per item: a
+million items is about 2 GB), which the cluster replicates and fails over
+like any other slot; the other masters carry the profile store's shoppers.
+Past one shard's memory the catalogue is split by category over several
+prefixes, one per index shard (docs/operations.md, "Scaling past one
+cluster"). A single server keeps the untagged names (stores written before
+cluster support open unchanged).
 """
 from __future__ import annotations
 
@@ -33,17 +42,20 @@ from collections.abc import Sequence
 
 import redis
 from redis.backoff import ExponentialBackoff
+from redis.cluster import ClusterNode, RedisCluster
 from redis.retry import Retry
 
 from recsys_core.errors import ResourceExhausted, Unavailable
 from recsys_core.store.catalogue_store import (
     CatalogueEntry, CatalogueStore, PutResult, latest, vector_bytes, vector_from,
 )
-from recsys_core.store.redis_store import DURABILITY_LEVELS, _safe_url, check_server
+from recsys_core.store.redis_store import DURABILITY_LEVELS, MODES, _safe_url, check_server
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PREFIX = "recsys:catalogue:"
+# The one slot of a cluster that holds the whole catalogue (module docstring).
+CLUSTER_TAG = "{cat}:"
 # Items per script call: each blocks Redis for a few milliseconds (and one fsync).
 WRITE_CHUNK = 500
 # Items per pipelined read while catching up.
@@ -79,29 +91,48 @@ return {inserted, updated, tonumber(redis.call('GET', KEYS[1]) or '0')}
 
 class RedisCatalogueStore(CatalogueStore):
     def __init__(self, url: str, prefix: str = DEFAULT_PREFIX, durability: str = "always",
-                 socket_timeout: float = 30.0, username: str | None = None, password: str | None = None):
+                 socket_timeout: float = 30.0, username: str | None = None, password: str | None = None,
+                 mode: str = "single", cluster_nodes: Sequence[str] = ()):
+        """`mode` "cluster": a Redis Cluster, found from `url`'s node and
+        `cluster_nodes` ("host:port"), with `url`'s credentials."""
         if durability not in DURABILITY_LEVELS:
             raise ValueError(f"durability must be one of {DURABILITY_LEVELS}, got {durability!r}")
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if "{" in prefix or "}" in prefix:
+            raise ValueError(f"the key prefix {prefix!r} must not contain braces: they choose Redis Cluster slots")
         self.url = url
         self.prefix = prefix
         self.durability = durability
-        common = dict(socket_timeout=socket_timeout, socket_connect_timeout=5.0, health_check_interval=10,
+        self.mode = mode
+        common = dict(socket_timeout=socket_timeout, socket_connect_timeout=5.0,
                       retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), 3))
         if username:
             common["username"] = username
         if password:
             common["password"] = password
-        # Vectors are bytes: this client hands back what Redis holds.
-        self._data = redis.Redis.from_url(url, decode_responses=False, **common)
-        # Text replies (INFO, CONFIG GET, the version).
-        self._text = redis.Redis.from_url(url, decode_responses=True, **common)
+        if mode == "cluster":
+            seeds = [ClusterNode(*node.rsplit(":", 1)) for node in cluster_nodes]
+            # Vectors are bytes: this client hands back what Redis holds.
+            self._data = RedisCluster.from_url(url, startup_nodes=seeds or None, decode_responses=False, **common)
+            # Text replies (INFO, CONFIG GET, the version).
+            self._text = RedisCluster.from_url(url, startup_nodes=seeds or None, decode_responses=True, **common)
+            self._keys = prefix + CLUSTER_TAG
+            primaries = {"target_nodes": RedisCluster.PRIMARIES}
+        else:
+            common["health_check_interval"] = 10
+            self._data = redis.Redis.from_url(url, decode_responses=False, **common)
+            self._text = redis.Redis.from_url(url, decode_responses=True, **common)
+            self._keys = prefix
+            primaries = {}
         self._put = self._data.register_script(_PUT_SCRIPT)
-        self._seq_key, self._items_key = prefix + "seq", prefix + "items"
-        self._guard(check_server, self._text, url, durability, "EMBEDDING_CATALOGUE_REDIS_DURABILITY",
-                    "catalogue items")
+        self._seq_key, self._items_key = self._keys + "seq", self._keys + "items"
+        self._meta_key = self._keys + "meta"
+        self._guard(lambda: check_server(self._text, url, durability, "EMBEDDING_CATALOGUE_REDIS_DURABILITY",
+                                         "catalogue items", **primaries))
 
     def __repr__(self) -> str:
-        return f"RedisCatalogueStore({_safe_url(self.url)!r}, prefix={self.prefix!r})"
+        return f"RedisCatalogueStore({_safe_url(self.url)!r}, prefix={self.prefix!r}, mode={self.mode!r})"
 
     def _guard(self, call, *args):
         try:
@@ -110,9 +141,11 @@ class RedisCatalogueStore(CatalogueStore):
             raise Unavailable(f"catalogue store (Redis) unreachable: {exc}") from exc
         except redis.exceptions.OutOfMemoryError as exc:
             raise ResourceExhausted(f"catalogue store (Redis) is out of memory, nothing stored: {exc}") from exc
+        except (redis.exceptions.ClusterDownError, redis.exceptions.RedisClusterException) as exc:
+            raise Unavailable(f"catalogue store (Redis Cluster) unavailable: {exc}") from exc
 
     def _item_key(self, item_id: str) -> str:
-        return f"{self.prefix}i:{item_id}"
+        return f"{self._keys}i:{item_id}"
 
     def put(self, entries: Sequence[CatalogueEntry], only_new: bool = False) -> PutResult:
         entries = latest(entries)
@@ -166,6 +199,12 @@ class RedisCatalogueStore(CatalogueStore):
             if not full:
                 # An item written again while we paged is listed twice: its later read wins.
                 return latest(entries), cursor
+
+    def meta(self, key: str) -> str | None:
+        return self._guard(self._text.hget, self._meta_key, key)
+
+    def set_meta(self, key: str, value: str) -> None:
+        self._guard(self._text.hset, self._meta_key, key, value)
 
     def close(self) -> None:
         self._data.close()

@@ -40,6 +40,10 @@ CREATE TABLE IF NOT EXISTS catalogue_items (
     seq INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS catalogue_items_by_seq ON catalogue_items (seq);
+CREATE TABLE IF NOT EXISTS catalogue_meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
 """
 COLUMNS = "item_id, category, title, text, category_path, encoder, vector"
 # Waiting writers queue on SQLite's lock this long before the upsert is refused (UNAVAILABLE).
@@ -133,6 +137,17 @@ class SQLiteCatalogueStore(CatalogueStore):
             connection.execute("COMMIT")
         entries = [CatalogueEntry(*row[:6], vector=vector_from(row[6])) for row in rows]
         return entries, max((row[7] for row in rows), default=after)
+
+    def meta(self, key: str) -> str | None:
+        row = self._reader().execute("SELECT value FROM catalogue_meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else row[0]
+
+    def set_meta(self, key: str, value: str) -> None:
+        try:
+            with self._write_lock:
+                self._writer.execute("INSERT OR REPLACE INTO catalogue_meta (key, value) VALUES (?, ?)", (key, value))
+        except sqlite3.OperationalError as exc:
+            raise Unavailable(f"catalogue store {self.path} refused the write: {exc}") from exc
 
     def close(self) -> None:
         with self._write_lock:

@@ -60,6 +60,14 @@ class CatalogueStore(ABC):
         """Every item changed by a write numbered above `after`, in its latest
         state, and the version to ask from next time."""
 
+    @abstractmethod
+    def meta(self, key: str) -> str | None:
+        """A note kept beside the items (which data sets seeded the store)."""
+
+    @abstractmethod
+    def set_meta(self, key: str, value: str) -> None:
+        """Durable once this returns, as an item is."""
+
     def close(self) -> None:
         pass
 

@@ -224,6 +224,11 @@ class LocalRedisCluster:
         return self.servers[0].url
 
     @property
+    def catalogue_url(self) -> str:
+        """The embedding service's URL of the first node (EMBEDDING_CATALOGUE_REDIS_MODE=cluster)."""
+        return self.servers[0].catalogue_url
+
+    @property
     def admin_url(self) -> str:
         return self.servers[0].admin_url
 
@@ -281,7 +286,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.cluster_masters:
         server = LocalRedisCluster(args.dir, masters=args.cluster_masters).start()
         print(f"Redis Cluster on {','.join(server.nodes)} (data in {args.dir}); PROFILE_STORE=redis "
-              f"PROFILE_REDIS_MODE=cluster PROFILE_REDIS_URL={server.url}", flush=True)
+              f"PROFILE_REDIS_MODE=cluster PROFILE_REDIS_URL={server.url}; EMBEDDING_CATALOGUE_STORE=redis "
+              f"EMBEDDING_CATALOGUE_REDIS_MODE=cluster EMBEDDING_CATALOGUE_REDIS_URL={server.catalogue_url}",
+              flush=True)
     else:
         server = LocalRedis(args.dir, args.port).start()
         print(f"redis-server on {HOST}:{server.port} (data in {args.dir}, ACL users in {server.acl_file}); "

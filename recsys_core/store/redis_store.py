@@ -121,18 +121,12 @@ from tqdm import tqdm
 
 from recsys_core.errors import ResourceExhausted, Unavailable
 from recsys_core.store.events import EventStore, StoredEvent, StoredExposure, tombstone_of
+# Checked by the services' configurations without importing redis-py.
+from recsys_core.store.redis_options import DURABILITY_LEVELS, MODES  # noqa: F401
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PREFIX = "recsys:profile:"
-MODES = ("single", "cluster")
-# How the store checks the server's persistence when it opens:
-#   always    - appendonly yes, appendfsync always: an acknowledged batch is on
-#               disk, and survives a crash of Redis or of the machine (default);
-#   everysec  - also accepts appendfsync everysec: survives a crash of Redis,
-#               but a machine crash or power loss can lose about the last second;
-#   unchecked - no check (e.g. a managed Redis that refuses CONFIG GET).
-DURABILITY_LEVELS = ("always", "everysec", "unchecked")
 # Events per chunk while bulk loading.
 BULK_CHUNK = 1000
 # A shopper's pending updates are left to the writer that made them for this

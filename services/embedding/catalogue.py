@@ -7,10 +7,12 @@ took the upsert included. So all replicas converge on the same state, and a
 replica that starts reads everything from the store."""
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
+from pathlib import Path
 
 import numpy as np
 from recsys_core.index.embedding_cache import EmbeddingCache, encode_cached
@@ -19,11 +21,13 @@ from recsys_core.errors import InvalidArgument, NotFound, PermissionDenied, Unav
 from recsys_core.models.model_serving import IdVectors
 from recsys_core.index.kinds import IndexSettings
 from recsys_core.index.vector_index import VectorIndex
+from recsys_core.data.paths import replacing
 from recsys_core.store.catalogue_store import CatalogueEntry, CatalogueStore
 
 log = logging.getLogger(__name__)
 
 MAX_ID_CHARS = 128
+SNAPSHOT_FORMAT = 1
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,8 @@ class Catalogue:
         self.index = VectorIndex(encoder.dimension, use_gpu=use_gpu, settings=index_settings, store_dir=store_dir)
         self._items: dict[str, ItemRecord] = {}
         self._write_lock = threading.Lock()
+        # The version of the start snapshot on disk, where known (server.save_snapshot).
+        self.snapshot_version: int | None = None
         # A remote encoder known to be down fails calls at once instead of
         # letting each one wait out its retries.
         self.encoder_ready = True
@@ -170,6 +176,65 @@ class Catalogue:
                 self._index(records, vectors)
             self.applied_version = version
             return len(entries)
+
+    # -- start-up snapshot -------------------------------------------------
+    #
+    # A replica's index as of one store version, in one file (records as
+    # JSON, indexed vectors as float32), so a restart reads one file and then
+    # only the store's changes since that version, instead of every item
+    # from the store (most of a restart on the bundled data; docs/operations.md,
+    # "Replicas"). `key` names what the vectors depend on besides the store:
+    # the encoder's weights and a model's ID vectors. A snapshot of another
+    # store (`store_id`), of another key, or of a version the store has not
+    # reached (a store emptied and refilled) is never used.
+
+    def save_snapshot(self, path: Path, key: str, store_id: str) -> int:
+        """Write this index's state atomically; returns the version it holds."""
+        with self._sync_lock:
+            version = self.applied_version
+            item_ids, categories, vectors = self.index.export()
+            items = [astuple(self._items[i]) for i in item_ids]
+        header = {"format": SNAPSHOT_FORMAT, "key": key, "store": store_id, "version": version,
+                  "dimension": self.dimension, "items": items}
+        with replacing(path) as tmp:
+            np.savez(tmp, header=np.frombuffer(json.dumps(header).encode(), dtype=np.uint8), vectors=vectors)
+        return version
+
+    def load_snapshot(self, path: Path, key: str, store_id: str) -> int | None:
+        """Index a snapshot's items; the version it holds, or None where there
+        is none this replica may use (then `sync` reads everything)."""
+        if self.store is None or not path.is_file():
+            return None
+        try:
+            with np.load(path, allow_pickle=False) as stored:
+                header = json.loads(stored["header"].tobytes())
+                vectors = stored["vectors"]
+            version = int(header["version"])
+            if (header.get("format"), header.get("key"), header.get("store"), header.get("dimension")) != (
+                    SNAPSHOT_FORMAT, key, store_id, self.dimension):
+                log.info("snapshot %s is of another store or encoder: reading the store", path)
+                return None
+            current = self.store.version()
+            if version > current:
+                log.warning("snapshot %s holds version %d, the store only %d (emptied since?): reading the store",
+                            path, version, current)
+                return None
+            records = [ItemRecord(*item) for item in header["items"]]
+            if vectors.shape != (len(records), self.dimension):
+                raise ValueError(f"{vectors.shape} vectors for {len(records)} items")
+        except Exception as error:  # noqa: BLE001 - a bad snapshot costs a full read, never the start
+            log.warning("cannot use snapshot %s (%s): reading the store", path, error)
+            return None
+        with self._sync_lock:
+            if self.applied_version or len(self._items):
+                return None
+            with self._write_lock:
+                # Vectors as indexed (ID vectors included): not added again.
+                for record in records:
+                    self._items[record.item_id] = record
+                self.index.upsert([r.item_id for r in records], [r.category for r in records], vectors)
+            self.applied_version = version
+        return version
 
     def _encode(self, records: Sequence[ItemRecord], show_progress: bool, save_cache: bool) -> np.ndarray:
         texts = [r.text.strip() or r.title.strip() for r in records]

@@ -12,7 +12,7 @@ from recsys_core.rpc.limits import DEFAULTS as LIMIT_DEFAULTS, ServerLimits, ser
 from recsys_core.rpc.transport import Security
 from recsys_core.rpc.envconfig import ConfigError, EnvReader
 from recsys_core.store.catalogue_store import STORES
-from recsys_core.store.redis_store import DURABILITY_LEVELS
+from recsys_core.store.redis_options import DURABILITY_LEVELS, MODES
 
 ENCODER_BACKENDS = ("onnx", "triton")
 
@@ -51,6 +51,11 @@ class EmbeddingConfig:
     catalogue_redis_password_file: str = ""
     # always | everysec | unchecked, as the profile's Redis store (docs/profiles.md).
     catalogue_redis_durability: str = "always"
+    # single | cluster: on a Redis Cluster (found from catalogue_redis_url's
+    # node and catalogue_redis_cluster_nodes, host:port,host:port) the whole
+    # catalogue shares one slot (recsys_core/store/catalogue_redis.py).
+    catalogue_redis_mode: str = "single"
+    catalogue_redis_cluster_nodes: tuple[str, ...] = ()
     catalogue_poll_seconds: float = 0.2
     # Request size, streams per connection, calls per second per caller:
     # EMBEDDING_MAX_REQUEST_BYTES, _MAX_CONCURRENT_STREAMS, _RATE_LIMIT_PER_SECOND,
@@ -122,6 +127,8 @@ class EmbeddingConfig:
             catalogue_redis_password_file=env.str("CATALOGUE_REDIS_PASSWORD_FILE", cls.catalogue_redis_password_file),
             catalogue_redis_durability=env.choice("CATALOGUE_REDIS_DURABILITY", cls.catalogue_redis_durability,
                                                   DURABILITY_LEVELS),
+            catalogue_redis_mode=env.choice("CATALOGUE_REDIS_MODE", cls.catalogue_redis_mode, MODES),
+            catalogue_redis_cluster_nodes=env.host_ports("CATALOGUE_REDIS_CLUSTER_NODES"),
             # Above a second a change could not reach every replica within the 1 s bound.
             catalogue_poll_seconds=env.float("CATALOGUE_POLL_SECONDS", cls.catalogue_poll_seconds, minimum=0.01,
                                              maximum=1.0),

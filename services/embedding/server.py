@@ -8,18 +8,17 @@ import threading
 from collections.abc import Callable
 
 import faiss
-import pandas as pd
 from prometheus_client.core import GaugeMetricFamily
 
 from recsys.embedding.v1 import embedding_pb2, embedding_pb2_grpc
-from recsys_core.data import shopping
+from recsys_core.data import paths
 from recsys_core.rpc.grpc_util import ManagedServer, ServingHealth, build_server, serve_main
 from recsys_core.models.hot_swap import Loaded, Served
 from recsys_core.models.model_serving import open_model_dir
 from services.embedding import promotion
 from services.embedding.catalogue import Catalogue, records_from_frame
 from services.embedding.config import EmbeddingConfig
-from services.embedding.loading import load_encoder, open_catalogue, open_store
+from services.embedding.loading import load_encoder, open_catalogue, open_store, save_snapshot
 from services.embedding.servicer import EmbeddingServicer
 
 log = logging.getLogger(__name__)
@@ -61,9 +60,49 @@ def load_catalogue(config: EmbeddingConfig, show_progress: bool = True, tracer=N
         label = version.label if version is not None else ""
     else:
         model = open_model_dir(config.model_dir) if config.model_dir else None
-        encoder, label = load_encoder(config, model, tracer), ""
+        encoder, label = load_encoder(config, model, tracer, background=True), ""
     store = open_store(config)
-    catalogue = open_catalogue(config, encoder, model, store, show_progress, label)
+    catalogue = open_catalogue(config, encoder, model, store, show_progress, label, snapshot=True)
+    seed_with_data(config, catalogue, show_progress)
+    loaded = getattr(encoder, "loaded", None)
+    if loaded is not None:
+        # A broken encoder still fails the start, as it did before it loaded in the background.
+        loaded()
+    log.info("catalogue holds %d items in %d categories; index kinds: %s", len(catalogue),
+             len(catalogue.categories()), {scope or "(all)": kind for scope, kind in catalogue.index.kinds().items()})
+    return catalogue
+
+
+def seed_marker(config: EmbeddingConfig) -> str | None:
+    """Names the configured data by content: the store notes each set it was
+    seeded with, so a restart (every restart of every replica) skips reading
+    and comparing the files, most of its start-up on the bundled data."""
+    files = []
+    if config.data_path is not None:
+        files.append(config.data_path / paths.ITEMS_FILE)
+    if config.retail_path is not None:
+        files += paths.directory_files(config.retail_path)
+    if not files:
+        return None
+    return f"seeded:{paths.files_digest(files)}"
+
+
+def seed_with_data(config: EmbeddingConfig, catalogue: Catalogue, show_progress: bool) -> None:
+    """Add the configured data's items the store lacks. Items are only ever
+    added (never replaced: an upsert wins over the bundled text), so once a
+    data set's items are all in, the store's note of it is enough."""
+    marker = seed_marker(config)
+    if marker is None:
+        return
+    if catalogue.store is not None and catalogue.store.meta(marker) is not None:
+        log.info("the catalogue store holds every item of %s already",
+                 ", ".join(str(p) for p in (config.data_path, config.retail_path) if p))
+        return
+    # Only here: a restart with a seeded store needs none of this.
+    import pandas as pd
+
+    from recsys_core.data import shopping
+
     frames = []
     if config.data_path is not None:
         frames.append(shopping.load_items(config.data_path))
@@ -71,16 +110,15 @@ def load_catalogue(config: EmbeddingConfig, show_progress: bool = True, tracer=N
         from recsys_core.data.retail import retail_items_and_events
 
         frames.append(shopping.with_text(retail_items_and_events(config.retail_path)[0]))
-    if frames:
-        items = pd.concat(frames, ignore_index=True)
-        missing = [r for r in records_from_frame(items) if r.item_id not in catalogue]
-        if missing:
-            log.info("adding %d of %d items from %s to the catalogue store", len(missing), len(items),
-                     ", ".join(str(p) for p in (config.data_path, config.retail_path) if p))
-            catalogue.upsert(missing, show_progress=show_progress, only_new=True, save_cache=True)
-    log.info("catalogue holds %d items in %d categories; index kinds: %s", len(catalogue),
-             len(catalogue.categories()), {scope or "(all)": kind for scope, kind in catalogue.index.kinds().items()})
-    return catalogue
+    items = pd.concat(frames, ignore_index=True)
+    missing = [r for r in records_from_frame(items) if r.item_id not in catalogue]
+    if missing:
+        log.info("adding %d of %d items from %s to the catalogue store", len(missing), len(items),
+                 ", ".join(str(p) for p in (config.data_path, config.retail_path) if p))
+        catalogue.upsert(missing, show_progress=show_progress, only_new=True, save_cache=True)
+    if catalogue.store is not None:
+        # After the items are durable: a start that died before this seeds again (only_new: harmless).
+        catalogue.store.set_meta(marker, str(catalogue.applied_version))
 
 
 def follow_catalogue(current: Callable[[], Catalogue], stop: threading.Event, interval: float) -> None:
@@ -184,12 +222,17 @@ def create_server(config: EmbeddingConfig) -> tuple[ManagedServer, int]:
                 target=promotion.follow, args=(config, served, server.stopping, server.tracing.tracer),
                 name="model-follow", daemon=True,
             ).start()
+        if catalogue.snapshot_version != catalogue.applied_version:
+            threading.Thread(target=save_snapshot, args=(config, catalogue), name="catalogue-snapshot",
+                             daemon=True).start()
 
         async def close_store() -> None:
             # Once no call uses it: the follower stops with `stopping`, set before the drain.
             # Every version's catalogue shares the one store.
             await asyncio.to_thread(follower.join, config.catalogue_poll_seconds + 5)
-            catalogue.store.close()
+            # A drained replica's state is the next start's: it then reads only what changes meanwhile.
+            await asyncio.to_thread(save_snapshot, config, current())
+            current().store.close()
 
         server.after_drain(close_store)
 

@@ -8,18 +8,8 @@ from recsys_core.rpc.access import AuthConfig
 from recsys_core.rpc.tracing import TracingConfig
 from recsys_core.rpc.limits import DEFAULTS as LIMIT_DEFAULTS, ServerLimits, service_limits
 from recsys_core.rpc.transport import Security
-from recsys_core.rpc.envconfig import ConfigError, EnvReader
+from recsys_core.rpc.envconfig import EnvReader
 from recsys_core.signals.interests import ClusterSettings, DriftSettings
-
-
-def cluster_nodes(text: str) -> tuple[str, ...]:
-    """PROFILE_REDIS_CLUSTER_NODES: host:port entries, comma-separated."""
-    nodes = tuple(node.strip() for node in text.split(",") if node.strip())
-    for node in nodes:
-        host, _, port = node.rpartition(":")
-        if not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ConfigError(f"PROFILE_REDIS_CLUSTER_NODES: {node!r} is not host:port")
-    return nodes
 
 
 @dataclass(frozen=True)
@@ -116,7 +106,7 @@ class ProfileConfig:
             store_path=env.str("STORE_PATH", cls.store_path),
             redis_url=env.str("REDIS_URL", cls.redis_url),
             redis_mode=env.choice("REDIS_MODE", cls.redis_mode, ("single", "cluster")),
-            redis_cluster_nodes=cluster_nodes(env.str("REDIS_CLUSTER_NODES", "")),
+            redis_cluster_nodes=env.host_ports("REDIS_CLUSTER_NODES"),
             redis_prefix=env.str("REDIS_PREFIX", cls.redis_prefix),
             redis_username=env.str("REDIS_USERNAME", cls.redis_username),
             redis_password_file=env.str("REDIS_PASSWORD_FILE", cls.redis_password_file),

@@ -2,15 +2,18 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import sys
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pandas as pd
 from prometheus_client import Counter
 
 from recsys.profile.v1 import profile_pb2, profile_pb2_grpc
-from recsys_core.data import shopping
+from recsys_core.data import paths, shopping
+from recsys_core.data.paths import replacing
 from recsys_core.rpc.grpc_util import ManagedServer, build_server, serve_main
 from recsys_core.rpc.tracing import Tracing
 from services.profile.catalogue_client import EmbeddingServiceLookup
@@ -54,21 +57,71 @@ def load_once(store: EventStore, rows, total: int, marker: str, source: Path) ->
     log.info("loaded %d events from %s", total, source)
 
 
-def load_dataset_events(store: EventStore, data_dir: Path) -> dict[str, int]:
+class LoadedSets:
+    """What a restart needs of a data set the store already holds (its
+    store marker and the latest event time per category), kept in the cache
+    directory under a digest of its files: a restart then reads neither the
+    files nor their frames (seconds on a busy machine, most of profile's
+    restart before). Only a hint: the store's own marker decides what is loaded."""
+
+    def __init__(self, directory: Path | None):
+        self.directory = directory
+
+    def _path(self, digest: str) -> Path | None:
+        return None if self.directory is None else self.directory / f"{digest}.json"
+
+    def get(self, digest: str, store: EventStore) -> dict[str, int] | None:
+        path = self._path(digest)
+        try:
+            known = json.loads(path.read_text()) if path is not None and path.is_file() else None
+        except (OSError, ValueError):
+            return None
+        if known is None or store.meta(f"loaded:{known['marker']}") is None:
+            return None
+        return {category: int(ts) for category, ts in known["clocks"].items()}
+
+    def put(self, digest: str, marker: str, clocks: dict[str, int]) -> None:
+        path = self._path(digest)
+        if path is None:
+            return
+        try:
+            with replacing(path) as tmp:
+                tmp.write_text(json.dumps({"marker": marker, "clocks": clocks}))
+        except OSError as error:
+            log.warning("cannot note data set %s in %s: %s", marker, path, error)
+
+
+def load_dataset_events(store: EventStore, data_dir: Path, known: LoadedSets = LoadedSets(None)) -> dict[str, int]:
+    digest = paths.files_digest([data_dir / shopping.INTERACTIONS_FILE])
+    clocks = known.get(digest, store)
+    if clocks is not None:
+        log.info("events of %s already in the store", data_dir)
+        return clocks
     events = shopping.chronological(shopping.load_interactions(data_dir))
     rows = benchmark_stored_events(events)
-    load_once(store, rows, len(events), data_marker(data_dir), data_dir)
-    return category_clocks(events)
+    marker = data_marker(data_dir)
+    load_once(store, rows, len(events), marker, data_dir)
+    clocks = category_clocks(events)
+    known.put(digest, marker, clocks)
+    return clocks
 
 
-def load_retail_events(store: EventStore, retail_dir: Path) -> dict[str, int]:
+def load_retail_events(store: EventStore, retail_dir: Path, known: LoadedSets = LoadedSets(None)) -> dict[str, int]:
     """Online-retail invoice lines as purchases with their amounts and orders."""
     from recsys_core.data.retail import retail_items_and_events
     from recsys_core.signals.value import retail_stored_events
 
+    digest = paths.files_digest(paths.directory_files(retail_dir))
+    clocks = known.get(digest, store)
+    if clocks is not None:
+        log.info("events of %s already in the store", retail_dir)
+        return clocks
     _, events = retail_items_and_events(retail_dir)
-    load_once(store, retail_stored_events(events), len(events), frame_marker("online-retail", events), retail_dir)
-    return category_clocks(events)
+    marker = frame_marker("online-retail", events)
+    load_once(store, retail_stored_events(events), len(events), marker, retail_dir)
+    clocks = category_clocks(events)
+    known.put(digest, marker, clocks)
+    return clocks
 
 
 def load_value_model(config: ProfileConfig) -> ValueModel | None:
@@ -82,12 +135,22 @@ def load_value_model(config: ProfileConfig) -> ValueModel | None:
 
 
 def load_book(config: ProfileConfig, tracing: Tracing = Tracing.OFF) -> ProfileBook:
+    # Unpickling the value model imports scikit-learn and SciPy: in a thread
+    # of its own, it overlaps the store's reads (which let go of the
+    # interpreter lock); the book waits for it, so no profile is ever answered without it.
+    with ThreadPoolExecutor(1, thread_name_prefix="value-model-load") as loader:
+        value_model = loader.submit(load_value_model, config)
+        return _load_book(config, tracing, value_model)
+
+
+def _load_book(config: ProfileConfig, tracing: Tracing, value_model: Future) -> ProfileBook:
     store = open_store(config, sweep=True)
     clocks: dict[str, int] = {}
+    known = LoadedSets(paths.cache_dir() / "profile-data-sets")
     if config.data_path is not None:
-        clocks.update(load_dataset_events(store, config.data_path))
+        clocks.update(load_dataset_events(store, config.data_path, known))
     if config.retail_path is not None:
-        clocks.update(load_retail_events(store, config.retail_path))
+        clocks.update(load_retail_events(store, config.retail_path, known))
     book = ProfileBook(
         store,
         EmbeddingServiceLookup(config.embedding_address, config.security, tracing),
@@ -97,11 +160,12 @@ def load_book(config: ProfileConfig, tracing: Tracing = Tracing.OFF) -> ProfileB
         drift_settings=config.drift_settings,
         cluster_settings=config.cluster_settings,
         user_tower=connect(config.user_tower_triton_url, config.user_tower_model, tracing.tracer),
-        value_model=load_value_model(config),
         review_classifier=connect_reviews(config.review_triton_url, config.review_model, tracing.tracer),
         value_clock=config.value_clock,
         category_clocks=clocks,
     )
+    # Before the book is handed to the servicer: nothing has read it yet.
+    book.value_model = value_model.result()
     log.info("store %r holds %d events", store, store.count())
     return book
 
