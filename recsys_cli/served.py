@@ -204,6 +204,37 @@ def write_heldout(data_dir: Path, out: Path) -> dict:
     return {"events": len(events), "kept": len(kept), "held_out": len(events) - len(kept)}
 
 
+def plot(summary: dict, out: Path) -> None:
+    """Offline against served, one panel per metric, a pair of bars per category."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = summary["results"]
+    categories = list(results)
+    figures = list(dict.fromkeys(name for rows in results.values() for name in rows))
+    metrics = ("recall@10", "ndcg@10", "recall@20", "ndcg@20")
+    figure, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics) + 1, 3.6), sharey=False)
+    width = 0.8 / len(figures)
+    for axis, metric in zip(axes, metrics):
+        for offset, name in enumerate(figures):
+            values = [results[c].get(name, {}).get(metric, 0.0) for c in categories]
+            bars = axis.bar([i + (offset - (len(figures) - 1) / 2) * width for i in range(len(categories))],
+                            values, width, label=name, color="tab:grey" if name != "served" else "tab:blue")
+            axis.bar_label(bars, fmt="%.3f", fontsize=6)
+        axis.set_xticks(range(len(categories)), [c.replace("_and_", " & ").replace("_", " ") for c in categories],
+                        fontsize=7, rotation=20)
+        axis.set_title(metric.replace("recall", "Recall").replace("ndcg", "NDCG"), fontsize=9)
+    axes[0].legend(fontsize=7)
+    shoppers = sum(r["served"]["shoppers"] for r in results.values())
+    figure.suptitle(f"offline against as served (Recommend through the gateway), the same {shoppers} test shoppers",
+                    fontsize=9)
+    figure.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out, dpi=110)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="recsys evaluate --served", description=(
         "The benchmark protocol (leave-one-out by seq, Recall/NDCG@10 and @20) on what a running stack's "
@@ -231,14 +262,16 @@ def parser() -> argparse.ArgumentParser:
                    help="leave the replayed shoppers in the stack (default: forget each after scoring)")
     p.add_argument("--all-categories", action="store_true",
                    help="ask Recommend over every category, not only the shopper's (the protocol ranks within it)")
-    p.add_argument("--offline", choices=("popularity", "cooccurrence", "zero-shot", "ranking"),
-                   help="also `recsys evaluate --baseline NAME` on the same shoppers, side by side")
+    p.add_argument("--offline", action="append", choices=("popularity", "cooccurrence", "zero-shot", "ranking"),
+                   help="also `recsys evaluate --baseline NAME` on the same shoppers, side by side (repeatable; "
+                        "ranking: the scoring serving does without a trained model)")
     p.add_argument("--certs", type=Path, default=paths.REPO_ROOT / "var" / "tls",
                    help="the stack's `recsys certs` directory: its CA, the `ingest` certificate, and admin.token "
                         "(RECSYS_TOKEN overrides) (default var/tls, as `recsys serve` writes it)")
     p.add_argument("--plaintext", action="store_true", help="a stack served with --insecure")
     p.add_argument("--allow-failures", action="store_true", help="exit 0 even when calls failed")
     p.add_argument("--json", type=Path, metavar="OUT", help="write the results as JSON to OUT")
+    p.add_argument("--plot", type=Path, metavar="PNG", help="plot the figures (offline beside served with --offline)")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -308,9 +341,8 @@ def evaluate_served(args) -> dict:
     for category in categories:
         ordered = [outcomes[(category, int(i))] for i in samples[category]]
         results[category] = {"served": summarise(ordered, targets_of[category])}
-        if args.offline:
-            results[category][f"offline {args.offline}"] = offline_metrics(
-                args.offline, dataset, splits[category], samples[category])
+        for name in args.offline or ():
+            results[category][f"offline {name}"] = offline_metrics(name, dataset, splits[category], samples[category])
     failures = [o for o in outcomes.values() if o.failure]
     return {
         "gateway": args.served, "data": str(args.data), "user_prefix": prefix, "k": served_k(),
@@ -363,6 +395,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(summary, indent=2) + "\n")
+    if args.plot:
+        plot(summary, args.plot)
     if summary["failed"]:
         example = summary["failure_examples"][0]
         print(f"recsys evaluate --served: {summary['failed']} shoppers not scored; first: {example['shopper']} "
