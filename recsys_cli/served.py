@@ -32,6 +32,13 @@ import numpy as np
 
 from recsys_core.data import paths
 
+# Real shoppers asked about before a run: whether the stack holds their held-out items.
+LEAK_PROBES = 5
+
+
+class KnownTestItems(Exception):
+    """The stack was served on data holding the held-out items."""
+
 
 def served_k() -> int:
     """What Recommend is asked for: enough for the protocol's largest cutoff."""
@@ -111,6 +118,20 @@ class ServedEvaluation:
             known = False
         with self._lock:
             self._catalogue[item_id] = known
+        return known
+
+    def knows_test_items(self, probes) -> int:
+        """How many of (real shopper, held-out item) the stack already holds
+        as that shopper's event: a stack served on the full data does, and
+        then its co-purchase counts lead a replayed twin of the shopper
+        straight to the held-out item."""
+        from recsys.profile.v1 import profile_pb2
+
+        known = 0
+        for user, target in probes:
+            reply = self.gateway.GetProfile(profile_pb2.GetProfileRequest(user_id=user, history_limit=1),
+                                            timeout=self.timeout)
+            known += target in set(reply.seen_item_ids)
         return known
 
     def run(self, outcome: Outcome, history_rows, target_item: str, category: str) -> Outcome:
@@ -217,11 +238,12 @@ def plot(summary: dict, out: Path) -> None:
     metrics = ("recall@10", "ndcg@10", "recall@20", "ndcg@20")
     figure, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics) + 1, 3.6), sharey=False)
     width = 0.8 / len(figures)
+    colours = ("tab:blue", "tab:orange", "silver", "dimgrey", "tab:green")  # served first, then offline
     for axis, metric in zip(axes, metrics):
         for offset, name in enumerate(figures):
             values = [results[c].get(name, {}).get(metric, 0.0) for c in categories]
             bars = axis.bar([i + (offset - (len(figures) - 1) / 2) * width for i in range(len(categories))],
-                            values, width, label=name, color="tab:grey" if name != "served" else "tab:blue")
+                            values, width, label=name, color=colours[offset % len(colours)])
             axis.bar_label(bars, fmt="%.3f", fontsize=6)
         axis.set_xticks(range(len(categories)), [c.replace("_and_", " & ").replace("_", " ") for c in categories],
                         fontsize=7, rotation=20)
@@ -270,6 +292,9 @@ def parser() -> argparse.ArgumentParser:
                         "(RECSYS_TOKEN overrides) (default var/tls, as `recsys serve` writes it)")
     p.add_argument("--plaintext", action="store_true", help="a stack served with --insecure")
     p.add_argument("--allow-failures", action="store_true", help="exit 0 even when calls failed")
+    p.add_argument("--allow-known-test-items", action="store_true",
+                   help="run even on a stack that holds the test shoppers' held-out items (its figures are "
+                        "not the protocol's; for checking the machinery)")
     p.add_argument("--json", type=Path, metavar="OUT", help="write the results as JSON to OUT")
     p.add_argument("--plot", type=Path, metavar="PNG", help="plot the figures (offline beside served with --offline)")
     p.add_argument("--no-progress", action="store_true")
@@ -304,6 +329,7 @@ def evaluate_served(args) -> dict:
     categories = args.category or sorted(dataset.interactions.category.unique())
     prefix = args.user_prefix if args.user_prefix is not None else f"eval-{uuid.uuid4().hex[:8]}-"
     work = []  # (category, index, replay id, history rows, target item)
+    users_of = {}  # (category, index) -> the real shopper's id
     splits, samples, targets_of = {}, {}, {}
     for category in categories:
         split = protocol.category_split(dataset.interactions, dataset.items, category)
@@ -319,10 +345,22 @@ def evaluate_served(args) -> dict:
             assert rows.item_id.iloc[-1] == target and len(rows) == len(split.sequences[index])
             history = list(rows.iloc[:-1].itertuples(index=False))
             work.append((category, int(index), f"{prefix}{user}-{category}", history, target))
+            users_of[(category, int(index))] = user
             targets_of[category].append(target)
 
     gateway, profile = channels(args)
     evaluation = ServedEvaluation(gateway, profile, args.timeout, args.all_categories, args.keep_replays)
+    # A held-out item bought before too (a repeat) is rightly in the history: no sign.
+    probes = [(users_of[(c, i)], target) for c, i, _, history, target in work
+              if target not in {row.item_id for row in history}][:LEAK_PROBES]
+    known = evaluation.knows_test_items(probes)
+    if known and not args.allow_known_test_items:
+        gateway.close()
+        profile.close()
+        raise KnownTestItems(
+            f"the stack already holds the held-out item of {known} of the first {len(probes)} test "
+            f"shoppers (their own events): its popularity and co-purchase counts know the answers. Serve it on "
+            f"`recsys evaluate --write-heldout DIR --data {args.data}`'s copy, or pass --allow-known-test-items")
     outcomes: dict[tuple[str, int], Outcome] = {}
     with gateway, profile, ThreadPoolExecutor(max_workers=args.concurrency) as pool, \
             tqdm(total=len(work), desc="served", unit="shopper", disable=args.no_progress) as bar:
@@ -348,6 +386,7 @@ def evaluate_served(args) -> dict:
         "gateway": args.served, "data": str(args.data), "user_prefix": prefix, "k": served_k(),
         "categories": "all" if args.all_categories else "the shopper's", "max_shoppers": args.max_shoppers,
         "seed": args.seed, "kept_replays": args.keep_replays, "results": results,
+        "stack_holds_test_items": f"{known} of {len(probes)} probed",
         "failed": len(failures),
         "failure_examples": [{"shopper": o.replay_id, "failure": o.failure, "detail": o.detail} for o in failures[:5]],
     }
@@ -390,7 +429,17 @@ def main(argv: list[str] | None = None) -> int:
     if not args.plaintext and not (args.certs / "ingest" / "tls.crt").is_file():
         p.error(f"--certs {args.certs}: no ingest/tls.crt (the certificate IngestEvents admits); "
                 "`recsys serve` writes var/tls")
-    summary = evaluate_served(args)
+    import grpc
+
+    try:
+        summary = evaluate_served(args)
+    except KnownTestItems as error:
+        print(f"recsys evaluate --served: {error}", file=sys.stderr)
+        return 2
+    except grpc.RpcError as error:
+        print(f"recsys evaluate --served: the stack at {args.served} did not answer GetProfile: "
+              f"{error.code().name}: {error.details()}", file=sys.stderr)
+        return 1
     report(summary)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

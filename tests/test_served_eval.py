@@ -58,12 +58,26 @@ def test_heldout_data_drops_exactly_each_evaluated_shoppers_test_event():
 
 # -- against the session's stack ---------------------------------------------------
 
-def served_args(stack, tmp_path, *extra):
+def served_args(stack, tmp_path, *extra, known_test_items: bool = True):
+    """The session's stack is served on the full bundled data, held-out items
+    included: its figures check the machinery, not the model."""
     from tests.conftest import tls_material
 
     return ["evaluate", "--served", stack.gateway, "--profile", stack.profile,
             "--certs", str(tls_material().directory), "--category", "Beauty", "--max-shoppers", "4",
-            "--concurrency", "2", "--timeout", "20", "--no-progress", "--json", str(tmp_path / "out.json"), *extra]
+            "--concurrency", "2", "--timeout", "20", "--no-progress", "--json", str(tmp_path / "out.json"),
+            *(["--allow-known-test-items"] if known_test_items else []), *extra]
+
+
+@pytest.mark.integration
+def test_served_evaluation_refuses_a_stack_that_holds_the_held_out_items(stack, tmp_path, monkeypatch, capsys):
+    from recsys_cli.main import main
+    from tests.conftest import admin_token
+
+    monkeypatch.setenv("RECSYS_TOKEN", admin_token())
+    assert main(served_args(stack, tmp_path, known_test_items=False)) == 2
+    assert "already holds the held-out item" in capsys.readouterr().err
+    assert not (tmp_path / "out.json").exists()
 
 
 @pytest.mark.integration
