@@ -112,12 +112,17 @@ def test_served_evaluation_scores_replayed_shoppers_without_their_held_out_item(
         if held_out not in history:
             assert held_out not in reply.seen_item_ids
 
-    # A rerun under the same ids stores nothing twice (idempotency keys).
+    # A rerun under the same ids stores nothing twice (idempotency keys),
+    # and, without --keep-replays, forgets them: the session's stack is left
+    # with no share of these replays in its counts.
     assert main(served_args(stack, tmp_path, "--user-prefix", prefix, "--keep-replays")) == 0
     with gateway_channel(stack.gateway) as channel:
         index = sample_indices(len(split.users), 4, 0)[0]
         reply = call_profile(stack.gateway, f"{prefix}{split.users[index]}-Beauty", 500, 20.0, channel=channel)
     assert reply.event_count == len(split.sequences[index]) - 1
+    assert main(served_args(stack, tmp_path, "--user-prefix", prefix)) == 0
+    with gateway_channel(stack.gateway) as channel:
+        assert not call_profile(stack.gateway, f"{prefix}{split.users[index]}-Beauty", 10, 20.0, channel=channel).known
 
 
 @pytest.mark.integration
