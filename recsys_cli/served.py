@@ -160,6 +160,13 @@ class ServedEvaluation:
         except grpc.RpcError as error:
             outcome.failure = f"{step}: {error.code().name}"
             outcome.detail = error.details() or ""
+            if step != "forget" and not self.keep_replays:
+                # What a failed shopper may have left in the stack goes too (at best effort: the failure is reported).
+                try:
+                    self.gateway.DeleteUser(profile_pb2.DeleteUserRequest(user_id=outcome.replay_id),
+                                            timeout=self.timeout)
+                except grpc.RpcError:
+                    outcome.detail += " (and forgetting the replayed shopper failed too)"
         return outcome
 
 
@@ -279,7 +286,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, default=8, help="shoppers in flight at once")
     p.add_argument("--timeout", type=float, default=10.0, help="deadline of each call, seconds")
     p.add_argument("--user-prefix", help="prefix of the replayed shoppers' ids (default: eval-<random>-, new each "
-                                         "run); a rerun with the same prefix stores no event twice")
+                                         "run); a rerun with the same prefix stores no event twice. Not after a run "
+                                         "that forgot them: a forgotten id's earlier events are settled, never stored")
     p.add_argument("--keep-replays", action="store_true",
                    help="leave the replayed shoppers in the stack (default: forget each after scoring)")
     p.add_argument("--all-categories", action="store_true",
