@@ -163,3 +163,9 @@ def test_served_evaluation_against_a_wrong_address_fails_with_the_code(stack, tm
     assert "4 shoppers not scored" in capsys.readouterr().err
     # --allow-failures: the same run reports and exits 0.
     assert main([*args, "--allow-failures"]) == 0
+    capsys.readouterr()
+    # A gateway that does not answer: nothing is replayed, one line says why.
+    args = served_args(stack, tmp_path, "--timeout", "3")
+    args[args.index(stack.gateway)] = f"127.0.0.1:{free_port()}"
+    assert main(args) == 1
+    assert "did not answer GetProfile: UNAVAILABLE" in capsys.readouterr().err
