@@ -41,13 +41,14 @@ def print_recommendations(reply, as_json: bool) -> None:
         print(f"{'':>46}{item.reason}")
 
 
-def gateway_channel(address: str):
+def gateway_channel(address: str, tls_dir: Path | None = None):
     """A channel to the gateway with this user's credentials, from the environment:
 
     RECSYS_TOKEN (or RECSYS_TOKEN_FILE; default var/tls/admin.token, which
     `recsys serve` writes) is sent as `authorization: Bearer`; TLS is checked
     against RECSYS_GATEWAY_CA (default var/tls/ca.crt when it exists, else the
     system's roots); RECSYS_GATEWAY_PLAINTEXT=1 for a gateway without TLS.
+    `tls_dir`: another stack's `recsys certs` directory instead of var/tls.
     """
     import os
 
@@ -55,7 +56,7 @@ def gateway_channel(address: str):
     from recsys_core.rpc.grpc_util import CHANNEL_OPTIONS
     from recsys_core.rpc.transport import client_channel
 
-    local = paths.REPO_ROOT / "var" / "tls"
+    local = Path(tls_dir) if tls_dir is not None else paths.REPO_ROOT / "var" / "tls"
     token = os.environ.get("RECSYS_TOKEN", "").strip()
     token_file = Path(os.environ.get("RECSYS_TOKEN_FILE") or local / "admin.token")
     if not token and token_file.is_file():

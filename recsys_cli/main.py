@@ -67,7 +67,7 @@ def cmd_delete_user(args) -> int:
 
 DELEGATED = {
     "export": "export the encoder to model_repo/ (fp32 and int8 ONNX)",
-    "evaluate": "offline evaluation on the published benchmark protocol",
+    "evaluate": "offline evaluation on the published benchmark protocol (--served GATEWAY: on a running stack)",
     "train": "train our sequence model on shopping data",
     "evaluate-interests": "measure drift-aware shopper vectors and interest-spread lists (docs/profiles.md)",
 }
@@ -82,6 +82,10 @@ def run_delegated(name: str, rest: list[str]) -> int:
         from training import interests_eval
 
         return interests_eval.main(rest)
+    if name == "evaluate" and any(a.split("=")[0] in ("--served", "--write-heldout") for a in rest):
+        from recsys_cli import served
+
+        return served.main(rest)
     from training import commands
 
     return {"evaluate": commands.evaluate_main, "train": commands.train_main}[name](rest)

@@ -421,6 +421,9 @@ def serve(data: Path, port: int, encoder: str, model_dir: Path | None, retail: P
         return 1
     gateway = stack.addresses["gateway"]
     print(f"\nall services SERVING; gateway at {gateway}", flush=True)
+    # Operators' and `recsys evaluate --served --profile` need the internal ones too.
+    print("internal: " + ", ".join(f"{name} {stack.addresses[name]}" for name in ("profile", "embedding", "ranking")),
+          flush=True)
     if replicas > 1:
         print(f"replicas (each restarted if it exits): " + ", ".join(
             f"{name} {len(stack.children(name))}" for name in SERVICES) +

@@ -455,10 +455,13 @@ def render(results: dict) -> None:
     page = docs / "results.md"
     (docs / "results.md").write_text(RESULTS_TEMPLATE.format(command=command, tables="\n".join(lines),
                                                              ranker=kept_section(page, RANKER_HEADING),
+                                                             served=kept_section(page, SERVED_HEADING),
                                                              limits=LIMITS.strip()))
 
 
 RANKER_HEADING = "## Learned ranker"
+# `recsys evaluate --served`'s figures (written by hand from its --json, beside its --plot).
+SERVED_HEADING = "## As served"
 
 
 def kept_section(page: Path, heading: str) -> str:
@@ -604,7 +607,7 @@ Reproduce (full data beside the clone):
 ![NDCG@10 per model](results.png)
 
 {tables}
-{ranker}## Limits of these figures
+{ranker}{served}## Limits of these figures
 
 {limits}
 """

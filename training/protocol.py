@@ -132,6 +132,37 @@ def target_ranks(scorer: Scorer, histories: Sequence[np.ndarray], targets: np.nd
     return ranks
 
 
+# The rank of a target a returned list does not hold: past every cutoff, and
+# close enough to nothing in MRR (which over a list of K is MRR@K, a lower bound).
+MISS_RANK = 2 ** 40
+
+
+def list_ranks(returned: Sequence[Sequence], targets: Sequence) -> np.ndarray:
+    """0-based rank of each target in the list returned for it (a served
+    reply, best first), MISS_RANK where the list does not hold it: what
+    `target_ranks` gives for a scorer whose top items are that list, so
+    metrics_from_ranks reads both the same way."""
+    ranks = np.full(len(targets), MISS_RANK, dtype=np.int64)
+    for row, (items, target) in enumerate(zip(returned, targets)):
+        for position, item in enumerate(items):
+            if item == target:
+                ranks[row] = position
+                break
+    return ranks
+
+
+def heldout_interactions(interactions: pd.DataFrame, min_events: int = 3) -> pd.DataFrame:
+    """The events without any test target: each (shopper, category) that
+    `category_split` evaluates (min_events or more) loses its last event by
+    `seq`. What a stack must be served on for a served evaluation to see no
+    test item in its popularity or co-purchase counts."""
+    ordered = interactions.sort_values(["user_id", "category", "seq"], kind="stable")
+    groups = ordered.groupby(["user_id", "category"], sort=False)
+    last = groups.cumcount(ascending=False) == 0
+    evaluated = groups["item_id"].transform("size") >= min_events
+    return interactions.loc[ordered.index[~(last & evaluated).to_numpy()]].sort_index()
+
+
 def metrics_from_ranks(ranks: np.ndarray) -> dict[str, float]:
     result = {}
     for k in CUTOFFS:
