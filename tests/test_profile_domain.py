@@ -333,3 +333,25 @@ def test_a_restart_finds_loaded_data_sets_without_reading_their_files(tmp_path, 
     assert server.load_dataset_events(empty, paths.BUNDLED_DATA_DIR, known) == clocks
     assert empty.count() > 0
     empty.close()
+
+
+def test_a_new_encoder_version_in_the_catalogue_drops_cached_items_and_profiles(book, monkeypatch):
+    """A promotion swaps the embedding service's vectors (hot swap): the
+    profile's cached items and the interests made of them must follow
+    within the check interval, never mixing two versions' vectors."""
+    from services.profile import profiles
+
+    monkeypatch.setattr(profiles, "CATALOGUE_VERSION_CHECK_SECONDS", 0.0)
+    book.ingest([incoming("a"), incoming("b")], 1.0)
+    before = book.profile("u", 1.0)
+    assert np.argmax(before.long_term) in (0, 1)
+    # Version 2 maps every item to another axis: a to d, b to c.
+    book.items.items = {name: ItemInfo("C", BASIS[new], model_version="sequence/2")
+                        for name, new in zip("abcd", "dcba")}
+    after = book.profile("u", 1.0)
+    assert after is not before
+    assert set(np.flatnonzero(after.long_term > 0.1)) == {2, 3}, after.long_term
+    # And a read of items partly cached (c) and partly not fetches all from the new version.
+    book.items.items["e"] = ItemInfo("C", BASIS["a"], model_version="sequence/2")
+    book.ingest([incoming("c", user="w"), incoming("e", user="w")], 1.0)
+    assert set(np.flatnonzero(book.profile("w", 1.0).long_term > 0.1)) == {0, 1}

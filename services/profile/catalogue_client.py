@@ -33,6 +33,7 @@ class EmbeddingServiceLookup:
                     vector=from_vector(entry.embedding),
                     title=entry.item.title,
                     category_path=entry.item.category_path,
+                    model_version=reply.model_version,
                 )
         return found
 

@@ -53,6 +53,9 @@ class ItemInfo:
     vector: np.ndarray
     title: str = ""
     category_path: str = ""
+    # The encoder version that made `vector` (GetItemsResponse.model_version;
+    # "" without a model registry): vectors of two versions are never mixed.
+    model_version: str = ""
 
 
 # Locks that keep ingestion and forgetting of one shopper apart, by a hash of
@@ -153,6 +156,21 @@ class ItemCache:
             while len(self._entries) > self.capacity:
                 self._entries.popitem(last=False)
 
+    def newest_id(self) -> str | None:
+        with self._lock:
+            return next(reversed(self._entries), None)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+
+# How often a profile read asks the catalogue which encoder version it serves
+# (one GetItems of one item): a promotion swaps the embedding service's
+# vectors (docs/operations.md, "Hot swap"), and the cached items and
+# profiles made of the old ones must go within this long.
+CATALOGUE_VERSION_CHECK_SECONDS = 5.0
+
 
 class ProfileBook:
     def __init__(
@@ -199,6 +217,10 @@ class ProfileBook:
         else:
             self.popularity, self.co_purchases = shared
         self.item_cache = ItemCache()
+        # The encoder version of the cached items' vectors, and when the
+        # catalogue was last asked for its own.
+        self._items_version = ""
+        self._version_checked_at = time.monotonic()
         self._profiles: OrderedDict[str, Profile] = OrderedDict()
         self._profile_cache_size = profile_cache_size
         self._cache_lock = threading.Lock()
@@ -335,9 +357,48 @@ class ProfileBook:
         found, missing = self.item_cache.get_many(item_ids)
         if missing:
             fetched = self.items.lookup(missing, timeout)
+            if self._follow_version(fetched):
+                # The cached half was the old encoder's: all of them again.
+                found, fetched = {}, self.items.lookup(list(item_ids), timeout)
+                self._follow_version(fetched)
             self.item_cache.put_many(fetched)
             found.update(fetched)
         return found
+
+    def _follow_version(self, fetched: dict[str, ItemInfo]) -> bool:
+        """Whether `fetched` came from another encoder version than the
+        cached items; if so the cached items and profiles (whose interests
+        are mixes of item vectors) are dropped, and profiles being made
+        meanwhile are not cached."""
+        versions = {info.model_version for info in fetched.values()}
+        if not versions or versions == {self._items_version}:
+            return False
+        with self._cache_lock:
+            self.item_cache.clear()
+            self._profiles.clear()
+            self._forgets += 1
+            # Two versions in one answer (a swap during it): the next fetch settles it.
+            self._items_version = versions.pop() if len(versions) == 1 else None
+        log.info("the catalogue's vectors are now %s's: cached items and profiles dropped",
+                 self._items_version or "another version")
+        return True
+
+    def _check_catalogue_version(self, timeout: float) -> None:
+        """At most every CATALOGUE_VERSION_CHECK_SECONDS: fetch the newest
+        cached item again to see whether its vector changed version (cached
+        profiles would otherwise never ask). A catalogue that does not answer
+        costs nothing here: the reads that need it say so."""
+        now = time.monotonic()
+        if now - self._version_checked_at < CATALOGUE_VERSION_CHECK_SECONDS:
+            return
+        self._version_checked_at = now
+        probe = self.item_cache.newest_id()
+        if probe is None:
+            return
+        try:
+            self._follow_version(self.items.lookup([probe], timeout))
+        except Exception as error:  # noqa: BLE001 - the next check tries again
+            log.debug("catalogue version check failed: %s", error)
 
     def forecast_time(self, categories) -> int:
         """When a shopper's value is forecast: the wall clock, or where the
@@ -397,6 +458,7 @@ class ProfileBook:
 
     def profile(self, user_id: str, timeout: float) -> Profile:
         check_user_id(user_id)
+        self._check_catalogue_version(timeout)
         with self._cache_lock:
             cached = self._profiles.get(user_id)
             if cached is not None:
