@@ -397,3 +397,84 @@ def test_retrain_ranker_compares_with_the_promoted_ranker_on_the_same_pools(tmp_
         second["candidate"]
     with pytest.raises(SystemExit):
         recsys(["retrain", "--kind", "ranker", "--registry", str(registry.root)])  # which category?
+
+
+@pytest.mark.integration
+def test_retrain_on_new_events_promotes_into_a_serving_embedding_service_under_load(cycle, tmp_path):
+    """The whole loop (issue #19): an embedding service serves the
+    registry's promoted sequence version while calls keep coming; new
+    shoppers' events reach the store; `recsys retrain` trains warm from the
+    promoted version and promotes; the service swaps the new encoder and its
+    index in. Not one call fails, and once a thread sees the new version it
+    never sees the old again. The promotion is forced (--tolerance 1): that
+    the rule keeps worse candidates is the test above's."""
+    import sys
+    import threading
+    import time
+
+    import grpc
+
+    from conftest import secured, service_channel, start
+    from recsys.embedding.v1 import embedding_pb2, embedding_pb2_grpc
+    from services.embedding.config import EmbeddingConfig
+    from services.embedding.server import create_server
+
+    sys.path.insert(0, str(paths.REPO_ROOT / "bench"))
+    from promotion import small_catalogue
+
+    registry = cycle.registry
+    serving = registry.promoted("sequence")
+    data = small_catalogue(tmp_path / "data", 60)
+    ids = list(shopping.load_items(data).item_id)
+    server, address = start(create_server(EmbeddingConfig(
+        address="127.0.0.1:0", data_dir=str(data), retail_dir="", catalogue_path=str(tmp_path / "catalogue.sqlite3"),
+        cache_dir=str(tmp_path / "cache"), model_registry=str(registry.root), model_poll_seconds=0.1,
+        grace_seconds=0.5, encoder_threads=1, **secured("embedding"))))
+    stop, failures, seen = threading.Event(), [], []
+    try:
+        with service_channel(address, "embedding") as channel:
+            stub = embedding_pb2_grpc.EmbeddingServiceStub(channel)
+            assert stub.ListCategories(embedding_pb2.ListCategoriesRequest(), timeout=30).model_version == serving.label
+
+            def load():
+                n = 0
+                while not stop.is_set():
+                    try:
+                        reply = stub.RetrieveCandidates(embedding_pb2.RetrieveCandidatesRequest(
+                            context_item_ids=[ids[n % len(ids)]], k=5), timeout=10)
+                        assert reply.candidates[0].item.item_id == ids[n % len(ids)]
+                        seen.append(reply.model_version)
+                    except (grpc.RpcError, AssertionError) as error:
+                        failures.append(repr(error))
+                    n += 1
+                    time.sleep(0.02)  # a steady trickle, leaving the cores to the training
+
+            caller = threading.Thread(target=load, daemon=True)
+            caller.start()
+            # New shoppers, a day after the store's newest event: their last
+            # events are the holdout, and training sees only what came before.
+            office = cycle.dataset.interactions.query("category == @CATEGORY")
+            newest = int(lifecycle.store_events(cycle.store, progress=False).timestamp.max())
+            copies = office.assign(user_id="again-" + office.user_id, timestamp=newest + DAY)
+            last = copies.sort_values(["user_id", "seq"]).groupby("user_id").tail(1).index
+            copies.loc[last, "timestamp"] = newest + 2 * DAY
+            assert all(cycle.store.append(list(benchmark_stored_events(copies))))
+            with pytest.MonkeyPatch.context() as env:
+                env.setenv("PROFILE_STORE", "sqlite")
+                env.setenv("PROFILE_STORE_PATH", str(cycle.store.path))
+                env.setenv("RECSYS_MODEL_REGISTRY", str(registry.root))
+                assert recsys(["retrain", "--categories", CATEGORY, "--max-epochs", "1", "--min-holdout", "5",
+                               "--no-progress", "--threads", "2", "--holdout-days", "1.5", "--tolerance", "1"]) == 0
+            promoted = registry.promoted("sequence")
+            assert promoted.version > serving.version and promoted.manifest["parent"] == serving.version
+            deadline = time.monotonic() + 120
+            while promoted.label not in seen[-5:] and time.monotonic() < deadline and not failures:
+                time.sleep(0.1)
+            stop.set()
+            caller.join(15)
+    finally:
+        stop.set()
+        server.stop(None)
+    assert failures == []
+    assert seen[0] == serving.label and seen[-1] == promoted.label, (seen[0], seen[-1])
+    assert serving.label not in seen[seen.index(promoted.label):], "the old version answered after the new one"
