@@ -110,6 +110,13 @@ class SQLiteEventStore(EventStore):
     def append(self, events: Sequence[StoredEvent]) -> list[bool]:
         """Store events in one transaction. Returns, per event, whether it was
         new (False: its idempotency key was stored before)."""
+        return self._insert_unless_forgotten(events, INSERT_EVENT, _row)
+
+    def _insert_unless_forgotten(self, records, statement: str, row) -> list[bool]:
+        """Insert each record (`row(record)` the statement's parameters) in one
+        transaction, except a forgotten shopper's from before the forgetting.
+        Returns, per record, whether it was stored (False: forgotten, or
+        ignored by the statement as stored before)."""
         stored = []
         with self._write_lock:
             cursor = self._writer.cursor()
@@ -117,14 +124,12 @@ class SQLiteEventStore(EventStore):
             try:
                 # Read inside the transaction: a forget_user cannot slip in
                 # between the check and the insert.
-                tombstones = self._tombstones(cursor, {event.user_id for event in events})
-                for event in events:
-                    if tombstones and superseded(event.ts, tombstones.get(event.user_id)):
+                tombstones = self._tombstones(cursor, {record.user_id for record in records})
+                for record in records:
+                    if tombstones and superseded(record.ts, tombstones.get(record.user_id)):
                         stored.append(False)
                         continue
-                    cursor.execute(
-                        INSERT_EVENT, _row(event),
-                    )
+                    cursor.execute(statement, row(record))
                     stored.append(cursor.rowcount == 1)
                 cursor.execute("COMMIT")
             except BaseException:
@@ -194,27 +199,12 @@ class SQLiteEventStore(EventStore):
         return removed
 
     def record_exposures(self, exposures) -> list[bool]:
-        stored = []
-        with self._write_lock:
-            cursor = self._writer.cursor()
-            cursor.execute("BEGIN IMMEDIATE")
-            try:
-                tombstones = self._tombstones(cursor, {e.user_id for e in exposures})
-                for e in exposures:
-                    if tombstones and superseded(e.ts, tombstones.get(e.user_id)):
-                        stored.append(False)
-                        continue
-                    cursor.execute(
-                        "INSERT OR IGNORE INTO exposures (exposure_id, user_id, experiment, arm, model_version, ts,"
-                        " item_ids) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                        (e.exposure_id, e.user_id, e.experiment, e.arm, e.model_version, e.ts,
-                         json.dumps(list(e.item_ids))))
-                    stored.append(cursor.rowcount == 1)
-                cursor.execute("COMMIT")
-            except BaseException:
-                cursor.execute("ROLLBACK")
-                raise
-        return stored
+        return self._insert_unless_forgotten(
+            exposures,
+            "INSERT OR IGNORE INTO exposures (exposure_id, user_id, experiment, arm, model_version, ts, item_ids)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            lambda e: (e.exposure_id, e.user_id, e.experiment, e.arm, e.model_version, e.ts,
+                       json.dumps(list(e.item_ids))))
 
     def exposures(self, since: int | None = None) -> Iterator[StoredExposure]:
         connection = self._connect()
