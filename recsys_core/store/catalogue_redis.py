@@ -42,14 +42,14 @@ from collections.abc import Sequence
 
 import redis
 from redis.backoff import ExponentialBackoff
-from redis.cluster import ClusterNode, RedisCluster
+from redis.cluster import RedisCluster
 from redis.retry import Retry
 
 from recsys_core.errors import ResourceExhausted, Unavailable
 from recsys_core.store.catalogue_store import (
     CatalogueEntry, CatalogueStore, PutResult, latest, vector_bytes, vector_from,
 )
-from recsys_core.store.redis_store import DURABILITY_LEVELS, MODES, _safe_url, check_server
+from recsys_core.store.redis_store import _safe_url, check_server, check_settings, open_client
 
 log = logging.getLogger(__name__)
 
@@ -95,34 +95,21 @@ class RedisCatalogueStore(CatalogueStore):
                  mode: str = "single", cluster_nodes: Sequence[str] = ()):
         """`mode` "cluster": a Redis Cluster, found from `url`'s node and
         `cluster_nodes` ("host:port"), with `url`'s credentials."""
-        if durability not in DURABILITY_LEVELS:
-            raise ValueError(f"durability must be one of {DURABILITY_LEVELS}, got {durability!r}")
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if "{" in prefix or "}" in prefix:
-            raise ValueError(f"the key prefix {prefix!r} must not contain braces: they choose Redis Cluster slots")
+        check_settings(durability, mode, prefix)
         self.url = url
         self.prefix = prefix
         self.durability = durability
         self.mode = mode
         common = dict(socket_timeout=socket_timeout, socket_connect_timeout=5.0,
                       retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), 3))
-        if username:
-            common["username"] = username
-        if password:
-            common["password"] = password
+        # Vectors are bytes: this client hands back what Redis holds.
+        self._data = open_client(url, mode, cluster_nodes, username, password, decode_responses=False, **common)
+        # Text replies (INFO, CONFIG GET, the version).
+        self._text = open_client(url, mode, cluster_nodes, username, password, decode_responses=True, **common)
         if mode == "cluster":
-            seeds = [ClusterNode(*node.rsplit(":", 1)) for node in cluster_nodes]
-            # Vectors are bytes: this client hands back what Redis holds.
-            self._data = RedisCluster.from_url(url, startup_nodes=seeds or None, decode_responses=False, **common)
-            # Text replies (INFO, CONFIG GET, the version).
-            self._text = RedisCluster.from_url(url, startup_nodes=seeds or None, decode_responses=True, **common)
             self._keys = prefix + CLUSTER_TAG
             primaries = {"target_nodes": RedisCluster.PRIMARIES}
         else:
-            common["health_check_interval"] = 10
-            self._data = redis.Redis.from_url(url, decode_responses=False, **common)
-            self._text = redis.Redis.from_url(url, decode_responses=True, **common)
             self._keys = prefix
             primaries = {}
         self._put = self._data.register_script(_PUT_SCRIPT)

@@ -418,6 +418,32 @@ def _per_node(reply) -> list[dict]:
     return [reply]
 
 
+def check_settings(durability: str, mode: str, prefix: str) -> None:
+    """What both Redis stores refuse before connecting."""
+    if durability not in DURABILITY_LEVELS:
+        raise ValueError(f"durability must be one of {DURABILITY_LEVELS}, got {durability!r}")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if "{" in prefix or "}" in prefix:
+        raise ValueError(f"the key prefix {prefix!r} must not contain braces: they choose Redis Cluster slots")
+
+
+def open_client(url: str, mode: str, cluster_nodes: Sequence[str], username: str | None, password: str | None,
+                **options):
+    """A client of `url`: with `mode` "cluster" a Redis Cluster found from
+    `url`'s node and `cluster_nodes` ("host:port"), with `url`'s
+    credentials; `username` and `password` are the service's ACL user when
+    not in the URL (from a Secret's file)."""
+    if username:
+        options["username"] = username
+    if password:
+        options["password"] = password
+    if mode == "cluster":
+        seeds = [ClusterNode(*node.rsplit(":", 1)) for node in cluster_nodes]
+        return RedisCluster.from_url(url, startup_nodes=seeds or None, **options)
+    return redis.Redis.from_url(url, health_check_interval=10, **options)
+
+
 def check_server(reader, url: str, durability: str, setting: str, what: str, **node_args) -> None:
     """Refuse a Redis that could lose acknowledged writes at `durability`
     (DURABILITY_LEVELS), checked on every node `node_args` names (a cluster's
@@ -470,39 +496,22 @@ class RedisEventStore(EventStore):
         `cluster_nodes` ("host:port"), with `url`'s credentials. `sweep`:
         apply other writers' abandoned count updates in a background thread
         (the profile service does; tests call settle_pending())."""
-        if durability not in DURABILITY_LEVELS:
-            raise ValueError(f"durability must be one of {DURABILITY_LEVELS}, got {durability!r}")
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if "{" in prefix or "}" in prefix:
-            raise ValueError(f"the key prefix {prefix!r} must not contain braces: they choose Redis Cluster slots")
+        check_settings(durability, mode, prefix)
         self.url = url
         self.prefix = prefix
         self.durability = durability
         self.mode = mode
         common = dict(decode_responses=True, socket_timeout=socket_timeout, socket_connect_timeout=5.0)
-        # Credentials of the service's ACL user, when not in the URL (from a Secret's file).
-        if username:
-            common["username"] = username
-        if password:
-            common["password"] = password
         # Writes are never retried by the client: a write whose reply was lost
         # may have been stored, and storing it again would count events twice.
         # The caller hears UNAVAILABLE and retries with its idempotency keys.
         # (The counter scripts would be safe to retry, the event script is not.)
         # Reads are safe to retry, e.g. on a pooled connection that a Redis
         # restart broke.
-        if mode == "cluster":
-            seeds = [ClusterNode(*node.rsplit(":", 1)) for node in cluster_nodes]
-            self._writer = RedisCluster.from_url(url, startup_nodes=seeds or None,
-                                                 retry=Retry(ExponentialBackoff(), 0), **common)
-            self._reader = RedisCluster.from_url(url, startup_nodes=seeds or None,
-                                                 retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), 3), **common)
-        else:
-            common["health_check_interval"] = 10
-            self._writer = redis.Redis.from_url(url, retry=Retry(ExponentialBackoff(), 0), **common)
-            self._reader = redis.Redis.from_url(url, retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), 3),
-                                                **common)
+        self._writer = open_client(url, mode, cluster_nodes, username, password,
+                                   retry=Retry(ExponentialBackoff(), 0), **common)
+        self._reader = open_client(url, mode, cluster_nodes, username, password,
+                                   retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), 3), **common)
         self._store = self._writer.register_script(_STORE_SCRIPT)
         self._forget = self._writer.register_script(_FORGET_SCRIPT)
         self._expose = self._writer.register_script(_EXPOSE_SCRIPT)
