@@ -32,6 +32,8 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
         self.models = ranker if isinstance(ranker, Served) else Served(Loaded(ranker))
         # Registry versions an A/B arm's request names (RankRequest.model_version).
         self.versions = versions if versions is not None else RankerVersions(None)
+        # How replies name RANKING_MODEL's file: read once, not per call.
+        self._model_file_label = model_label(config.model) if config.model else ""
         self.weights = Weights(
             long_term=config.long_term_weight,
             short_term=config.short_term_weight,
@@ -83,7 +85,7 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
         return reply
 
     def default_label(self, ranker: LearnedRanker | None) -> str:
-        return HAND if ranker is None else model_label(self.config.model)
+        return HAND if ranker is None else self._model_file_label
 
     async def _model(self, asked: str) -> tuple[LearnedRanker | None, str]:
         """The model a request names and its label: None for the weights."""
