@@ -20,9 +20,9 @@ RETAIL_DATA := $(if $(wildcard $(SHARED_DATA)/online-retail/*.parquet),$(SHARED_
 AMAZON_DATA := $(if $(wildcard $(SHARED_DATA)/amazon-2014/interactions.csv.gz),$(SHARED_DATA)/amazon-2014,data)
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup run test protos export bench loadtest clean redis-server value-model buf api-baseline
+.PHONY: setup run test protos export bench loadtest clean redis-server value-model buf api-baseline edge
 
-setup: $(INSTALLED) $(GENERATED) $(ENCODER) $(ENSEMBLE_MEMBERS) $(REVIEW_MODEL) value-model redis-server buf
+setup: $(INSTALLED) $(GENERATED) $(ENCODER) $(ENSEMBLE_MEMBERS) $(REVIEW_MODEL) value-model redis-server buf edge
 
 # The review classifier Triton serves (model_repo/review_sentiment): the quick
 # recipe (fixed steps, a few minutes on two cores) on ../shared/data/reviews
@@ -66,6 +66,12 @@ redis-server:
 # changes against protos/baseline/ (tests/test_api_contract.py).
 buf:
 	bash scripts/install_buf.sh
+
+# recsys-edge (edge/main.go, Go's standard library only) into .tools/bin: the
+# gateway's front that refuses oversized requests unread. Without Go,
+# `recsys serve` runs without it and says so.
+edge: $(INSTALLED)
+	@$(PY) -m recsys_cli.edge || echo "WARNING: recsys-edge not built: recsys serve runs the gateway without it" >&2
 
 # Regenerates the committed baseline of the public API. Only deliberately,
 # after an additive change to recsys.gateway.v1 (protos/baseline/README.md).

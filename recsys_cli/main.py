@@ -29,7 +29,7 @@ def cmd_serve(args) -> int:
     return serve(args.data, args.port, args.encoder, args.model, args.retail, show_example=not args.no_example,
                  transport=transport, tracing=args.tracing, tracing_endpoint=args.tracing_endpoint,
                  tracing_sample_ratio=args.tracing_sample_ratio, triton_tracing_url=args.tracing_triton,
-                 replicas=args.replicas, redis=args.redis)
+                 replicas=args.replicas, redis=args.redis, edge=not args.no_edge)
 
 
 def sample_ratio(value: str) -> float:
@@ -128,6 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--redis", action="store_true",
                        help="keep profile's events and the catalogue in a local redis-server (state in var/redis) "
                             "instead of SQLite files, so profile scales to --replicas too")
+    serve.add_argument("--no-edge", action="store_true",
+                       help="callers reach the gateway directly instead of through recsys-edge, which refuses "
+                            "oversized requests before reading them (docs/operations.md, \"The edge\")")
     serve.set_defaults(run=cmd_serve)
     # Security material (docs/operations.md, "Security"); these parse their own arguments.
     commands.add_parser("certs", add_help=False, help="make a CA and per-service certificates (recsys certs --out DIR)")

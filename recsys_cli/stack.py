@@ -20,13 +20,13 @@ from recsys_cli.certs import ADMIN_TOKEN_FILE, LocalSecurity
 from recsys_cli.supervisor import Child, Supervisor, TritonChild
 from recsys_core.data import paths
 from recsys_core.rpc.grpc_util import CHANNEL_OPTIONS
-from recsys_core.rpc.transport import Security, client_channel
+from recsys_core.rpc.transport import CERT_FILE, KEY_FILE, Security, client_channel
 
 log = logging.getLogger(__name__)
 SERVICES = ("embedding", "profile", "ranking", "gateway")
 # Stop order (supervisor tiers): the gateway first, so no new work reaches
 # the others while they drain; Triton last, as embedding may still need it.
-TIERS = {"gateway": 0, "embedding": 1, "profile": 1, "ranking": 1, "triton": 2}
+TIERS = {"edge": -1, "gateway": 0, "embedding": 1, "profile": 1, "ranking": 1, "triton": 2}
 TRANSPORTS = ("mtls", "mtls-plaintext-gateway", "plaintext")
 # Which shoppers belong to which tenant: retail customers and the Amazon benchmark's.
 LOCAL_TENANTS = "retail=retail-,amazon="
@@ -107,6 +107,11 @@ class LocalStack:
     # False: SQLite files, no Redis needed (the embedded default).
     redis: bool = False
     redis_server: object | None = None
+    # recsys-edge (edge/main.go) on the public port, the gateway behind it on
+    # loopback: an oversized request is refused from its length prefix before
+    # its body is read (grpcio reads a body whole first). TLS at the edge when
+    # the gateway would have had it.
+    edge: bool = False
     addresses: dict[str, str] = field(default_factory=dict)
     # Each replica's own address (its health address for the gateway).
     replica_addresses: dict[str, list[str]] = field(default_factory=dict)
@@ -135,6 +140,9 @@ class LocalStack:
         between = "mTLS between services" if self.transport != "plaintext" else \
             "PLAINTEXT between services (development only: nothing encrypted, identities not verified)"
         at = "TLS" if self.gateway_tls else "plaintext"
+        if self.edge:
+            return (f"{between}, {at} at recsys-edge on {self.addresses.get('gateway', '?')} (requests over "
+                    f"its limit refused unread), the gateway behind it on {self.addresses.get('gateway-upstream')}")
         return f"{between}, {at} at the gateway on {self.addresses.get('gateway', '?')}"
 
     def channel(self, name: str, token: str | None = "admin") -> grpc.Channel:
@@ -165,7 +173,7 @@ class LocalStack:
 
     def environment(self) -> dict[str, str]:
         """The environment every process shares; `replica_environments` adds each one's own ports."""
-        ports = {"gateway": [self.gateway_port],
+        ports = {"gateway": [free_port() if self.edge else self.gateway_port],
                  **{name: [free_port() for _ in range(self.replica_count(name))]
                     for name in ("embedding", "profile", "ranking")}}
         # What callers dial: one address, or a static list round_robin balances over.
@@ -174,6 +182,10 @@ class LocalStack:
             self.addresses[name] = listed[0] if len(listed) == 1 else "ipv4:" + ",".join(listed)
             self.replica_addresses[name] = listed
         self._ports = ports
+        if self.edge:
+            # Callers dial the edge; the gateway's own port is for the edge alone.
+            self.addresses["gateway-upstream"] = self.addresses["gateway"]
+            self.addresses["gateway"] = f"127.0.0.1:{self.gateway_port}"
         if self.replica_count("gateway") > 1:
             self._gateway_health = [free_port() for _ in range(self.replica_count("gateway"))]
             self.replica_addresses["gateway"] = [f"127.0.0.1:{port}" for port in self._gateway_health]
@@ -197,7 +209,8 @@ class LocalStack:
             env[prefix + "AUTH_TENANTS"] = LOCAL_TENANTS
             # Local development: grpcurl and ghz may describe the API.
             env[prefix + "REFLECTION"] = "1"
-        env["GATEWAY_PUBLIC_TLS"] = "true" if self.gateway_tls else "false"
+        # Behind the edge the gateway's port is loopback, and TLS ends at the edge.
+        env["GATEWAY_PUBLIC_TLS"] = "true" if self.gateway_tls and not self.edge else "false"
         env.update(self.tracing_environment())
         env.update({
             "PYTHONUNBUFFERED": "1",
@@ -283,7 +296,7 @@ class LocalStack:
         """The first replica's process of each service (what the benchmarks watch)."""
         first = {}
         for child in self.supervisor.children:
-            if child.name in SERVICES and child.process is not None:
+            if (child.name in SERVICES or child.name == "edge") and child.process is not None:
                 first.setdefault(child.name, child.process)
         return first
 
@@ -292,9 +305,10 @@ class LocalStack:
 
     def replica_channel(self, child: Child) -> grpc.Channel:
         """A channel to one replica, for its health: plaintext to a gateway replica's health port."""
-        if child.name == "gateway" and child.health_address != child.address:
+        if child.name == "gateway" and (child.health_address != child.address or self.edge):
             return grpc.insecure_channel(child.health_address)
-        if child.name == "gateway":
+        if child.name in ("gateway", "edge"):
+            # The edge answers health as the gateway behind it does.
             return self.channel("gateway", token=None)
         security = self.prepare_security()
         transport = Security.plaintext("admin") if self.transport == "plaintext" else security.security("admin")
@@ -345,17 +359,39 @@ class LocalStack:
                 self.supervisor.add(Child(name, [sys.executable, "-m", f"services.{name}.server"], own,
                                           paths.REPO_ROOT, tier=TIERS[name],
                                           address=own[name.upper() + "_ADDRESS"], health_address=address))
+        if self.edge:
+            self.supervisor.add(self.edge_child(env))
         try:
             # Exits while starting are errors to report, not to retry.
             self.supervisor.start(restart_on_exit=False)
             for child in self.supervisor.children:
-                if child.name in SERVICES:
+                if child.name in SERVICES or child.name == "edge":
                     self.wait_serving(child, timeout)
         except BaseException:
             self.stop()
             raise
         if self.restart:
             self.supervisor.enable_restarts()
+
+    def edge_child(self, env: dict[str, str]) -> Child:
+        """recsys-edge on the public port, in front of the gateway's loopback port."""
+        from recsys_cli.edge import edge_binary
+
+        edge_env = {key: value for key, value in env.items() if not key.startswith("EDGE_")}
+        edge_env.update({
+            "EDGE_ADDRESS": self.addresses["gateway"],
+            "EDGE_UPSTREAM": self.addresses["gateway-upstream"],
+            # The gateway's own limit, so both refuse the same requests.
+            "EDGE_MAX_REQUEST_BYTES": env.get("GATEWAY_MAX_REQUEST_BYTES", str(64 << 10)),
+        })
+        if self.gateway_tls:
+            gateway_tls = self.prepare_security().tls_dir("gateway")
+            edge_env.update({"EDGE_TLS_CERT": str(gateway_tls / CERT_FILE), "EDGE_TLS_KEY": str(gateway_tls / KEY_FILE)})
+        else:
+            edge_env["EDGE_INSECURE"] = "1"
+        edge_env.update({key: value for key, value in self.extra_env.items() if key.startswith("EDGE_")})
+        return Child("edge", [str(edge_binary())], edge_env, paths.REPO_ROOT, tier=TIERS["edge"],
+                     address=self.addresses["gateway"])
 
     def pids(self) -> dict[str, int]:
         pids = {name: process.pid for name, process in self.processes.items()}
@@ -384,7 +420,7 @@ class LocalStack:
 def serve(data: Path, port: int, encoder: str, model_dir: Path | None, retail: Path | None,
           show_example: bool, transport: str = "mtls", tracing: str = "off", tracing_endpoint: str = "",
           tracing_sample_ratio: float | None = None, triton_tracing_url: str = "", replicas: int = 1,
-          redis: bool = False) -> int:
+          redis: bool = False, edge: bool = True) -> int:
     """`recsys serve`: the whole stack on this machine until SIGTERM or Ctrl-C,
     with an example shopper's recommendations and profile once it is up."""
     from recsys_cli.client import call_profile, call_recommend, example_shopper, print_profile, print_recommendations
@@ -392,6 +428,14 @@ def serve(data: Path, port: int, encoder: str, model_dir: Path | None, retail: P
     logging.basicConfig(level=logging.INFO, format="%(asctime)s recsys %(message)s")
     data_dir = Path(data).resolve()
     model = None
+    edge_note = ""
+    if edge:
+        from recsys_cli.edge import EdgeUnavailable, edge_binary
+
+        try:
+            edge_binary()
+        except EdgeUnavailable as error:
+            edge, edge_note = False, f"edge: OFF ({error}): oversized requests reach the gateway, which reads each whole"
     if model_dir is not None:
         from recsys_core.models.model_serving import ModelDirError, open_model_dir
 
@@ -404,7 +448,7 @@ def serve(data: Path, port: int, encoder: str, model_dir: Path | None, retail: P
                        model_dir=model.path if model else None,
                        retail_dir=Path(retail).resolve() if retail else None, transport=transport,
                        tracing=tracing, tracing_endpoint=tracing_endpoint, tracing_sample_ratio=tracing_sample_ratio,
-                       triton_tracing_url=triton_tracing_url, replicas=replicas, redis=redis)
+                       triton_tracing_url=triton_tracing_url, replicas=replicas, redis=redis, edge=edge)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
@@ -431,6 +475,8 @@ def serve(data: Path, port: int, encoder: str, model_dir: Path | None, retail: P
              " (profile: one process, its SQLite store has one writer; PROFILE_STORE=redis shares one)"), flush=True)
     tls = stack.security.directory
     print(f"transport: {stack.describe_transport()}", flush=True)
+    if edge_note:
+        print(edge_note, flush=True)
     print(f"tracing: {stack.describe_tracing()}", flush=True)
     print(f"certificates: {tls} (CA {tls / 'ca.crt'}); admin token: {tls / ADMIN_TOKEN_FILE} "
           f"(`recsys` commands read both from there)", flush=True)

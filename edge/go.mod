@@ -1,0 +1,3 @@
+module recsys.local/edge
+
+go 1.24
