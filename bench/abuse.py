@@ -4,7 +4,7 @@ quiet figure).
 
     python bench/abuse.py [--data DIR] [--rounds R] [--pin auto|none|STACK/ABUSERS]
                           [--requests N] [--concurrency C] [--seconds S]
-                          [--idle-streams 1000] [--oversized 100] [--oversized-mib 8] [--json OUT]
+                          [--idle-streams 1000] [--oversized 100] [--oversized-mib 8] [--no-edge] [--json OUT]
 
 All four services (and Triton, with the default encoder) run as real
 processes (recsys_cli.stack.LocalStack) on a free gateway port. Recommend is
@@ -17,6 +17,11 @@ kept in flight against it (another process, one thread each, sending again
 as soon as each is refused). The ratio is the p99 over every abused loop's
 calls to the p99 over every quiet loop's (the last quiet loop excluded):
 alternating rounds spread a drift in the machine's other load over both.
+
+The stack is what `recsys serve` runs: recsys-edge (edge/main.go) on the
+public port refuses each oversized request from its 5-byte length prefix,
+the gateway behind it on loopback. --no-edge measures the gateway facing the
+abuse alone (grpcio reads each oversized body whole before refusing it).
 
 Pinning (--pin, Linux CPU affinity; default auto): the stack's services,
 Triton and this process (the measuring client) run on the lower half of the
@@ -199,8 +204,8 @@ def describe_cpu(account: dict, threads_of: tuple[str, ...] = ("gateway",)) -> l
     return lines
 
 
-def gateway_bytes_received(port: int) -> int | None:
-    """Bytes the kernel delivered to the gateway's open connections so far
+def bytes_received(port: int) -> int | None:
+    """Bytes the kernel delivered to the open connections to `port` so far
     (`ss -ti`'s bytes_received, summed); None without ss."""
     try:
         out = subprocess.run(["ss", "-tinH", "state", "established", f"( sport = :{port} )"],
@@ -343,6 +348,8 @@ def parse_args(argv):
                         help="CPUs: 'auto' (the stack and this client on the lower half of the CPUs, the abusers "
                              "on the upper half; nothing pinned on one CPU), 'none', or STACK/ABUSERS CPU lists "
                              "such as 0/1 or 0-5/6,7 (default auto)")
+    parser.add_argument("--no-edge", action="store_true",
+                        help="no recsys-edge in front: the abusers reach the gateway itself")
     parser.add_argument("--json", help="also write the figures to this file")
     parser.add_argument("--send-oversized", nargs=5, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -368,7 +375,8 @@ def run(args) -> int:
     state = tempfile.TemporaryDirectory(prefix="recsys-abuse-")
     options = {"encoder": args.encoder} if args.encoder else {}
     gateway_port = free_port()
-    stack = LocalStack(data_dir=data_dir, gateway_port=gateway_port, state_dir=Path(state.name), **options)
+    stack = LocalStack(data_dir=data_dir, gateway_port=gateway_port, state_dir=Path(state.name),
+                       edge=not args.no_edge, **options)
     abort = threading.Event()
     try:
         print(f"starting the stack on {data_dir.name}/ ...", flush=True)
@@ -390,22 +398,25 @@ def run(args) -> int:
 
             def measure(label: str, kind: str | None, abusers: dict[str, int] | None = None) -> dict:
                 account = CpuAccount({**stack_pids, **(abusers or {})}, stack_cpus, frozenset(stack_pids))
-                received = gateway_bytes_received(gateway_port)
+                received = bytes_received(gateway_port)
                 timing[0] = []
                 figures = closed_loop(recommend, requests, args.concurrency, args.requests, args.seconds, abort)
                 figures["cpu"] = account.finish()
                 if kind is not None:
                     latencies[kind].extend(timing[0])
-                after = gateway_bytes_received(gateway_port)
+                after = bytes_received(gateway_port)
                 if received is not None and after is not None:
-                    figures["gateway_mib_received_per_s"] = round(
+                    figures["public_port_mib_received_per_s"] = round(
                         (after - received) / 2**20 / figures["cpu"]["seconds"], 1)
                 print(f"  {label:<36} p50 {figures['p50_ms']} ms  p99 {figures['p99_ms']} ms  "
                       f"{figures['throughput_rps']} req/s  errors {figures.get('errors') or 0}", flush=True)
-                for line in describe_cpu(figures["cpu"]):
+                for line in describe_cpu(figures["cpu"], threads_of=("edge", "gateway")):
                     print(line)
-                if figures.get("gateway_mib_received_per_s"):
-                    print(f"    the gateway's connections received {figures['gateway_mib_received_per_s']} MiB/s")
+                if figures.get("public_port_mib_received_per_s"):
+                    # Connections open at both ends of the loop: the gateway's own recycle every
+                    # GATEWAY_CONNECTION_AGE_SECONDS, so without the edge this undercounts.
+                    print(f"    connections to the public port received {figures['public_port_mib_received_per_s']} "
+                          f"MiB/s")
                 return figures
 
             def abused_loop(label: str) -> tuple[dict, dict]:

@@ -50,7 +50,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 sys.path.insert(0, str(REPO_ROOT / "bench"))
 
-from abuse import cpu_split, forking_on, gateway_bytes_received  # noqa: E402
+from abuse import cpu_split, forking_on, bytes_received  # noqa: E402
 
 METHOD = "/bench.Oversized/Call"
 
@@ -162,7 +162,7 @@ def run(args) -> dict:
                     with lock:
                         codes[code] += 1
 
-            cpu0, received0, begin = sum(process.cpu_times()[:2]), gateway_bytes_received(port), time.perf_counter()
+            cpu0, received0, begin = sum(process.cpu_times()[:2]), bytes_received(port), time.perf_counter()
             threads = [threading.Thread(target=send, args=(n,), daemon=True) for n in range(args.senders)]
             for thread in threads:
                 thread.start()
@@ -171,7 +171,7 @@ def run(args) -> dict:
                 peak = max(peak, process.memory_info().rss)
                 time.sleep(0.25)
             seconds = time.perf_counter() - begin
-            cpu, received = sum(process.cpu_times()[:2]) - cpu0, gateway_bytes_received(port)
+            cpu, received = sum(process.cpu_times()[:2]) - cpu0, bytes_received(port)
             time.sleep(2.0)  # whatever the server frees, it has freed by now
             rss_after = process.memory_info().rss
             for channel in channels:

@@ -91,10 +91,11 @@ def test_abuse_bench_measures_recommend_quiet_and_abused(tmp_path, exported_enco
     assert report["p99_ratio"] > 0 and report["p99_quiet_ms"] > 0
     # Where the CPU went: the abusers' processes are counted beside the stack's.
     abused_cpu = report["abused"]["cpu"]["processes"]
-    assert {"gateway", "embedding", "profile", "ranking", "client", "idle-holder", "oversized-sender"} <= set(abused_cpu)
+    assert {"edge", "gateway", "embedding", "profile", "ranking", "client", "idle-holder",
+            "oversized-sender"} <= set(abused_cpu)
     assert abused_cpu["oversized-sender"]["cpu_cores"] > 0 and abused_cpu["gateway"]["threads"]
-    if "gateway_mib_received_per_s" in report["abused"]:  # without `ss`, not counted
-        assert report["abused"]["gateway_mib_received_per_s"] > 0
+    if "public_port_mib_received_per_s" in report["abused"]:  # without `ss`, not counted
+        assert report["abused"]["public_port_mib_received_per_s"] > 0
     if len(os.sched_getaffinity(0)) >= 2:
         stack_cpus, abuser_cpus = report["pinning"]["stack_and_client"], report["pinning"]["abusers"]
         assert stack_cpus and abuser_cpus and not set(stack_cpus) & set(abuser_cpus)
