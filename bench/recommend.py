@@ -3,7 +3,7 @@ a bare Python gRPC echo server as the ceiling.
 
     python bench/recommend.py [--data DIR] [--requests N] [--concurrency 1,4,16]
                               [--seconds S] [--json OUT] [--idle-streams N]
-                              [--transport mtls|plaintext]
+                              [--transport mtls|plaintext] [--edge]
                               [--ranking-model MODEL]
 
 All four services run as real processes (recsys_cli.stack.LocalStack),
@@ -427,6 +427,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "bench/transport.py compares the two in one run")
     parser.add_argument("--idle-streams", type=int, default=0, metavar="N",
                         help="also measure Recommend with N idle health Watch streams open on the gateway")
+    parser.add_argument("--edge", action="store_true",
+                        help="callers reach the gateway through recsys-edge, as `recsys serve` runs it")
     parser.add_argument("--ranking-model", metavar="MODEL",
                         help="serve this `recsys train-ranker` model in the ranking service (default: hand weights)")
     parser.add_argument("--echo-server", type=int, metavar="PORT", help=argparse.SUPPRESS)
@@ -473,6 +475,7 @@ def run(args) -> int:
     state = tempfile.TemporaryDirectory(prefix="recsys-bench-")
     stack_options = {"encoder": args.encoder} if args.encoder else {}
     stack_options["transport"] = args.transport
+    stack_options["edge"] = args.edge
     if args.ranking_model:
         stack_options["extra_env"] = {"RANKING_MODEL": str(Path(args.ranking_model).resolve())}
     stack = LocalStack(data_dir=data_dir, gateway_port=free_port(), state_dir=Path(state.name), **stack_options)
@@ -569,7 +572,7 @@ def run(args) -> int:
                 "call_timeout_seconds": CALL_TIMEOUT_SECONDS, "gateway_workers": workers, "echo_workers": workers,
                 "mean_request_bytes": round(mean_request_bytes, 1),
                 "encoder": encoder,
-                "transport": args.transport,
+                "transport": args.transport, "edge": args.edge,
                 "idle_streams": args.idle_streams,
                 "ranking_model": str(Path(args.ranking_model).resolve()) if args.ranking_model else None,
             },

@@ -49,6 +49,7 @@ const grpcPrefixBytes = 5
 
 type config struct {
 	address          string
+	healthAddress    string
 	upstream         string
 	maxRequestBytes  int
 	maxStreams       int
@@ -114,8 +115,11 @@ func (e *envReader) boolean(name string) bool {
 func configFromEnv() (config, error) {
 	env := &envReader{}
 	cfg := config{
-		address:  env.str("ADDRESS", "127.0.0.1:50051"),
-		upstream: env.str("UPSTREAM", "127.0.0.1:50050"),
+		address: env.str("ADDRESS", "127.0.0.1:50051"),
+		// Plaintext, grpc.health.v1 alone, answered by the gateway through
+		// the edge: Kubernetes' gRPC probes speak no TLS. Empty: none.
+		healthAddress: env.str("HEALTH_ADDRESS", ""),
+		upstream:      env.str("UPSTREAM", "127.0.0.1:50050"),
 		// The gateway's own limit (GATEWAY_MAX_REQUEST_BYTES): no larger body
 		// would be taken there either.
 		maxRequestBytes: env.integer("MAX_REQUEST_BYTES", 64<<10, 1, 64<<20),
@@ -359,6 +363,26 @@ func newEdge(cfg config) (*edge, error) {
 	return e, nil
 }
 
+// healthOnly passes grpc.health.v1 calls on and refuses every other method.
+func healthOnly(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if !strings.HasPrefix(r.URL.Path, "/grpc.health.v1.Health/") {
+			grpcError(w, codeUnimplemented, "the health port serves grpc.health.v1 only")
+			return
+		}
+		next.ServeHTTP(w, r)
+	})
+}
+
+func newHealthServer(address string, handler http.Handler) *http.Server {
+	server := &http.Server{Addr: address, Handler: healthOnly(handler), Protocols: new(http.Protocols),
+		ReadHeaderTimeout: 5 * time.Second, IdleTimeout: time.Minute,
+		HTTP2:    &http.HTTP2Config{MaxConcurrentStreams: 16, MaxReceiveBufferPerStream: 16 << 10},
+		ErrorLog: log.New(os.Stderr, "recsys-edge health: ", log.LstdFlags)}
+	server.Protocols.SetUnencryptedHTTP2(true)
+	return server
+}
+
 func newServer(cfg config, handler http.Handler) (*http.Server, error) {
 	server := &http.Server{
 		Handler:           handler,
@@ -418,7 +442,16 @@ func main() {
 		listener.Addr(), mode, cfg.upstream, cfg.maxRequestBytes)
 	os.Stdout.Sync()
 
-	serveErr := make(chan error, 1)
+	serveErr := make(chan error, 2)
+	var health *http.Server
+	if cfg.healthAddress != "" {
+		health = newHealthServer(cfg.healthAddress, e)
+		healthListener, err := net.Listen("tcp", cfg.healthAddress)
+		if err != nil {
+			log.Fatalf("listen on %s (EDGE_HEALTH_ADDRESS): %v", cfg.healthAddress, err)
+		}
+		go func() { serveErr <- health.Serve(healthListener) }()
+	}
 	go func() {
 		if cfg.insecure {
 			serveErr <- server.Serve(listener)
@@ -437,6 +470,9 @@ func main() {
 		time.Sleep(cfg.drainDelay)
 		ctx, cancel := context.WithTimeout(context.Background(), cfg.grace)
 		defer cancel()
+		if health != nil {
+			health.Close()
+		}
 		if err := server.Shutdown(ctx); err != nil {
 			log.Printf("drain cut short after %v: %v", cfg.grace, err)
 			server.Close()

