@@ -224,6 +224,27 @@ func (m *messageLimit) Read(p []byte) (int, error) {
 
 func (m *messageLimit) Close() error { return m.body.Close() }
 
+// trailersOnlyAsTrailers moves a trailers-only reply's status (gRPC's status
+// in the one HEADERS frame that ends the stream) into trailers. Passed on as
+// it came, the proxy's header flush can split it into HEADERS carrying the
+// status and an empty DATA frame ending the stream, which gRPC clients
+// reject as UNKNOWN ("Data frame with END_STREAM flag received").
+func trailersOnlyAsTrailers(res *http.Response) error {
+	if res.Header.Get("Grpc-Status") == "" {
+		return nil
+	}
+	if res.Trailer == nil {
+		res.Trailer = http.Header{}
+	}
+	for _, key := range []string{"Grpc-Status", "Grpc-Message", "Grpc-Status-Details-Bin"} {
+		if values, ok := res.Header[key]; ok {
+			res.Trailer[key] = values
+			delete(res.Header, key)
+		}
+	}
+	return nil
+}
+
 type edge struct {
 	cfg      config
 	proxy    *httputil.ReverseProxy
@@ -344,7 +365,8 @@ func newEdge(cfg config) (*edge, error) {
 		},
 		Transport: transport,
 		// Replies stream (server-streaming calls, health Watch): no buffering.
-		FlushInterval: -1,
+		FlushInterval:  -1,
+		ModifyResponse: trailersOnlyAsTrailers,
 		ErrorHandler: func(w http.ResponseWriter, r *http.Request, err error) {
 			if errors.Is(err, errOversized) {
 				e.refused.Add(1)

@@ -158,3 +158,58 @@ def test_the_edge_refuses_to_start_without_tls_or_an_explicit_plaintext_flag(bin
                          capture_output=True, text=True, timeout=30)
     assert run.returncode != 0
     assert "EDGE_TLS_CERT" in run.stderr and "EDGE_MAX_REQUEST_BYTES=\"0\"" in run.stderr
+
+
+def test_garbage_through_the_edge_gets_no_internal_or_unknown_and_the_edge_keeps_serving(edge):
+    """Random bodies of every size up to the limit and over it, to every
+    public method: whatever the gateway or the edge answers, never INTERNAL
+    or UNKNOWN (an edge that answered with a bare HTTP error would give
+    UNKNOWN), and a real call still succeeds afterwards."""
+    import random
+
+    rng = random.Random(17)
+    methods = [f"/recsys.gateway.v1.GatewayService/{m.name}"
+               for m in gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].methods]
+    codes: dict[grpc.StatusCode, int] = {}
+    wrong: list[str] = []
+    channel, stub = stub_for(edge, admin_token())
+    with channel:
+        calls = [channel.unary_unary(m, request_serializer=lambda b: b, response_deserializer=lambda b: b)
+                 for m in methods]
+        futures = []
+        for n in range(240):
+            size = rng.choice((0, 1, 7, 300, 4096, LIMIT, LIMIT + 1, 300_000))
+            futures.append(calls[n % len(calls)].future(rng.randbytes(size), timeout=20))
+        for future in futures:
+            try:
+                future.result()
+                code = grpc.StatusCode.OK
+            except grpc.RpcError as error:
+                code = error.code()
+                if code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN):
+                    wrong.append(f"{code.name}: {error.details()}")
+            codes[code] = codes.get(code, 0) + 1
+        assert not wrong, (codes, sorted(set(wrong)))
+        assert codes.get(grpc.StatusCode.RESOURCE_EXHAUSTED, 0) > 0, codes
+        assert len(stub.Recommend(gateway_pb2.RecommendRequest(user_id=SHOPPER, k=3), timeout=30).items) == 3
+
+
+def test_a_request_cut_inside_its_prefix_is_refused_and_the_connection_lives_on(edge):
+    host, port = edge.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.settimeout(5)
+        headers = b"".join(_literal(name, value) for name, value in (
+            (b":method", b"POST"), (b":scheme", b"http"), (b":path", RECOMMEND.encode()),
+            (b":authority", b"edge"), (b"content-type", b"application/grpc"), (b"te", b"trailers")))
+        sock.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + _frame(4, 0, 0, b""))
+        for stream in (1, 3):
+            # Three bytes of a five-byte prefix, then the end of the stream.
+            sock.sendall(_frame(1, 0x4, stream, headers) + _frame(0, 0x1, stream, b"\x00\x00\x01"))
+            while True:
+                kind, flags, got, _ = _read_frame(sock)
+                if kind == 4 and not flags & 0x1:
+                    sock.sendall(_frame(4, 0x1, 0, b""))
+                assert kind != 7, "GOAWAY: the connection was dropped for one bad stream"
+                if kind == 1 and got == stream:
+                    assert flags & 0x1
+                    break
