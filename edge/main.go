@@ -191,12 +191,14 @@ type messageLimit struct {
 	header [grpcPrefixBytes]byte
 	filled int    // bytes of the current message's prefix seen
 	left   uint64 // bytes of the current message's payload still to pass
+	passed int64  // bytes passed on in all
 }
 
 var errOversized = errors.New("a message of the request stream is over the edge's limit")
 
 func (m *messageLimit) Read(p []byte) (int, error) {
 	n, err := m.body.Read(p)
+	m.passed += int64(n)
 	for i := 0; i < n; {
 		if m.left > 0 {
 			step := uint64(n - i)
@@ -297,6 +299,16 @@ func (e *edge) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	rest := &messageLimit{body: r.Body, limit: uint32(e.cfg.maxRequestBytes)}
 	r.Body = io.NopCloser(io.MultiReader(bytes.NewReader(first), rest))
+	// The gateway closes its connections by age (GOAWAY); a call that raced
+	// one is resent on a new connection, which needs the body again: the
+	// first message, as long as nothing after it has been passed on (all
+	// that a unary call has).
+	r.GetBody = func() (io.ReadCloser, error) {
+		if rest.passed > 0 {
+			return nil, errors.New("a streaming call's later messages were already sent")
+		}
+		return io.NopCloser(io.MultiReader(bytes.NewReader(first), rest)), nil
+	}
 	r.ContentLength = -1
 	e.proxy.ServeHTTP(w, r)
 }

@@ -346,6 +346,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--redis", action="store_true",
                         help="profile's store and the catalogue in a local redis-server (recsys serve --redis): "
                              "profile runs --replicas too, and Redis is one of the stages stopped")
+    parser.add_argument("--edge", action="store_true",
+                        help="callers reach the gateway through recsys-edge, as `recsys serve` runs it (the edge "
+                             "is not restarted or killed: one process holds the public port)")
     parser.add_argument("--json", type=Path, help="also write every event's figures here")
     args = parser.parse_args(argv)
     scenarios = [s for s in args.only.split(",") if s]
@@ -357,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     state = tempfile.TemporaryDirectory(prefix="recsys-chaos-")
     stack = LocalStack(gateway_port=free_port(), state_dir=Path(state.name), encoder=args.encoder,
-                       replicas=args.replicas, redis=args.redis)
+                       replicas=args.replicas, redis=args.redis, edge=args.edge)
     load_before = os.getloadavg()
     print(f"starting the stack: {args.replicas} replicas of each service (profile: "
           f"{stack.replica_count('profile')}), encoder {args.encoder} ...", flush=True)
