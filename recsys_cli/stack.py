@@ -449,9 +449,17 @@ def serve(data: Path, port: int, encoder: str, model_dir: Path | None, retail: P
                        retail_dir=Path(retail).resolve() if retail else None, transport=transport,
                        tracing=tracing, tracing_endpoint=tracing_endpoint, tracing_sample_ratio=tracing_sample_ratio,
                        triton_tracing_url=triton_tracing_url, replicas=replicas, redis=redis, edge=edge)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    stop, started = threading.Event(), threading.Event()
+
+    def on_signal(signum, _frame):
+        stop.set()
+        if not started.is_set():
+            # Starting can take minutes (the catalogue's index, Triton): a stop
+            # asked for meanwhile stops what has started, now.
+            raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
     where = "a local Triton Inference Server" if encoder == "triton" else "onnxruntime in the embedding service"
     if model is not None:
         print(f"serving the model {model.path} (trained on {', '.join(model.manifest.get('categories', []))}): "
@@ -463,6 +471,11 @@ def serve(data: Path, port: int, encoder: str, model_dir: Path | None, retail: P
     except (RuntimeError, TimeoutError, OSError, ValueError) as error:
         print(f"recsys serve: {error}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as interrupted:
+        # LocalStack.start stopped every process it had started.
+        print(f"recsys serve: {interrupted or 'interrupted'} while starting; stopped", file=sys.stderr)
+        return 130
+    started.set()
     gateway = stack.addresses["gateway"]
     print(f"\nall services SERVING; gateway at {gateway}", flush=True)
     # Operators' and `recsys evaluate --served --profile` need the internal ones too.
