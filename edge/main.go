@@ -363,6 +363,17 @@ func upstreamTransport(cfg config) (*http.Transport, string, error) {
 	return transport, "https", nil
 }
 
+// callerGoneFilter drops the proxy's line for a caller that went away mid-call
+// (a cancel or a passed deadline): any caller could flood the log with them.
+type callerGoneFilter struct{ out io.Writer }
+
+func (f callerGoneFilter) Write(p []byte) (int, error) {
+	if bytes.Contains(p, []byte("client disconnected")) || bytes.Contains(p, []byte("context canceled")) {
+		return len(p), nil
+	}
+	return f.out.Write(p)
+}
+
 func newEdge(cfg config) (*edge, error) {
 	transport, scheme, err := upstreamTransport(cfg)
 	if err != nil {
@@ -392,7 +403,7 @@ func newEdge(cfg config) (*edge, error) {
 			log.Printf("upstream %s: %s: %v", cfg.upstream, r.URL.Path, err)
 			grpcError(w, codeUnavailable, "the gateway behind the edge did not answer")
 		},
-		ErrorLog: log.New(os.Stderr, "recsys-edge proxy: ", log.LstdFlags),
+		ErrorLog: log.New(callerGoneFilter{os.Stderr}, "recsys-edge proxy: ", log.LstdFlags),
 	}
 	return e, nil
 }

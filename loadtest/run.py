@@ -476,6 +476,8 @@ def parse_args(argv):
     parser.add_argument("--token", help="with --gateway: the bearer token to send")
     parser.add_argument("--embedding", help="with --gateway: the embedding service, for the EmbedTexts run")
     parser.add_argument("--encoder", choices=("triton", "onnx"), help="local stack's encoder (default: LocalStack's)")
+    parser.add_argument("--edge", action="store_true",
+                        help="the local stack with recsys-edge in front of the gateway, as `recsys serve` runs it")
     parser.add_argument("--quick", action="store_true", help="3 s per run and no capacity search: a check of the machinery")
     args = parser.parse_args(argv)
     try:
@@ -526,13 +528,13 @@ def run(args) -> int:
 
             workers = GatewayConfig.from_env().workers
             options = {"encoder": args.encoder} if args.encoder else {}
-            stack = LocalStack(gateway_port=free_port(), state_dir=Path(state.name), **options)
+            stack = LocalStack(gateway_port=free_port(), state_dir=Path(state.name), edge=args.edge, **options)
             print(f"starting the local stack (state in {state.name}) ...", flush=True)
             with bench.StartupProgress(stack):
                 stack.start()
             addresses = dict(stack.addresses)
             target = (f"the local stack (LocalStack, encoder {stack.encoder}, bundled data, gateway "
-                      f"{workers} workers)")
+                      f"{workers} workers{', behind recsys-edge' if args.edge else ''})")
             print("all services SERVING: " + ", ".join(f"{k} {v}" for k, v in sorted(addresses.items())), flush=True)
         echo = bench.EchoProcess(workers)
         echo.start()
