@@ -252,6 +252,19 @@ type edge struct {
 	proxy    *httputil.ReverseProxy
 	refused  atomic.Int64
 	inFlight atomic.Int64
+	// At most one line a second while the gateway fails, with a count.
+	lastLogged     atomic.Int64
+	upstreamErrors atomic.Int64
+}
+
+func (e *edge) logUpstreamError(method string, err error) {
+	count := e.upstreamErrors.Add(1)
+	now := time.Now().UnixNano()
+	last := e.lastLogged.Load()
+	if now-last < int64(time.Second) || !e.lastLogged.CompareAndSwap(last, now) {
+		return
+	}
+	log.Printf("upstream %s: %s: %v (%d calls failed upstream so far)", e.cfg.upstream, method, err, count)
 }
 
 func (e *edge) ServeHTTP(w http.ResponseWriter, r *http.Request) {
@@ -400,7 +413,7 @@ func newEdge(cfg config) (*edge, error) {
 			if r.Context().Err() != nil {
 				return // the caller went away or its deadline passed
 			}
-			log.Printf("upstream %s: %s: %v", cfg.upstream, r.URL.Path, err)
+			e.logUpstreamError(r.URL.Path, err)
 			grpcError(w, codeUnavailable, "the gateway behind the edge did not answer")
 		},
 		ErrorLog: log.New(callerGoneFilter{os.Stderr}, "recsys-edge proxy: ", log.LstdFlags),
