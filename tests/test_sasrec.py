@@ -86,3 +86,12 @@ def test_text_side_features_need_their_vectors():
     # Each item's vector: its text through the projection plus its ID embedding.
     assert model.item_matrix().shape == (10, 16)
     assert model.items.project is not None and model.items.ids is not None
+
+
+def test_evaluate_refuses_text_side_features_without_sasrec(capsys):
+    from recsys_core.data import paths
+    from training import commands
+
+    with pytest.raises(SystemExit):
+        commands.evaluate_main(["--data", str(paths.BUNDLED_DATA_DIR), "--baseline", "popularity", "--sasrec-text"])
+    assert "--sasrec-text goes with --baseline sasrec" in capsys.readouterr().err
