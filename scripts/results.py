@@ -678,8 +678,8 @@ text + ID, trained on Beauty" is seqmodel.py with text and IDs (the first
 "ours" model), the same loss and early stopping (every second epoch,
 patience 5) in a 23-minute budget: 0.0871 / 0.0515 against the ID-only
 SASRec's 0.0760 / 0.0463, validation still level-to-rising when the budget
-ended (0.0631 at epoch 32, 0.0629 at 34). Both stay below every published
-row from 2024 on.
+ended (0.0631 at epoch 32, 0.0629 at 34). Both stay below the recalculated
+SASRec and the later published Beauty rows (BSARec, WEARec).
 
 **The two-tower (our default)** already trains on this recipe: cross-entropy
 over every item (`--negatives 0`), validation NDCG@10 after every epoch,
