@@ -9,7 +9,9 @@ finishes, so a long run that is stopped keeps what it measured, and two runs
 with different --steps can go at once; --resume skips steps already there.
 The report is rendered from that file.
 
-Steps: `baselines`, `sasrec`, `frozen` (the earlier model: frozen int8
+Steps: `baselines`, `sasrec` (the first SASRec runs), `sasrec-recipe`
+(SASRec on its re-evaluations' recipe, seqmodel.sasrec_config; with
+`--sasrec-text`, item text as a side feature), `frozen` (the earlier model: frozen int8
 MiniLM embeddings through a learned projection), `finetuned` (our model:
 the MiniLM fine-tuned, `recsys train`), `transfer` (both models' transfer
 rows), `cross`.
@@ -45,7 +47,7 @@ PRETRAIN_NEGATIVES = 2048
 # Neither a source nor a measured category: transfer variants are compared on
 # its validation split, so that the category measured is never looked at.
 HELDOUT_CATEGORY = "Office_Products"
-STEPS = ("baselines", "sasrec", "frozen", "finetuned", "transfer", "cross")
+STEPS = ("baselines", "sasrec", "sasrec-recipe", "frozen", "finetuned", "transfer", "cross")
 
 
 def decay_label(sources: str) -> str:
@@ -99,6 +101,10 @@ def main() -> int:
                         help="pretraining for transfer: 0 for a softmax over every item, N for in-batch plus N sampled")
     parser.add_argument("--heldout-category", default=HELDOUT_CATEGORY,
                         help="zero-shot transfer models are chosen on this category's validation split")
+    parser.add_argument("--sasrec-text", action="store_true",
+                        help="sasrec-recipe: the items' frozen MiniLM vectors as a side feature")
+    parser.add_argument("--sasrec-dropout", type=float, default=seqmodel.SeqConfig.dropout,
+                        help="sasrec-recipe: dropout")
     parser.add_argument("--steps", nargs="+", choices=STEPS, default=list(STEPS))
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared)")
     parser.add_argument("--resume", action="store_true")
@@ -154,13 +160,22 @@ def main() -> int:
         record(results, key, {
             "test": protocol.evaluate(seqmodel.scorer(model), on) if on is split else {},
             "valid": fit.best_valid, "epochs": fit.epochs, "minutes": round(fit.seconds / 60, 1),
-            "losses": fit.losses, "valid_history": fit.valid_history,
+            "losses": fit.losses, "valid_history": fit.valid_history, "epoch_seconds": fit.epoch_seconds,
+            "max_epochs": model.config.max_epochs, "patience": model.config.patience,
         })
         return model
 
     key = f"{category}/SASRec (our run, full softmax)"
     if "sasrec" in args.steps and not done(key):
         train(key, seqmodel.SequentialRecommender(split.num_items, seqmodel.SeqConfig()), split)
+
+    recipe = ", item text (frozen MiniLM)" if args.sasrec_text else ""
+    if args.sasrec_dropout != seqmodel.SeqConfig.dropout:
+        recipe += f", dropout {args.sasrec_dropout:g}"
+    key = f"{category}/SASRec (full softmax, patience {seqmodel.SASREC_PATIENCE}{recipe})"
+    if "sasrec-recipe" in args.steps and not done(key):
+        config = seqmodel.sasrec_config(text=args.sasrec_text, dropout=args.sasrec_dropout)
+        train(key, seqmodel.sasrec(split.num_items, config, text if args.sasrec_text else None), split)
 
     key = f"{category}/ours: text + ID, trained on {category}"
     if "frozen" in args.steps and not done(key):
@@ -372,13 +387,22 @@ def serving_ranking_on_cross(results: dict, dataset: shopping.Dataset, cross_tas
 
 
 PUBLISHED = {
-    # (Recall@10, NDCG@10) on these exact splits, full ranking.
+    # (Recall@10, NDCG@10) on these splits, full ranking, leave-one-out; None
+    # where the figure was not copied. Papers, tables and protocols: the
+    # "Published baselines" section of the page (RESULTS_TEMPLATE).
     "Beauty": {"SASRec as reported": (0.0605, 0.0318), "S3-Rec": (0.0647, 0.0327),
-               "SASRec, sampled softmax, recalculated": (0.0921, 0.0531)},
+               "SASRec, sampled softmax, recalculated": (0.0921, 0.0531),
+               "BSARec (AAAI'24)": (0.1008, 0.0611), "WEARec (AAAI'26)": (0.1041, 0.0614)},
     "Sports_and_Outdoors": {"SASRec as reported": (0.0350, 0.0192), "S3-Rec": (0.0385, 0.0204),
-                            "SASRec, sampled softmax, recalculated": (0.0569, 0.0314)},
-    "Toys_and_Games": {"S3-Rec": (0.0700, 0.0376), "SASRec, sampled softmax, recalculated": (0.0970, 0.0580)},
+                            "SASRec, sampled softmax, recalculated": (0.0569, 0.0314),
+                            "BSARec (AAAI'24)": (0.0612, None), "WEARec (AAAI'26)": (0.0631, 0.0367)},
+    "Toys_and_Games": {"S3-Rec": (0.0700, 0.0376), "SASRec, sampled softmax, recalculated": (0.0970, 0.0580),
+                       "ICSRec (WSDM'24)": (0.1055, 0.0657)},
 }
+
+
+def published_figure(value: float | None) -> str:
+    return "" if value is None else f"{value:.4f}"
 
 
 def render(results: dict) -> None:
@@ -402,7 +426,7 @@ def render(results: dict) -> None:
         lines.append("| model | Recall@10 | NDCG@10 | Recall@20 | NDCG@20 | MRR | trained |")
         lines.append("|---|---|---|---|---|---|---|")
         for name, published in PUBLISHED.get(group, {}).items():
-            lines.append(f"| *{name} (published)* | {published[0]:.4f} | {published[1]:.4f} | | | | |")
+            lines.append(f"| *{name} (published)* | {published_figure(published[0])} | {published_figure(published[1])} | | | | |")
         for name, value in rows:
             m = value.get("test") or {}
             if not m:
@@ -437,8 +461,9 @@ def render(results: dict) -> None:
     figure, axes = plt.subplots(len(groups), 1, figsize=(10, 0.45 * sum(heights) + 1.2 * len(groups)),
                                 squeeze=False, gridspec_kw={"height_ratios": heights})
     for axis, (group, rows) in zip(axes[:, 0], groups.items()):
-        names = [n for n, v in rows if v.get("test")] + [f"{n} (published)" for n in PUBLISHED.get(group, {})]
-        values = [v["test"]["ndcg@10"] for n, v in rows if v.get("test")] + [p[1] for p in PUBLISHED.get(group, {}).values()]
+        published = {n: p for n, p in PUBLISHED.get(group, {}).items() if p[1] is not None}
+        names = [n for n, v in rows if v.get("test")] + [f"{n} (published)" for n in published]
+        values = [v["test"]["ndcg@10"] for n, v in rows if v.get("test")] + [p[1] for p in published.values()]
         axis.barh(range(len(names)), values, color=[colour(n) for n in names])
         axis.set_yticks(range(len(names)), [textwrap.fill(n, 48) for n in names], fontsize=7)
         axis.invert_yaxis()
@@ -505,13 +530,19 @@ def targets_section(groups: dict[str, list[tuple[str, dict]]]) -> str:
                            f"and 3× popularity-in-target {3 * popular[1]['recall@10']:.4f}: "
                            f"**{'met' if met else 'not met'}**.")
             continue
-        strongest = max(PUBLISHED.get(group, {}).items(), key=lambda p: p[1][1], default=None)
+        published = PUBLISHED.get(group, {})
+        strongest = max(((n, p) for n, p in published.items() if p[1] is not None), key=lambda p: p[1][1], default=None)
         ours = test(rows, "ours", chosen_by="valid")
         if strongest and ours:
             r, n = ours[1]["recall@10"], ours[1]["ndcg@10"]
-            met = r > strongest[1][0] and n > strongest[1][1]
+            # Beaten: above every published row on each metric it gives.
+            best_recall = max(p[0] for p in published.values())
+            met = r > best_recall and n > strongest[1][1]
+            above = [name for name, p in published.items() if r > p[0] and (p[1] is None or n > p[1])]
             out.append(f"- {group}: ours, chosen by validation NDCG@10 ({ours[0]}) {r:.4f}/{n:.4f} vs the strongest published "
-                       f"({strongest[0]}) {strongest[1][0]:.4f}/{strongest[1][1]:.4f}: **{'beaten' if met else 'not beaten'}**.")
+                       f"({strongest[0]}) {strongest[1][0]:.4f}/{strongest[1][1]:.4f}, best published Recall@10 "
+                       f"{best_recall:.4f}: **{'beaten' if met else 'not beaten'}** (above on both metrics: "
+                       f"{'; '.join(above) or 'none'}).")
         transfer = test(rows, "ours", "text only", "zero-shot", chosen_by="heldout_valid")
         zero = test(rows, "zero-shot (pretrained encoder)")
         if transfer and zero:
@@ -534,9 +565,9 @@ figures below; model selection (early stopping) used validation NDCG@10 only
 Item text: title and category path (Beauty, Toys); Sports items have only the
 keywords the IDGenRec model generated from their metadata. "Published" rows
 are copied from the data's README (SASRec and S3-Rec papers, and the
-recalculated sampled-softmax SASRec); every other row was measured by the
-commands below on this machine (2 CPU cores), with the training time budget
-shown.
+recalculated sampled-softmax SASRec) and from the papers named under
+"Published baselines" below; every other row was measured by the commands
+below on this machine (2 CPU cores), with the training time budget shown.
 
 Three generations of our model are in the tables:
 
@@ -597,6 +628,68 @@ older items fade, chosen among 0.3, 0.6, 1, 1.5, 2.5 and 4 by validation
 NDCG@10 on the two source categories (`decay_search` in results.json), then
 saved as a model directory and scored on Beauty zero-shot.
 
+## Published baselines
+
+Copied from the papers, not rerun here. Each reports Recall@10 as HR@10 (one
+target per shopper: the same figure) and NDCG@10 under the protocol above:
+leave-one-out (last item test, the one before it validation), ranked against
+every item of the category, the shopper's history left out of the ranking,
+the model chosen on validation, on S3-Rec's Beauty, Sports and Toys sequence
+files (its repository's `data/Beauty.txt` etc., which FMLP-Rec's and
+BSARec's code kept), as the papers and their code describe it; not
+re-checked against each paper in this change. Ours are byte-identical
+for Beauty and Sports; our Toys follows P5's file, the same users, items and
+events as S3-Rec's, whose event order could not be checked against ours (the
+data's README): Toys comparisons carry that doubt. Each figure is from its
+paper's overall-comparison table; the table numbers were not checked here.
+
+| baseline | paper | figures copied (R@10 / NDCG@10) | training |
+|---|---|---|---|
+| SASRec as reported | Kang & McAuley, ICDM'18; figures from S3-Rec's comparison on these splits | Beauty 0.0605 / 0.0318, Sports 0.0350 / 0.0192 | binary cross-entropy, one sampled negative per position |
+| S3-Rec | Zhou et al., CIKM'20 | Beauty 0.0647 / 0.0327, Sports 0.0385 / 0.0204, Toys 0.0700 / 0.0376 | self-supervised pretraining on attributes, then next item |
+| SASRec, sampled softmax, recalculated | as given in the data's README (paper not named there, not traced here) | Beauty 0.0921 / 0.0531, Sports 0.0569 / 0.0314, Toys 0.0970 / 0.0580 | softmax over sampled negatives |
+| BSARec | Shin, Choi, Wi & Park, AAAI'24 (arXiv 2312.10325; code yehjin-shin/BSARec) | Beauty 0.1008 / 0.0611, Sports Recall@10 0.0612 (its NDCG@10 not copied) | self-attention with a Fourier-based inductive bias |
+| WEARec | Xu, Yuan, Liu, Fang, Zhao & Zhao, AAAI'26 (arXiv 2511.07028; code xhy963319431/WEARec) | Beauty 0.1041 / 0.0614, Sports 0.0631 / 0.0367 | adaptive frequency-domain filtering and wavelet enhancement |
+| ICSRec | Qin et al., WSDM'24 (arXiv 2310.14318; code QinHsiu/ICSRec) | Toys 0.1055 / 0.0657 | next item plus intent contrastive learning over subsequences |
+
+**Our SASRec** (training/seqmodel.py). What it was trained with before
+this change, found in the code: cross-entropy over every item of the
+category (not the original's binary cross-entropy with one negative),
+validation NDCG@10 every second epoch, patience 5, up to 200 epochs within a
+wall-clock budget; dimension 64, two layers, two heads, dropout 0.5, the
+latest 50 items, learning rate 1e-3, batch 256. Its rows ("SASRec (our run,
+full softmax)") are those runs: Beauty stopped by patience (epoch 48),
+Sports and Toys at their budgets with validation level. The recipe is now
+named (`seqmodel.sasrec_config`, used by `recsys evaluate --baseline sasrec`
+and `scripts/results.py --steps sasrec-recipe`): the same loss, validation
+after every epoch, patience 10, a 400-epoch ceiling, and with
+`--sasrec-text` the items' frozen MiniLM vectors as a side feature (through
+a learned projection, added to the ID embedding). Two Beauty runs on it
+(`--steps sasrec-recipe --category Beauty --minutes 42 --threads 1`, one with
+`--sasrec-dropout 0.2`, one with `--sasrec-text`) were started with the
+machine's load average at 11 to 18 and ran 9 minutes an epoch (the earlier
+runs: under a minute); they were stopped after two epochs (validation
+NDCG@10 0.0073, 0.0088 ID only at dropout 0.2; 0.0142, 0.0165 with text;
+the earlier runs at epoch 2: 0.0088 ID only, 0.0155 text + ID). No test
+figure came from them and none is in results.json.
+
+Item text as a side feature on this same model was measured before: "ours:
+text + ID, trained on Beauty" is seqmodel.py with text and IDs (the first
+"ours" model), the same loss and early stopping (every second epoch,
+patience 5) in a 23-minute budget: 0.0871 / 0.0515 against the ID-only
+SASRec's 0.0760 / 0.0463, validation still level-to-rising when the budget
+ended (0.0631 at epoch 32, 0.0629 at 34). Both stay below the recalculated
+SASRec and the later published Beauty rows (BSARec, WEARec).
+
+**The two-tower (our default)** already trains on this recipe: cross-entropy
+over every item (`--negatives 0`), validation NDCG@10 after every epoch,
+patience 5, the MiniLM item text; on Beauty it peaks at epoch 3 and stops by
+patience at epoch 8, so a longer budget changes nothing. It was not
+retrained in this change. Against the rows above: Beauty 0.0963 / 0.0541 is
+below BSARec and WEARec; Sports 0.0576 / 0.0321 below WEARec and BSARec's
+Recall@10; Toys 0.1104 / 0.0636 above ICSRec on Recall@10, below it on
+NDCG@10 (Targets, below).
+
 Reproduce (full data beside the clone):
 
 ```sh
@@ -653,8 +746,8 @@ LIMITS = """- The item tower was chosen on Beauty's validation split, NDCG@10 pe
   levelled off when the budget ended. Toys (30 minutes) had levelled off as
   well (0.0581, 0.0579, 0.0578 over its last epochs). The three runs still
   fall short of the published recalculated SASRec (sampled softmax, its own
-  tuning), which is the bar the targets use; our SASRec was not tuned beyond
-  these defaults.
+  tuning) and of every later published row; our SASRec was not tuned beyond
+  these defaults (Published baselines, above).
 - Sampled against full softmax, on Beauty with the top layer fine-tuned: with
   4,096 sampled negatives validation NDCG@10 peaked at epoch 4 (0.0586) and
   then fell every epoch (0.0460 at epoch 9); with the softmax over every item

@@ -36,9 +36,11 @@ def torch_threads(threads: int | None = None, processes: int = 1) -> None:
     torch.set_flush_denormal(True)
 
 
-def baseline_scorer(name: str, split: protocol.CategorySplit, items, sasrec_minutes: float, interactions=None):
+def baseline_scorer(name: str, split: protocol.CategorySplit, items, sasrec_minutes: float, interactions=None,
+                    sasrec_text: bool = False):
     """The baseline's scorer; "ranking" (the ranking service's scoring with
-    co-purchases, over the pretrained encoder) takes (histories, shoppers)."""
+    co-purchases, over the pretrained encoder) takes (histories, shoppers);
+    `sasrec_text`: SASRec with the items' frozen MiniLM vectors as a side feature."""
     if name == "ranking":
         return crosscat.category_scorer(split, crosscat.training_copurchases(interactions),
                                         split_item_vectors(split, items, default_encoder()), crosscat.serving_weights())
@@ -49,9 +51,12 @@ def baseline_scorer(name: str, split: protocol.CategorySplit, items, sasrec_minu
     if name == "zero-shot":
         return baselines.zero_shot_scorer(split, split_item_vectors(split, items, default_encoder()))
     if name == "sasrec":
+        import torch
+
         torch_threads()
-        config = seqmodel.SeqConfig(max_minutes=sasrec_minutes)
-        model = seqmodel.SequentialRecommender(split.num_items, config)
+        config = seqmodel.sasrec_config(text=sasrec_text, max_minutes=sasrec_minutes)
+        text = torch.from_numpy(split_item_vectors(split, items, default_encoder())) if sasrec_text else None
+        model = seqmodel.sasrec(split.num_items, config, text)
         seqmodel.fit(model, split, config)
         return seqmodel.scorer(model)
     raise ValueError(name)
@@ -71,8 +76,12 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     source.add_argument("--baseline", choices=BASELINES)
     parser.add_argument("--stage", choices=("test", "valid"), default="test")
     parser.add_argument("--sasrec-minutes", type=float, default=60.0)
+    parser.add_argument("--sasrec-text", action="store_true",
+                        help="--baseline sasrec: the items' frozen MiniLM vectors as a side feature")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
+    if args.sasrec_text and args.baseline != "sasrec":
+        parser.error("--sasrec-text goes with --baseline sasrec")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
 
     dataset = shopping.Dataset.load(args.data)
@@ -103,7 +112,8 @@ def evaluate_main(argv: list[str] | None = None) -> int:
             scorer = seqmodel.scorer(textmodel.load(args.model, split, text))
             name = str(args.model)
         else:
-            scorer = baseline_scorer(args.baseline, split, dataset.items, args.sasrec_minutes, dataset.interactions)
+            scorer = baseline_scorer(args.baseline, split, dataset.items, args.sasrec_minutes, dataset.interactions,
+                                     sasrec_text=args.sasrec_text)
             name = args.baseline
         results[category] = protocol.evaluate(scorer, split, args.stage, progress=f"{category} {name}",
                                               with_users=args.baseline == "ranking")
