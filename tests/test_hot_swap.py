@@ -396,3 +396,65 @@ def test_embedding_refuses_what_a_swap_cannot_serve(versions):
         model_encoder(EmbeddingConfig(encoder="triton", model_registry="b", model_repo=str(paths.MODEL_REPO)),
                       open_model_dir(second.path), second)
     assert not (paths.MODEL_REPO / paths.TEXT_ENCODER_MODEL / "2").exists()
+
+
+@pytest.mark.integration
+def test_similar_items_never_pairs_one_versions_vector_with_anothers_index(versions, tmp_path, monkeypatch):
+    """A promotion swaps the embedding service's version at the worst moment
+    for SimilarItems: right after the gateway's first embedding call read the
+    serving version (the real registry, follow loop and swap; the hook only
+    picks the moment). The reply must be one version's answer, whole: the
+    item's vector and the index it searched from the same encoder."""
+    from conftest import gateway_channel, secured, start
+    from recsys.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+    from services.embedding.config import EmbeddingConfig
+    from services.embedding.server import create_server as create_embedding
+    from services.embedding.servicer import EmbeddingServicer
+    from services.gateway.config import GatewayConfig
+    from services.gateway.server import create_server as create_gateway
+
+    registry, first, second = versions["registry"], versions["seq1"], versions["seq2"]
+    registry.promote("sequence", first.version, "test: start")
+    anchor = shopping.load_items(versions["data"]).item_id.iloc[0]
+    armed = threading.Event()
+    reading = EmbeddingServicer.catalogue.fget
+
+    def swap_after_this_read(servicer):
+        catalogue = reading(servicer)
+        if armed.is_set():
+            armed.clear()
+            registry.promote("sequence", second.version, "test: between a call's read and the next")
+            wait_for(lambda: servicer._served.current.version == second.version, "sequence/2 swapped in")
+        return catalogue
+
+    monkeypatch.setattr(EmbeddingServicer, "catalogue", property(swap_after_this_read))
+    servers = {}
+    try:
+        servers["embedding"], embedding = start(create_embedding(EmbeddingConfig(
+            address="127.0.0.1:0", data_dir=str(versions["data"]), retail_dir="",
+            catalogue_path=str(tmp_path / "catalogue.sqlite3"), cache_dir=str(tmp_path / "cache"),
+            model_registry=str(registry.root), model_poll_seconds=0.05, grace_seconds=30, encoder_threads=1,
+            **secured("embedding"))))
+        # SimilarItems needs only the embedding service; nothing listens on the others' addresses.
+        servers["gateway"], gateway = start(create_gateway(GatewayConfig(
+            address="127.0.0.1:0", profile_address="127.0.0.1:1", ranking_address="127.0.0.1:1",
+            embedding_address=embedding, request_timeout_seconds=60, **secured("gateway"))))
+        with gateway_channel(gateway) as channel:
+            stub = gateway_pb2_grpc.GatewayServiceStub(channel)
+
+            def similar():
+                reply = stub.SimilarItems(gateway_pb2.SimilarItemsRequest(item_id=anchor, k=5), timeout=60)
+                return reply.model_version, [(i.item_id, round(i.score, 4)) for i in reply.items]
+
+            before = similar()  # also fills the gateway's category cache: no ListCategories below
+            armed.set()
+            during = similar()
+            assert not armed.is_set(), "the hook never ran: no promotion happened during the call"
+            after = similar()
+    finally:
+        for server in servers.values():
+            server.stop(None)
+    assert before[0] == first.label and after[0] == second.label
+    # sequence/2 is sequence/1 with its dimensions permuted: each version
+    # alone finds the same neighbours; one's vector in the other's index does not.
+    assert during in (before, after), f"a reply mixing versions: {during}, not {before} nor {after}"

@@ -71,12 +71,20 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
 
     def _search(self, catalogue: Catalogue, request, vectors) -> embedding_pb2.SearchItemsResponse:
         """Search, and the reply: in the pool, since filling it reads the
-        catalogue (items and embeddings of the hits) under its locks."""
+        catalogue (items and embeddings of the hits) under its locks. Query
+        items' vectors come from `catalogue`, the version whose index is
+        searched: a promotion meanwhile cannot pair one encoder's vector with
+        another's index."""
+        query_items = catalogue.get(list(request.query_item_ids), field="query_item_ids")
+        if query_items:
+            vectors = vectors + list(catalogue.embeddings([r.item_id for r in query_items]))
         queries = catalogue.check_vectors(vectors)
         results = catalogue.search(
             queries, request.k, self.config.max_k, list(request.categories), list(request.exclude_item_ids)
         )
         response = embedding_pb2.SearchItemsResponse(model_version=catalogue.model_version)
+        if request.include_items:
+            response.query_items.extend(item_message(r, with_text=False) for r in query_items)
         for hits in results:
             result = response.results.add()
             if request.include_items and hits:
