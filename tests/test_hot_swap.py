@@ -399,13 +399,14 @@ def test_embedding_refuses_what_a_swap_cannot_serve(versions):
 
 
 @pytest.mark.integration
-def test_similar_items_never_pairs_one_versions_vector_with_anothers_index(versions, tmp_path, monkeypatch):
+def test_a_vector_is_searched_only_in_its_own_versions_index(versions, tmp_path, monkeypatch):
     """A promotion swaps the embedding service's version at the worst moment
     for SimilarItems: right after the gateway's first embedding call read the
     serving version (the real registry, follow loop and swap; the hook only
     picks the moment). The reply must be one version's answer, whole: the
     item's vector and the index it searched from the same encoder."""
-    from conftest import gateway_channel, secured, start
+    from conftest import gateway_channel, secured, service_channel, start
+    from recsys.embedding.v1 import embedding_pb2, embedding_pb2_grpc
     from recsys.gateway.v1 import gateway_pb2, gateway_pb2_grpc
     from services.embedding.config import EmbeddingConfig
     from services.embedding.server import create_server as create_embedding
@@ -451,6 +452,23 @@ def test_similar_items_never_pairs_one_versions_vector_with_anothers_index(versi
             during = similar()
             assert not armed.is_set(), "the hook never ran: no promotion happened during the call"
             after = similar()
+        # Recommend's retrieval: a profile's vectors are searched in the index
+        # of the version that made them while this replica holds it (the
+        # replaced one until the grace period ends), else refused.
+        with service_channel(embedding, "embedding") as channel:
+            retrieval = embedding_pb2_grpc.EmbeddingServiceStub(channel)
+
+            def retrieve(version: str):
+                return retrieval.RetrieveCandidates(embedding_pb2.RetrieveCandidatesRequest(
+                    context_item_ids=[anchor], k=5, model_version=version), timeout=30)
+
+            assert retrieve(first.label).model_version == first.label
+            assert retrieve("").model_version == retrieve(second.label).model_version == second.label
+            for version, code in (("sequence/99", grpc.StatusCode.FAILED_PRECONDITION),
+                                  ("nonsense", grpc.StatusCode.INVALID_ARGUMENT)):
+                with pytest.raises(grpc.RpcError) as refused:
+                    retrieve(version)
+                assert refused.value.code() == code and "model_version" in refused.value.details()
     finally:
         for server in servers.values():
             server.stop(None)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from recsys.common.v1 import common_pb2
 from recsys.embedding.v1 import embedding_pb2, embedding_pb2_grpc
+from recsys_core.errors import FailedPrecondition, InvalidArgument
 from recsys_core.models.hot_swap import Loaded, Served
 from recsys_core.rpc.access import current_caller, is_admin
 from recsys_core.rpc.grpc_util import Readiness, handle_errors, Deadline
@@ -46,6 +47,24 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
         swapping in another version meanwhile never mixes the two in a reply."""
         self.readiness.require()
         return self._served.current.value
+
+    def catalogue_of(self, model_version: str) -> Catalogue:
+        """The catalogue of the version a request's vectors were made by: the
+        serving one, or one a promotion replaced that this replica still
+        holds (its grace period). Vectors of a version it no longer holds are
+        refused, never searched in another encoder's index."""
+        current = self.catalogue
+        if not model_version or model_version == current.model_version:
+            return current
+        kind, _, number = model_version.rpartition("/")
+        if not kind or not number.isdigit():
+            raise InvalidArgument("model_version", f"{model_version!r} is not a model version (e.g. sequence/3)")
+        held = self._served.get(int(number))
+        if held is None or held.value.model_version != model_version:
+            raise FailedPrecondition(
+                f"model_version: the vectors are {model_version}'s, which this replica does not hold (it serves "
+                f"{current.model_version or 'the encoder it started with'}); read the profile again")
+        return held.value
 
     @handle_errors
     async def EmbedTexts(self, request, context):
@@ -107,7 +126,7 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
 
     @handle_errors
     async def RetrieveCandidates(self, request, context):
-        catalogue = self.catalogue
+        catalogue = self.catalogue_of(request.model_version)
 
         def optional(vector, name):
             return from_vector(vector, name) if has_values(vector) else None

@@ -356,15 +356,15 @@ class Composer:
         co_purchases = {item.item_id: item.shoppers for item in co_purchased if item.item_id not in excluded}
         history = list(profile.recent_history[: self.config.explain_history])
         self._connect()
-        raw = await self._optional(EMBEDDING, skipped, self._retrieve_raw(
+        raw = await self._retrieve(
             embedding_pb2.RetrieveCandidatesRequest(
                 **vectors, context_item_ids=context_ids, interest_centroids=[i.centroid for i in interests],
                 extra_item_ids=list(co_purchases), history_item_ids=[h.item_id for h in history],
                 disliked_item_ids=list(profile.preferences.disliked_item_ids), k=pool, categories=categories,
-                exclude_item_ids=exclude,
+                exclude_item_ids=exclude, model_version=profile.vectors_model_version,
             ),
-            timeout=deadline.left(),
-        ))
+            deadline, skipped,
+        )
         if raw is None:
             # The embedding service is down: popular items beat an error for a storefront.
             return await self._popular(k, categories, exclude, deadline, skipped), FALLBACK, skipped, ""
@@ -393,6 +393,30 @@ class Composer:
         recommendations = await self._cpu(self._compose, ranked, candidates, retrieved, interests, profile, history,
                                           co_purchases, k, explore_slots)
         return recommendations, (FALLBACK if skipped else PERSONALISED), skipped, ranked_by
+
+    async def _retrieve(self, request: embedding_pb2.RetrieveCandidatesRequest, deadline: Deadline,
+                        skipped: list[str]) -> bytes | None:
+        """RetrieveCandidates' raw reply; None with the stage skipped when
+        the embedding service is unavailable. The profile's vectors are
+        searched only in the index of the encoder version that made them
+        (the request's model_version): a replica that no longer holds that
+        version answers FAILED_PRECONDITION, tried once more (another replica
+        may hold it, or the profile moved on), then the stage is skipped as
+        if down: popular items, never one encoder's vectors in another's index."""
+        for _ in range(2):
+            try:
+                return await self._optional(EMBEDDING, skipped, self._retrieve_raw(request, timeout=deadline.left()))
+            except grpc.RpcError as error:
+                if status_code(error) != grpc.StatusCode.FAILED_PRECONDITION or not request.model_version:
+                    raise
+                refused = error
+        now = time.monotonic()
+        if now - _last_warned.get("vectors_version", float("-inf")) >= WARN_EVERY_SECONDS:
+            _last_warned["vectors_version"] = now
+            log.warning("retrieval refused the profile's %s vectors twice, answering without it (this warning at "
+                        "most every %.0f s): %s", request.model_version, WARN_EVERY_SECONDS, describe(refused))
+        skipped.append(EMBEDDING)
+        return None
 
     def _compose(self, ranked, candidates, retrieved, interests, profile, history, co_purchases, k: int,
                  explore_slots: int) -> list[Recommendation]:
