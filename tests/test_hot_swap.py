@@ -4,6 +4,7 @@ without a failed call, a reply that mixes two versions, or health leaving
 SERVING; a version that fails to load is refused and the old one stays."""
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
 import threading
@@ -411,6 +412,8 @@ def test_a_vector_is_searched_only_in_its_own_versions_index(versions, tmp_path,
     from services.embedding.config import EmbeddingConfig
     from services.embedding.server import create_server as create_embedding
     from services.embedding.servicer import EmbeddingServicer
+    from recsys_core.rpc.grpc_util import Deadline
+    from services.gateway.composer import EMBEDDING, Composer
     from services.gateway.config import GatewayConfig
     from services.gateway.server import create_server as create_gateway
 
@@ -469,6 +472,21 @@ def test_a_vector_is_searched_only_in_its_own_versions_index(versions, tmp_path,
                 with pytest.raises(grpc.RpcError) as refused:
                     retrieve(version)
                 assert refused.value.code() == code and "model_version" in refused.value.details()
+
+        async def gateway_retrieves(version: str):
+            """The gateway's retrieval step: a version no replica holds is
+            tried twice, then answered without the embedding stage."""
+            composer, skipped = Composer(GatewayConfig(embedding_address=embedding, **secured("gateway"))), []
+            try:
+                raw = await composer._retrieve(embedding_pb2.RetrieveCandidatesRequest(
+                    context_item_ids=[anchor], k=5, model_version=version), Deadline(None, 30), skipped)
+            finally:
+                await composer.close()
+            return raw, skipped
+
+        raw, skipped = asyncio.run(gateway_retrieves(first.label))
+        assert embedding_pb2.RetrieveCandidatesResponse.FromString(raw).model_version == first.label and not skipped
+        assert asyncio.run(gateway_retrieves("sequence/99")) == (None, [EMBEDDING])
     finally:
         for server in servers.values():
             server.stop(None)

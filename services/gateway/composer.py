@@ -355,7 +355,6 @@ class Composer:
         co_purchased = signals.co_purchased if signals is not None else []
         co_purchases = {item.item_id: item.shoppers for item in co_purchased if item.item_id not in excluded}
         history = list(profile.recent_history[: self.config.explain_history])
-        self._connect()
         raw = await self._retrieve(
             embedding_pb2.RetrieveCandidatesRequest(
                 **vectors, context_item_ids=context_ids, interest_centroids=[i.centroid for i in interests],
@@ -403,6 +402,7 @@ class Composer:
         version answers FAILED_PRECONDITION, tried once more (another replica
         may hold it, or the profile moved on), then the stage is skipped as
         if down: popular items, never one encoder's vectors in another's index."""
+        self._connect()
         for _ in range(2):
             try:
                 return await self._optional(EMBEDDING, skipped, self._retrieve_raw(request, timeout=deadline.left()))
