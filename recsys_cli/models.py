@@ -76,9 +76,6 @@ def models_main(argv: list[str]) -> int:
     return 0
 
 
-PIN_ENV = ("GATEWAY_AB_ARMS", "RANKING_MODEL_VERSIONS")
-
-
 def pinned_versions(pins: list[str], environ=None) -> dict[str, set[int]]:
     """Versions pruning must keep besides its own rules: `--pin kind/N`
     and the rankers the A/B configuration names, as the gateway
