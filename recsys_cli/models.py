@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -40,9 +41,11 @@ def describe(version: ModelVersion, promoted: int | None) -> dict:
 
 
 def models_main(argv: list[str]) -> int:
+    if argv and argv[0] == "prune":
+        return prune_main(argv[1:])
     parser = argparse.ArgumentParser(prog="recsys models", description=(
         "List the model registry's versions: version, created, parent (warm-started from), data window, "
-        "key metrics, and which one is PROMOTED (*)."))
+        "key metrics, and which one is PROMOTED (*). `recsys models prune --help`: delete old versions."))
     parser.add_argument("--kind", choices=KINDS, action="append", help="only this kind (repeatable; default every one)")
     parser.add_argument("--registry", type=Path, help=f"model registry (default ${ENV}, else var/models)")
     parser.add_argument("--json", action="store_true")
@@ -70,6 +73,72 @@ def models_main(argv: list[str]) -> int:
               f"{row['created'] or '-':<25} {row['parent'] if row['parent'] is not None else '-':>6} {span:<43} "
               f"{window['events'] if window['events'] is not None else '-':>7} "
               f"{window['shoppers'] if window['shoppers'] is not None else '-':>8}  {metrics}")
+    return 0
+
+
+def pinned_versions(pins: list[str], environ=None) -> dict[str, set[int]]:
+    """Versions pruning must keep besides its own rules: `--pin kind/N`
+    and the rankers the A/B configuration names, as the gateway
+    (GATEWAY_AB_ARMS) and the ranking service (RANKING_MODEL_VERSIONS) read
+    them, when set in this environment. ValueError says what is unreadable."""
+    from recsys_core.experiments.arms import ArmsError, parse_arms, ranker_version
+    from services.ranking.config import parse_versions
+
+    environ = os.environ if environ is None else environ
+    pinned: dict[str, set[int]] = {kind: set() for kind in KINDS}
+    for pin in pins:
+        kind, _, number = pin.partition("/")
+        if kind not in KINDS or not number.isdigit():
+            raise ValueError(f"--pin {pin!r}: expected kind/version, e.g. ranker/3 (kinds: {', '.join(KINDS)})")
+        pinned[kind].add(int(number))
+    try:
+        arms = parse_arms(environ.get("GATEWAY_AB_ARMS", ""))
+    except ArmsError as error:
+        raise ValueError(f"GATEWAY_AB_ARMS: {error}") from None
+    pinned["ranker"] |= {v for v in (ranker_version(arm.model_version) for arm in arms) if v is not None}
+    pinned["ranker"] |= set(parse_versions(environ.get("RANKING_MODEL_VERSIONS", "")))
+    return pinned
+
+
+def prune_main(argv: list[str]) -> int:
+    from recsys_core.models import pruning
+
+    parser = argparse.ArgumentParser(prog="recsys models prune", description=(
+        "Delete the oldest registry versions beyond the newest N of each kind. Never deleted: the promoted "
+        "version, its parent and the version promoted before it (rollback targets), any version newer than "
+        "the promoted one, pinned versions (--pin, GATEWAY_AB_ARMS, RANKING_MODEL_VERSIONS); a kind with "
+        "nothing promoted is left alone. Each deletion is logged and kept in <registry>/<kind>/prunes.jsonl."))
+    pruning.add_arguments(parser, "keep the newest N versions of each kind (>= 1) besides the protected ones",
+                          required=True)
+    parser.add_argument("--kind", choices=KINDS, action="append", help="only this kind (repeatable; default every one)")
+    parser.add_argument("--dry-run", action="store_true", help="say what would go; delete nothing")
+    parser.add_argument("--reason", default="", help="kept with each deletion (default: keep the newest N)")
+    parser.add_argument("--by", help="who prunes (default: RECSYS_ACTOR, else the login name)")
+    parser.add_argument("--registry", type=Path, help=f"model registry (default ${ENV}, else var/models)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
+    if args.keep < 1:
+        parser.error("--keep must be at least 1")
+    try:
+        pinned = pinned_versions(args.pin)
+        pruning.check_model_repo(args.model_repo)
+    except ValueError as error:
+        parser.error(str(error))
+    registry = Registry(args.registry)
+    results = pruning.prune(registry, args.keep, args.kind or KINDS, pinned, dry_run=args.dry_run,
+                            reason=args.reason.strip(), by=args.by, model_repo=args.model_repo)
+    for found, done in results:
+        for version in found.doomed:
+            if args.dry_run:
+                print(f"would prune {version.label} (created {version.manifest.get('created') or '-'})")
+        for record in done:
+            what = (f"{record['kind']}/{record['version']}" if "version" in record else
+                    f"{record['triton_model']} version {record['triton_version']} of {record['model_repo']}")
+            print(f"pruned {what} ({record['bytes'] / 1e6:.1f} MB)")
+        for number in (found.encoder_versions if args.dry_run else ()):
+            print(f"would prune text_encoder version {number} of {args.model_repo}")
+        for number, why in found.kept.items():
+            print(f"kept {found.kind}/{number}: {why}")
     return 0
 
 
@@ -119,7 +188,7 @@ def retrain_main(argv: list[str]) -> int:
     label = f"redis {config.redis_url.rpartition('@')[2]} {config.redis_prefix}" if config.store == "redis" \
         else f"sqlite {config.store_path}"
     items = Path(config.data_dir) if config.data_dir else paths.BUNDLED_DATA_DIR
-    return run(argv, store, label, items)
+    return run(argv, store, label, items, pinned=pinned_versions)
 
 
 def main(name: str, argv: list[str]) -> int:

@@ -4,6 +4,7 @@ without a failed call, a reply that mixes two versions, or health leaving
 SERVING; a version that fails to load is refused and the old one stays."""
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
 import threading
@@ -396,3 +397,100 @@ def test_embedding_refuses_what_a_swap_cannot_serve(versions):
         model_encoder(EmbeddingConfig(encoder="triton", model_registry="b", model_repo=str(paths.MODEL_REPO)),
                       open_model_dir(second.path), second)
     assert not (paths.MODEL_REPO / paths.TEXT_ENCODER_MODEL / "2").exists()
+
+
+@pytest.mark.integration
+def test_a_vector_is_searched_only_in_its_own_versions_index(versions, tmp_path, monkeypatch):
+    """A promotion swaps the embedding service's version at the worst moment
+    for SimilarItems: right after the gateway's first embedding call read the
+    serving version (the real registry, follow loop and swap; the hook only
+    picks the moment). The reply must be one version's answer, whole: the
+    item's vector and the index it searched from the same encoder."""
+    from conftest import gateway_channel, secured, service_channel, start
+    from recsys.embedding.v1 import embedding_pb2, embedding_pb2_grpc
+    from recsys.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+    from services.embedding.config import EmbeddingConfig
+    from services.embedding.server import create_server as create_embedding
+    from services.embedding.servicer import EmbeddingServicer
+    from recsys_core.rpc.grpc_util import Deadline
+    from services.gateway.composer import EMBEDDING, Composer
+    from services.gateway.config import GatewayConfig
+    from services.gateway.server import create_server as create_gateway
+
+    registry, first, second = versions["registry"], versions["seq1"], versions["seq2"]
+    registry.promote("sequence", first.version, "test: start")
+    anchor = shopping.load_items(versions["data"]).item_id.iloc[0]
+    armed = threading.Event()
+    reading = EmbeddingServicer.catalogue.fget
+
+    def swap_after_this_read(servicer):
+        catalogue = reading(servicer)
+        if armed.is_set():
+            armed.clear()
+            registry.promote("sequence", second.version, "test: between a call's read and the next")
+            wait_for(lambda: servicer._served.current.version == second.version, "sequence/2 swapped in")
+        return catalogue
+
+    monkeypatch.setattr(EmbeddingServicer, "catalogue", property(swap_after_this_read))
+    servers = {}
+    try:
+        servers["embedding"], embedding = start(create_embedding(EmbeddingConfig(
+            address="127.0.0.1:0", data_dir=str(versions["data"]), retail_dir="",
+            catalogue_path=str(tmp_path / "catalogue.sqlite3"), cache_dir=str(tmp_path / "cache"),
+            model_registry=str(registry.root), model_poll_seconds=0.05, grace_seconds=30, encoder_threads=1,
+            **secured("embedding"))))
+        # SimilarItems needs only the embedding service; nothing listens on the others' addresses.
+        servers["gateway"], gateway = start(create_gateway(GatewayConfig(
+            address="127.0.0.1:0", profile_address="127.0.0.1:1", ranking_address="127.0.0.1:1",
+            embedding_address=embedding, request_timeout_seconds=60, **secured("gateway"))))
+        with gateway_channel(gateway) as channel:
+            stub = gateway_pb2_grpc.GatewayServiceStub(channel)
+
+            def similar():
+                reply = stub.SimilarItems(gateway_pb2.SimilarItemsRequest(item_id=anchor, k=5), timeout=60)
+                return reply.model_version, [(i.item_id, round(i.score, 4)) for i in reply.items]
+
+            before = similar()  # also fills the gateway's category cache: no ListCategories below
+            armed.set()
+            during = similar()
+            assert not armed.is_set(), "the hook never ran: no promotion happened during the call"
+            after = similar()
+        # Recommend's retrieval: a profile's vectors are searched in the index
+        # of the version that made them while this replica holds it (the
+        # replaced one until the grace period ends), else refused.
+        with service_channel(embedding, "embedding") as channel:
+            retrieval = embedding_pb2_grpc.EmbeddingServiceStub(channel)
+
+            def retrieve(version: str):
+                return retrieval.RetrieveCandidates(embedding_pb2.RetrieveCandidatesRequest(
+                    context_item_ids=[anchor], k=5, model_version=version), timeout=30)
+
+            assert retrieve(first.label).model_version == first.label
+            assert retrieve("").model_version == retrieve(second.label).model_version == second.label
+            for version, code in (("sequence/99", grpc.StatusCode.FAILED_PRECONDITION),
+                                  ("nonsense", grpc.StatusCode.INVALID_ARGUMENT)):
+                with pytest.raises(grpc.RpcError) as refused:
+                    retrieve(version)
+                assert refused.value.code() == code and "model_version" in refused.value.details()
+
+        async def gateway_retrieves(version: str):
+            """The gateway's retrieval step: a version no replica holds is
+            tried twice, then answered without the embedding stage."""
+            composer, skipped = Composer(GatewayConfig(embedding_address=embedding, **secured("gateway"))), []
+            try:
+                raw = await composer._retrieve(embedding_pb2.RetrieveCandidatesRequest(
+                    context_item_ids=[anchor], k=5, model_version=version), Deadline(None, 30), skipped)
+            finally:
+                await composer.close()
+            return raw, skipped
+
+        raw, skipped = asyncio.run(gateway_retrieves(first.label))
+        assert embedding_pb2.RetrieveCandidatesResponse.FromString(raw).model_version == first.label and not skipped
+        assert asyncio.run(gateway_retrieves("sequence/99")) == (None, [EMBEDDING])
+    finally:
+        for server in servers.values():
+            server.stop(None)
+    assert before[0] == first.label and after[0] == second.label
+    # sequence/2 is sequence/1 with its dimensions permuted: each version
+    # alone finds the same neighbours; one's vector in the other's index does not.
+    assert during in (before, after), f"a reply mixing versions: {during}, not {before} nor {after}"

@@ -376,24 +376,33 @@ def test_retrain_ranker_compares_with_the_promoted_ranker_on_the_same_pools(tmp_
     store.close()
     monkeypatch.setenv("PROFILE_STORE_PATH", str(tmp_path / "events.sqlite3"))
     registry = Registry(tmp_path / "reg")
+    # An old ranker nothing serves: what --keep prunes once a retrain promotes.
+    stale = tmp_path / "stale" / "ranker.txt"
+    stale.parent.mkdir()
+    stale.write_text("an earlier experiment's trees\n")
+    registry.add("ranker", stale)
     args = ["retrain", "--kind", "ranker", "--categories", CATEGORY, "--max-shoppers", "100", "--no-progress",
             "--registry", str(registry.root), "--min-holdout", "50"]
     assert recsys(args) == 0
     first = json.loads(capsys.readouterr().out)
     assert first["decision"] == "promote" and first["promoted"] is None and first["candidate"]["users"] == 100
-    assert recsys(args) == 0  # nothing new in the store
+    assert "pruned" not in first  # no --keep: nothing deleted
+    assert recsys(args + ["--keep", "1"]) == 0  # nothing new in the store: no promotion, no pruning
     assert json.loads(capsys.readouterr().out)["decision"] == "skip"
+    assert [v.version for v in registry.versions("ranker")] == [1, 2]
     # The same data and seed again: LightGBM is deterministic, so the candidate
     # equals the promoted ranker on the same pools, which is not worse.
-    assert recsys(args + ["--force", "--tolerance", "0"]) == 0
+    assert recsys(args + ["--force", "--tolerance", "0", "--keep", "1"]) == 0
     second = json.loads(capsys.readouterr().out)
-    assert second["promoted"]["version"] == 1
+    assert second["promoted"]["version"] == 2
     assert {k: v for k, v in second["promoted"].items() if k != "version"} == second["candidate"]
-    assert second["decision"] == "promote" and registry.promoted("ranker").version == 2
-    version = registry.get("ranker", 2)
-    assert version.manifest["parent"] == 1 and version.manifest["category"] == CATEGORY
+    assert second["decision"] == "promote" and registry.promoted("ranker").version == 3
+    # Pruned after the promotion: the stale one; ranker/2 stays, the new one's parent.
+    assert second["pruned"] == ["ranker/1"] and [v.version for v in registry.versions("ranker")] == [2, 3]
+    version = registry.get("ranker", 3)
+    assert version.manifest["parent"] == 2 and version.manifest["category"] == CATEGORY
     model = lifecycle.ranker_file(version)
-    assert json.loads(model.with_name(model.name + ".json").read_text())["test"]["compared"]["ranker/1"] == \
+    assert json.loads(model.with_name(model.name + ".json").read_text())["test"]["compared"]["ranker/2"] == \
         second["candidate"]
     with pytest.raises(SystemExit):
         recsys(["retrain", "--kind", "ranker", "--registry", str(registry.root)])  # which category?

@@ -350,6 +350,8 @@ def test_a_new_encoder_version_in_the_catalogue_drops_cached_items_and_profiles(
                         for name, new in zip("abcd", "dcba")}
     after = book.profile("u", 1.0)
     assert after is not before
+    # Which version made them travels with the vectors (retrieval searches that version's index).
+    assert before.vectors_model_version == "" and after.vectors_model_version == "sequence/2"
     assert set(np.flatnonzero(after.long_term > 0.1)) == {2, 3}, after.long_term
     # And a read of items partly cached (c) and partly not fetches all from the new version.
     book.items.items["e"] = ItemInfo("C", BASIS["a"], model_version="sequence/2")

@@ -40,7 +40,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from recsys_core.data import shopping
-from recsys_core.models import promotion
+from recsys_core.models import promotion, pruning
 from recsys_core.models.registry import MANIFEST, ModelVersion, Registry, now_iso
 from recsys_core.store.events import EventStore
 from training import modeldir, protocol, seqmodel, twotower
@@ -333,9 +333,21 @@ def skip(why: str, kind: str = KIND) -> dict:
     return decision
 
 
+def prune_after_promotion(registry: Registry, kind: str, keep: int, pinned, model_repo: Path | None) -> list[str]:
+    """`--keep`: the kind pruned once its new version is promoted (the
+    promotion makes the old promoted version the new one's parent, so both
+    stay). What went, as labels."""
+    [(_, done)] = pruning.prune(registry, keep, [kind], {kind: pinned}, reason=f"recsys retrain --keep {keep}",
+                                model_repo=model_repo)
+    return [f"{r['kind']}/{r['version']}" if "version" in r else f"{r['triton_model']}:{r['triton_version']}"
+            for r in done]
+
+
 def retrain_main(argv: list[str] | None, open_store: Callable[[], EventStore], store_label: str,
-                 default_items: Path) -> int:
-    """`recsys retrain`; the caller (recsys_cli) opens the profile service's store."""
+                 default_items: Path, pinned: Callable[[list[str]], dict[str, set[int]]] | None = None) -> int:
+    """`recsys retrain`; the caller (recsys_cli) opens the profile service's
+    store, and `pinned` reads --pin and the A/B configuration's versions
+    (recsys_cli.models.pinned_versions) for --keep."""
     defaults = RetrainSettings()
     parser = argparse.ArgumentParser(prog="recsys retrain", description=(
         "Retrain the sequence model on the event store the profile service is configured with "
@@ -364,6 +376,8 @@ def retrain_main(argv: list[str] | None, open_store: Callable[[], EventStore], s
     parser.add_argument("--threads", type=int, help="torch threads (default: every core)")
     parser.add_argument("--force", action="store_true", help="retrain even without new events")
     parser.add_argument("--no-progress", action="store_true")
+    pruning.add_arguments(parser, "after a promotion, delete this kind's versions beyond the newest N as "
+                                  "`recsys models prune --keep N` does (default: delete nothing)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
     if args.holdout_days <= 0 or args.tolerance < 0 or args.min_holdout < 1 or args.max_epochs < 1 \
@@ -372,6 +386,14 @@ def retrain_main(argv: list[str] | None, open_store: Callable[[], EventStore], s
                      "--max-epochs >= 1")
     if args.kind == "ranker" and len(args.categories or ()) != 1:
         parser.error("--kind ranker: one category (--categories C): the ranker is trained per category")
+    if args.keep is not None and args.keep < 1:
+        parser.error("--keep must be at least 1")
+    try:
+        # Before training: a bad --pin or A/B setting is said now, not after an hour.
+        pins = pinned(args.pin) if pinned is not None else {}
+        pruning.check_model_repo(args.model_repo)
+    except ValueError as error:
+        parser.error(str(error))
     from training.commands import torch_threads
 
     torch_threads(args.threads)
@@ -382,20 +404,24 @@ def retrain_main(argv: list[str] | None, open_store: Callable[[], EventStore], s
     settings = RetrainSettings(holdout_days=args.holdout_days, tolerance=args.tolerance, min_holdout=args.min_holdout,
                                max_epochs=args.max_epochs, max_minutes=args.max_minutes, seed=args.seed,
                                force=args.force)
+    registry = Registry(args.registry)
     try:
         store = open_store()
         try:
             if args.kind == "ranker":
-                decision = retrain_ranker(store, Registry(args.registry), items, args.categories[0], settings,
+                decision = retrain_ranker(store, registry, items, args.categories[0], settings,
                                           progress=not args.no_progress, source=store_label,
                                           max_shoppers=args.max_shoppers, threads=args.threads or 2)
             else:
-                decision = retrain(store, Registry(args.registry), items, args.categories, settings,
+                decision = retrain(store, registry, items, args.categories, settings,
                                    progress=not args.no_progress, source=store_label)
         finally:
             store.close()
     except (RetrainError, shopping.DataError) as error:
         print(f"recsys retrain: {error}", file=sys.stderr)
         return 2
+    if args.keep is not None and decision["decision"] == "promote":
+        decision["pruned"] = prune_after_promotion(registry, args.kind, args.keep, pins.get(args.kind, ()),
+                                                   args.model_repo)
     print(json.dumps(decision, sort_keys=True))
     return 0

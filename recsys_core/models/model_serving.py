@@ -180,6 +180,13 @@ def _fingerprints(version_dir: Path, metadata_file: str) -> dict | None:
     return {precision: entry["fingerprint"] for precision, entry in weights.items()}
 
 
+def encoder_fingerprints(encoder_dir: Path) -> dict | None:
+    """What identifies an exported encoder's weights (per precision): equal
+    for a registry version's encoder/ and the text_encoder version
+    install_encoder made of it; None where there is no exported encoder."""
+    return _fingerprints(encoder_dir, enc.METADATA_FILE)
+
+
 def install_version(source: Path, model_dir: Path, metadata_file: str, backend_code: Path) -> int:
     """The version of Triton model `model_dir` that holds the exported files
     of `source`: an existing version with the same weights, else the next

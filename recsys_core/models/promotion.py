@@ -38,14 +38,20 @@ def promote(registry: Registry, kind: str, version: int, reason: str, by: str | 
     by = by or current_user()
     previous = registry.promotion_record(kind)
     chosen = registry.promote(kind, version, reason=f"{reason} (by {by})")
-    record = {"event": "promotion", "kind": kind, "version": chosen.version,
-              "previous": None if previous is None else previous.get("version"), "at": now_iso(), "by": by,
-              "reason": reason}
-    line = json.dumps(record, sort_keys=True)
-    with open(registry.root / kind / HISTORY, "a", encoding="utf-8") as trail:
-        trail.write(line + "\n")
-    log.info(line)
+    audit(registry, kind, HISTORY, log, {
+        "event": "promotion", "kind": kind, "version": chosen.version,
+        "previous": None if previous is None else previous.get("version"), "at": now_iso(), "by": by,
+        "reason": reason})
     return chosen
+
+
+def audit(registry: Registry, kind: str, trail: str, logger: logging.Logger, record: dict) -> None:
+    """One JSON line appended to `<registry>/<kind>/<trail>` and logged:
+    how promotions (and prunes, recsys_core.models.pruning) are kept."""
+    line = json.dumps(record, sort_keys=True)
+    with open(registry.root / kind / trail, "a", encoding="utf-8") as kept:
+        kept.write(line + "\n")
+    logger.info(line)
 
 
 def history(registry: Registry, kind: str) -> list[dict]:

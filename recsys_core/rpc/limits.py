@@ -81,13 +81,14 @@ LIMITS: dict[str, MethodLimits] = {
     "/recsys.gateway.v1.GatewayService/DeleteUser": MethodLimits(4 * KiB, chars={"user_id": ID_CHARS}),
     # Embedding.
     "/recsys.embedding.v1.EmbeddingService/SearchItems": MethodLimits(
-        counts={"vectors": 64, "categories": _CATEGORIES, "exclude_item_ids": _EXCLUDED}),
+        counts={"vectors": 64, "query_item_ids": 64, "categories": _CATEGORIES, "exclude_item_ids": _EXCLUDED}),
     "/recsys.embedding.v1.EmbeddingService/GetItems": MethodLimits(counts={"item_ids": 10_000}),
     "/recsys.embedding.v1.EmbeddingService/UpsertItems": MethodLimits(counts={"items": 1_000}, chars=_ITEM),
     "/recsys.embedding.v1.EmbeddingService/ListCategories": MethodLimits(4 * KiB),
     "/recsys.embedding.v1.EmbeddingService/RetrieveCandidates": MethodLimits(counts={
         "context_item_ids": 1_000, "interest_centroids": 64, "extra_item_ids": 10_000, "history_item_ids": 10_000,
-        "disliked_item_ids": 10_000, "categories": _CATEGORIES, "exclude_item_ids": _EXCLUDED}),
+        "disliked_item_ids": 10_000, "categories": _CATEGORIES, "exclude_item_ids": _EXCLUDED},
+        chars={"model_version": ID_CHARS}),
     # Profile.
     "/recsys.profile.v1.ProfileService/IngestEvents": MethodLimits(chars=_EVENT),
     "/recsys.profile.v1.ProfileService/GetProfile": MethodLimits(4 * KiB, chars={"user_id": ID_CHARS}),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from recsys.common.v1 import common_pb2
 from recsys.embedding.v1 import embedding_pb2, embedding_pb2_grpc
+from recsys_core.errors import FailedPrecondition, InvalidArgument
 from recsys_core.models.hot_swap import Loaded, Served
 from recsys_core.rpc.access import current_caller, is_admin
 from recsys_core.rpc.grpc_util import Readiness, handle_errors, Deadline
@@ -47,6 +48,24 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
         self.readiness.require()
         return self._served.current.value
 
+    def catalogue_of(self, model_version: str) -> Catalogue:
+        """The catalogue of the version a request's vectors were made by: the
+        serving one, or one a promotion replaced that this replica still
+        holds (its grace period). Vectors of a version it no longer holds are
+        refused, never searched in another encoder's index."""
+        current = self.catalogue
+        if not model_version or model_version == current.model_version:
+            return current
+        kind, _, number = model_version.rpartition("/")
+        if not kind or not number.isdigit():
+            raise InvalidArgument("model_version", f"{model_version!r} is not a model version (e.g. sequence/3)")
+        held = self._served.get(int(number))
+        if held is None or held.value.model_version != model_version:
+            raise FailedPrecondition(
+                f"model_version: the vectors are {model_version}'s, which this replica does not hold (it serves "
+                f"{current.model_version or 'the encoder it started with'}); read the profile again")
+        return held.value
+
     @handle_errors
     async def EmbedTexts(self, request, context):
         catalogue, deadline = self.catalogue, Deadline(context, ENCODER_CALL_SECONDS)
@@ -71,12 +90,20 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
 
     def _search(self, catalogue: Catalogue, request, vectors) -> embedding_pb2.SearchItemsResponse:
         """Search, and the reply: in the pool, since filling it reads the
-        catalogue (items and embeddings of the hits) under its locks."""
+        catalogue (items and embeddings of the hits) under its locks. Query
+        items' vectors come from `catalogue`, the version whose index is
+        searched: a promotion meanwhile cannot pair one encoder's vector with
+        another's index."""
+        query_items = catalogue.get(list(request.query_item_ids), field="query_item_ids")
+        if query_items:
+            vectors = vectors + list(catalogue.embeddings([r.item_id for r in query_items]))
         queries = catalogue.check_vectors(vectors)
         results = catalogue.search(
             queries, request.k, self.config.max_k, list(request.categories), list(request.exclude_item_ids)
         )
         response = embedding_pb2.SearchItemsResponse(model_version=catalogue.model_version)
+        if request.include_items:
+            response.query_items.extend(item_message(r, with_text=False) for r in query_items)
         for hits in results:
             result = response.results.add()
             if request.include_items and hits:
@@ -99,7 +126,7 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
 
     @handle_errors
     async def RetrieveCandidates(self, request, context):
-        catalogue = self.catalogue
+        catalogue = self.catalogue_of(request.model_version)
 
         def optional(vector, name):
             return from_vector(vector, name) if has_values(vector) else None

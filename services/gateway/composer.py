@@ -273,11 +273,11 @@ class Composer:
 
     # -- helpers -----------------------------------------------------------------
 
-    async def _items(self, item_ids: list[str], deadline: Deadline, embeddings: bool) -> dict[str, embedding_pb2.ItemWithEmbedding]:
+    async def _items(self, item_ids: list[str], deadline: Deadline) -> dict[str, embedding_pb2.ItemWithEmbedding]:
         if not item_ids:
             return {}
         reply = await self.embedding.GetItems(
-            embedding_pb2.GetItemsRequest(item_ids=item_ids, include_embeddings=embeddings, skip_missing=True),
+            embedding_pb2.GetItemsRequest(item_ids=item_ids, skip_missing=True),
             timeout=deadline.left(),
         )
         return {entry.item.item_id: entry for entry in reply.items}
@@ -296,7 +296,7 @@ class Composer:
             return self.cached_popular(k, categories, exclude)
         titles = {}
         if reply.items and EMBEDDING not in skipped:
-            found = await self._optional(EMBEDDING, skipped, self._items([p.item_id for p in reply.items], deadline, False))
+            found = await self._optional(EMBEDDING, skipped, self._items([p.item_id for p in reply.items], deadline))
             titles = {i: e.item.title for i, e in (found or {}).items()}
         return popular_recommendations(
             reply.items, [titles.get(p.item_id) or self._popular_titles.get(p.item_id, "") for p in reply.items])
@@ -355,16 +355,15 @@ class Composer:
         co_purchased = signals.co_purchased if signals is not None else []
         co_purchases = {item.item_id: item.shoppers for item in co_purchased if item.item_id not in excluded}
         history = list(profile.recent_history[: self.config.explain_history])
-        self._connect()
-        raw = await self._optional(EMBEDDING, skipped, self._retrieve_raw(
+        raw = await self._retrieve(
             embedding_pb2.RetrieveCandidatesRequest(
                 **vectors, context_item_ids=context_ids, interest_centroids=[i.centroid for i in interests],
                 extra_item_ids=list(co_purchases), history_item_ids=[h.item_id for h in history],
                 disliked_item_ids=list(profile.preferences.disliked_item_ids), k=pool, categories=categories,
-                exclude_item_ids=exclude,
+                exclude_item_ids=exclude, model_version=profile.vectors_model_version,
             ),
-            timeout=deadline.left(),
-        ))
+            deadline, skipped,
+        )
         if raw is None:
             # The embedding service is down: popular items beat an error for a storefront.
             return await self._popular(k, categories, exclude, deadline, skipped), FALLBACK, skipped, ""
@@ -393,6 +392,31 @@ class Composer:
         recommendations = await self._cpu(self._compose, ranked, candidates, retrieved, interests, profile, history,
                                           co_purchases, k, explore_slots)
         return recommendations, (FALLBACK if skipped else PERSONALISED), skipped, ranked_by
+
+    async def _retrieve(self, request: embedding_pb2.RetrieveCandidatesRequest, deadline: Deadline,
+                        skipped: list[str]) -> bytes | None:
+        """RetrieveCandidates' raw reply; None with the stage skipped when
+        the embedding service is unavailable. The profile's vectors are
+        searched only in the index of the encoder version that made them
+        (the request's model_version): a replica that no longer holds that
+        version answers FAILED_PRECONDITION, tried once more (another replica
+        may hold it, or the profile moved on), then the stage is skipped as
+        if down: popular items, never one encoder's vectors in another's index."""
+        self._connect()
+        for _ in range(2):
+            try:
+                return await self._optional(EMBEDDING, skipped, self._retrieve_raw(request, timeout=deadline.left()))
+            except grpc.RpcError as error:
+                if status_code(error) != grpc.StatusCode.FAILED_PRECONDITION or not request.model_version:
+                    raise
+                refused = error
+        now = time.monotonic()
+        if now - _last_warned.get("vectors_version", float("-inf")) >= WARN_EVERY_SECONDS:
+            _last_warned["vectors_version"] = now
+            log.warning("retrieval refused the profile's %s vectors twice, answering without it (this warning at "
+                        "most every %.0f s): %s", request.model_version, WARN_EVERY_SECONDS, describe(refused))
+        skipped.append(EMBEDDING)
+        return None
 
     def _compose(self, ranked, candidates, retrieved, interests, profile, history, co_purchases, k: int,
                  explore_slots: int) -> list[Recommendation]:
@@ -477,20 +501,31 @@ class Composer:
         rq.check_user_id(user_id)
         return await self.profile.DeleteUser(profile_pb2.DeleteUserRequest(user_id=user_id), timeout=deadline.left())
 
-    async def similar_items(self, item_id: str, k: int, categories: list[str], deadline: Deadline) -> list[Recommendation]:
+    async def similar_items(self, item_id: str, k: int, categories: list[str],
+                            deadline: Deadline) -> tuple[list[Recommendation], str]:
+        """The item's nearest neighbours and the model version that found
+        them. One SearchItems with the item as its query: the embedding
+        service reads the item's vector from the version whose index it
+        searches. (Reading the vector with GetItems first and searching with
+        it after paired one encoder's vector with another's index whenever a
+        promotion swapped versions between the two calls.)"""
         rq.check_item_id(item_id, "item_id")
         rq.check_k(k)
         categories = rq.check_categories(categories, await self.known_categories(deadline))
-        anchor = (await self._items([item_id], deadline, embeddings=True)).get(item_id)
-        if anchor is None:
-            raise NotFound(f"item_id: no item {item_id!r} in the catalogue")
-        search = await self.embedding.SearchItems(
-            embedding_pb2.SearchItemsRequest(
-                vectors=[anchor.embedding], k=k, categories=categories, exclude_item_ids=[item_id], include_items=True
-            ),
-            timeout=deadline.left(),
-        )
-        reason = rq.similar_reason(anchor.item.title)
+        try:
+            search = await self.embedding.SearchItems(
+                embedding_pb2.SearchItemsRequest(
+                    query_item_ids=[item_id], k=k, categories=categories, exclude_item_ids=[item_id],
+                    include_items=True,
+                ),
+                timeout=deadline.left(),
+            )
+        except grpc.RpcError as error:
+            if status_code(error) != grpc.StatusCode.NOT_FOUND:
+                raise
+            # The caller's field, not the embedding service's.
+            raise NotFound(f"item_id: no item {item_id!r} in the catalogue") from None
+        reason = rq.similar_reason(search.query_items[0].title)
         return [
             Recommendation(h.item_id, h.item.category, h.item.title, h.score, reason) for h in search.results[0].hits
-        ]
+        ], search.model_version

@@ -95,10 +95,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     async def SimilarItems(self, request, context):
         self.readiness.require()
         with self.blocking.admitted():
-            recommendations = await self.composer.similar_items(
+            recommendations, model_version = await self.composer.similar_items(
                 item_id=request.item_id,
                 k=request.k,
                 categories=list(request.categories),
                 deadline=Deadline(context, self.config.request_timeout_seconds),
             )
-        return gateway_pb2.SimilarItemsResponse(items=item_messages(recommendations))
+        return gateway_pb2.SimilarItemsResponse(items=item_messages(recommendations), model_version=model_version)

@@ -120,6 +120,9 @@ class Profile:
     # The store's user_version() when the profile was read: a cached profile
     # whose shopper changed through another replica is read again.
     version: int | None = None
+    # The encoder version whose item vectors made the interests (ItemInfo.model_version;
+    # "" also when the read saw two), so retrieval searches that version's index.
+    vectors_model_version: str = ""
 
 
 def check_user_id(user_id: str, field_name: str = "user_id") -> str:
@@ -474,6 +477,7 @@ class ProfileBook:
         count, per_category, seen = self.store.user_summary(user_id)
         info = self._item_info(list(dict.fromkeys(e.item_id for e in events)), timeout)
         vectors = {item_id: item.vector for item_id, item in info.items()}
+        made_by = {item.model_version for item in info.values()}
         review_preferences, sentiment = self._read_reviews(user_id, timeout)
         reading = read_interests(events, info, sentiment, self.drift_settings, self.cluster_settings)
         profile = Profile(
@@ -492,6 +496,7 @@ class ProfileBook:
             value=self._value(user_id, events, count, per_category),
             preferences=review_preferences,
             version=version,
+            vectors_model_version=made_by.pop() if len(made_by) == 1 else "",
         )
         with self._cache_lock:
             if self._forgets != forgets:

@@ -61,6 +61,7 @@ def profile_message(profile, limit: int, centroids: bool = True) -> profile_pb2.
         known=profile.known,
         event_count=profile.event_count,
         seen_item_ids=profile.seen_item_ids,
+        vectors_model_version=profile.vectors_model_version,
         categories=[
             profile_pb2.CategoryCount(category=c, events=n) for c, n in sorted(profile.categories.items())
         ],
