@@ -138,10 +138,14 @@ def evaluate_model(model_dir: Path, holdout: CategorySplit, items: pd.DataFrame,
     return protocol.evaluate(seqmodel.scorer(model), holdout, "test", progress=f"holdout {label}" if progress else None)
 
 
-def not_worse(candidate: dict, promoted: dict | None, tolerance: float) -> bool:
-    """The promotion rule: nothing promoted yet, or NDCG@10 no more than
-    `tolerance` (absolute) below the promoted version's on the same holdout."""
-    return promoted is None or candidate["ndcg@10"] >= promoted["ndcg@10"] - tolerance
+KEYS = ("ndcg@10",)
+
+
+def not_worse(candidate: dict, promoted: dict | None, tolerance: float, keys: Sequence[str] = KEYS) -> bool:
+    """The promotion rule: nothing promoted yet, or each of `keys` (NDCG@10
+    for the sequence model and the ranker) no more than `tolerance`
+    (absolute) below the promoted version's on the same holdout."""
+    return promoted is None or all(candidate[key] >= promoted[key] - tolerance for key in keys)
 
 
 def rounded(metrics: dict | None) -> dict | None:
@@ -165,15 +169,16 @@ def consider(registry: Registry, candidate_dir: Path, windows: Windows, items: p
 
 def decide(registry: Registry, kind: str, source: Path, candidate: dict, promoted: dict | None, *,
            parent: ModelVersion | None, tolerance: float, holdout: dict, window: dict, metrics: dict | None = None,
-           **notes) -> dict:
-    """The not-worse rule on two sets of numbers measured on the same
-    holdout; adds `source` as the next `kind` version with the decision in
-    its manifest, promotes it when not worse, logs the decision as one JSON line."""
-    promote = not_worse(candidate, promoted, tolerance)
+           keys: Sequence[str] = KEYS, **notes) -> dict:
+    """The not-worse rule (on each of `keys`) on two sets of numbers measured
+    on the same holdout; adds `source` as the next `kind` version with the
+    decision in its manifest, promotes it when not worse, logs the decision
+    as one JSON line."""
+    promote = not_worse(candidate, promoted, tolerance, keys)
     decision = {
         "event": "retrain_decision", "kind": kind, "at": now_iso(),
         "decision": "promote" if promote else "keep",
-        "rule": f"candidate ndcg@10 >= promoted ndcg@10 - {tolerance}",
+        "rule": " and ".join(f"candidate {key} >= promoted {key} - {tolerance}" for key in keys),
         "tolerance": tolerance,
         "holdout": holdout,
         "candidate": rounded(candidate),
@@ -192,8 +197,9 @@ def decide(registry: Registry, kind: str, source: Path, candidate: dict, promote
             decision["why"] = f"{kind}/{now} was promoted while the candidate was evaluated"
         else:
             reason = ("first version" if parent is None else
-                      f"retrain: holdout ndcg@10 {candidate['ndcg@10']:.4f} vs {parent.label} "
-                      f"{promoted['ndcg@10']:.4f} (tolerance {tolerance})")
+                      "retrain: holdout " + ", ".join(f"{key} {candidate[key]:.4f}" for key in keys)
+                      + f" vs {parent.label} " + ", ".join(f"{promoted[key]:.4f}" for key in keys)
+                      + f" (tolerance {tolerance})")
             promotion.promote(registry, kind, added.version, reason)
     log.info(json.dumps(decision, sort_keys=True))
     return decision
@@ -343,9 +349,11 @@ def retrain_main(argv: list[str] | None, open_store: Callable[[], EventStore], s
         "evaluate it and the promoted version on the newest events (each shopper's last event in the holdout "
         "window, history before it, never trained on) and promote it only if its NDCG@10 is not worse than "
         "the promoted one's by more than --tolerance. Prints the decision as one JSON line."))
-    parser.add_argument("--kind", choices=("sequence", "ranker"), default="sequence",
+    parser.add_argument("--kind", choices=("sequence", "ranker", "value"), default="sequence",
                         help="sequence: the two-tower model (default); ranker: the ranking service's LightGBM "
-                             "model of one category (--categories C)")
+                             "model of one category (--categories C); value: the profile service's churn and "
+                             "lifetime-value model (its holdout is the 90-day churn horizon, not --holdout-days; "
+                             "judged on churn ROC-AUC and 3-month spend Spearman, training/value_lifecycle.py)")
     parser.add_argument("--max-shoppers", type=int, help="ranker: a random sample of the category's shoppers")
     parser.add_argument("--registry", type=Path, help="model registry (default $RECSYS_MODEL_REGISTRY, else var/models)")
     parser.add_argument("--items", type=Path, default=default_items,
@@ -361,7 +369,8 @@ def retrain_main(argv: list[str] | None, open_store: Callable[[], EventStore], s
     parser.add_argument("--max-epochs", type=int, default=defaults.max_epochs)
     parser.add_argument("--max-minutes", type=float, default=defaults.max_minutes)
     parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--threads", type=int, help="torch threads (default: every core)")
+    parser.add_argument("--threads", type=int, help="torch threads (default: every core); --kind value: the fits' "
+                                                    "threads (default 1)")
     parser.add_argument("--force", action="store_true", help="retrain even without new events")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
@@ -385,7 +394,12 @@ def retrain_main(argv: list[str] | None, open_store: Callable[[], EventStore], s
     try:
         store = open_store()
         try:
-            if args.kind == "ranker":
+            if args.kind == "value":
+                from training.value_lifecycle import retrain_value
+
+                decision = retrain_value(store, Registry(args.registry), settings, progress=not args.no_progress,
+                                         source=store_label, threads=args.threads or 1)
+            elif args.kind == "ranker":
                 decision = retrain_ranker(store, Registry(args.registry), items, args.categories[0], settings,
                                           progress=not args.no_progress, source=store_label,
                                           max_shoppers=args.max_shoppers, threads=args.threads or 2)

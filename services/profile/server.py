@@ -5,6 +5,7 @@ import hashlib
 import json
 import logging
 import sys
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -24,7 +25,9 @@ from recsys_core.store.events import EventStore, benchmark_stored_events
 from recsys_core.store.backends import open_store
 from services.profile.review_reader import connect as connect_reviews
 from services.profile.user_tower import connect
-from recsys_core.signals.value import ValueModel, ValueModelError
+from recsys_core.models.hot_swap import Loaded, follow_promotions
+from recsys_core.models.registry import ModelVersion, Registry
+from recsys_core.signals.value import ValueModel, ValueModelError, load_version
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = profile_pb2.DESCRIPTOR.services_by_name["ProfileService"].full_name
@@ -124,23 +127,62 @@ def load_retail_events(store: EventStore, retail_dir: Path, known: LoadedSets = 
     return clocks
 
 
-def load_value_model(config: ProfileConfig) -> ValueModel | None:
+VALUE_KIND = "value"
+
+
+def load_value_model(config: ProfileConfig) -> Loaded[ValueModel | None]:
+    """What forecasts value at start: the registry's promoted value version
+    (PROFILE_VALUE_MODEL_REGISTRY), else PROFILE_VALUE_MODEL's file (or
+    train-value's default), else none."""
+    if config.value_model_registry:
+        promoted = Registry(config.value_model_registry).promoted(VALUE_KIND)
+        if promoted is None:
+            log.info("no value version promoted in %s yet: serving PROFILE_VALUE_MODEL's until one is",
+                     config.value_model_registry)
+        else:
+            try:
+                model = load_version(promoted)
+            except ValueModelError as error:
+                # As a missing file: GetProfile answers, without value, and a
+                # newly promoted version is loaded when it comes.
+                log.error("PROFILE_VALUE_MODEL_REGISTRY: promoted %s: %s; serving PROFILE_VALUE_MODEL's",
+                          promoted.label, error)
+            else:
+                log.info("value model %s loaded from %s", promoted.label, promoted.path)
+                return Loaded(model, promoted.version, promoted.label)
     try:
         model = ValueModel.load(config.value_model or None)
     except ValueModelError as error:
         log.warning("GetProfile will answer without churn and lifetime value: %s", error)
-        return None
+        return Loaded(None)
     log.info("value model %s loaded", model.version)
-    return model
+    return Loaded(model, label=model.version)
 
 
-def load_book(config: ProfileConfig, tracing: Tracing = Tracing.OFF) -> ProfileBook:
+def follow_value_models(config: ProfileConfig, book: ProfileBook, already: int | None, stop: threading.Event) -> None:
+    """Each newly promoted value version, loaded whole and then swapped in
+    (recsys_core/models/hot_swap.py's loop: one that fails to load is refused
+    and the old one keeps forecasting)."""
+    def swap(version: ModelVersion) -> None:
+        book.use_value_model(load_version(version))
+
+    follow_promotions(Registry(config.value_model_registry), VALUE_KIND, swap, stop, config.value_poll_seconds,
+                      already=already, name="profile value")
+
+
+def load_book(config: ProfileConfig, tracing: Tracing = Tracing.OFF,
+              stop: threading.Event | None = None) -> ProfileBook:
     # Unpickling the value model imports scikit-learn and SciPy: in a thread
     # of its own, it overlaps the store's reads (which let go of the
     # interpreter lock); the book waits for it, so no profile is ever answered without it.
     with ThreadPoolExecutor(1, thread_name_prefix="value-model-load") as loader:
         value_model = loader.submit(load_value_model, config)
-        return _load_book(config, tracing, value_model)
+        book = _load_book(config, tracing, value_model)
+    if config.value_model_registry and stop is not None:
+        threading.Thread(target=follow_value_models,
+                         args=(config, book, value_model.result().version, stop),
+                         name="value-model-follow", daemon=True).start()
+    return book
 
 
 def _load_book(config: ProfileConfig, tracing: Tracing, value_model: Future) -> ProfileBook:
@@ -165,7 +207,7 @@ def _load_book(config: ProfileConfig, tracing: Tracing, value_model: Future) -> 
         category_clocks=clocks,
     )
     # Before the book is handed to the servicer: nothing has read it yet.
-    book.value_model = value_model.result()
+    book.value_model = value_model.result().value
     log.info("store %r holds %d events", store, store.count())
     return book
 
@@ -198,7 +240,7 @@ def create_server(config: ProfileConfig) -> tuple[ManagedServer, int]:
     servicer = ProfileServicer(server.readiness, config, server.blocking)
     server.add(profile_pb2_grpc.add_ProfileServiceServicer_to_server, servicer)
     server.after_drain(servicer.close)
-    server.readiness.start(lambda: servicer.attach(load_book(config, server.tracing)))
+    server.readiness.start(lambda: servicer.attach(load_book(config, server.tracing, server.stopping)))
     return server, port
 
 
