@@ -385,7 +385,8 @@ def retrain_main(argv: list[str] | None, open_store: Callable[[], EventStore], s
 
     torch_threads(args.threads)
     try:
-        items = shopping.load_items(args.items)
+        # The value model reads no catalogue.
+        items = None if args.kind == "value" else shopping.load_items(args.items)
     except shopping.DataError as error:
         parser.error(f"--items: {error}")
     settings = RetrainSettings(holdout_days=args.holdout_days, tolerance=args.tolerance, min_holdout=args.min_holdout,

@@ -131,10 +131,20 @@ def holdout(by_user: dict[str, list[StoredEvent]], progress: bool = True) -> Val
         at -= training.SNAPSHOT_STEP_DAYS * DAY
     test = training.snapshot(with_amounts, cutoff, data_end)
     # Outcomes are "known" up to the cutoff only: nothing in the window is learnt from.
-    frames = [training.with_posterior(training.snapshot(with_amounts, c, cutoff))[0]
-              for c in tqdm(train_cutoffs, desc="snapshots", unit="cutoff", disable=not progress)]
+    frames = []
+    for at in tqdm(train_cutoffs, desc="snapshots", unit="cutoff", disable=not progress):
+        try:
+            frames.append(training.with_posterior(training.snapshot(with_amounts, at, cutoff))[0])
+        except ValueError as error:
+            # The store's first months: too few customers yet to fit BG/NBD on.
+            log.info("no training snapshot at %s: %s", iso(at), error)
+    if not frames:
+        raise RetrainError(f"too few shoppers with amounts before {iso(cutoff)} to learn from")
     train = pd.concat(frames, ignore_index=True)
-    year = training.with_posterior(training.snapshot(with_amounts, year_cutoff, cutoff))[0]
+    try:
+        year = training.with_posterior(training.snapshot(with_amounts, year_cutoff, cutoff))[0]
+    except ValueError as error:
+        raise RetrainError(f"the 12-month spend snapshot at {iso(year_cutoff)}: {error}") from error
     before = times < cutoff
     season = SeasonCalendar.of(times[before], np.nan_to_num(amounts[before], nan=0.0))
 
@@ -165,7 +175,10 @@ def train_candidate(data: ValueHoldout, parent: ValueModel | None, seed: int) ->
         raise RetrainError(f"the {len(data.train)} training snapshots before {iso(data.cutoff)} all have the "
                            "same churn outcome: nothing to learn churn from")
     # Fitted on the shoppers' histories at the cutoff: no outcome in it.
-    _, btyd = training.with_posterior(data.test)
+    try:
+        _, btyd = training.with_posterior(data.test)
+    except ValueError as error:
+        raise RetrainError(f"BG/NBD + Gamma-Gamma at {iso(data.cutoff)}: {error}") from error
     churn = training.fit_churn(data.train)
     models = {
         "churn": churn,
