@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
+import sqlite3
 import time
 
 import joblib
@@ -167,7 +167,9 @@ def test_profile_follows_the_promoted_value_version_without_a_restart(first, win
     registry = Registry(tmp_path / "registry")
     one = registry.add("value", source.get("value", 1).path / ARTIFACT_FILE)
     registry.promote("value", one.version, "test: start")
-    shutil.copy(small_store, tmp_path / "events.sqlite3")
+    # The backup API: a file copy could miss what is still in the write-ahead log.
+    with sqlite3.connect(small_store) as source_db, sqlite3.connect(tmp_path / "events.sqlite3") as copy:
+        source_db.backup(copy)
     server, address = start(create_server(ProfileConfig(
         address="127.0.0.1:0", store_path=str(tmp_path / "events.sqlite3"), data_dir="", retail_dir="",
         embedding_address=stack.embedding, value_model_registry=str(registry.root), value_poll_seconds=0.05,

@@ -349,8 +349,10 @@ def retrain_main(argv: list[str] | None, open_store: Callable[[], EventStore], s
         "evaluate it and the promoted version on the newest events (each shopper's last event in the holdout "
         "window, history before it, never trained on) and promote it only if its NDCG@10 is not worse than "
         "the promoted one's by more than --tolerance. Prints the decision as one JSON line."))
-    parser.add_argument("--kind", choices=("sequence", "ranker", "value"), default="sequence",
-                        help="sequence: the two-tower model (default); ranker: the ranking service's LightGBM "
+    parser.add_argument("--kind", choices=("sequence", "ranker", "value"), nargs="+", default=["sequence"],
+                        help="what to retrain, one after the other (one decision line each; one that cannot be "
+                             "retrained does not stop the next, and makes the exit status 2). "
+                             "sequence: the two-tower model (default); ranker: the ranking service's LightGBM "
                              "model of one category (--categories C); value: the profile service's churn and "
                              "lifetime-value model (its holdout is the 90-day churn horizon, not --holdout-days; "
                              "judged on churn ROC-AUC and 3-month spend Spearman, training/value_lifecycle.py)")
@@ -379,38 +381,45 @@ def retrain_main(argv: list[str] | None, open_store: Callable[[], EventStore], s
             or args.max_minutes <= 0:
         parser.error("--holdout-days and --max-minutes must be > 0, --tolerance >= 0, --min-holdout and "
                      "--max-epochs >= 1")
-    if args.kind == "ranker" and len(args.categories or ()) != 1:
+    if len(set(args.kind)) != len(args.kind):
+        parser.error("--kind: each kind once")
+    if "ranker" in args.kind and len(args.categories or ()) != 1:
         parser.error("--kind ranker: one category (--categories C): the ranker is trained per category")
     from training.commands import torch_threads
 
     torch_threads(args.threads)
     try:
         # The value model reads no catalogue.
-        items = None if args.kind == "value" else shopping.load_items(args.items)
+        items = None if args.kind == ["value"] else shopping.load_items(args.items)
     except shopping.DataError as error:
         parser.error(f"--items: {error}")
     settings = RetrainSettings(holdout_days=args.holdout_days, tolerance=args.tolerance, min_holdout=args.min_holdout,
                                max_epochs=args.max_epochs, max_minutes=args.max_minutes, seed=args.seed,
                                force=args.force)
-    try:
-        store = open_store()
+    status = 0
+    for kind in args.kind:
         try:
-            if args.kind == "value":
-                from training.value_lifecycle import retrain_value
+            store = open_store()
+            try:
+                if kind == "value":
+                    from training.value_lifecycle import retrain_value
 
-                decision = retrain_value(store, Registry(args.registry), settings, progress=not args.no_progress,
-                                         source=store_label, threads=args.threads or 1)
-            elif args.kind == "ranker":
-                decision = retrain_ranker(store, Registry(args.registry), items, args.categories[0], settings,
-                                          progress=not args.no_progress, source=store_label,
-                                          max_shoppers=args.max_shoppers, threads=args.threads or 2)
-            else:
-                decision = retrain(store, Registry(args.registry), items, args.categories, settings,
-                                   progress=not args.no_progress, source=store_label)
-        finally:
-            store.close()
-    except (RetrainError, shopping.DataError) as error:
-        print(f"recsys retrain: {error}", file=sys.stderr)
-        return 2
-    print(json.dumps(decision, sort_keys=True))
-    return 0
+                    decision = retrain_value(store, Registry(args.registry), settings,
+                                             progress=not args.no_progress, source=store_label,
+                                             threads=args.threads or 1)
+                elif kind == "ranker":
+                    decision = retrain_ranker(store, Registry(args.registry), items, args.categories[0], settings,
+                                              progress=not args.no_progress, source=store_label,
+                                              max_shoppers=args.max_shoppers, threads=args.threads or 2)
+                else:
+                    decision = retrain(store, Registry(args.registry), items, args.categories, settings,
+                                       progress=not args.no_progress, source=store_label)
+            finally:
+                store.close()
+        except (RetrainError, shopping.DataError) as error:
+            print(f"recsys retrain --kind {kind}: {error}" if len(args.kind) > 1 else f"recsys retrain: {error}",
+                  file=sys.stderr)
+            status = 2
+            continue
+        print(json.dumps(decision, sort_keys=True), flush=True)
+    return status
