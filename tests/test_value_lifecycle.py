@@ -153,6 +153,9 @@ def test_a_store_without_amounts_is_told_not_trained_on(tmp_path, capsys, monkey
     assert recsys(["retrain", "--kind", "value", "--registry", str(tmp_path / "reg"), "--no-progress"]) == 2
     assert "no stored event carries an amount" in capsys.readouterr().err
     assert not (tmp_path / "reg" / "value").exists()
+    with pytest.raises(SystemExit):
+        recsys(["retrain", "--kind", "value", "value", "--registry", str(tmp_path / "reg")])
+    assert "each kind once" in capsys.readouterr().err
 
 
 @pytest.mark.integration

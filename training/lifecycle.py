@@ -340,8 +340,10 @@ def skip(why: str, kind: str = KIND) -> dict:
 
 
 def retrain_main(argv: list[str] | None, open_store: Callable[[], EventStore], store_label: str,
-                 default_items: Path) -> int:
-    """`recsys retrain`; the caller (recsys_cli) opens the profile service's store."""
+                 default_items: Path, retrain_value: Callable[..., dict] | None = None) -> int:
+    """`recsys retrain`; the caller (recsys_cli) opens the profile service's
+    store and hands in training/value_lifecycle.py's `retrain_value` (which
+    builds on this module, so it cannot be imported from here)."""
     defaults = RetrainSettings()
     parser = argparse.ArgumentParser(prog="recsys retrain", description=(
         "Retrain the sequence model on the event store the profile service is configured with "
@@ -402,8 +404,8 @@ def retrain_main(argv: list[str] | None, open_store: Callable[[], EventStore], s
             store = open_store()
             try:
                 if kind == "value":
-                    from training.value_lifecycle import retrain_value
-
+                    if retrain_value is None:
+                        raise RetrainError("this entry point cannot retrain the value model")
                     decision = retrain_value(store, Registry(args.registry), settings,
                                              progress=not args.no_progress, source=store_label,
                                              threads=args.threads or 1)
