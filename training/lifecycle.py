@@ -21,6 +21,9 @@ if it is not worse.
    (absolute); the first version is promoted when it exists. Either way it is
    added to the registry, its manifest holding the data window, both sets of
    numbers and the decision, and the decision is logged as one JSON line.
+
+The ranker (`retrain_ranker`) and the value model (training/value_lifecycle.py)
+go through the same decision (`decide`), each on its own figures.
 """
 from __future__ import annotations
 
