@@ -196,6 +196,9 @@ def test_profile_follows_the_promoted_value_version_without_a_restart(first, win
                 assert time.monotonic() < deadline, "the promoted value version never served"
                 time.sleep(0.05)
             assert value().churn_probability != pytest.approx(before.churn_probability, abs=1e-9)
+            metrics = server.metrics.registry
+            assert metrics.get_sample_value("recsys_profile_value_model_version") == cheat.version
+            assert metrics.get_sample_value("recsys_profile_value_model_swaps") == 1
             broken = tmp_path / "broken"
             broken.mkdir()
             (broken / ARTIFACT_FILE).write_bytes(b"not a model")

@@ -200,6 +200,7 @@ class ProfileBook:
         self.cluster_settings = cluster_settings
         self.user_tower = user_tower
         self.value_model = value_model
+        self.value_model_swaps = 0
         # P(positive) of review texts (the Triton-served review_sentiment
         # model); None: reviews are stored but not read.
         self.review_classifier = review_classifier
@@ -417,6 +418,7 @@ class ProfileBook:
         services/profile/server.py): one attribute replaced, so a read uses
         the old model or the new; cached profiles are forecast again when read."""
         self.value_model = model
+        self.value_model_swaps += 1
 
     def _value(self, user_id: str, window: list[StoredEvent], count: int, categories,
                model: ValueModel | None) -> ValueForecast | None:

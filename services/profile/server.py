@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 from prometheus_client import Counter
+from prometheus_client.core import GaugeMetricFamily
 
 from recsys.profile.v1 import profile_pb2, profile_pb2_grpc
 from recsys_core.data import paths, shopping
@@ -159,6 +160,27 @@ def load_value_model(config: ProfileConfig) -> Loaded[ValueModel | None]:
     return Loaded(model, label=model.version)
 
 
+class ValueModelCollector:
+    """The registry version of the value model forecasting (0: none from the
+    registry, or the book not loaded yet) and swaps since start."""
+
+    def __init__(self, servicer: ProfileServicer):
+        self.servicer = servicer
+
+    def collect(self):
+        book = self.servicer._book
+        label = "" if book is None or book.value_model is None else book.value_model.version
+        kind, _, number = label.partition("/")
+        version = GaugeMetricFamily("recsys_profile_value_model_version",
+                                    "Registry version of the value model forecasting (0: PROFILE_VALUE_MODEL's "
+                                    "file, or none).")
+        version.add_metric([], float(number) if kind == VALUE_KIND and number.isdigit() else 0.0)
+        yield version
+        swaps = GaugeMetricFamily("recsys_profile_value_model_swaps", "Value models swapped in since start.")
+        swaps.add_metric([], float(0 if book is None else book.value_model_swaps))
+        yield swaps
+
+
 def follow_value_models(config: ProfileConfig, book: ProfileBook, already: int | None, stop: threading.Event) -> None:
     """Each newly promoted value version, loaded whole and then swapped in
     (recsys_core/models/hot_swap.py's loop: one that fails to load is refused
@@ -238,6 +260,7 @@ def create_server(config: ProfileConfig) -> tuple[ManagedServer, int]:
     )
     register_metrics(server)
     servicer = ProfileServicer(server.readiness, config, server.blocking)
+    server.metrics.registry.register(ValueModelCollector(servicer))
     server.add(profile_pb2_grpc.add_ProfileServiceServicer_to_server, servicer)
     server.after_drain(servicer.close)
     server.readiness.start(lambda: servicer.attach(load_book(config, server.tracing, server.stopping)))
