@@ -176,6 +176,7 @@ def retrain_main(argv: list[str]) -> int:
     from training.lifecycle import retrain_main as run
 
     from training.lifecycle import RetrainError
+    from training.value_lifecycle import retrain_value
 
     config = ProfileConfig.from_env()
 
@@ -188,7 +189,7 @@ def retrain_main(argv: list[str]) -> int:
     label = f"redis {config.redis_url.rpartition('@')[2]} {config.redis_prefix}" if config.store == "redis" \
         else f"sqlite {config.store_path}"
     items = Path(config.data_dir) if config.data_dir else paths.BUNDLED_DATA_DIR
-    return run(argv, store, label, items, pinned=pinned_versions)
+    return run(argv, store, label, items, pinned=pinned_versions, retrain_value=retrain_value)
 
 
 def main(name: str, argv: list[str]) -> int:

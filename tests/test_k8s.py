@@ -684,6 +684,15 @@ def test_retrain_cronjob_reads_the_profile_store_and_writes_the_registry_the_ser
         assert claim_at(reader_mounts, reader_volumes, registry) == (REGISTRY_CLAIM, True), reader
         assert any(v.get("persistentVolumeClaim", {}).get("readOnly") for v in reader_volumes.values()), reader
 
+    # What the job retrains, and the services that follow what it promotes
+    # from the registry it writes: profile the `value` version, ranking the `ranker`.
+    kinds = container["command"][container["command"].index("--kind") + 1:]
+    assert kinds[:2] == ["sequence", "value"], container["command"]
+    profile_config = ProfileConfig.from_env(environment(manifests, manifests.workload("profile")))
+    assert profile_config.value_model_registry == registry
+    ranking_config = RankingConfig.from_env(environment(manifests, manifests.workload("ranking")))
+    assert ranking_config.model_registry == registry
+
     config = ProfileConfig.from_env(env)
     claims = {v["persistentVolumeClaim"]["claimName"] for v in volumes.values() if "persistentVolumeClaim" in v}
     if profile_store(manifests) == "sqlite":

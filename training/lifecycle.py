@@ -21,6 +21,9 @@ if it is not worse.
    (absolute); the first version is promoted when it exists. Either way it is
    added to the registry, its manifest holding the data window, both sets of
    numbers and the decision, and the decision is logged as one JSON line.
+
+The ranker (`retrain_ranker`) and the value model (training/value_lifecycle.py)
+go through the same decision (`decide`), each on its own figures.
 """
 from __future__ import annotations
 
@@ -138,10 +141,14 @@ def evaluate_model(model_dir: Path, holdout: CategorySplit, items: pd.DataFrame,
     return protocol.evaluate(seqmodel.scorer(model), holdout, "test", progress=f"holdout {label}" if progress else None)
 
 
-def not_worse(candidate: dict, promoted: dict | None, tolerance: float) -> bool:
-    """The promotion rule: nothing promoted yet, or NDCG@10 no more than
-    `tolerance` (absolute) below the promoted version's on the same holdout."""
-    return promoted is None or candidate["ndcg@10"] >= promoted["ndcg@10"] - tolerance
+KEYS = ("ndcg@10",)
+
+
+def not_worse(candidate: dict, promoted: dict | None, tolerance: float, keys: Sequence[str] = KEYS) -> bool:
+    """The promotion rule: nothing promoted yet, or each of `keys` (NDCG@10
+    for the sequence model and the ranker) no more than `tolerance`
+    (absolute) below the promoted version's on the same holdout."""
+    return promoted is None or all(candidate[key] >= promoted[key] - tolerance for key in keys)
 
 
 def rounded(metrics: dict | None) -> dict | None:
@@ -165,15 +172,16 @@ def consider(registry: Registry, candidate_dir: Path, windows: Windows, items: p
 
 def decide(registry: Registry, kind: str, source: Path, candidate: dict, promoted: dict | None, *,
            parent: ModelVersion | None, tolerance: float, holdout: dict, window: dict, metrics: dict | None = None,
-           **notes) -> dict:
-    """The not-worse rule on two sets of numbers measured on the same
-    holdout; adds `source` as the next `kind` version with the decision in
-    its manifest, promotes it when not worse, logs the decision as one JSON line."""
-    promote = not_worse(candidate, promoted, tolerance)
+           keys: Sequence[str] = KEYS, **notes) -> dict:
+    """The not-worse rule (on each of `keys`) on two sets of numbers measured
+    on the same holdout; adds `source` as the next `kind` version with the
+    decision in its manifest, promotes it when not worse, logs the decision
+    as one JSON line."""
+    promote = not_worse(candidate, promoted, tolerance, keys)
     decision = {
         "event": "retrain_decision", "kind": kind, "at": now_iso(),
         "decision": "promote" if promote else "keep",
-        "rule": f"candidate ndcg@10 >= promoted ndcg@10 - {tolerance}",
+        "rule": " and ".join(f"candidate {key} >= promoted {key} - {tolerance}" for key in keys),
         "tolerance": tolerance,
         "holdout": holdout,
         "candidate": rounded(candidate),
@@ -192,8 +200,9 @@ def decide(registry: Registry, kind: str, source: Path, candidate: dict, promote
             decision["why"] = f"{kind}/{now} was promoted while the candidate was evaluated"
         else:
             reason = ("first version" if parent is None else
-                      f"retrain: holdout ndcg@10 {candidate['ndcg@10']:.4f} vs {parent.label} "
-                      f"{promoted['ndcg@10']:.4f} (tolerance {tolerance})")
+                      "retrain: holdout " + ", ".join(f"{key} {candidate[key]:.4f}" for key in keys)
+                      + f" vs {parent.label} " + ", ".join(f"{promoted[key]:.4f}" for key in keys)
+                      + f" (tolerance {tolerance})")
             promotion.promote(registry, kind, added.version, reason)
     log.info(json.dumps(decision, sort_keys=True))
     return decision
@@ -344,10 +353,13 @@ def prune_after_promotion(registry: Registry, kind: str, keep: int, pinned, mode
 
 
 def retrain_main(argv: list[str] | None, open_store: Callable[[], EventStore], store_label: str,
-                 default_items: Path, pinned: Callable[[list[str]], dict[str, set[int]]] | None = None) -> int:
+                 default_items: Path, pinned: Callable[[list[str]], dict[str, set[int]]] | None = None,
+                 retrain_value: Callable[..., dict] | None = None) -> int:
     """`recsys retrain`; the caller (recsys_cli) opens the profile service's
-    store, and `pinned` reads --pin and the A/B configuration's versions
-    (recsys_cli.models.pinned_versions) for --keep."""
+    store, `pinned` reads --pin and the A/B configuration's versions
+    (recsys_cli.models.pinned_versions) for --keep, and `retrain_value` is
+    training/value_lifecycle.py's (which builds on this module, so it cannot
+    be imported from here)."""
     defaults = RetrainSettings()
     parser = argparse.ArgumentParser(prog="recsys retrain", description=(
         "Retrain the sequence model on the event store the profile service is configured with "
@@ -355,9 +367,13 @@ def retrain_main(argv: list[str] | None, open_store: Callable[[], EventStore], s
         "evaluate it and the promoted version on the newest events (each shopper's last event in the holdout "
         "window, history before it, never trained on) and promote it only if its NDCG@10 is not worse than "
         "the promoted one's by more than --tolerance. Prints the decision as one JSON line."))
-    parser.add_argument("--kind", choices=("sequence", "ranker"), default="sequence",
-                        help="sequence: the two-tower model (default); ranker: the ranking service's LightGBM "
-                             "model of one category (--categories C)")
+    parser.add_argument("--kind", choices=("sequence", "ranker", "value"), nargs="+", default=["sequence"],
+                        help="what to retrain, one after the other (one decision line each; one that cannot be "
+                             "retrained does not stop the next, and makes the exit status 2). "
+                             "sequence: the two-tower model (default); ranker: the ranking service's LightGBM "
+                             "model of one category (--categories C); value: the profile service's churn and "
+                             "lifetime-value model (its holdout is the 90-day churn horizon, not --holdout-days; "
+                             "judged on churn ROC-AUC and 3-month spend Spearman, training/value_lifecycle.py)")
     parser.add_argument("--max-shoppers", type=int, help="ranker: a random sample of the category's shoppers")
     parser.add_argument("--registry", type=Path, help="model registry (default $RECSYS_MODEL_REGISTRY, else var/models)")
     parser.add_argument("--items", type=Path, default=default_items,
@@ -373,7 +389,8 @@ def retrain_main(argv: list[str] | None, open_store: Callable[[], EventStore], s
     parser.add_argument("--max-epochs", type=int, default=defaults.max_epochs)
     parser.add_argument("--max-minutes", type=float, default=defaults.max_minutes)
     parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--threads", type=int, help="torch threads (default: every core)")
+    parser.add_argument("--threads", type=int, help="torch threads (default: every core); --kind value: the fits' "
+                                                    "threads (default 1)")
     parser.add_argument("--force", action="store_true", help="retrain even without new events")
     parser.add_argument("--no-progress", action="store_true")
     pruning.add_arguments(parser, "after a promotion, delete this kind's versions beyond the newest N as "
@@ -384,7 +401,9 @@ def retrain_main(argv: list[str] | None, open_store: Callable[[], EventStore], s
             or args.max_minutes <= 0:
         parser.error("--holdout-days and --max-minutes must be > 0, --tolerance >= 0, --min-holdout and "
                      "--max-epochs >= 1")
-    if args.kind == "ranker" and len(args.categories or ()) != 1:
+    if len(set(args.kind)) != len(args.kind):
+        parser.error("--kind: each kind once")
+    if "ranker" in args.kind and len(args.categories or ()) != 1:
         parser.error("--kind ranker: one category (--categories C): the ranker is trained per category")
     if args.keep is not None and args.keep < 1:
         parser.error("--keep must be at least 1")
@@ -398,30 +417,40 @@ def retrain_main(argv: list[str] | None, open_store: Callable[[], EventStore], s
 
     torch_threads(args.threads)
     try:
-        items = shopping.load_items(args.items)
+        # The value model reads no catalogue.
+        items = None if args.kind == ["value"] else shopping.load_items(args.items)
     except shopping.DataError as error:
         parser.error(f"--items: {error}")
     settings = RetrainSettings(holdout_days=args.holdout_days, tolerance=args.tolerance, min_holdout=args.min_holdout,
                                max_epochs=args.max_epochs, max_minutes=args.max_minutes, seed=args.seed,
                                force=args.force)
     registry = Registry(args.registry)
-    try:
-        store = open_store()
+    status = 0
+    for kind in args.kind:
         try:
-            if args.kind == "ranker":
-                decision = retrain_ranker(store, registry, items, args.categories[0], settings,
-                                          progress=not args.no_progress, source=store_label,
-                                          max_shoppers=args.max_shoppers, threads=args.threads or 2)
-            else:
-                decision = retrain(store, registry, items, args.categories, settings,
-                                   progress=not args.no_progress, source=store_label)
-        finally:
-            store.close()
-    except (RetrainError, shopping.DataError) as error:
-        print(f"recsys retrain: {error}", file=sys.stderr)
-        return 2
-    if args.keep is not None and decision["decision"] == "promote":
-        decision["pruned"] = prune_after_promotion(registry, args.kind, args.keep, pins.get(args.kind, ()),
-                                                   args.model_repo)
-    print(json.dumps(decision, sort_keys=True))
-    return 0
+            store = open_store()
+            try:
+                if kind == "value":
+                    if retrain_value is None:
+                        raise RetrainError("this entry point cannot retrain the value model")
+                    decision = retrain_value(store, registry, settings, progress=not args.no_progress,
+                                             source=store_label, threads=args.threads or 1)
+                elif kind == "ranker":
+                    decision = retrain_ranker(store, registry, items, args.categories[0], settings,
+                                              progress=not args.no_progress, source=store_label,
+                                              max_shoppers=args.max_shoppers, threads=args.threads or 2)
+                else:
+                    decision = retrain(store, registry, items, args.categories, settings,
+                                       progress=not args.no_progress, source=store_label)
+            finally:
+                store.close()
+        except (RetrainError, shopping.DataError) as error:
+            print(f"recsys retrain --kind {kind}: {error}" if len(args.kind) > 1 else f"recsys retrain: {error}",
+                  file=sys.stderr)
+            status = 2
+            continue
+        if args.keep is not None and decision["decision"] == "promote":
+            decision["pruned"] = prune_after_promotion(registry, kind, args.keep, pins.get(kind, ()),
+                                                       args.model_repo)
+        print(json.dumps(decision, sort_keys=True), flush=True)
+    return status

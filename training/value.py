@@ -339,15 +339,28 @@ def category_histories(data_dir: Path) -> list[CategoryHistories]:
     """Per category with timestamps (Toys has none), its shoppers as the
     profile service stores them, and the cutoffs of its snapshots."""
     interactions = shopping.chronological(shopping.load_interactions(data_dir)).dropna(subset=["timestamp"])
+    found = category_histories_of({category: list(benchmark_stored_events(events))
+                                   for category, events in interactions.groupby("category")})
+    if not found:
+        raise DataError(f"{data_dir}: no dated review histories to learn churn from")
+    return found
+
+
+def category_histories_of(by_category: dict[str, list[StoredEvent]]) -> list[CategoryHistories]:
+    """Each category's dated events as shopper histories, with the category's
+    own cutoffs (its data ends when its data set does, not when the newest
+    category's does); categories without dated events are left out."""
     found = []
-    for category, events in interactions.groupby("category"):
-        end = (int(events.timestamp.max()) // DAY + 1) * DAY
+    for category, events in sorted(by_category.items()):
+        times = [e.ts for e in events if e.ts is not None]
+        if not times:
+            continue
+        end = (int(max(times)) // DAY + 1) * DAY
         test = end - CHURN_HORIZON_DAYS * DAY
         train = tuple(test - CHURN_HORIZON_DAYS * DAY - k * SNAPSHOT_STEP_DAYS * DAY
                       for k in range(HISTORY_TRAIN_CUTOFFS))
-        found.append(CategoryHistories(category, histories_of(benchmark_stored_events(events)), end, test, train))
-    if not found:
-        raise DataError(f"{data_dir}: no dated review histories to learn churn from")
+        found.append(CategoryHistories(category, histories_of(e for e in events if e.ts is not None), end, test,
+                                       train))
     return found
 
 

@@ -16,6 +16,8 @@
                                       manifest.json, encoder/, user_tower/, items/);
                                       ranker: `recsys train-ranker` (ranker.txt and
                                       ranker.txt.json); value: `recsys train-value`
+                                      or `recsys retrain --kind value`
+                                      (value_model.joblib, report.json)
         PROMOTED                      {"version", "promoted_at", "reason"}: what
                                       serving loads; replaced in one step
 

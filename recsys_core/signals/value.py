@@ -32,6 +32,8 @@ from recsys_core.store.events import PURCHASE, RATING, REVIEW, StoredEvent
 if TYPE_CHECKING:
     import pandas as pd
 
+    from recsys_core.models.registry import ModelVersion
+
 DAY = 86_400
 # Churn: no purchase in the 90 days after as_of. Spend: net spend in the next
 # 90 ("3 months") and 365 ("12 months") days.
@@ -388,6 +390,15 @@ class ValueModel:
             spend_3m = self._predict("spend_3m", values, as_of) if found.has_amounts else None
             spend_12m = self._predict("spend_12m", values, as_of) if found.has_amounts else None
         return ValueForecast(churn, CHURN_HORIZON_DAYS, spend_3m, spend_12m, int(as_of), self.version)
+
+
+def load_version(version: ModelVersion) -> ValueModel:
+    """A registry `value` version (`recsys retrain --kind value`, `recsys
+    train-value --register`) as served: its artifact, named in replies by its
+    registry label (`value/3`) rather than its training digest."""
+    model = ValueModel.load(version.path / ARTIFACT_FILE)
+    model.version = version.label
+    return model
 
 
 def retail_stored_events(events: pd.DataFrame) -> Iterator[StoredEvent]:

@@ -59,6 +59,13 @@ class ProfileConfig:
     # The churn and lifetime-value model (`recsys train-value`); empty means
     # the one train-value writes by default. Without it GetProfile has no `value`.
     value_model: str = ""
+    # The model registry (recsys_core/models/registry.py) whose promoted
+    # `value` version GetProfile serves, polling PROMOTED every
+    # value_poll_seconds and swapping a newly promoted one in without a
+    # restart (one that fails to load is refused; the old one keeps
+    # serving). Before any is promoted: value_model's. Empty: no registry.
+    value_model_registry: str = ""
+    value_poll_seconds: float = 1.0
     # The time forecasts are made at: "data" = the latest event of the
     # shopper's categories (historical data sets end years ago; against the
     # wall clock every shopper would have churned), "now" = the wall clock.
@@ -116,6 +123,8 @@ class ProfileConfig:
             data_dir=env.optional_path("DATA_DIR", cls.data_dir),
             retail_dir=env.optional_path("RETAIL_DIR", cls.retail_dir),
             value_model=env.str("VALUE_MODEL", cls.value_model),
+            value_model_registry=env.str("VALUE_MODEL_REGISTRY", cls.value_model_registry),
+            value_poll_seconds=env.float("VALUE_POLL_SECONDS", cls.value_poll_seconds, minimum=0.01),
             value_clock=env.choice("VALUE_CLOCK", cls.value_clock, ("data", "now")),
             embedding_address=env.str("EMBEDDING_ADDRESS", cls.embedding_address),
             embedding_timeout_seconds=env.float("EMBEDDING_TIMEOUT_SECONDS", cls.embedding_timeout_seconds, minimum=0.01),

@@ -116,6 +116,9 @@ class Profile:
     # The trained user tower's shopper vector, when a model is served.
     model_interest: np.ndarray | None = None
     value: ValueForecast | None = None
+    # The value model `value` was made with (its version; None: none was
+    # served): a cached profile made with another is forecast again.
+    valued_by: str | None = None
     preferences: Preferences | None = None
     # The store's user_version() when the profile was read: a cached profile
     # whose shopper changed through another replica is read again.
@@ -200,6 +203,7 @@ class ProfileBook:
         self.cluster_settings = cluster_settings
         self.user_tower = user_tower
         self.value_model = value_model
+        self.value_model_swaps = 0
         # P(positive) of review texts (the Triton-served review_sentiment
         # model); None: reviews are stored but not read.
         self.review_classifier = review_classifier
@@ -412,22 +416,36 @@ class ProfileBook:
             ends = [self._clocks[c] for c in categories if c in self._clocks]
         return max(ends) if ends else int(time.time())
 
-    def _value(self, user_id: str, window: list[StoredEvent], count: int, categories) -> ValueForecast | None:
-        if self.value_model is None:
+    def use_value_model(self, model: ValueModel | None) -> None:
+        """Serve `model` from the next read on (a promoted version swapped in,
+        services/profile/server.py): one attribute replaced, so a read uses
+        the old model or the new; cached profiles are forecast again when read."""
+        self.value_model = model
+        self.value_model_swaps += 1
+
+    def _value(self, user_id: str, window: list[StoredEvent], count: int, categories,
+               model: ValueModel | None) -> ValueForecast | None:
+        if model is None:
             return None
         # Lifetime value reads the whole history, not only the interest window.
         events = window if count <= len(window) else self.store.user_events(user_id)
-        return self.value_model.forecast(events, self.forecast_time(categories))
+        return model.forecast(events, self.forecast_time(categories))
 
     def _with_current_value(self, cached: Profile) -> Profile:
         """The cached profile, its value forecast remade once the forecast
-        time has moved on: other shoppers' events move a category's clock,
-        and the wall clock moves by itself, without touching this profile."""
-        if cached.value is None or self.forecast_time(cached.categories) - cached.value.as_of < VALUE_REFRESH_SECONDS:
+        time has moved on (other shoppers' events move a category's clock,
+        and the wall clock moves by itself, without touching this profile)
+        or another value model serves."""
+        model = self.value_model
+        version = None if model is None else model.version
+        if cached.valued_by == version and (
+                cached.value is None
+                or self.forecast_time(cached.categories) - cached.value.as_of < VALUE_REFRESH_SECONDS):
             return cached
         # The cached window is the store's: any ingest of this shopper drops the profile.
         window = list(reversed(cached.recent))
-        fresh = replace(cached, value=self._value(cached.user_id, window, cached.event_count, cached.categories))
+        fresh = replace(cached, value=self._value(cached.user_id, window, cached.event_count, cached.categories, model),
+                        valued_by=version)
         with self._cache_lock:
             # Unless an ingest dropped it meanwhile: then the next read remakes it all.
             if self._profiles.get(cached.user_id) is cached:
@@ -474,6 +492,7 @@ class ProfileBook:
         events = self.store.user_events(user_id, limit=self.interest_window)
         if not events:
             return Profile(user_id=user_id, known=False)
+        value_model = self.value_model  # once: a swap meanwhile is seen by the next read
         count, per_category, seen = self.store.user_summary(user_id)
         info = self._item_info(list(dict.fromkeys(e.item_id for e in events)), timeout)
         vectors = {item_id: item.vector for item_id, item in info.items()}
@@ -493,7 +512,8 @@ class ProfileBook:
             interests=reading.interests,
             interest_categories=reading.categories,
             model_interest=shopper_interest([e.item_id for e in events], vectors, self.user_tower, timeout),
-            value=self._value(user_id, events, count, per_category),
+            value=self._value(user_id, events, count, per_category, value_model),
+            valued_by=None if value_model is None else value_model.version,
             preferences=review_preferences,
             version=version,
             vectors_model_version=made_by.pop() if len(made_by) == 1 else "",

@@ -5,11 +5,13 @@ import hashlib
 import json
 import logging
 import sys
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pandas as pd
 from prometheus_client import Counter
+from prometheus_client.core import GaugeMetricFamily
 
 from recsys.profile.v1 import profile_pb2, profile_pb2_grpc
 from recsys_core.data import paths, shopping
@@ -24,7 +26,9 @@ from recsys_core.store.events import EventStore, benchmark_stored_events
 from recsys_core.store.backends import open_store
 from services.profile.review_reader import connect as connect_reviews
 from services.profile.user_tower import connect
-from recsys_core.signals.value import ValueModel, ValueModelError
+from recsys_core.models.hot_swap import Loaded, follow_promotions
+from recsys_core.models.registry import ModelVersion, Registry
+from recsys_core.signals.value import ValueModel, ValueModelError, load_version
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = profile_pb2.DESCRIPTOR.services_by_name["ProfileService"].full_name
@@ -124,23 +128,83 @@ def load_retail_events(store: EventStore, retail_dir: Path, known: LoadedSets = 
     return clocks
 
 
-def load_value_model(config: ProfileConfig) -> ValueModel | None:
+VALUE_KIND = "value"
+
+
+def load_value_model(config: ProfileConfig) -> Loaded[ValueModel | None]:
+    """What forecasts value at start: the registry's promoted value version
+    (PROFILE_VALUE_MODEL_REGISTRY), else PROFILE_VALUE_MODEL's file (or
+    train-value's default), else none."""
+    if config.value_model_registry:
+        promoted = Registry(config.value_model_registry).promoted(VALUE_KIND)
+        if promoted is None:
+            log.info("no value version promoted in %s yet: serving PROFILE_VALUE_MODEL's until one is",
+                     config.value_model_registry)
+        else:
+            try:
+                model = load_version(promoted)
+            except ValueModelError as error:
+                # As a missing file: GetProfile answers, without value, and a
+                # newly promoted version is loaded when it comes.
+                log.error("PROFILE_VALUE_MODEL_REGISTRY: promoted %s: %s; serving PROFILE_VALUE_MODEL's",
+                          promoted.label, error)
+            else:
+                log.info("value model %s loaded from %s", promoted.label, promoted.path)
+                return Loaded(model, promoted.version, promoted.label)
     try:
         model = ValueModel.load(config.value_model or None)
     except ValueModelError as error:
         log.warning("GetProfile will answer without churn and lifetime value: %s", error)
-        return None
+        return Loaded(None)
     log.info("value model %s loaded", model.version)
-    return model
+    return Loaded(model, label=model.version)
 
 
-def load_book(config: ProfileConfig, tracing: Tracing = Tracing.OFF) -> ProfileBook:
+class ValueModelCollector:
+    """The registry version of the value model forecasting (0: none from the
+    registry, or the book not loaded yet) and swaps since start."""
+
+    def __init__(self, servicer: ProfileServicer):
+        self.servicer = servicer
+
+    def collect(self):
+        book = self.servicer._book
+        label = "" if book is None or book.value_model is None else book.value_model.version
+        kind, _, number = label.partition("/")
+        version = GaugeMetricFamily("recsys_profile_value_model_version",
+                                    "Registry version of the value model forecasting (0: PROFILE_VALUE_MODEL's "
+                                    "file, or none).")
+        version.add_metric([], float(number) if kind == VALUE_KIND and number.isdigit() else 0.0)
+        yield version
+        swaps = GaugeMetricFamily("recsys_profile_value_model_swaps", "Value models swapped in since start.")
+        swaps.add_metric([], float(0 if book is None else book.value_model_swaps))
+        yield swaps
+
+
+def follow_value_models(config: ProfileConfig, book: ProfileBook, already: int | None, stop: threading.Event) -> None:
+    """Each newly promoted value version, loaded whole and then swapped in
+    (recsys_core/models/hot_swap.py's loop: one that fails to load is refused
+    and the old one keeps forecasting)."""
+    def swap(version: ModelVersion) -> None:
+        book.use_value_model(load_version(version))
+
+    follow_promotions(Registry(config.value_model_registry), VALUE_KIND, swap, stop, config.value_poll_seconds,
+                      already=already, name="profile value")
+
+
+def load_book(config: ProfileConfig, tracing: Tracing = Tracing.OFF,
+              stop: threading.Event | None = None) -> ProfileBook:
     # Unpickling the value model imports scikit-learn and SciPy: in a thread
     # of its own, it overlaps the store's reads (which let go of the
     # interpreter lock); the book waits for it, so no profile is ever answered without it.
     with ThreadPoolExecutor(1, thread_name_prefix="value-model-load") as loader:
         value_model = loader.submit(load_value_model, config)
-        return _load_book(config, tracing, value_model)
+        book = _load_book(config, tracing, value_model)
+    if config.value_model_registry and stop is not None:
+        threading.Thread(target=follow_value_models,
+                         args=(config, book, value_model.result().version, stop),
+                         name="value-model-follow", daemon=True).start()
+    return book
 
 
 def _load_book(config: ProfileConfig, tracing: Tracing, value_model: Future) -> ProfileBook:
@@ -165,7 +229,7 @@ def _load_book(config: ProfileConfig, tracing: Tracing, value_model: Future) -> 
         category_clocks=clocks,
     )
     # Before the book is handed to the servicer: nothing has read it yet.
-    book.value_model = value_model.result()
+    book.value_model = value_model.result().value
     log.info("store %r holds %d events", store, store.count())
     return book
 
@@ -196,9 +260,10 @@ def create_server(config: ProfileConfig) -> tuple[ManagedServer, int]:
     )
     register_metrics(server)
     servicer = ProfileServicer(server.readiness, config, server.blocking)
+    server.metrics.registry.register(ValueModelCollector(servicer))
     server.add(profile_pb2_grpc.add_ProfileServiceServicer_to_server, servicer)
     server.after_drain(servicer.close)
-    server.readiness.start(lambda: servicer.attach(load_book(config, server.tracing)))
+    server.readiness.start(lambda: servicer.attach(load_book(config, server.tracing, server.stopping)))
     return server, port
 
 
