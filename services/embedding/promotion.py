@@ -25,9 +25,10 @@ backend declares a model's stub dead when a request is outstanding for more
 than a second while the stub misses its heartbeat, and re-encoding the
 catalogue sent it 64-row requests that took 35 s each on a busy CPU; one
 such verdict failed the build ("Stub process 'text_encoder_0_0' is not
-healthy"), and the next request to that instance crashes tritonserver
-(boost::interprocess::lock_exception), taking the serving version with it
-(docs/operations.md, "Hot swap under Triton"). Several replicas share one
+healthy"), after which that instance answers the next request with the
+failed one's reply and then aborts tritonserver
+(boost::interprocess::lock_exception), the serving version with it
+(docs/operations.md, "Hot swap under Triton"; bench/triton_stub_stall.py). Several replicas share one
 Triton, too: each re-encoding the catalogue through it would multiply the
 load on the server their queries need.
 
@@ -165,7 +166,7 @@ def swap_in(config: EmbeddingConfig, served: Served[Catalogue], version: ModelVe
     builder = None
     try:
         builder = build_encoder(config, model, encoder)
-        if builder is not None and config.encoder == "triton":
+        if config.encoder == "triton":
             check_same_vectors(encoder, builder)
         catalogue = in_background(lambda: open_catalogue(
             config, encoder, model, old.store, model_version=version.label, build_encoder=builder))
