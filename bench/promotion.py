@@ -2,7 +2,7 @@
 is promoted (issue #19, hot swap: 0 failed calls, p99 within 2x of quiet).
 
     python bench/promotion.py [--items N] [--concurrency C] [--seconds S] [--encoder onnx|triton]
-                              [--swap-timeout S] [--keep] [--json OUT]
+                              [--embed-texts] [--swap-timeout S] [--keep] [--json OUT]
 
 Starts the embedding and ranking services as processes of their own (so
 the measuring client does not share their interpreter), each serving a
@@ -217,9 +217,11 @@ def wait_serving(channel, seconds: float) -> None:
     raise TimeoutError(f"not SERVING within {seconds:.0f} s")
 
 
-def make_calls(embedding, ranking, versions: Counter, lock: threading.Lock):
+def make_calls(embedding, ranking, versions: Counter, lock: threading.Lock, texts: dict[str, str] | None = None):
     """One Recommend's embedding and ranking calls (on these channels), back
-    to back, as one loop call; the model_version of every reply is counted."""
+    to back, as one loop call; the model_version of every reply is counted.
+    With `texts` (item id -> text), an EmbedTexts of the item's text first:
+    a text query's encoding, the call that reaches Triton."""
     from recsys.embedding.v1 import embedding_pb2, embedding_pb2_grpc
     from recsys.ranking.v1 import ranking_pb2, ranking_pb2_grpc
     from recsys.common.v1 import common_pb2
@@ -227,7 +229,11 @@ def make_calls(embedding, ranking, versions: Counter, lock: threading.Lock):
     retrieve = embedding_pb2_grpc.EmbeddingServiceStub(embedding).RetrieveCandidates
     rank = ranking_pb2_grpc.RankingServiceStub(ranking).Rank
 
+    embed = embedding_pb2_grpc.EmbeddingServiceStub(embedding).EmbedTexts
+
     def call(item_id: str, timeout: float):
+        if texts is not None:
+            embed(embedding_pb2.EmbedTextsRequest(texts=[texts[item_id][:200]]), timeout=timeout)
         found = retrieve(embedding_pb2.RetrieveCandidatesRequest(context_item_ids=[item_id], k=50), timeout=timeout)
         ranked = rank(ranking_pb2.RankRequest(k=10, candidates=[
             ranking_pb2.Candidate(item_id=c.item.item_id, features=common_pb2.CandidateFeatures(
@@ -262,6 +268,9 @@ def parse_args(argv):
     parser.add_argument("--seconds", type=float, default=10.0, help="length of each quiet phase (and the least "
                                                                      "of the promotion phase)")
     parser.add_argument("--encoder", choices=("onnx", "triton"), default="onnx")
+    parser.add_argument("--embed-texts", action="store_true",
+                        help="each loop call also encodes the item's text (EmbedTexts): with --encoder triton, "
+                             "the load then reaches Triton while the new version loads")
     parser.add_argument("--swap-timeout", type=float, default=600.0,
                         help="longest the promotion phase waits for both services to swap")
     parser.add_argument("--json", type=Path)
@@ -322,10 +331,12 @@ def main(argv: list[str] | None = None) -> int:
         wait_serving(embedding_channel, 900)
         from recsys_core.data import shopping
 
-        item_ids = list(shopping.load_items(data).item_id)[:500]
+        items = shopping.load_items(data)
+        item_ids = list(items.item_id)[:500]
+        texts = dict(zip(items.item_id, items.text)) if args.embed_texts else None
         versions: Counter = Counter()
         lock = threading.Lock()
-        call = make_calls(embedding_channel, ranking_channel, versions, lock)
+        call = make_calls(embedding_channel, ranking_channel, versions, lock, texts)
         warmup = phase(call, item_ids, args.concurrency, 2.0)  # not reported
         if warmup["error_count"]:
             raise RuntimeError(f"calls fail before any promotion: {warmup['errors']} (logs: {work})")
@@ -349,6 +360,7 @@ def main(argv: list[str] | None = None) -> int:
         failed = sum(r["error_count"] for r in results.values())
         report = {
             "items": args.items, "concurrency": args.concurrency, "encoder": args.encoder,
+            "embed_texts": args.embed_texts,
             "phases": results, "promotion_phase_seconds": round(swap_seconds, 1),
             "versions": {name: {f"{e}+{r}": n for (e, r), n in counts.items()} for name, counts in
                          (("quiet", quiet_versions), ("promotion", promotion_versions), ("after", after_versions))},

@@ -267,24 +267,67 @@ def test_embedding_swaps_encoder_and_index_together_under_load(versions, tmp_pat
 
 
 @pytest.mark.integration
-def test_triton_loads_the_promoted_encoder_as_a_new_version_and_unloads_the_old(versions, tmp_path, caplog):
+def test_triton_loads_the_promoted_encoder_as_a_new_version_and_builds_its_index_beside_it(versions, tmp_path,
+                                                                                          caplog):
     """The same under Triton (explicit model control): the promoted encoder
     becomes text_encoder version 2 of the served repository, loaded beside
-    version 1 for the swap; version 1 is unloaded after it."""
+    version 1. The catalogue is re-encoded in process, not through Triton:
+    version 2 never gets a request larger than the probe (re-encoding sent
+    64-row requests, which failed the Python backend's stub health check on
+    a busy CPU). Version 1 stays loaded after the swap: a sibling replica
+    sharing this Triton may still serve it."""
+    import tritonclient.grpc as grpcclient
+
     from promotion import triton_repository
 
     from recsys_core.models.triton import TritonServer
     from services.embedding.config import EmbeddingConfig
-    from services.embedding.promotion import served_triton_versions
+    from services.embedding.promotion import PROBE_TEXTS, served_triton_versions
 
     repo = triton_repository(tmp_path / "model_repo")
     with TritonServer(repo, log_path=tmp_path / "triton.log", startup_timeout=300) as triton:
         config = dict(encoder="triton", triton_url=triton.grpc_url, model_repo=str(repo))
-        swap_under_load(versions, tmp_path, caplog, **config)
-        probe = EmbeddingConfig(**config)
-        wait_for(lambda: served_triton_versions(probe) == {2}, "Triton serving version 2 alone", seconds=30)
+        # The batch sizes version 2 ran, read while it runs: Triton starts
+        # them afresh when a load request reloads the model.
+        batches: set[int] = set()
+        done = threading.Event()
+
+        def watch_batches():
+            client = grpcclient.InferenceServerClient(triton.grpc_url)
+            try:
+                while not done.wait(0.1):
+                    try:
+                        stats = client.get_inference_statistics(paths.TEXT_ENCODER_MODEL, "2", as_json=True)
+                    except Exception:  # noqa: BLE001 - version 2 not loaded yet
+                        continue
+                    batches.update(int(b["batch_size"]) for m in stats["model_stats"] for b in m.get("batch_stats", []))
+            finally:
+                client.close()
+
+        watcher = threading.Thread(target=watch_batches, daemon=True)
+        watcher.start()
+        try:
+            swap_under_load(versions, tmp_path, caplog, **config)
+        finally:
+            done.set()
+            watcher.join(10)
+        assert batches and max(batches) <= len(PROBE_TEXTS), f"version 2 ran batches of {sorted(batches)} rows"
+        assert served_triton_versions(EmbeddingConfig(**config)) == {1, 2}
         assert (repo / paths.TEXT_ENCODER_MODEL / "2" / "encoder.json").is_file()
         assert not (paths.MODEL_REPO / paths.TEXT_ENCODER_MODEL / "2").exists(), "the committed repository was written"
+
+
+def test_a_replica_unloads_only_triton_versions_older_than_the_one_it_swapped_from():
+    from services.embedding.promotion import triton_versions_to_keep
+
+    # Swapped 2 -> 3: 2 stays for siblings still serving it, 1 goes, 4 (a sibling's next) stays.
+    assert triton_versions_to_keep({1, 2, 3, 4}, previous=2, current=3) == {2, 3, 4}
+    # A rollback to an older version keeps everything from it up.
+    assert triton_versions_to_keep({1, 2, 3}, previous=3, current=2) == {2, 3}
+    # The start's encoder (no previous) keeps what is current and newer.
+    assert triton_versions_to_keep({1, 2}, previous=None, current=2) == {2}
+    # What this replica now serves is kept even if Triton did not list it.
+    assert triton_versions_to_keep(set(), previous=1, current=2) == {2}
 
 
 def swap_under_load(versions, tmp_path, caplog, **config):

@@ -4,8 +4,12 @@ Our tritonserver runs with --model-control-mode=explicit (recsys_core/models/
 triton.py), so a model is loaded, reloaded and unloaded only when a client
 asks. A hot swap (services/embedding/promotion.py) installs the new
 encoder as the next numbered version of the model's folder, asks Triton to
-serve exactly the old and the new version, moves its clients to the new one,
-then asks for the new one alone, which unloads the old.
+serve it beside every version it has loaded, moves its clients to the new
+one, then asks for the versions older than the one it swapped away from to
+go (several replicas share one Triton: a sibling may still serve that one).
+Each request names the whole set of versions, so two replicas changing it
+at the same instant can undo each other's change; promotions are minutes
+apart and each replica's requests keep what it and its siblings serve.
 
 The load request carries the model's own config (as Triton reports it) with
 its version_policy replaced by `specific: versions`: the config file on disk

@@ -14,9 +14,32 @@ its reply.
 With Triton (--model-control-mode=explicit), the new encoder becomes the next
 numbered version of text_encoder in the served model repository
 (EMBEDDING_MODEL_REPO, the folder Triton reads), loaded through the model
-control API beside the serving version (recsys_core.models.triton_control);
-once the swap is done and calls that held the old catalogue have had
-grace_seconds to finish, the old version is unloaded.
+control API beside every version Triton has loaded
+(recsys_core.models.triton_control). The new index is NOT built through
+Triton: the catalogue is re-encoded in this process by a one-thread,
+lowest-priority session of the same weights file (their fingerprints must
+match), and a few probe texts are then encoded through Triton's new version
+and compared with it before the swap, so the index and the queries Triton
+encodes for it are one encoder's. Why not through Triton: the Python
+backend declares a model's stub dead when a request is outstanding for more
+than a second while the stub misses its heartbeat, and re-encoding the
+catalogue sent it 64-row requests that took 35 s each on a busy CPU; one
+such verdict failed the build ("Stub process 'text_encoder_0_0' is not
+healthy"), after which that instance answers the next request with the
+failed one's reply and then aborts tritonserver
+(boost::interprocess::lock_exception), the serving version with it
+(docs/operations.md, "Hot swap under Triton"; bench/triton_stub_stall.py). Several replicas share one
+Triton, too: each re-encoding the catalogue through it would multiply the
+load on the server their queries need.
+
+Unloading, with replicas sharing one Triton: a replica never unloads the
+version it swapped away from (a sibling may still be serving it, its own
+swap not done), only versions older than that one, once its swap is done
+and calls holding the old catalogue had grace_seconds to finish. Loading
+keeps every version Triton has loaded or is loading (a sibling's). A
+replica two promotions behind its siblings can lose its version: promote
+again only once every replica serves the last promotion (the
+recsys_embedding_model_version gauge).
 
 Health stays SERVING throughout: the old version answers until the new one
 is whole, and a version that fails to build is refused (logged) while the
@@ -28,6 +51,8 @@ import logging
 import os
 import threading
 from pathlib import Path
+
+import numpy as np
 
 from recsys_core.data import paths
 from recsys_core.models import model_serving
@@ -44,6 +69,22 @@ log = logging.getLogger(__name__)
 KIND = "sequence"
 # The build's nice value: served calls first, the new version's encoding after.
 BUILD_NICENESS = 19
+# Encoded through Triton's new version and by the build encoder before a
+# swap: one request of a few rows, well inside the Python backend's
+# one-second health window even on a busy CPU. Everyday titles of several
+# lengths (int8 vectors shift slightly with what they are batched with).
+PROBE_TEXTS = (
+    "Wireless noise cancelling over-ear headphones with 30 hour battery",
+    "Stainless steel cookware set, 12 pieces",
+    "Dry dog food, chicken and rice, 35 lb",
+    "Men's running shoe",
+    "Rechargeable electric toothbrush with two brush heads and a travel case",
+    "Board book for toddlers",
+)
+# Cosine a probe's vector from Triton must reach against the build
+# encoder's: the same weights give 0.98 and more across batches
+# (tests/test_triton.py); another encoder's vectors are far below.
+PROBE_COSINE = 0.98
 
 
 def promoted_model(config: EmbeddingConfig) -> tuple[ModelDir | None, ModelVersion | None]:
@@ -77,15 +118,21 @@ def model_encoder(config: EmbeddingConfig, model: ModelDir | None, version: Mode
             f"EMBEDDING_MODEL_REPO is the committed {paths.MODEL_REPO}, which promotions must not write to: point "
             "it (and Triton) at a serving repository (python -m recsys_core.models.model_serving --out)")
     triton_version = model_serving.install_encoder(model, repo)
-    serving = served_triton_versions(config)
+    # Every version loaded or loading stays: a sibling replica may serve it,
+    # or be loading its own promotion's.
+    serving = served_triton_versions(config, states=LIVE_STATES)
     triton_control.serve_versions(config.triton_url, config.triton_model, serving | {triton_version})
     log.info("Triton loaded %s version %d (%s) beside %s", config.triton_model, triton_version,
-             version.label if version else model.path, sorted(serving) or "nothing")
+             version.label if version else model.path, sorted(serving - {triton_version}) or "nothing")
     return load_encoder(config, model, tracer, triton_version=triton_version)
 
 
-def served_triton_versions(config: EmbeddingConfig) -> set[int]:
-    """The text_encoder versions Triton has ready now."""
+# Triton's model states of a version that is, or is about to be, served.
+LIVE_STATES = ("READY", "LOADING")
+
+
+def served_triton_versions(config: EmbeddingConfig, states: tuple[str, ...] = ("READY",)) -> set[int]:
+    """The text_encoder versions Triton has in `states` now (default: ready)."""
     import tritonclient.grpc as grpcclient
 
     client = grpcclient.InferenceServerClient(config.triton_url)
@@ -94,7 +141,16 @@ def served_triton_versions(config: EmbeddingConfig) -> set[int]:
     finally:
         client.close()
     return {int(m["version"]) for m in index
-            if m.get("name") == config.triton_model and m.get("state") == "READY" and m.get("version", "").isdigit()}
+            if m.get("name") == config.triton_model and m.get("state") in states and m.get("version", "").isdigit()}
+
+
+def triton_versions_to_keep(live: set[int], previous: int | None, current: int) -> set[int]:
+    """What Triton keeps after this replica swapped from Triton version
+    `previous` to `current`: `current`, `previous` (siblings whose swap is
+    not done still serve it) and anything newer (a sibling's next
+    promotion); only versions older than `previous` go."""
+    floor = current if previous is None else min(previous, current)
+    return {v for v in live if v >= floor} | {current}
 
 
 def swap_in(config: EmbeddingConfig, served: Served[Catalogue], version: ModelVersion, tracer=None) -> Catalogue:
@@ -107,29 +163,51 @@ def swap_in(config: EmbeddingConfig, served: Served[Catalogue], version: ModelVe
         raise ModelDirError(f"{version.label} makes {model.dimension}-dimensional vectors, the serving "
                             f"version {old.dimension}: a new dimension needs a new deployment")
     encoder = model_encoder(config, model, version, tracer)
+    builder = None
     try:
+        builder = build_encoder(config, model, encoder)
+        if config.encoder == "triton":
+            check_same_vectors(encoder, builder)
         catalogue = in_background(lambda: open_catalogue(
-            config, encoder, model, old.store, model_version=version.label,
-            build_encoder=build_encoder(config, model, encoder)))
+            config, encoder, model, old.store, model_version=version.label, build_encoder=builder))
         # Upserts the old version applied while this one was built.
         catalogue.sync()
     except BaseException:
+        # A Triton version that failed here stays loaded: a sibling replica
+        # may have swapped to it (the next promotion's swap unloads it).
         close_encoder(encoder)
         raise
+    finally:
+        if builder is not None:
+            close_encoder(builder)
     served.add(Loaded(catalogue, version.version, version.label))
     log.info("swapped %s in for %s: %d items re-indexed under encoder %s", version.label,
              old.model_version or "the pretrained encoder", len(catalogue), encoder.fingerprint)
     return old
 
 
-def build_encoder(config: EmbeddingConfig, model: ModelDir, serving: Encoder) -> Encoder | None:
-    """What re-encodes the catalogue for a promotion: in process, a second
-    session of the same weights on one thread (the serving encoder's
-    threads would take every core from the calls while it builds); with
-    Triton, the served version itself (None)."""
-    if config.encoder == "triton":
-        return None
-    return OnnxEncoder(model.encoder_dir, threads=1, precision=config.precision)
+def build_encoder(config: EmbeddingConfig, model: ModelDir, serving: Encoder) -> Encoder:
+    """What re-encodes the catalogue for a promotion: a session of the
+    model's weights in this process, on one thread (the serving encoder's
+    threads would take every core from the calls while it builds), at the
+    precision the serving encoder runs (Triton's: its config's parameter).
+    With Triton too (the module's docstring says why); open_catalogue
+    refuses it unless its fingerprint is the served version's."""
+    return OnnxEncoder(model.encoder_dir, threads=1, precision=getattr(serving, "precision", config.precision))
+
+
+def check_same_vectors(served: Encoder, builder: Encoder) -> None:
+    """Triton's new version and the build encoder must give the same
+    vectors, or the index would be another encoder's than the queries
+    Triton encodes for it: PROBE_TEXTS through both, in one small request."""
+    got = served.encode(list(PROBE_TEXTS))
+    want = builder.encode(list(PROBE_TEXTS))
+    cosines = (got * want).sum(axis=1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(want, axis=1))
+    if cosines.min() < PROBE_COSINE:
+        raise ModelDirError(
+            f"{getattr(served, 'fingerprint', served)} does not give the vectors of the build encoder "
+            f"{builder.fingerprint} (lowest cosine {cosines.min():.3f} on the probe texts): refusing to "
+            f"index with one and query with the other")
 
 
 def in_background(build):
@@ -160,7 +238,8 @@ def in_background(build):
 
 def retire(config: EmbeddingConfig, served: Served[Catalogue], old: Catalogue) -> None:
     """After a swap: release the old version once calls that hold it had the
-    grace period to finish; with Triton, unload its encoder version."""
+    grace period to finish; with Triton, unload the encoder versions older
+    than the old one (never the old one: siblings may still serve it)."""
     number = version_number(old)
     if number is not None:
         served.retire(number)
@@ -169,12 +248,17 @@ def retire(config: EmbeddingConfig, served: Served[Catalogue], old: Catalogue) -
     if config.encoder == "triton" and getattr(current.encoder, "weights_version", None) is not None:
         from recsys_core.models import triton_control
 
-        keep = {int(current.encoder.weights_version)}
+        previous = getattr(old.encoder, "weights_version", None)
         try:
-            triton_control.serve_versions(config.triton_url, config.triton_model, keep)
-            log.info("Triton unloaded %s versions other than %s", config.triton_model, sorted(keep))
+            live = served_triton_versions(config, states=LIVE_STATES)
+            keep = triton_versions_to_keep(live, None if previous is None else int(previous),
+                                           int(current.encoder.weights_version))
+            if keep != live:
+                triton_control.serve_versions(config.triton_url, config.triton_model, keep)
+                log.info("Triton unloaded %s versions %s, keeping %s", config.triton_model,
+                         sorted(live - keep), sorted(keep))
         except Exception:
-            log.exception("could not unload the old %s version from Triton; it stays loaded", config.triton_model)
+            log.exception("could not unload old %s versions from Triton; they stay loaded", config.triton_model)
 
 
 def close_encoder(encoder: Encoder) -> None:
