@@ -3,6 +3,7 @@ is promoted (issue #19, hot swap: 0 failed calls, p99 within 2x of quiet).
 
     python bench/promotion.py [--items N] [--concurrency C] [--seconds S] [--encoder onnx|triton]
                               [--embed-texts] [--swap-timeout S] [--keep] [--json OUT]
+    python bench/promotion.py --gateway [--rate R] [--seconds S] [--encoder onnx|triton] [--json OUT]
 
 Starts the embedding and ranking services as processes of their own (so
 the measuring client does not share their interpreter), each serving a
@@ -16,6 +17,15 @@ item) and Rank runs three times: quiet; while sequence/2 and ranker/2 are
 promoted (the phase lasts until both services report the new versions, and
 at least --seconds); quiet again on the new versions. Every reply's
 model_version is counted.
+
+With --gateway, the whole local stack instead, as `recsys serve` runs it
+(recsys-edge, mTLS, tokens; the bundled catalogue, all of it re-encoded on
+the swap), both services following the same kind of registry, and ghz
+sending --rate Recommend calls a second, open loop, through the gateway (as
+loadtest/chaos.py does): quiet for --seconds, then the promotion (until the
+embedding and ranking services answer with the new versions), then
+--seconds on the new versions. Every call's outcome and latency come from
+ghz's own report, split by when each call started.
 
 The builders (`sequence_version`, `ranker_version`) are what
 tests/test_hot_swap.py puts into its registries.
@@ -273,29 +283,131 @@ def parse_args(argv):
                              "the load then reaches Triton while the new version loads")
     parser.add_argument("--swap-timeout", type=float, default=600.0,
                         help="longest the promotion phase waits for both services to swap")
+    parser.add_argument("--gateway", action="store_true",
+                        help="the whole stack, ghz through the gateway (see above) instead of direct calls")
+    parser.add_argument("--rate", type=float, default=20.0, help="with --gateway: Recommend calls a second")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--keep", action="store_true", help="keep the scratch folder (logs, registry) and print it")
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    from recsys_core.data import paths
+def make_registry(work: Path):
+    """sequence/1 (the pretrained encoder) and ranker/1 promoted; sequence/2
+    (other vectors) and ranker/2 (the other order) to promote."""
     from recsys_core.models.encoder import latest_version_dir
     from recsys_core.models.registry import Registry
 
+    registry = Registry(work / "registry")
+    pretrained = latest_version_dir()
+    first = registry.add("sequence", sequence_version(pretrained, work / "seq1"))
+    second = registry.add("sequence", sequence_version(pretrained, work / "seq2", permute_seed=1))
+    ranker_a = registry.add("ranker", ranker_version(work / "r1" / "ranker.txt", descending=True))
+    ranker_b = registry.add("ranker", ranker_version(work / "r2" / "ranker.txt", descending=False))
+    registry.promote("sequence", first.version, "bench: start")
+    registry.promote("ranker", ranker_a.version, "bench: start")
+    return registry, second, ranker_b
+
+
+def window(calls, begin: float, end: float) -> dict:
+    from loadloop import percentile
+
+    inside = [c for c in calls if begin <= c.started < end]
+    latencies = sorted((c.ended - c.started) * 1000 for c in inside)
+    failed = Counter(c.code for c in inside if c.code != "OK")
+    return {"calls": len(inside), "failed": sum(failed.values()), "errors": dict(failed),
+            "p50_ms": round_or_none(percentile(latencies, 50)), "p99_ms": round_or_none(percentile(latencies, 99)),
+            "seconds": round(end - begin, 1)}
+
+
+def through_gateway(args) -> int:
+    sys.path.insert(0, str(REPO_ROOT / "loadtest"))
+    from chaos import GHZ, GhzLoad
+    from recsys.embedding.v1 import embedding_pb2, embedding_pb2_grpc
+    from recsys.ranking.v1 import ranking_pb2, ranking_pb2_grpc
+    from recsys_cli.stack import LocalStack, free_port as stack_port
+
+    if not GHZ.exists():
+        raise RuntimeError(f"{GHZ} is missing: scripts/install_ghz.sh")
+    work = Path(tempfile.mkdtemp(prefix="recsys-promotion-gateway-"))
+    stack = load = None
+    try:
+        registry, second, ranker_b = make_registry(work)
+        options = {"encoder": args.encoder}
+        if args.encoder == "triton":
+            options["model_repo"] = triton_repository(work / "model_repo")
+        stack = LocalStack(gateway_port=stack_port(), state_dir=work / "state", edge=True, extra_env={
+            "EMBEDDING_MODEL_REGISTRY": str(registry.root), "EMBEDDING_MODEL_POLL_SECONDS": "0.5",
+            "RANKING_MODEL_REGISTRY": str(registry.root), "RANKING_MODEL_POLL_SECONDS": "0.5"}, **options)
+        print("starting the stack ...", flush=True)
+        stack.start()
+        print(f"{stack.describe_transport()}; ghz at {args.rate:g} Recommend/s", flush=True)
+        embedding = embedding_pb2_grpc.EmbeddingServiceStub(stack.channel("embedding"))
+        ranking = ranking_pb2_grpc.RankingServiceStub(stack.channel("ranking"))
+
+        from recsys_core.data import shopping
+
+        probe_item = str(shopping.load_items(stack.data_dir).item_id.iloc[0])
+
+        def serving_new() -> bool:
+            found = embedding.RetrieveCandidates(embedding_pb2.RetrieveCandidatesRequest(
+                context_item_ids=[probe_item], k=5), timeout=10)
+            ranked = ranking.Rank(ranking_pb2.RankRequest(k=1, candidates=[
+                ranking_pb2.Candidate(item_id=c.item.item_id) for c in found.candidates]), timeout=10)
+            return found.model_version == second.label and ranked.model_version == ranker_b.label
+
+        load = GhzLoad(stack, args.rate, max_seconds=args.swap_timeout + 4 * args.seconds + 60).start()
+        time.sleep(3.0)  # ghz connected and warm; not reported
+        quiet_from = time.time()
+        time.sleep(args.seconds)
+        promoted_at = time.time()
+        registry.promote("sequence", second.version, "bench: promotion under ghz")
+        registry.promote("ranker", ranker_b.version, "bench: promotion under ghz")
+        swapped = False
+        while time.time() - promoted_at < args.swap_timeout:
+            swapped = serving_new()
+            if swapped and time.time() - promoted_at >= args.seconds:
+                break
+            time.sleep(0.5)
+        swapped_at = time.time()
+        print(f"{'swapped' if swapped else 'NOT swapped'} after {swapped_at - promoted_at:.1f} s", flush=True)
+        time.sleep(args.seconds)
+        ended = time.time()
+        calls = load.stop()
+        load = None
+        phases = {"quiet": window(calls, quiet_from, promoted_at),
+                  "promotion": window(calls, promoted_at, swapped_at),
+                  "after": window(calls, swapped_at, ended)}
+        ratio = (phases["promotion"]["p99_ms"] / phases["quiet"]["p99_ms"]
+                 if phases["promotion"]["p99_ms"] and phases["quiet"]["p99_ms"] else None)
+        failed = sum(p["failed"] for p in phases.values())
+        report = {"mode": "gateway", "rate": args.rate, "encoder": args.encoder, "transport": stack.describe_transport(),
+                  "phases": phases, "swapped": swapped, "promotion_phase_seconds": round(swapped_at - promoted_at, 1),
+                  "failed_calls": failed, "p99_ratio": round_or_none(ratio, 2), "target_ratio": TARGET_RATIO,
+                  "load_average": [round(x, 2) for x in os.getloadavg()]}
+        print(json.dumps(report, indent=2))
+        if args.json:
+            args.json.write_text(json.dumps(report, indent=2) + "\n")
+        return 0 if failed == 0 and swapped else 1
+    finally:
+        if load is not None:
+            load.stop()
+        if stack is not None:
+            stack.stop()
+        if args.keep:
+            print(f"kept {work}", file=sys.stderr)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.gateway:
+        return through_gateway(args)
     work = Path(tempfile.mkdtemp(prefix="recsys-promotion-bench-"))
     processes: list[subprocess.Popen] = []
     triton = None
     try:
-        registry = Registry(work / "registry")
-        pretrained = latest_version_dir()
-        first = registry.add("sequence", sequence_version(pretrained, work / "seq1"))
-        second = registry.add("sequence", sequence_version(pretrained, work / "seq2", permute_seed=1))
-        ranker_a = registry.add("ranker", ranker_version(work / "r1" / "ranker.txt", descending=True))
-        ranker_b = registry.add("ranker", ranker_version(work / "r2" / "ranker.txt", descending=False))
-        registry.promote("sequence", first.version, "bench: start")
-        registry.promote("ranker", ranker_a.version, "bench: start")
+        registry, second, ranker_b = make_registry(work)
         data = small_catalogue(work / "data", args.items)
         embedding, ranking = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
         # The services as deployed: mTLS and tokens (recsys serve's local CA).
