@@ -17,7 +17,7 @@ from recsys_core.rpc.runtime import BlockingPool
 from services.ranking.config import RankingConfig
 from recsys_core.signals.interests import DriftSettings
 from recsys_core.ranking.learned import LearnedRanker, score_learned
-from recsys_core.ranking.scoring import Features, Weights, check_shares, score_features, top
+from recsys_core.ranking.scoring import Features, Weights, check_shares, check_values, score_features, top
 
 
 class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
@@ -43,6 +43,7 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
             dislike=config.dislike_weight,
             model=config.model_weight,
             co_purchase=config.co_purchase_weight,
+            value=config.value_weight,
             drift=DriftSettings(
                 short_share_stable=config.drift_short_share_stable,
                 short_share_drifting=config.drift_short_share_drifting,
@@ -72,13 +73,15 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
         popularity = np.asarray([c.popularity for c in request.candidates], dtype=np.float32)
         max_popularity = np.asarray([c.max_popularity for c in request.candidates], dtype=np.float32)
         co_purchases = np.asarray([c.co_purchases for c in request.candidates], dtype=np.float32)
+        values = np.asarray([c.value for c in request.candidates], dtype=np.float32)
+        check_values(values)
         ranker, label = await self._model(request.model_version)
         if ranker is not None:
             scores = await self.blocking.run(score_learned, ranker, features, popularity, max_popularity,
                                              drift, churn, co_purchases)
         else:
             scores = await self.blocking.run(score_features, features, popularity, max_popularity, self.weights,
-                                             drift, churn, co_purchases)
+                                             drift, churn, co_purchases, values)
         reply = ranking_pb2.RankResponse(model_version=label)
         for position in top(scores, request.k):
             reply.candidates.add(item_id=request.candidates[position].item_id, score=float(scores[position]))
