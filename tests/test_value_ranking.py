@@ -13,7 +13,7 @@ from recsys.ranking.v1 import ranking_pb2, ranking_pb2_grpc
 from recsys_core.errors import InvalidArgument
 from recsys_core.ranking.scoring import SERVING_WEIGHTS, Features, add_value, check_values, score_features, top
 from recsys_core.rpc.envconfig import ConfigError
-from recsys_core.signals.item_value import PRIOR_PURCHASES, return_shares
+from recsys_core.signals.item_value import PRIOR_PURCHASES, ItemValues, return_shares
 from tests.conftest import secured, service_channel, start
 
 
@@ -124,6 +124,64 @@ def test_ranking_service_applies_the_value_weight_and_refuses_bad_values():
     finally:
         plain_server.stop(None)
         value_server.stop(None)
+
+
+@pytest.mark.integration
+def test_ranking_service_reads_the_item_value_table_when_requests_carry_none(tmp_path):
+    from services.ranking.config import RankingConfig
+    from services.ranking.server import create_server
+
+    table = ItemValues({"i1": 0.95, "i0": 0.1}, default=0.5).save(tmp_path / "values.json")
+    server, address = start(create_server(RankingConfig(address="127.0.0.1:0", value_weight=1.0,
+                                                        item_values=str(table), **secured("ranking"))))
+    try:
+        with service_channel(address, "ranking") as channel:
+            stub = ranking_pb2_grpc.RankingServiceStub(channel)
+
+            def ranked(values=(0.0, 0.0, 0.0)):
+                request = ranking_pb2.RankRequest(candidates=[
+                    ranking_pb2.Candidate(item_id=f"i{n}", popularity=10 - n, max_popularity=10, value=value)
+                    for n, value in enumerate(values)])
+                return [c.item_id for c in stub.Rank(request, timeout=5).candidates]
+
+            # From the table: i1 0.95, i2 unknown (the default 0.5), i0 0.1.
+            assert ranked() == ["i1", "i2", "i0"]
+            # A request's own values win over the table.
+            assert ranked((0.9, 0.0, 0.0)) == ["i0", "i1", "i2"]
+    finally:
+        server.stop(None)
+
+
+@pytest.mark.parametrize("content, problem", [
+    ("not json", "not JSON"),
+    ('{"kind": "item-values", "default": 0.5, "values": {"a": 1.7}}', "a: value 1.7 is not between 0 and 1"),
+    ('{"kind": "item-values", "default": null, "values": {}}', "is not between 0 and 1"),
+    ('{"values": {}}', "not an item-value table"),
+])
+def test_a_bad_item_value_table_stops_the_start(tmp_path, content, problem):
+    from services.ranking.config import RankingConfig
+    from services.ranking.server import create_server
+
+    path = tmp_path / "values.json"
+    path.write_text(content)
+    with pytest.raises(ConfigError, match="RANKING_ITEM_VALUES: .*" + problem):
+        create_server(RankingConfig(address="127.0.0.1:0", item_values=str(path), **secured("ranking")))
+    with pytest.raises(ConfigError, match="RANKING_ITEM_VALUES: .*cannot read"):
+        create_server(RankingConfig(address="127.0.0.1:0", item_values=str(tmp_path / "missing.json"),
+                                    **secured("ranking")))
+
+
+def test_item_values_command_on_the_bundled_data(tmp_path):
+    from recsys_core.data import paths
+    from training.value_curve import item_values_main
+
+    out = tmp_path / "values.json"
+    assert item_values_main(["--data-dir", str(paths.BUNDLED_DATA_DIR),
+                             "--retail-dir", str(paths.BUNDLED_RETAIL_DIR), "--out", str(out)]) == 0
+    table = ItemValues.load(out)
+    assert any(item.startswith("retail-") for item in table.values)
+    assert any(not item.startswith("retail-") for item in table.values)
+    assert 0 < table.default < 1 and len(set(table.values.values())) > 10
 
 
 def test_curve_on_the_bundled_data(tmp_path, exported_encoder):

@@ -41,18 +41,19 @@ from tqdm import tqdm
 from recsys_core.data import paths, retail, shopping
 from recsys_core.ranking.scoring import SERVING_WEIGHTS, add_value
 from recsys_core.signals.copurchase import CoPurchases
-from recsys_core.signals.item_value import return_shares
+from recsys_core.signals.item_value import ItemValues, purchase_counts, return_shares, shrunk
 from training import crosscat, protocol
 
 log = logging.getLogger(__name__)
 
-WEIGHTS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 2.0)
+WEIGHTS = (0.0, 0.01, 0.02, 0.03, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
 # The NDCG@10 a shop gives up for value, relative to the plain order.
 MAX_NDCG_LOSS = 0.02
 K = 10
 BATCH = 256
 RESULTS = paths.REPO_ROOT / "docs" / "results" / "value_curve.json"
 PLOT = paths.REPO_ROOT / "docs" / "results-value.png"
+ITEM_VALUES = paths.REPO_ROOT / "var" / "item_values.json"
 
 
 @dataclass(frozen=True)
@@ -226,9 +227,7 @@ def value_curve_main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     from training.items import default_encoder
 
-    data_dir = args.data_dir or (paths.shared_data_dir() if paths.shared_data_dir().is_dir() else paths.BUNDLED_DATA_DIR)
-    retail_dir = args.retail_dir or (retail.SHARED_RETAIL_DIR if retail.SHARED_RETAIL_DIR.is_dir()
-                                     else retail.BUNDLED_RETAIL_DIR)
+    data_dir, retail_dir = data_dirs(args)
     encoder = default_encoder()
     started = time.monotonic()
     workloads = []
@@ -250,3 +249,53 @@ def value_curve_main(argv: list[str] | None = None) -> int:
     print(json.dumps({name: {"valid": d["valid"], "test": d["test"]} for name, d in report["data"].items()}, indent=1))
     print(f"chosen value weight (validation): {report['chosen_weight']:g}; wrote {args.out} and {args.plot}")
     return 0
+
+
+def serving_values(dataset: shopping.Dataset | None, retail_data: tuple[pd.DataFrame, pd.DataFrame] | None) -> ItemValues:
+    """The ranking service's table (RANKING_ITEM_VALUES): every purchase
+    counts, held-out ones included, since serving has no held-out item."""
+    ids, bought, returned = [], [], []
+    sources = []
+    if dataset is not None:
+        sources += [(dataset.items, dataset.interactions, category, False)
+                    for category in sorted(dataset.interactions.category.unique())]
+    if retail_data is not None:
+        sources.append((*retail_data, retail.RETAIL_CATEGORY, True))
+    for items, interactions, category, with_occasions in sources:
+        split = protocol.category_split(interactions, items, category, min_events=1)
+        occasions = occasions_of(split, interactions) if with_occasions else None
+        counts = purchase_counts(split.sequences, split.num_items, occasions)
+        ids += split.item_ids
+        bought.append(counts[0])
+        returned.append(counts[1])
+    bought, returned = np.concatenate(bought), np.concatenate(returned)
+    shares, overall = shrunk(bought, returned)
+    return ItemValues({ids[i]: round(float(shares[i]), 6) for i in np.flatnonzero(bought)}, round(overall, 6))
+
+
+def item_values_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="recsys item-values",
+        description="write the ranking service's item-value table (RANKING_ITEM_VALUES) from the shop's events")
+    parser.add_argument("--data-dir", type=Path, default=None,
+                        help="amazon-2014 directory (default: ../shared/data/amazon-2014, else the bundled subset)")
+    parser.add_argument("--retail-dir", type=Path, default=None,
+                        help="Online Retail directory (default: ../shared/data/online-retail, else the bundled subset)")
+    parser.add_argument("--no-amazon", action="store_true")
+    parser.add_argument("--no-retail", action="store_true")
+    parser.add_argument("--out", type=Path, default=ITEM_VALUES)
+    args = parser.parse_args(argv)
+    data_dir, retail_dir = data_dirs(args)
+    dataset = None if args.no_amazon else shopping.Dataset.load(data_dir)
+    retail_data = None if args.no_retail else retail_interactions(retail_dir)
+    table = serving_values(dataset, retail_data)
+    table.save(args.out)
+    print(f"{len(table.values)} item values (default {table.default:g}) written to {args.out}")
+    return 0
+
+
+def data_dirs(args) -> tuple[Path, Path]:
+    data_dir = args.data_dir or (paths.shared_data_dir() if paths.shared_data_dir().is_dir() else paths.BUNDLED_DATA_DIR)
+    retail_dir = args.retail_dir or (retail.SHARED_RETAIL_DIR if retail.SHARED_RETAIL_DIR.is_dir()
+                                     else retail.BUNDLED_RETAIL_DIR)
+    return data_dir, retail_dir

@@ -53,6 +53,11 @@ class RankingConfig:
     # validation: docs/results.md, "Value-aware ranking"); 0 ranks on
     # relevance alone.
     value_weight: float = SERVING_WEIGHTS.value
+    # The item values the term reads when a Rank request carries none
+    # (Candidate.value all 0): `recsys item-values` writes the table; a
+    # file that cannot be read stops the start. Unset: the request's values
+    # only (none today: the gateway sends none).
+    item_values: str = ""
     max_candidates: int = 5000
     # A LightGBM model from `recsys train-ranker` (its manifest beside it,
     # MODEL.json) scores the candidates instead of the weights above; unset:
@@ -103,6 +108,7 @@ class RankingConfig:
             co_purchase_weight=env.float("CO_PURCHASE_WEIGHT", cls.co_purchase_weight, minimum=0),
             # Far past the swept weights (at most 2) value alone decides the order.
             value_weight=env.float("VALUE_WEIGHT", cls.value_weight, minimum=0, maximum=MAX_VALUE_WEIGHT),
+            item_values=env.str("ITEM_VALUES", cls.item_values),
             max_candidates=env.int("MAX_CANDIDATES", cls.max_candidates, minimum=1),
             model=env.str("MODEL", cls.model),
             model_registry=env.str("MODEL_REGISTRY", cls.model_registry),
