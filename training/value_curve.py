@@ -169,6 +169,23 @@ def run(workloads: Sequence[Workload], weights: Sequence[float] = WEIGHTS, progr
     }
 
 
+def markdown(report: dict) -> str:
+    """The validation curve and the test figures, as docs/results.md shows them."""
+    names = list(report["data"])
+    head = "| w | " + " | ".join(f"{n} NDCG@10 | {n} value@10" for n in names) + " |"
+    lines = [head, "|" + "---|" * (1 + 2 * len(names))]
+    for w in report["data"][names[0]]["valid"]:
+        cells = []
+        for n in names:
+            valid = report["data"][n]["valid"]
+            base, row = valid["0.0"], valid[w]
+            cells.append(f"{row['ndcg@10']:.4f} ({100 * (row['ndcg@10'] / base['ndcg@10'] - 1):+.1f} %)")
+            cells.append(f"{row['value@10']:.4f} ({row['value@10'] - base['value@10']:+.4f})")
+        chosen = " (chosen)" if float(w) == float(report["chosen_weight"]) else ""
+        lines.append(f"| {float(w):g}{chosen} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def rounded(metrics: dict) -> dict:
     return {k: round(v, 5) if isinstance(v, float) else v for k, v in metrics.items()}
 
@@ -188,6 +205,9 @@ def plot(report: dict, out: Path) -> Path:
         y = [valid[w]["ndcg@10"] for w in valid]
         axis.plot(x, y, marker="o")
         for w, xi, yi in zip(weights, x, y):
+            # The small weights sit on top of each other: their labels would too.
+            if 0 < w < 0.1 and w != report["chosen_weight"]:
+                continue
             axis.annotate(f"w={w:g}", (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=8)
         base = valid["0.0"]["ndcg@10"]
         axis.axhline((1 - MAX_NDCG_LOSS) * base, color="grey", linestyle="--", linewidth=0.8,
@@ -240,13 +260,14 @@ def value_curve_main(argv: list[str] | None = None) -> int:
         workloads.append(workload(category, dataset.items, dataset.interactions, category, encoder,
                                   args.max_users, args.seed))
     report = run(workloads, args.weights)
-    report["command"] = "recsys value-curve " + " ".join(argv if argv is not None else sys.argv[1:])
+    report["command"] = " ".join(["recsys value-curve", *(argv if argv is not None else sys.argv[1:])])
     report["data_dirs"] = {"amazon": str(data_dir), "retail": str(retail_dir)}
     report["seconds"] = round(time.monotonic() - started, 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     plot(report, args.plot)
     print(json.dumps({name: {"valid": d["valid"], "test": d["test"]} for name, d in report["data"].items()}, indent=1))
+    print(markdown(report))
     print(f"chosen value weight (validation): {report['chosen_weight']:g}; wrote {args.out} and {args.plot}")
     return 0
 

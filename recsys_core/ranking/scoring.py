@@ -84,7 +84,7 @@ SERVING_WEIGHTS = Weights(
     # The value-aware objective's weight: the largest of the swept weights
     # whose validation NDCG@10 stays within 2 % of the plain order's on both
     # the retail and the Office data (docs/results.md, "Value-aware ranking").
-    value=0.0,
+    value=0.03,
 )
 
 @dataclass(frozen=True)
