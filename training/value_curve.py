@@ -43,6 +43,7 @@ from recsys_core.ranking.scoring import SERVING_WEIGHTS, add_value
 from recsys_core.signals.copurchase import CoPurchases
 from recsys_core.signals.item_value import ItemValues, purchase_counts, return_shares, shrunk
 from training import crosscat, protocol
+from training.interests_eval import paired_difference
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +108,8 @@ def workload(name: str, items: pd.DataFrame, interactions: pd.DataFrame, categor
     return Workload(name, split, index, vectors, values, measured_rows(split, max_users, seed))
 
 
-def measure(work: Workload, weights: Sequence[float], stage: str, progress: bool = True) -> dict[float, dict]:
+def measure(work: Workload, weights: Sequence[float], stage: str,
+            progress: bool = True) -> tuple[dict[float, dict], dict[float, np.ndarray]]:
     """NDCG@10, Recall@10 and value@10 at each value weight, with the ranking
     service's scoring function (crosscat.category_scorer with the serving
     weights, then add_value at each weight)."""
@@ -135,12 +137,24 @@ def measure(work: Workload, weights: Sequence[float], stage: str, progress: bool
                 shown[row, history] = -np.inf
             top = np.argsort(-shown, axis=1, kind="stable")[:, :K]
             shown_value[w].append(work.values[top].mean(axis=1))
-    result = {}
+    result, per_shopper = {}, {}
     for w in weights:
-        metrics = protocol.metrics_from_ranks(np.concatenate(ranks[w]))
+        per_shopper[w] = np.concatenate(ranks[w])
+        metrics = protocol.metrics_from_ranks(per_shopper[w])
         result[w] = {"ndcg@10": metrics["ndcg@10"], "recall@10": metrics["recall@10"],
                      "value@10": float(np.concatenate(shown_value[w]).mean()), "users": metrics["users"]}
-    return result
+    return result, per_shopper
+
+
+def with_intervals(metrics: dict[float, dict], ranks: dict[float, np.ndarray]) -> dict[float, dict]:
+    """Each weight's NDCG@10 change against weight 0 on the same shoppers,
+    with its 95 % bootstrap interval (shoppers resampled, pairs kept): how
+    much of a 1 or 2 % change is noise."""
+    out = {}
+    for w, m in metrics.items():
+        change = paired_difference(ranks[w], ranks[0.0])["ndcg@10"]
+        out[w] = {**m, "ndcg@10_change": change["difference"], "ndcg@10_change_ci95": change["ci95"]}
+    return out
 
 
 def choose(curves: dict[str, dict[float, dict]], max_loss: float = MAX_NDCG_LOSS) -> float:
@@ -153,9 +167,9 @@ def choose(curves: dict[str, dict[float, dict]], max_loss: float = MAX_NDCG_LOSS
 
 def run(workloads: Sequence[Workload], weights: Sequence[float] = WEIGHTS, progress: bool = True) -> dict:
     weights = sorted(set(weights) | {0.0})
-    valid = {work.name: measure(work, weights, "valid", progress) for work in workloads}
+    valid = {work.name: with_intervals(*measure(work, weights, "valid", progress)) for work in workloads}
     chosen = choose(valid)
-    test = {work.name: measure(work, sorted({0.0, chosen}), "test", progress) for work in workloads}
+    test = {work.name: with_intervals(*measure(work, sorted({0.0, chosen}), "test", progress)) for work in workloads}
     return {
         "objective": "score = ranking service score + w * item value; item value = shrunk share of the item's "
                      "purchases followed by another purchase on a later occasion (training events only)",
@@ -179,7 +193,11 @@ def markdown(report: dict) -> str:
         for n in names:
             valid = report["data"][n]["valid"]
             base, row = valid["0.0"], valid[w]
-            cells.append(f"{row['ndcg@10']:.4f} ({100 * (row['ndcg@10'] / base['ndcg@10'] - 1):+.1f} %)")
+            interval = ""
+            if "ndcg@10_change_ci95" in row and float(w):
+                low, high = (100 * x / base["ndcg@10"] for x in row["ndcg@10_change_ci95"])
+                interval = f", {low:+.1f} to {high:+.1f}"
+            cells.append(f"{row['ndcg@10']:.4f} ({100 * (row['ndcg@10'] / base['ndcg@10'] - 1):+.1f} %{interval})")
             cells.append(f"{row['value@10']:.4f} ({row['value@10'] - base['value@10']:+.4f})")
         chosen = " (chosen)" if float(w) == float(report["chosen_weight"]) else ""
         lines.append(f"| {float(w):g}{chosen} | " + " | ".join(cells) + " |")
@@ -187,7 +205,10 @@ def markdown(report: dict) -> str:
 
 
 def rounded(metrics: dict) -> dict:
-    return {k: round(v, 5) if isinstance(v, float) else v for k, v in metrics.items()}
+    def one(v):
+        return round(v, 6) if isinstance(v, float) else [one(x) for x in v] if isinstance(v, list) else v
+
+    return {k: one(v) for k, v in metrics.items()}
 
 
 def plot(report: dict, out: Path) -> Path:
