@@ -192,6 +192,20 @@ def main(argv: list[str] | None = None) -> int:
 
         return train_ranker_main(argv[1:])
 
+    # The value-aware objective's curve (docs/results.md, "Value-aware ranking"); parses its own arguments.
+    commands.add_parser("value-curve", add_help=False,
+                        help="NDCG@10 against value@10 at several value weights (RANKING_VALUE_WEIGHT), chosen on validation")
+    if argv and argv[0] == "value-curve":
+        from training.value_curve import value_curve_main
+
+        return value_curve_main(argv[1:])
+    commands.add_parser("item-values", add_help=False,
+                        help="write the ranking service's item-value table (RANKING_ITEM_VALUES) from the events")
+    if argv and argv[0] == "item-values":
+        from training.value_curve import item_values_main
+
+        return item_values_main(argv[1:])
+
     # A/B arms' results (docs/operations.md, "A/B arms"); parses its own arguments.
     commands.add_parser("ab-report", add_help=False,
                         help="per-arm hit rate, NDCG, conversions and value of an A/B experiment, with intervals")

@@ -480,6 +480,7 @@ def render(results: dict) -> None:
     page = docs / "results.md"
     (docs / "results.md").write_text(RESULTS_TEMPLATE.format(command=command, tables="\n".join(lines),
                                                              ranker=kept_section(page, RANKER_HEADING),
+                                                             value=kept_section(page, VALUE_HEADING),
                                                              served=kept_section(page, SERVED_HEADING),
                                                              limits=LIMITS.strip()))
 
@@ -487,6 +488,8 @@ def render(results: dict) -> None:
 RANKER_HEADING = "## Learned ranker"
 # `recsys evaluate --served`'s figures (written by hand from its --json, beside its --plot).
 SERVED_HEADING = "## As served"
+# `recsys value-curve`'s figures (its table printed, pasted by hand).
+VALUE_HEADING = "## Value-aware ranking"
 
 
 def kept_section(page: Path, heading: str) -> str:
@@ -700,7 +703,7 @@ Reproduce (full data beside the clone):
 ![NDCG@10 per model](results.png)
 
 {tables}
-{ranker}{served}## Limits of these figures
+{ranker}{value}{served}## Limits of these figures
 
 {limits}
 """

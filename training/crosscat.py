@@ -41,11 +41,13 @@ def training_copurchases(interactions: pd.DataFrame) -> CoPurchases:
 
 
 def ranking_scorer(split: CategorySplit, target: str, candidates: np.ndarray, index: CoPurchases,
-                   item_vectors: np.ndarray, popularity: np.ndarray, weights: Weights):
+                   item_vectors: np.ndarray, popularity: np.ndarray, weights: Weights,
+                   values: np.ndarray | None = None):
     """Scores (histories, shoppers) -> [n, items] over the split's items:
     the shopper's query is the recency-weighted mix of their history's
     vectors (the long-term interest of a shopper the service knows only
-    from it); items outside `candidates` (of category `target`) score -inf."""
+    from it); items outside `candidates` (of category `target`) score -inf.
+    `values`: per item of the split, its value for the value term."""
     vectors = item_vectors / np.maximum(np.linalg.norm(item_vectors, axis=1, keepdims=True), 1e-12)
     target_items = np.flatnonzero(candidates)
     item_ids = split.item_ids
@@ -53,6 +55,7 @@ def ranking_scorer(split: CategorySplit, target: str, candidates: np.ndarray, in
     candidate_vectors = vectors[target_items].astype(np.float32)
     counts = popularity[target_items].astype(np.float32)
     most = np.full(len(target_items), max(float(counts.max()), 1.0), dtype=np.float32)
+    candidate_values = None if values is None else np.asarray(values, dtype=np.float32)[target_items]
 
     def scorer(histories: Sequence[np.ndarray], users: Sequence[str]) -> np.ndarray:
         out = np.full((len(histories), len(item_ids)), -np.inf)
@@ -65,18 +68,19 @@ def ranking_scorer(split: CategorySplit, target: str, candidates: np.ndarray, in
                 if item_id in column_of:
                     shared[column_of[item_id]] = shoppers
             out[row, target_items] = score(UserVectors(long_term=query, short_term=None, context=None, history=None),
-                                           candidate_vectors, counts, most, weights, shared)
+                                           candidate_vectors, counts, most, weights, shared, candidate_values)
         return out
 
     return scorer
 
 
-def category_scorer(split: CategorySplit, index: CoPurchases, item_vectors: np.ndarray, weights: Weights):
+def category_scorer(split: CategorySplit, index: CoPurchases, item_vectors: np.ndarray, weights: Weights,
+                    values: np.ndarray | None = None):
     """The published protocol in one category: every item a candidate, the
     popularity prior from the split's training events."""
     popularity = popularity_scorer(split)([np.array([])])[0]
     return ranking_scorer(split, split.category, np.ones(split.num_items, dtype=bool), index, item_vectors,
-                          popularity, weights)
+                          popularity, weights, values)
 
 
 def cross_scorer(task: CrossCategoryTask, index: CoPurchases, item_vectors: np.ndarray, popularity: np.ndarray,

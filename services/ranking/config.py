@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from recsys_core.rpc.access import AuthConfig
@@ -8,6 +9,8 @@ from recsys_core.rpc.limits import DEFAULTS as LIMIT_DEFAULTS, ServerLimits, ser
 from recsys_core.rpc.transport import Security
 from recsys_core.rpc.envconfig import ConfigError, EnvReader
 from recsys_core.ranking.scoring import SERVING_WEIGHTS
+
+MAX_VALUE_WEIGHT = 10.0
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,15 @@ class RankingConfig:
     drift_short_share_drifting: float = SERVING_WEIGHTS.drift.short_share_drifting
     model_weight: float = SERVING_WEIGHTS.model
     co_purchase_weight: float = SERVING_WEIGHTS.co_purchase
+    # The value-aware objective's weight on Candidate.value (chosen on
+    # validation: docs/results.md, "Value-aware ranking"); 0 ranks on
+    # relevance alone.
+    value_weight: float = SERVING_WEIGHTS.value
+    # The item values the term reads when a Rank request carries none
+    # (Candidate.value all 0): `recsys item-values` writes the table; a
+    # file that cannot be read stops the start. Unset: the request's values
+    # only (none today: the gateway sends none).
+    item_values: str = ""
     max_candidates: int = 5000
     # A LightGBM model from `recsys train-ranker` (its manifest beside it,
     # MODEL.json) scores the candidates instead of the weights above; unset:
@@ -94,6 +106,9 @@ class RankingConfig:
                 "DRIFT_SHORT_SHARE_DRIFTING", cls.drift_short_share_drifting, minimum=0, maximum=1),
             model_weight=env.float("MODEL_WEIGHT", cls.model_weight, minimum=0),
             co_purchase_weight=env.float("CO_PURCHASE_WEIGHT", cls.co_purchase_weight, minimum=0),
+            # Far past the swept weights (at most 2) value alone decides the order.
+            value_weight=env.float("VALUE_WEIGHT", cls.value_weight, minimum=0, maximum=MAX_VALUE_WEIGHT),
+            item_values=env.str("ITEM_VALUES", cls.item_values),
             max_candidates=env.int("MAX_CANDIDATES", cls.max_candidates, minimum=1),
             model=env.str("MODEL", cls.model),
             model_registry=env.str("MODEL_REGISTRY", cls.model_registry),
@@ -103,6 +118,8 @@ class RankingConfig:
         )
 
     def __post_init__(self):
+        if not math.isfinite(self.value_weight) or not 0 <= self.value_weight <= MAX_VALUE_WEIGHT:
+            raise ConfigError(f"RANKING_VALUE_WEIGHT={self.value_weight} must be between 0 and {MAX_VALUE_WEIGHT:g}")
         if self.model and self.model_registry:
             raise ConfigError("RANKING_MODEL and RANKING_MODEL_REGISTRY are exclusive: serve one file, or the "
                               "registry's promoted ranker")

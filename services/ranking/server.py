@@ -16,6 +16,7 @@ from recsys_core.models.registry import MANIFEST as VERSION_MANIFEST, ModelVersi
 from recsys_core.ranking.learned import MANIFEST_SUFFIX, LearnedRanker, ModelError
 from recsys_core.ranking.versions import RankerVersions
 from recsys_core.rpc.envconfig import ConfigError
+from recsys_core.signals.item_value import ItemValues, ItemValuesError
 from recsys_core.rpc.grpc_util import ManagedServer, build_server, serve_main
 from services.ranking.config import RankingConfig
 from services.ranking.servicer import RankingServicer
@@ -49,6 +50,19 @@ def load_model(config: RankingConfig) -> LearnedRanker | None:
     log.info("ranking with the learned model %s (%d features, %d trees)", config.model,
              len(ranker.feature_names), ranker.booster.num_trees())
     return ranker
+
+
+def load_item_values(config: RankingConfig) -> ItemValues | None:
+    """RANKING_ITEM_VALUES' table, or None; a bad one stops the start."""
+    if not config.item_values:
+        return None
+    try:
+        table = ItemValues.load(config.item_values)
+    except ItemValuesError as error:
+        raise ConfigError(f"RANKING_ITEM_VALUES: {error}") from error
+    log.info("item values for %d items from %s (value weight %g)", len(table.values), config.item_values,
+             config.value_weight)
+    return table
 
 
 def load_versions(config: RankingConfig) -> RankerVersions:
@@ -133,6 +147,7 @@ def follow_rankers(config: RankingConfig, models: Served, stop: threading.Event)
 def create_server(config: RankingConfig) -> tuple[ManagedServer, int]:
     models = initial_models(config)
     versions = load_versions(config)
+    item_values = load_item_values(config)
     server, port = build_server(
         config.address, config.workers, [SERVICE_NAME], "ranking", metrics_port=config.metrics_port,
         security=config.security, auth=config.auth, limits=config.limits, health_port=config.health_port,
@@ -141,7 +156,7 @@ def create_server(config: RankingConfig) -> tuple[ManagedServer, int]:
     register_metrics(server)
     server.metrics.registry.register(RankerCollector(models))
     server.add(ranking_pb2_grpc.add_RankingServiceServicer_to_server,
-               RankingServicer(config, server.blocking, models, versions))
+               RankingServicer(config, server.blocking, models, versions, item_values))
     if config.model_registry:
         threading.Thread(target=follow_rankers, args=(config, models, server.stopping), name="ranker-follow",
                          daemon=True).start()

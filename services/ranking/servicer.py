@@ -16,15 +16,18 @@ from recsys_core.rpc.grpc_util import handle_errors
 from recsys_core.rpc.runtime import BlockingPool
 from services.ranking.config import RankingConfig
 from recsys_core.signals.interests import DriftSettings
+from recsys_core.signals.item_value import ItemValues
 from recsys_core.ranking.learned import LearnedRanker, score_learned
-from recsys_core.ranking.scoring import Features, Weights, check_shares, score_features, top
+from recsys_core.ranking.scoring import Features, Weights, check_shares, check_values, score_features, top
 
 
 class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
     def __init__(self, config: RankingConfig, blocking: BlockingPool,
                  ranker: LearnedRanker | Served[LearnedRanker | None] | None = None,
-                 versions: RankerVersions | None = None):
+                 versions: RankerVersions | None = None, item_values: ItemValues | None = None):
         self.config = config
+        # RANKING_ITEM_VALUES: what the value term reads when a request carries no value.
+        self.item_values = item_values
         self.blocking = blocking
         # What a request naming no version gets: the learned model
         # (RANKING_MODEL's, or the registry's promoted version, swapped on
@@ -43,6 +46,7 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
             dislike=config.dislike_weight,
             model=config.model_weight,
             co_purchase=config.co_purchase_weight,
+            value=config.value_weight,
             drift=DriftSettings(
                 short_share_stable=config.drift_short_share_stable,
                 short_share_drifting=config.drift_short_share_drifting,
@@ -72,13 +76,17 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
         popularity = np.asarray([c.popularity for c in request.candidates], dtype=np.float32)
         max_popularity = np.asarray([c.max_popularity for c in request.candidates], dtype=np.float32)
         co_purchases = np.asarray([c.co_purchases for c in request.candidates], dtype=np.float32)
+        values = np.asarray([c.value for c in request.candidates], dtype=np.float32)
+        check_values(values)
+        if self.item_values is not None and not values.any():
+            values = self.item_values.of([c.item_id for c in request.candidates])
         ranker, label = await self._model(request.model_version)
         if ranker is not None:
             scores = await self.blocking.run(score_learned, ranker, features, popularity, max_popularity,
                                              drift, churn, co_purchases)
         else:
             scores = await self.blocking.run(score_features, features, popularity, max_popularity, self.weights,
-                                             drift, churn, co_purchases)
+                                             drift, churn, co_purchases, values)
         reply = ranking_pb2.RankResponse(model_version=label)
         for position in top(scores, request.k):
             reply.candidates.add(item_id=request.candidates[position].item_id, score=float(scores[position]))
