@@ -291,16 +291,17 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
-def make_registry(work: Path):
+def make_registry(work: Path, permute_seed: int = 1):
     """sequence/1 (the pretrained encoder) and ranker/1 promoted; sequence/2
-    (other vectors) and ranker/2 (the other order) to promote."""
+    (other vectors: its dimensions permuted by `permute_seed`) and ranker/2
+    (the other order) to promote."""
     from recsys_core.models.encoder import latest_version_dir
     from recsys_core.models.registry import Registry
 
     registry = Registry(work / "registry")
     pretrained = latest_version_dir()
     first = registry.add("sequence", sequence_version(pretrained, work / "seq1"))
-    second = registry.add("sequence", sequence_version(pretrained, work / "seq2", permute_seed=1))
+    second = registry.add("sequence", sequence_version(pretrained, work / "seq2", permute_seed=permute_seed))
     ranker_a = registry.add("ranker", ranker_version(work / "r1" / "ranker.txt", descending=True))
     ranker_b = registry.add("ranker", ranker_version(work / "r2" / "ranker.txt", descending=False))
     registry.promote("sequence", first.version, "bench: start")
@@ -331,7 +332,10 @@ def through_gateway(args) -> int:
     work = Path(tempfile.mkdtemp(prefix="recsys-promotion-gateway-"))
     stack = load = None
     try:
-        registry, second, ranker_b = make_registry(work)
+        # A permutation no earlier run used: the stack's embedding cache
+        # (shared with `recsys serve`) holds no vector of it, so the swap
+        # re-encodes the whole catalogue.
+        registry, second, ranker_b = make_registry(work, permute_seed=int(time.time()))
         options = {"encoder": args.encoder}
         if args.encoder == "triton":
             options["model_repo"] = triton_repository(work / "model_repo")
