@@ -8,11 +8,12 @@ import sys
 from pathlib import Path
 
 from recsys_core.data import shopping, paths
-from training import baselines, crosscat, distributed, modeldir, protocol, seqmodel, textmodel, twotower, versions
+from training import baselines, crosscat, distributed, guard, modeldir, protocol, seqmodel, textmodel, twotower, versions
 from training.items import default_encoder, split_item_vectors
 
 log = logging.getLogger(__name__)
-BASELINES = ("popularity", "cooccurrence", "zero-shot", "sasrec", "ranking")
+# "untrained": the query serving forms without a trained model (training/guard.py).
+BASELINES = ("popularity", "cooccurrence", "zero-shot", "untrained", "sasrec", "ranking")
 # What --cross can score: ID-based models know no other category's items.
 CROSS_BASELINES = ("popularity", "zero-shot", "ranking")
 
@@ -48,6 +49,8 @@ def baseline_scorer(name: str, split: protocol.CategorySplit, items, sasrec_minu
         return baselines.cooccurrence_scorer(split)
     if name == "zero-shot":
         return baselines.zero_shot_scorer(split, split_item_vectors(split, items, default_encoder()))
+    if name == "untrained":
+        return guard.untrained_scorer(split, items, split_item_vectors(split, items, default_encoder()))
     if name == "sasrec":
         torch_threads()
         config = seqmodel.SeqConfig(max_minutes=sasrec_minutes)
@@ -93,7 +96,11 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     categories = args.category or sorted(known)
     for category in categories:
         split = protocol.category_split(dataset.interactions, dataset.items, category)
-        if args.model and modeldir.is_model_dir(args.model):
+        if args.model and modeldir.is_model_dir(args.model) and not served_by_model(args.model):
+            # What `recsys serve --model` answers for a directory its guard held back.
+            scorer = guard.untrained_scorer(split, dataset.items, split_item_vectors(split, dataset.items, default_encoder()))
+            name = f"{args.model} (guard: untrained serving path)"
+        elif args.model and modeldir.is_model_dir(args.model):
             torch_threads()
             scorer = seqmodel.scorer(modeldir.load_for_scoring(args.model, split, dataset.items))
             name = str(args.model)
@@ -109,6 +116,12 @@ def evaluate_main(argv: list[str] | None = None) -> int:
                                               with_users=args.baseline == "ranking")
     report(results, args.json, args.stage)
     return 0
+
+
+def served_by_model(model_dir: Path) -> bool:
+    from recsys_core.models import model_serving
+
+    return model_serving.serves_model(modeldir.read_manifest(model_dir))
 
 
 def evaluate_cross(dataset: shopping.Dataset, source: str, target: str, args) -> dict[str, float]:
@@ -159,22 +172,41 @@ def train_split(split: protocol.CategorySplit, items, out: Path, config: twotowe
     the event store's events before the holdout window)."""
     if init:
         model = modeldir.load_for_training(init, split, items, config, progress=progress)
+        # The untrained path runs on the pretrained encoder, not init's.
+        pretrained = split_item_vectors(split, items, default_encoder(), show_progress=progress)
     else:
         model = twotower.build(split, items, config, progress=progress)
+        pretrained = model.items.table.numpy().copy()  # the pretrained encoder's, as serving's encoder gives them
+    start = {k: v.detach().clone() for k, v in model.state_dict().items()}
     model.to(world.device)
     result = seqmodel.fit(model, split, config, progress=progress, checkpoint=modeldir.checkpoint_path(out),
                           world=world)
     model.cpu()  # the model directory is written from, and exported on, the CPU
     if world.main:
+        decision = apply_guard(model, split, items, result, pretrained, start)
         modeldir.save(model, split, out, {
             "training": {"epochs": result.epochs, "minutes": round(result.seconds / 60, 1),
                          "epoch_seconds": result.epoch_seconds, "losses": result.losses,
                          "valid_history": result.valid_history, "best_valid": result.best_valid,
+                         "best_epoch": result.best_epoch, "lr_scale_at_end": result.lr_scale,
                          "init": str(init) if init else None, "world_size": world.size,
                          **({"distributed": result.distributed} if result.distributed else {})},
+            "guard": decision,
             **(manifest or {}),
         })
     return model, split, result
+
+
+def apply_guard(model: twotower.TwoTowerRecommender, split: protocol.CategorySplit, items,
+                result: seqmodel.TrainResult, pretrained, start: dict) -> dict:
+    """training/guard.py's decision; on "untrained" the model is reset to
+    `start` (its state before training) so that whatever reads the directory
+    gets the untrained start rather than weights that lost on validation."""
+    decision = guard.decide(result.best_valid, guard.untrained_valid(split, items, pretrained))
+    if not decision["serve_model"]:
+        log.warning(guard.describe(decision))
+        model.load_state_dict(start)
+    return decision
 
 
 def train_main(argv: list[str] | None = None) -> int:
@@ -243,9 +275,13 @@ def _train(parser: argparse.ArgumentParser, args, world: distributed.World) -> i
     if not world.main:
         return 0
     trained_on = dataset.interactions[dataset.interactions.category.isin(args.categories)]
+    decision = modeldir.read_manifest(args.out)["guard"]
+    print(guard.describe(decision), file=sys.stderr)
     registered = versions.register(args, "sequence", args.out, versions.data_window(trained_on),
-                                   {"valid": result.best_valid, "epochs": result.epochs}, data=str(args.data))
-    print(json.dumps({"out": str(args.out), "epochs": result.epochs, "best_valid": result.best_valid,
+                                   {"valid": result.best_valid, "epochs": result.epochs,
+                                    "guard": decision["decision"]}, data=str(args.data))
+    print(json.dumps({"out": str(args.out), "epochs": result.epochs, "best_epoch": result.best_epoch,
+                      "best_valid": result.best_valid, "guard": decision["decision"],
                       "first_loss": result.losses[0], "last_loss": result.losses[-1],
                       **({"registered": registered.label} if registered else {})}, indent=2))
     return 0

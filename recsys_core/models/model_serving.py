@@ -111,6 +111,14 @@ class ModelDir:
         return IdVectors(self.item_ids(), np.load(self.path / ITEMS_DIR / ID_VECTORS_FILE))
 
 
+def serves_model(manifest: dict) -> bool:
+    """False for a directory whose training guard (training/guard.py) found
+    the model no better on validation than serving without one: serving it
+    would make recommendations worse, so the untrained path is served.
+    Directories written before the guard have no `guard` and are served."""
+    return bool(manifest.get("guard", {}).get("serve_model", True))
+
+
 def open_model_dir(path: Path | str) -> ModelDir:
     """The model directory at `path`, checked for everything serving reads;
     ModelDirError says what is missing or wrong."""
