@@ -456,12 +456,15 @@ def render(results: dict) -> None:
     (docs / "results.md").write_text(RESULTS_TEMPLATE.format(command=command, tables="\n".join(lines),
                                                              ranker=kept_section(page, RANKER_HEADING),
                                                              served=kept_section(page, SERVED_HEADING),
+                                                             robust=kept_section(page, ROBUST_HEADING),
                                                              limits=LIMITS.strip()))
 
 
 RANKER_HEADING = "## Learned ranker"
 # `recsys evaluate --served`'s figures (written by hand from its --json, beside its --plot).
 SERVED_HEADING = "## As served"
+# `recsys train` with its defaults against the untrained serving path (written by hand, commands beside).
+ROBUST_HEADING = "## Robust defaults"
 
 
 def kept_section(page: Path, heading: str) -> str:
@@ -607,7 +610,7 @@ Reproduce (full data beside the clone):
 ![NDCG@10 per model](results.png)
 
 {tables}
-{ranker}{served}## Limits of these figures
+{ranker}{served}{robust}## Limits of these figures
 
 {limits}
 """

@@ -156,34 +156,39 @@ def report(results: dict, as_json: bool, stage: str) -> None:
 
 def train(dataset: shopping.Dataset, categories: list[str], out: Path, config: twotower.TwoTowerConfig,
           init: Path | None = None, progress: bool = True, manifest: dict | None = None,
-          world: distributed.World = distributed.SINGLE):
+          world: distributed.World = distributed.SINGLE, with_guard: bool = False):
     """Train our model on `categories` jointly (from the model directory
     `init`, for transfer) and write the model directory `out`; returns
     (model, split, fit result). Under torchrun every rank calls this with
-    its `world` (distributed.from_env()); only rank 0 writes `out`."""
+    its `world` (distributed.from_env()); only rank 0 writes `out`.
+    `with_guard`: training/guard.py decides whether the directory serves the
+    model or falls back (`recsys train` does; experiments that measure the
+    trained model itself, scripts/results.py, do not)."""
     split = protocol.category_split(dataset.interactions, dataset.items, categories)
-    return train_split(split, dataset.items, out, config, init, progress, manifest, world)
+    return train_split(split, dataset.items, out, config, init, progress, manifest, world, with_guard)
 
 
 def train_split(split: protocol.CategorySplit, items, out: Path, config: twotower.TwoTowerConfig,
                 init: Path | None = None, progress: bool = True, manifest: dict | None = None,
-                world: distributed.World = distributed.SINGLE):
+                world: distributed.World = distributed.SINGLE, with_guard: bool = False):
     """`train` on a split already made (`recsys retrain` makes its own, from
-    the event store's events before the holdout window)."""
+    the event store's events before the holdout window, and decides on its
+    holdout against the promoted version)."""
+    pretrained = None
     if init:
         model = modeldir.load_for_training(init, split, items, config, progress=progress)
-        # The untrained path runs on the pretrained encoder, not init's.
-        pretrained = split_item_vectors(split, items, default_encoder(), show_progress=progress)
+        if with_guard:  # the untrained path runs on the pretrained encoder, not init's
+            pretrained = split_item_vectors(split, items, default_encoder(), show_progress=progress)
     else:
         model = twotower.build(split, items, config, progress=progress)
         pretrained = model.items.table.numpy().copy()  # the pretrained encoder's, as serving's encoder gives them
-    start = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    start = {k: v.detach().clone() for k, v in model.state_dict().items()} if with_guard else None
     model.to(world.device)
     result = seqmodel.fit(model, split, config, progress=progress, checkpoint=modeldir.checkpoint_path(out),
                           world=world)
     model.cpu()  # the model directory is written from, and exported on, the CPU
     if world.main:
-        decision = apply_guard(model, split, items, result, pretrained, start)
+        decision = apply_guard(model, split, items, result, pretrained, start) if with_guard else None
         modeldir.save(model, split, out, {
             "training": {"epochs": result.epochs, "minutes": round(result.seconds / 60, 1),
                          "epoch_seconds": result.epoch_seconds, "losses": result.losses,
@@ -191,7 +196,7 @@ def train_split(split: protocol.CategorySplit, items, out: Path, config: twotowe
                          "best_epoch": result.best_epoch, "lr_scale_at_end": result.lr_scale,
                          "init": str(init) if init else None, "world_size": world.size,
                          **({"distributed": result.distributed} if result.distributed else {})},
-            "guard": decision,
+            **({"guard": decision} if decision else {}),
             **(manifest or {}),
         })
     return model, split, result
@@ -239,6 +244,9 @@ def train_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--threads", type=int, help="torch threads (default: every core; 1 on a shared machine)")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--no-guard", action="store_true",
+                        help="write the trained model even where it does not beat the untrained serving path on "
+                             "validation (by default the directory then falls back to that path: training/guard.py)")
     versions.add_register_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
@@ -271,12 +279,13 @@ def _train(parser: argparse.ArgumentParser, args, world: distributed.World) -> i
         max_minutes=args.max_minutes, max_epochs=args.max_epochs, seed=args.seed)
     _, _, result = train(dataset, args.categories, args.out, config, init=args.init,
                          progress=not args.no_progress and world.main, manifest={"data": str(args.data)},
-                         world=world)
+                         world=world, with_guard=not args.no_guard)
     if not world.main:
         return 0
     trained_on = dataset.interactions[dataset.interactions.category.isin(args.categories)]
-    decision = modeldir.read_manifest(args.out)["guard"]
-    print(guard.describe(decision), file=sys.stderr)
+    decision = modeldir.read_manifest(args.out).get("guard") or {"decision": "not checked (--no-guard)"}
+    if "valid" in decision:
+        print(guard.describe(decision), file=sys.stderr)
     registered = versions.register(args, "sequence", args.out, versions.data_window(trained_on),
                                    {"valid": result.best_valid, "epochs": result.epochs,
                                     "guard": decision["decision"]}, data=str(args.data))
