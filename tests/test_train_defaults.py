@@ -96,3 +96,21 @@ def test_guard_decision_rule_and_old_directories():
     assert not guard.decide({"recall@10": 0.04, "ndcg@10": 0.05}, untrained)["serve_model"]  # both metrics
     assert not guard.decide({}, untrained)["serve_model"]  # never evaluated
     assert model_serving.serves_model({"format": model_serving.FORMAT})  # written before the guard
+
+
+def test_model_serving_refuses_a_directory_its_guard_held_back(tmp_path, capsys):
+    """Only the manifest is read before the refusal: a held-back directory
+    never reaches a Triton repository by mistake."""
+    import json
+
+    from recsys_core.models import model_serving
+
+    held_back = guard.decide({"recall@10": 0.01, "ndcg@10": 0.01}, {"recall@10": 0.05, "ndcg@10": 0.03})
+    manifest = {"format": model_serving.FORMAT, "guard": held_back}
+    assert not model_serving.serves_model(manifest)
+    (tmp_path / model_serving.MANIFEST).write_text(json.dumps(manifest))
+    assert model_serving.main([str(tmp_path), "--out", str(tmp_path / "repo")]) == 1
+    assert "training guard held the model back" in capsys.readouterr().err
+    # Overridden, the directory is checked as any other (this one has no files).
+    assert model_serving.main([str(tmp_path), "--out", str(tmp_path / "repo"), "--ignore-guard"]) == 1
+    assert "guard" not in capsys.readouterr().err and not (tmp_path / "repo").exists()
