@@ -74,13 +74,13 @@ def test_the_guard_serves_a_model_only_above_the_untrained_path(untrained_model,
     # A learning rate that wrecks the model: it must fall back, reset to its start.
     model, result, start = fitted(untrained_model, office, lr=3.0, id_lr=3.0, max_epochs=1)
     assert result.best_valid["ndcg@10"] < untrained["ndcg@10"]
-    decision = commands.apply_guard(model, office, dataset.items, result, pretrained, start)
+    decision = commands.apply_guard(model, office, dataset.items, pretrained, start)
     assert decision["decision"] == "untrained" and not model_serving.serves_model({"guard": decision})
     assert all(torch.equal(v, start[k]) for k, v in model.state_dict().items())
 
     # The defaults: whatever is served is at least the untrained path on validation.
     model, result, start = copy.deepcopy(trained)
-    decision = commands.apply_guard(model, office, dataset.items, result, pretrained, start)
+    decision = commands.apply_guard(model, office, dataset.items, pretrained, start)
     served = valid(model, office) if decision["serve_model"] else untrained
     assert all(served[m] >= untrained[m] for m in guard.METRICS)
     if decision["serve_model"]:
@@ -91,6 +91,11 @@ def test_the_guard_serves_a_model_only_above_the_untrained_path(untrained_model,
 
 def test_guard_decision_rule_and_old_directories():
     untrained = {"recall@10": 0.05, "ndcg@10": 0.03}
+    ahead = {"recall@10": 0.06, "ndcg@10": 0.031}
+    sure = {m: {"difference": 0.01, "ci95": [0.001, 0.02]} for m in guard.METRICS}
+    noise = {**sure, "ndcg@10": {"difference": 0.001, "ci95": [-0.004, 0.006]}}
+    assert guard.decide(ahead, untrained, sure)["serve_model"]
+    assert not guard.decide(ahead, untrained, noise)["serve_model"]  # ahead, but within validation noise
     assert guard.decide({"recall@10": 0.06, "ndcg@10": 0.031}, untrained)["serve_model"]
     assert not guard.decide({"recall@10": 0.06, "ndcg@10": 0.03}, untrained)["serve_model"]  # a tie falls back
     assert not guard.decide({"recall@10": 0.04, "ndcg@10": 0.05}, untrained)["serve_model"]  # both metrics

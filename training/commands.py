@@ -188,7 +188,7 @@ def train_split(split: protocol.CategorySplit, items, out: Path, config: twotowe
                           world=world)
     model.cpu()  # the model directory is written from, and exported on, the CPU
     if world.main:
-        decision = apply_guard(model, split, items, result, pretrained, start) if with_guard else None
+        decision = apply_guard(model, split, items, pretrained, start) if with_guard else None
         modeldir.save(model, split, out, {
             "training": {"epochs": result.epochs, "minutes": round(result.seconds / 60, 1),
                          "epoch_seconds": result.epoch_seconds, "losses": result.losses,
@@ -202,12 +202,15 @@ def train_split(split: protocol.CategorySplit, items, out: Path, config: twotowe
     return model, split, result
 
 
-def apply_guard(model: twotower.TwoTowerRecommender, split: protocol.CategorySplit, items,
-                result: seqmodel.TrainResult, pretrained, start: dict) -> dict:
-    """training/guard.py's decision; on "untrained" the model is reset to
-    `start` (its state before training) so that whatever reads the directory
-    gets the untrained start rather than weights that lost on validation."""
-    decision = guard.decide(result.best_valid, guard.untrained_valid(split, items, pretrained))
+def apply_guard(model: twotower.TwoTowerRecommender, split: protocol.CategorySplit, items, pretrained,
+                start: dict) -> dict:
+    """training/guard.py's decision, on the model as it is (the best epoch's
+    weights) shopper by shopper against the untrained path over the
+    `pretrained` item vectors; on "untrained" the model is reset to `start`
+    (its state before training) so that whatever reads the directory gets
+    the untrained start rather than weights that did not win on validation."""
+    trained_ranks = protocol.target_ranks(seqmodel.scorer(model), split.inputs("valid"), split.targets("valid"))
+    decision = guard.decide(**guard.compare(trained_ranks, guard.untrained_ranks(split, items, pretrained)))
     if not decision["serve_model"]:
         log.warning(guard.describe(decision))
         model.load_state_dict(start)
