@@ -17,23 +17,25 @@ from training import commands, guard, protocol, seqmodel, twotower
 
 @pytest.fixture(scope="module")
 def office(dataset):
-    """The first 160 Office shoppers and the items they touch: a catalogue
+    """The first 110 Office shoppers and the items they touch: a catalogue
     small enough for a few epochs in seconds."""
     full = protocol.category_split(dataset.interactions, dataset.items, "Office_Products")
-    sequences = full.sequences[:160]
+    sequences = full.sequences[:110]
     used = sorted({int(i) for s in sequences for i in s})
     index = {old: new for new, old in enumerate(used)}
     return protocol.CategorySplit(category="Office_Products", item_ids=[full.item_ids[i] for i in used],
-                                  users=full.users[:160],
+                                  users=full.users[:110],
                                   sequences=[np.asarray([index[int(i)] for i in s]) for s in sequences])
 
 
 @pytest.fixture(scope="module")
 def untrained_model(office, dataset):
-    # One thread: on a shared machine a second one mostly spins.
+    model = twotower.build(office, dataset.items, twotower.TwoTowerConfig(), progress=False)
+    # Training on one thread: steps this small gain nothing from a second
+    # one, which on a shared machine mostly spins (encoding the items did gain).
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield twotower.build(office, dataset.items, twotower.TwoTowerConfig(), progress=False)
+    yield model
     torch.set_num_threads(threads)
 
 
