@@ -28,7 +28,8 @@ TORCHRUN = Path(sys.executable).with_name("torchrun")
 
 def train_command(out: Path, seed: int, args, processes: int) -> list[str]:
     train = ["-m", "recsys_cli.main", "train", "--data", str(args.data), "--categories", *args.categories,
-             "--out", str(out), "--max-epochs", str(args.max_epochs), "--seed", str(seed), "--no-progress"]
+             "--out", str(out), "--max-epochs", str(args.max_epochs), "--seed", str(seed), "--no-progress",
+             "--no-guard"]
     if processes == 1:
         return [sys.executable, *train]
     return [str(TORCHRUN), "--standalone", "--nproc_per_node", str(processes), *train]

@@ -437,13 +437,19 @@ def serve(data: Path, port: int, encoder: str, model_dir: Path | None, retail: P
         except EdgeUnavailable as error:
             edge, edge_note = False, f"edge: OFF ({error}): oversized requests reach the gateway, which reads each whole"
     if model_dir is not None:
-        from recsys_core.models.model_serving import ModelDirError, open_model_dir
+        from recsys_core.models.model_serving import ModelDirError, open_model_dir, serves_model
 
         try:
             model = open_model_dir(model_dir)
         except ModelDirError as error:
             print(f"recsys serve: --model: {error}", file=sys.stderr)
             return 2
+        if not serves_model(model.manifest):
+            guard = model.manifest["guard"]
+            print(f"recsys serve: --model {model_dir}: its training guard held it back (validation "
+                  f"{guard['valid']['trained']} against the untrained path's {guard['valid']['untrained']}); "
+                  "serving without a trained model", file=sys.stderr)
+            model = None
     stack = LocalStack(data_dir=data_dir, gateway_port=port, encoder=encoder,
                        model_dir=model.path if model else None,
                        retail_dir=Path(retail).resolve() if retail else None, transport=transport,

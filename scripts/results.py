@@ -482,6 +482,7 @@ def render(results: dict) -> None:
                                                              ranker=kept_section(page, RANKER_HEADING),
                                                              value=kept_section(page, VALUE_HEADING),
                                                              served=kept_section(page, SERVED_HEADING),
+                                                             robust=kept_section(page, ROBUST_HEADING),
                                                              limits=LIMITS.strip()))
 
 
@@ -490,6 +491,8 @@ RANKER_HEADING = "## Learned ranker"
 SERVED_HEADING = "## As served"
 # `recsys value-curve`'s figures (its table printed, pasted by hand).
 VALUE_HEADING = "## Value-aware ranking"
+# `recsys train` with its defaults against the untrained serving path (written by hand, commands beside).
+ROBUST_HEADING = "## Robust defaults"
 
 
 def kept_section(page: Path, heading: str) -> str:
@@ -703,7 +706,7 @@ Reproduce (full data beside the clone):
 ![NDCG@10 per model](results.png)
 
 {tables}
-{ranker}{value}{served}## Limits of these figures
+{ranker}{value}{served}{robust}## Limits of these figures
 
 {limits}
 """

@@ -48,7 +48,7 @@ def model(small_data, exported_encoder, tmp_path_factory) -> model_serving.Model
 
     out = tmp_path_factory.mktemp("trained") / "model"
     assert commands.train_main(["--data", str(small_data), "--categories", "Beauty", "--out", str(out),
-                                "--max-epochs", "1", "--max-minutes", "0.5", "--no-progress",
+                                "--max-epochs", "1", "--max-minutes", "0.5", "--no-progress", "--no-guard",
                                 # One short epoch: a large step makes the served encoder visibly not the pretrained one.
                                 "--encoder-lr", "1e-3"]) == 0
     return model_serving.open_model_dir(out)

@@ -8,11 +8,12 @@ import sys
 from pathlib import Path
 
 from recsys_core.data import shopping, paths
-from training import baselines, crosscat, distributed, modeldir, protocol, seqmodel, textmodel, twotower, versions
+from training import baselines, crosscat, distributed, guard, modeldir, protocol, seqmodel, textmodel, twotower, versions
 from training.items import default_encoder, split_item_vectors
 
 log = logging.getLogger(__name__)
-BASELINES = ("popularity", "cooccurrence", "zero-shot", "sasrec", "ranking")
+# "untrained": the query serving forms without a trained model (training/guard.py).
+BASELINES = ("popularity", "cooccurrence", "zero-shot", "untrained", "sasrec", "ranking")
 # What --cross can score: ID-based models know no other category's items.
 CROSS_BASELINES = ("popularity", "zero-shot", "ranking")
 
@@ -50,6 +51,8 @@ def baseline_scorer(name: str, split: protocol.CategorySplit, items, sasrec_minu
         return baselines.cooccurrence_scorer(split)
     if name == "zero-shot":
         return baselines.zero_shot_scorer(split, split_item_vectors(split, items, default_encoder()))
+    if name == "untrained":
+        return guard.untrained_scorer(split, items, split_item_vectors(split, items, default_encoder()))
     if name == "sasrec":
         import torch
 
@@ -102,7 +105,11 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     categories = args.category or sorted(known)
     for category in categories:
         split = protocol.category_split(dataset.interactions, dataset.items, category)
-        if args.model and modeldir.is_model_dir(args.model):
+        if args.model and modeldir.is_model_dir(args.model) and not served_by_model(args.model):
+            # What `recsys serve --model` answers for a directory its guard held back.
+            scorer = guard.untrained_scorer(split, dataset.items, split_item_vectors(split, dataset.items, default_encoder()))
+            name = f"{args.model} (guard: untrained serving path)"
+        elif args.model and modeldir.is_model_dir(args.model):
             torch_threads()
             scorer = seqmodel.scorer(modeldir.load_for_scoring(args.model, split, dataset.items))
             name = str(args.model)
@@ -119,6 +126,12 @@ def evaluate_main(argv: list[str] | None = None) -> int:
                                               with_users=args.baseline == "ranking")
     report(results, args.json, args.stage)
     return 0
+
+
+def served_by_model(model_dir: Path) -> bool:
+    from recsys_core.models import model_serving
+
+    return model_serving.serves_model(modeldir.read_manifest(model_dir))
 
 
 def evaluate_cross(dataset: shopping.Dataset, source: str, target: str, args) -> dict[str, float]:
@@ -153,38 +166,65 @@ def report(results: dict, as_json: bool, stage: str) -> None:
 
 def train(dataset: shopping.Dataset, categories: list[str], out: Path, config: twotower.TwoTowerConfig,
           init: Path | None = None, progress: bool = True, manifest: dict | None = None,
-          world: distributed.World = distributed.SINGLE):
+          world: distributed.World = distributed.SINGLE, with_guard: bool = False):
     """Train our model on `categories` jointly (from the model directory
     `init`, for transfer) and write the model directory `out`; returns
     (model, split, fit result). Under torchrun every rank calls this with
-    its `world` (distributed.from_env()); only rank 0 writes `out`."""
+    its `world` (distributed.from_env()); only rank 0 writes `out`.
+    `with_guard`: training/guard.py decides whether the directory serves the
+    model or falls back (`recsys train` does; experiments that measure the
+    trained model itself, scripts/results.py, do not)."""
     split = protocol.category_split(dataset.interactions, dataset.items, categories)
-    return train_split(split, dataset.items, out, config, init, progress, manifest, world)
+    return train_split(split, dataset.items, out, config, init, progress, manifest, world, with_guard)
 
 
 def train_split(split: protocol.CategorySplit, items, out: Path, config: twotower.TwoTowerConfig,
                 init: Path | None = None, progress: bool = True, manifest: dict | None = None,
-                world: distributed.World = distributed.SINGLE):
+                world: distributed.World = distributed.SINGLE, with_guard: bool = False):
     """`train` on a split already made (`recsys retrain` makes its own, from
-    the event store's events before the holdout window)."""
+    the event store's events before the holdout window, and decides on its
+    holdout against the promoted version)."""
+    pretrained = None
     if init:
         model = modeldir.load_for_training(init, split, items, config, progress=progress)
+        if with_guard:  # the untrained path runs on the pretrained encoder, not init's
+            pretrained = split_item_vectors(split, items, default_encoder(), show_progress=progress)
     else:
         model = twotower.build(split, items, config, progress=progress)
+        pretrained = model.items.table.numpy().copy()  # the pretrained encoder's, as serving's encoder gives them
+    start = {k: v.detach().clone() for k, v in model.state_dict().items()} if with_guard else None
     model.to(world.device)
     result = seqmodel.fit(model, split, config, progress=progress, checkpoint=modeldir.checkpoint_path(out),
                           world=world)
     model.cpu()  # the model directory is written from, and exported on, the CPU
     if world.main:
+        decision = apply_guard(model, split, items, pretrained, start) if with_guard else None
         modeldir.save(model, split, out, {
             "training": {"epochs": result.epochs, "minutes": round(result.seconds / 60, 1),
                          "epoch_seconds": result.epoch_seconds, "losses": result.losses,
                          "valid_history": result.valid_history, "best_valid": result.best_valid,
+                         "best_epoch": result.best_epoch, "lr_scale_at_end": result.lr_scale,
                          "init": str(init) if init else None, "world_size": world.size,
                          **({"distributed": result.distributed} if result.distributed else {})},
+            **({"guard": decision} if decision else {}),
             **(manifest or {}),
         })
     return model, split, result
+
+
+def apply_guard(model: twotower.TwoTowerRecommender, split: protocol.CategorySplit, items, pretrained,
+                start: dict) -> dict:
+    """training/guard.py's decision, on the model as it is (the best epoch's
+    weights) shopper by shopper against the untrained path over the
+    `pretrained` item vectors; on "untrained" the model is reset to `start`
+    (its state before training) so that whatever reads the directory gets
+    the untrained start rather than weights that did not win on validation."""
+    trained_ranks = protocol.target_ranks(seqmodel.scorer(model), split.inputs("valid"), split.targets("valid"))
+    decision = guard.decide(**guard.compare(trained_ranks, guard.untrained_ranks(split, items, pretrained)))
+    if not decision["serve_model"]:
+        log.warning(guard.describe(decision))
+        model.load_state_dict(start)
+    return decision
 
 
 def train_main(argv: list[str] | None = None) -> int:
@@ -217,6 +257,9 @@ def train_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--threads", type=int, help="torch threads (default: every core; 1 on a shared machine)")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--no-guard", action="store_true",
+                        help="write the trained model even where it does not beat the untrained serving path on "
+                             "validation (by default the directory then falls back to that path: training/guard.py)")
     versions.add_register_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
@@ -249,13 +292,18 @@ def _train(parser: argparse.ArgumentParser, args, world: distributed.World) -> i
         max_minutes=args.max_minutes, max_epochs=args.max_epochs, seed=args.seed)
     _, _, result = train(dataset, args.categories, args.out, config, init=args.init,
                          progress=not args.no_progress and world.main, manifest={"data": str(args.data)},
-                         world=world)
+                         world=world, with_guard=not args.no_guard)
     if not world.main:
         return 0
     trained_on = dataset.interactions[dataset.interactions.category.isin(args.categories)]
+    decision = modeldir.read_manifest(args.out).get("guard") or {"decision": "not checked (--no-guard)"}
+    if "valid" in decision:
+        print(guard.describe(decision), file=sys.stderr)
     registered = versions.register(args, "sequence", args.out, versions.data_window(trained_on),
-                                   {"valid": result.best_valid, "epochs": result.epochs}, data=str(args.data))
-    print(json.dumps({"out": str(args.out), "epochs": result.epochs, "best_valid": result.best_valid,
+                                   {"valid": result.best_valid, "epochs": result.epochs,
+                                    "guard": decision["decision"]}, data=str(args.data))
+    print(json.dumps({"out": str(args.out), "epochs": result.epochs, "best_epoch": result.best_epoch,
+                      "best_valid": result.best_valid, "guard": decision["decision"],
                       "first_loss": result.losses[0], "last_loss": result.losses[-1],
                       **({"registered": registered.label} if registered else {})}, indent=2))
     return 0

@@ -72,8 +72,12 @@ def load_workload(data_dir: Path, category: str) -> Workload:
 
 def workload_of(split: protocol.CategorySplit, items) -> Workload:
     """A split's items with the pretrained encoder's vectors and interest categories."""
+    return workload_with(split, items, split_item_vectors(split, items, default_encoder()))
+
+
+def workload_with(split: protocol.CategorySplit, items, vectors: np.ndarray) -> Workload:
+    """A split's items with these vectors (unit rows, one per split item) and their interest categories."""
     category = split.category
-    vectors = split_item_vectors(split, items, default_encoder())
     info = items.set_index("item_id")
     names = [
         interest_category(info.at[i, "category"], info.at[i, "category_path"]) if i in info.index else category

@@ -111,6 +111,27 @@ class ModelDir:
         return IdVectors(self.item_ids(), np.load(self.path / ITEMS_DIR / ID_VECTORS_FILE))
 
 
+def serves_model(manifest: dict) -> bool:
+    """False for a directory whose training guard (training/guard.py) found
+    the model no better on validation than serving without one: serving it
+    would make recommendations worse, so the untrained path is served.
+    Directories written before the guard have no `guard` and are served."""
+    return bool(manifest.get("guard", {}).get("serve_model", True))
+
+
+def refuse_held_back(path: Path | str) -> None:
+    """ModelDirError for a directory whose guard held its model back; read
+    from the manifest alone, before the files are checked."""
+    try:
+        manifest = json.loads((Path(path) / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return  # open_model_dir says what is wrong
+    if isinstance(manifest, dict) and not serves_model(manifest):
+        raise ModelDirError(f"{path}: its training guard held the model back (no better than the untrained "
+                            f"serving path on validation: {manifest['guard'].get('valid')}); serve without it, "
+                            "or pass --ignore-guard")
+
+
 def open_model_dir(path: Path | str) -> ModelDir:
     """The model directory at `path`, checked for everything serving reads;
     ModelDirError says what is missing or wrong."""
@@ -306,8 +327,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--base", type=Path, default=paths.MODEL_REPO, help="repository to start from")
     parser.add_argument("--copy", action="store_true",
                         help="real files instead of symbolic links into --base (for an image build)")
+    parser.add_argument("--ignore-guard", action="store_true",
+                        help="write it even if its training guard held the model back (manifest guard.serve_model)")
     args = parser.parse_args(argv)
     try:
+        if not args.ignore_guard:
+            refuse_held_back(args.model)
         model = open_model_dir(args.model)
         installed = serving_repository(model, args.out, args.base, copy=args.copy)
     except ModelDirError as error:
