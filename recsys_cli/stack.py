@@ -488,7 +488,7 @@ def serve(data: Path, port: int, encoder: str, model_dir: Path | None, retail: P
     print("internal: " + ", ".join(f"{name} {stack.addresses[name]}" for name in ("profile", "embedding", "ranking")),
           flush=True)
     if replicas > 1:
-        print(f"replicas (each restarted if it exits): " + ", ".join(
+        print("replicas (each restarted if it exits): " + ", ".join(
             f"{name} {len(stack.children(name))}" for name in SERVICES) +
             ("" if stack.replica_count("profile") == replicas else
              " (profile: one process, its SQLite store has one writer; PROFILE_STORE=redis shares one)"), flush=True)
