@@ -187,7 +187,7 @@ class CpuAccount:
 
 
 def describe_cpu(account: dict, threads_of: tuple[str, ...] = ("gateway",)) -> list[str]:
-    lines = [f"    cpu, in cores (run-queue wait in brackets): " + ", ".join(
+    lines = ["    cpu, in cores (run-queue wait in brackets): " + ", ".join(
         f"{name} {f['cpu_cores']:.2f} ({f['runqueue_wait']:.2f})" for name, f in account["processes"].items())]
     lines.append(f"    machine busy {account['machine_busy_cores']:.2f} of {account['cpus']} cores, of which other "
                  f"jobs {account['others_cores']:.2f}; load average {account['load_average']}")
