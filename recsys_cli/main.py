@@ -6,6 +6,7 @@ gateway client (recsys_cli.client) or the library (recsys_core)."""
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 from pathlib import Path
@@ -70,6 +71,36 @@ DELEGATED = {
     "evaluate": "offline evaluation on the published benchmark protocol (--served GATEWAY: on a running stack)",
     "train": "train our sequence model on shopping data",
     "evaluate-interests": "measure drift-aware shopper vectors and interest-spread lists (docs/profiles.md)",
+}
+
+
+# Commands that parse their own arguments, imported only when run: name ->
+# (help, "module:function taking the rest of argv"), in `recsys --help` order.
+OWN_PARSERS = {
+    # Churn and lifetime value (docs/profiles.md).
+    "train-value": ("train and evaluate churn and 3/12-month spend models beside BG/NBD + Gamma-Gamma",
+                    "training.value:train_value_main"),
+    # The ranking service's learned model (docs/results.md, "Learned ranker").
+    "train-ranker": ("train the ranking service's LightGBM LambdaRank model (RANKING_MODEL) on one category",
+                     "training.ranker:train_ranker_main"),
+    # The value-aware objective (docs/results.md, "Value-aware ranking").
+    "value-curve": ("NDCG@10 against value@10 at several value weights (RANKING_VALUE_WEIGHT), chosen on validation",
+                    "training.value_curve:value_curve_main"),
+    "item-values": ("write the ranking service's item-value table (RANKING_ITEM_VALUES) from the events",
+                    "training.value_curve:item_values_main"),
+    # A/B arms' results (docs/operations.md, "A/B arms").
+    "ab-report": ("per-arm hit rate, NDCG, conversions and value of an A/B experiment, with intervals",
+                  "recsys_cli.abreport:ab_report_main"),
+    # The model registry (docs/operations.md, "Model lifecycle").
+    "models": ("list the model registry's versions and which is promoted", "recsys_cli.models:models_main"),
+    "promote": ("promote a registry version (admin; logs who and why)", "recsys_cli.models:promote_main"),
+    "retrain": ("retrain on the event store, warm from the promoted version; promote if not worse",
+                "recsys_cli.models:retrain_main"),
+    # Review sentiment (docs/profiles.md, "Preferences from review text").
+    "train-reviews": ("fine-tune MiniLM for review sentiment, export it to model_repo/review_sentiment",
+                      "training.reviews:train_main"),
+    "evaluate-reviews": ("held-out accuracy of the exported review classifier and the lexicon baseline",
+                         "training.reviews:evaluate_main"),
 }
 
 
@@ -176,64 +207,12 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in DELEGATED:
         return run_delegated(argv[0], argv[1:])
 
-    # Churn and lifetime value (docs/profiles.md); parses its own arguments.
-    commands.add_parser("train-value", add_help=False,
-                        help="train and evaluate churn and 3/12-month spend models beside BG/NBD + Gamma-Gamma")
-    if argv and argv[0] == "train-value":
-        from training.value import train_value_main
-
-        return train_value_main(argv[1:])
-
-    # The ranking service's learned model (docs/results.md, "Learned ranker"); parses its own arguments.
-    commands.add_parser("train-ranker", add_help=False,
-                        help="train the ranking service's LightGBM LambdaRank model (RANKING_MODEL) on one category")
-    if argv and argv[0] == "train-ranker":
-        from training.ranker import train_ranker_main
-
-        return train_ranker_main(argv[1:])
-
-    # The value-aware objective's curve (docs/results.md, "Value-aware ranking"); parses its own arguments.
-    commands.add_parser("value-curve", add_help=False,
-                        help="NDCG@10 against value@10 at several value weights (RANKING_VALUE_WEIGHT), chosen on validation")
-    if argv and argv[0] == "value-curve":
-        from training.value_curve import value_curve_main
-
-        return value_curve_main(argv[1:])
-    commands.add_parser("item-values", add_help=False,
-                        help="write the ranking service's item-value table (RANKING_ITEM_VALUES) from the events")
-    if argv and argv[0] == "item-values":
-        from training.value_curve import item_values_main
-
-        return item_values_main(argv[1:])
-
-    # A/B arms' results (docs/operations.md, "A/B arms"); parses its own arguments.
-    commands.add_parser("ab-report", add_help=False,
-                        help="per-arm hit rate, NDCG, conversions and value of an A/B experiment, with intervals")
-    if argv and argv[0] == "ab-report":
-        from recsys_cli.abreport import ab_report_main
-
-        return ab_report_main(argv[1:])
-
-    # The model registry (docs/operations.md, "Model lifecycle"); these parse their own arguments.
-    commands.add_parser("models", add_help=False, help="list the model registry's versions and which is promoted")
-    commands.add_parser("promote", add_help=False, help="promote a registry version (admin; logs who and why)")
-    commands.add_parser("retrain", add_help=False,
-                        help="retrain on the event store, warm from the promoted version; promote if not worse")
-    if argv and argv[0] in ("models", "promote", "retrain"):
-        from recsys_cli import models as model_lifecycle
-
-        return model_lifecycle.main(argv[0], argv[1:])
-
-    # Review sentiment (docs/profiles.md "Preferences from review text"); these parse their own arguments.
-    commands.add_parser("train-reviews", add_help=False,
-                        help="fine-tune MiniLM for review sentiment, export it to model_repo/review_sentiment")
-    commands.add_parser("evaluate-reviews", add_help=False,
-                        help="held-out accuracy of the exported review classifier and the lexicon baseline")
-    if argv and argv[0] in ("train-reviews", "evaluate-reviews"):
-        from training import reviews as review_training
-
-        main_of = {"train-reviews": review_training.train_main, "evaluate-reviews": review_training.evaluate_main}
-        return main_of[argv[0]](argv[1:])
+    # Commands that parse their own arguments: each function takes the rest of argv.
+    for name, (helptext, _) in OWN_PARSERS.items():
+        commands.add_parser(name, help=helptext, add_help=False)
+    if argv and argv[0] in OWN_PARSERS:
+        module, function = OWN_PARSERS[argv[0]][1].split(":")
+        return getattr(importlib.import_module(module), function)(argv[1:])
 
     args = parser.parse_args(argv)
     return args.run(args)

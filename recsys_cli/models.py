@@ -190,7 +190,3 @@ def retrain_main(argv: list[str]) -> int:
         else f"sqlite {config.store_path}"
     items = Path(config.data_dir) if config.data_dir else paths.BUNDLED_DATA_DIR
     return run(argv, store, label, items, pinned=pinned_versions, retrain_value=retrain_value)
-
-
-def main(name: str, argv: list[str]) -> int:
-    return {"models": models_main, "promote": promote_main, "retrain": retrain_main}[name](argv)
