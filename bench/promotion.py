@@ -291,6 +291,25 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
+def p99_ratio(phases: dict) -> float | None:
+    """The promotion phase's p99 over the quiet phase's."""
+    quiet, promotion = phases["quiet"]["p99_ms"], phases["promotion"]["p99_ms"]
+    return promotion / quiet if promotion and quiet else None
+
+
+def write_report(report: dict, path: Path | None) -> None:
+    print(json.dumps(report, indent=2))
+    if path:
+        path.write_text(json.dumps(report, indent=2) + "\n")
+
+
+def leave_scratch(work: Path, keep: bool) -> None:
+    if keep:
+        print(f"kept {work}", file=sys.stderr)
+    else:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def make_registry(work: Path, permute_seed: int = 1):
     """sequence/1 (the pretrained encoder) and ranker/1 promoted; sequence/2
     (other vectors: its dimensions permuted by `permute_seed`) and ranker/2
@@ -381,26 +400,20 @@ def through_gateway(args) -> int:
         phases = {"quiet": window(calls, quiet_from, promoted_at),
                   "promotion": window(calls, promoted_at, swapped_at),
                   "after": window(calls, swapped_at, ended)}
-        ratio = (phases["promotion"]["p99_ms"] / phases["quiet"]["p99_ms"]
-                 if phases["promotion"]["p99_ms"] and phases["quiet"]["p99_ms"] else None)
+        ratio = p99_ratio(phases)
         failed = sum(p["failed"] for p in phases.values())
         report = {"mode": "gateway", "rate": args.rate, "encoder": args.encoder, "transport": stack.describe_transport(),
                   "phases": phases, "swapped": swapped, "promotion_phase_seconds": round(swapped_at - promoted_at, 1),
                   "failed_calls": failed, "p99_ratio": round_or_none(ratio, 2), "target_ratio": TARGET_RATIO,
                   "load_average": [round(x, 2) for x in os.getloadavg()]}
-        print(json.dumps(report, indent=2))
-        if args.json:
-            args.json.write_text(json.dumps(report, indent=2) + "\n")
+        write_report(report, args.json)
         return 0 if failed == 0 and swapped else 1
     finally:
         if load is not None:
             load.stop()
         if stack is not None:
             stack.stop()
-        if args.keep:
-            print(f"kept {work}", file=sys.stderr)
-        else:
-            shutil.rmtree(work, ignore_errors=True)
+        leave_scratch(work, args.keep)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -471,8 +484,7 @@ def main(argv: list[str] | None = None) -> int:
         versions.clear()
         results["after"] = phase(call, item_ids, args.concurrency, args.seconds)
         after_versions = dict(versions)
-        ratio = (results["promotion"]["p99_ms"] / results["quiet"]["p99_ms"]
-                 if results["promotion"]["p99_ms"] and results["quiet"]["p99_ms"] else None)
+        ratio = p99_ratio(results)
         failed = sum(r["error_count"] for r in results.values())
         report = {
             "items": args.items, "concurrency": args.concurrency, "encoder": args.encoder,
@@ -482,9 +494,7 @@ def main(argv: list[str] | None = None) -> int:
                          (("quiet", quiet_versions), ("promotion", promotion_versions), ("after", after_versions))},
             "failed_calls": failed, "p99_ratio": round_or_none(ratio, 2), "target_ratio": TARGET_RATIO,
         }
-        print(json.dumps(report, indent=2))
-        if args.json:
-            args.json.write_text(json.dumps(report, indent=2) + "\n")
+        write_report(report, args.json)
         swapped = set(after_versions) == {new}
         if not swapped:
             print(f"the services did not both swap to {new}; their logs: {work}", file=sys.stderr)
@@ -500,10 +510,7 @@ def main(argv: list[str] | None = None) -> int:
                 process.kill()
         if triton is not None:
             triton.stop()
-        if args.keep:
-            print(f"kept {work}", file=sys.stderr)
-        else:
-            shutil.rmtree(work, ignore_errors=True)
+        leave_scratch(work, args.keep)
 
 
 if __name__ == "__main__":
