@@ -3,6 +3,7 @@ their status codes pass through, and an oversized request is refused from its
 length prefix before its body is sent (what grpcio, reading bodies whole, cannot)."""
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import struct
@@ -106,7 +107,33 @@ def _literal(name: bytes, value: bytes) -> bytes:
     return b"\x00" + bytes([len(name)]) + name + bytes([len(value)]) + value
 
 
+# A Recommend's request headers, with the stream left open (END_HEADERS only).
+RECOMMEND_HEADERS = b"".join(_literal(name, value) for name, value in (
+    (b":method", b"POST"), (b":scheme", b"http"), (b":path", RECOMMEND.encode()),
+    (b":authority", b"edge"), (b"content-type", b"application/grpc"), (b"te", b"trailers")))
+
+
+@contextlib.contextmanager
+def raw_connection(edge: str):
+    """A plaintext HTTP/2 connection to the edge, its preface and SETTINGS sent."""
+    host, port = edge.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.settimeout(5)
+        sock.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + _frame(4, 0, 0, b""))
+        yield sock
+
+
 def _read_frame(sock: socket.socket) -> tuple[int, int, int, bytes]:
+    """The next frame other than the edge's SETTINGS, which is acknowledged."""
+    while True:
+        kind, flags, stream, payload = _one_frame(sock)
+        if kind == 4 and not flags & 0x1:
+            sock.sendall(_frame(4, 0x1, 0, b""))  # SETTINGS ACK
+            continue
+        return kind, flags, stream, payload
+
+
+def _one_frame(sock: socket.socket) -> tuple[int, int, int, bytes]:
     def exactly(n: int) -> bytes:
         data = b""
         while len(data) < n:
@@ -124,14 +151,8 @@ def _read_frame(sock: socket.socket) -> tuple[int, int, int, bytes]:
 def test_the_refusal_comes_from_the_prefix_while_the_body_is_still_unsent(edge):
     """Were the edge to read the body before judging it, this call, whose
     body never comes, would get no answer at all."""
-    host, port = edge.rsplit(":", 1)
-    with socket.create_connection((host, int(port)), timeout=10) as sock:
-        sock.settimeout(5)
-        headers = b"".join(_literal(name, value) for name, value in (
-            (b":method", b"POST"), (b":scheme", b"http"), (b":path", RECOMMEND.encode()),
-            (b":authority", b"edge"), (b"content-type", b"application/grpc"), (b"te", b"trailers")))
-        sock.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + _frame(4, 0, 0, b"")
-                     + _frame(1, 0x4, 1, headers)  # END_HEADERS, the stream left open
+    with raw_connection(edge) as sock:
+        sock.sendall(_frame(1, 0x4, 1, RECOMMEND_HEADERS)
                      + _frame(0, 0, 1, b"\x00" + struct.pack(">I", 8 << 20) + b"B" * 1024))
         begin, answered = time.monotonic(), set()
         while not {"headers", "reset"} <= answered:
@@ -140,9 +161,7 @@ def test_the_refusal_comes_from_the_prefix_while_the_body_is_still_unsent(edge):
             except socket.timeout:
                 pytest.fail(f"no answer {time.monotonic() - begin:.1f} s after an 8 MiB prefix and 1 KiB of body "
                             f"(seen: {answered or 'nothing'}): the edge waits for the body")
-            if kind == 4 and not flags & 0x1:
-                sock.sendall(_frame(4, 0x1, 0, b""))  # SETTINGS ACK
-            elif kind == 1 and stream == 1:
+            if kind == 1 and stream == 1:
                 assert flags & 0x1, "a trailers-only answer ends the stream in its HEADERS frame"
                 answered.add("headers")
             elif kind == 3 and stream == 1:
@@ -195,20 +214,12 @@ def test_garbage_through_the_edge_gets_no_internal_or_unknown_and_the_edge_keeps
 
 
 def test_a_request_cut_inside_its_prefix_is_refused_and_the_connection_lives_on(edge):
-    host, port = edge.rsplit(":", 1)
-    with socket.create_connection((host, int(port)), timeout=10) as sock:
-        sock.settimeout(5)
-        headers = b"".join(_literal(name, value) for name, value in (
-            (b":method", b"POST"), (b":scheme", b"http"), (b":path", RECOMMEND.encode()),
-            (b":authority", b"edge"), (b"content-type", b"application/grpc"), (b"te", b"trailers")))
-        sock.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + _frame(4, 0, 0, b""))
+    with raw_connection(edge) as sock:
         for stream in (1, 3):
             # Three bytes of a five-byte prefix, then the end of the stream.
-            sock.sendall(_frame(1, 0x4, stream, headers) + _frame(0, 0x1, stream, b"\x00\x00\x01"))
+            sock.sendall(_frame(1, 0x4, stream, RECOMMEND_HEADERS) + _frame(0, 0x1, stream, b"\x00\x00\x01"))
             while True:
                 kind, flags, got, _ = _read_frame(sock)
-                if kind == 4 and not flags & 0x1:
-                    sock.sendall(_frame(4, 0x1, 0, b""))
                 assert kind != 7, "GOAWAY: the connection was dropped for one bad stream"
                 if kind == 1 and got == stream:
                     assert flags & 0x1
