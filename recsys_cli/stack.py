@@ -19,11 +19,15 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from recsys_cli.certs import ADMIN_TOKEN_FILE, LocalSecurity
 from recsys_cli.supervisor import Child, Supervisor, TritonChild
 from recsys_core.data import paths
+from recsys_core.rpc.envconfig import EnvReader
 from recsys_core.rpc.grpc_util import CHANNEL_OPTIONS
+from recsys_core.rpc.limits import service_limits
 from recsys_core.rpc.transport import CERT_FILE, KEY_FILE, Security, client_channel
 
 log = logging.getLogger(__name__)
 SERVICES = ("embedding", "profile", "ranking", "gateway")
+# What the stack waits on and the benchmarks watch: the services and, when on, recsys-edge.
+PROCESSES = (*SERVICES, "edge")
 # Stop order (supervisor tiers): the gateway first, so no new work reaches
 # the others while they drain; Triton last, as embedding may still need it.
 TIERS = {"edge": -1, "gateway": 0, "embedding": 1, "profile": 1, "ranking": 1, "triton": 2}
@@ -296,7 +300,7 @@ class LocalStack:
         """The first replica's process of each service (what the benchmarks watch)."""
         first = {}
         for child in self.supervisor.children:
-            if (child.name in SERVICES or child.name == "edge") and child.process is not None:
+            if child.name in PROCESSES and child.process is not None:
                 first.setdefault(child.name, child.process)
         return first
 
@@ -365,7 +369,7 @@ class LocalStack:
             # Exits while starting are errors to report, not to retry.
             self.supervisor.start(restart_on_exit=False)
             for child in self.supervisor.children:
-                if child.name in SERVICES or child.name == "edge":
+                if child.name in PROCESSES:
                     self.wait_serving(child, timeout)
         except BaseException:
             self.stop()
@@ -381,8 +385,8 @@ class LocalStack:
         edge_env.update({
             "EDGE_ADDRESS": self.addresses["gateway"],
             "EDGE_UPSTREAM": self.addresses["gateway-upstream"],
-            # The gateway's own limit, so both refuse the same requests.
-            "EDGE_MAX_REQUEST_BYTES": env.get("GATEWAY_MAX_REQUEST_BYTES", str(64 << 10)),
+            # The gateway's own limit (its default, or GATEWAY_MAX_REQUEST_BYTES), so both refuse the same requests.
+            "EDGE_MAX_REQUEST_BYTES": str(service_limits(EnvReader("GATEWAY_", env), "gateway").max_request_bytes),
         })
         if self.gateway_tls:
             gateway_tls = self.prepare_security().tls_dir("gateway")
