@@ -179,3 +179,31 @@ def test_a_gateway_that_never_reached_profile_has_nothing_left(stack, gateway_co
         assert "no popular items cached" in caught.value.details()
     finally:
         gateway.stop(None)
+
+
+def test_a_gateway_started_before_profile_fills_its_cache_without_waiting_for_a_call(
+        stack, gateway_config_for, shopper, tmp_path):
+    """A replica's first calls may come while the profile service is down
+    (the chaos test's kill -9): it must have filled its cache by then."""
+    from services.gateway.server import create_server
+
+    port = free_port()
+    gateway, address = start(create_server(gateway_config_for(profile_address=f"127.0.0.1:{port}")))
+    profile = None
+    try:
+        cached = "recsys_gateway_popular_items_cached"
+        assert value(scrape(gateway.metrics_port), cached) == 0
+        profile = start_profile(port, tmp_path / "events.sqlite3", stack.embedding)
+        give_up = time.monotonic() + 10
+        while value(scrape(gateway.metrics_port), cached) == 0 and time.monotonic() < give_up:
+            time.sleep(0.2)
+        assert value(scrape(gateway.metrics_port), cached) > 0
+        profile.stop(None).wait()
+        with gateway_channel(address) as channel:
+            reply = recommend(gateway_pb2_grpc.GatewayServiceStub(channel), shopper)
+        assert reply.path == FALLBACK and list(reply.skipped_stages) == [gateway_pb2.STAGE_PROFILE]
+        assert len(reply.items) == 10
+    finally:
+        gateway.stop(None)
+        if profile is not None:
+            profile.stop(None)

@@ -225,6 +225,30 @@ class Composer:
         self._popular_fetched = time.monotonic()
         return len(self._popular_cache)
 
+    @property
+    def popular_cached(self) -> int:
+        return len(self._popular_cache)
+
+    async def fill_popular(self, pause: float = 1.0) -> None:
+        """Fills the cache in the background when start-up could not (the
+        profile service still loading): a replica whose first calls come
+        while the profile service is down still has popular items to answer
+        with, instead of waiting for a call to ask for them."""
+        if self.config.popular_cache_items <= 0:
+            return
+        # The slot the call-driven refresh checks, so the two never run together.
+        self._popular_refresh = asyncio.current_task()
+        while not self._popular_cache:
+            try:
+                if await self.refresh_popular(timeout=2.0):
+                    log.info("%d popular items cached", len(self._popular_cache))
+                    return
+            except grpc.RpcError as error:
+                log.debug("popular items not cached yet: %s", describe(error))
+            await asyncio.sleep(pause)
+            # A shop with no events yet is asked less and less often, up to the refresh period.
+            pause = min(pause * 2, self.config.popular_refresh_seconds)
+
     def _refresh_popular_soon(self) -> None:
         """In the background, at most every popular_refresh_seconds: never on a call's path."""
         if time.monotonic() - self._popular_fetched < self.config.popular_refresh_seconds:

@@ -6,7 +6,7 @@ import sys
 import time
 
 import grpc
-from prometheus_client import Counter
+from prometheus_client import Counter, Gauge
 
 from recsys.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from recsys_core.rpc.envconfig import ConfigError
@@ -44,7 +44,11 @@ def wait_for_catalogue(composer: Composer, config: GatewayConfig, loop: EventLoo
         count = loop.run(lambda: composer.refresh_popular(timeout=2.0))
         log.info("%d popular items cached", count)
     except grpc.RpcError as error:
-        log.warning("no popular items cached yet (the profile service did not answer): %s", describe(error))
+        count = 0
+        log.warning("no popular items cached yet (the profile service did not answer), trying every second in the "
+                    "background: %s", describe(error))
+    if count == 0:
+        loop.submit(composer.fill_popular)
 
 
 def register_metrics(server: ManagedServer) -> None:
@@ -94,6 +98,9 @@ def create_server(config: GatewayConfig) -> tuple[ManagedServer, int]:
         server.after_drain(exposures.close)
     servicer = GatewayServicer(server.readiness, composer, config, server.blocking, exposures)
     server.add(gateway_pb2_grpc.add_GatewayServiceServicer_to_server, servicer)
+    Gauge("recsys_gateway_popular_items_cached",
+          "Popular items this gateway holds for when the profile service is down (Recommend's last resort).",
+          registry=server.metrics.registry).set_function(lambda: composer.popular_cached)
     server.after_drain(composer.close)
     server.readiness.start(lambda: wait_for_catalogue(composer, config, server.loop))
     return server, port
