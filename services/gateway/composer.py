@@ -238,16 +238,20 @@ class Composer:
             return
         # The slot the call-driven refresh checks, so the two never run together.
         self._popular_refresh = asyncio.current_task()
+        wait = pause
         while not self._popular_cache:
             try:
                 if await self.refresh_popular(timeout=2.0):
                     log.info("%d popular items cached", len(self._popular_cache))
                     return
+                # A shop with no events yet is asked less and less often, up to the refresh period.
+                wait = min(wait * 2, self.config.popular_refresh_seconds)
             except grpc.RpcError as error:
+                # Still loading (or down): asked again every `pause`, so the
+                # cache fills within a second of profile turning ready.
                 log.debug("popular items not cached yet: %s", describe(error))
-            await asyncio.sleep(pause)
-            # A shop with no events yet is asked less and less often, up to the refresh period.
-            pause = min(pause * 2, self.config.popular_refresh_seconds)
+                wait = pause
+            await asyncio.sleep(wait)
 
     def _refresh_popular_soon(self) -> None:
         """In the background, at most every popular_refresh_seconds: never on a call's path."""
