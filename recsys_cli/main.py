@@ -96,6 +96,8 @@ OWN_PARSERS = {
     "promote": ("promote a registry version (admin; logs who and why)", "recsys_cli.models:promote_main"),
     "retrain": ("retrain on the event store, warm from the promoted version; promote if not worse",
                 "recsys_cli.models:retrain_main"),
+    "triton-follow": ("beside one Triton, load each promoted sequence version (Kubernetes' Triton pods)",
+                      "recsys_cli.models:triton_follow_main"),
     # Review sentiment (docs/profiles.md, "Preferences from review text").
     "train-reviews": ("fine-tune MiniLM for review sentiment, export it to model_repo/review_sentiment",
                       "training.reviews:train_main"),

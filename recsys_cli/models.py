@@ -190,3 +190,45 @@ def retrain_main(argv: list[str]) -> int:
         else f"sqlite {config.store_path}"
     items = Path(config.data_dir) if config.data_dir else paths.BUNDLED_DATA_DIR
     return run(argv, store, label, items, pinned=pinned_versions, retrain_value=retrain_value)
+
+
+def triton_follow_main(argv: list[str]) -> int:
+    """`recsys triton-follow`: beside one Triton, serve what the registry
+    promotes (recsys_core.models.triton_follow); until SIGTERM."""
+    import signal
+    import threading
+
+    from recsys_core.models import triton_follow
+
+    parser = argparse.ArgumentParser(prog="recsys triton-follow", description=(
+        "Beside one Triton (explicit model control), install and load each sequence version the registry "
+        "promotes as text_encoder version 1000+N of Triton's repository, keeping the previous one and the "
+        "repository's own; GET /ready on --health-port once Triton serves the promoted version."))
+    parser.add_argument("--registry", type=Path, help=f"model registry (default ${ENV}, else var/models)")
+    parser.add_argument("--repository", type=Path, required=True,
+                        help="the model repository Triton reads (writable; not the committed model_repo)")
+    parser.add_argument("--triton-url", default="127.0.0.1:8001", help="Triton's gRPC address (default %(default)s)")
+    parser.add_argument("--health-port", type=int, default=8090, help="port of /ready and /live (default %(default)s)")
+    parser.add_argument("--interval", type=float, default=2.0, help="seconds between polls (default %(default)s)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
+    from recsys_core.data import paths
+
+    if args.repository.resolve() == paths.MODEL_REPO.resolve():
+        parser.error(f"--repository is the committed {paths.MODEL_REPO}, which promotions must not write to")
+    if not (args.repository / paths.TEXT_ENCODER_MODEL).is_dir():
+        parser.error(f"--repository {args.repository} has no {paths.TEXT_ENCODER_MODEL} model")
+    if args.interval <= 0 or not 0 < args.health_port < 65536:
+        parser.error("--interval must be positive and --health-port a port number")
+    follower = triton_follow.Follower(Registry(args.registry), args.repository, args.triton_url, args.interval)
+    health = triton_follow.serve_health(follower, args.health_port)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    logging.getLogger(__name__).info("following %s for Triton at %s (repository %s; health on :%d)",
+                                     follower.registry.root, args.triton_url, args.repository, args.health_port)
+    try:
+        follower.run(stop)
+    finally:
+        health.shutdown()
+    return 0

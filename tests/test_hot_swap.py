@@ -317,6 +317,115 @@ def test_triton_loads_the_promoted_encoder_as_a_new_version_and_builds_its_index
         assert not (paths.MODEL_REPO / paths.TEXT_ENCODER_MODEL / "2").exists(), "the committed repository was written"
 
 
+def test_a_triton_pods_follower_loads_each_promotion_and_the_embedding_swaps_only_once_it_is_served(
+        versions, tmp_path, caplog):
+    """Kubernetes' arrangement: several Triton pods behind one Service, so
+    each pod's own follower (recsys triton-follow) loads what the registry
+    promotes as text_encoder version 1000+N, and the embedding service
+    (EMBEDDING_TRITON_MODEL_CONTROL=follower) writes and loads nothing: it
+    waits for its Triton to serve the version, checks the vectors, swaps.
+    The embedding's model_repo is the committed one, as in its image: the
+    installed weights are not on its disk (the probe vectors are compared)."""
+    from promotion import triton_repository
+
+    import json
+    import subprocess
+    import urllib.error
+    import urllib.request
+
+    from recsys_cli.stack import free_port
+    from recsys_core.models import triton_control
+    from recsys_core.models.triton import TritonServer
+
+    caplog.set_level(logging.INFO, "services.embedding.promotion")
+    registry = versions["registry"]
+    first, second = (triton_control.registry_triton_version(versions[k].version) for k in ("seq1", "seq2"))
+    repo = triton_repository(tmp_path / "model_repo")
+
+    def ready() -> int:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{health}/ready", timeout=5) as reply:
+                return reply.status if json.loads(reply.read())["ready"] else 0
+        except urllib.error.HTTPError as error:
+            return error.code
+        except urllib.error.URLError:  # not listening yet
+            return 0
+
+    def served() -> set[int]:
+        return triton_control.served_versions(triton.grpc_url, paths.TEXT_ENCODER_MODEL)
+
+    with TritonServer(repo, log_path=tmp_path / "triton.log", startup_timeout=300) as triton:
+        # As the Triton pod runs it (k8s/base/triton.yaml), polling faster.
+        health, log_path = free_port(), tmp_path / "follower.log"
+        with open(log_path, "w") as log_file:
+            follower = subprocess.Popen(
+                [sys.executable, "-m", "recsys_cli.main", "triton-follow", "--registry", str(registry.root),
+                 "--repository", str(repo), "--triton-url", triton.grpc_url, "--health-port", str(health),
+                 "--interval", "0.1"], cwd=paths.REPO_ROOT, stdout=log_file, stderr=subprocess.STDOUT)
+        try:
+            wait_for(lambda: follower.poll() is None and ready() == 200, "the follower ready")
+            swap_under_load(versions, tmp_path, caplog, encoder="triton", triton_url=triton.grpc_url,
+                            triton_model_control="follower")
+            wait_for(lambda: f"not loading sequence/{versions['seq_broken'].version}" in log_path.read_text(),
+                     "the follower refusing the broken version")
+            # The broken promotion left what served before it loaded: the repository's own
+            # version, the promoted sequence/2 and sequence/1, which it replaced.
+            time.sleep(0.5)
+            assert served() == {1, first, second} and ready() == 200
+            # The next good promotion keeps the one it replaces; sequence/1 is unloaded and its files go.
+            third = registry.add("sequence", versions["seq1"].path, notes="test: a third version").version
+            registry.promote("sequence", third, "test: a third")
+            third = triton_control.registry_triton_version(third)
+            wait_for(lambda: served() == {1, second, third}, "Triton serving its own version, sequence/2 and the third")
+            assert not (repo / paths.TEXT_ENCODER_MODEL / str(first)).exists(), "an unserved version kept its files"
+            assert f"version {second} (sequence/{versions['seq2'].version}), loaded by its follower" in caplog.text
+        finally:
+            follower.terminate()
+            assert follower.wait(30) == 0, log_path.read_text()
+
+
+def test_a_fixed_triton_version_number_holds_one_encoder_and_a_cut_copy_is_made_again(versions, tmp_path):
+    """Every Triton pod's follower installs registry version N at the same
+    number (1000+N), so a number must never come to hold other weights."""
+    from promotion import triton_repository
+
+    from recsys_core.models.model_serving import ModelDirError, install_encoder, open_model_dir
+
+    repo = triton_repository(tmp_path / "repo")
+    first, second = (open_model_dir(versions[k].path) for k in ("seq1", "seq2"))
+    assert install_encoder(first, repo, version=1001) == 1001
+    assert install_encoder(first, repo, version=1001) == 1001  # already there: nothing written
+    with pytest.raises(ModelDirError, match="other weights"):
+        install_encoder(second, repo, version=1001)
+    cut = repo / paths.TEXT_ENCODER_MODEL / "1002"
+    cut.mkdir()
+    (cut / "model.onnx").write_bytes(b"half a file")  # the metadata, written last, never came
+    assert install_encoder(second, repo, version=1002) == 1002
+    assert (cut / "encoder.json").is_file() and (cut / "model.onnx").read_bytes() != b"half a file"
+
+
+def test_the_follower_wants_the_promoted_version_the_one_it_replaced_and_the_repositorys_own(versions, tmp_path):
+    from promotion import triton_repository
+
+    from recsys_core.models import promotion
+    from recsys_core.models.triton_follow import promoted_pair, wanted
+
+    registry = Registry(tmp_path / "registry")
+    one, two, three = (registry.add("sequence", versions[k].path).version for k in ("seq1", "seq2", "seq_broken"))
+    repo = triton_repository(tmp_path / "repo")
+    assert promoted_pair(registry) == (None, None)
+    assert wanted(registry, repo, {}, None, None, set()).versions == {1}
+    promotion.promote(registry, "sequence", one, "first", by="test")
+    promotion.promote(registry, "sequence", two, "second", by="test")
+    assert promoted_pair(registry) == (two, one)
+    installed, refused = {}, set()
+    target = wanted(registry, repo, installed, two, one, refused)
+    assert target.versions == {1, 1000 + one, 1000 + two} and target.promoted == 1000 + two
+    # A version without a manifest is left out, once, and noted.
+    target = wanted(registry, repo, installed, three, two, refused)
+    assert refused == {three} and target.promoted is None and target.versions == {1, 1000 + two}
+
+
 def test_a_replica_unloads_only_triton_versions_older_than_the_one_it_swapped_from():
     from services.embedding.promotion import triton_versions_to_keep
 
@@ -420,6 +529,57 @@ def swap_under_load(versions, tmp_path, caplog, **config):
         assert_never_back(load, first.label, second.label)
         assert not_serving == []
         return server
+    finally:
+        server.stop(None)
+
+
+def test_the_pretrained_encoder_is_sequence_0_and_its_vectors_are_not_searched_in_the_first_promotions_index(
+        versions, tmp_path):
+    """Before the first promotion a registry-following replica serves the
+    pretrained encoder, named sequence/0 like any version: a profile's
+    vectors made by it are searched in its own index while the replica holds
+    it after that promotion, and refused once it is gone (before, they were
+    unlabelled, which means "the serving one", the new encoder's index)."""
+    from conftest import secured, service_channel, start
+    from recsys.embedding.v1 import embedding_pb2, embedding_pb2_grpc
+    from services.embedding.config import EmbeddingConfig
+    from services.embedding.server import create_server
+
+    registry = Registry(tmp_path / "registry")
+    first = registry.add("sequence", versions["seq1"].path)
+    anchor = shopping.load_items(versions["data"]).item_id.iloc[0]
+    server, address = start(create_server(EmbeddingConfig(
+        address="127.0.0.1:0", data_dir=str(versions["data"]), retail_dir="",
+        catalogue_path=str(tmp_path / "catalogue.sqlite3"), cache_dir=str(tmp_path / "cache"),
+        model_registry=str(registry.root), model_poll_seconds=0.05, grace_seconds=2.0, encoder_threads=1,
+        **secured("embedding"))))
+    try:
+        with service_channel(address, "embedding") as channel:
+            stub = embedding_pb2_grpc.EmbeddingServiceStub(channel)
+
+            def retrieve(version: str):
+                return stub.RetrieveCandidates(embedding_pb2.RetrieveCandidatesRequest(
+                    context_item_ids=[anchor], k=5, model_version=version), timeout=30)
+
+            def serving() -> str:
+                return stub.ListCategories(embedding_pb2.ListCategoriesRequest(), timeout=10).model_version
+
+            assert serving() == "sequence/0" and retrieve("").model_version == "sequence/0"
+            registry.promote("sequence", first.version, "test: the first promotion")
+            wait_for(lambda: serving() == first.label, "the first promotion swapped in")
+            # Within the grace period the pretrained index still answers its own vectors.
+            assert retrieve("sequence/0").model_version == "sequence/0"
+            assert retrieve("").model_version == first.label
+            give_up = time.monotonic() + 30
+            while time.monotonic() < give_up:
+                try:
+                    retrieve("sequence/0")
+                except grpc.RpcError as error:
+                    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION, error
+                    break
+                time.sleep(0.2)
+            else:
+                pytest.fail("sequence/0's vectors still searched 30 s after the promotion (grace 2 s)")
     finally:
         server.stop(None)
 

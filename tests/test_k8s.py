@@ -471,8 +471,9 @@ def test_gpu_overlay_puts_triton_and_faiss_on_gpus(overlay, manifests):
 
 
 
-# The image's model repository (deploy/triton/Dockerfile: COPY model_repo /models).
-TRITON_MODEL_ROOT = "/models/"
+# The copy of the image's model repository Triton serves (k8s/base/triton.yaml,
+# seed-models; the image's is deploy/triton/Dockerfile's COPY model_repo /models).
+TRITON_MODEL_ROOT = "/models-live/"
 
 
 def mounted_model_configs(manifests: Manifests) -> dict[str, str]:
@@ -493,7 +494,7 @@ def mounted_model_configs(manifests: Manifests) -> dict[str, str]:
     return found
 
 
-def test_each_overlay_serves_the_ensemble_with_its_own_model_configs(overlay, manifests):
+def test_each_overlay_serves_the_encoder_with_its_own_model_configs(overlay, manifests):
     from tritonclient.grpc.model_config_pb2 import ModelInstanceGroup
 
     from recsys_core.data import paths
@@ -501,13 +502,17 @@ def test_each_overlay_serves_the_ensemble_with_its_own_model_configs(overlay, ma
 
     kinds = ModelInstanceGroup.Kind
     embedding = EmbeddingConfig.from_env(environment(manifests, manifests.workload("embedding")))
-    assert embedding.encoder == "triton" and embedding.triton_model == paths.TEXT_ENCODER_ENSEMBLE_MODEL
+    # Promotions become text_encoder versions: the model the embedding service encodes with.
+    assert embedding.encoder == "triton" and embedding.triton_model == paths.TEXT_ENCODER_MODEL
     configs = {model: model_repo.parse_config(text) for model, text in mounted_model_configs(manifests).items()}
-    assert set(configs) == {paths.TEXT_TOKENIZER_MODEL, paths.TEXT_ENCODER_ONNX_MODEL}, overlay
+    # The GPU image carries text_encoder's GPU config (deploy/triton/text_encoder.gpu.pbtxt); the CPU overlay
+    # mounts one with the pod's threads.
+    own = {paths.TEXT_TOKENIZER_MODEL, paths.TEXT_ENCODER_ONNX_MODEL}
+    assert set(configs) == own | ({paths.TEXT_ENCODER_MODEL} if overlay != "gpu" else set()), overlay
     assert model_repo.repository_problems(paths.MODEL_REPO, configs) == []
     assert embedding.triton_model in model_repo.model_configs(paths.MODEL_REPO)
 
-    (triton,) = containers(manifests.workload("triton"))
+    triton = own_container(manifests.workload("triton"))
     encoder = configs[paths.TEXT_ENCODER_ONNX_MODEL]
     (group,) = encoder.instance_group
     if overlay == "gpu":
@@ -523,6 +528,40 @@ def test_each_overlay_serves_the_ensemble_with_its_own_model_configs(overlay, ma
         threads = int(encoder.parameters["intra_op_thread_count"].string_value)
         assert kinds.Name(group.kind) == "KIND_CPU" and threads > 0
         assert group.count * threads <= float(triton["resources"]["limits"]["cpu"])
+        served = configs[paths.TEXT_ENCODER_MODEL]
+        (group,) = served.instance_group
+        threads = int(served.parameters["intra_op_threads"].string_value)
+        assert kinds.Name(group.kind) == "KIND_CPU" and threads > 0
+        assert group.count * threads <= float(triton["resources"]["limits"]["cpu"])
+
+
+def test_triton_serves_a_writable_copy_its_follower_adds_promotions_to(manifests):
+    """k8s/base/triton.yaml: seed-models copies the image's repository to a
+    volume Triton serves under explicit model control, and triton-follow,
+    beside it on that volume as Triton's user, is the pod's readiness for
+    the promoted version (recsys_core/models/triton_follow.py)."""
+    from recsys_cli.main import OWN_PARSERS
+
+    workload = manifests.workload("triton")
+    spec = pod_spec(workload)
+    (seed,) = spec["initContainers"]
+    assert seed["image"] == own_container(workload)["image"] and "/models/." in seed["command"][-1]
+    live = {m["name"]: m["mountPath"] for m in seed["volumeMounts"]}["models-live"]
+    assert "emptyDir" in {v["name"]: v for v in spec["volumes"]}["models-live"]
+    triton = own_container(workload)
+    assert f"--model-repository={live}" in triton["args"] and "--model-control-mode=explicit" in triton["args"]
+    assert {m["name"]: m["mountPath"] for m in triton["volumeMounts"]}["models-live"] == live
+    (follower,) = [c for c in containers(workload) if c["name"] == "triton-follow"]
+    command = follower["command"]
+    assert command[:4] == ["python", "-m", "recsys_cli.main", "triton-follow"] and "triton-follow" in OWN_PARSERS
+    assert command[command.index("--repository") + 1] == live
+    assert {m["name"]: m["mountPath"] for m in follower["volumeMounts"]}["models-live"] == live
+    assert command[command.index("--triton-url") + 1] == f"127.0.0.1:{container_port(triton, 'grpc')['containerPort']}"
+    # It writes versions Triton reads: Triton's user.
+    assert follower["securityContext"]["runAsUser"] == spec["securityContext"]["runAsUser"]
+    health = int(command[command.index("--health-port") + 1])
+    assert follower["readinessProbe"]["httpGet"]["path"] == "/ready"
+    assert container_port(follower, follower["readinessProbe"]["httpGet"]["port"])["containerPort"] == health
 
 
 # --- configuration -------------------------------------------------------------
@@ -692,6 +731,17 @@ def test_retrain_cronjob_reads_the_profile_store_and_writes_the_registry_the_ser
     assert profile_config.value_model_registry == registry
     ranking_config = RankingConfig.from_env(environment(manifests, manifests.workload("ranking")))
     assert ranking_config.model_registry == registry
+    # Embedding follows `sequence`, through each Triton pod's follower (k8s/base/triton.yaml):
+    # it reads the same registry read-only and loads into its own pod's Triton.
+    embedding_config = EmbeddingConfig.from_env(environment(manifests, manifests.workload("embedding")))
+    assert embedding_config.model_registry == registry and embedding_config.triton_model_control == "follower"
+    triton = manifests.workload("triton")
+    (follower,) = [c for c in containers(triton) if c["name"] == "triton-follow"]
+    follower_env = {e["name"]: e["value"] for e in follower.get("env", []) if "value" in e}
+    assert follower_env["RECSYS_MODEL_REGISTRY"] == registry
+    triton_volumes = {v["name"]: v for v in pod_spec(triton)["volumes"]}
+    follower_mounts = {m["mountPath"]: m for m in follower["volumeMounts"]}
+    assert claim_at(follower_mounts, triton_volumes, registry) == (REGISTRY_CLAIM, True)
 
     config = ProfileConfig.from_env(env)
     claims = {v["persistentVolumeClaim"]["claimName"] for v in volumes.values() if "persistentVolumeClaim" in v}

@@ -208,18 +208,32 @@ def encoder_fingerprints(encoder_dir: Path) -> dict | None:
     return _fingerprints(encoder_dir, enc.METADATA_FILE)
 
 
-def install_version(source: Path, model_dir: Path, metadata_file: str, backend_code: Path) -> int:
+def install_version(source: Path, model_dir: Path, metadata_file: str, backend_code: Path,
+                    version: int | None = None) -> int:
     """The version of Triton model `model_dir` that holds the exported files
     of `source`: an existing version with the same weights, else the next
     one, its files linked from `source` (the metadata last: it marks the
-    version complete) and the backend's model.py beside them."""
+    version complete) and the backend's model.py beside them. `version`
+    fixes the number instead (Triton pods that install the same registry
+    version on their own must agree on it): ModelDirError where that number
+    already holds other weights."""
     wanted = _fingerprints(source, metadata_file)
-    versions = sorted((int(p.name) for p in model_dir.iterdir() if p.name.isdigit()), reverse=True) \
-        if model_dir.is_dir() else []
-    for version in versions:
-        if _fingerprints(model_dir / str(version), metadata_file) == wanted:
+    if version is not None:
+        existing = _fingerprints(model_dir / str(version), metadata_file)
+        if existing == wanted:
             return version
-    version = export.next_version(model_dir)
+        if (model_dir / str(version)).exists():
+            if existing is not None:
+                raise ModelDirError(f"{model_dir / str(version)} holds other weights than {source}")
+            # A copy cut short (no metadata: it is written last), made again.
+            shutil.rmtree(model_dir / str(version))
+    else:
+        versions = sorted((int(p.name) for p in model_dir.iterdir() if p.name.isdigit()), reverse=True) \
+            if model_dir.is_dir() else []
+        for found in versions:
+            if _fingerprints(model_dir / str(found), metadata_file) == wanted:
+                return found
+        version = export.next_version(model_dir)
     version_dir = model_dir / str(version)
     version_dir.mkdir(parents=True)
     files = sorted((p for p in source.iterdir() if p.is_file()), key=lambda p: p.name == metadata_file)
@@ -229,12 +243,12 @@ def install_version(source: Path, model_dir: Path, metadata_file: str, backend_c
     return version
 
 
-def install_encoder(model: ModelDir, repo: Path) -> int:
-    """The model's encoder as a version of `repo`/text_encoder."""
+def install_encoder(model: ModelDir, repo: Path, version: int | None = None) -> int:
+    """The model's encoder as a version of `repo`/text_encoder (`version`: that number)."""
     model_dir = repo / paths.TEXT_ENCODER_MODEL
     if not (model_dir / CONFIG_FILE).is_file():
         raise ModelDirError(f"{repo} has no {paths.TEXT_ENCODER_MODEL}/{CONFIG_FILE} to install an encoder into")
-    return install_version(model.encoder_dir, model_dir, enc.METADATA_FILE, committed_encoder_backend())
+    return install_version(model.encoder_dir, model_dir, enc.METADATA_FILE, committed_encoder_backend(), version)
 
 
 def committed_encoder_backend() -> Path:

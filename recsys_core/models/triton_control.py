@@ -23,6 +23,29 @@ from collections.abc import Iterable
 from recsys_core import errors
 
 LOAD_TIMEOUT_SECONDS = 300.0
+# Where a Triton pod's follower (recsys_core.models.triton_follow) installs
+# registry version N of `sequence`: text_encoder version BASE + N, a number
+# every pod and the embedding service work out alike; the repository's own
+# versions (the pretrained encoder, 1) stay below it.
+REGISTRY_VERSION_BASE = 1000
+
+
+def registry_triton_version(registry_version: int) -> int:
+    return REGISTRY_VERSION_BASE + int(registry_version)
+
+
+def served_versions(url: str, model_name: str, states: tuple[str, ...] = ("READY",),
+                    timeout: float = LOAD_TIMEOUT_SECONDS) -> set[int]:
+    """The versions of `model_name` Triton at `url` has in `states` now (default: ready)."""
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(url)
+    try:
+        index = client.get_model_repository_index(as_json=True, client_timeout=timeout).get("models", [])
+    finally:
+        client.close()
+    return {int(m["version"]) for m in index
+            if m.get("name") == model_name and m.get("state") in states and m.get("version", "").isdigit()}
 
 
 def serve_versions(url: str, model_name: str, versions: Iterable[int], timeout: float = LOAD_TIMEOUT_SECONDS) -> list[int]:

@@ -15,6 +15,7 @@ from recsys_core.store.catalogue_store import STORES
 from recsys_core.store.redis_options import DURABILITY_LEVELS, MODES
 
 ENCODER_BACKENDS = ("onnx", "triton")
+TRITON_MODEL_CONTROLS = ("own", "follower")
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,14 @@ class EmbeddingConfig:
     # promoted: the pretrained encoder. Exclusive with model_dir.
     model_registry: str = ""
     model_poll_seconds: float = 1.0
+    # Who loads a promoted encoder into Triton (EMBEDDING_TRITON_MODEL_CONTROL):
+    # "own", this service (it writes model_repo, the repository its Triton
+    # reads: `recsys serve`); "follower", a `recsys triton-follow` beside each
+    # Triton (Kubernetes, where several Triton pods sit behind one Service):
+    # this service then waits until its Triton serves version 1000+N, up to
+    # triton_load_wait_seconds, and writes and unloads nothing.
+    triton_model_control: str = "own"
+    triton_load_wait_seconds: float = 600.0
     encoder: str = "onnx"
     triton_url: str = "127.0.0.1:8001"
     # The Triton model that encodes: text_encoder (Python backend, what the
@@ -139,6 +148,9 @@ class EmbeddingConfig:
             model_dir=env.str("MODEL_DIR", cls.model_dir),
             model_registry=env.str("MODEL_REGISTRY", cls.model_registry),
             model_poll_seconds=env.float("MODEL_POLL_SECONDS", cls.model_poll_seconds, minimum=0.05, maximum=60),
+            triton_model_control=env.choice("TRITON_MODEL_CONTROL", cls.triton_model_control, TRITON_MODEL_CONTROLS),
+            triton_load_wait_seconds=env.float("TRITON_LOAD_WAIT_SECONDS", cls.triton_load_wait_seconds, minimum=1,
+                                               maximum=3600),
             encoder=env.choice("ENCODER", cls.encoder, ENCODER_BACKENDS),
             triton_url=env.str("TRITON_URL", cls.triton_url),
             triton_model=env.str("TRITON_MODEL", cls.triton_model),
@@ -154,6 +166,9 @@ class EmbeddingConfig:
         )
 
     def __post_init__(self):
+        if self.triton_model_control not in TRITON_MODEL_CONTROLS:
+            raise ConfigError(f"EMBEDDING_TRITON_MODEL_CONTROL must be one of {', '.join(TRITON_MODEL_CONTROLS)}, "
+                              f"not {self.triton_model_control!r}")
         if self.model_dir and self.model_registry:
             raise ConfigError("EMBEDDING_MODEL_DIR and EMBEDDING_MODEL_REGISTRY are exclusive: serve one model "
                               "directory, or the registry's promoted sequence model")

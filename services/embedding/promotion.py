@@ -41,6 +41,14 @@ replica two promotions behind its siblings can lose its version: promote
 again only once every replica serves the last promotion (the
 recsys_embedding_model_version gauge).
 
+Where several Triton pods sit behind one Service (Kubernetes), no replica
+can load a version into all of them: there each Triton pod runs `recsys
+triton-follow` (recsys_core.models.triton_follow), which loads registry
+version N as text_encoder version 1000+N and keeps the previous one, and this
+service (EMBEDDING_TRITON_MODEL_CONTROL=follower) writes and unloads nothing:
+it waits until its Triton serves that version, then builds and checks as
+above.
+
 Health stays SERVING throughout: the old version answers until the new one
 is whole, and a version that fails to build is refused (logged) while the
 old one keeps serving.
@@ -50,6 +58,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -67,6 +76,12 @@ from services.embedding.loading import load_encoder, open_catalogue
 log = logging.getLogger(__name__)
 
 KIND = "sequence"
+# How replies name the pretrained encoder a registry-following replica serves
+# before the first promotion: a version like any other, so that a profile's
+# vectors made by it are searched in its index (RetrieveCandidates'
+# model_version) while the replica holds it after that promotion, and refused
+# after, never searched in the new encoder's index.
+PRETRAINED_LABEL = f"{KIND}/0"
 # The build's nice value: served calls first, the new version's encoding after.
 BUILD_NICENESS = 19
 # Encoded through Triton's new version and by the build encoder before a
@@ -112,6 +127,18 @@ def model_encoder(config: EmbeddingConfig, model: ModelDir | None, version: Mode
         return load_encoder(config, model, tracer)
     from recsys_core.models import triton_control
 
+    if config.triton_model_control == "follower":
+        encoder = load_encoder(config, model, tracer, triton_version=wait_for_follower(config, version))
+        # The weights are not on this disk to compare: the vectors are.
+        builder = build_encoder(config, model, encoder)
+        try:
+            check_same_vectors(encoder, builder)
+        except BaseException:
+            close_encoder(encoder)
+            raise
+        finally:
+            close_encoder(builder)
+        return encoder
     repo = Path(config.model_repo)
     if repo.resolve() == paths.MODEL_REPO.resolve():
         raise ModelDirError(
@@ -127,21 +154,48 @@ def model_encoder(config: EmbeddingConfig, model: ModelDir | None, version: Mode
     return load_encoder(config, model, tracer, triton_version=triton_version)
 
 
+def wait_for_follower(config: EmbeddingConfig, version: ModelVersion | None) -> int:
+    """The Triton version a pod's follower loads `version` as
+    (recsys_core.models.triton_follow), once this service's Triton serves
+    it: the swap waits, the serving version answering meanwhile."""
+    from recsys_core import errors
+    from recsys_core.models import triton_control
+
+    if version is None:
+        raise ModelDirError("EMBEDDING_TRITON_MODEL_CONTROL=follower serves registry versions only "
+                            "(EMBEDDING_MODEL_REGISTRY), not a model directory")
+    wanted = triton_control.registry_triton_version(version.version)
+    give_up = time.monotonic() + config.triton_load_wait_seconds
+    announced = False
+    while True:
+        try:
+            if wanted in served_triton_versions(config):
+                log.info("Triton serves %s version %d (%s), loaded by its follower", config.triton_model, wanted,
+                         version.label)
+                return wanted
+        except Exception as error:  # noqa: BLE001 - Triton away for a moment: asked again below
+            log.debug("cannot read Triton's versions: %s", error)
+        if time.monotonic() > give_up:
+            raise errors.Unavailable(
+                f"Triton at {config.triton_url} did not serve {config.triton_model} version {wanted} ({version.label}) "
+                f"within {config.triton_load_wait_seconds:.0f} s: is `recsys triton-follow` running beside it "
+                f"on the same registry?")
+        if not announced:
+            log.info("waiting for Triton's follower to load %s as %s version %d", version.label, config.triton_model,
+                     wanted)
+            announced = True
+        time.sleep(1.0)
+
+
 # Triton's model states of a version that is, or is about to be, served.
 LIVE_STATES = ("READY", "LOADING")
 
 
 def served_triton_versions(config: EmbeddingConfig, states: tuple[str, ...] = ("READY",)) -> set[int]:
     """The text_encoder versions Triton has in `states` now (default: ready)."""
-    import tritonclient.grpc as grpcclient
+    from recsys_core.models import triton_control
 
-    client = grpcclient.InferenceServerClient(config.triton_url)
-    try:
-        index = client.get_model_repository_index(as_json=True).get("models", [])
-    finally:
-        client.close()
-    return {int(m["version"]) for m in index
-            if m.get("name") == config.triton_model and m.get("state") in states and m.get("version", "").isdigit()}
+    return triton_control.served_versions(config.triton_url, config.triton_model, states)
 
 
 def triton_versions_to_keep(live: set[int], previous: int | None, current: int) -> set[int]:
@@ -245,7 +299,9 @@ def retire(config: EmbeddingConfig, served: Served[Catalogue], old: Catalogue) -
         served.retire(number)
     close_encoder(old.encoder)
     current = served.current.value
-    if config.encoder == "triton" and getattr(current.encoder, "weights_version", None) is not None:
+    # A follower unloads for its pod (it keeps the version replicas may still be on).
+    if config.encoder == "triton" and config.triton_model_control == "own" \
+            and getattr(current.encoder, "weights_version", None) is not None:
         from recsys_core.models import triton_control
 
         previous = getattr(old.encoder, "weights_version", None)
