@@ -52,7 +52,10 @@ def first(small_store, tmp_path_factory):
     handler = logging.Handler()
     handler.emit = lambda record: lines.append(record.getMessage())
     logger.addHandler(handler)
-    level, logger.level = logger.level, logging.INFO
+    # setLevel, not the attribute: it clears the loggers' isEnabledFor caches, which an
+    # earlier INFO call at WARNING (tests/test_lifecycle.py's) left saying no.
+    level = logger.level
+    logger.setLevel(logging.INFO)
     try:
         decision = value_lifecycle.retrain_value(store, registry, progress=False, source="small store")
     finally:
