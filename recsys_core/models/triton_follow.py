@@ -18,8 +18,9 @@ It reconciles rather than reacts: every poll compares what Triton serves with
 what should be served and loads again when they differ, so a Triton
 container restarted in the pod (loading only what its config's version
 policy picks) is put right within a poll. The pod is ready (GET /ready on
---health-port) once Triton serves the promoted version: a new pod takes no
-call for a version it does not hold yet.
+--health-port) once Triton first serves what is promoted, and stays so: a
+new pod takes no call for a version it does not hold yet, and a registry
+volume briefly away does not take every pod out of the Service at once.
 """
 from __future__ import annotations
 
@@ -158,8 +159,9 @@ class Follower:
                     log.info("following %s again", self.registry.root)
                 self._failing = False
             except Exception:  # noqa: BLE001 - Triton starting, the volume briefly away: next poll
-                # Not ready while Triton does not serve what is wanted.
-                self.ready.clear()
+                # `ready` stays as it is: Triton still serves what it last
+                # loaded, and a registry volume briefly away must not take
+                # every Triton pod out of its Service at once.
                 if not self._failing:
                     log.exception("cannot bring Triton at %s to the registry's %s versions; trying every %.0f s",
                                   self.triton_url, KIND, self.interval)
@@ -168,8 +170,8 @@ class Follower:
 
 
 def serve_health(follower: Follower, port: int) -> ThreadingHTTPServer:
-    """GET /ready: 200 once Triton serves what the registry promotes, else
-    503; GET /live: 200. For the kubelet's httpGet probes."""
+    """GET /ready: 200 once Triton first served what the registry promotes,
+    503 before; GET /live: 200. For the kubelet's httpGet probes."""
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self):  # noqa: N802 - http.server's name
