@@ -377,7 +377,9 @@ def test_a_triton_pods_follower_loads_each_promotion_and_the_embedding_swaps_onl
             registry.promote("sequence", third, "test: a third")
             third = triton_control.registry_triton_version(third)
             wait_for(lambda: served() == {1, second, third}, "Triton serving its own version, sequence/2 and the third")
-            assert not (repo / paths.TEXT_ENCODER_MODEL / str(first)).exists(), "an unserved version kept its files"
+            # The files go once Triton has unloaded the version: just after the load call returns.
+            wait_for(lambda: not (repo / paths.TEXT_ENCODER_MODEL / str(first)).exists(),
+                     "the unserved version's files removed", seconds=10)
             assert f"version {second} (sequence/{versions['seq2'].version}), loaded by its follower" in caplog.text
         finally:
             follower.terminate()
