@@ -129,6 +129,22 @@ def request_kinds(interactions, per_kind: int, rng: random.Random) -> dict[str, 
     }
 
 
+def wait_for_popular_cache(metrics_address: str, seconds: float = 60.0) -> None:
+    """Until the gateway holds its popular items: a gateway that started
+    before profile was ready fills them in the background (GetPopularItems
+    and GetItems), and those calls must not be counted as a Recommend's."""
+    import urllib.request
+
+    give_up = time.monotonic() + seconds
+    while time.monotonic() < give_up:
+        with urllib.request.urlopen(f"http://{metrics_address}/metrics", timeout=5) as reply:
+            for line in reply.read().decode().splitlines():
+                if line.startswith("recsys_gateway_popular_items_cached ") and float(line.split()[1]) > 0:
+                    return
+        time.sleep(0.2)
+    raise SystemExit(f"the gateway held no popular items after {seconds:.0f} s")
+
+
 def measure(gateway, requests, record: list, lock: threading.Lock) -> dict:
     per_call = []
     methods: dict[str, dict] = defaultdict(lambda: {"calls": 0, "request": 0, "reply": 0})
@@ -210,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         print(f"starting the stack on {data_dir} ...", flush=True)
         stack.start()
+        wait_for_popular_cache(stack.addresses["gateway-metrics"])
         with stack.channel("gateway") as channel:
             gateway = gateway_pb2_grpc.GatewayServiceStub(channel)
             for kind, requests in kinds.items():
