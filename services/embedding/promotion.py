@@ -128,17 +128,9 @@ def model_encoder(config: EmbeddingConfig, model: ModelDir | None, version: Mode
     from recsys_core.models import triton_control
 
     if config.triton_model_control == "follower":
-        encoder = load_encoder(config, model, tracer, triton_version=wait_for_follower(config, version))
-        # The weights are not on this disk to compare: the vectors are.
-        builder = build_encoder(config, model, encoder)
-        try:
-            check_same_vectors(encoder, builder)
-        except BaseException:
-            close_encoder(encoder)
-            raise
-        finally:
-            close_encoder(builder)
-        return encoder
+        # The weights are not on this disk to compare: the vectors are,
+        # by swap_in on a promotion and check_at_start at start.
+        return load_encoder(config, model, tracer, triton_version=wait_for_follower(config, version))
     repo = Path(config.model_repo)
     if repo.resolve() == paths.MODEL_REPO.resolve():
         raise ModelDirError(
@@ -152,6 +144,22 @@ def model_encoder(config: EmbeddingConfig, model: ModelDir | None, version: Mode
     log.info("Triton loaded %s version %d (%s) beside %s", config.triton_model, triton_version,
              version.label if version else model.path, sorted(serving - {triton_version}) or "nothing")
     return load_encoder(config, model, tracer, triton_version=triton_version)
+
+
+def check_at_start(config: EmbeddingConfig, model: ModelDir | None, encoder: Encoder) -> None:
+    """At start with a follower's version: Triton's vectors against the
+    model's own weights, as swap_in checks a promotion's (its build encoder
+    does the job there, so this runs only here)."""
+    if model is None or config.encoder != "triton" or config.triton_model_control != "follower":
+        return
+    builder = build_encoder(config, model, encoder)
+    try:
+        check_same_vectors(encoder, builder)
+    except BaseException:
+        close_encoder(encoder)
+        raise
+    finally:
+        close_encoder(builder)
 
 
 def wait_for_follower(config: EmbeddingConfig, version: ModelVersion | None) -> int:

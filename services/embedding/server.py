@@ -57,6 +57,7 @@ def load_catalogue(config: EmbeddingConfig, show_progress: bool = True, tracer=N
     if config.model_registry:
         model, version = promotion.promoted_model(config)
         encoder = promotion.model_encoder(config, model, version, tracer)
+        promotion.check_at_start(config, model, encoder)
         label = version.label if version is not None else promotion.PRETRAINED_LABEL
     else:
         model = open_model_dir(config.model_dir) if config.model_dir else None
