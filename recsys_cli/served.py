@@ -217,17 +217,33 @@ def offline_metrics(name: str, dataset, split, indices: np.ndarray) -> dict:
     return protocol.metrics_from_ranks(ranks)
 
 
-def write_heldout(data_dir: Path, out: Path) -> dict:
-    """A copy of `data_dir` without any test target, for `recsys serve --data`."""
+def write_heldout(data_dir: Path, out: Path, categories: list[str] | None = None) -> dict:
+    """A copy of `data_dir` without any test target, for `recsys serve --data`;
+    with `categories`, only their items and events (a stack serving one
+    category's model need not encode the others' catalogues)."""
     import shutil
+
+    import pandas as pd
 
     from recsys_core.data import shopping
     from training.protocol import heldout_interactions
 
     events = shopping.load_interactions(data_dir)
+    if categories:
+        unknown = sorted(set(categories) - set(events.category.unique()))
+        if unknown:
+            raise ValueError(f"--category {', '.join(unknown)}: no events in {data_dir}")
+        events = events[events.category.isin(categories)]
     kept = heldout_interactions(events)
     out.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(Path(data_dir) / shopping.ITEMS_FILE, out / shopping.ITEMS_FILE)
+    if categories:
+        items = pd.read_csv(Path(data_dir) / shopping.ITEMS_FILE, dtype=str, keep_default_na=False)
+        # An item a category's shoppers bought may be filed under another
+        # category (a baseball pant under Sports, bought in Toys): kept too.
+        wanted = items.category.isin(categories) | items.item_id.isin(set(events.item_id))
+        items[wanted].to_csv(out / shopping.ITEMS_FILE, index=False)
+    else:
+        shutil.copyfile(Path(data_dir) / shopping.ITEMS_FILE, out / shopping.ITEMS_FILE)
     kept.to_csv(out / shopping.INTERACTIONS_FILE, index=False)
     return {"events": len(events), "kept": len(kept), "held_out": len(events) - len(kept)}
 
@@ -422,7 +438,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.write_heldout:
         if args.served:
             p.error("--write-heldout writes data to serve; run --served against the stack afterwards")
-        counts = write_heldout(args.data, args.write_heldout)
+        try:
+            counts = write_heldout(args.data, args.write_heldout, args.category)
+        except ValueError as error:
+            p.error(str(error))
         print(f"wrote {args.write_heldout}: {counts['kept']} of {counts['events']} events "
               f"({counts['held_out']} held-out items left out); serve it with "
               f"`recsys serve --data {args.write_heldout}` and evaluate with `--data {args.data}`")

@@ -223,3 +223,21 @@ def test_feature_rows_mark_absent_sources_missing_and_rank_ties_alike():
     assert np.isnan(column["drift_score"]).all() and list(column["churn_probability"]) == pytest.approx([0.3] * 3)
     assert list(column["co_purchase_share"]) == [0, 1, 0] and list(column["co_purchase_rank"]) == [1, 0, 1]
     assert list(column["candidates"]) == [3, 3, 3]
+
+
+def test_the_search_keeps_the_settings_best_on_held_out_validation(dataset, exported_encoder):
+    """`--search`: every setting of the grid is fitted on validation pools
+    and the one with the best held-out validation NDCG@10 is kept; a
+    setting that can barely learn (one split per tree, tiny steps) loses."""
+    from training.items import default_encoder, split_item_vectors
+
+    encoder = default_encoder()
+    category = training.prepare(dataset, "Beauty", lambda split: split_item_vectors(split, dataset.items, encoder,
+                                                                                     False))
+    valid = category.pools("valid", list(range(len(category.split.users))))
+    crippled = {"num_leaves": 2, "learning_rate": 0.001, "min_data_in_leaf": 2000}
+    (booster, _, held_out), chosen, tried = training.choose(valid, list(FEATURE_NAMES), 2, 0, [crippled, {}])
+    assert [t["overrides"] for t in tried] == [crippled, {}]
+    assert held_out == pytest.approx(max(t["held_out_ndcg@10"] for t in tried), abs=1e-5)
+    assert chosen == {} and tried[1]["held_out_ndcg@10"] > tried[0]["held_out_ndcg@10"], tried
+    assert booster.params["num_leaves"] == 31

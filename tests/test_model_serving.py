@@ -332,3 +332,27 @@ def test_the_model_term_ranks_by_inner_product_whatever_the_towers_scale():
     np.testing.assert_allclose(large.scores, small.scores, rtol=1e-5)
     with pytest.raises(errors.InvalidArgument, match="user.model_interest"):
         ranked(interest[:5])
+
+
+def test_the_rankers_model_source_is_the_served_models_own_ranking(model, small_data):
+    """`recsys train-ranker --model`: the pool's "model" source is what the
+    model retrieves, so the pool ordered by model_similarity alone scores
+    exactly what `recsys evaluate --model` scores over the whole catalogue
+    (the learned order is then measured on the papers' protocol)."""
+    from training import modeldir, protocol, ranker, seqmodel
+
+    dataset = shopping.Dataset.load(small_data)
+    vectors_of, shopper_model_of = ranker.served_model(model.path, dataset.items, progress=False)
+    category = ranker.prepare(dataset, "Beauty", vectors_of, shopper_model_of)
+    split = category.split
+    pools = category.pools("test", list(range(len(split.users))), ranker.PoolSettings(per_source=25))
+    assert pools.source_hits["model"].any()
+    pooled = ranker.evaluate_scores(pools, ranker.single_source(pools, "model_similarity"), split.num_items)
+    offline = protocol.evaluate(seqmodel.scorer(modeldir.load_for_scoring(model.path, split, dataset.items,
+                                                                          progress=False)), split, "test")
+    assert offline["recall@20"] > 0, offline  # some targets found: the equality below means something
+    for metric in ("recall@10", "ndcg@10", "recall@20", "ndcg@20"):
+        assert pooled[metric] == pytest.approx(offline[metric], abs=1e-6), (metric, pooled, offline)
+    # Served vectors, not unit ones: the index holds text + ID vectors as they are.
+    with_ids = model_serving.open_model_dir(model.path).id_vectors()
+    assert with_ids is not None and not np.allclose(np.linalg.norm(category.vectors, axis=1), 1.0)

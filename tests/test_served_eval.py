@@ -56,6 +56,31 @@ def test_heldout_data_drops_exactly_each_evaluated_shoppers_test_event():
     assert held == {"u": "a"}
 
 
+def test_heldout_copy_of_one_category_keeps_only_its_items_and_events(tmp_path, capsys):
+    """`--write-heldout DIR --category C`: a stack serving one category's
+    model gets that category alone, still without its test events."""
+    from recsys_cli import served
+    from recsys_core.data import paths, shopping
+
+    out = tmp_path / "toys"
+    assert served.main(["--write-heldout", str(out), "--data", str(paths.BUNDLED_DATA_DIR),
+                        "--category", "Toys_and_Games"]) == 0
+    events = shopping.load_interactions(paths.BUNDLED_DATA_DIR)
+    toys = events[events.category == "Toys_and_Games"]
+    kept, items = shopping.load_interactions(out), shopping.load_items(out)
+    assert set(kept.category) == {"Toys_and_Games"}
+    assert len(kept) == len(protocol.heldout_interactions(toys)) < len(toys)
+    # Every item a Toys shopper bought, some filed under another category; no other.
+    assert set(kept.item_id) <= set(items.item_id)
+    assert set(items.item_id) <= set(toys.item_id) | set(
+        shopping.load_items(paths.BUNDLED_DATA_DIR).query("category == 'Toys_and_Games'").item_id)
+    assert (items.category == "Toys_and_Games").mean() > 0.9
+    with pytest.raises(SystemExit) as refused:
+        served.main(["--write-heldout", str(tmp_path / "none"), "--data", str(paths.BUNDLED_DATA_DIR),
+                     "--category", "Garden"])
+    assert refused.value.code == 2 and "Garden" in capsys.readouterr().err
+
+
 # -- against the session's stack ---------------------------------------------------
 
 def served_args(stack, tmp_path, *extra, known_test_items: bool = True):

@@ -28,6 +28,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Sequence
 
 import numpy as np
 from tqdm import tqdm
@@ -45,7 +46,11 @@ from training.crosscat import training_copurchases
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("long_term", "short_term", "co_purchase", "popular")
+SOURCES = ("long_term", "short_term", "model", "co_purchase", "popular")
+
+# A served model's shopper vectors for a batch of histories (item indices of
+# the split): what the profile service's user tower answers.
+ShopperModel = Callable[[Sequence[np.ndarray]], np.ndarray]
 
 
 @dataclass
@@ -88,10 +93,14 @@ def _top(scores: np.ndarray, k: int, banned: np.ndarray) -> np.ndarray:
 
 def build_pools(split: protocol.CategorySplit, stage: str, rows: list[int], vectors: np.ndarray,
                 grains: list[str], index: CoPurchases, popularity: np.ndarray, settings: PoolSettings,
-                progress: bool = False) -> Pools:
-    """`vectors`: unit item vectors over the split's items; `grains`: each
-    item's interest category (for drift); `popularity`: training events per item."""
+                progress: bool = False, shopper_model: ShopperModel | None = None) -> Pools:
+    """`vectors`: the item vectors the embedding service indexes over the
+    split's items; `grains`: each item's interest category (for drift);
+    `popularity`: training events per item; `shopper_model`: a served
+    model's user tower, whose vector retrieves the "model" source."""
     histories, all_targets = split.inputs(stage), split.targets(stage)
+    model_interests = _model_interests(shopper_model, [histories[row] for row in rows], progress, split.category,
+                                       stage)
     pools = Pools(stage, list(rows), all_targets[rows])
     hits = {source: np.zeros(len(rows), dtype=bool) for source in SOURCES}
     most_popular = np.argsort(-popularity, kind="stable")
@@ -109,7 +118,8 @@ def build_pools(split: protocol.CategorySplit, stage: str, rows: list[int], vect
         drift = float(np.float32(min(measure_drift(history_vectors, np.ones(n), [grains[i] for i in history],
                                                    settings.drift).score, 1.0)))
         lists = {}
-        for source, query in (("long_term", long_term), ("short_term", short_term)):
+        model_interest = None if model_interests is None else model_interests[position]
+        for source, query in (("long_term", long_term), ("short_term", short_term), ("model", model_interest)):
             lists[source] = _top(vectors @ query, settings.per_source, seen) if query is not None else \
                 np.zeros(0, dtype=np.int64)
         shared = index.most_shared([item_ids[i] for i in history], settings.per_source, [split.category],
@@ -122,7 +132,7 @@ def build_pools(split: protocol.CategorySplit, stage: str, rows: list[int], vect
             hits[source][position] = target in set(found.tolist())
         pool = np.asarray(list(dict.fromkeys(np.concatenate(list(lists.values())).tolist())), dtype=np.int64)
         user = UserVectors(long_term=long_term, short_term=short_term, context=None, history=None,
-                           drift_score=drift)
+                           drift_score=drift, model_interest=model_interest)
         vector_features = features(user, vectors[pool])
         counts = popularity[pool].astype(np.float32)
         most = np.full(len(pool), max_popularity, dtype=np.float32)
@@ -133,6 +143,16 @@ def build_pools(split: protocol.CategorySplit, stage: str, rows: list[int], vect
         pools.hand.append(score_features(vector_features, counts, most, SERVING_WEIGHTS, drift, None, co))
     pools.source_hits = hits
     return pools
+
+
+def _model_interests(shopper_model: ShopperModel | None, histories: list[np.ndarray], progress: bool,
+                     category: str, stage: str, batch: int = 512) -> np.ndarray | None:
+    if shopper_model is None:
+        return None
+    chunks = range(0, len(histories), batch)
+    return np.concatenate([np.asarray(shopper_model(histories[start:start + batch]), dtype=np.float32)
+                           for start in tqdm(chunks, desc=f"{category} {stage} shopper vectors",
+                                             disable=not progress)]) if histories else None
 
 
 def pool_ranks(pools: Pools, scores: list[np.ndarray], num_items: int) -> np.ndarray:
@@ -155,7 +175,21 @@ def evaluate_scores(pools: Pools, scores: list[np.ndarray], num_items: int) -> d
     return {**protocol.metrics_from_ranks(ranks), "recall@100": float((ranks < 100).mean())}
 
 
-def lightgbm_params(threads: int, seed: int) -> dict:
+# `--search`: tree shapes and step sizes tried, each scored by NDCG@10 on
+# the held-out validation shoppers (never on test positions); the first is
+# the default. How deep a tree the data supports differs with the
+# category's size.
+SEARCH_GRID: tuple[dict, ...] = (
+    {},
+    {"num_leaves": 15, "min_data_in_leaf": 200},
+    {"num_leaves": 63, "min_data_in_leaf": 20},
+    {"learning_rate": 0.02},
+    {"learning_rate": 0.1},
+    {"num_leaves": 63, "min_data_in_leaf": 100, "lambda_l2": 10.0},
+)
+
+
+def lightgbm_params(threads: int, seed: int, **overrides) -> dict:
     return {
         "objective": "lambdarank", "metric": "ndcg", "eval_at": [10], "learning_rate": 0.05,
         "num_leaves": 31, "min_data_in_leaf": 50, "feature_fraction": 0.9, "bagging_fraction": 0.8,
@@ -164,6 +198,7 @@ def lightgbm_params(threads: int, seed: int) -> dict:
         "lambdarank_truncation_level": 20,
         # The same data gives the same model whatever the threads do.
         "deterministic": True, "force_col_wise": True,
+        **overrides,
     }
 
 
@@ -181,7 +216,7 @@ def _dataset(pools: Pools, rows: np.ndarray, names: list[str], reference=None):
 
 
 def fit(pools: Pools, names: list[str], threads: int = 2, seed: int = 0, rounds: int = 1000,
-        patience: int = 50, held_out: float = 0.2):
+        patience: int = 50, held_out: float = 0.2, overrides: dict | None = None):
     """A LambdaRank booster on validation pools; early stopping on NDCG@10 of
     a held-out part of those shoppers. Returns (booster, best iteration, its held-out NDCG@10)."""
     import lightgbm
@@ -190,10 +225,26 @@ def fit(pools: Pools, names: list[str], threads: int = 2, seed: int = 0, rounds:
     cut = int(len(order) * (1 - held_out))
     train = _dataset(pools, np.sort(order[:cut]), names)
     valid = _dataset(pools, np.sort(order[cut:]), names, reference=train)
-    booster = lightgbm.train(lightgbm_params(threads, seed), train, num_boost_round=rounds, valid_sets=[valid],
+    booster = lightgbm.train(lightgbm_params(threads, seed, **(overrides or {})), train, num_boost_round=rounds, valid_sets=[valid],
                              valid_names=["held_out"],
                              callbacks=[lightgbm.early_stopping(patience, verbose=False)])
     return booster, booster.best_iteration, float(booster.best_score["held_out"]["ndcg@10"])
+
+
+def choose(pools: Pools, names: list[str], threads: int, seed: int, grid: Sequence[dict]):
+    """`fit` with each of `grid`'s overrides; the one with the best held-out
+    validation NDCG@10 (the first on a tie). Returns (its fit, its
+    overrides, every try's figures)."""
+    tried, best, chosen = [], None, {}
+    for overrides in grid:
+        candidate = fit(pools, names, threads, seed, overrides=overrides)
+        tried.append({"overrides": overrides, "best_iteration": candidate[1],
+                      "held_out_ndcg@10": round(candidate[2], 5)})
+        log.info("%s: held-out validation NDCG@10 %.5f at iteration %d", overrides or "default settings",
+                 candidate[2], candidate[1])
+        if best is None or candidate[2] > best[2]:
+            best, chosen = candidate, overrides
+    return best, chosen, tried
 
 
 def score_pools(booster, pools: Pools, names: list[str]) -> list[np.ndarray]:
@@ -205,7 +256,8 @@ def score_pools(booster, pools: Pools, names: list[str]) -> list[np.ndarray]:
 
 # The pool ordered by one column alone: what the learned order must beat
 # besides the hand weights (a missing source orders nothing: all tie).
-SINGLE_SOURCES = ("long_term_similarity", "short_term_similarity", "log_co_purchases", "log_popularity")
+SINGLE_SOURCES = ("long_term_similarity", "short_term_similarity", "model_similarity", "log_co_purchases",
+                  "log_popularity")
 
 
 def single_source(pools: Pools, name: str) -> list[np.ndarray]:
@@ -223,33 +275,69 @@ class RankerResult:
 class CategoryData:
     """What pooling needs of one category, from its training part only."""
     split: protocol.CategorySplit
-    vectors: np.ndarray  # unit item vectors over the split's items
+    vectors: np.ndarray  # the indexed item vectors over the split's items
     grains: list[str]  # each item's interest category, for drift
     index: CoPurchases
     popularity: np.ndarray  # training events per item
+    shopper_model: ShopperModel | None = None
 
     def pools(self, stage: str, rows: list[int], settings: PoolSettings = PoolSettings(),
               progress: bool = False) -> Pools:
         return build_pools(self.split, stage, rows, self.vectors, self.grains, self.index, self.popularity, settings,
-                           progress)
+                           progress, self.shopper_model)
 
 
-def prepare(dataset: shopping.Dataset, category: str, vectors_of) -> CategoryData:
-    """`vectors_of(split)`: the split's item vectors (the encoder's, cached)."""
+def prepare(dataset: shopping.Dataset, category: str, vectors_of,
+            shopper_model_of: Callable[[protocol.CategorySplit], ShopperModel] | None = None) -> CategoryData:
+    """`vectors_of(split)`: the split's item vectors (the encoder's, cached);
+    `shopper_model_of(split)`: a served model's user tower over that split,
+    `vectors_of` then giving that model's item vectors (`served_model`)."""
     split = protocol.category_split(dataset.interactions, dataset.items, category)
     vectors = np.asarray(vectors_of(split), dtype=np.float32)
-    vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+    if shopper_model_of is None:
+        vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+    # else the embedding service indexes a model's text + ID vectors as they
+    # are, and ranks by inner product: so do the pools.
     meta = dataset.items.drop_duplicates("item_id").set_index("item_id")
     grains = [interest_category(str(meta.category.get(i, category)), str(meta.category_path.get(i, "") or ""))
               if i in meta.index else category for i in split.item_ids]
     index = training_copurchases(dataset.interactions[dataset.interactions.category == category])
     popularity = popularity_scorer(split)([np.array([])])[0]
-    return CategoryData(split, vectors, grains, index, popularity)
+    return CategoryData(split, vectors, grains, index, popularity,
+                        None if shopper_model_of is None else shopper_model_of(split))
+
+
+def served_model(model_dir: Path, items, progress: bool = True):
+    """(vectors_of, shopper_model_of) for `prepare` from a `recsys train`
+    model directory: the item vectors `recsys serve --model` indexes and the
+    user tower the profile service runs (in torch, fp32: the served ONNX
+    tower matches it, training/modeldir.py checks at export)."""
+    from training import modeldir, twotower
+
+    loaded: dict = {}
+
+    def model_of(split):
+        if loaded.get("split") is not split:
+            loaded.update(split=split, model=modeldir.load_for_scoring(model_dir, split, items, progress))
+        return loaded["model"]
+
+    def vectors_of(split) -> np.ndarray:
+        import torch
+
+        with torch.no_grad():
+            return model_of(split).item_matrix().numpy().copy()
+
+    def shopper_model_of(split) -> ShopperModel:
+        model = model_of(split)
+        return lambda histories: twotower.shopper_vectors(model, histories)
+
+    return vectors_of, shopper_model_of
 
 
 def train_ranker(dataset: shopping.Dataset, category: str, vectors_of, settings: PoolSettings = PoolSettings(),
                  threads: int = 2, seed: int = 0, max_shoppers: int | None = None, ablation: bool = True,
-                 progress: bool = False, data_label: str = "", compare: dict | None = None) -> RankerResult:
+                 progress: bool = False, data_label: str = "", compare: dict | None = None,
+                 shopper_model_of=None, model_label: str = "", search: bool = False) -> RankerResult:
     """Pools, fit, test report. `vectors_of(split)`: the split's item vectors.
     `compare`: label -> a LearnedRanker (e.g. the promoted version) scored on
     the same test pools, into the manifest's test.compared.
@@ -260,13 +348,13 @@ def train_ranker(dataset: shopping.Dataset, category: str, vectors_of, settings:
 
     with threadpool_limits(threads):
         return _train_ranker(dataset, category, vectors_of, settings, threads, seed, max_shoppers, ablation, progress,
-                             data_label, compare or {})
+                             data_label, compare or {}, shopper_model_of, model_label, search)
 
 
 def _train_ranker(dataset, category, vectors_of, settings, threads, seed, max_shoppers, ablation, progress,
-                  data_label, compare) -> RankerResult:
+                  data_label, compare, shopper_model_of, model_label, search) -> RankerResult:
     started = time.monotonic()
-    category_data = prepare(dataset, category, vectors_of)
+    category_data = prepare(dataset, category, vectors_of, shopper_model_of)
     split = category_data.split
     rows = list(range(len(split.users)))
     if max_shoppers and len(rows) > max_shoppers:
@@ -274,11 +362,12 @@ def _train_ranker(dataset, category, vectors_of, settings, threads, seed, max_sh
     valid = category_data.pools("valid", rows, settings, progress)
     test = category_data.pools("test", rows, settings, progress)
     names = list(FEATURE_NAMES)
-    booster, best_iteration, held_out = fit(valid, names, threads, seed)
+    (booster, best_iteration, held_out), chosen, tried = choose(valid, names, threads, seed,
+                                                                SEARCH_GRID if search else SEARCH_GRID[:1])
     learned = evaluate_scores(test, score_pools(booster, test, names), split.num_items)
     hand = evaluate_scores(test, test.hand, split.num_items)
     single = {name: rounded(evaluate_scores(test, single_source(test, name), split.num_items))
-              for name in SINGLE_SOURCES}
+              for name in SINGLE_SOURCES if name != "model_similarity" or shopper_model_of is not None}
     gains = booster.feature_importance("gain")
     importance = {name: round(float(gain) / max(float(gains.sum()), 1e-12), 4)
                   for name, gain in sorted(zip(names, gains), key=lambda pair: -pair[1])}
@@ -286,7 +375,7 @@ def _train_ranker(dataset, category, vectors_of, settings, threads, seed, max_sh
     if ablation:
         for group, members in FEATURE_GROUPS.items():
             kept = [name for name in names if name not in members]
-            reduced, iterations, _ = fit(valid, kept, threads, seed)
+            reduced, iterations, _ = fit(valid, kept, threads, seed, overrides=chosen)
             groups[group] = {"iterations": iterations,
                              **rounded(evaluate_scores(test, score_pools(reduced, test, kept), split.num_items))}
     pool_sizes = [len(c) for c in test.candidates]
@@ -295,6 +384,7 @@ def _train_ranker(dataset, category, vectors_of, settings, threads, seed, max_sh
         "feature_names": names,
         "feature_groups": {group: list(members) for group, members in FEATURE_GROUPS.items()},
         "data": {"path": data_label, "category": category, "shoppers": len(rows),
+                 "served_model": model_label or None,
                  "trained_on": "validation positions (history before each shopper's second-to-last item)",
                  "early_stopping": "NDCG@10 on a held-out fifth of those shoppers",
                  "evaluated_on": "test positions (each shopper's last item)",
@@ -303,7 +393,8 @@ def _train_ranker(dataset, category, vectors_of, settings, threads, seed, max_sh
                  "mean_size": round(float(np.mean(pool_sizes)), 1),
                  "recall_valid": round(valid.recall(), 4), "recall_test": round(test.recall(), 4),
                  "source_recall_test": {s: round(float(h.mean()), 4) for s, h in test.source_hits.items()}},
-        "training": {"params": lightgbm_params(threads, seed), "best_iteration": best_iteration,
+        "training": {"params": lightgbm_params(threads, seed, **chosen), "best_iteration": best_iteration,
+                     **({"search": tried} if search else {}),
                      "held_out_ndcg@10": round(held_out, 4), "minutes": None},
         "test": {"learned": rounded(learned), "hand_weighted": rounded(hand), "single_source": single,
                  **({"compared": {label: rounded(evaluate_scores(test, score_pools(other.booster, test,
@@ -387,10 +478,16 @@ def train_ranker_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per-source", type=int, default=PoolSettings.per_source,
                         help="candidates per source (the gateway's: 50 for a page of 10)")
     parser.add_argument("--popular", type=int, default=0, help="also pool this many most popular items")
+    parser.add_argument("--model", type=Path, help=(
+        "a `recsys train` model directory, as `recsys serve --model` serves it: its item vectors replace the "
+        "pretrained encoder's and its user tower's vector pools a source of its own (model_similarity)"))
     parser.add_argument("--max-shoppers", type=int, help="a random sample of the category's shoppers")
     parser.add_argument("--threads", type=int, default=2, help="LightGBM threads (keep low on a shared machine)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-ablation", action="store_true", help="skip retraining without each feature group")
+    parser.add_argument("--search", action="store_true", help=(
+        "choose LightGBM's tree shape and learning rate among a small grid by NDCG@10 on the held-out "
+        "validation shoppers (never test positions); default: the first of them"))
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--markdown", type=Path, help="also write the figures as docs/results.md's tables here")
     versions.add_register_arguments(parser)
@@ -401,14 +498,25 @@ def train_ranker_main(argv: list[str] | None = None) -> int:
     dataset = shopping.Dataset.load(args.data)
     if args.category not in set(dataset.interactions.category.unique()):
         parser.error(f"--category {args.category}: not in {args.data}")
-    from training.items import default_encoder, split_item_vectors
+    if args.model is not None:
+        from training import modeldir
 
-    encoder = default_encoder()
+        if not modeldir.is_model_dir(args.model):
+            parser.error(f"--model {args.model}: not a model directory written by `recsys train` (no manifest)")
+        vectors_of, shopper_model_of = served_model(args.model, dataset.items, not args.no_progress)
+    else:
+        from training.items import default_encoder, split_item_vectors
+
+        encoder = default_encoder()
+        shopper_model_of = None
+
+        def vectors_of(split):
+            return split_item_vectors(split, dataset.items, encoder, not args.no_progress)
     result = train_ranker(
-        dataset, args.category, lambda split: split_item_vectors(split, dataset.items, encoder, not args.no_progress),
-        PoolSettings(per_source=args.per_source, popular=args.popular), threads=args.threads, seed=args.seed,
-        max_shoppers=args.max_shoppers, ablation=not args.no_ablation, progress=not args.no_progress,
-        data_label=str(args.data))
+        dataset, args.category, vectors_of, PoolSettings(per_source=args.per_source, popular=args.popular),
+        threads=args.threads, seed=args.seed, max_shoppers=args.max_shoppers, ablation=not args.no_ablation,
+        progress=not args.no_progress, data_label=str(args.data), shopper_model_of=shopper_model_of,
+        model_label=str(args.model or ""), search=args.search)
     save(result, args.out)
     if args.markdown:
         command = "recsys train-ranker " + " ".join(argv if argv is not None else sys.argv[2:])
