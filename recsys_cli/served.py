@@ -264,10 +264,11 @@ def plot(summary: dict, out: Path) -> None:
     colours = ("tab:blue", "tab:orange", "silver", "dimgrey", "tab:green")  # served first, then offline
     for axis, metric in zip(axes, metrics):
         for offset, name in enumerate(figures):
-            values = [results[c].get(name, {}).get(metric, 0.0) for c in categories]
+            # A figure not measured (a published table without @20) has no bar, not a 0.
+            values = [results[c].get(name, {}).get(metric, np.nan) for c in categories]
             bars = axis.bar([i + (offset - (len(figures) - 1) / 2) * width for i in range(len(categories))],
                             values, width, label=name, color=colours[offset % len(colours)])
-            axis.bar_label(bars, fmt="%.3f", fontsize=6)
+            axis.bar_label(bars, labels=["" if np.isnan(v) else f"{v:.3f}" for v in values], fontsize=6)
         axis.set_xticks(range(len(categories)), [c.replace("_and_", " & ").replace("_", " ") for c in categories],
                         fontsize=7, rotation=20)
         axis.set_title(metric.replace("recall", "Recall").replace("ndcg", "NDCG"), fontsize=9)
@@ -360,10 +361,11 @@ def evaluate_served(args) -> dict:
         indices = sample_indices(len(split.users), args.max_shoppers, args.seed)
         events = histories_by_shopper(dataset.interactions, category)
         splits[category], samples[category], targets_of[category] = split, indices, []
+        test_targets = split.targets("test")  # once: it is built over every shopper
         for index in indices:
             user = split.users[index]
             rows = events[user]
-            target = split.item_ids[split.targets("test")[index]]
+            target = split.item_ids[test_targets[index]]
             # The guard of the whole method: the held-out event is the last by
             # seq, and only the rows before it are ever sent.
             assert rows.item_id.iloc[-1] == target and len(rows) == len(split.sequences[index])

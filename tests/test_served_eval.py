@@ -194,3 +194,27 @@ def test_served_evaluation_against_a_wrong_address_fails_with_the_code(stack, tm
     args[args.index(stack.gateway)] = f"127.0.0.1:{free_port()}"
     assert main(args) == 1
     assert "did not answer GetProfile: UNAVAILABLE" in capsys.readouterr().err
+
+
+def test_served_targets_table_says_beaten_only_above_the_published_row_on_both_metrics(tmp_path):
+    """scripts/served_targets.py: served figures against the strongest
+    published row of the category (ICSRec for Toys: 0.1055 / 0.0657)."""
+    from scripts import served_targets
+
+    figures = {"recall@10": 0.11, "ndcg@10": 0.07, "recall@20": 0.15, "ndcg@20": 0.08, "users": 10}
+    manifest = tmp_path / "ranker.json"
+    manifest.write_text(json.dumps({"data": {"category": "Toys_and_Games"}, "test": {
+        "learned": figures, "single_source": {"model_similarity": {**figures, "ndcg@10": 0.06},
+                                              "log_popularity": {**figures, "ndcg@10": 0.01}}}}))
+
+    def table(served_figures):
+        served = tmp_path / "served.json"
+        served.write_text(json.dumps({"results": {"Toys_and_Games": {"served": served_figures}}}))
+        return served_targets.markdown({"Toys_and_Games": served_targets.gather("Toys_and_Games", manifest, served)})
+
+    assert "| **beaten** |" in table(figures)
+    assert "Recall@10 only" in table({**figures, "ndcg@10": 0.0657})  # equal is not above
+    assert "**not beaten**" in table({**figures, "recall@10": 0.1, "ndcg@10": 0.06})
+    assert "best single source (model)" in table(figures)
+    with pytest.raises(SystemExit, match="not Beauty"):
+        served_targets.gather("Beauty", manifest, None)
