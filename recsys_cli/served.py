@@ -272,11 +272,12 @@ def plot(summary: dict, out: Path) -> None:
         axis.set_xticks(range(len(categories)), [c.replace("_and_", " & ").replace("_", " ") for c in categories],
                         fontsize=7, rotation=20)
         axis.set_title(metric.replace("recall", "Recall").replace("ndcg", "NDCG"), fontsize=9)
-    axes[0].legend(fontsize=7)
+    # Below the panels: inside one it would cover the bars.
+    figure.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=len(figures), fontsize=7)
     shoppers = sum(r["served"]["shoppers"] for r in results.values())
     figure.suptitle(f"offline against as served (Recommend through the gateway), the same {shoppers} test shoppers",
                     fontsize=9)
-    figure.tight_layout()
+    figure.tight_layout(rect=(0, 0.07, 1, 1))
     out.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(out, dpi=110)
 
