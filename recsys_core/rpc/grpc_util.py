@@ -12,6 +12,7 @@ import asyncio
 import functools
 import inspect
 import logging
+import os
 import signal
 import threading
 import time
@@ -835,14 +836,41 @@ def setup_logging(service: str) -> None:
         trace_logging(handler, service)
 
 
+# Threads each service process gives its native maths libraries (OpenBLAS
+# under numpy, OpenMP under LightGBM and FAISS). A service answers many
+# small requests at once, each with small products: a pool per library
+# with a thread per core only adds threads that busy-wait for work and take
+# the cores from the other requests and processes. On this 2-core machine
+# that doubled Recommend's p99 at one client (docs/performance.md).
+NATIVE_THREADS_VARIABLE = "RECSYS_NATIVE_THREADS"
+
+
+def limit_native_threads(environ=None) -> int:
+    """Caps the native maths libraries' thread pools to
+    RECSYS_NATIVE_THREADS (default 1); returns the cap."""
+    from threadpoolctl import threadpool_limits
+
+    from recsys_core.rpc.envconfig import EnvReader
+
+    threads = EnvReader("RECSYS_", environ).int("NATIVE_THREADS", 1, minimum=1, maximum=1024)
+    # Libraries loaded already are capped now; those loaded later (LightGBM's
+    # OpenMP with a ranking model) read these when they load.
+    for variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(variable, str(threads))
+    threadpool_limits(threads)
+    return threads
+
+
 def serve_main(service: str, config_type, create_server: Callable) -> int:
     """What every service's `main()` does: configure from the environment
     (failing fast), serve, and drain on SIGTERM. Returns the exit code."""
     setup_logging(service)
+    threads = limit_native_threads()
     config = config_type.from_env()
     server, port = create_server(config)
     server.start()
     security = getattr(config, "security", None)
+    log.info("%s: native maths libraries limited to %d thread(s) (%s)", service, threads, NATIVE_THREADS_VARIABLE)
     log.info("%s listening on port %d%s; %s", service, port,
              "" if security is None else ": " + (security.describe_public() if service == "gateway" else security.describe()),
              server.tracing.config.describe())
