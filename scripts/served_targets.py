@@ -22,6 +22,8 @@ from recsys_cli.served import plot  # noqa: E402
 from scripts.results import PUBLISHED  # noqa: E402
 
 METRICS = ("recall@10", "ndcg@10", "recall@20", "ndcg@20")
+SERVED = "served (learned ranker)"
+PUBLISHED_ROW = "published: strongest"
 
 
 def strongest_published(category: str) -> tuple[str, dict] | None:
@@ -41,20 +43,19 @@ def gather(category: str, manifest_path: Path, served_path: Path | None) -> dict
     rows = {}
     if served_path is not None:
         served = json.loads(served_path.read_text())["results"][category]["served"]
-        rows["served (learned ranker)"] = served
+        rows[SERVED] = served
     rows["offline: learned"] = manifest["test"]["learned"]
     # Generic names, so that every category's bars line up in the plot; the
     # table names the source and the paper.
     rows["offline: best single source"] = {**single[best_single], "named": best_single.removesuffix("_similarity")}
     published = strongest_published(category)
     if published:
-        rows["published: strongest"] = {**published[1], "named": published[0]}
+        rows[PUBLISHED_ROW] = {**published[1], "named": published[0]}
     return rows
 
 
 def verdict(rows: dict) -> str:
-    published = next((figures for name, figures in rows.items() if name.startswith("published")), None)
-    served = rows.get("served (learned ranker)")
+    published, served = rows.get(PUBLISHED_ROW), rows.get(SERVED)
     if published is None or served is None:
         return "not measured"
     beaten = [served[m] > published[m] for m in ("recall@10", "ndcg@10")]
@@ -88,9 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown(summary))
     if args.plot:
         # served.plot's layout: a "served" row per category, the others beside it.
-        served = {category: {("served" if name.startswith("served") else name): figures
-                             for name, figures in rows.items()}
-                  for category, rows in summary.items() if "served (learned ranker)" in rows}
+        served = {category: {("served" if name == SERVED else name): figures for name, figures in rows.items()}
+                  for category, rows in summary.items() if SERVED in rows}
         if not served:
             parser.error("--plot: no category has a served evaluation to plot")
         plot({"results": served}, args.plot)

@@ -24,12 +24,16 @@ from tests.conftest import secured, secured_env, service_channel, start
 from training import ranker as training
 
 
-def train_small(dataset, **kwargs):
+def encoder_vectors(dataset):
+    """`vectors_of` for training.prepare: the pretrained encoder's item vectors (cached)."""
     from training.items import default_encoder, split_item_vectors
 
     encoder = default_encoder()
-    return training.train_ranker(dataset, "Beauty", lambda split: split_item_vectors(split, dataset.items, encoder,
-                                                                                     False), threads=2, **kwargs)
+    return lambda split: split_item_vectors(split, dataset.items, encoder, False)
+
+
+def train_small(dataset, **kwargs):
+    return training.train_ranker(dataset, "Beauty", encoder_vectors(dataset), threads=2, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -137,11 +141,8 @@ def test_ranking_service_serves_the_model_and_beats_its_hand_weights(model_file,
     offline one and above the hand weights'."""
     from services.ranking.config import RankingConfig
     from services.ranking.server import create_server
-    from training.items import default_encoder, split_item_vectors
 
-    encoder = default_encoder()
-    category = training.prepare(dataset, "Beauty", lambda split: split_item_vectors(split, dataset.items, encoder,
-                                                                                     False))
+    category = training.prepare(dataset, "Beauty", encoder_vectors(dataset))
     pools = category.pools("test", list(range(0, len(category.split.users), 3)))
     learned_server, learned = start(create_server(RankingConfig(address="127.0.0.1:0", model=str(model_file),
                                                                 **secured("ranking"))))
@@ -229,11 +230,7 @@ def test_the_search_keeps_the_settings_best_on_held_out_validation(dataset, expo
     """`--search`: every setting of the grid is fitted on validation pools
     and the one with the best held-out validation NDCG@10 is kept; a
     setting that can barely learn (one split per tree, tiny steps) loses."""
-    from training.items import default_encoder, split_item_vectors
-
-    encoder = default_encoder()
-    category = training.prepare(dataset, "Beauty", lambda split: split_item_vectors(split, dataset.items, encoder,
-                                                                                     False))
+    category = training.prepare(dataset, "Beauty", encoder_vectors(dataset))
     valid = category.pools("valid", list(range(len(category.split.users))))
     crippled = {"num_leaves": 2, "learning_rate": 0.001, "min_data_in_leaf": 2000}
     (booster, _, held_out), chosen, tried = training.choose(valid, list(FEATURE_NAMES), 2, 0, [crippled, {}])

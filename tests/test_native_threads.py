@@ -11,6 +11,7 @@ import sys
 
 import pytest
 
+from recsys_core.data import paths
 from recsys_core.rpc.envconfig import ConfigError
 from recsys_core.rpc.grpc_util import limit_native_threads
 
@@ -29,7 +30,7 @@ print(json.dumps({"cap": cap, "before": before, "after": after, "omp": os.enviro
 def probe(**environ) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS",
                                                             "MKL_NUM_THREADS", "RECSYS_NATIVE_THREADS")}
-    env.update(environ, PYTHONPATH=os.getcwd())
+    env.update(environ, PYTHONPATH=str(paths.REPO_ROOT))
     done = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout.strip().splitlines()[-1])

@@ -225,8 +225,8 @@ def fit(pools: Pools, names: list[str], threads: int = 2, seed: int = 0, rounds:
     cut = int(len(order) * (1 - held_out))
     train = _dataset(pools, np.sort(order[:cut]), names)
     valid = _dataset(pools, np.sort(order[cut:]), names, reference=train)
-    booster = lightgbm.train(lightgbm_params(threads, seed, **(overrides or {})), train, num_boost_round=rounds, valid_sets=[valid],
-                             valid_names=["held_out"],
+    booster = lightgbm.train(lightgbm_params(threads, seed, **(overrides or {})), train, num_boost_round=rounds,
+                             valid_sets=[valid], valid_names=["held_out"],
                              callbacks=[lightgbm.early_stopping(patience, verbose=False)])
     return booster, booster.best_iteration, float(booster.best_score["held_out"]["ndcg@10"])
 

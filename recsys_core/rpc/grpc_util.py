@@ -22,9 +22,11 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from google.protobuf import descriptor_pool
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
+from threadpoolctl import threadpool_limits
 
 from recsys_core import errors
 from recsys_core.rpc import balancing
+from recsys_core.rpc.envconfig import EnvReader
 from recsys_core.rpc.access import AccessInterceptor, AccessPolicy, AuthConfig, Authenticator
 from recsys_core.rpc.limits import (FieldLimitsInterceptor, RateLimitInterceptor, ServerLimits, request_bytes_limit,
                                     server_options)
@@ -848,10 +850,6 @@ NATIVE_THREADS_VARIABLE = "RECSYS_NATIVE_THREADS"
 def limit_native_threads(environ=None) -> int:
     """Caps the native maths libraries' thread pools to
     RECSYS_NATIVE_THREADS (default 1); returns the cap."""
-    from threadpoolctl import threadpool_limits
-
-    from recsys_core.rpc.envconfig import EnvReader
-
     threads = EnvReader("RECSYS_", environ).int("NATIVE_THREADS", 1, minimum=1, maximum=1024)
     # Libraries loaded already are capped now; those loaded later (LightGBM's
     # OpenMP with a ranking model) read these when they load.
